@@ -1,0 +1,21 @@
+"""torchlowrank: exploit low-rank structure in training and adapting PyTorch neural networks.
+
+The public API is re-exported here; submodules not named below are internal.
+"""
+__version__ = "0.1.0"
+
+from .compress import CompressionReport, count_parameters, factorize, rank_for_fraction, truncate
+from .layers import LowRankConv2d, LowRankLinear
+from .linalg import orthogonal_init, orthonormal_basis, principal_angles, randomized_svd, truncated_svd
+from .ranks import SpectrumTable, effective_rank, numerical_rank, singular_values, spectrum, stable_rank
+from .results import Plot, Result, Series, Table
+from .report import load_result, write_report
+
+__all__ = [
+    "__version__",
+    "truncated_svd", "randomized_svd", "orthonormal_basis", "orthogonal_init", "principal_angles",
+    "stable_rank", "effective_rank", "numerical_rank", "singular_values", "spectrum", "SpectrumTable",
+    "LowRankLinear", "LowRankConv2d",
+    "factorize", "truncate", "count_parameters", "rank_for_fraction", "CompressionReport",
+    "Result", "Plot", "Series", "Table", "write_report", "load_result",
+]

