@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import statistics
 import time
-import tracemalloc
 from collections.abc import Callable
 
 import torch
@@ -28,12 +27,32 @@ def median_time(fn: Callable[[], object], repeats: int = 20, warmup: int = 3, de
     return statistics.median(times)
 
 
-def peak_cpu_memory_mb(fn: Callable[[], object]) -> float:
-    """Peak Python-tracked allocation during ``fn()`` (tracemalloc; torch CPU tensors included), in MiB."""
-    tracemalloc.start()
-    try:
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def peak_memory_mb(fn: Callable[[], object], device=None) -> float:
+    """Peak memory added while ``fn()`` runs, in MiB, above what was resident before it.
+
+    CUDA: ``torch.cuda.max_memory_allocated`` delta. CPU (Linux): the process's peak resident set
+    (VmHWM), reset through /proc/self/clear_refs before the call, minus the resident set before.
+    """
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
         fn()
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-    return peak / 2**20
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    import gc
+
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak-RSS high-water mark
+    base = _status_kb("VmRSS")
+    fn()
+    return (_status_kb("VmHWM") - base) / 1024
