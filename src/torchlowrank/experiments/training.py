@@ -54,10 +54,10 @@ def fit_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs
                 after_backward(step)
             opt.step()
             history["step"].append(step)
-            history["loss"].append(float(loss))
+            history["loss"].append(loss.item())
             step += 1
             bar.update(1)
             if step % 20 == 0:
-                bar.set_postfix(loss=f"{float(loss):.3f}")
+                bar.set_postfix(loss=f"{history['loss'][-1]:.3f}")
     bar.close()
     return history
