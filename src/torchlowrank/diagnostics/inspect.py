@@ -1,0 +1,206 @@
+"""Read weights from files and look at their spectra: the library side of ``torchlowrank inspect``.
+
+- :func:`load_weights`: a ``.safetensors`` file, a torch checkpoint (a state dict, possibly wrapped as
+  ``{"state_dict": ...}`` or ``{"model": ...}``), a Hugging Face model folder, or a PEFT LoRA adapter
+  folder (``adapter_config.json`` + ``adapter_model.safetensors``), which gives one update
+  Delta W = scaling * B @ A per adapted module (scaling = lora_alpha / r, or lora_alpha / sqrt(r)
+  with ``use_rslora``), so its spectrum shows how low-rank the fine-tuning update is.
+- :func:`compare_weights`: the differences b - a of two checkpoints' shared matrices.
+- :func:`weights_spectrum`: a :class:`~torchlowrank.ranks.SpectrumTable` of a dict of tensors.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import pickle
+import re
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..ranks import SpectrumTable, matrix_spectrum
+
+__all__ = ["load_weights", "load_peft_adapter", "compare_weights", "weights_spectrum", "WeightDiff"]
+
+_MODEL_FILES = ("model.safetensors", "adapter_model.safetensors", "pytorch_model.bin", "adapter_model.bin")
+
+
+def _corrupted(path: Path, what: str, err: Exception) -> ValueError:
+    return ValueError(f"{path} could not be read as {what}: the file is corrupted, truncated or of another "
+                      f"format ({type(err).__name__}: {err}). Re-save it (safetensors.torch.save_file or "
+                      "torch.save(model.state_dict(), path)) and try again.")
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as e:  # SafetensorError, OSError, ValueError depending on the damage
+        raise _corrupted(path, "a safetensors file", e) from e
+
+
+def _unwrap(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model", "model_state_dict", "module"):
+            if key in obj and isinstance(obj[key], dict):
+                return _unwrap(obj[key], path)
+        tensors = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+        if tensors:
+            return tensors
+    raise ValueError(f"{path} holds no tensors at the top level nor under 'state_dict' / 'model' "
+                     f"(got {type(obj).__name__}); save a state dict: torch.save(model.state_dict(), path)")
+
+
+def _load_torch(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as e:
+        if "weights_only" in str(e) and "Unsupported global" in str(e):
+            raise ValueError(f"{path} pickles Python objects (not just tensors), which are not loaded for safety; "
+                             "save model.state_dict() instead of the model") from e
+        raise _corrupted(path, "a torch checkpoint", e) from e
+    return _unwrap(obj, path)
+
+
+def _peft_scaling(config: dict[str, Any], module: str, r: int) -> float:
+    alpha = config.get("lora_alpha", r)
+    for pattern, value in (config.get("alpha_pattern") or {}).items():
+        if module == pattern or module.endswith("." + pattern) or re.fullmatch(pattern, module):
+            alpha = value
+    return alpha / math.sqrt(r) if config.get("use_rslora", False) else alpha / r
+
+
+def load_peft_adapter(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Per adapted module, Delta W = scaling * B @ A (out, in) float32, from a PEFT LoRA adapter folder.
+
+    Keys are module names without PEFT's ``base_model.model.`` prefix. r is read from A's shape
+    (so ``rank_pattern`` is honoured); alpha from ``lora_alpha`` / ``alpha_pattern``.
+    """
+    folder = Path(folder)
+    cfg_path = folder / "adapter_config.json"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{folder} has no adapter_config.json; is it a PEFT adapter folder?")
+    try:
+        config = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg_path} is not valid JSON (corrupted?): {e}") from e
+    if config.get("peft_type", "LORA").upper() != "LORA":
+        raise ValueError(f"{folder} holds a {config.get('peft_type')} adapter; only LoRA adapters are supported")
+    wfile = folder / "adapter_model.safetensors"
+    tensors = _load_safetensors(wfile) if wfile.is_file() else (
+        _load_torch(folder / "adapter_model.bin") if (folder / "adapter_model.bin").is_file() else None)
+    if tensors is None:
+        raise FileNotFoundError(f"{folder} has adapter_config.json but no adapter_model.safetensors / .bin")
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        m = re.fullmatch(r"(.+)\.lora_([AB])(?:\.[^.]+)?\.weight", key)
+        if m:
+            pairs.setdefault(m.group(1), {})[m.group(2)] = t
+    if not pairs:
+        raise ValueError(f"{folder}: no lora_A / lora_B weights found among {list(tensors)[:8]}")
+    deltas = {}
+    for module, ab in pairs.items():
+        if set(ab) != {"A", "B"}:
+            raise ValueError(f"{folder}: module {module!r} has lora_{''.join(ab)} but not both lora_A and lora_B")
+        A = ab["A"].float().reshape(ab["A"].shape[0], -1)
+        B = ab["B"].float().reshape(ab["B"].shape[0], -1)
+        if B.shape[1] != A.shape[0]:
+            raise ValueError(f"{folder}: {module}: lora_B {tuple(B.shape)} and lora_A {tuple(A.shape)} do not chain")
+        name = module.removeprefix("base_model.model.")
+        deltas[name] = _peft_scaling(config, name, A.shape[0]) * (B @ A)
+    return deltas
+
+
+def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Tensors of a checkpoint: ``{name: tensor}``.
+
+    path: a ``.safetensors`` file; a torch checkpoint (``torch.load(weights_only=True)``; a
+    ``{"state_dict": ...}`` or ``{"model": ...}`` wrapper is unwrapped); a PEFT LoRA adapter folder
+    (returns Delta W = scaling * B @ A per module, see :func:`load_peft_adapter`); or a model folder
+    holding ``model.safetensors`` / ``pytorch_model.bin``. Raises ``FileNotFoundError`` for a missing
+    path and ``ValueError`` for a corrupted or unsupported file.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no such file or folder: {path}")
+    if path.is_dir():
+        if (path / "adapter_config.json").is_file():
+            return load_peft_adapter(path)
+        for name in _MODEL_FILES:
+            if (path / name).is_file():
+                return load_weights(path / name)
+        raise ValueError(f"{path} is a folder with neither adapter_config.json (PEFT adapter) nor one of "
+                         f"{', '.join(_MODEL_FILES)}; pass a weights file instead")
+    if path.suffix == ".safetensors":
+        return _load_safetensors(path)
+    return _load_torch(path)
+
+
+class WeightDiff(dict):
+    """``{name: b - a}`` for the matrices (2-D+ tensors) both checkpoints share with equal shapes.
+
+    Attributes: ``shape_mismatches`` ``{name: (shape_a, shape_b)}``; ``only_a`` / ``only_b``: names of
+    2-D+ tensors present in one checkpoint only.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.shape_mismatches: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+        self.only_a: list[str] = []
+        self.only_b: list[str] = []
+
+    def summary(self) -> str:
+        """One line: counts of compared, mismatched and unshared matrices."""
+        parts = [f"{len(self)} shared matrices compared"]
+        if self.shape_mismatches:
+            parts.append("shape mismatches: " + ", ".join(f"{k} {tuple(a)} vs {tuple(b)}"
+                                                          for k, (a, b) in self.shape_mismatches.items()))
+        if self.only_a:
+            parts.append(f"{len(self.only_a)} only in the first")
+        if self.only_b:
+            parts.append(f"{len(self.only_b)} only in the second")
+        return "; ".join(parts)
+
+
+def _as_tensors(x: dict[str, torch.Tensor] | str | os.PathLike) -> dict[str, torch.Tensor]:
+    return x if isinstance(x, dict) else load_weights(x)
+
+
+def compare_weights(a: dict[str, torch.Tensor] | str | os.PathLike,
+                    b: dict[str, torch.Tensor] | str | os.PathLike) -> WeightDiff:
+    """Differences ``b[k] - a[k]`` (float32, or float64 if either is) for shared 2-D+ floating tensors.
+
+    ``a`` and ``b`` are dicts of tensors or paths for :func:`load_weights`. The spectrum of the
+    difference of a fine-tuned and a base checkpoint shows how low-rank the fine-tuning update is.
+    """
+    ta, tb = _as_tensors(a), _as_tensors(b)
+    mats_a = {k: v for k, v in ta.items() if v.ndim >= 2 and v.is_floating_point()}
+    mats_b = {k: v for k, v in tb.items() if v.ndim >= 2 and v.is_floating_point()}
+    diff = WeightDiff()
+    for k, va in mats_a.items():
+        if k not in mats_b:
+            diff.only_a.append(k)
+            continue
+        vb = mats_b[k]
+        if va.shape != vb.shape:
+            diff.shape_mismatches[k] = (tuple(va.shape), tuple(vb.shape))
+            continue
+        dt = torch.float64 if torch.float64 in (va.dtype, vb.dtype) else torch.float32
+        diff[k] = vb.detach().to(dt) - va.detach().to(dt)
+    diff.only_b = [k for k in mats_b if k not in mats_a]
+    return diff
+
+
+def weights_spectrum(tensors: dict[str, torch.Tensor], top_k: int = 5, energy: float = 0.99,
+                     kind: str = "tensor") -> SpectrumTable:
+    """Spectrum table (stable / effective / numerical rank, top singular values) of every 2-D+
+    floating tensor in ``tensors`` (conv kernels reshaped to out x in*k*k); 1-D tensors are skipped."""
+    table = SpectrumTable()
+    for name, t in tensors.items():
+        if t.ndim >= 2 and t.is_floating_point() and t.numel() > 0:
+            table.append(matrix_spectrum(name, kind, t, top_k, energy))
+    return table
