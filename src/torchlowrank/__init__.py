@@ -4,6 +4,8 @@ The public API is re-exported here; submodules not named below are internal.
 """
 __version__ = "0.1.0"
 
+from .adapters import (DeepLoRAConfig, LoRAConfig, adapt, adapter_param_groups, export_peft, init_compressed,
+                       load_adapter, merge, print_trainable_parameters, save_adapter)
 from .compress import CompressionReport, count_parameters, factorize, rank_for_fraction, truncate
 from .layers import LowRankConv2d, LowRankLinear
 from .linalg import orthogonal_init, orthonormal_basis, principal_angles, randomized_svd, truncated_svd
@@ -17,5 +19,7 @@ __all__ = [
     "stable_rank", "effective_rank", "numerical_rank", "singular_values", "spectrum", "SpectrumTable",
     "LowRankLinear", "LowRankConv2d",
     "factorize", "truncate", "count_parameters", "rank_for_fraction", "CompressionReport",
+    "LoRAConfig", "DeepLoRAConfig", "adapt", "merge", "save_adapter", "load_adapter", "export_peft",
+    "adapter_param_groups", "init_compressed", "print_trainable_parameters",
     "Result", "Plot", "Series", "Table", "write_report", "load_result",
 ]

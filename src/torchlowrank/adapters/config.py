@@ -1,0 +1,168 @@
+"""Adapter configurations: PEFT-like dataclasses for LoRA and Deep LoRA (DESIGN §4.3).
+
+``LoRAConfig``: Delta W = (alpha / r) B A (``alpha / sqrt(r)`` with ``use_rslora``), A (r, in),
+B (out, r). ``DeepLoRAConfig``: Delta W = W_L ... W_1 with W_1 (r, in), inner W_l (r, r), W_L (out, r),
+no alpha scaling. Both select layers with ``target_modules`` (``"all-linear"``, a list of names or
+name suffixes, or a regular expression matching whole names), skip ``exclude_modules``, and train
+``modules_to_save`` (e.g. a classifier head) in full.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["LoRAConfig", "DeepLoRAConfig", "AdapterConfig", "config_from_dict", "ALL_LINEAR"]
+
+ALL_LINEAR = "all-linear"
+LORA_INITS = ("default", "gaussian", "pissa")
+
+Targets = str | list[str] | tuple[str, ...] | None
+
+
+def _check_targets(value: Any, what: str, allow_none: bool = True) -> Any:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (list, tuple, set)) and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise ValueError(f"{what} must be 'all-linear', a regular expression string or a list of module names, got {value!r}")
+
+
+def _check_positive_int(value: Any, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{what} must be a positive int, got {value!r}")
+
+
+@dataclass
+class LoRAConfig:
+    """LoRA (Hu et al. 2021): W = W0 + scaling * B A, scaling = alpha / r (or alpha / sqrt(r), rsLoRA).
+
+    r: rank of the update. alpha: scale numerator; None means alpha = r (scaling 1). PEFT's name
+    ``lora_alpha`` is accepted as an alias (and ``lora_dropout`` for ``dropout``).
+    dropout: dropout probability on the adapter's input (0 = none; applied only when > 0).
+    target_modules: ``"all-linear"`` (every nn.Linear / HF Conv1D except the output head), a list of
+    module names or name suffixes (nn.Linear, nn.Conv2d, nn.Embedding, HF Conv1D), or a regex.
+    use_rslora: scale by alpha / sqrt(r). init: ``"default"`` (A Kaiming-uniform, B zero),
+    ``"gaussian"`` (A ~ N(0, 1/r^2), B zero) or ``"pissa"`` (A, B from the top-r SVD of W0, and W0
+    replaced by its residual). modules_to_save: modules trained in full and saved with the adapter.
+    exclude_modules: names / suffixes / regex never adapted.
+    """
+
+    r: int = 8
+    alpha: float | None = None
+    dropout: float = 0.0
+    target_modules: Targets = ALL_LINEAR
+    use_rslora: bool = False
+    init: str = "default"
+    modules_to_save: list[str] | None = None
+    exclude_modules: Targets = None
+    lora_alpha: dataclasses.InitVar[float | None] = None
+    lora_dropout: dataclasses.InitVar[float | None] = None
+
+    adapter_type = "lora"
+
+    def __post_init__(self, lora_alpha: float | None, lora_dropout: float | None) -> None:
+        if lora_alpha is not None:
+            if self.alpha is not None and self.alpha != lora_alpha:
+                raise ValueError(f"give alpha or its alias lora_alpha, not both ({self.alpha} vs {lora_alpha})")
+            self.alpha = lora_alpha
+        if lora_dropout is not None:
+            self.dropout = lora_dropout
+        _check_positive_int(self.r, "LoRAConfig.r")
+        if self.alpha is not None and (isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float))
+                                       or not math.isfinite(self.alpha)):
+            raise ValueError(f"LoRAConfig.alpha must be a finite number or None, got {self.alpha!r}")
+        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoRAConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        if self.init not in LORA_INITS:
+            raise ValueError(f"LoRAConfig.init must be one of {LORA_INITS}, got {self.init!r}")
+        self.target_modules = _check_targets(self.target_modules, "target_modules")
+        self.exclude_modules = _check_targets(self.exclude_modules, "exclude_modules")
+        self.modules_to_save = _check_targets(self.modules_to_save, "modules_to_save")
+        if isinstance(self.modules_to_save, str):
+            self.modules_to_save = [self.modules_to_save]
+
+    @property
+    def depth(self) -> int:
+        return 2
+
+    @property
+    def scaling(self) -> float:
+        """The factor multiplying B A: alpha / r, or alpha / sqrt(r) with rsLoRA."""
+        alpha = self.r if self.alpha is None else self.alpha
+        return alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"adapter_type": self.adapter_type, **dataclasses.asdict(self)}
+
+
+@dataclass
+class DeepLoRAConfig:
+    """Deep LoRA (Yaras et al. 2024): Delta W = W_L ... W_1, depth L >= 2, width r, no alpha scaling.
+
+    init_scale: eps; with ``compress=False`` every factor is initialised orthogonal at scale eps
+    (narrow Deep LoRA). With ``compress=True`` the factors are built from one batch's end-to-end
+    gradient by :func:`init_compressed` (until then they hold the narrow init): first factor
+    eps * right^T, inner eps * I_r, last eps * left; the outer factors then train with learning
+    rate ``gamma * lr`` (see :func:`adapter_param_groups`). ``compress=True`` needs an even r.
+    Other fields as in :class:`LoRAConfig`.
+    """
+
+    r: int = 8
+    depth: int = 3
+    init_scale: float = 1e-3
+    compress: bool = True
+    gamma: float = 0.01
+    target_modules: Targets = ALL_LINEAR
+    modules_to_save: list[str] | None = None
+    exclude_modules: Targets = None
+
+    adapter_type = "deep_lora"
+
+    def __post_init__(self) -> None:
+        _check_positive_int(self.r, "DeepLoRAConfig.r")
+        if isinstance(self.depth, bool) or not isinstance(self.depth, int) or self.depth < 2:
+            raise ValueError(f"DeepLoRAConfig.depth must be an int >= 2 (depth 2 is LoRA-shaped), got {self.depth!r}")
+        if not isinstance(self.init_scale, (int, float)) or not (self.init_scale > 0 and math.isfinite(self.init_scale)):
+            raise ValueError(f"DeepLoRAConfig.init_scale must be a positive number, got {self.init_scale!r}")
+        if self.compress and self.r % 2:
+            raise ValueError(f"compressed Deep LoRA needs an even r (half from each gradient side), got r={self.r}; "
+                             "use an even r or compress=False")
+        if not isinstance(self.gamma, (int, float)) or not 0.0 <= self.gamma <= 1.0:
+            raise ValueError(f"DeepLoRAConfig.gamma must be in [0, 1], got {self.gamma!r}")
+        self.target_modules = _check_targets(self.target_modules, "target_modules")
+        self.exclude_modules = _check_targets(self.exclude_modules, "exclude_modules")
+        self.modules_to_save = _check_targets(self.modules_to_save, "modules_to_save")
+        if isinstance(self.modules_to_save, str):
+            self.modules_to_save = [self.modules_to_save]
+
+    @property
+    def scaling(self) -> float:
+        return 1.0
+
+    @property
+    def dropout(self) -> float:
+        return 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"adapter_type": self.adapter_type, **dataclasses.asdict(self)}
+
+
+AdapterConfig = LoRAConfig | DeepLoRAConfig
+
+
+def config_from_dict(d: dict[str, Any]) -> AdapterConfig:
+    """Inverse of ``config.to_dict()``; raises ValueError for an unknown adapter type or field."""
+    d = dict(d)
+    kind = d.pop("adapter_type", None)
+    cls = {"lora": LoRAConfig, "deep_lora": DeepLoRAConfig}.get(kind)
+    if cls is None:
+        raise ValueError(f"unknown adapter_type {kind!r}; expected 'lora' or 'deep_lora'")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} field(s) {unknown}")
+    return cls(**d)

@@ -1,0 +1,102 @@
+"""Export to PEFT's LoRA format: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+Each adapter collapses to a LoRA pair with B A = Delta W: B = scaling * W_L ... W_2, A = W_1, so the
+exported config uses ``lora_alpha = r`` (PEFT scaling 1) and any LoRA runtime serves it. PiSSA
+adapters are exported against the original base weights as a rank-2r pair
+A' = [A; A0], B' = [B, -B0] (Delta W' = W_res + B A - W0), like PEFT's own PiSSA conversion.
+Keys follow PEFT: ``base_model.model.<layer>.lora_A.weight`` / ``lora_B.weight`` (Linear, Conv1D,
+Conv2d with kernels (r, in, kh, kw) and (out, r, 1, 1)), ``lora_embedding_A`` / ``lora_embedding_B``
+for embeddings, and ``base_model.model.<module>.<tensor>`` for modules_to_save.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..files import atomic_write_bytes, atomic_write_text
+from .layers import Conv1DAdapter, Conv2dAdapter, EmbeddingAdapter
+from .model import adapter_layers, adapter_state
+
+__all__ = ["export_peft", "peft_state_dict"]
+
+PREFIX = "base_model.model."
+
+
+def peft_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], int, bool]:
+    """(PEFT-keyed tensors, exported rank, fan_in_fan_out) for an adapted model."""
+    state = adapter_state(model)
+    if state is None:
+        raise ValueError("export_peft needs a model adapted with tlr.adapt(model, config)")
+    out: dict[str, torch.Tensor] = {}
+    ranks, fan_in_fan_out = set(), False
+    for name, layer in adapter_layers(model):
+        B, A = layer.collapsed_pair()
+        if layer.init == "pissa":
+            B0, A0 = layer.pissa_B0 * layer.scaling, layer.pissa_A0
+            B, A = torch.cat([B, -B0], dim=1), torch.cat([A, A0], dim=0)
+        r = A.shape[0]
+        ranks.add(r)
+        key = PREFIX + name
+        if isinstance(layer, EmbeddingAdapter):
+            out[f"{key}.lora_embedding_A"] = A
+            out[f"{key}.lora_embedding_B"] = B
+            continue
+        if isinstance(layer, Conv2dAdapter):
+            w = layer.base_layer.weight
+            A = A.reshape(r, *w.shape[1:])
+            B = B.reshape(B.shape[0], r, 1, 1)
+        if isinstance(layer, Conv1DAdapter):
+            fan_in_fan_out = True
+        out[f"{key}.lora_A.weight"] = A
+        out[f"{key}.lora_B.weight"] = B
+    for name in state.modules_to_save:
+        for k, v in model.get_submodule(name).state_dict().items():
+            out[f"{PREFIX}{name}.{k}"] = v.detach()
+    if len(ranks) != 1:
+        raise ValueError(f"layers collapse to different ranks {sorted(ranks)}; PEFT export needs one rank")
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in out.items()}, ranks.pop(), fan_in_fan_out
+
+
+def export_peft(model: nn.Module, path: str | os.PathLike, base_model_name_or_path: str | None = None) -> Path:
+    """Write the adapter of ``model`` in PEFT LoRA format into the folder ``path``; returns it.
+
+    Load with ``peft.PeftModel.from_pretrained(base_model, path)`` on the *original* base model.
+    Deep LoRA is collapsed to a rank-r LoRA pair (exact up to float rounding).
+    """
+    from safetensors.torch import save
+
+    state = adapter_state(model)
+    if state is None:
+        raise ValueError("export_peft needs a model adapted with tlr.adapt(model, config)")
+    tensors, r, fan_in_fan_out = peft_state_dict(model)
+    config = {
+        "peft_type": "LORA",
+        "task_type": None,
+        "auto_mapping": None,
+        "base_model_name_or_path": base_model_name_or_path,
+        "revision": None,
+        "inference_mode": True,
+        "r": r,
+        "lora_alpha": r,
+        "lora_dropout": 0.0,
+        "use_rslora": False,
+        "target_modules": list(state.targets),
+        "exclude_modules": None,
+        "modules_to_save": list(state.modules_to_save) or None,
+        "fan_in_fan_out": fan_in_fan_out,
+        "bias": "none",
+        "init_lora_weights": True,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "use_dora": False,
+    }
+    folder = Path(path)
+    atomic_write_bytes(folder / "adapter_model.safetensors", save(tensors, metadata={"format": "pt"}))
+    atomic_write_text(folder / "adapter_config.json", json.dumps(config, indent=2) + "\n")
+    return folder
