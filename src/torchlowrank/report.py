@@ -85,7 +85,8 @@ def draw_plot(plot: Plot, path: str | os.PathLike) -> Path:
         ax.set_ylabel(plot.ylabel)
         if plot.kind != "heatmap" and any(s.label for s in plot.series):
             ax.legend(fontsize=7)
-        ax.grid(plot.kind != "heatmap", alpha=0.3)
+        if plot.kind != "heatmap":
+            ax.grid(alpha=0.3)
         fig.tight_layout()
         path = Path(path)
         with atomic_path(path) as tmp:

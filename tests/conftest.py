@@ -1,0 +1,24 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TLR_PROGRESS", "0")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def decaying_matrix(m: int, n: int, decay: float = 0.8, dtype=torch.float64, seed: int = 0) -> torch.Tensor:
+    """A random (m, n) matrix with singular values decay**i (known spectrum)."""
+    g = torch.Generator().manual_seed(seed)
+    k = min(m, n)
+    U, _ = torch.linalg.qr(torch.randn(m, k, generator=g, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(n, k, generator=g, dtype=torch.float64))
+    s = decay ** torch.arange(k, dtype=torch.float64)
+    return ((U * s) @ V.T).to(dtype)

@@ -1,0 +1,84 @@
+import pytest
+import torch
+from torch import nn
+
+import torchlowrank as tlr
+
+
+def test_forward_equals_dense_weight_times_input():
+    layer = tlr.LowRankLinear(20, 30, rank=5).double()
+    x = torch.randn(7, 20, dtype=torch.float64)
+    W = layer.U @ torch.diag(layer.S) @ layer.V.T
+    torch.testing.assert_close(layer(x), x @ W.T + layer.bias)
+    assert layer.weight.shape == (30, 20)
+
+
+def test_from_linear_is_the_best_rank_r_approximation():
+    lin = nn.Linear(40, 25).double()
+    layer = tlr.LowRankLinear.from_linear(lin, 6)
+    s = torch.linalg.svdvals(lin.weight.detach())
+    err = torch.linalg.matrix_norm(lin.weight.detach() - layer.dense_weight().detach())
+    # Eckart-Young: the error equals the norm of the discarded singular values
+    torch.testing.assert_close(err, s[6:].square().sum().sqrt())
+    torch.testing.assert_close(layer.bias.detach(), lin.bias.detach())
+
+
+def test_full_rank_round_trip_reproduces_the_layer():
+    lin = nn.Linear(12, 9).double()
+    back = tlr.LowRankLinear.from_linear(lin, 9).to_linear()
+    x = torch.randn(4, 12, dtype=torch.float64)
+    torch.testing.assert_close(back(x), lin(x), atol=1e-12, rtol=1e-12)
+    assert isinstance(back, nn.Linear) and back.weight.dtype == torch.float64
+
+
+def test_gradients_of_factors_match_autograd_through_the_dense_weight():
+    layer = tlr.LowRankLinear(10, 8, rank=3).double()
+    x = torch.randn(5, 10, dtype=torch.float64)
+    layer(x).square().sum().backward()
+    grads = [p.grad.clone() for p in (layer.U, layer.S, layer.V)]
+    U, S, V = (p.detach().clone().requires_grad_() for p in (layer.U, layer.S, layer.V))
+    (x @ (U @ torch.diag(S) @ V.T).T + layer.bias.detach()).square().sum().backward()
+    for g, ref in zip(grads, (U.grad, S.grad, V.grad)):
+        torch.testing.assert_close(g, ref)
+
+
+def test_default_init_is_truncation_of_a_dense_default_init():
+    torch.manual_seed(0)
+    layer = tlr.LowRankLinear(64, 32, rank=8)
+    s = torch.linalg.svdvals(layer.dense_weight().detach())
+    assert (s[8:] < 1e-5).all() and s[0] < 1.0  # rank 8, scale of a Kaiming-uniform dense init
+
+
+@pytest.mark.parametrize("rank", [0, 9, 3.0])
+def test_bad_rank_raises(rank):
+    with pytest.raises(ValueError, match="1..8"):
+        tlr.LowRankLinear(8, 10, rank)
+    with pytest.raises(ValueError):
+        tlr.LowRankLinear.from_linear(nn.Linear(8, 10), rank)
+
+
+def test_conv2d_round_trip_and_best_approximation():
+    conv = nn.Conv2d(3, 6, 3, stride=2, padding=1).double()
+    x = torch.randn(2, 3, 9, 9, dtype=torch.float64)
+    full = tlr.LowRankConv2d.from_conv2d(conv, 6)
+    torch.testing.assert_close(full(x), conv(x))
+    torch.testing.assert_close(full.to_conv2d()(x), conv(x))
+    low = tlr.LowRankConv2d.from_conv2d(conv, 2)
+    W = conv.weight.detach().reshape(6, -1)
+    err = torch.linalg.matrix_norm(W - low.dense_weight().detach())
+    torch.testing.assert_close(err, torch.linalg.svdvals(W)[2:].square().sum().sqrt())
+    # the factorized forward equals a conv with the rank-2 kernel
+    ref = nn.functional.conv2d(x, low.weight.detach(), conv.bias.detach(), stride=2, padding=1)
+    torch.testing.assert_close(low(x), ref)
+
+
+def test_conv2d_with_groups_is_rejected():
+    with pytest.raises(ValueError, match="groups=1"):
+        tlr.LowRankConv2d.from_conv2d(nn.Conv2d(4, 4, 3, groups=2), 2)
+
+
+def test_bfloat16_layer_keeps_its_dtype():
+    lin = nn.Linear(32, 16).to(torch.bfloat16)
+    layer = tlr.LowRankLinear.from_linear(lin, 4)
+    assert layer.U.dtype == torch.bfloat16
+    assert layer(torch.randn(3, 32, dtype=torch.bfloat16)).dtype == torch.bfloat16
