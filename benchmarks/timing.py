@@ -27,6 +27,27 @@ def median_time(fn: Callable[[], object], repeats: int = 20, warmup: int = 3, de
     return statistics.median(times)
 
 
+def interleaved_median_times(fns: dict[str, Callable[[], object]], repeats: int = 20, warmup: int = 3,
+                             device=None) -> dict[str, float]:
+    """Median seconds of each ``fns[name]()``, measured in interleaved rounds (a, b, c, a, b, c, ...).
+
+    Interleaving makes the ratios between candidates robust to load that drifts during the run
+    (other processes on a shared machine), which sequential blocks of repeats are not.
+    """
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    sync(device)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
 def _status_kb(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
