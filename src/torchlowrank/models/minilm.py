@@ -32,9 +32,13 @@ def load_minilm(num_labels: int = 2, seed: int | None = 0):
     if seed is not None:
         torch.manual_seed(seed)
     verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()  # "some weights were newly initialised" is expected for the head
+    hf_logging.disable_progress_bar()  # a local 88 MB load needs no progress bar
     try:
         model = BertForSequenceClassification.from_pretrained(path, num_labels=num_labels, local_files_only=True)
     finally:
         hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
     return tokenizer, model
