@@ -20,6 +20,7 @@ rate decayed over the second half, W averaged over the last 20% of steps).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 
@@ -32,6 +33,18 @@ from ..results import Plot, Result, Series, Table
 from .registry import register_experiment
 
 __all__ = ["svt_closed_form", "gd_on_regularizer", "train_with_dropout", "whitened_digits_regression", "run"]
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Run torch on one thread inside the block: for these tiny matrices extra threads only contend
+    (measured 10x slower with 2 threads on a loaded 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def svt_closed_form(M: torch.Tensor, k: int, lam: float) -> tuple[torch.Tensor, int, float]:
@@ -87,12 +100,8 @@ def train_with_dropout(X: torch.Tensor, Y: torch.Tensor, k: int, theta: float, s
     lr * T/2 / t. Returns (W = U V^T (p, d) float64 averaged over the last ``average_last`` of the
     steps, loss per step).
     """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices: extra threads only contend (10x slower on a loaded 2-core box)
-    try:
+    with one_thread():
         return _train_with_dropout(X, Y, k, theta, steps, lr, seed, average_last)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _train_with_dropout(X, Y, k, theta, steps, lr, seed, average_last):
@@ -134,6 +143,11 @@ def whitened_digits_regression() -> tuple[torch.Tensor, torch.Tensor]:
 
 @register_experiment("dropout-lowrank", "Dropout on a factorized linear model = singular-value thresholding: real masks vs closed form (digits)")
 def run(quick: bool = False, seed: int = 0, progress: bool | None = None) -> Result:
+    with one_thread():
+        return _run(quick, seed, progress)
+
+
+def _run(quick: bool, seed: int, progress: bool | None) -> Result:
     t0 = time.perf_counter()
     seed_everything(seed)
     X, Y = whitened_digits_regression()
