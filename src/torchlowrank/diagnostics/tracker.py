@@ -44,21 +44,33 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from ..files import atomic_write_text
-from ..linalg import compute_dtype, principal_angles, robust_svd, truncated_svd
-from ..ranks import as_matrix, effective_rank, layer_weight, numerical_rank
+from ..linalg import compute_dtype, robust_svd, truncated_svd
+from ..ranks import as_matrix, layer_weight
 from ..results import Plot, Table, _jsonable
 from ..targets import Targets, find_targets
 
-__all__ = ["SpectrumTracker", "QUANTITIES", "HISTORY_COLUMNS", "analyse_matrix", "load_history"]
+__all__ = ["SpectrumTracker", "QUANTITIES", "HISTORY_COLUMNS", "analyse_matrix", "max_principal_angle", "load_history"]
 
 QUANTITIES = ("weight", "update", "grad")
 HISTORY_COLUMNS = ["step", "layer", "quantity", "rows", "cols", "full_rank", "spectrum", "fro_norm",
                    "spectral_norm", "stable_rank", "effective_rank", "numerical_rank", "angle_left",
                    "angle_right", "top_singular_values"]
+
+
+def _nan_record() -> dict[str, Any]:  # diverged training: record NaNs rather than crash the loop
+    nan = float("nan")
+    return {"spectrum": "full", "fro_norm": nan, "spectral_norm": nan, "stable_rank": nan, "effective_rank": None,
+            "numerical_rank": None, "top_singular_values": []}
+
+
+def _zero_record(k: int) -> dict[str, Any]:
+    return {"spectrum": "full", "fro_norm": 0.0, "spectral_norm": 0.0, "stable_rank": 0.0, "effective_rank": 0.0,
+            "numerical_rank": 0, "top_singular_values": [0.0] * k}
 
 
 def analyse_matrix(M: torch.Tensor, top_k: int, energy: float = 0.99, full_spectrum_max: int = 1024
@@ -74,40 +86,67 @@ def analyse_matrix(M: torch.Tensor, top_k: int, energy: float = 0.99, full_spect
     full = min(m, n)
     k = max(1, min(top_k, full))
     M = M.detach().to(compute_dtype(M.dtype))
-    if not bool(torch.isfinite(M).all()):  # diverged training: record NaNs rather than crash the loop
-        nan = float("nan")
-        return {"spectrum": "full", "fro_norm": nan, "spectral_norm": nan, "stable_rank": nan,
-                "effective_rank": None, "numerical_rank": None, "top_singular_values": []}, None, None
-    fro2 = float(torch.linalg.vector_norm(M, dtype=torch.float64)) ** 2
-    if fro2 == 0.0:
-        return {"spectrum": "full", "fro_norm": 0.0, "spectral_norm": 0.0, "stable_rank": 0.0,
-                "effective_rank": 0.0, "numerical_rank": 0, "top_singular_values": [0.0] * k}, None, None
     if full <= full_spectrum_max:
-        U, S, Vh = robust_svd(M)
+        try:
+            U, S, Vh = torch.linalg.svd(M, full_matrices=False)
+        except RuntimeError:  # NaN/Inf, or LAPACK did not converge: the foundation's fallbacks (float64, jitter)
+            if not bool(torch.isfinite(M).all()):
+                return _nan_record(), None, None
+            U, S, Vh = robust_svd(M)
         kind = "full"
-        eff: float | None = effective_rank(S)
-        num: int | None = numerical_rank(S, energy)
+        # scalar measures in NumPy float64 on the (at most full_spectrum_max) singular values: one transfer
+        s = S.numpy().astype(np.float64) if S.device.type == "cpu" else S.double().cpu().numpy()
+        s2 = s * s
+        fro2 = float(s2.sum())
+        if not math.isfinite(fro2):
+            return _nan_record(), None, None
+        if fro2 == 0.0:
+            return _zero_record(k), None, None
+        p = s[s > 0] / s.sum()
+        eff: float | None = float(np.exp(-(p * np.log(p)).sum()))  # = ranks.effective_rank(S)
+        cum = np.cumsum(s2)
+        num: int | None = min(int((cum < energy * fro2 * (1 - 1e-12)).sum()) + 1, len(s))  # = ranks.numerical_rank
+        top = s[:k].tolist()
     else:
+        if not bool(torch.isfinite(M).all()):
+            return _nan_record(), None, None
+        fro2 = float(torch.linalg.vector_norm(M, dtype=torch.float64)) ** 2
+        if fro2 == 0.0:
+            return _zero_record(k), None, None
         U, S, Vh = truncated_svd(M, k)
         kind = "top-k"
         eff = None
-        cum = torch.cumsum(S.double() ** 2, 0)
-        reached = cum >= energy * fro2 * (1 - 1e-12)
-        num = int(reached.nonzero()[0]) + 1 if bool(reached.any()) else None
-    s1 = float(S[0])
-    top = S[:k]
-    keep = int((top > 1e-6 * s1).sum())
+        top = S.double().tolist()
+        cum = np.cumsum(np.square(top))
+        reached = np.nonzero(cum >= energy * fro2 * (1 - 1e-12))[0]
+        num = int(reached[0]) + 1 if len(reached) else None
+    s1 = top[0]
+    keep = sum(v > 1e-6 * s1 for v in top)
     record = {"spectrum": kind, "fro_norm": math.sqrt(fro2), "spectral_norm": s1,
               "stable_rank": fro2 / s1**2 if s1 > 0 else 0.0, "effective_rank": eff,
-              "numerical_rank": num, "top_singular_values": [float(v) for v in top]}
+              "numerical_rank": num, "top_singular_values": top}
     return record, U[:, :keep], Vh[:keep].T
 
 
-def _max_angle(A: torch.Tensor | None, B: torch.Tensor | None) -> float | None:
+def max_principal_angle(A: torch.Tensor | None, B: torch.Tensor | None) -> float | None:
+    """Largest principal angle (radians) between span(A) (m, p) and span(B) (m, q), A and B with
+    orthonormal columns (as singular vectors are): ``principal_angles(A, B).max()`` without
+    re-orthonormalising. atan2(sin, cos) with cos = s_min(A^T B), sin = ||(I - A A^T) B||_2 (B the
+    smaller basis) is accurate for small and for near-orthogonal angles alike (the sine, which costs a
+    second small SVD, is computed only when cos >= 0.9, where arccos alone would lose digits). None if either is empty.
+    """
     if A is None or B is None or A.shape[1] == 0 or B.shape[1] == 0:
         return None
-    angles = principal_angles(A, B)
-    return float(angles.max()) if angles.numel() else None
+    if B.shape[1] > A.shape[1]:
+        A, B = B, A
+    dt = torch.promote_types(A.dtype, B.dtype)
+    A, B = A.to(dt), B.to(dt)
+    C = A.T @ B  # (p, q), q <= p
+    cos = float(torch.linalg.svdvals(C)[-1].clamp(0.0, 1.0))
+    if cos < 0.9:  # large angle: arccos is accurate there; skip the second SVD
+        return math.acos(cos)
+    sin = float(torch.linalg.matrix_norm(B - A @ C, ord=2).clamp(0.0, 1.0))
+    return math.atan2(sin, cos)
 
 
 class SpectrumTracker:
@@ -191,18 +230,25 @@ class SpectrumTracker:
     def record(self) -> list[dict[str, Any]]:
         """Record every targeted layer now, at step ``self.steps``; returns the new rows."""
         rows = []
-        for name, module in self.layers:
-            for quantity, M in self._matrices(name, module):
-                rec, Uk, Vk = analyse_matrix(M, self.top_k, self.energy, self.full_spectrum_max)
-                key = (name, quantity)
-                if key not in self._ref and Uk is not None:
-                    self._ref[key] = (Uk.clone(), Vk.clone())
-                ref_u, ref_v = self._ref.get(key, (None, None))
-                row = {"step": self.steps, "layer": name, "quantity": quantity, "rows": M.shape[0],
-                       "cols": M.shape[1], "full_rank": min(M.shape), **rec,
-                       "angle_left": _max_angle(Uk, ref_u), "angle_right": _max_angle(Vk, ref_v)}
-                rows.append({c: row[c] for c in HISTORY_COLUMNS})
+        device_type = next((p.device.type for p in self.model.parameters()), "cpu")
+        with torch.autocast(device_type=device_type, enabled=False):
+            for name, module in self.layers:
+                rows.extend(self._record_layer(name, module))
         self.history.extend(rows)
+        return rows
+
+    def _record_layer(self, name: str, module: nn.Module) -> list[dict[str, Any]]:
+        rows = []
+        for quantity, M in self._matrices(name, module):
+            rec, Uk, Vk = analyse_matrix(M, self.top_k, self.energy, self.full_spectrum_max)
+            key = (name, quantity)
+            if key not in self._ref and Uk is not None:
+                self._ref[key] = (Uk.clone(), Vk.clone())
+            ref_u, ref_v = self._ref.get(key, (None, None))
+            row = {"step": self.steps, "layer": name, "quantity": quantity, "rows": M.shape[0],
+                   "cols": M.shape[1], "full_rank": min(M.shape), **rec,
+                   "angle_left": max_principal_angle(Uk, ref_u), "angle_right": max_principal_angle(Vk, ref_v)}
+            rows.append({c: row[c] for c in HISTORY_COLUMNS})
         return rows
 
     # -- outputs -------------------------------------------------------------------------------
