@@ -6,6 +6,7 @@ __version__ = "0.1.0"
 
 from .adapters import (DeepLoRAConfig, LoRAConfig, adapt, adapter_param_groups, export_peft, init_compressed,
                        load_adapter, merge, print_trainable_parameters, save_adapter)
+from .diagnostics import SpectrumTracker, compare_weights, load_weights, weights_spectrum
 from .compress import CompressionReport, count_parameters, factorize, rank_for_fraction, truncate
 from .layers import LowRankConv2d, LowRankLinear
 from .linalg import orthogonal_init, orthonormal_basis, principal_angles, randomized_svd, truncated_svd
@@ -22,4 +23,5 @@ __all__ = [
     "LoRAConfig", "DeepLoRAConfig", "adapt", "merge", "save_adapter", "load_adapter", "export_peft",
     "adapter_param_groups", "init_compressed", "print_trainable_parameters",
     "Result", "Plot", "Series", "Table", "write_report", "load_result",
+    "SpectrumTracker", "load_weights", "compare_weights", "weights_spectrum",
 ]
