@@ -29,6 +29,8 @@ thin SVD (exact everything); larger layers get a truncated SVD of rank ``top_k``
 stays exact (the Frobenius norm is computed directly), the numerical rank is exact when the top-k
 values already hold ``energy`` of the squared norm (else ``None``), and the effective rank is ``None``.
 
+Memory: tracking ``"update"`` keeps a copy of every tracked weight at step 0 (in float32 / float64).
+
 The tracker never changes training: it reads detached copies under ``torch.no_grad()``, never writes
 to parameters or gradients, and draws no numbers from the global random generators (the randomized
 SVD uses its own seeded generator).
