@@ -13,9 +13,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import torchlowrank as tlr
-from torchlowrank.adapters import adapter_layers, compressed_factors, end_to_end_gradients
+from torchlowrank.adapters import adapter_layers
+from torchlowrank.adapters.compressed import random_semi_orthogonal
 from torchlowrank.adapters.io import WEIGHTS_NAME
-from torchlowrank.linalg import orthogonal_init, principal_angles
+from torchlowrank.linalg import principal_angles
 
 TARGETS = ["emb", "conv", "fc1", "c1d", "fc2"]
 
@@ -155,6 +156,9 @@ def test_deep_lora_narrow_init_is_orthogonal_at_scale_eps_and_collapses_to_a_lor
     randomize(model)
     B, A = model.fc1.collapsed_pair()
     torch.testing.assert_close(B @ A, model.fc1.delta_matrix())
+    with torch.no_grad():
+        full = torch.linalg.svdvals(model.fc1.delta_matrix())
+    torch.testing.assert_close(model.fc1.delta_singular_values(), full[:4])
 
 
 def _independent_gradient(base, x, name):
@@ -180,7 +184,7 @@ def test_compressed_init_matches_the_gradient_subspace_construction():
         torch.testing.assert_close(grads[name], G)
         m, n = G.shape
         U, S, Vh = torch.linalg.svd(G, full_matrices=False)
-        Q = orthogonal_init(m, n, 1.0, generator=gen, dtype=G.dtype)
+        Q = random_semi_orthogonal(m, n, generator=gen, dtype=G.dtype)
         right, _ = torch.linalg.qr(torch.cat([Vh[: r // 2].T, Q.T @ U[:, : r // 2]], 1))
         first, inner, last = layer.lora_factors
         # the factors: eps * right^T, eps * I, eps * Q right (right is determined up to column signs)

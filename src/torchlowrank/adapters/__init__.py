@@ -7,7 +7,7 @@
     ...
     tlr.save_adapter(model, "run/adapter"); tlr.export_peft(model, "run/peft"); tlr.merge(model)
 """
-from .compressed import compressed_factors, end_to_end_gradients, init_compressed
+from .compressed import compressed_factors, end_to_end_gradients, init_compressed, random_semi_orthogonal
 from .config import DeepLoRAConfig, LoRAConfig, config_from_dict
 from .io import load_adapter, save_adapter
 from .layers import (AdapterLayer, Conv1DAdapter, Conv2dAdapter, EmbeddingAdapter, LinearAdapter,

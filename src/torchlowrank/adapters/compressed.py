@@ -13,11 +13,23 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..linalg import orthogonal_init, robust_svd
+from ..linalg import truncated_svd
 from .config import DeepLoRAConfig
 from .model import adapter_layers, adapter_state
 
-__all__ = ["init_compressed", "compressed_factors", "end_to_end_gradients", "default_loss"]
+__all__ = ["init_compressed", "compressed_factors", "end_to_end_gradients", "default_loss", "random_semi_orthogonal"]
+
+
+def random_semi_orthogonal(m: int, n: int, generator: torch.Generator | None = None,
+                           dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
+    """A Haar-random (m, n) matrix with orthonormal columns (m >= n) or rows (m < n): QR of a
+    Gaussian matrix with the sign fix of Mezzadri (2007), computed in ``dtype``."""
+    big, small = max(m, n), min(m, n)
+    g = torch.randn(big, small, generator=generator, dtype=dtype, device=device)
+    Q, R = torch.linalg.qr(g)
+    d = torch.diagonal(R)
+    Q = Q * torch.where(d < 0, -1.0, 1.0).to(dtype)
+    return Q if m >= n else Q.T
 
 
 def default_loss(model: nn.Module, batch: Any) -> torch.Tensor:
@@ -67,17 +79,19 @@ def compressed_factors(G: torch.Tensor, r: int, generator: torch.Generator | Non
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(left (m, r), right (n, r), Q (m, n)) of the compressed construction for the gradient G (m, n).
 
-    Q is drawn with ``orthogonal_init(m, n, generator=generator)`` (orthonormal columns if m >= n,
-    rows otherwise); right = orth([V_G[:, :r/2], Q^T U_G[:, :r/2]]) by QR, left = Q right.
+    Q is drawn with ``random_semi_orthogonal(m, n, generator)`` (orthonormal columns if m >= n,
+    rows otherwise); right = orth([V_G[:, :r/2], Q^T U_G[:, :r/2]]) by QR, left = Q right. The top
+    r/2 singular vectors of G come from ``truncated_svd(G, r/2)`` (exact SVD for small layers,
+    randomized with power iterations for large ones).
     """
     m, n = G.shape
     if r % 2 or not 2 <= r <= min(m, n):
         raise ValueError(f"compressed init needs an even r in 2..{min(m, n)} for a {m} x {n} layer, got {r}")
     half = r // 2
-    U, _, Vh = robust_svd(G)
+    U, _, Vh = truncated_svd(G, half)
     dt = U.dtype
-    Q = orthogonal_init(m, n, 1.0, generator=generator, dtype=dt, device=G.device)
-    basis = torch.cat([Vh[:half].T, Q.T @ U[:, :half]], dim=1)  # (n, r)
+    Q = random_semi_orthogonal(m, n, generator=generator, dtype=dt, device=G.device)
+    basis = torch.cat([Vh.T, Q.T @ U], dim=1)  # (n, r)
     right, R = torch.linalg.qr(basis)
     right = right * torch.sign(torch.diagonal(R)).where(torch.diagonal(R) != 0, torch.ones((), dtype=dt))
     left = Q @ right

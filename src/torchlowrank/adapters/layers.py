@@ -107,6 +107,13 @@ class AdapterLayer(nn.Module):
                 B = B @ W
             return (B * self.scaling).clone(), self.lora_factors[0].detach().clone()
 
+    def delta_singular_values(self) -> torch.Tensor:
+        """Singular values of Delta W (r,), from the factors: QR of B and A^T, SVD of R_B R_A^T (float64)."""
+        B, A = self.collapsed_pair()
+        _, RB = torch.linalg.qr(B.double())
+        _, RA = torch.linalg.qr(A.double().T)
+        return torch.linalg.svdvals(RB @ RA.T)
+
     def dense_weight(self) -> torch.Tensor:
         """W0 + Delta W in the base layer's weight layout (what the layer applies)."""
         if self.disabled:
