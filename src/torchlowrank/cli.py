@@ -78,6 +78,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if args.compare:
         weights = compare_weights(weights, load_weights(args.compare))
         title = f"Spectra of the update {args.compare} - {args.path}"
+        _print(weights.summary())
     table = weights_spectrum(weights, top_k=args.top_k)
     if args.targets:
         import re

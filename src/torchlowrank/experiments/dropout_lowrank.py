@@ -20,7 +20,6 @@ rate decayed over the second half, W averaged over the last 20% of steps).
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 
@@ -28,23 +27,11 @@ import torch
 
 from ..data import load_digits
 from ..progress import progress_bar
-from ..reproducibility import environment_info, seed_everything
+from ..reproducibility import environment_info, one_thread, seed_everything
 from ..results import Plot, Result, Series, Table
 from .registry import register_experiment
 
 __all__ = ["svt_closed_form", "gd_on_regularizer", "train_with_dropout", "whitened_digits_regression", "run"]
-
-
-@contextlib.contextmanager
-def one_thread():
-    """Run torch on one thread inside the block: for these tiny matrices extra threads only contend
-    (measured 10x slower with 2 threads on a loaded 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def svt_closed_form(M: torch.Tensor, k: int, lam: float) -> tuple[torch.Tensor, int, float]:

@@ -16,9 +16,8 @@ import torch
 from ..data import load_digits, load_fashion_mnist
 from ..diagnostics import SpectrumTracker, rank_curves, rank_heatmap
 from ..models import MLP, SmallViT
-from ..reproducibility import environment_info, seed_everything
+from ..reproducibility import environment_info, one_thread, seed_everything
 from ..results import Result, Table
-from .dropout_lowrank import one_thread
 from .registry import register_demo_section, register_experiment
 from .training import accuracy, fit_classifier
 

@@ -14,9 +14,8 @@ import torch
 
 from ..models import load_minilm
 from ..ranks import effective_rank, numerical_rank, singular_values, stable_rank
-from ..reproducibility import environment_info, seed_everything
+from ..reproducibility import environment_info, one_thread, seed_everything
 from ..results import Plot, Result, Series, Table
-from .dropout_lowrank import one_thread
 from .registry import register_experiment
 
 TYPES = [("query", r".*attention\.self\.query\.weight"), ("key", r".*attention\.self\.key\.weight"),
