@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from torchlowrank.diagnostics import SpectrumTracker
 from torchlowrank.models import SmallViT
-from torchlowrank.reproducibility import environment_info
+from torchlowrank.reproducibility import one_thread, environment_info
 from torchlowrank.results import Result, Table
 
 
@@ -34,12 +34,8 @@ def _train(model, batches, every):
 
 
 def run(quick: bool = False) -> Result:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         return _run(quick)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run(quick: bool) -> Result:
