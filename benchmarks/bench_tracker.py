@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from torchlowrank.diagnostics import SpectrumTracker
 from torchlowrank.models import SmallViT
-from torchlowrank.reproducibility import one_thread, environment_info
+from torchlowrank.reproducibility import environment_info, one_thread
 from torchlowrank.results import Result, Table
 
 
