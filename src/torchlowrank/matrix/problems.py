@@ -239,9 +239,11 @@ class Completion(Problem):
         r = self._residual(X, Bt)
         loss = 0.5 * self.scale * r.dot(r)
         r.mul_(self.scale)
-        S = torch.sparse_csr_tensor(self._crow, self.cols, r, (m, n), check_invariants=False)
-        St = torch.sparse_csr_tensor(self._crow_t, self._col_t, r.index_select(0, self._perm), (n, m),
-                                     check_invariants=False)
+        with warnings.catch_warnings():  # "sparse CSR support is in beta"
+            warnings.simplefilter("ignore", UserWarning)
+            S = torch.sparse_csr_tensor(self._crow, self.cols, r, (m, n), check_invariants=False)
+            St = torch.sparse_csr_tensor(self._crow_t, self._col_t, r.index_select(0, self._perm), (n, m),
+                                         check_invariants=False)
         return loss, S @ Bt, St @ X
 
     _CHUNK = 8192  # entries per gather block: two (chunk, k) float64 buffers stay in cache

@@ -68,7 +68,7 @@ def train_gd(model, problem, lr: float, *, max_iters: int = 10_000, tol: float =
              target_error: float | None = None, weight_decay: float = 0.0, eval_every: int = 10,
              check_every: int = 10, blowup: float = 1e6, validation: tuple | None = None,
              patience: int | None = None, time_limit: float | None = None, callback=None,
-             num_threads: int | None = None, progress: bool | None = None) -> History:
+             num_threads: int | str | None = "auto", progress: bool | None = None) -> History:
     """Full-batch GD: ``W <- W - lr * s * (grad + weight_decay * W)`` for every factor, s the factor's
     ``model.lr_scales()`` multiplier (gamma for the outer factors of a compressed network).
 
@@ -78,9 +78,12 @@ def train_gd(model, problem, lr: float, *, max_iters: int = 10_000, tol: float =
     (``validation = (rows, cols, values)``; the best parameters are restored); divergence (a
     non-finite loss, or a loss above ``blowup`` times the initial one: a warning suggests a smaller
     step). ``callback(t, model)`` runs at every evaluation. ``num_threads``: torch CPU threads for the
-    loop (restored afterwards); 1 suits the compressed network, whose operations are too small to
-    share (and on a busy machine every parallel region waits for a free core). Returns a :class:`History`.
+    loop (restored afterwards); None keeps the current setting; "auto" uses 1 for networks of width
+    <= 64 (the compressed one), whose operations are too small to share between threads (on a busy
+    machine every parallel region then waits for a free core). Returns a :class:`History`.
     """
+    if num_threads == "auto":
+        num_threads = 1 if min(min(p.shape) for p in model.factor_parameters()) <= 64 else None
     if num_threads is not None:
         saved = torch.get_num_threads()
         torch.set_num_threads(num_threads)
