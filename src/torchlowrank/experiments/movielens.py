@@ -61,16 +61,19 @@ def run(quick: bool = False, seed: int = 0, progress: bool | None = None) -> Res
     M_obs = problem.observed_matrix()
     mask = problem.mask().bool()
     s1 = float(torch.linalg.matrix_norm(M_obs, ord=2))
-    fracs = [0.2, 0.05] if quick else [0.3, 0.2, 0.12, 0.08, 0.05, 0.03]
+    fracs = [0.2, 0.1] if quick else [0.2, 0.12, 0.08, 0.05]
     Z = None
     si_rows = []
     vu, vit, vv = val
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # see the compressed-completion notes: a shared machine
     for f in fracs:
         ts = time.perf_counter()
-        Z = soft_impute(M_obs, mask, lam=f * s1, max_rank=100, max_iters=30 if quick else 60, tol=1e-4, init=Z)
+        Z = soft_impute(M_obs, mask, lam=f * s1, max_rank=40, max_iters=10 if quick else 25, tol=1e-4, init=Z)
         v = float((Z[vu, vit] - vv).square().mean().sqrt())
         te = float((Z[tu, ti] - test[2]).square().mean().sqrt())
         si_rows.append([f, f * s1, int((torch.linalg.svdvals(Z) > 1e-8).sum()), v, te, time.perf_counter() - ts])
+    torch.set_num_threads(threads)
     best_si = min(si_rows, key=lambda x: x[3])
     rows.append(["soft-impute", f"lam={best_si[1]:.3g} (rank {best_si[2]})", best_si[3], best_si[4], None, None,
                  "chosen on validation", sum(x[5] for x in si_rows)])
@@ -97,7 +100,8 @@ def run(quick: bool = False, seed: int = 0, progress: bool | None = None) -> Res
         "early stopping after 10 evaluations without improvement (best parameters kept, at most "
         f"{max_iters} iterations); the rank (r_hat for the compressed network, width for the shallow one) and "
         "soft-impute's lam are chosen by validation RMSE, and the test RMSE of the chosen model is reported "
-        "once (no refit on train + validation). Deviation from the synthetic runs: init scale 1e-2 instead "
+        "once (no refit on train + validation). Soft-impute keeps at most 40 singular triplets and runs 25 "
+        "warm-started iterations per lam (a budget, not convergence). Deviation from the synthetic runs: init scale 1e-2 instead "
         "of 1e-3 (at 1e-3 and any stable step we tried, the validation RMSE had not left the global-mean level "
         "after 6000 iterations), and no user/item bias terms in any model.")
     tables = [Table("Chosen models (validation-selected) and their test RMSE",
