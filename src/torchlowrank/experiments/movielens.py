@@ -108,7 +108,7 @@ def run(quick: bool = False, seed: int = 0, progress: bool | None = None) -> Res
                     ["model", "rank / lam", "validation RMSE", "test RMSE"], sel),
               Table("All runs", ["model", "rank", "best validation RMSE", "test RMSE at best", "best iteration",
                                  "iterations run", "status", "train time (s)"], rows),
-              Table("Soft-impute path", ["lam / ||P(M)||_2", "lam", "rank", "validation RMSE", "test RMSE",
+              Table("Soft-impute path", ["lam / spectral norm of P(M)", "lam", "rank", "validation RMSE", "test RMSE",
                                          "time (s)"], si_rows)]
     plots = [Plot("validation", "Validation RMSE during training", "line", curves, "iteration", "RMSE",
                   hlines={"global mean": mean_rmse_val})]
