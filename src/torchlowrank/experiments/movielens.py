@@ -61,7 +61,7 @@ def run(quick: bool = False, seed: int = 0, progress: bool | None = None) -> Res
     M_obs = problem.observed_matrix()
     mask = problem.mask().bool()
     s1 = float(torch.linalg.matrix_norm(M_obs, ord=2))
-    fracs = [0.2, 0.1] if quick else [0.2, 0.12, 0.08, 0.05]
+    fracs = [0.2, 0.1] if quick else [0.4, 0.3, 0.2, 0.12, 0.08]
     Z = None
     si_rows = []
     vu, vit, vv = val
