@@ -54,3 +54,15 @@ def test_rho_recursion_closed_form_without_weight_decay():
     for t in range(1, 4):
         x = x * (1 - 0.1 * x ** 2)
         assert abs(float(rho[t]) - x) < 1e-16
+
+
+def test_dmf_invariance_quick_reproduction_confirms_the_theorem(tmp_path):
+    from torchlowrank.experiments import get_experiment
+    from torchlowrank.report import write_report
+
+    r = get_experiment("dmf-invariance").run(quick=True)
+    assert r.metrics["factorization_max_deviation_over_norm"] <= 1e-12
+    assert r.metrics["factorization_max_rel_sigma_minus_rho"] <= 1e-8
+    assert r.metrics["completion_max_deviation_over_norm"] > 1e-3  # not a theorem for completion
+    paths = write_report(r, tmp_path)
+    assert paths["md"].exists() and paths["png:singular_values"].exists()
