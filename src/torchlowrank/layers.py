@@ -43,9 +43,9 @@ class _LowRankFactors(nn.Module):
         self.S = nn.Parameter(torch.empty(rank, device=device, dtype=dtype))
         self.V = nn.Parameter(torch.empty(n, rank, device=device, dtype=dtype))
 
-    def _reset_from_dense(self, dense: torch.Tensor) -> None:
-        """Set U, S, V to the best rank-r approximation of ``dense`` (m, n)."""
-        U, S, Vh = truncated_svd(dense.reshape(dense.shape[0], -1), self.rank)
+    def _reset_from_dense(self, dense: torch.Tensor, method: str = "auto") -> None:
+        """Set U, S, V to the best rank-r approximation of ``dense`` (m, n) (conv kernels reshaped)."""
+        U, S, Vh = truncated_svd(dense.reshape(dense.shape[0], -1), self.rank, method=method)
         with torch.no_grad():
             self.U.copy_(U)
             self.S.copy_(S)
@@ -102,11 +102,7 @@ class LowRankLinear(_LowRankFactors):
         _LowRankFactors.__init__(layer)
         layer.in_features, layer.out_features = linear.in_features, linear.out_features
         layer._init_factors(W.shape[0], W.shape[1], rank, W.device, W.dtype)
-        U, S, Vh = truncated_svd(W.detach(), rank, method=method)
-        with torch.no_grad():
-            layer.U.copy_(U)
-            layer.S.copy_(S)
-            layer.V.copy_(Vh.T)
+        layer._reset_from_dense(W.detach(), method)
         layer.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone())
         return layer
 
@@ -186,11 +182,7 @@ class LowRankConv2d(_LowRankFactors):
         layer.kernel_size, layer.stride, layer.dilation = tuple(conv.kernel_size), tuple(conv.stride), tuple(conv.dilation)
         layer.padding = conv.padding
         layer._init_factors(W.shape[0], math.prod(W.shape[1:]), rank, W.device, W.dtype)
-        U, S, Vh = truncated_svd(W.detach().reshape(W.shape[0], -1), rank, method=method)
-        with torch.no_grad():
-            layer.U.copy_(U)
-            layer.S.copy_(S)
-            layer.V.copy_(Vh.T)
+        layer._reset_from_dense(W.detach(), method)
         layer.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone())
         return layer
 

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .files import atomic_path, atomic_write_text
+from .files import atomic_path, atomic_write_text, read_json
 from .results import Plot, Result, format_cell, markdown_table
 
 
@@ -114,11 +114,5 @@ def write_report(result: Result, out_dir: str | os.PathLike) -> dict[str, Path]:
 
 def load_result(path: str | os.PathLike) -> Result:
     """Read a ``<name>.json`` written by :func:`write_report`."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no result file at {path}")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not a valid result JSON file ({e}); re-run the experiment") from e
+    data = read_json(path, "result JSON file", "re-run the experiment")
     return Result.from_dict(data)

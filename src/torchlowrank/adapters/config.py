@@ -31,6 +31,16 @@ def _check_targets(value: Any, what: str, allow_none: bool = True) -> Any:
     raise ValueError(f"{what} must be 'all-linear', a regular expression string or a list of module names, got {value!r}")
 
 
+def _normalise_module_fields(config: Any) -> None:
+    """Validate ``target_modules`` / ``exclude_modules`` / ``modules_to_save`` in place (a lone
+    string in ``modules_to_save`` is one module name, not a regex)."""
+    config.target_modules = _check_targets(config.target_modules, "target_modules")
+    config.exclude_modules = _check_targets(config.exclude_modules, "exclude_modules")
+    config.modules_to_save = _check_targets(config.modules_to_save, "modules_to_save")
+    if isinstance(config.modules_to_save, str):
+        config.modules_to_save = [config.modules_to_save]
+
+
 def _check_positive_int(value: Any, what: str) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{what} must be a positive int, got {value!r}")
@@ -79,11 +89,7 @@ class LoRAConfig:
             raise ValueError(f"LoRAConfig.dropout must be in [0, 1), got {self.dropout!r}")
         if self.init not in LORA_INITS:
             raise ValueError(f"LoRAConfig.init must be one of {LORA_INITS}, got {self.init!r}")
-        self.target_modules = _check_targets(self.target_modules, "target_modules")
-        self.exclude_modules = _check_targets(self.exclude_modules, "exclude_modules")
-        self.modules_to_save = _check_targets(self.modules_to_save, "modules_to_save")
-        if isinstance(self.modules_to_save, str):
-            self.modules_to_save = [self.modules_to_save]
+        _normalise_module_fields(self)
 
     @property
     def depth(self) -> int:
@@ -133,11 +139,7 @@ class DeepLoRAConfig:
                              "use an even r or compress=False")
         if not isinstance(self.gamma, (int, float)) or not 0.0 <= self.gamma <= 1.0:
             raise ValueError(f"DeepLoRAConfig.gamma must be in [0, 1], got {self.gamma!r}")
-        self.target_modules = _check_targets(self.target_modules, "target_modules")
-        self.exclude_modules = _check_targets(self.exclude_modules, "exclude_modules")
-        self.modules_to_save = _check_targets(self.modules_to_save, "modules_to_save")
-        if isinstance(self.modules_to_save, str):
-            self.modules_to_save = [self.modules_to_save]
+        _normalise_module_fields(self)
 
     @property
     def scaling(self) -> float:

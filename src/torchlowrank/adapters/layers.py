@@ -212,8 +212,8 @@ class LinearAdapter(AdapterLayer):
     """Adapter on ``nn.Linear`` (weight (out, in)): y = base(x) + scaling * x W_1^T ... W_L^T."""
 
 
-class Conv1DAdapter(AdapterLayer):
-    """Adapter on HF ``Conv1D`` (weight (in, out), y = x W + b); the matrix view is W^T."""
+class _TransposedLayout:
+    """For base layers that store the transpose of the (out, in) matrix they apply."""
 
     def base_matrix(self) -> torch.Tensor:
         return self.base_layer.weight.T
@@ -223,6 +223,10 @@ class Conv1DAdapter(AdapterLayer):
 
     def from_layout(self, T: torch.Tensor) -> torch.Tensor:
         return T.T
+
+
+class Conv1DAdapter(_TransposedLayout, AdapterLayer):
+    """Adapter on HF ``Conv1D`` (weight (in, out), y = x W + b); the matrix view is W^T."""
 
 
 class Conv2dAdapter(AdapterLayer):
@@ -253,19 +257,10 @@ class Conv2dAdapter(AdapterLayer):
         return h.movedim(-1, 1)
 
 
-class EmbeddingAdapter(AdapterLayer):
+class EmbeddingAdapter(_TransposedLayout, AdapterLayer):
     """Adapter on ``nn.Embedding`` (weight (num, dim)); the matrix view is the (dim, num) map from
     one-hot codes, so W_1 is (r, num) and W_1 applied to token ids is a lookup of its columns.
     ``init="default"`` follows PEFT for embeddings: first factor zero, last factor Gaussian."""
-
-    def base_matrix(self) -> torch.Tensor:
-        return self.base_layer.weight.T
-
-    def to_layout(self, M: torch.Tensor) -> torch.Tensor:
-        return M.T
-
-    def from_layout(self, T: torch.Tensor) -> torch.Tensor:
-        return T.T
 
     def reset_lora(self, init: str = "default") -> None:
         if init == "default":

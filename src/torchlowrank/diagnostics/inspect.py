@@ -10,7 +10,6 @@
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import pickle
@@ -21,6 +20,7 @@ from typing import Any
 
 import torch
 
+from ..files import read_json
 from ..ranks import SpectrumTable, matrix_spectrum
 
 __all__ = ["load_weights", "load_peft_adapter", "compare_weights", "weights_spectrum", "WeightDiff"]
@@ -84,10 +84,7 @@ def load_peft_adapter(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
     cfg_path = folder / "adapter_config.json"
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{folder} has no adapter_config.json; is it a PEFT adapter folder?")
-    try:
-        config = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{cfg_path} is not valid JSON (corrupted?): {e}") from e
+    config = read_json(cfg_path, "PEFT adapter config")
     if config.get("peft_type", "LORA").upper() != "LORA":
         raise ValueError(f"{folder} holds a {config.get('peft_type')} adapter; only LoRA adapters are supported")
     wfile = folder / "adapter_model.safetensors"

@@ -50,7 +50,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..files import atomic_write_text
+from ..files import atomic_write_text, read_json
 from ..linalg import compute_dtype, robust_svd, truncated_svd
 from ..ranks import as_matrix, layer_weight
 from ..results import Plot, Table, _jsonable
@@ -306,11 +306,8 @@ class SpectrumTracker:
 
 def load_history(path: str | os.PathLike) -> list[dict[str, Any]]:
     """Read back the rows written by :meth:`SpectrumTracker.save` as JSON."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no tracker history at {path}")
+    data = read_json(path, "tracker history", "write it with SpectrumTracker.save(path)")
     try:
-        data = json.loads(path.read_text())
         return list(data["history"])
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+    except (KeyError, TypeError) as e:
         raise ValueError(f"{path} is not a tracker history JSON written by SpectrumTracker.save ({e})") from e
