@@ -13,7 +13,7 @@ from .linalg import orthogonal_init, orthonormal_basis, principal_angles, random
 from .ranks import SpectrumTable, effective_rank, numerical_rank, singular_values, spectrum, stable_rank
 from .results import Plot, Result, Series, Table
 from .report import load_result, write_report
-from . import matrix  # tlr.matrix.DeepFactorization, tlr.matrix.complete, ...
+from . import data, matrix, models  # tlr.data.load_digits, tlr.matrix.complete, tlr.models.SmallViT, ...
 
 __all__ = [
     "__version__",
