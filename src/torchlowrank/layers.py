@@ -1,7 +1,7 @@
 """Factorized layers: the weight is stored as U diag(S) V^T and never formed in the forward pass.
 
 ``LowRankLinear``: W (out, in) = U (out, r) @ diag(S) (r,) @ V^T (r, in); forward
-y = ((x V) * S) U^T + b costs r (in + out) multiply-adds per token instead of in * out.
+y = (x (V diag(S))) U^T + b costs r (in + out) multiply-adds per token instead of in * out.
 ``LowRankConv2d``: the kernel, reshaped to (out, in*kh*kw), is U diag(S) V^T; forward is a conv
 with r output channels (the V factor) followed by a 1x1 conv (U diag(S)).
 The U, S, V parametrisation is the one the geometric optimizers (DESIGN §4.5) update.
@@ -83,7 +83,8 @@ class LowRankLinear(_LowRankFactors):
                 self.bias.copy_(dense.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.linear(x, self.V.T) * self.S  # (..., r)
+        # S is folded into the (in, r) factor: an (in x r) multiply instead of one over (tokens x r)
+        h = F.linear(x, (self.V * self.S).T)  # (..., r)
         return F.linear(h, self.U, self.bias)
 
     @property

@@ -37,8 +37,8 @@ METHODS = {
 # Learning rates per method were set from a one-seed pilot at n = 16 (each method must fit its 16
 # examples within the step budget); the head's learning rate is shared by every method.
 FULL = dict(ns=[16, 64, 256], seeds=[0, 1, 2], rank=8, sweep_ranks=[8, 16, 32, 64], sweep_n=16,
-            sweep_methods=["LoRA", "Deep LoRA (compressed)"], steps=20, batch_size=16, max_length=32,
-            n_test=300, lr={"lora": 1e-3, "narrow": 3e-3, "compressed": 3e-2}, head_lr=3e-3, depth=3,
+            sweep_methods=["LoRA", "Deep LoRA (compressed)"], steps=60, batch_size=16, max_length=32,
+            n_test=500, lr={"lora": 1e-3, "narrow": 3e-3, "compressed": 3e-2}, head_lr=3e-3, depth=3,
             init_scale=1e-3, gamma=0.01, energy=0.99)
 QUICK = dict(FULL, ns=[16], seeds=[0], sweep_ranks=[8, 32], steps=8, n_test=100)
 
