@@ -313,7 +313,7 @@ def run(quick: bool = False, seed: int = 0, progress: bool | None = None) -> Res
 @register_demo_section("deep-lora", order=20)
 def section(progress: bool | None = None) -> Result:
     """About a minute on 2 cores: LoRA vs compressed Deep LoRA at n = 16, one seed."""
-    cfg = dict(FULL, ns=[16], seeds=[0], sweep_ranks=[8], steps=12, n_test=150)
+    cfg = dict(FULL, ns=[16], seeds=[0], sweep_ranks=[8], steps=30, n_test=300)
     t0 = time.perf_counter()
     task = _Task(cfg)
     rows = []
@@ -325,6 +325,6 @@ def section(progress: bool | None = None) -> Result:
                   metrics={f"acc/{r[0]}": r[1] for r in rows},
                   tables=[Table("Few-shot sentiment (16 examples, MiniLM, r = 8)",
                                 ["method", "test accuracy", "final train loss", "median update rank"], rows)],
-                  notes="One seed and 12 steps: a smoke test of the API, not evidence; see "
+                  notes="One seed and 30 steps: a smoke test of the API, not evidence; see "
                         "`torchlowrank reproduce deep-lora-fewshot`.",
                   wall_time_s=time.perf_counter() - t0, environment=environment_info())
