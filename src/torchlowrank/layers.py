@@ -51,6 +51,17 @@ class _LowRankFactors(nn.Module):
             self.S.copy_(S)
             self.V.copy_(Vh.T)
 
+    def _default_dense(self) -> nn.Module:
+        raise NotImplementedError
+
+    def reset_parameters(self) -> None:
+        """The best rank-r approximation of the matching dense layer's default (Kaiming-uniform) init."""
+        dense = self._default_dense()
+        self._reset_from_dense(dense.weight)
+        if self.bias is not None:
+            with torch.no_grad():
+                self.bias.copy_(dense.bias)
+
     def dense_weight(self) -> torch.Tensor:
         """The (out, in) matrix U diag(S) V^T this layer applies (differentiable)."""
         return (self.U * self.S) @ self.V.T
@@ -74,13 +85,9 @@ class LowRankLinear(_LowRankFactors):
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
         self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        dense = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                          device=self.U.device, dtype=self.U.dtype)
-        self._reset_from_dense(dense.weight)
-        if self.bias is not None:
-            with torch.no_grad():
-                self.bias.copy_(dense.bias)
+    def _default_dense(self) -> nn.Linear:
+        return nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                         device=self.U.device, dtype=self.U.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # S is folded into the (in, r) factor: an (in x r) multiply instead of one over (tokens x r)
@@ -149,13 +156,9 @@ class LowRankConv2d(_LowRankFactors):
     def _conv_kwargs(self) -> dict:
         return dict(stride=self.stride, padding=self.padding, dilation=self.dilation)
 
-    def reset_parameters(self) -> None:
-        dense = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, bias=self.bias is not None,
-                          device=self.U.device, dtype=self.U.dtype)
-        self._reset_from_dense(dense.weight)
-        if self.bias is not None:
-            with torch.no_grad():
-                self.bias.copy_(dense.bias)
+    def _default_dense(self) -> nn.Conv2d:
+        return nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, bias=self.bias is not None,
+                         device=self.U.device, dtype=self.U.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         first = self.V.T.reshape(self.rank, self.in_channels, *self.kernel_size)
