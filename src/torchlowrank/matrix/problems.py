@@ -248,9 +248,18 @@ class Completion(Problem):
 
     _CHUNK = 8192  # entries per gather block: two (chunk, k) float64 buffers stay in cache
 
+    # Above this observed fraction, computing row blocks of X Bt^T with a GEMM and picking the
+    # observed entries beats gathering rows per entry (measured at d = 1000, k = 10, 20% observed:
+    # 1.5 ms vs 4.5 ms); a per-entry gather costs ~15x more per entry than a GEMM output.
+    DENSE_BLOCK_FRACTION = 0.07
+    _BLOCK_BYTES = 1 << 20  # a (rows, n) float64 block of about 1 MiB stays in cache
+
     def _residual(self, X: torch.Tensor, Bt: torch.Tensor) -> torch.Tensor:
-        """``(X Bt^T)[rows, cols] - values`` (a fresh (N,) tensor), gathered in cache-sized blocks
-        into reused buffers: no (m, n) and no (N, k) temporaries."""
+        """``(X Bt^T)[rows, cols] - values`` (a fresh (N,) tensor). Dense-enough masks: row blocks
+        of X Bt^T (about 1 MiB each) by GEMM, then the observed entries of each block; sparse masks:
+        gathers in cache-sized blocks into reused buffers. Never an (m, n) or (N, k) temporary."""
+        if self.fraction >= self.DENSE_BLOCK_FRACTION:
+            return self._residual_row_blocks(X, Bt)
         k = X.shape[1]
         key = (k, X.dtype)
         if getattr(self, "_buf_key", None) != key:
@@ -270,6 +279,23 @@ class Completion(Problem):
             torch.mv(x1, ones, out=out[s:e])
         return out.sub_(self.values)
 
+    def _residual_row_blocks(self, X: torch.Tensor, Bt: torch.Tensor) -> torch.Tensor:
+        if getattr(self, "_row_blocks", None) is None:
+            m, n = self.shape
+            step = max(1, self._BLOCK_BYTES // (8 * n))
+            blocks = []
+            for s in range(0, m, step):
+                e = min(s + step, m)
+                a, b = int(self._crow[s]), int(self._crow[e])
+                if b > a:  # entries a:b lie in rows s:e (row-major order); their offsets inside the block
+                    blocks.append((s, e, a, b, (self.rows[a:b] - s) * n + self.cols[a:b]))
+            self._row_blocks = blocks
+        out = torch.empty(self.n_observed, dtype=X.dtype)
+        BtT = Bt.T
+        for s, e, a, b, local in self._row_blocks:
+            torch.take(X[s:e] @ BtT, local, out=out[a:b])
+        return out.sub_(self.values)
+
     def predict(self, X: torch.Tensor, Bt: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         """Entries ``(X Bt^T)[rows, cols]`` without forming the matrix."""
         return (X.index_select(0, rows) * Bt.index_select(0, cols)).sum(1)
@@ -283,6 +309,6 @@ class Completion(Problem):
 
     def __getstate__(self):  # the gather buffers are a cache, not state
         d = dict(self.__dict__)
-        for key in ("_buf", "_blocks", "_buf_key"):
+        for key in ("_buf", "_blocks", "_buf_key", "_row_blocks"):
             d.pop(key, None)
         return d
