@@ -22,3 +22,34 @@ def decaying_matrix(m: int, n: int, decay: float = 0.8, dtype=torch.float64, see
     V, _ = torch.linalg.qr(torch.randn(n, k, generator=g, dtype=torch.float64))
     s = decay ** torch.arange(k, dtype=torch.float64)
     return ((U * s) @ V.T).to(dtype)
+
+
+# Tiny Hugging Face models built offline from configs (tests/hf_models.py): every feature is tried
+# on GPT-2 (Conv1D, fused qkv, tied embeddings), Llama and ViT.
+import hf_models  # noqa: E402
+
+
+@pytest.fixture
+def tiny_gpt2():
+    pytest.importorskip("transformers")
+    return hf_models.tiny_gpt2()
+
+
+@pytest.fixture
+def tiny_llama():
+    pytest.importorskip("transformers")
+    return hf_models.tiny_llama()
+
+
+@pytest.fixture
+def tiny_vit():
+    pytest.importorskip("transformers")
+    return hf_models.tiny_vit()
+
+
+@pytest.fixture(params=hf_models.HF_MODEL_NAMES)
+def tiny_hf_model(request):
+    """(name, model, inputs) for each tiny HF model."""
+    pytest.importorskip("transformers")
+    model = hf_models.build(request.param)
+    return request.param, model, hf_models.example_inputs(request.param, model)
