@@ -2,7 +2,9 @@
 
 Discovers ``benchmarks/bench_*.py``; each module defines ``run(quick: bool = False) -> Result``
 whose tables report medians over repeats and ratios against a baseline measured in the same run.
-Writes ``benchmarks/results/<name>.json`` and ``.md`` (plus plots) and prints the tables.
+Writes ``benchmarks/results/<name>.json`` and ``.md`` (plus plots) and prints the tables; ``--quick``
+(a smoke test) writes to ``benchmarks/results/quick/`` (git-ignored) so it never overwrites the
+committed full results.
 """
 from __future__ import annotations
 
@@ -34,8 +36,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("names", nargs="*", help=f"benchmarks to run (default: all of {', '.join(found)})")
     ap.add_argument("--quick", action="store_true", help="fewer sizes and repeats (a smoke test)")
-    ap.add_argument("--out", default=str(HERE / "results"), help="output folder")
+    ap.add_argument("--out", default=None, help="output folder (default: benchmarks/results, or "
+                                                   "benchmarks/results/quick with --quick)")
     args = ap.parse_args(argv)
+    out = args.out or str(HERE / "results" / "quick" if args.quick else HERE / "results")
     unknown = [n for n in args.names if n not in found]
     if unknown:
         ap.error(f"unknown benchmark(s) {unknown}; available: {', '.join(found)}")
@@ -43,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         print(f"== benchmark {name}", flush=True)
         result = load(found[name]).run(quick=args.quick)
-        paths = write_report(result, args.out)
+        result.environment.setdefault("command", "python benchmarks/run.py " + name + (" --quick" if args.quick else ""))
+        paths = write_report(result, out)
         print(result_markdown(result, heading=3))
         print(f"-> {paths['md']} ({time.perf_counter() - t0:.0f} s)\n", flush=True)
     return 0

@@ -27,7 +27,8 @@ def tiny_gpt2(seed: int = 0):
     with _seeded(seed):
         torch.manual_seed(seed)
         cfg = GPT2Config(vocab_size=211, n_positions=32, n_embd=32, n_layer=2, n_head=4,
-                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True)
+                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True,
+                         bos_token_id=0, eos_token_id=0)
         return GPT2LMHeadModel(cfg).eval()
 
 

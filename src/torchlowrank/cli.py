@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -59,20 +60,46 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         return 0
     exp = get_experiment(args.name)
     out = Path(args.out or os.path.join("reports", exp.name))
+    _check_writable(out)
     _print(f"Running {exp.name}{' (quick)' if args.quick else ''} with seed {args.seed} ...")
     result = exp.run(quick=args.quick, seed=args.seed, progress=None if not args.quiet else False)
+    result.environment["command"] = " ".join(["torchlowrank reproduce", exp.name] + (["--quick"] if args.quick else [])
+                                             + ([f"--seed {args.seed}"] if args.seed else []) + [f"--out {out}"])
     paths = write_report(result, out)
     _print(result_markdown(result, heading=2))
     _print(f"Report: {paths['md']} ({result.wall_time_s:.1f} s)")
     return 0
 
 
+def _check_writable(out: Path) -> None:
+    """Fail before any work if the report folder cannot be created or written."""
+    probe = out
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot write the report to {out}: {probe} is not a writable folder; pass another --out")
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
+    import re
+
     from .diagnostics.inspect import compare_weights, load_weights, weights_spectrum
+    from .ranks import check_top_k
     from .report import write_report
     from .reproducibility import environment_info
     from .results import Plot, Result, Series, Table
 
+    check_top_k(args.top_k)
+    if args.max_plot < 1:
+        raise ValueError(f"--max-plot must be >= 1, got {args.max_plot}")
+    pattern = None
+    if args.targets:
+        try:
+            pattern = re.compile(args.targets)
+        except re.error as e:
+            raise ValueError(f"--targets {args.targets!r} is not a valid regular expression: {e}") from e
+    if args.out:
+        _check_writable(Path(args.out))
     weights = load_weights(args.path)
     title = f"Spectra of {args.path}"
     if args.compare:
@@ -80,10 +107,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         title = f"Spectra of the update {args.compare} - {args.path}"
         _print(weights.summary())
     table = weights_spectrum(weights, top_k=args.top_k)
-    if args.targets:
-        import re
-
-        table.__init__([r for r in table if re.search(args.targets, r.name)])
+    if pattern is not None:
+        table.__init__([r for r in table if pattern.search(r.name)])
     if not table:
         raise ValueError(f"no 2-D (or conv) weights found in {args.path}" + (f" matching {args.targets!r}" if args.targets else ""))
     _print(title)
@@ -142,17 +167,37 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@contextlib.contextmanager
+def _offline_env():
+    """HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE = 1 inside the block (unless the caller set them),
+    restored after: the command never reaches for a hub, and ``main()`` called as a function leaves
+    the caller's environment as it was."""
+    saved = {k: os.environ.get(k) for k in _OFFLINE_VARS}
+    for k in _OFFLINE_VARS:
+        os.environ.setdefault(k, "1")
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+_OFFLINE_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+
+
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub: everything is installed locally
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
     try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError) as e:
+        with _offline_env():
+            return args.func(args)
+    except (ValueError, FileNotFoundError, OSError) as e:
         print(f"torchlowrank {args.command}: error: {e}", file=sys.stderr)
         return 2
 

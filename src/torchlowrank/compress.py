@@ -1,19 +1,31 @@
 """Compress a model by replacing dense layers with factorized ones (DESIGN §4.2).
 
-- ``factorize(model, rank)``: every targeted Linear / Conv2d becomes a LowRankLinear /
+- ``factorize(model, rank)``: every targeted Linear / HF Conv1D / Conv2d becomes a LowRankLinear /
   LowRankConv2d of the given rank (an int, or a fraction of each layer's full rank).
-- ``truncate(model, param_fraction)``: SVD-truncate each targeted layer to keep ``param_fraction``
-  of its parameters, i.e. rank k = floor(p * m * n / (m + n)); with ``allocation="energy"`` the
-  same total budget is shared across layers greedily by captured singular-value energy.
-Both work in place and return a :class:`CompressionReport`.
+- ``truncate(model, param_fraction)``: SVD-truncate each targeted layer to keep at most
+  ``param_fraction`` of its parameters, i.e. rank k = floor(p * m * n / (m + n + 1)) (U, S and V hold
+  k (m + n + 1) numbers); with ``allocation="energy"`` the same total budget is shared across layers
+  greedily by captured singular-value energy.
+Both work in place, use the exact truncated SVD (best rank-k approximation, Eckart-Young), and return
+a :class:`CompressionReport` whose model totals are the model's real parameter counts (shared
+parameters counted once).
+
+Safety: every SVD is computed and every layer validated before the model is touched, so an error
+(NaN weight, meta tensor, bad rank) leaves the model exactly as it was. Layers whose weight is tied
+to another module (GPT-2's ``lm_head`` = ``wte``) and layers inside adapters are refused when named
+explicitly and skipped with a warning when ``targets=None``; the new factors keep the original
+weight's ``requires_grad``.
 """
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
+from .layer_types import is_hf_conv1d, is_meta
 from .layers import LowRankConv2d, LowRankLinear, max_rank
 from .ranks import singular_values
 from .results import markdown_table
@@ -35,10 +47,12 @@ def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
 
 
 def rank_for_fraction(shape: tuple[int, ...], param_fraction: float) -> int:
-    """k = floor(p * m * n / (m + n)) for a weight (m, n) (conv kernels: n = in * kh * kw)."""
+    """k = floor(p * m * n / (m + n + 1)) for a weight (m, n) (conv kernels: n = in * kh * kw): the
+    largest rank whose factors U (m, k), S (k,), V (n, k) hold at most p * m * n numbers, so that a
+    truncated layer never has more parameters than the fraction asked for (p = 1 never grows it)."""
     _check_fraction(param_fraction, "param_fraction")
     m, n = shape[0], math.prod(shape[1:])
-    return math.floor(param_fraction * m * n / (m + n) + 1e-9)
+    return math.floor(param_fraction * m * n / (m + n + 1) + 1e-9)
 
 
 def _check_fraction(p: float, what: str) -> None:
@@ -46,8 +60,73 @@ def _check_fraction(p: float, what: str) -> None:
         raise ValueError(f"{what} must be a number in (0, 1], got {p!r}")
 
 
-def _is_factorizable(m: nn.Module) -> bool:
-    return isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.groups == 1 and m.padding_mode == "zeros")
+def _has_matrix(m: nn.Module) -> bool:
+    return isinstance(m, (nn.Linear, nn.Conv2d)) or is_hf_conv1d(m)
+
+
+def _unsupported_reason(m: nn.Module) -> str | None:
+    if isinstance(m, nn.Conv2d) and (m.groups != 1 or m.padding_mode != "zeros"):
+        return (f"Conv2d with groups={m.groups}, padding_mode={m.padding_mode!r} (LowRankConv2d supports "
+                "groups=1 and zero padding only)")
+    return None
+
+
+def _matrix(module: nn.Module) -> torch.Tensor:
+    """The (out, in) matrix a layer applies (HF Conv1D stores its transpose; conv kernels reshaped)."""
+    W = module.weight.T if is_hf_conv1d(module) else module.weight
+    return W.detach().reshape(W.shape[0], -1)
+
+
+def _weight_shape(module: nn.Module) -> tuple[int, ...]:
+    return tuple(module.weight.T.shape) if is_hf_conv1d(module) else tuple(module.weight.shape)
+
+
+def _tied_owners(model: nn.Module) -> dict[int, list[str]]:
+    """id(parameter) -> every ``module.param`` path that holds it (more than one: tied weights)."""
+    owners: dict[int, list[str]] = {}
+    for mname, mod in model.named_modules(remove_duplicate=False):
+        for pname, p in mod.named_parameters(recurse=False, remove_duplicate=False):
+            path = f"{mname}.{pname}" if mname else pname
+            if path not in owners.setdefault(id(p), []):
+                owners[id(p)].append(path)
+    return owners
+
+
+def _adapter_wrappers(model: nn.Module) -> list[str]:
+    # duck-typed (no import of torchlowrank.adapters / peft): adapter layers wrap a ``base_layer``
+    return [n for n, m in model.named_modules() if isinstance(getattr(m, "base_layer", None), nn.Module)]
+
+
+def _select_layers(model: nn.Module, targets: Targets, what: str) -> list[tuple[str, nn.Module]]:
+    """Targeted Linear / Conv1D / Conv2d layers that can be replaced. Layers inside an adapter raise;
+    tied or unsupported layers raise when targeted explicitly and are skipped with a warning when
+    ``targets=None``."""
+    found = find_targets(model, targets, predicate=_has_matrix)
+    owners = _tied_owners(model)
+    wrappers = _adapter_wrappers(model)
+    chosen, skipped = [], []
+    for name, module in found:
+        inside = next((w for w in wrappers if name.startswith(w + ".")), None)
+        tied = [o for o in owners.get(id(module.weight), []) if o != f"{name}.weight"]
+        if inside is not None:
+            reason = (f"it is the base layer of the adapter {inside!r}: merge the adapters first "
+                      "(tlr.merge(model)) or truncate before adapting")
+        elif tied:
+            reason = (f"its weight is tied to {', '.join(tied)}: replacing it would untie them and grow the model. "
+                      "Exclude it, or untie it first (e.g. model.lm_head.weight = nn.Parameter(W.clone()))")
+        else:
+            reason = _unsupported_reason(module)
+        if reason is None:
+            chosen.append((name, module))
+        elif targets is not None or inside is not None:  # adapted layers are refused even with targets=None
+            raise ValueError(f"{what}: cannot replace layer {name!r}: {reason}")
+        else:
+            skipped.append(f"{name} ({reason})")
+    if skipped:
+        warnings.warn(f"{what}: skipped {len(skipped)} layer(s): " + "; ".join(skipped), stacklevel=3)
+    if not chosen:
+        raise ValueError(f"{what}: no layer left to replace" + (f"; skipped: {'; '.join(skipped)}" if skipped else ""))
+    return chosen
 
 
 @dataclass
@@ -97,43 +176,64 @@ class CompressionReport:
         return "\n".join(lines)
 
 
-def _replace_with_rank(model: nn.Module, name: str, module: nn.Module, rank: int) -> LayerCompression:
-    W = module.weight.detach()
-    s2 = singular_values(W).double() ** 2
-    before = sum(p.numel() for p in module.parameters())
-    new = LowRankLinear.from_linear(module, rank) if isinstance(module, nn.Linear) else LowRankConv2d.from_conv2d(module, rank)
+def _build_factorized(name: str, module: nn.Module, rank: int) -> tuple[nn.Module, LayerCompression]:
+    """The factorized replacement of one layer and its report row; touches nothing in the model."""
+    W = module.weight
+    if is_meta(W):
+        raise ValueError(f"layer {name!r} is on the 'meta' device (no values to decompose); load the real weights first")
+    try:
+        if isinstance(module, nn.Conv2d):
+            new = LowRankConv2d.from_conv2d(module, rank)
+        else:
+            new = LowRankLinear.from_linear(module, rank)
+        s2 = singular_values(_matrix(module)).double() ** 2
+    except ValueError as e:
+        raise ValueError(f"layer {name!r}: {e}") from e
+    for p in (new.U, new.S, new.V):
+        p.requires_grad_(W.requires_grad)
+    if new.bias is not None:
+        new.bias.requires_grad_(module.bias.requires_grad)
     new.train(module.training)
-    replace_module(model, name, new)
+    before = sum(p.numel() for p in module.parameters())
     after = sum(p.numel() for p in new.parameters())
     kept = float(s2[:rank].sum() / s2.sum()) if float(s2.sum()) > 0 else 1.0
-    return LayerCompression(name, tuple(W.shape), rank, max_rank(tuple(W.shape)), before, after, kept)
+    shape = _weight_shape(module)
+    return new, LayerCompression(name, shape, rank, max_rank(shape), before, after, kept)
+
+
+def _apply(model: nn.Module, plan: list[tuple[str, nn.Module, int]]) -> CompressionReport:
+    before = count_parameters(model)
+    built = [(name, *_build_factorized(name, module, k)) for name, module, k in plan]  # may raise: model untouched
+    for name, new, _ in built:
+        replace_module(model, name, new)
+    report = CompressionReport([row for _, _, row in built], before)
+    report.model_params_after = count_parameters(model)
+    return report
 
 
 def factorize(model: nn.Module, rank: int | float, targets: Targets = None) -> CompressionReport:
-    """Replace targeted nn.Linear / nn.Conv2d layers by LowRankLinear / LowRankConv2d, in place.
+    """Replace targeted nn.Linear / HF Conv1D / nn.Conv2d layers by LowRankLinear / LowRankConv2d, in place.
 
     rank: an int (the same for every layer, must be <= each layer's full rank) or a float in (0, 1]
-    (that fraction of each layer's full rank, at least 1). Initialised with the truncated SVD.
+    (that fraction of each layer's full rank, at least 1). Initialised with the exact truncated SVD
+    (the best rank-k approximation). On any error the model is left unchanged.
     """
-    found = find_targets(model, targets, predicate=_is_factorizable)
-    before = count_parameters(model)
+    found = _select_layers(model, targets, "factorize")
     plan = []
     for name, module in found:
-        full = max_rank(tuple(module.weight.shape))
+        full = max_rank(_weight_shape(module))
         if isinstance(rank, float):
             _check_fraction(rank, "rank (as a fraction of full rank)")
             k = max(1, math.floor(rank * full + 1e-9))
         elif isinstance(rank, int) and not isinstance(rank, bool):
             if not 1 <= rank <= full:
                 raise ValueError(f"rank {rank} is outside 1..{full} for layer {name!r} of shape "
-                                 f"{tuple(module.weight.shape)}; pass a fraction (e.g. 0.25) or exclude the layer via targets")
+                                 f"{_weight_shape(module)}; pass a fraction (e.g. 0.25) or exclude the layer via targets")
             k = rank
         else:
             raise ValueError(f"rank must be an int or a float fraction in (0, 1], got {rank!r}")
         plan.append((name, module, k))
-    report = CompressionReport([_replace_with_rank(model, n, m, k) for n, m, k in plan], before)
-    report.model_params_after = count_parameters(model)
-    return report
+    return _apply(model, plan)
 
 
 def _energy_allocation(found: list[tuple[str, nn.Module]], budget: float) -> dict[str, int]:
@@ -141,12 +241,15 @@ def _energy_allocation(found: list[tuple[str, nn.Module]], budget: float) -> dic
     relative energy (s_k^2 / ||W||_F^2) per parameter it costs (m + n), within ``budget`` parameters."""
     spectra, costs, ranks, caps = {}, {}, {}, {}
     for name, module in found:
-        W = module.weight
-        s2 = singular_values(W).double() ** 2
+        W = _matrix(module)
+        try:
+            s2 = singular_values(W).double() ** 2
+        except ValueError as e:
+            raise ValueError(f"layer {name!r}: {e}") from e
         spectra[name] = s2 / s2.sum().clamp_min(1e-300)
-        costs[name] = W.shape[0] + math.prod(W.shape[1:])
+        costs[name] = W.shape[0] + W.shape[1] + 1  # a column of U, a row of V^T, an entry of S
         ranks[name] = 1  # every layer keeps at least rank 1
-        # beyond m*n/(m+n) the factors hold more weights than the dense layer
+        # beyond m*n/(m+n+1) the factors hold more numbers than the dense layer
         caps[name] = max(1, min(len(s2), rank_for_fraction(tuple(W.shape), 1.0)))
     used = sum(costs.values())
     if used > budget:
@@ -167,29 +270,31 @@ def _energy_allocation(found: list[tuple[str, nn.Module]], budget: float) -> dic
 
 
 def truncate(model: nn.Module, param_fraction: float, targets: Targets = None, allocation: str = "uniform") -> CompressionReport:
-    """SVD-truncate targeted Linear / Conv2d layers to keep ``param_fraction`` of their parameters, in place.
+    """SVD-truncate targeted Linear / HF Conv1D / Conv2d layers to at most ``param_fraction`` of their
+    weight parameters, in place, with the exact truncated SVD (best rank-k approximation).
 
-    allocation="uniform": each layer (m, n) gets rank k = floor(p * m * n / (m + n)), so its factors
-    U, V hold k (m + n) <= p * m * n weights (plus k for S and the bias, reported in params_after).
+    allocation="uniform": each layer (m, n) gets rank k = floor(p * m * n / (m + n + 1)), so its
+    factors U, S, V hold k (m + n + 1) <= p * m * n numbers (the bias is kept as it is).
     allocation="energy": one global budget p * sum(m * n) shared across layers by singular-value
-    energy (greedy; at least rank 1 each). Raises ``ValueError`` if a layer would get rank 0.
+    energy (greedy; at least rank 1 each). Raises ``ValueError`` if a layer would get rank 0, naming
+    it; on any error the model is left unchanged.
     """
     _check_fraction(param_fraction, "param_fraction")
     if allocation not in ("uniform", "energy"):
         raise ValueError(f"allocation must be 'uniform' or 'energy', got {allocation!r}")
-    found = find_targets(model, targets, predicate=_is_factorizable)
-    before = count_parameters(model)
+    found = _select_layers(model, targets, "truncate")
     if allocation == "uniform":
         ranks = {}
         for name, module in found:
-            k = rank_for_fraction(tuple(module.weight.shape), param_fraction)
+            k = rank_for_fraction(_weight_shape(module), param_fraction)
             if k < 1:
                 raise ValueError(f"param_fraction={param_fraction} leaves rank 0 for layer {name!r} of shape "
-                                 f"{tuple(module.weight.shape)}; raise the fraction or use allocation='energy'")
+                                 f"{_weight_shape(module)}; raise the fraction or use allocation='energy'")
             ranks[name] = k
     else:
-        budget = param_fraction * sum(m.weight.shape[0] * math.prod(m.weight.shape[1:]) for _, m in found)
+        for name, module in found:
+            if is_meta(module.weight):
+                raise ValueError(f"layer {name!r} is on the 'meta' device (no values to decompose); load the real weights first")
+        budget = param_fraction * sum(math.prod(_weight_shape(m)) for _, m in found)
         ranks = _energy_allocation(found, budget)
-    report = CompressionReport([_replace_with_rank(model, n, m, ranks[n]) for n, m in found], before)
-    report.model_params_after = count_parameters(model)
-    return report
+    return _apply(model, [(n, m, ranks[n]) for n, m in found])

@@ -14,9 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .linalg import truncated_svd
+from .layer_types import check_not_meta, is_hf_conv1d
+from .linalg import orthogonal_init, truncated_svd
 
-__all__ = ["LowRankLinear", "LowRankConv2d", "max_rank"]
+__all__ = ["LowRankLinear", "LowRankConv2d", "max_rank", "marchenko_pastur_top_singular_values"]
 
 
 def max_rank(shape: tuple[int, ...]) -> int:
@@ -28,6 +29,30 @@ def _check_rank(rank: int, shape: tuple[int, ...], what: str) -> None:
     full = max_rank(shape)
     if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= full:
         raise ValueError(f"rank for {what} with weight shape {tuple(shape)} must be an int in 1..{full}, got {rank!r}")
+
+
+def marchenko_pastur_top_singular_values(m: int, n: int, k: int, variance: float) -> torch.Tensor:
+    """Typical top-``k`` singular values (float64, descending) of an (m, n) matrix with i.i.d. entries
+    of the given variance, from the Marchenko-Pastur law.
+
+    With N = max(m, n), q = min(m, n) / N, the eigenvalues x of X X^T / N (min side) follow MP on
+    [v (1 - sqrt q)^2, v (1 + sqrt q)^2]; the i-th largest singular value is taken as sqrt(N x_i) at the
+    upper-tail quantile (i - 1/2) / min(m, n). Accurate to a few percent for min(m, n) >= ~32.
+    """
+    N, small = max(m, n), min(m, n)
+    q = small / N
+    lo, hi = variance * (1 - q**0.5) ** 2, variance * (1 + q**0.5) ** 2
+    # Chebyshev-spaced grid: the density has square-root edges (and a 1/sqrt(x) pole at 0 when q = 1)
+    theta = torch.linspace(0.0, math.pi, 4097, dtype=torch.float64)
+    x = lo + (hi - lo) * (1 - torch.cos(theta)) / 2
+    dens = torch.sqrt(((hi - x) * (x - lo)).clamp_min(0)) / (2 * math.pi * variance * q * x.clamp_min(1e-300))
+    cdf = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum((dens[1:] + dens[:-1]) / 2 * x.diff(), 0)])
+    cdf = cdf / cdf[-1]
+    tail = 1 - (torch.arange(k, dtype=torch.float64) + 0.5) / small  # CDF level of the i-th largest
+    j = torch.searchsorted(cdf, tail).clamp(1, len(x) - 1)
+    w = (tail - cdf[j - 1]) / (cdf[j] - cdf[j - 1]).clamp_min(1e-300)
+    eig = x[j - 1] + w * (x[j] - x[j - 1])
+    return torch.sqrt(N * eig)
 
 
 class _LowRankFactors(nn.Module):
@@ -43,24 +68,41 @@ class _LowRankFactors(nn.Module):
         self.S = nn.Parameter(torch.empty(rank, device=device, dtype=dtype))
         self.V = nn.Parameter(torch.empty(n, rank, device=device, dtype=dtype))
 
-    def _reset_from_dense(self, dense: torch.Tensor, method: str = "auto") -> None:
-        """Set U, S, V to the best rank-r approximation of ``dense`` (m, n) (conv kernels reshaped)."""
+    def _reset_from_dense(self, dense: torch.Tensor, method: str = "full") -> None:
+        """Set U, S, V to the rank-r truncated SVD of ``dense`` (m, n) (conv kernels reshaped).
+        ``method="full"`` gives the best rank-r approximation (Eckart-Young) to float precision."""
+        check_not_meta(dense, "the weight to factorize")
         U, S, Vh = truncated_svd(dense.reshape(dense.shape[0], -1), self.rank, method=method)
         with torch.no_grad():
             self.U.copy_(U)
             self.S.copy_(S)
             self.V.copy_(Vh.T)
 
-    def _default_dense(self) -> nn.Module:
-        raise NotImplementedError
+    def _fan_in(self) -> int:
+        return self.V.shape[0]
 
     def reset_parameters(self) -> None:
-        """The best rank-r approximation of the matching dense layer's default (Kaiming-uniform) init."""
-        dense = self._default_dense()
-        self._reset_from_dense(dense.weight)
-        if self.bias is not None:
-            with torch.no_grad():
-                self.bias.copy_(dense.bias)
+        """Initialise without forming a dense matrix: U (m, r) and V (n, r) Haar-orthonormal, S the
+        typical top-r singular values of the matching dense layer's default Kaiming-uniform init
+        (entries U(-1/sqrt(fan_in), 1/sqrt(fan_in)), variance 1/(3 fan_in); Marchenko-Pastur law), and
+        the bias as nn.Linear's. So W = U diag(S) V^T is distributed like the best rank-r approximation
+        of a freshly built dense layer (its singular vectors are Haar too), at O((m + n) r^2) cost.
+        On the ``meta`` device nothing is computed."""
+        if self.U.device.type == "meta":
+            return
+        m, n, r = self.U.shape[0], self.V.shape[0], self.rank
+        fan_in = self._fan_in()
+        s = marchenko_pastur_top_singular_values(m, n, r, 1.0 / (3 * fan_in))
+        # orthogonal_init draws from the global torch RNG, as nn.Linear's init does
+        U = orthogonal_init(m, r)
+        V = orthogonal_init(n, r)
+        with torch.no_grad():
+            self.U.copy_(U)
+            self.S.copy_(s)
+            self.V.copy_(V)
+            if self.bias is not None:
+                bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
+                nn.init.uniform_(self.bias, -bound, bound)
 
     def dense_weight(self) -> torch.Tensor:
         """The (out, in) matrix U diag(S) V^T this layer applies (differentiable)."""
@@ -71,8 +113,9 @@ class LowRankLinear(_LowRankFactors):
     """A linear layer of rank ``rank``: y = x V diag(S) U^T + b.
 
     Shapes: x (..., in_features) -> y (..., out_features); U (out, r), S (r,), V (in, r).
-    Default init: the best rank-r approximation of ``nn.Linear``'s default (Kaiming-uniform) weight,
-    so a freshly built layer behaves like a truncated freshly built dense layer.
+    Default init (:meth:`reset_parameters`): distributed like the best rank-r approximation of
+    ``nn.Linear``'s default Kaiming-uniform weight, built directly from the factors (no dense
+    matrix, no SVD; works on ``device="meta"``).
     """
 
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True,
@@ -85,10 +128,6 @@ class LowRankLinear(_LowRankFactors):
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
         self.reset_parameters()
 
-    def _default_dense(self) -> nn.Linear:
-        return nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                         device=self.U.device, dtype=self.U.dtype)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # S is folded into the (in, r) factor: an (in x r) multiply instead of one over (tokens x r)
         h = F.linear(x, (self.V * self.S).T)  # (..., r)
@@ -100,18 +139,27 @@ class LowRankLinear(_LowRankFactors):
         return self.dense_weight()
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, rank: int, method: str = "auto") -> "LowRankLinear":
-        """Best rank-``rank`` approximation of ``linear`` (Eckart-Young), same dtype and device."""
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"from_linear expects nn.Linear, got {type(linear).__name__}")
-        W = linear.weight
+    def from_linear(cls, linear: nn.Module, rank: int, method: str = "full") -> "LowRankLinear":
+        """Best rank-``rank`` approximation of ``linear`` (Eckart-Young), same dtype and device.
+
+        linear: ``nn.Linear`` (weight (out, in)) or Hugging Face ``Conv1D`` (weight (in, out), the
+        matrix applied is its transpose). ``method="full"`` (default) is exact to float precision;
+        ``"randomized"`` is faster on big layers but only near-optimal (see the README's numbers).
+        Built through ``cls.__init__``, so subclasses get their own construction.
+        """
+        if isinstance(linear, nn.Linear):
+            W, n_in, n_out = linear.weight, linear.in_features, linear.out_features
+        elif is_hf_conv1d(linear):
+            W, n_in, n_out = linear.weight.T, linear.weight.shape[0], linear.weight.shape[1]
+        else:
+            raise TypeError(f"from_linear expects nn.Linear or Hugging Face Conv1D, got {type(linear).__name__}")
         _check_rank(rank, tuple(W.shape), "from_linear")
-        layer = cls.__new__(cls)
-        _LowRankFactors.__init__(layer)
-        layer.in_features, layer.out_features = linear.in_features, linear.out_features
-        layer._init_factors(W.shape[0], W.shape[1], rank, W.device, W.dtype)
+        check_not_meta(W, f"the weight of {type(linear).__name__}")
+        layer = cls(n_in, n_out, rank, bias=linear.bias is not None, device=W.device, dtype=W.dtype)
         layer._reset_from_dense(W.detach(), method)
-        layer.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone())
+        if linear.bias is not None:
+            with torch.no_grad():
+                layer.bias.copy_(linear.bias)
         return layer
 
     def to_linear(self) -> nn.Linear:
@@ -156,10 +204,6 @@ class LowRankConv2d(_LowRankFactors):
     def _conv_kwargs(self) -> dict:
         return dict(stride=self.stride, padding=self.padding, dilation=self.dilation)
 
-    def _default_dense(self) -> nn.Conv2d:
-        return nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, bias=self.bias is not None,
-                         device=self.U.device, dtype=self.U.dtype)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         first = self.V.T.reshape(self.rank, self.in_channels, *self.kernel_size)
         h = F.conv2d(x, first, None, **self._conv_kwargs()) * self.S.view(1, -1, 1, 1)
@@ -171,8 +215,8 @@ class LowRankConv2d(_LowRankFactors):
         return self.dense_weight().reshape(self.out_channels, self.in_channels, *self.kernel_size)
 
     @classmethod
-    def from_conv2d(cls, conv: nn.Conv2d, rank: int, method: str = "auto") -> "LowRankConv2d":
-        """Best rank-``rank`` approximation of the reshaped kernel of ``conv``."""
+    def from_conv2d(cls, conv: nn.Conv2d, rank: int, method: str = "full") -> "LowRankConv2d":
+        """Best rank-``rank`` approximation of the reshaped kernel of ``conv`` (exact with ``method="full"``)."""
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"from_conv2d expects nn.Conv2d, got {type(conv).__name__}")
         if conv.groups != 1 or conv.padding_mode != "zeros":
@@ -180,14 +224,14 @@ class LowRankConv2d(_LowRankFactors):
                              f"padding_mode={conv.padding_mode!r}")
         W = conv.weight
         _check_rank(rank, tuple(W.shape), "from_conv2d")
-        layer = cls.__new__(cls)
-        _LowRankFactors.__init__(layer)
-        layer.in_channels, layer.out_channels = conv.in_channels, conv.out_channels
-        layer.kernel_size, layer.stride, layer.dilation = tuple(conv.kernel_size), tuple(conv.stride), tuple(conv.dilation)
-        layer.padding = conv.padding
-        layer._init_factors(W.shape[0], math.prod(W.shape[1:]), rank, W.device, W.dtype)
+        check_not_meta(W, "the kernel of Conv2d")
+        layer = cls(conv.in_channels, conv.out_channels, tuple(conv.kernel_size), rank, stride=tuple(conv.stride),
+                    padding=conv.padding, dilation=tuple(conv.dilation), bias=conv.bias is not None,
+                    device=W.device, dtype=W.dtype)
         layer._reset_from_dense(W.detach(), method)
-        layer.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone())
+        if conv.bias is not None:
+            with torch.no_grad():
+                layer.bias.copy_(conv.bias)
         return layer
 
     def to_conv2d(self) -> nn.Conv2d:

@@ -15,12 +15,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .layer_types import check_not_meta, is_hf_conv1d
 from .results import markdown_table
 from .linalg import check_finite, compute_dtype, truncated_svd
 from .targets import find_targets
 
 __all__ = ["as_matrix", "singular_values", "stable_rank", "effective_rank", "numerical_rank",
-           "LayerSpectrum", "SpectrumTable", "spectrum", "layer_weight"]
+           "LayerSpectrum", "SpectrumTable", "spectrum", "layer_weight", "check_top_k"]
 
 
 def as_matrix(W: torch.Tensor) -> torch.Tensor:
@@ -32,6 +33,7 @@ def as_matrix(W: torch.Tensor) -> torch.Tensor:
 
 def singular_values(W: torch.Tensor) -> torch.Tensor:
     """All singular values, descending, in the compute dtype (float32, or float64 for float64 input)."""
+    check_not_meta(W, "the weight")
     if W.ndim == 1:
         return W.detach().to(compute_dtype(W.dtype)).abs().sort(descending=True).values
     M = as_matrix(W)
@@ -80,11 +82,14 @@ def numerical_rank(W: torch.Tensor, energy: float = 0.99) -> int:
 def layer_weight(module: nn.Module) -> torch.Tensor | None:
     """The dense weight matrix a layer applies, or None if it has none.
 
-    nn.Linear, nn.Embedding and conv layers give ``.weight``; factorized or adapted layers expose
-    the weight they apply through a ``dense_weight()`` method (see ``LowRankLinear``).
+    nn.Linear, nn.Embedding and conv layers give ``.weight``; Hugging Face ``Conv1D`` (GPT-2) gives
+    ``weight.T``, the (out, in) matrix it applies; factorized or adapted layers expose the weight they
+    apply through a ``dense_weight()`` method (see ``LowRankLinear``).
     """
     if hasattr(module, "dense_weight") and callable(module.dense_weight):
         return module.dense_weight()
+    if is_hf_conv1d(module):
+        return module.weight.T
     if isinstance(module, (nn.Linear, nn.Embedding, nn.modules.conv._ConvNd)):
         return module.weight
     return None
@@ -124,9 +129,18 @@ class SpectrumTable(list):
         return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
 
+def check_top_k(top_k: int) -> None:
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise ValueError(f"top_k must be a positive int (how many singular values to show), got {top_k!r}")
+
+
 def matrix_spectrum(name: str, kind: str, W: torch.Tensor, top_k: int = 5, energy: float = 0.99) -> LayerSpectrum:
     """Spectrum summary of one weight (matrix or conv kernel)."""
-    s = singular_values(W)
+    check_top_k(top_k)
+    try:
+        s = singular_values(W)
+    except ValueError as e:
+        raise ValueError(f"{name}: {e}") from e
     return LayerSpectrum(name=name, kind=kind, shape=tuple(W.shape), stable_rank=stable_rank(s),
                          effective_rank=effective_rank(s), numerical_rank=numerical_rank(s, energy),
                          top_singular_values=[float(v) for v in s[:top_k]])
@@ -135,13 +149,22 @@ def matrix_spectrum(name: str, kind: str, W: torch.Tensor, top_k: int = 5, energ
 def spectrum(model: nn.Module, top_k: int = 5, targets=None, energy: float = 0.99) -> SpectrumTable:
     """Per-layer table: name, type, shape, stable / effective / numerical rank, top singular values.
 
-    Covers nn.Linear, nn.Conv* (kernel reshaped to out x in*k*k), nn.Embedding, and factorized /
-    adapted layers (through their ``dense_weight()``). ``targets``: as in :func:`find_targets`.
+    Covers nn.Linear, HF Conv1D (as the (out, in) matrix it applies), nn.Conv* (kernel reshaped to
+    out x in*k*k), nn.Embedding, and factorized / adapted layers (through their ``dense_weight()``).
+    A weight shared by several modules (tied embeddings) is listed once, under its first name.
+    ``targets``: as in :func:`find_targets`.
     """
+    check_top_k(top_k)
     found = find_targets(model, targets, predicate=lambda m: layer_weight(m) is not None)
     table = SpectrumTable()
+    seen: set[int] = set()
     for name, module in found:
         W = layer_weight(module)
+        base = getattr(module, "weight", None)
+        key = id(base) if isinstance(base, torch.Tensor) and not callable(getattr(module, "dense_weight", None)) else id(module)
+        if key in seen:
+            continue
+        seen.add(key)
         table.append(matrix_spectrum(name, type(module).__name__, W, top_k, energy))
     return table
 

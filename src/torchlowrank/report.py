@@ -32,17 +32,26 @@ def result_markdown(result: Result, image_names: dict[str, str] | None = None, h
     lines += [f"Config: {cfg}", "", f"Seeds: {result.seeds}; wall time {result.wall_time_s:.1f} s; "
               f"torch {result.environment.get('torch', '?')}, {result.environment.get('cpu_count', '?')} CPUs"
               + (f", {result.environment['cuda']}" if result.environment.get("cuda") else ""), ""]
+    provenance = []
+    if result.environment.get("command"):
+        provenance.append(f"produced by `{result.environment['command']}`")
+    if result.environment.get("git_commit"):
+        provenance.append(f"at commit {result.environment['git_commit']}")
+    if provenance:
+        lines += ["Provenance: " + " ".join(provenance) + ".", ""]
     return "\n".join(lines)
 
 
 def draw_plot(plot: Plot, path: str | os.PathLike) -> Path:
-    """Draw one :class:`Plot` to a PNG file (non-interactive backend)."""
-    import matplotlib
+    """Draw one :class:`Plot` to a PNG file.
 
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
+    Uses matplotlib's object-oriented ``Figure`` (rendered by Agg on save) without pyplot, so the
+    caller's backend (a notebook's inline backend, say) is never changed and no window opens.
+    """
+    from matplotlib.figure import Figure
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+    fig = Figure(figsize=(6.4, 4.2), dpi=110)
+    ax = fig.subplots()
     try:
         if plot.kind == "heatmap":
             if plot.matrix is None:
@@ -92,7 +101,7 @@ def draw_plot(plot: Plot, path: str | os.PathLike) -> Path:
         with atomic_path(path) as tmp:
             fig.savefig(tmp, format="png")
     finally:
-        plt.close(fig)
+        fig.clear()
     return path
 
 

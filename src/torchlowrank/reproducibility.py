@@ -5,7 +5,9 @@ import contextlib
 import os
 import platform
 import random
+import subprocess
 import sys
+from pathlib import Path
 from collections.abc import Iterator
 from typing import Any
 
@@ -23,6 +25,20 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def git_commit() -> str | None:
+    """The git commit of the torchlowrank source tree this process runs ("<sha>-dirty" with local
+    changes), or None outside a git checkout (an installed wheel)."""
+    src = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "-C", str(src), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=5, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(src), "status", "--porcelain", "--untracked-files=no", "--", "."],
+                               capture_output=True, text=True, timeout=5, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{sha}-dirty" if dirty else sha or None
+
+
 def environment_info() -> dict[str, Any]:
     """Versions and hardware that a benchmark or experiment ran on."""
     info: dict[str, Any] = {
@@ -34,6 +50,7 @@ def environment_info() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "git_commit": git_commit(),
     }
     try:
         import torchlowrank

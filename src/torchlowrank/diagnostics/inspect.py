@@ -1,10 +1,14 @@
 """Read weights from files and look at their spectra: the library side of ``torchlowrank inspect``.
 
 - :func:`load_weights`: a ``.safetensors`` file, a torch checkpoint (a state dict, possibly wrapped as
-  ``{"state_dict": ...}`` or ``{"model": ...}``), a Hugging Face model folder, or a PEFT LoRA adapter
-  folder (``adapter_config.json`` + ``adapter_model.safetensors``), which gives one update
-  Delta W = scaling * B @ A per adapted module (scaling = lora_alpha / r, or lora_alpha / sqrt(r)
-  with ``use_rslora``), so its spectrum shows how low-rank the fine-tuning update is.
+  ``{"state_dict": ...}`` or ``{"model": ...}``), a Hugging Face model folder (also sharded, with
+  ``model.safetensors.index.json``), a PEFT LoRA adapter folder (``adapter_config.json`` +
+  ``adapter_model.safetensors``), which gives one update Delta W = scaling * B @ A per adapted module
+  (scaling = lora_alpha / r, or lora_alpha / sqrt(r) with ``use_rslora``; embeddings'
+  ``lora_embedding_A/B`` too), so its spectrum shows how low-rank the fine-tuning update is, or a
+  torchlowrank adapter folder (``torchlowrank_adapter.json``: Delta W = scaling * W_L ... W_1).
+  DoRA adapters rescale the columns of W0 + Delta W by a learned magnitude, so their update depends on
+  the base weights: pass ``base=`` to :func:`load_peft_adapter` to get the true update.
 - :func:`compare_weights`: the differences b - a of two checkpoints' shared matrices.
 - :func:`weights_spectrum`: a :class:`~torchlowrank.ranks.SpectrumTable` of a dict of tensors.
 """
@@ -12,9 +16,7 @@ from __future__ import annotations
 
 import math
 import os
-import pickle
 import re
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +25,11 @@ import torch
 from ..files import read_json
 from ..ranks import SpectrumTable, matrix_spectrum
 
-__all__ = ["load_weights", "load_peft_adapter", "compare_weights", "weights_spectrum", "WeightDiff"]
+__all__ = ["load_weights", "load_peft_adapter", "load_torchlowrank_adapter", "compare_weights", "weights_spectrum", "WeightDiff"]
 
 _MODEL_FILES = ("model.safetensors", "adapter_model.safetensors", "pytorch_model.bin", "adapter_model.bin")
+_INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+_LORA_KEY = re.compile(r"(.+)\.lora_(A|B|embedding_A|embedding_B|magnitude_vector)(?:\.[^.]+)?(?:\.weight)?")
 
 
 def _corrupted(path: Path, what: str, err: Exception) -> ValueError:
@@ -58,7 +62,9 @@ def _unwrap(obj: Any, path: Path) -> dict[str, torch.Tensor]:
 def _load_torch(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as e:
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # junk bytes surface as RuntimeError, UnpicklingError, KeyError, struct.error, ...
         if "weights_only" in str(e) and "Unsupported global" in str(e):
             raise ValueError(f"{path} pickles Python objects (not just tensors), which are not loaded for safety; "
                              "save model.state_dict() instead of the model") from e
@@ -74,42 +80,127 @@ def _peft_scaling(config: dict[str, Any], module: str, r: int) -> float:
     return alpha / math.sqrt(r) if config.get("use_rslora", False) else alpha / r
 
 
-def load_peft_adapter(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Per adapted module, Delta W = scaling * B @ A (out, in) float32, from a PEFT LoRA adapter folder.
+def _dora_update(name: str, delta: torch.Tensor, magnitude: torch.Tensor, base: dict[str, torch.Tensor] | None,
+                 folder: Path, fan_in_fan_out: bool) -> torch.Tensor:
+    """W' - W0 for DoRA: W' = magnitude * (W0 + Delta W) / ||W0 + Delta W|| (norm of each output row)."""
+    if base is None:
+        raise ValueError(f"{folder} is a DoRA adapter: its update of {name!r} depends on the base weights (W' = m * "
+                         "(W0 + s B A) / ||W0 + s B A||), so it cannot be inspected from the adapter alone. Pass the "
+                         "base weights: load_peft_adapter(folder, base=load_weights(base_checkpoint)), or compare the "
+                         "merged model with the base: torchlowrank inspect base --compare merged")
+    key = next((k for k in (f"{name}.weight", f"{name}.base_layer.weight") if k in base), None)
+    if key is None:
+        raise ValueError(f"{folder}: DoRA module {name!r} has no weight {name}.weight in the base weights given")
+    W0 = base[key].detach().float()
+    W0 = W0.T if fan_in_fan_out else W0
+    W0 = W0.reshape(W0.shape[0], -1)
+    if W0.shape != delta.shape:
+        raise ValueError(f"{folder}: base weight {key} has shape {tuple(W0.shape)}, the adapter's update {tuple(delta.shape)}")
+    merged = W0 + delta
+    norm = merged.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    return magnitude.float().reshape(-1, 1) * merged / norm - W0
 
-    Keys are module names without PEFT's ``base_model.model.`` prefix. r is read from A's shape
-    (so ``rank_pattern`` is honoured); alpha from ``lora_alpha`` / ``alpha_pattern``.
+
+def load_peft_adapter(folder: str | os.PathLike, base: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Per adapted module, the update (out, in) float32 a PEFT LoRA adapter folder applies.
+
+    LoRA: Delta W = scaling * B @ A; embeddings (``lora_embedding_A`` (r, num_embeddings),
+    ``lora_embedding_B`` (dim, r)): Delta W = scaling * (B @ A)^T, (num_embeddings, dim) like the
+    embedding's weight. DoRA (``lora_magnitude_vector``): W' - W0, which needs the base weights
+    ``base`` ({name: tensor}, e.g. :func:`load_weights` of the base checkpoint); without them a
+    ``ValueError`` says so. Keys are module names without PEFT's ``base_model.model.`` prefix. r is
+    read from A's shape (so ``rank_pattern`` is honoured); alpha from ``lora_alpha`` / ``alpha_pattern``.
     """
     folder = Path(folder)
     cfg_path = folder / "adapter_config.json"
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{folder} has no adapter_config.json; is it a PEFT adapter folder?")
     config = read_json(cfg_path, "PEFT adapter config")
-    if config.get("peft_type", "LORA").upper() != "LORA":
-        raise ValueError(f"{folder} holds a {config.get('peft_type')} adapter; only LoRA adapters are supported")
+    if not isinstance(config, dict):
+        raise ValueError(f"{cfg_path} is not a PEFT adapter config (a JSON object expected)")
+    if str(config.get("peft_type", "LORA")).upper() != "LORA":
+        raise ValueError(f"{folder} holds a {config.get('peft_type')} adapter; only LoRA (and DoRA) adapters are supported")
     wfile = folder / "adapter_model.safetensors"
     tensors = _load_safetensors(wfile) if wfile.is_file() else (
         _load_torch(folder / "adapter_model.bin") if (folder / "adapter_model.bin").is_file() else None)
     if tensors is None:
         raise FileNotFoundError(f"{folder} has adapter_config.json but no adapter_model.safetensors / .bin")
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
-        m = re.fullmatch(r"(.+)\.lora_([AB])(?:\.[^.]+)?\.weight", key)
+        m = _LORA_KEY.fullmatch(key)
         if m:
-            pairs.setdefault(m.group(1), {})[m.group(2)] = t
-    if not pairs:
+            parts.setdefault(m.group(1), {})[m.group(2)] = t
+    if not parts:
         raise ValueError(f"{folder}: no lora_A / lora_B weights found among {list(tensors)[:8]}")
+    base = None if base is None else {k.removeprefix("base_model.model."): v for k, v in base.items()}
     deltas = {}
-    for module, ab in pairs.items():
-        if set(ab) != {"A", "B"}:
-            raise ValueError(f"{folder}: module {module!r} has lora_{''.join(ab)} but not both lora_A and lora_B")
-        A = ab["A"].float().reshape(ab["A"].shape[0], -1)
-        B = ab["B"].float().reshape(ab["B"].shape[0], -1)
+    for module, ab in parts.items():
+        embedding = "embedding_A" in ab or "embedding_B" in ab
+        a_key, b_key = ("embedding_A", "embedding_B") if embedding else ("A", "B")
+        if a_key not in ab or b_key not in ab:
+            raise ValueError(f"{folder}: module {module!r} has {sorted('lora_' + k for k in ab)} but not both "
+                             f"lora_{a_key} and lora_{b_key}")
+        A = ab[a_key].float().reshape(ab[a_key].shape[0], -1)
+        B = ab[b_key].float().reshape(ab[b_key].shape[0], -1)
         if B.shape[1] != A.shape[0]:
-            raise ValueError(f"{folder}: {module}: lora_B {tuple(B.shape)} and lora_A {tuple(A.shape)} do not chain")
+            raise ValueError(f"{folder}: {module}: lora_{b_key} {tuple(B.shape)} and lora_{a_key} {tuple(A.shape)} do not chain")
         name = module.removeprefix("base_model.model.")
-        deltas[name] = _peft_scaling(config, name, A.shape[0]) * (B @ A)
+        delta = _peft_scaling(config, name, A.shape[0]) * (B @ A)
+        if embedding:
+            delta = delta.T
+        if "magnitude_vector" in ab:
+            delta = _dora_update(name, delta, ab["magnitude_vector"], base, folder, bool(config.get("fan_in_fan_out")))
+        deltas[name] = delta
     return deltas
+
+
+def load_torchlowrank_adapter(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Per adapted module, Delta W = scaling * W_L ... W_1 (the layer's (out, in) matrix view, float32)
+    from a folder written by :func:`torchlowrank.save_adapter`. (A PiSSA adapter also replaced the base
+    weights by their residual; the spectrum shown is that of the adapter's factors' product.)"""
+    from safetensors.torch import load
+
+    folder = Path(folder)
+    meta = read_json(folder / "torchlowrank_adapter.json", "torchlowrank adapter config",
+                     "save the adapter again with tlr.save_adapter")
+    wpath = folder / str(meta.get("weights_file", "torchlowrank_adapter.safetensors")) if isinstance(meta, dict) else None
+    if wpath is None or not wpath.is_file():
+        raise FileNotFoundError(f"{folder} has torchlowrank_adapter.json but no adapter tensor file")
+    try:
+        from ..adapters.config import config_from_dict
+
+        tensors = load(wpath.read_bytes())
+        scaling = float(config_from_dict(meta["config"]).scaling)
+    except Exception as e:  # corrupted metadata or tensors
+        raise _corrupted(wpath, "a torchlowrank adapter", e) from e
+    factors: dict[str, dict[int, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        m = re.fullmatch(r"(.+)\.lora_factors\.(\d+)", key)
+        if m:
+            factors.setdefault(m.group(1), {})[int(m.group(2))] = t.float()
+    if not factors:
+        raise ValueError(f"{folder}: no adapter factors (*.lora_factors.i) in {wpath.name}")
+    deltas = {}
+    for name, fs in factors.items():
+        out = fs[0]
+        for i in range(1, len(fs)):
+            out = fs[i] @ out
+        deltas[name] = scaling * out
+    return deltas
+
+
+def _load_sharded(index: Path) -> dict[str, torch.Tensor]:
+    data = read_json(index, "sharded checkpoint index")
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ValueError(f"{index} has no 'weight_map'; it is not a Hugging Face sharded checkpoint index")
+    out: dict[str, torch.Tensor] = {}
+    for shard in sorted(set(weight_map.values())):
+        path = index.parent / str(shard)
+        if not path.is_file():
+            raise FileNotFoundError(f"{index} names the shard {shard}, which is missing from {index.parent}")
+        out.update(_load_safetensors(path) if path.suffix == ".safetensors" else _load_torch(path))
+    return out
 
 
 def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -117,8 +208,9 @@ def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
     path: a ``.safetensors`` file; a torch checkpoint (``torch.load(weights_only=True)``; a
     ``{"state_dict": ...}`` or ``{"model": ...}`` wrapper is unwrapped); a PEFT LoRA adapter folder
-    (returns Delta W = scaling * B @ A per module, see :func:`load_peft_adapter`); or a model folder
-    holding ``model.safetensors`` / ``pytorch_model.bin``. Raises ``FileNotFoundError`` for a missing
+    (returns Delta W per module, see :func:`load_peft_adapter`); a torchlowrank adapter folder
+    (:func:`load_torchlowrank_adapter`); or a model folder holding ``model.safetensors`` /
+    ``pytorch_model.bin`` or a sharded checkpoint (``*.index.json``). Raises ``FileNotFoundError`` for a missing
     path and ``ValueError`` for a corrupted or unsupported file.
     """
     path = Path(path)
@@ -127,11 +219,19 @@ def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if path.is_dir():
         if (path / "adapter_config.json").is_file():
             return load_peft_adapter(path)
+        if (path / "torchlowrank_adapter.json").is_file():
+            return load_torchlowrank_adapter(path)
         for name in _MODEL_FILES:
             if (path / name).is_file():
                 return load_weights(path / name)
-        raise ValueError(f"{path} is a folder with neither adapter_config.json (PEFT adapter) nor one of "
-                         f"{', '.join(_MODEL_FILES)}; pass a weights file instead")
+        for name in _INDEX_FILES:
+            if (path / name).is_file():
+                return _load_sharded(path / name)
+        raise ValueError(f"{path} is a folder with neither adapter_config.json (PEFT adapter), "
+                         f"torchlowrank_adapter.json, nor one of {', '.join(_MODEL_FILES + _INDEX_FILES)}; "
+                         "pass a weights file instead")
+    if path.name.endswith(".index.json"):
+        return _load_sharded(path)
     if path.suffix == ".safetensors":
         return _load_safetensors(path)
     return _load_torch(path)

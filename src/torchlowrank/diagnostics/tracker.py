@@ -52,6 +52,7 @@ from torch import nn
 
 from ..files import atomic_write_text, read_json
 from ..linalg import compute_dtype, robust_svd, truncated_svd
+from ..layer_types import check_not_meta, is_hf_conv1d
 from ..ranks import as_matrix, layer_weight
 from ..results import Plot, Table, _jsonable
 from ..targets import Targets, find_targets
@@ -145,6 +146,14 @@ def max_principal_angle(A: torch.Tensor | None, B: torch.Tensor | None) -> float
     return math.acos(min(1.0, max(0.0, cos)))
 
 
+def _layer_grad(module: nn.Module, W: torch.Tensor) -> torch.Tensor | None:
+    """dLoss/dW in the (out, in) orientation of :func:`layer_weight` (HF Conv1D stores it transposed)."""
+    if is_hf_conv1d(module):
+        g = module.weight.grad
+        return None if g is None else g.T
+    return W.grad if isinstance(W, nn.Parameter) else None
+
+
 class SpectrumTracker:
     """Record spectra and ranks of weights, updates W - W0 and gradients every ``every`` steps.
 
@@ -172,6 +181,9 @@ class SpectrumTracker:
             raise ValueError(f"top_k must be a positive int, got {top_k!r}")
         if not 0.0 < energy <= 1.0:
             raise ValueError(f"energy must be in (0, 1], got {energy}")
+        if isinstance(full_spectrum_max, bool) or not isinstance(full_spectrum_max, int) or full_spectrum_max < 0:
+            raise ValueError("full_spectrum_max must be an int >= 0 (layers whose smaller side is at most this get "
+                             f"a full SVD; 0 = always top-k only), got {full_spectrum_max!r}")
         self.model = model
         self.every = every
         self.track = tuple(q for q in QUANTITIES if q in track)
@@ -179,6 +191,8 @@ class SpectrumTracker:
         self.energy = energy
         self.full_spectrum_max = full_spectrum_max
         self.layers = find_targets(model, targets, predicate=lambda m: layer_weight(m) is not None)
+        for name, module in self.layers:
+            check_not_meta(layer_weight(module), f"the weight of layer {name!r}")
         self.steps = 0
         self.history: list[dict[str, Any]] = []
         self._w0: dict[str, torch.Tensor] = {}
@@ -219,8 +233,10 @@ class SpectrumTracker:
         if "update" in self.track and self.steps > 0:
             Wm = as_matrix(W)
             yield "update", Wm.to(self._w0[name].dtype) - self._w0[name]
-        if "grad" in self.track and isinstance(W, nn.Parameter) and W.grad is not None:
-            yield "grad", as_matrix(W.grad)
+        if "grad" in self.track:
+            G = _layer_grad(module, W)
+            if G is not None:
+                yield "grad", as_matrix(G)
 
     @torch.no_grad()
     def record(self) -> list[dict[str, Any]]:
@@ -304,8 +320,42 @@ class SpectrumTracker:
                 f"steps={self.steps}, rows={len(self.history)})")
 
 
+_INT_COLUMNS = ("step", "rows", "cols", "full_rank", "numerical_rank")
+_FLOAT_COLUMNS = ("fro_norm", "spectral_norm", "stable_rank", "effective_rank", "angle_left", "angle_right")
+
+
+def _history_from_csv(path: Path) -> list[dict[str, Any]]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not a tracker history CSV ({e})") from e
+    reader = csv.DictReader(io.StringIO(text))
+    if reader.fieldnames is None or list(reader.fieldnames) != HISTORY_COLUMNS:
+        raise ValueError(f"{path} is not a tracker history CSV written by SpectrumTracker.save: expected the columns "
+                         f"{', '.join(HISTORY_COLUMNS)}, got {reader.fieldnames}")
+    rows = []
+    try:
+        for raw in reader:
+            row: dict[str, Any] = dict(raw)
+            for c in _INT_COLUMNS:
+                row[c] = None if raw[c] == "" else int(raw[c])
+            for c in _FLOAT_COLUMNS:
+                row[c] = None if raw[c] == "" else float(raw[c])
+            row["top_singular_values"] = [float(v) for v in raw["top_singular_values"].split(";") if v != ""]
+            rows.append(row)
+    except (ValueError, TypeError, AttributeError) as e:
+        raise ValueError(f"{path}: a row of the tracker history CSV could not be parsed ({e})") from e
+    return rows
+
+
 def load_history(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Read back the rows written by :meth:`SpectrumTracker.save` as JSON."""
+    """Read back the rows written by :meth:`SpectrumTracker.save` (``.csv`` or JSON), with the same
+    types as ``tracker.history`` (ints, floats, None for missing values, lists of singular values)."""
+    path = Path(path)
+    if path.suffix.lower() == ".csv":
+        if not path.is_file():
+            raise FileNotFoundError(f"no tracker history at {path}")
+        return _history_from_csv(path)
     data = read_json(path, "tracker history", "write it with SpectrumTracker.save(path)")
     try:
         return list(data["history"])

@@ -17,7 +17,8 @@ def minilm_path() -> Path:
 def load_minilm(num_labels: int = 2, seed: int | None = 0):
     """(tokenizer, ``BertForSequenceClassification``) from the installed MiniLM, without network.
 
-    The encoder is pretrained; the classification head is freshly initialised (seeded by ``seed``).
+    The encoder is pretrained; the classification head is freshly initialised from ``seed`` (under a
+    forked RNG: the caller's global random state is left as it was; ``seed=None`` draws from it).
     """
     try:
         import torch
@@ -29,14 +30,17 @@ def load_minilm(num_labels: int = 2, seed: int | None = 0):
         raise ValueError(f"num_labels must be >= 1, got {num_labels}")
     path = minilm_path()
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    if seed is not None:
-        torch.manual_seed(seed)
     verbosity = hf_logging.get_verbosity()
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()  # "some weights were newly initialised" is expected for the head
     hf_logging.disable_progress_bar()  # a local 88 MB load needs no progress bar
     try:
-        model = BertForSequenceClassification.from_pretrained(path, num_labels=num_labels, local_files_only=True)
+        if seed is None:
+            model = BertForSequenceClassification.from_pretrained(path, num_labels=num_labels, local_files_only=True)
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                model = BertForSequenceClassification.from_pretrained(path, num_labels=num_labels, local_files_only=True)
     finally:
         hf_logging.set_verbosity(verbosity)
         if bars:
