@@ -64,3 +64,45 @@ def test_inspect_missing_or_corrupted_file_is_a_clear_error(tmp_path, capsys):
     assert "error" in capsys.readouterr().err
     (tmp_path / "bad.safetensors").write_bytes(b"\x00\x01garbage")
     assert main(["inspect", str(tmp_path / "bad.safetensors")]) == 2
+
+
+@pytest.mark.parametrize("junk", [b"junk", b"\x80\x02}q\x00", b"PK\x03\x04" + b"x" * 64])
+def test_inspect_junk_checkpoint_exits_2_without_a_traceback(tmp_path, junk):
+    path = tmp_path / "junk.pt"
+    path.write_bytes(junk)
+    proc = run_cli("inspect", str(path))
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and "could not be read" in proc.stderr
+
+
+def test_inspect_bad_targets_regex_and_bad_top_k_exit_2(tmp_path):
+    save_file({"w": torch.randn(4, 3)}, tmp_path / "w.safetensors")
+    for args, msg in ((["--targets", "("], "not a valid regular expression"), (["--top-k", "0"], "top_k")):
+        proc = run_cli("inspect", str(tmp_path / "w.safetensors"), *args)
+        assert proc.returncode == 2 and msg in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_inspect_unwritable_out_fails_before_printing_the_table(tmp_path):
+    save_file({"w": torch.randn(4, 3)}, tmp_path / "w.safetensors")
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    proc = run_cli("inspect", str(tmp_path / "w.safetensors"), "--out", str(blocker / "rep"))
+    assert proc.returncode == 2 and "cannot write the report" in proc.stderr
+    assert "stable rank" not in proc.stdout
+
+
+def test_main_called_as_a_function_leaves_the_environment_unchanged(monkeypatch, capsys):
+    import os
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    assert main(["reproduce", "--list"]) == 0
+    assert "HF_HUB_OFFLINE" not in os.environ and "TRANSFORMERS_OFFLINE" not in os.environ
+
+
+def test_reproduce_records_the_command_and_commit_in_the_report(tmp_path):
+    proc = run_cli("reproduce", "dmf-invariance", "--quick", "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads((tmp_path / "dmf-invariance.json").read_text())
+    assert data["environment"]["command"] == f"torchlowrank reproduce dmf-invariance --quick --out {tmp_path}"
+    assert "git_commit" in data["environment"]
+    assert "Provenance: produced by `torchlowrank reproduce dmf-invariance --quick" in (tmp_path / "dmf-invariance.md").read_text()

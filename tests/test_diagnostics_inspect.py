@@ -111,3 +111,73 @@ def test_weights_spectrum_skips_vectors_and_reshapes_kernels():
     table = weights_spectrum(_state())
     assert [r.name for r in table] == ["enc.weight", "conv.weight"]
     assert table[1].full_rank == 4
+
+
+def _peft_model(model, **lora):
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    return peft.get_peft_model(model, peft.LoraConfig(init_lora_weights=False, **lora))
+
+
+def test_peft_embedding_adapters_are_read_as_their_delta_weight(tmp_path, tiny_gpt2):
+    pm = _peft_model(tiny_gpt2, r=4, lora_alpha=8, target_modules=["wte", "c_attn"])
+    pm.save_pretrained(tmp_path)
+    deltas = load_weights(tmp_path)
+    wte = pm.base_model.model.transformer.wte
+    torch.testing.assert_close(deltas["transformer.wte"], wte.get_delta_weight("default").float())
+    assert deltas["transformer.wte"].shape == (211, 32)  # like the embedding's weight
+    c_attn = pm.base_model.model.transformer.h[0].attn.c_attn
+    torch.testing.assert_close(deltas["transformer.h.0.attn.c_attn"], c_attn.get_delta_weight("default").T.float())
+
+
+def test_dora_adapters_need_the_base_weights_and_then_give_the_true_update(tmp_path, tiny_llama):
+    from torchlowrank.diagnostics.inspect import load_peft_adapter
+
+    base = {k: v.clone() for k, v in tiny_llama.state_dict().items()}
+    pm = _peft_model(tiny_llama, r=4, lora_alpha=8, target_modules=["q_proj"], use_dora=True)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "magnitude" in n:
+                p.mul_(1.3)  # a trained magnitude differs from ||W0 + BA||
+    pm.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="DoRA.*base weights"):
+        load_weights(tmp_path)
+    deltas = load_peft_adapter(tmp_path, base=base)
+    merged = pm.merge_and_unload().state_dict()
+    key = "model.layers.0.self_attn.q_proj"
+    torch.testing.assert_close(deltas[key], merged[key + ".weight"] - base[key + ".weight"], atol=1e-5, rtol=1e-4)
+
+
+def test_torchlowrank_adapter_folders_are_read_as_their_updates(tmp_path):
+    import torchlowrank as tlr
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 4))
+    tlr.adapt(model, tlr.LoRAConfig(r=2, alpha=6, target_modules=["0", "2"]))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_()
+    x = torch.randn(3, 8)
+    tlr.save_adapter(model, tmp_path / "ad")
+    deltas = load_weights(tmp_path / "ad")
+    adapted = model(x)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    tlr.merge(model)
+    assert set(deltas) == {"0", "2"}
+    torch.testing.assert_close(model[0].weight.detach(), before["0.base_layer.weight"] + deltas["0"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model(x), adapted, atol=1e-4, rtol=1e-4)
+
+
+def test_sharded_hugging_face_folders_load_every_shard(tmp_path, tiny_llama):
+    tiny_llama.save_pretrained(tmp_path, max_shard_size="100KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    tensors = load_weights(tmp_path)
+    ref = tiny_llama.state_dict()
+    assert set(tensors) == {k for k in ref if k != "lm_head.weight" or not tiny_llama.config.tie_word_embeddings}
+    for k, v in tensors.items():
+        assert torch.equal(v, ref[k])
+    (tmp_path / next(p.name for p in tmp_path.glob("model-0000*.safetensors"))).unlink()
+    with pytest.raises(FileNotFoundError, match="shard"):
+        load_weights(tmp_path)

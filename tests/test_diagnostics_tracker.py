@@ -173,3 +173,46 @@ def test_fast_largest_angle_equals_the_foundation_principal_angles():
         assert max_principal_angle(A, B) == pytest.approx(float(principal_angles(A, B).max()), abs=1e-9)
     assert max_principal_angle(A, A) == pytest.approx(0.0, abs=1e-6)
     assert max_principal_angle(None, A) is None
+
+
+def test_csv_history_reads_back_with_the_same_values(tmp_path):
+    torch.manual_seed(0)
+    model = MLP(64, (16,), 10)
+    tracker = SpectrumTracker(model, every=2, targets=["features.0", "head"])
+    _train(nn.Sequential(nn.Flatten(), model), 4, tracker)
+    tracker.save(tmp_path / "h.csv")
+    back = load_history(tmp_path / "h.csv")
+    assert len(back) == len(tracker.history)
+    for a, b in zip(back, tracker.history):
+        assert a.keys() == b.keys()
+        for k in a:
+            if isinstance(b[k], float):
+                assert a[k] == pytest.approx(b[k], rel=1e-8, nan_ok=True)
+            elif isinstance(b[k], list):
+                assert a[k] == pytest.approx(b[k], rel=1e-8)
+            else:
+                assert a[k] == b[k], k
+    (tmp_path / "bad.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(ValueError, match="not a tracker history CSV"):
+        load_history(tmp_path / "bad.csv")
+
+
+@pytest.mark.parametrize("value", [-1, 2.5, True])
+def test_full_spectrum_max_must_be_a_non_negative_int(value):
+    with pytest.raises(ValueError, match="full_spectrum_max"):
+        SpectrumTracker(MLP(4, (3,), 2), full_spectrum_max=value)
+
+
+def test_tracker_records_gpt2_conv1d_weights_and_gradients(tiny_gpt2):
+    import hf_models
+    model = tiny_gpt2.train()
+    tracker = SpectrumTracker(model, every=1, targets=r".*c_attn")
+    ids = hf_models.example_inputs("gpt2")["input_ids"]
+    model(input_ids=ids, labels=ids).loss.backward()
+    tracker.step()
+    grads = [r for r in tracker.history if r["quantity"] == "grad"]
+    assert {r["layer"] for r in grads} == {"transformer.h.0.attn.c_attn", "transformer.h.1.attn.c_attn"}
+    G = model.transformer.h[0].attn.c_attn.weight.grad.T  # (out, in)
+    row = [r for r in grads if r["layer"] == "transformer.h.0.attn.c_attn"][0]
+    assert (row["rows"], row["cols"]) == (96, 32)
+    assert row["top_singular_values"][:3] == pytest.approx(torch.linalg.svdvals(G)[:3].tolist(), rel=1e-4)

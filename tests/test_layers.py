@@ -82,3 +82,60 @@ def test_bfloat16_layer_keeps_its_dtype():
     layer = tlr.LowRankLinear.from_linear(lin, 4)
     assert layer.U.dtype == torch.bfloat16
     assert layer(torch.randn(3, 32, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+def test_default_init_has_the_spectrum_of_a_truncated_dense_default_init():
+    torch.manual_seed(0)
+    m, n, r = 256, 512, 32
+    layer = tlr.LowRankLinear(n, m, r)
+    dense_s = torch.linalg.svdvals(nn.Linear(n, m).weight.detach().double())[:r]
+    torch.testing.assert_close(layer.S.detach().double(), dense_s, rtol=0.03, atol=0)
+    eye = torch.eye(r)
+    torch.testing.assert_close(layer.U.T @ layer.U, eye, atol=1e-5, rtol=0)
+    torch.testing.assert_close(layer.V.T @ layer.V, eye, atol=1e-5, rtol=0)
+    assert float(layer.bias.detach().abs().max()) <= 1 / n**0.5
+
+
+def test_init_forms_no_dense_matrix_and_runs_no_svd(monkeypatch):
+    import torchlowrank.layers as layers
+
+    def no_svd(*a, **k):
+        raise AssertionError("reset_parameters must not compute an SVD")
+    monkeypatch.setattr(layers, "truncated_svd", no_svd)
+    layer = tlr.LowRankLinear(4096, 4096, 16)
+    conv = tlr.LowRankConv2d(64, 64, 3, rank=8)
+    assert layer.S.shape == (16,) and conv.S.shape == (8,)
+
+
+def test_layers_can_be_built_on_the_meta_device():
+    layer = tlr.LowRankLinear(1024, 512, 16, device="meta")
+    conv = tlr.LowRankConv2d(8, 16, 3, rank=4, device="meta")
+    assert layer.U.is_meta and conv.V.is_meta
+    assert layer(torch.empty(2, 1024, device="meta")).shape == (2, 512)
+    layer.to_empty(device="cpu")
+    layer.reset_parameters()
+    assert torch.isfinite(layer.dense_weight()).all()
+
+
+def test_from_linear_constructs_subclasses_through_their_init():
+    class Tagged(tlr.LowRankLinear):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.tag = "built by __init__"
+
+    low = Tagged.from_linear(nn.Linear(20, 10), 4)
+    assert isinstance(low, Tagged) and low.tag == "built by __init__"
+
+
+def test_from_linear_accepts_a_hugging_face_conv1d():
+    transformers = pytest.importorskip("transformers")
+    from transformers.pytorch_utils import Conv1D
+
+    conv = Conv1D(nf=12, nx=20).double()
+    with torch.no_grad():
+        conv.weight.normal_()
+        conv.bias.normal_()
+    low = tlr.LowRankLinear.from_linear(conv, 12).double()
+    x = torch.randn(3, 20, dtype=torch.float64)
+    torch.testing.assert_close(low(x), conv(x))
+    assert (low.in_features, low.out_features) == (20, 12)

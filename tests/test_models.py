@@ -33,3 +33,16 @@ def test_minilm_loads_offline_as_bert_classifier():
     assert 22_000_000 < tlr.count_parameters(model) < 23_500_000
     batch = tok(["a fine film", "dull"], padding=True, return_tensors="pt")
     assert model(**batch).logits.shape == (2, 3)
+
+
+def test_load_minilm_leaves_the_global_rng_alone():
+    pytest.importorskip("transformers")
+    from torchlowrank.models import load_minilm
+
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    _, a = load_minilm(seed=5)
+    assert torch.equal(torch.rand(3), expected)
+    _, b = load_minilm(seed=5)
+    assert torch.equal(a.classifier.weight, b.classifier.weight)  # still seeded

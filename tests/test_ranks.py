@@ -68,3 +68,41 @@ def test_spectrum_targets_that_match_nothing_list_the_available_layers():
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
     with pytest.raises(ValueError, match=r"nothing among: 0, 2"):
         tlr.spectrum(model, targets=["attn"])
+
+
+def test_spectrum_sees_gpt2_conv1d_as_out_by_in_and_lists_tied_weights_once(tiny_gpt2):
+    table = tlr.spectrum(tiny_gpt2)
+    by_name = {r.name: r for r in table}
+    c_attn = "transformer.h.0.attn.c_attn"
+    assert by_name[c_attn].kind == "Conv1D" and by_name[c_attn].shape == (96, 32)
+    W = tiny_gpt2.get_submodule(c_attn).weight.detach()
+    assert by_name[c_attn].top_singular_values == pytest.approx(torch.linalg.svdvals(W)[:5].tolist(), rel=1e-5)
+    conv1d = [n for n, m in tiny_gpt2.named_modules() if type(m).__name__ == "Conv1D"]
+    assert set(conv1d) <= set(by_name)
+    # wte and lm_head share one tensor: one row, not two
+    assert ("transformer.wte" in by_name) != ("lm_head" in by_name)
+
+
+@pytest.mark.parametrize("top_k", [0, -3, 2.5, True])
+def test_spectrum_rejects_a_top_k_that_is_not_a_positive_int(top_k):
+    with pytest.raises(ValueError, match="top_k must be a positive int"):
+        tlr.spectrum(nn.Sequential(nn.Linear(4, 4)), top_k=top_k)
+
+
+def test_spectrum_of_a_meta_model_is_a_clear_error():
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(4, 4))
+    with pytest.raises(ValueError, match="'0'.*meta"):
+        tlr.spectrum(model)
+
+
+@pytest.mark.parametrize("scale", [1e-4, 1.0, 1e4])
+def test_rank_measures_are_scale_invariant_and_work_in_half_precision(scale):
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(64, 32, generator=g, dtype=torch.float64) @ torch.diag(0.7 ** torch.arange(32.0, dtype=torch.float64)) @ torch.linalg.qr(torch.randn(32, 32, generator=g, dtype=torch.float64))[0]
+    ref = (tlr.stable_rank(W), tlr.effective_rank(W), tlr.numerical_rank(W))
+    for dtype, tol in ((torch.float64, 1e-9), (torch.float32, 1e-4), (torch.bfloat16, 3e-2)):
+        Ws = (W * scale).to(dtype)
+        assert tlr.stable_rank(Ws) == pytest.approx(ref[0], rel=tol)
+        assert tlr.effective_rank(Ws) == pytest.approx(ref[1], rel=tol)
+        assert abs(tlr.numerical_rank(Ws) - ref[2]) <= (0 if dtype != torch.bfloat16 else 1)

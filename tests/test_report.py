@@ -57,3 +57,27 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path):
             tmp.write_text("half")
             raise RuntimeError("disk full")
     assert target.read_text() == "old" and list(tmp_path.iterdir()) == [target]
+
+
+def test_written_files_get_the_usual_mode_and_overwrites_keep_it(tmp_path):
+    import os
+    old = os.umask(0o022)
+    try:
+        path = atomic_write_text(tmp_path / "a.txt", "x")
+        assert path.stat().st_mode & 0o777 == 0o644
+        os.chmod(path, 0o600)
+        atomic_write_text(path, "y")
+        assert path.stat().st_mode & 0o777 == 0o600 and path.read_text() == "y"
+        os.umask(0o077)
+        assert atomic_write_text(tmp_path / "b.txt", "z").stat().st_mode & 0o777 == 0o600
+        paths = tlr.write_report(make_result(), tmp_path / "rep")
+    finally:
+        os.umask(old)
+    assert all(p.stat().st_mode & 0o777 == 0o600 for p in paths.values())  # umask 077 at write time
+
+
+def test_drawing_a_plot_leaves_the_matplotlib_backend_alone(tmp_path):
+    matplotlib = pytest.importorskip("matplotlib")
+    before = matplotlib.get_backend()
+    tlr.write_report(make_result(), tmp_path)
+    assert matplotlib.get_backend() == before

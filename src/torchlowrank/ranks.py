@@ -140,7 +140,7 @@ def matrix_spectrum(name: str, kind: str, W: torch.Tensor, top_k: int = 5, energ
     try:
         s = singular_values(W)
     except ValueError as e:
-        raise ValueError(f"{name}: {e}") from e
+        raise ValueError(f"layer {name!r}: {e}") from e
     return LayerSpectrum(name=name, kind=kind, shape=tuple(W.shape), stable_rank=stable_rank(s),
                          effective_rank=effective_rank(s), numerical_rank=numerical_rank(s, energy),
                          top_singular_values=[float(v) for v in s[:top_k]])
