@@ -23,9 +23,11 @@ def test_dropout_lowrank_quick_matches_the_closed_form(tmp_path):
 
 def test_gradient_rank_quick_gradients_are_far_below_full_rank():
     r = get_experiment("gradient-rank").run(quick=True)
-    assert r.metrics["mlp_exact_rank_of_one_batch_gradient_features.0"] <= 64  # batch size bound
-    for tag in ("mlp", "vit"):
-        assert r.metrics[f"{tag}_median_grad_stable_rank_over_full_rank"] < 0.25
+    # the claim: a minibatch gradient's energy sits in a few directions, far fewer than its exact rank
+    # (<= the batch size, 64) and than the layer's full rank (measured: 0.0075 MLP, 0.027 ViT)
+    assert r.metrics["mlp_median_grad_stable_rank_over_full_rank"] < 0.02
+    assert r.metrics["vit_median_grad_stable_rank_over_full_rank"] < 0.06
+    assert r.metrics["mlp_median_grad_stable_rank"] < 0.1 * r.metrics["mlp_exact_rank_of_one_batch_gradient_features.0"]
     assert {p.name for p in r.plots} >= {"mlp_stable_rank_grad", "vit_stable_rank_update"}
 
 
