@@ -242,3 +242,10 @@ def test_unsupported_conv_is_refused_by_name_and_skipped_with_a_warning_otherwis
         report = tlr.truncate(model, 0.5)
     assert list(report.ranks) == ["3"]
     assert model(torch.randn(2, 4, 6, 6)).shape == (2, 10)
+
+
+def test_a_target_naming_only_unsupported_layers_is_an_error_not_silently_dropped(tiny_gpt2):
+    with pytest.raises(ValueError, match=r"target 'ln_1' names only layers of unsupported types:.*LayerNorm"):
+        tlr.truncate(tiny_gpt2, 0.5, targets=["c_attn", "ln_1"])
+    with pytest.raises(ValueError, match=r"target 'attn' names only.*GPT2Attention.*transformer\.h\.0\.attn\.c_attn"):
+        tlr.spectrum(tiny_gpt2, targets=["attn"])

@@ -46,6 +46,15 @@ def find_targets(model: nn.Module, targets: Targets = None, predicate: Callable[
     candidates = [(n, m) for n, m in model.named_modules() if n and (predicate is None or predicate(m))]
     chosen = [(n, m) for n, m in candidates
               if name_matches(n, targets) and not (exclude is not None and name_matches(n, exclude))]
+    if targets is not None and not isinstance(targets, str) and predicate is not None:
+        # an entry that names only modules of an unsupported type would otherwise be dropped silently
+        supported = {n for n, _ in candidates}
+        for t in targets:
+            named = [(n, type(m).__name__) for n, m in model.named_modules() if n and name_matches(n, [t])]
+            if named and not any(n in supported for n, _ in named):
+                shown = _describe(f"{n} ({k})" for n, k in named)
+                raise ValueError(f"target {t!r} names only layers of unsupported types: {shown}. Name supported "
+                                 f"layers inside them instead, e.g. from: {_describe(n for n, _ in candidates if n.startswith(named[0][0] + '.')) or _describe(supported)}")
     if not chosen:
         what = "no layers of a supported type" if not candidates else f"nothing among: {_describe(n for n, _ in candidates)}"
         raise ValueError(f"targets {targets!r} matched {what}. Pass module names (or name suffixes) "
