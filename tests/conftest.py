@@ -14,6 +14,15 @@ def _seed():
     torch.manual_seed(0)
 
 
+def randomize_trainable(model: torch.nn.Module, seed: int = 0) -> None:
+    """Fill every trainable parameter with N(0, 1) (e.g. to make a zero-initialised adapter non-zero)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype))
+
+
 def decaying_matrix(m: int, n: int, decay: float = 0.8, dtype=torch.float64, seed: int = 0) -> torch.Tensor:
     """A random (m, n) matrix with singular values decay**i (known spectrum)."""
     g = torch.Generator().manual_seed(seed)

@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+from conftest import randomize_trainable
 from torch import nn
 
 import torchlowrank as tlr
@@ -186,10 +187,7 @@ class _no_warning:
 def test_truncate_refuses_layers_inside_adapters_and_leaves_the_model_unchanged():
     model = mlp()
     tlr.adapt(model, tlr.LoRAConfig(r=4, alpha=8, target_modules=["0", "2"]))
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.normal_()
+    randomize_trainable(model)  # a non-zero adapter
     x = torch.randn(5, 64)
     ref = model(x)
     types = [type(m) for m in model.modules()]

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from conftest import randomize_trainable
 from safetensors.torch import save_file
 
 from torchlowrank.diagnostics import compare_weights, load_weights, weights_spectrum
@@ -155,10 +156,7 @@ def test_torchlowrank_adapter_folders_are_read_as_their_updates(tmp_path):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 4))
     tlr.adapt(model, tlr.LoRAConfig(r=2, alpha=6, target_modules=["0", "2"]))
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.normal_()
+    randomize_trainable(model)  # a non-zero adapter
     x = torch.randn(3, 8)
     tlr.save_adapter(model, tmp_path / "ad")
     deltas = load_weights(tmp_path / "ad")

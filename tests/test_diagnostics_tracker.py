@@ -137,11 +137,16 @@ def test_large_layers_use_a_truncated_svd_with_exact_stable_rank():
     assert rec_top["numerical_rank"] in (rec_full["numerical_rank"], None)
 
 
-def test_history_saves_as_json_and_csv_and_plots(tmp_path):
+def _small_trained_tracker() -> SpectrumTracker:
     torch.manual_seed(0)
     model = MLP(64, (16,), 10)
     tracker = SpectrumTracker(model, every=2, targets=["features.0", "head"])
     _train(nn.Sequential(nn.Flatten(), model), 4, tracker)
+    return tracker
+
+
+def test_history_saves_as_json_and_csv_and_plots(tmp_path):
+    tracker = _small_trained_tracker()
     tracker.save(tmp_path / "h.json")
     tracker.save(tmp_path / "h.csv")
     assert load_history(tmp_path / "h.json") == json.loads(json.dumps(tracker.history))
@@ -176,10 +181,7 @@ def test_fast_largest_angle_equals_the_foundation_principal_angles():
 
 
 def test_csv_history_reads_back_with_the_same_values(tmp_path):
-    torch.manual_seed(0)
-    model = MLP(64, (16,), 10)
-    tracker = SpectrumTracker(model, every=2, targets=["features.0", "head"])
-    _train(nn.Sequential(nn.Flatten(), model), 4, tracker)
+    tracker = _small_trained_tracker()
     tracker.save(tmp_path / "h.csv")
     back = load_history(tmp_path / "h.csv")
     assert len(back) == len(tracker.history)
