@@ -50,6 +50,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .. import distributed
 from ..files import atomic_write_text, read_json
 from ..linalg import compute_dtype, robust_svd, truncated_svd
 from ..layer_types import check_not_meta, is_hf_conv1d
@@ -198,7 +199,7 @@ class SpectrumTracker:
         self._w0: dict[str, torch.Tensor] = {}
         self._ref: dict[tuple[str, str], tuple[torch.Tensor | None, torch.Tensor | None]] = {}
         self._hook = None
-        if "update" in self.track:
+        if "update" in self.track and distributed.is_main_process():
             with torch.no_grad():
                 for name, module in self.layers:
                     self._w0[name] = as_matrix(layer_weight(module)).to(compute_dtype(layer_weight(module).dtype)).clone()
@@ -240,7 +241,12 @@ class SpectrumTracker:
 
     @torch.no_grad()
     def record(self) -> list[dict[str, Any]]:
-        """Record every targeted layer now, at step ``self.steps``; returns the new rows."""
+        """Record every targeted layer now, at step ``self.steps``; returns the new rows.
+
+        Under DDP only rank 0 records (the weights and all-reduced gradients are the same on every
+        rank); the other ranks count steps and return ``[]``."""
+        if not distributed.is_main_process():
+            return []
         rows = []
         device_type = next((p.device.type for p in self.model.parameters()), "cpu")
         with torch.autocast(device_type=device_type, enabled=False):
@@ -299,7 +305,11 @@ class SpectrumTracker:
         return buf.getvalue()
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the history atomically: ``.csv`` as CSV, anything else as JSON (config + rows)."""
+        """Write the history atomically: ``.csv`` as CSV, anything else as JSON (config + rows).
+        Under DDP rank 0 writes and the other ranks wait for it."""
+        return distributed.main_process_only(self._save)(path)
+
+    def _save(self, path: str | os.PathLike) -> Path:
         path = Path(path)
         if path.suffix.lower() == ".csv":
             return atomic_write_text(path, self.to_csv())

@@ -1,0 +1,130 @@
+"""torch.distributed (DDP, 2 gloo processes on CPU): results equal one process on the same global batch."""
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import torchlowrank as tlr
+from torchlowrank import distributed as tlr_dist
+from ddp import run_ddp
+
+pytestmark = pytest.mark.ddp
+
+STEPS, BATCH = 4, 16
+
+
+def _data():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(STEPS, BATCH, 20, generator=g), torch.randint(0, 5, (STEPS, BATCH), generator=g)
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(tlr.LowRankLinear(20, 32, 6), nn.ReLU(), nn.Linear(32, 5))
+
+
+def _train(model, xs, ys, opt):
+    for x, y in zip(xs, ys):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+
+def _worker(rank, world, out):
+    """Every DDP job of this file in one launch (spawning processes is the slow part)."""
+    _ddp_lowrank_worker(rank, world, out)
+    _main_only_worker(rank, world, out)
+    _tracker_worker(rank, world, out)
+
+
+@pytest.fixture(scope="module")
+def ddp_out(tmp_path_factory):
+    return run_ddp(_worker, tmp_path_factory.mktemp("ddp"))
+
+
+def _ddp_lowrank_worker(rank, world, out):
+    xs, ys = _data()
+    half = BATCH // world
+    model = _model()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.AdamW(ddp.parameters(), lr=1e-2)
+    _train(ddp, xs[:, rank * half:(rank + 1) * half], ys[:, rank * half:(rank + 1) * half], opt)
+    torch.save(model.state_dict(), out / f"rank{rank}.pt")
+
+
+def test_ddp_training_of_a_lowrank_model_equals_one_process_on_the_global_batch(ddp_out):
+    out = ddp_out
+    xs, ys = _data()
+    model = _model()
+    _train(model, xs, ys, torch.optim.AdamW(model.parameters(), lr=1e-2))
+    for r in range(2):
+        state = torch.load(out / f"rank{r}.pt", weights_only=True)
+        for k, v in model.state_dict().items():
+            torch.testing.assert_close(state[k], v, atol=1e-6, rtol=1e-5)
+
+
+def _write_on_main(path, text):
+    path.write_text(f"{text} by rank {tlr_dist.rank()}")
+    return tlr_dist.rank()
+
+
+def _fail_on_main():
+    raise ValueError("disk full")
+
+
+def _main_only_worker(rank, world, out):
+    written_by = tlr_dist.main_process_only(_write_on_main)(out / "file.txt", "written")
+    try:
+        tlr_dist.main_process_only(_fail_on_main)()
+        raised = ""
+    except ValueError as e:
+        raised = str(e)
+    (out / f"rank{rank}.txt").write_text(f"{written_by}|{raised}|{tlr_dist.world_size()}")
+
+
+def test_main_process_only_writes_once_and_every_rank_sees_the_result_or_the_error(ddp_out):
+    out = ddp_out
+    assert (out / "file.txt").read_text() == "written by rank 0"
+    for r in range(2):
+        assert (out / f"rank{r}.txt").read_text() == "0|disk full|2"
+
+
+def test_helpers_are_the_identity_without_a_process_group(tmp_path):
+    assert not tlr_dist.is_distributed() and tlr_dist.rank() == 0 and tlr_dist.world_size() == 1
+    assert tlr_dist.main_process_only(_write_on_main)(tmp_path / "f.txt", "x") == 0
+    t = torch.ones(3)
+    tlr_dist.broadcast_tensors_([t])
+    assert torch.equal(t, torch.ones(3))
+
+
+def _tracker_worker(rank, world, out):
+    xs, ys = _data()
+    half = BATCH // world
+    model = _model()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    tracker = tlr.SpectrumTracker(model, every=2)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    tracker.attach(opt)
+    _train(ddp, xs[:, rank * half:(rank + 1) * half], ys[:, rank * half:(rank + 1) * half], opt)
+    tracker.save(out / "history.json")
+    (out / f"rows{rank}.txt").write_text(str(len(tracker.history)))
+
+
+def test_spectrum_tracker_records_and_writes_on_rank_0_only(ddp_out):
+    from torchlowrank.diagnostics import load_history
+
+    out = ddp_out
+    assert int((out / "rows1.txt").read_text()) == 0
+    rows0 = int((out / "rows0.txt").read_text())
+    assert rows0 > 0 and len(load_history(out / "history.json")) == rows0
+    # the gradients rank 0 recorded are the all-reduced (global-batch) ones: equal to one process
+    xs, ys = _data()
+    model = _model()
+    tracker = tlr.SpectrumTracker(model, every=2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    tracker.attach(opt)
+    _train(model, xs, ys, opt)
+    ddp_rows = load_history(out / "history.json")
+    for a, b in zip(ddp_rows, tracker.history):
+        assert (a["step"], a["layer"], a["quantity"]) == (b["step"], b["layer"], b["quantity"])
+        assert a["stable_rank"] == pytest.approx(b["stable_rank"], rel=1e-4)
