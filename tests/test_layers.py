@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -139,3 +141,30 @@ def test_from_linear_accepts_a_hugging_face_conv1d():
     x = torch.randn(3, 20, dtype=torch.float64)
     torch.testing.assert_close(low(x), conv(x))
     assert (low.in_features, low.out_features) == (20, 12)
+
+
+def test_lowrank_layers_compile_with_no_graph_breaks():
+    torch._dynamo.reset()
+    layer = tlr.LowRankLinear(16, 12, 4)
+    conv = tlr.LowRankConv2d(3, 6, 3, rank=2, padding=1)
+    x, img = torch.randn(5, 16, requires_grad=True), torch.randn(2, 3, 8, 8)
+    for module, inp in ((layer, x), (conv, img)):
+        compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
+        out = compiled(inp)
+        torch.testing.assert_close(out, module(inp))
+        out.sum().backward()
+        assert module.U.grad is not None and module.S.grad is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_lowrank_layers_in_half_precision_and_under_autocast(dtype):
+    ref = tlr.LowRankLinear(32, 24, 8).double()
+    x = torch.randn(4, 32, dtype=torch.float64)
+    half = tlr.LowRankLinear.from_linear(ref.to_linear().to(dtype), 8)
+    assert half.U.dtype == dtype
+    torch.testing.assert_close(half(x.to(dtype)).double(), ref(x), atol=5e-2, rtol=5e-2)
+    fp32 = copy.deepcopy(ref).float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fp32(x.float())
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double(), ref(x), atol=5e-2, rtol=5e-2)
