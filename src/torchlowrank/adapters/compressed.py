@@ -49,7 +49,8 @@ def end_to_end_gradients(model: nn.Module, batch: Any,
     """G = dLoss/dDeltaW at Delta W = 0 for every adapter layer, as (m, n) matrices in float32/64.
 
     The adapters are bypassed for this pass, so the gradient is the base model's dLoss/dW0; no
-    parameter's ``.grad`` is touched.
+    parameter's ``.grad`` is touched. The loss is computed with gradients enabled (also inside a
+    caller's ``torch.no_grad()``); a loss without an autograd graph raises ValueError.
     """
     layers = adapter_layers(model)
     if not layers:
@@ -60,9 +61,14 @@ def end_to_end_gradients(model: nn.Module, batch: Any,
         for (_, layer), w in zip(layers, weights):
             layer.disabled = True
             w.requires_grad_(True)
-        loss = (loss_fn or default_loss)(model, batch)
+        with torch.enable_grad():
+            loss = (loss_fn or default_loss)(model, batch)
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             raise ValueError("loss_fn must return a scalar tensor")
+        if loss.grad_fn is None:
+            raise ValueError("the loss has no autograd graph (it was computed under torch.inference_mode, detached, "
+                             "or does not depend on the model); compute it from the model's output with gradients "
+                             "enabled inside loss_fn(model, batch)")
         grads = torch.autograd.grad(loss, weights, allow_unused=True)
     finally:
         for (_, layer), w, f in zip(layers, weights, flags):
