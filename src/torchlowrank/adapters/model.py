@@ -27,7 +27,7 @@ from .layers import SUPPORTED, AdapterLayer, is_hf_conv1d, supported_layer, unsu
 
 __all__ = ["AdapterState", "adapt", "merge", "unadapt", "adapter_layers", "adapter_state", "adapter_param_groups",
            "print_trainable_parameters", "resolve_targets", "resolve_modules_to_save", "shared_weight_holders",
-           "check_adapters_in_place", "HEAD_NAMES"]
+           "check_adapters_in_place", "resize_token_embeddings", "HEAD_NAMES"]
 
 HEAD_NAMES = ("classifier", "score", "lm_head", "head", "output_layer")
 
@@ -290,6 +290,64 @@ def unadapt(model: nn.Module) -> nn.Module:
     _restore_requires_grad(model, state)
     del model.tlr_adapter
     return model
+
+
+def _grow(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+    """``t`` cut or zero-padded to ``size`` along ``dim`` (new tokens start with Delta W = 0)."""
+    if t.shape[dim] >= size:
+        return t.narrow(dim, 0, size).clone()
+    pad = list(t.shape)
+    pad[dim] = size - t.shape[dim]
+    return torch.cat([t, torch.zeros(pad, dtype=t.dtype, device=t.device)], dim=dim)
+
+
+def resize_token_embeddings(model: nn.Module, new_num_tokens: int | None = None, **kwargs) -> nn.Module:
+    """Hugging Face's ``model.resize_token_embeddings`` for a model whose input (or output)
+    embeddings carry an adapter; returns the input embedding layer (the adapter).
+
+    HF's own method refuses adapter wrappers (it checks ``isinstance(..., nn.Embedding)``), as it does
+    for PEFT's. Here the base layers are resized by HF (new rows initialised by HF, ties restored) and
+    the adapter factors along the vocabulary are cut or zero-padded, so the old tokens keep their
+    function and new tokens start with Delta W = 0. Build the optimizer after this call (the resized
+    factors are new Parameters). ValueError for PiSSA adapters on the embeddings.
+    """
+    state = _require_state(model, "resize_token_embeddings")
+    check_adapters_in_place(model, "resize_token_embeddings")
+    if not callable(getattr(model, "resize_token_embeddings", None)):
+        raise ValueError("resize_token_embeddings needs a Hugging Face PreTrainedModel")
+    slots = [("input", model.get_input_embeddings, model.set_input_embeddings),
+             ("output", model.get_output_embeddings, model.set_output_embeddings)]
+    wrapped = []
+    for which, get, put in slots:
+        try:
+            mod = get()
+        except (NotImplementedError, AttributeError):
+            continue
+        if isinstance(mod, AdapterLayer):
+            if mod.init == "pissa":
+                raise ValueError(f"the {which} embeddings carry a PiSSA adapter, whose residual base cannot be "
+                                 "resized; resize before tlr.adapt")
+            wrapped.append((which, mod, get, put))
+    for _, mod, _, put in wrapped:
+        put(mod.base_layer)
+    try:
+        model.resize_token_embeddings(new_num_tokens, **kwargs)
+    except Exception:
+        for _, mod, _, put in wrapped:  # put the adapters (on the old bases) back
+            put(mod)
+        raise
+    for which, mod, get, put in wrapped:
+        new_base = get()
+        mod.base_layer = new_base
+        m, n = mod.matrix_shape()
+        with torch.no_grad():
+            first, last = mod.lora_factors[0], mod.lora_factors[-1]
+            if first.shape[1] != n:  # vocabulary along the input side (embedding tables)
+                mod.lora_factors[0] = nn.Parameter(_grow(first.detach(), 1, n), requires_grad=first.requires_grad)
+            if last.shape[0] != m:  # vocabulary along the output side (lm_head)
+                mod.lora_factors[-1] = nn.Parameter(_grow(last.detach(), 0, m), requires_grad=last.requires_grad)
+        put(mod)
+    return model.get_input_embeddings()
 
 
 def adapter_param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0) -> list[dict]:
