@@ -263,7 +263,7 @@ class MHANet(nn.Module):
 
 
 @pytest.mark.parametrize("train", [True, False])
-def test_multihead_attention_with_an_adapted_out_proj_uses_the_adapter_and_merges(train):
+def test_multihead_attention_with_an_adapted_out_proj_uses_the_adapter_and_merges(train, tmp_path):
     torch.manual_seed(0)
     base = MHANet()
     model = tlr.adapt(copy.deepcopy(base), tlr.LoRAConfig(r=2, target_modules=["out_proj"]))
@@ -283,6 +283,8 @@ def test_multihead_attention_with_an_adapted_out_proj_uses_the_adapter_and_merge
     y.sum().backward()
     assert all(W.grad is not None and W.grad.abs().sum() > 0 for W in layer.lora_factors)
     assert layer.bias is layer.base_layer.bias
+    with pytest.raises(ValueError, match="MultiheadAttention"):  # PEFT would silently ignore this adapter
+        tlr.export_peft(model, tmp_path / "peft")
     with torch.no_grad():
         torch.testing.assert_close(tlr.merge(model)(x), y.detach(), rtol=0, atol=1e-5)
 

@@ -12,6 +12,8 @@ Refused (ValueError, nothing written): Conv2d layers with ``dilation != 1`` or a
 other than ``"zeros"``: PEFT's LoRA Conv2d builds its ``lora_A`` conv from the base's kernel size,
 stride and padding only (peft 0.21 ``tuners/lora/layer.py``, ``_ConvNd.update_layer``), so it would
 compute a different update (or crash on the shapes). Grouped convolutions never carry an adapter here.
+Also refused: the ``out_proj`` of an ``nn.MultiheadAttention`` (PEFT's Linear LoRA there is bypassed
+by MHA's forward, which reads ``out_proj.weight``).
 """
 from __future__ import annotations
 
@@ -33,6 +35,10 @@ PREFIX = "base_model.model."
 
 def peft_unsupported(name: str, layer: nn.Module) -> str | None:
     """Why PEFT's LoRA cannot represent this adapter layer exactly (None if it can)."""
+    if getattr(layer, "weight_is_dense", False):
+        return (f"{name}: the out_proj of an nn.MultiheadAttention; MHA's forward reads out_proj.weight, so PEFT's "
+                "LoRA Linear there is ignored (peft 0.21 serves the base model's outputs); PEFT adapts MHA only "
+                "by targeting the MultiheadAttention module itself")
     if isinstance(layer, Conv2dAdapter):
         conv = layer.base_layer
         if tuple(conv.dilation) != (1,) * len(conv.dilation):
