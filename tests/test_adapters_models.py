@@ -112,6 +112,26 @@ def test_merge_of_a_tied_embedding_unties_it_with_a_warning_and_keeps_the_output
     assert model.config.tie_word_embeddings is False  # so save_pretrained / from_pretrained keep them apart
 
 
+def test_compressed_init_of_a_tied_embedding_uses_the_gradient_through_that_layer_only(tiny_gpt2):
+    base = tiny_gpt2
+    ids = hf_models.example_inputs("gpt2")["input_ids"]
+    model = tlr.adapt(copy.deepcopy(base), tlr.DeepLoRAConfig(r=4, target_modules=["wte", "c_attn"]))
+    G = tlr.init_compressed(model, {"input_ids": ids, "labels": ids})
+    assert model.lm_head.weight is model.transformer.wte.base_layer.weight  # the tie is intact afterwards
+    ref = copy.deepcopy(base)  # the adapter changes only wte's use of the weight: untie the head by hand
+    ref.lm_head.weight = nn.Parameter(ref.lm_head.weight.detach().clone())
+    ref(input_ids=ids, labels=ids).loss.backward()
+    torch.testing.assert_close(G["transformer.wte"], ref.transformer.wte.weight.grad.T, rtol=0, atol=1e-7)
+
+
+def test_tie_weights_on_an_adapted_head_sets_the_base_layers_weight(tiny_gpt2):
+    with pytest.warns(UserWarning, match="tied weights"):
+        model = tlr.adapt(tiny_gpt2, tlr.LoRAConfig(r=2, target_modules=["lm_head"]))
+    model.tie_weights()  # Hugging Face assigns lm_head.weight = wte.weight
+    assert model.lm_head.base_layer.weight is model.transformer.wte.weight
+    assert "weight" not in model.lm_head._parameters
+
+
 def test_pissa_on_a_tied_embedding_is_refused_and_the_model_is_unchanged(tiny_gpt2):
     snap = snapshot(tiny_gpt2)
     with pytest.raises(ValueError, match=r"transformer\.wte.*pissa.*lm_head\.weight"):
@@ -197,12 +217,15 @@ def test_export_peft_of_conv2d_loads_in_peft_with_equal_outputs_or_is_refused(tm
 @pytest.mark.parametrize("config", [
     tlr.DeepLoRAConfig(r=4, depth=3, compress=False, target_modules="all-linear"),
     tlr.DeepLoRAConfig(r=4, depth=4, compress=False, target_modules="all-linear"),
-    tlr.LoRAConfig(r=4, target_modules="all-linear")], ids=["deep3", "deep4", "lora"])
+    tlr.DeepLoRAConfig(r=4, depth=3, compress=True, target_modules="all-linear"),
+    tlr.LoRAConfig(r=4, target_modules="all-linear")], ids=["deep3", "deep4", "deep3-compressed", "lora"])
 def test_adapters_on_a_half_precision_llama_give_every_factor_a_gradient(tiny_llama, dtype, config):
     model = tlr.adapt(tiny_llama.to(dtype), copy.deepcopy(config))
     ids = hf_models.example_inputs("llama")["input_ids"]
     if isinstance(config, tlr.LoRAConfig):
         randomize(model, std=1e-3)  # B = 0 at init gives A no gradient by design; make B small instead
+    elif config.compress:
+        tlr.init_compressed(model, {"input_ids": ids, "labels": ids})
     out = model(input_ids=ids, labels=ids)
     assert out.logits.dtype == dtype  # the model still computes in half precision
     out.loss.backward()

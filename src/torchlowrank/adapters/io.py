@@ -285,15 +285,16 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     if state is not None:
         check_adapters_in_place(model, "load_adapter")
         diffs = config_differences(state.config, config)
-        if list(state.targets) != list(meta["targets"]) and set(state.targets) != set(meta["targets"]):
+        if set(state.targets) != set(meta["targets"]):
             diffs.append(f"adapted layers: {len(state.targets)} in the model vs {len(meta['targets'])} in the file "
                          f"(first difference: {sorted(set(state.targets) ^ set(meta['targets']))[0]})")
         if set(state.modules_to_save) != set(meta["modules_to_save"]):
             diffs.append(f"modules_to_save: {sorted(state.modules_to_save)} vs {sorted(meta['modules_to_save'])}")
         if diffs:
             raise ValueError(f"the model's adapter differs from the file's (model vs file): {'; '.join(diffs)}. "
-                             "Loading would give a different function; load into a fresh base model (the file's "
-                             "config is then used) or tlr.unadapt / tlr.merge the model first")
+                             "Loading would compute another function than the saved model (alpha, use_rslora, PiSSA's "
+                             "residual base, depth) or leave a config that does not describe the weights; load into "
+                             "a fresh base model (the file's config is then used) or tlr.unadapt / tlr.merge first")
     expected = _expected_shapes(model, meta, config)
     for key in sorted(set(expected) | set(tensors)):
         if key not in tensors:

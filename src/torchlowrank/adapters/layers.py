@@ -103,6 +103,13 @@ class AdapterLayer(nn.Module):
         """The base layer's bias (None if it has none)."""
         return getattr(self.base_layer, "bias", None)
 
+    def __setattr__(self, name: str, value) -> None:
+        # ``layer.weight = p`` (Hugging Face's tie_weights on an adapted head) sets the base layer's weight
+        if name in ("weight", "bias") and "base_layer" in self.__dict__.get("_modules", {}):
+            setattr(self.base_layer, name, value)
+        else:
+            super().__setattr__(name, value)
+
     # -- the matrix view of the base weight -------------------------------------------------------
     def matrix_shape(self) -> tuple[int, int]:
         w = self.base_matrix()
