@@ -382,7 +382,7 @@ def test_an_adapter_on_a_sparse_embedding_trains_like_on_a_dense_one():
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-def test_a_meta_model_adapts_and_pissa_on_meta_asks_for_real_weights(tiny_llama):
+def test_a_meta_model_adapts_and_pissa_on_meta_asks_for_real_weights(tiny_llama, tmp_path):
     model = tiny_llama.to("meta")
     with pytest.raises(ValueError, match="meta device"):
         tlr.adapt(model, tlr.LoRAConfig(r=2, init="pissa", target_modules=["q_proj"]))
@@ -393,6 +393,14 @@ def test_a_meta_model_adapts_and_pissa_on_meta_asks_for_real_weights(tiny_llama)
         factors = [W for _, layer in adapter_layers(m) for W in layer.lora_factors]
         assert factors and all(W.is_meta and W.requires_grad for W in factors)
         assert m.model.layers[0].self_attn.q_proj.lora_A.shape == (2, 32)
+        with pytest.raises(ValueError, match="meta device"):  # no silent save of tensors without values
+            tlr.save_adapter(m, tmp_path / "a")
+        with pytest.raises(ValueError, match="meta device"):
+            tlr.export_peft(m, tmp_path / "p")
+    src = tlr.adapt(hf_models.tiny_llama(), tlr.LoRAConfig(r=2, target_modules=["q_proj"]))
+    tlr.save_adapter(src, tmp_path / "real")
+    with pytest.raises(ValueError, match="meta device"):  # copying into meta tensors would do nothing
+        tlr.load_adapter(copy.deepcopy(model), tmp_path / "real")
 
 
 def test_init_compressed_with_a_loss_without_a_graph_raises_a_clear_value_error(tiny_llama):

@@ -65,6 +65,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
     if state is None:
         raise ValueError("the model carries no adapter; call tlr.adapt(model, config) first")
     check_adapters_in_place(model, "save_adapter")
+    _refuse_meta(adapter_tensors(model).items(), "save_adapter")
     folder = Path(path)
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"{folder} exists and is not a folder; save_adapter writes a folder")
@@ -85,6 +86,13 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
     }
     atomic_write_text(folder / CONFIG_NAME, json.dumps(meta, indent=2) + "\n")
     return folder
+
+
+def _refuse_meta(items, what: str) -> None:
+    meta = [k for k, v in items if v.is_meta]
+    if meta:
+        raise ValueError(f"{what}: {meta[0]} (and {len(meta) - 1} more) is on the meta device and holds no values; "
+                         "materialise the model first (model.to_empty(device=...) and load its weights)")
 
 
 def _read(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -304,6 +312,13 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         if tuple(tensors[key].shape) != expected[key]:
             raise ValueError(f"shape mismatch at key {key!r}: file {tuple(tensors[key].shape)} vs model "
                              f"{expected[key]}; the adapter was saved from a model with different layer sizes")
+    if state is not None:
+        _refuse_meta(adapter_tensors(model).items(), "load_adapter")
+    else:
+        modules = dict(model.named_modules())
+        _refuse_meta([(f"{n}.weight", modules[n].weight) for n in meta["targets"]]
+                     + [(f"{n}.{k}", v) for n in meta["modules_to_save"] for k, v in modules[n].state_dict().items()],
+                     "load_adapter")
     if state is None:
         config = dataclasses.replace(config, target_modules=list(meta["targets"]),
                                      modules_to_save=list(meta["modules_to_save"]) or None, exclude_modules=None)

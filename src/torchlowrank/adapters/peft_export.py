@@ -62,6 +62,10 @@ def peft_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], int, boo
         raise ValueError("export_peft cannot write this adapter in PEFT's LoRA format: " + "; ".join(refused)
                          + ". Exclude these layers (exclude_modules) to export, or keep the adapter in this "
                          "library's format (tlr.save_adapter / tlr.merge)")
+    on_meta = [name for name, layer in adapter_layers(model) if layer.lora_A.is_meta or layer.base_layer.weight.is_meta]
+    if on_meta:
+        raise ValueError(f"export_peft: {on_meta[0]} is on the meta device and holds no values; materialise the model "
+                         "first (model.to_empty(device=...) and load its weights)")
     out: dict[str, torch.Tensor] = {}
     ranks, fan_in_fan_out = set(), False
     for name, layer in adapter_layers(model):
