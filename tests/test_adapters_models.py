@@ -497,3 +497,15 @@ def test_peft_folders_with_what_a_plain_lora_cannot_represent_are_refused(tiny_l
 def test_config_values_that_cannot_be_right_raise_value_errors_that_say_what_to_do(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+def test_a_peft_folder_on_a_conv_peft_computes_differently_is_refused(tmp_path):
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    base = ConvNet(padding=1, padding_mode="reflect")
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=2, target_modules=["conv"]))
+    pm.save_pretrained(tmp_path / "peft")
+    snap = snapshot(base)
+    with pytest.raises(ValueError, match="reflect"):
+        tlr.load_adapter(base, tmp_path / "peft")
+    assert_same(base, snap)

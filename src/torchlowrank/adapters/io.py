@@ -304,6 +304,17 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
                              "residual base, depth) or leave a config that does not describe the weights; load into "
                              "a fresh base model (the file's config is then used) or tlr.unadapt / tlr.merge first")
     expected = _expected_shapes(model, meta, config)
+    if meta.get("format") == "peft":
+        from .peft_export import peft_unsupported
+
+        for name in meta["targets"]:
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            why = peft_unsupported(name, model.get_submodule(name),
+                                   in_mha=isinstance(parent, nn.MultiheadAttention) and child == "out_proj")
+            if why:
+                raise ValueError(f"{folder} is a PEFT adapter on a layer whose PEFT update differs from this library's "
+                                 f"({why}); loading it would not reproduce peft's outputs. The model was left unchanged")
     for key in sorted(set(expected) | set(tensors)):
         if key not in tensors:
             raise ValueError(f"the adapter file lacks {key!r} that the model expects; first mismatching key: {key}")

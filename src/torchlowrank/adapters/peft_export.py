@@ -33,14 +33,17 @@ __all__ = ["export_peft", "peft_state_dict", "peft_unsupported"]
 PREFIX = "base_model.model."
 
 
-def peft_unsupported(name: str, layer: nn.Module) -> str | None:
-    """Why PEFT's LoRA cannot represent this adapter layer exactly (None if it can)."""
-    if getattr(layer, "weight_is_dense", False):
+def peft_unsupported(name: str, layer: nn.Module, in_mha: bool = False) -> str | None:
+    """Why PEFT's LoRA cannot represent an adapter on this layer exactly (None if it can).
+
+    layer: an adapter wrapper or the base layer itself; in_mha: the layer is the out_proj of an
+    nn.MultiheadAttention (known from an adapter wrapper by itself)."""
+    if getattr(layer, "weight_is_dense", False) or in_mha:
         return (f"{name}: the out_proj of an nn.MultiheadAttention; MHA's forward reads out_proj.weight, so PEFT's "
                 "LoRA Linear there is ignored (peft 0.21 serves the base model's outputs); PEFT adapts MHA only "
                 "by targeting the MultiheadAttention module itself")
-    if isinstance(layer, Conv2dAdapter):
-        conv = layer.base_layer
+    conv = layer.base_layer if isinstance(layer, Conv2dAdapter) else layer
+    if isinstance(conv, nn.Conv2d):
         if tuple(conv.dilation) != (1,) * len(conv.dilation):
             return (f"{name}: Conv2d with dilation={tuple(conv.dilation)}; PEFT's LoRA Conv2d ignores dilation "
                     "(its lora_A conv uses only kernel size, stride and padding), so it would compute a different "
