@@ -15,7 +15,7 @@ from torch import nn
 
 from ..linalg import truncated_svd
 from .config import DeepLoRAConfig
-from .model import adapter_layers, adapter_state, shared_weight_holders
+from .model import adapter_layers, adapter_state, parameter_holders, shared_weight_holders
 
 __all__ = ["init_compressed", "compressed_factors", "end_to_end_gradients", "default_loss", "random_semi_orthogonal"]
 
@@ -58,7 +58,9 @@ def end_to_end_gradients(model: nn.Module, batch: Any,
         raise ValueError("the model carries no adapters; call tlr.adapt(model, config) first")
     # A weight shared with another module (GPT-2's wte / lm_head) gets a private copy for this pass,
     # so G is the gradient through this layer's use of it only (the adapter changes only this layer).
-    tied = {name: layer.base_layer.weight for name, layer in layers if shared_weight_holders(model, layer.base_layer)}
+    index = parameter_holders(model)
+    tied = {name: layer.base_layer.weight for name, layer in layers
+            if shared_weight_holders(model, layer.base_layer, index)}
     for name, layer in layers:
         if name in tied:
             layer.base_layer.weight = nn.Parameter(tied[name].detach().clone(), requires_grad=False)

@@ -27,6 +27,7 @@ from .layers import SUPPORTED, AdapterLayer, is_hf_conv1d, supported_layer, unsu
 
 __all__ = ["AdapterState", "adapt", "merge", "unadapt", "adapter_layers", "adapter_state", "adapter_param_groups",
            "print_trainable_parameters", "resolve_targets", "resolve_modules_to_save", "shared_weight_holders",
+           "parameter_holders",
            "check_adapters_in_place", "resize_token_embeddings", "HEAD_NAMES"]
 
 HEAD_NAMES = ("classifier", "score", "lm_head", "head", "output_layer")
@@ -124,20 +125,25 @@ def resolve_targets(model: nn.Module, config: AdapterConfig, saved: list[str]) -
     return chosen
 
 
-def shared_weight_holders(model: nn.Module, module: nn.Module) -> list[str]:
+def parameter_holders(model: nn.Module) -> dict[int, list[tuple[str, nn.Module]]]:
+    """id(parameter) -> every (full parameter name, owning module) that holds it (tied aliases included)."""
+    index: dict[int, list[tuple[str, nn.Module]]] = {}
+    for mod_name, mod in model.named_modules(remove_duplicate=False):
+        for p_name, p in mod.named_parameters(recurse=False):
+            index.setdefault(id(p), []).append((f"{mod_name}.{p_name}" if mod_name else p_name, mod))
+    return index
+
+
+def shared_weight_holders(model: nn.Module, module: nn.Module,
+                          index: dict[int, list[tuple[str, nn.Module]]] | None = None) -> list[str]:
     """Names of the other parameters of ``model`` that are the same tensor as ``module.weight``
-    (e.g. ``["lm_head.weight"]`` for GPT-2's tied ``transformer.wte``)."""
+    (e.g. ``["lm_head.weight"]`` for GPT-2's tied ``transformer.wte``). ``index``: a precomputed
+    :func:`parameter_holders` (for many calls on one model)."""
     w = getattr(module, "weight", None)
     if w is None:
         return []
-    holders = []
-    for mod_name, mod in model.named_modules(remove_duplicate=False):
-        if mod is module:
-            continue
-        for p_name, p in mod.named_parameters(recurse=False):
-            if p is w:
-                holders.append(f"{mod_name}.{p_name}" if mod_name else p_name)
-    return sorted(set(holders))
+    index = parameter_holders(model) if index is None else index
+    return sorted({name for name, mod in index.get(id(w), []) if mod is not module})
 
 
 def _is_meta(module: nn.Module) -> bool:
@@ -170,12 +176,13 @@ def adapt(model: nn.Module, config: AdapterConfig) -> nn.Module:
     # Phase 1 (touches nothing in the model): build every wrapper and compute its init, so a bad
     # rank, a NaN weight or a failing SVD raises before anything is modified.
     wrappers, residuals, tied = {}, {}, {}
+    index = parameter_holders(model)
     for name in targets:
         module = model.get_submodule(name)
         try:
             wrapper = wrap_layer(module, config.r, config.depth, config.scaling, config.dropout, name,
                                  config.autocast_adapter_dtype)
-            holders = shared_weight_holders(model, module)
+            holders = shared_weight_holders(model, module, index)
             if holders:
                 if pissa:
                     raise ValueError(f"{name}: init='pissa' rewrites the base weight, which is shared with "
@@ -239,8 +246,9 @@ def merge(model: nn.Module) -> nn.Module:
     state = _require_state(model, "merge")
     check_adapters_in_place(model, "merge")
     untied = []
+    index = parameter_holders(model)
     for name, layer in adapter_layers(model):
-        holders = shared_weight_holders(model, layer.base_layer)
+        holders = shared_weight_holders(model, layer.base_layer, index)
         if holders:
             # Give the merged layer its own weight: the other holders keep W0, as in the adapted model.
             w = layer.base_layer.weight
