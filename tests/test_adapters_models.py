@@ -509,3 +509,10 @@ def test_a_peft_folder_on_a_conv_peft_computes_differently_is_refused(tmp_path):
     with pytest.raises(ValueError, match="reflect"):
         tlr.load_adapter(base, tmp_path / "peft")
     assert_same(base, snap)
+
+
+def test_default_embedding_init_follows_peft_first_factor_zero_last_gaussian(tiny_gpt2):
+    with pytest.warns(UserWarning, match="tied"):
+        model = tlr.adapt(tiny_gpt2, tlr.LoRAConfig(r=4, target_modules=["wte"]))
+    wte = model.transformer.wte
+    assert torch.count_nonzero(wte.lora_A) == 0 and torch.count_nonzero(wte.lora_B) == wte.lora_B.numel()

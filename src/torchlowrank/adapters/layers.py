@@ -347,16 +347,16 @@ class EmbeddingAdapter(_TransposedLayout, AdapterLayer):
     The adapter's lookup is dense even for ``nn.Embedding(sparse=True)`` (the factor W_1 is small,
     and the frozen base table gets no gradient either way)."""
 
-    def reset_lora(self, init: str = "default") -> None:
-        if init == "default":
-            with torch.no_grad():
-                for W in list(self.lora_factors)[1:-1]:
-                    W.copy_(torch.eye(self.r, dtype=W.dtype, device=W.device))
-                self.lora_factors[0].zero_()
-                nn.init.normal_(self.lora_factors[-1])
-            self.init = init
-        else:
-            super().reset_lora(init)
+    def init_lora_factors(self, init: str = "default") -> torch.Tensor | None:
+        if init != "default":
+            return super().init_lora_factors(init)
+        with torch.no_grad():
+            for W in list(self.lora_factors)[1:-1]:
+                W.copy_(torch.eye(self.r, dtype=W.dtype, device=W.device))
+            self.lora_factors[0].zero_()
+            nn.init.normal_(self.lora_factors[-1])
+        self.init = init
+        return None
 
     def _first(self, x: torch.Tensor) -> torch.Tensor:
         e = self.base_layer
