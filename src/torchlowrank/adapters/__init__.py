@@ -13,10 +13,11 @@ from .io import load_adapter, save_adapter
 from .layers import (AdapterLayer, Conv1DAdapter, Conv2dAdapter, EmbeddingAdapter, LinearAdapter,
                      supported_layer)
 from .model import (AdapterState, adapt, adapter_layers, adapter_param_groups, merge,
-                    print_trainable_parameters, unadapt)
+                    print_trainable_parameters, resize_token_embeddings, unadapt)
 from .peft_export import export_peft
 
 __all__ = ["LoRAConfig", "DeepLoRAConfig", "config_from_dict", "adapt", "merge", "unadapt", "init_compressed",
            "adapter_param_groups", "save_adapter", "load_adapter", "export_peft", "print_trainable_parameters",
            "AdapterLayer", "LinearAdapter", "Conv1DAdapter", "Conv2dAdapter", "EmbeddingAdapter", "AdapterState",
-           "adapter_layers", "compressed_factors", "end_to_end_gradients", "supported_layer"]
+           "adapter_layers", "compressed_factors", "end_to_end_gradients", "supported_layer",
+           "resize_token_embeddings"]

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..linalg import truncated_svd
 from .config import DeepLoRAConfig
-from .model import adapter_layers, adapter_state
+from .model import adapter_layers, adapter_state, parameter_holders, shared_weight_holders
 
 __all__ = ["init_compressed", "compressed_factors", "end_to_end_gradients", "default_loss", "random_semi_orthogonal"]
 
@@ -49,25 +49,42 @@ def end_to_end_gradients(model: nn.Module, batch: Any,
     """G = dLoss/dDeltaW at Delta W = 0 for every adapter layer, as (m, n) matrices in float32/64.
 
     The adapters are bypassed for this pass, so the gradient is the base model's dLoss/dW0; no
-    parameter's ``.grad`` is touched.
+    parameter's ``.grad`` is touched. For a weight tied to another module (GPT-2's ``wte`` / ``lm_head``)
+    G is the gradient through the adapted layer's own use of it. The loss is computed with gradients enabled (also inside a
+    caller's ``torch.no_grad()``); a loss without an autograd graph raises ValueError.
     """
     layers = adapter_layers(model)
     if not layers:
         raise ValueError("the model carries no adapters; call tlr.adapt(model, config) first")
+    # A weight shared with another module (GPT-2's wte / lm_head) gets a private copy for this pass,
+    # so G is the gradient through this layer's use of it only (the adapter changes only this layer).
+    index = parameter_holders(model)
+    tied = {name: layer.base_layer.weight for name, layer in layers
+            if shared_weight_holders(model, layer.base_layer, index)}
+    for name, layer in layers:
+        if name in tied:
+            layer.base_layer.weight = nn.Parameter(tied[name].detach().clone(), requires_grad=False)
     weights = [layer.base_layer.weight for _, layer in layers]
     flags = [w.requires_grad for w in weights]
     try:
         for (_, layer), w in zip(layers, weights):
             layer.disabled = True
             w.requires_grad_(True)
-        loss = (loss_fn or default_loss)(model, batch)
+        with torch.enable_grad():
+            loss = (loss_fn or default_loss)(model, batch)
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             raise ValueError("loss_fn must return a scalar tensor")
+        if loss.grad_fn is None:
+            raise ValueError("the loss has no autograd graph (it was computed under torch.inference_mode, detached, "
+                             "or does not depend on the model); compute it from the model's output with gradients "
+                             "enabled inside loss_fn(model, batch)")
         grads = torch.autograd.grad(loss, weights, allow_unused=True)
     finally:
-        for (_, layer), w, f in zip(layers, weights, flags):
+        for (name, layer), w, f in zip(layers, weights, flags):
             layer.disabled = False
             w.requires_grad_(f)
+            if name in tied:
+                layer.base_layer.weight = tied[name]
     out = {}
     for (name, layer), w, g in zip(layers, weights, grads):
         g = layer.from_layout(torch.zeros_like(w) if g is None else g).detach()

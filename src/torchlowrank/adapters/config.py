@@ -43,7 +43,16 @@ def _normalise_module_fields(config: Any) -> None:
 
 def _check_positive_int(value: Any, what: str) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{what} must be a positive int, got {value!r}")
+        raise ValueError(f"{what} must be a positive int (the adapter's rank, e.g. 8), got {value!r}")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_bool(value: Any, what: str) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{what} must be True or False, got {value!r}")
 
 
 @dataclass
@@ -55,7 +64,9 @@ class LoRAConfig:
     dropout: dropout probability on the adapter's input (0 = none; applied only when > 0).
     target_modules: ``"all-linear"`` (every nn.Linear / HF Conv1D except the output head), a list of
     module names or name suffixes (nn.Linear, nn.Conv2d, nn.Embedding, HF Conv1D), or a regex.
-    use_rslora: scale by alpha / sqrt(r). init: ``"default"`` (A Kaiming-uniform, B zero),
+    use_rslora: scale by alpha / sqrt(r). autocast_adapter_dtype: keep the factors in float32 when
+    the base layer is float16 / bfloat16 (PEFT's default; the adapter path is computed in float32 and
+    its output cast back), so small products do not underflow. init: ``"default"`` (A Kaiming-uniform, B zero),
     ``"gaussian"`` (A ~ N(0, 1/r^2), B zero) or ``"pissa"`` (A, B from the top-r SVD of W0, and W0
     replaced by its residual). modules_to_save: modules trained in full and saved with the adapter.
     exclude_modules: names / suffixes / regex never adapted.
@@ -69,6 +80,7 @@ class LoRAConfig:
     init: str = "default"
     modules_to_save: list[str] | None = None
     exclude_modules: Targets = None
+    autocast_adapter_dtype: bool = True
     lora_alpha: dataclasses.InitVar[float | None] = None
     lora_dropout: dataclasses.InitVar[float | None] = None
 
@@ -82,11 +94,13 @@ class LoRAConfig:
         if lora_dropout is not None:
             self.dropout = lora_dropout
         _check_positive_int(self.r, "LoRAConfig.r")
-        if self.alpha is not None and (isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float))
-                                       or not math.isfinite(self.alpha)):
-            raise ValueError(f"LoRAConfig.alpha must be a finite number or None, got {self.alpha!r}")
-        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"LoRAConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        if self.alpha is not None and not (_is_number(self.alpha) and self.alpha > 0):
+            raise ValueError(f"LoRAConfig.alpha must be a positive number (scaling = alpha / r; alpha = 0 would "
+                             f"switch the adapter off) or None for alpha = r, got {self.alpha!r}")
+        if not _is_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoRAConfig.dropout must be a probability in [0, 1) (0 = no dropout), got {self.dropout!r}")
+        _check_bool(self.use_rslora, "LoRAConfig.use_rslora")
+        _check_bool(self.autocast_adapter_dtype, "LoRAConfig.autocast_adapter_dtype")
         if self.init not in LORA_INITS:
             raise ValueError(f"LoRAConfig.init must be one of {LORA_INITS}, got {self.init!r}")
         _normalise_module_fields(self)
@@ -114,6 +128,8 @@ class DeepLoRAConfig:
     gradient by :func:`init_compressed` (until then they hold the narrow init): first factor
     eps * right^T, inner eps * I_r, last eps * left; the outer factors then train with learning
     rate ``gamma * lr`` (see :func:`adapter_param_groups`). ``compress=True`` needs an even r.
+    autocast_adapter_dtype (default True): float32 factors on a float16 / bfloat16 base (products of
+    L factors at scale eps underflow in half precision: eps^L = 1e-9 for the defaults).
     Other fields as in :class:`LoRAConfig`.
     """
 
@@ -125,6 +141,7 @@ class DeepLoRAConfig:
     target_modules: Targets = ALL_LINEAR
     modules_to_save: list[str] | None = None
     exclude_modules: Targets = None
+    autocast_adapter_dtype: bool = True
 
     adapter_type = "deep_lora"
 
@@ -132,13 +149,17 @@ class DeepLoRAConfig:
         _check_positive_int(self.r, "DeepLoRAConfig.r")
         if isinstance(self.depth, bool) or not isinstance(self.depth, int) or self.depth < 2:
             raise ValueError(f"DeepLoRAConfig.depth must be an int >= 2 (depth 2 is LoRA-shaped), got {self.depth!r}")
-        if not isinstance(self.init_scale, (int, float)) or not (self.init_scale > 0 and math.isfinite(self.init_scale)):
-            raise ValueError(f"DeepLoRAConfig.init_scale must be a positive number, got {self.init_scale!r}")
+        if not _is_number(self.init_scale) or self.init_scale <= 0:
+            raise ValueError(f"DeepLoRAConfig.init_scale must be a positive number (eps, e.g. 1e-3), got "
+                             f"{self.init_scale!r}")
+        _check_bool(self.compress, "DeepLoRAConfig.compress")
+        _check_bool(self.autocast_adapter_dtype, "DeepLoRAConfig.autocast_adapter_dtype")
         if self.compress and self.r % 2:
             raise ValueError(f"compressed Deep LoRA needs an even r (half from each gradient side), got r={self.r}; "
                              "use an even r or compress=False")
-        if not isinstance(self.gamma, (int, float)) or not 0.0 <= self.gamma <= 1.0:
-            raise ValueError(f"DeepLoRAConfig.gamma must be in [0, 1], got {self.gamma!r}")
+        if not _is_number(self.gamma) or not 0.0 <= self.gamma <= 1.0:
+            raise ValueError(f"DeepLoRAConfig.gamma must be in [0, 1] (the outer factors' learning rate is "
+                             f"gamma * lr; 0.01 is the paper's value), got {self.gamma!r}")
         _normalise_module_fields(self)
 
     @property

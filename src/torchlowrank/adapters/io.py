@@ -4,8 +4,13 @@ plus a JSON config, written atomically.
 A saved adapter is a folder with ``torchlowrank_adapter.json`` (config, adapted layer names,
 modules_to_save names, the SHA-256 of the tensor file) and ``torchlowrank_adapter.safetensors``
 (keys are the adapted model's state-dict keys, e.g. ``bert.encoder.layer.0.attention.self.query
-.lora_factors.0``). ``load_adapter`` validates everything (checksum, keys, shapes) before it touches
-the model, so a corrupted file or a mismatching model leaves the model unchanged.
+.lora_factors.0``). ``load_adapter`` validates everything (checksum, keys, shapes, config) before it
+touches the model, so a corrupted file or a mismatching model leaves the model unchanged.
+
+``load_adapter`` also reads PEFT LoRA folders (``adapter_config.json`` + ``adapter_model.safetensors``
+or ``.bin``), written by ``tlr.export_peft`` or by ``peft`` itself: each ``lora_A`` / ``lora_B``
+(``lora_embedding_A`` / ``_B``) pair becomes the two factors of a :class:`LoRAConfig` adapter with
+PEFT's r, lora_alpha and use_rslora, so the model computes what ``peft.PeftModel`` computes.
 """
 from __future__ import annotations
 
@@ -13,17 +18,19 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..files import atomic_write_bytes, atomic_write_text
-from .config import AdapterConfig, config_from_dict
+from .config import AdapterConfig, LoRAConfig, config_from_dict
 from .layers import supported_layer
-from .model import adapt, adapter_layers, adapter_state
+from .model import adapt, adapter_layers, adapter_state, check_adapters_in_place
 
-__all__ = ["save_adapter", "load_adapter", "adapter_tensors", "CONFIG_NAME", "WEIGHTS_NAME"]
+__all__ = ["save_adapter", "load_adapter", "adapter_tensors", "read_peft_adapter", "config_differences",
+           "CONFIG_NAME", "WEIGHTS_NAME"]
 
 CONFIG_NAME = "torchlowrank_adapter.json"
 WEIGHTS_NAME = "torchlowrank_adapter.safetensors"
@@ -57,6 +64,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
     state = adapter_state(model)
     if state is None:
         raise ValueError("the model carries no adapter; call tlr.adapt(model, config) first")
+    check_adapters_in_place(model, "save_adapter")
+    _refuse_meta(adapter_tensors(model).items(), "save_adapter")
     folder = Path(path)
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"{folder} exists and is not a folder; save_adapter writes a folder")
@@ -79,12 +88,21 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
     return folder
 
 
+def _refuse_meta(items, what: str) -> None:
+    meta = [k for k, v in items if v.is_meta]
+    if meta:
+        raise ValueError(f"{what}: {meta[0]} (and {len(meta) - 1} more) is on the meta device and holds no values; "
+                         "materialise the model first (model.to_empty(device=...) and load its weights)")
+
+
 def _read(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     from safetensors.torch import load
 
     cfg_path, w_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
     if not folder.is_dir():
         raise FileNotFoundError(f"no adapter folder at {folder}; save one with tlr.save_adapter(model, path)")
+    if not cfg_path.exists() and (folder / PEFT_CONFIG).is_file():
+        return read_peft_adapter(folder)
     for p in (cfg_path, w_path):
         if not p.is_file():
             raise FileNotFoundError(f"{p} is missing; {folder} is not a complete torchlowrank adapter "
@@ -109,6 +127,115 @@ def _read(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     except Exception as e:  # safetensors raises its own error type
         raise ValueError(f"{w_path} is corrupted and cannot be read ({e}); the model was left unchanged") from e
     return meta, tensors
+
+
+PEFT_CONFIG = "adapter_config.json"
+PEFT_PREFIX = "base_model.model."
+# PEFT settings this reader maps exactly (anything else is refused rather than loaded wrongly)
+_PEFT_INITS = (True, False, "gaussian", "eva")
+_LAYER_KEY = re.compile(r"^(?P<name>.+)\.lora_(?P<embedding>embedding_)?(?P<side>[AB])(?:\.(?P<adapter>[^.]+))??(?:\.weight)?$")
+
+
+def read_peft_adapter(folder: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+    """A PEFT LoRA folder as (meta, tensors) in this library's adapter format (LoRAConfig, factor keys).
+
+    ``lora_A`` (r, in) / (r, in, kh, kw) -> ``lora_factors.0`` (r, in-flat); ``lora_B`` (out, r) /
+    (out, r, 1, 1) -> ``lora_factors.1`` (out, r); ``lora_embedding_A`` (r, num) and
+    ``lora_embedding_B`` (dim, r) likewise; other tensors are modules_to_save. Raises ValueError for
+    what a plain LoRA cannot represent (DoRA, bias training, rank/alpha patterns, PiSSA/OLoRA/LoftQ
+    inits that rewrite the base weights, per-layer ranks).
+    """
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    cfg_path = folder / PEFT_CONFIG
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+        if not isinstance(cfg, dict):
+            raise ValueError("not a JSON object")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{cfg_path} is not a valid PEFT adapter config ({e})") from e
+    where = f"the PEFT adapter in {folder}"
+    if cfg.get("peft_type") != "LORA":
+        raise ValueError(f"{where} is a {cfg.get('peft_type')!r} adapter; only LoRA adapters can be loaded")
+    refused = {"use_dora": "DoRA", "lora_bias": "lora_bias", "layers_to_transform": "layers_to_transform",
+               "layer_replication": "layer_replication", "trainable_token_indices": "trainable_token_indices",
+               "target_parameters": "target_parameters", "rank_pattern": "rank_pattern",
+               "alpha_pattern": "alpha_pattern", "use_qalora": "QALoRA", "megatron_config": "megatron_config"}
+    used = [what for key, what in refused.items() if cfg.get(key)]
+    if cfg.get("bias", "none") != "none":
+        used.append(f"bias={cfg['bias']!r}")
+    if cfg.get("init_lora_weights", True) not in _PEFT_INITS:
+        used.append(f"init_lora_weights={cfg['init_lora_weights']!r} (it rewrites the base weights; save it from "
+                    "peft with path_initial_model_for_weight_conversion to get a plain LoRA)")
+    if used:
+        raise ValueError(f"{where} uses {', '.join(used)}, which a plain LoRA adapter cannot represent; the model was "
+                         "left unchanged")
+    files = [folder / "adapter_model.safetensors", folder / "adapter_model.bin"]
+    w_path = next((p for p in files if p.is_file()), None)
+    if w_path is None:
+        raise FileNotFoundError(f"{folder} has {PEFT_CONFIG} but no adapter_model.safetensors / adapter_model.bin")
+    try:
+        raw = (load_file(str(w_path)) if w_path.suffix == ".safetensors"
+               else torch.load(w_path, map_location="cpu", weights_only=True))
+    except Exception as e:  # safetensors / pickle raise their own error types
+        raise ValueError(f"{w_path} is corrupted and cannot be read ({e}); the model was left unchanged") from e
+    factors: dict[str, dict[str, torch.Tensor]] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    saved: list[str] = []
+    for key, value in raw.items():
+        k = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+        match = _LAYER_KEY.match(k)
+        if match and (match["embedding"] or k.endswith(".weight")):
+            factors.setdefault(match["name"], {})[match["side"]] = value
+            continue
+        if ".lora_" in k:
+            raise ValueError(f"{w_path} holds {key!r}, which is not a LoRA A/B weight this reader knows")
+        k = re.sub(r"\.modules_to_save\.[^.]+\.", ".", k)  # older PEFT: <module>.modules_to_save.default.<t>
+        tensors[k] = value
+        module = k.rsplit(".", 1)[0]
+        if module not in saved:
+            saved.append(module)
+    if not factors:
+        raise ValueError(f"{w_path} holds no lora_A / lora_B tensors")
+    ranks = set()
+    for name, pair in factors.items():
+        if set(pair) != {"A", "B"}:
+            raise ValueError(f"{w_path}: layer {name} lacks its lora_{'B' if 'A' in pair else 'A'} tensor")
+        A, B = pair["A"], pair["B"]
+        if B.dim() == 4 and tuple(B.shape[2:]) != (1, 1):
+            raise ValueError(f"{w_path}: layer {name} has a lora_B kernel {tuple(B.shape)}; only 1x1 is supported")
+        ranks.add(int(A.shape[0]))
+        tensors[f"{name}.lora_factors.0"] = A.reshape(A.shape[0], -1)
+        tensors[f"{name}.lora_factors.1"] = B.reshape(B.shape[0], -1)
+    r = int(cfg.get("r", 8))
+    if ranks != {r}:
+        raise ValueError(f"{w_path} holds LoRA ranks {sorted(ranks)} but its config says r={r}; per-layer ranks "
+                         "are not supported")
+    # saved modules are not adapted layers: a saved module inside an adapted one would be ambiguous
+    saved = [m for m in saved if m not in factors]
+    try:
+        config = LoRAConfig(r=r, alpha=cfg.get("lora_alpha", 8), dropout=cfg.get("lora_dropout", 0.0) or 0.0,
+                            use_rslora=bool(cfg.get("use_rslora", False)), target_modules=sorted(factors),
+                            modules_to_save=saved or None)
+    except ValueError as e:
+        raise ValueError(f"{cfg_path} holds values a LoRAConfig refuses ({e})") from e
+    meta = {"format": "peft", "config": config.to_dict(), "targets": list(factors), "modules_to_save": saved,
+            "compressed": []}
+    return meta, tensors
+
+
+def config_differences(have: AdapterConfig, want: AdapterConfig) -> list[str]:
+    """The fields (other than target / exclude / save selection) in which two configs differ, as
+    ``"field: have vs want"``; LoRA's alpha=None counts as alpha=r."""
+    if type(have) is not type(want):
+        return [f"adapter type: {type(have).__name__} vs {type(want).__name__}"]
+    a, b = have.to_dict(), want.to_dict()
+    if isinstance(have, LoRAConfig):
+        a["alpha"] = have.r if have.alpha is None else have.alpha
+        b["alpha"] = want.r if want.alpha is None else want.alpha
+    skip = {"target_modules", "exclude_modules", "modules_to_save"}
+    return [f"{k}: {a[k]!r} vs {b[k]!r}" for k in a if k not in skip and a[k] != b.get(k)]
 
 
 def _expected_shapes(model: nn.Module, meta: dict, config: AdapterConfig) -> dict[str, tuple[int, ...]]:
@@ -145,12 +272,16 @@ def _expected_shapes(model: nn.Module, meta: dict, config: AdapterConfig) -> dic
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Load an adapter saved by :func:`save_adapter` into ``model`` (in place) and return it.
+    """Load an adapter saved by :func:`save_adapter`, or a PEFT LoRA folder (``tlr.export_peft`` or
+    ``peft``'s ``save_pretrained``), into ``model`` (in place) and return it.
 
-    A model without adapters is adapted first with the saved config on exactly the saved layers; an
-    adapted model must carry the same kind of adapter. Raises FileNotFoundError for a missing
-    folder/file, ValueError for a corrupted or truncated file, a different adapter kind, or a
-    shape mismatch (naming the first mismatching key); in all these cases the model is unchanged.
+    A model without adapters is adapted first with the file's config on exactly the saved layers
+    (PiSSA: the base weights become the residual again, as when the adapter was made); a PEFT folder
+    becomes a LoRAConfig with its r / lora_alpha / use_rslora. An adapted model must carry the same
+    config (every field: alpha, use_rslora, init, depth, init_scale, ...) on the same layers and
+    modules_to_save. Raises FileNotFoundError for a missing folder/file, ValueError for a corrupted or
+    truncated file, a config or layer mismatch (listing the differing fields), or a shape mismatch
+    (naming the first mismatching key); in all these cases the model is unchanged.
     """
     folder = Path(path)
     meta, tensors = _read(folder)
@@ -160,12 +291,30 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         raise ValueError(f"{folder / CONFIG_NAME} holds an invalid config ({e})") from e
     state = adapter_state(model)
     if state is not None:
-        have, want = state.config, config
-        if (type(have), have.r, have.depth) != (type(want), want.r, want.depth):
-            raise ValueError(f"the model carries a {type(have).__name__}(r={have.r}, depth={have.depth}) but the file "
-                             f"holds a {type(want).__name__}(r={want.r}, depth={want.depth}); load into a fresh base "
-                             "model or tlr.merge(model) first")
+        check_adapters_in_place(model, "load_adapter")
+        diffs = config_differences(state.config, config)
+        if set(state.targets) != set(meta["targets"]):
+            diffs.append(f"adapted layers: {len(state.targets)} in the model vs {len(meta['targets'])} in the file "
+                         f"(first difference: {sorted(set(state.targets) ^ set(meta['targets']))[0]})")
+        if set(state.modules_to_save) != set(meta["modules_to_save"]):
+            diffs.append(f"modules_to_save: {sorted(state.modules_to_save)} vs {sorted(meta['modules_to_save'])}")
+        if diffs:
+            raise ValueError(f"the model's adapter differs from the file's (model vs file): {'; '.join(diffs)}. "
+                             "Loading would compute another function than the saved model (alpha, use_rslora, PiSSA's "
+                             "residual base, depth) or leave a config that does not describe the weights; load into "
+                             "a fresh base model (the file's config is then used) or tlr.unadapt / tlr.merge first")
     expected = _expected_shapes(model, meta, config)
+    if meta.get("format") == "peft":
+        from .peft_export import peft_unsupported
+
+        for name in meta["targets"]:
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            why = peft_unsupported(name, model.get_submodule(name),
+                                   in_mha=isinstance(parent, nn.MultiheadAttention) and child == "out_proj")
+            if why:
+                raise ValueError(f"{folder} is a PEFT adapter on a layer whose PEFT update differs from this library's "
+                                 f"({why}); loading it would not reproduce peft's outputs. The model was left unchanged")
     for key in sorted(set(expected) | set(tensors)):
         if key not in tensors:
             raise ValueError(f"the adapter file lacks {key!r} that the model expects; first mismatching key: {key}")
@@ -174,6 +323,13 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         if tuple(tensors[key].shape) != expected[key]:
             raise ValueError(f"shape mismatch at key {key!r}: file {tuple(tensors[key].shape)} vs model "
                              f"{expected[key]}; the adapter was saved from a model with different layer sizes")
+    if state is not None:
+        _refuse_meta(adapter_tensors(model).items(), "load_adapter")
+    else:
+        modules = dict(model.named_modules())
+        _refuse_meta([(f"{n}.weight", modules[n].weight) for n in meta["targets"]]
+                     + [(f"{n}.{k}", v) for n in meta["modules_to_save"] for k, v in modules[n].state_dict().items()],
+                     "load_adapter")
     if state is None:
         config = dataclasses.replace(config, target_modules=list(meta["targets"]),
                                      modules_to_save=list(meta["modules_to_save"]) or None, exclude_modules=None)

@@ -7,7 +7,13 @@ transposed to (dim, num_embeddings) -- and adds Delta W = scaling * W_L ... W_1 
 (``lora_A`` = W_1, ``lora_B`` = W_2). The forward never forms Delta W: the input goes through the
 factors one by one (x W_1^T ... W_L^T), costing r (m + n) + (L - 2) r^2 per token.
 ``dense_weight()`` returns W0 + Delta W in the base layer's own layout, so ``tlr.spectrum`` and the
-rank measures see the adapted weight.
+rank measures see the adapted weight. ``weight`` / ``bias`` are the base layer's (as in PEFT), so code
+that reads ``layer.weight`` (Hugging Face's embedding helpers) keeps working; the out_proj of an
+``nn.MultiheadAttention`` (whose forward reads ``out_proj.weight`` instead of calling it) sees W0 + Delta W.
+
+Half precision: with ``factor_dtype=torch.float32`` on a float16 / bfloat16 base (the configs'
+``autocast_adapter_dtype=True``, PEFT's default) the factors live in float32, the adapter path runs
+in float32 and its output is cast to the base output's dtype.
 """
 from __future__ import annotations
 
@@ -20,7 +26,10 @@ from torch import nn
 from ..linalg import orthogonal_init, truncated_svd
 
 __all__ = ["AdapterLayer", "LinearAdapter", "Conv1DAdapter", "Conv2dAdapter", "EmbeddingAdapter",
-           "wrap_layer", "supported_layer", "is_hf_conv1d"]
+           "wrap_layer", "supported_layer", "unsupported_reason", "is_hf_conv1d", "adapter_dtype", "SUPPORTED"]
+
+SUPPORTED = "nn.Linear, HF Conv1D, nn.Conv2d (groups=1) and nn.Embedding"
+HALF = (torch.float16, torch.bfloat16)
 
 
 def is_hf_conv1d(module: nn.Module) -> bool:
@@ -28,11 +37,28 @@ def is_hf_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
 
 
+def unsupported_reason(module: nn.Module) -> str | None:
+    """None if ``module`` can carry an adapter, else why not (for error messages)."""
+    if isinstance(module, AdapterLayer):
+        return "it already is an adapter"
+    if isinstance(module, nn.Conv2d):
+        if module.groups != 1:
+            return f"grouped convolutions (groups={module.groups}) are not supported"
+        return None
+    if isinstance(module, (nn.Linear, nn.Embedding)) or is_hf_conv1d(module):
+        return None
+    return f"{type(module).__name__} is not a supported layer type (adapters support {SUPPORTED})"
+
+
 def supported_layer(module: nn.Module) -> bool:
     """Layers that can carry an adapter: nn.Linear, HF Conv1D, nn.Conv2d (groups=1), nn.Embedding."""
-    if isinstance(module, nn.Conv2d):
-        return module.groups == 1
-    return isinstance(module, (nn.Linear, nn.Embedding)) or is_hf_conv1d(module)
+    return unsupported_reason(module) is None
+
+
+def adapter_dtype(weight: torch.Tensor, autocast: bool = True) -> torch.dtype:
+    """The factors' dtype for a base weight: float32 for a float16 / bfloat16 base when ``autocast``,
+    else the base's own dtype (float32 / float64 stay as they are)."""
+    return torch.float32 if autocast and weight.dtype in HALF else weight.dtype
 
 
 class AdapterLayer(nn.Module):
@@ -44,7 +70,7 @@ class AdapterLayer(nn.Module):
     """
 
     def __init__(self, base_layer: nn.Module, r: int, depth: int = 2, scaling: float = 1.0,
-                 dropout: float = 0.0, name: str = "layer") -> None:
+                 dropout: float = 0.0, name: str = "layer", factor_dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.base_layer = base_layer
         m, n = self.matrix_shape()
@@ -56,12 +82,33 @@ class AdapterLayer(nn.Module):
         self.r, self.depth, self.scaling = r, depth, float(scaling)
         w = self.base_matrix()
         shapes = [(r, n)] + [(r, r)] * (depth - 2) + [(m, r)]
+        dtype = w.dtype if factor_dtype is None else factor_dtype
         self.lora_factors = nn.ParameterList(
-            [nn.Parameter(torch.zeros(s, device=w.device, dtype=w.dtype)) for s in shapes])
+            [nn.Parameter(torch.zeros(s, device=w.device, dtype=dtype)) for s in shapes])
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else None
         self.compressed = False
         self.disabled = False
         self.init = "none"
+        # True for the out_proj of an nn.MultiheadAttention: its forward reads out_proj.weight
+        self.weight_is_dense = False
+
+    # -- what code written for the base layer reads ----------------------------------------------
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's weight (PEFT's behaviour); W0 + Delta W when ``weight_is_dense``."""
+        return self.dense_weight() if self.weight_is_dense else self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """The base layer's bias (None if it has none)."""
+        return getattr(self.base_layer, "bias", None)
+
+    def __setattr__(self, name: str, value) -> None:
+        # ``layer.weight = p`` (Hugging Face's tie_weights on an adapted head) sets the base layer's weight
+        if name in ("weight", "bias") and "base_layer" in self.__dict__.get("_modules", {}):
+            setattr(self.base_layer, name, value)
+        else:
+            super().__setattr__(name, value)
 
     # -- the matrix view of the base weight -------------------------------------------------------
     def matrix_shape(self) -> tuple[int, int]:
@@ -115,16 +162,40 @@ class AdapterLayer(nn.Module):
         return torch.linalg.svdvals(RB @ RA.T)
 
     def dense_weight(self) -> torch.Tensor:
-        """W0 + Delta W in the base layer's weight layout (what the layer applies)."""
+        """W0 + Delta W in the base layer's weight layout and dtype (what the layer applies;
+        differentiable in the factors). The sum is formed in the wider of the two dtypes."""
+        w = self.base_layer.weight
         if self.disabled:
-            return self.base_layer.weight
-        return self.base_layer.weight + self.to_layout(self.delta_matrix())
+            return w
+        delta = self.to_layout(self.delta_matrix())
+        wide = torch.promote_types(w.dtype, delta.dtype)
+        return (w.to(wide) + delta.to(wide)).to(w.dtype)
 
     # -- initialisations ---------------------------------------------------------------------------
     def reset_lora(self, init: str = "default") -> None:
         """LoRA init: ``"default"`` A Kaiming-uniform, B zero; ``"gaussian"`` A ~ N(0, 1/r^2), B zero;
         ``"pissa"`` A = sqrt(S/s) V^T, B = U sqrt(S/s) from the top-r SVD of W0, and W0 <- W0 - s B A."""
+        residual = self.init_lora_factors(init)
+        if residual is not None:
+            self._set_base_matrix(residual)
+
+    def check_pissa(self, name: str = "layer") -> None:
+        """ValueError (naming ``name``) if PiSSA cannot start from this base weight: on the meta device
+        or with NaN / inf entries."""
+        w = self.base_layer.weight
+        if w.is_meta:
+            raise ValueError(f"{name}: init='pissa' needs the real weights (an SVD of W0) but the model is on the "
+                             "meta device; load the weights first (e.g. model.to_empty(...) + load_state_dict) or "
+                             "use init='default'")
+        if not bool(torch.isfinite(w).all()):
+            raise ValueError(f"{name}: its weight holds NaN or inf values, so PiSSA (an SVD of W0) cannot start "
+                             "from it; fix or reload the weights, or exclude this layer")
+
+    def init_lora_factors(self, init: str = "default") -> torch.Tensor | None:
+        """Set the factors for a LoRA init without touching the base layer; for PiSSA returns the
+        residual matrix W0 - s B A (m, n) that :meth:`reset_lora` writes into the base weight."""
         A, B = self.lora_factors[0], self.lora_factors[-1]
+        residual = None
         with torch.no_grad():
             for W in list(self.lora_factors)[1:-1]:
                 W.copy_(torch.eye(self.r, dtype=W.dtype, device=W.device))
@@ -135,17 +206,20 @@ class AdapterLayer(nn.Module):
                 nn.init.normal_(A, std=1.0 / self.r)
                 B.zero_()
             elif init == "pissa":
-                W0 = self.base_matrix()
-                U, S, Vh = truncated_svd(W0.detach(), self.r, method="full")
+                self.check_pissa()
+                W0 = self.base_matrix().detach()
+                wide = torch.promote_types(W0.dtype, A.dtype)
+                U, S, Vh = truncated_svd(W0.to(wide), self.r, method="full")
                 root = torch.sqrt(S / self.scaling)
                 A.copy_(root[:, None] * Vh)
                 B.copy_(U * root[None, :])
                 self.register_buffer("pissa_A0", A.detach().clone())
                 self.register_buffer("pissa_B0", B.detach().clone())
-                self._set_base_matrix(W0 - self.scaling * (B @ A))
+                residual = W0.to(wide) - self.scaling * (B.to(wide) @ A.to(wide))
             else:
                 raise ValueError(f"unknown LoRA init {init!r}; use 'default', 'gaussian' or 'pissa'")
         self.init = init
+        return residual
 
     def reset_narrow(self, eps: float) -> None:
         """Narrow Deep LoRA: every factor orthogonal (orthonormal rows or columns) at scale eps."""
@@ -175,7 +249,7 @@ class AdapterLayer(nn.Module):
 
     def _set_base_matrix(self, M: torch.Tensor) -> None:
         with torch.no_grad():
-            self.base_layer.weight.copy_(self.to_layout(M))
+            self.base_layer.weight.copy_(self.to_layout(M).to(self.base_layer.weight.dtype))
 
     # -- forward ------------------------------------------------------------------------------------
     def _first(self, x: torch.Tensor) -> torch.Tensor:
@@ -188,19 +262,28 @@ class AdapterLayer(nn.Module):
             h = F.linear(h, W)
         return h
 
+    def _adapter_input(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = self.lora_factors[0].dtype
+        return x.to(dtype) if x.is_floating_point() and x.dtype != dtype else x
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
         if self.disabled:
             return out
+        x = self._adapter_input(x)
         h = self._first(self.lora_dropout(x) if self.lora_dropout is not None else x)
         if self.scaling != 1.0:
             h = h * self.scaling
-        return out + self._rest(h)
+        return out + self._rest(h).to(out.dtype)
 
     def merged_base(self) -> nn.Module:
-        """The base layer with Delta W folded into its weight (PiSSA: W_res + Delta W)."""
+        """The base layer with Delta W folded into its weight (PiSSA: W_res + Delta W); the sum is
+        formed in the wider dtype of W0 and the factors, then stored in W0's dtype."""
+        w = self.base_layer.weight
         with torch.no_grad():
-            self.base_layer.weight.add_(self.to_layout(self.delta_matrix()).to(self.base_layer.weight.dtype))
+            delta = self.to_layout(self.delta_matrix())
+            wide = torch.promote_types(w.dtype, delta.dtype)
+            w.copy_((w.to(wide) + delta.to(wide)).to(w.dtype))
         return self.base_layer
 
     def extra_repr(self) -> str:
@@ -246,7 +329,7 @@ class Conv2dAdapter(AdapterLayer):
     def _first(self, x: torch.Tensor) -> torch.Tensor:
         conv = self.base_layer
         kernel = self.lora_factors[0].reshape(self.r, *conv.weight.shape[1:])
-        if conv.padding_mode != "zeros":
+        if conv.padding_mode != "zeros":  # _conv_forward pads as the base does (reflect, replicate, circular)
             return conv._conv_forward(x, kernel, None)
         return F.conv2d(x, kernel, None, conv.stride, conv.padding, conv.dilation)
 
@@ -260,23 +343,25 @@ class Conv2dAdapter(AdapterLayer):
 class EmbeddingAdapter(_TransposedLayout, AdapterLayer):
     """Adapter on ``nn.Embedding`` (weight (num, dim)); the matrix view is the (dim, num) map from
     one-hot codes, so W_1 is (r, num) and W_1 applied to token ids is a lookup of its columns.
-    ``init="default"`` follows PEFT for embeddings: first factor zero, last factor Gaussian."""
+    ``init="default"`` follows PEFT for embeddings: first factor zero, last factor Gaussian.
+    The adapter's lookup is dense even for ``nn.Embedding(sparse=True)`` (the factor W_1 is small,
+    and the frozen base table gets no gradient either way)."""
 
-    def reset_lora(self, init: str = "default") -> None:
-        if init == "default":
-            with torch.no_grad():
-                for W in list(self.lora_factors)[1:-1]:
-                    W.copy_(torch.eye(self.r, dtype=W.dtype, device=W.device))
-                self.lora_factors[0].zero_()
-                nn.init.normal_(self.lora_factors[-1])
-            self.init = init
-        else:
-            super().reset_lora(init)
+    def init_lora_factors(self, init: str = "default") -> torch.Tensor | None:
+        if init != "default":
+            return super().init_lora_factors(init)
+        with torch.no_grad():
+            for W in list(self.lora_factors)[1:-1]:
+                W.copy_(torch.eye(self.r, dtype=W.dtype, device=W.device))
+            self.lora_factors[0].zero_()
+            nn.init.normal_(self.lora_factors[-1])
+        self.init = init
+        return None
 
     def _first(self, x: torch.Tensor) -> torch.Tensor:
         e = self.base_layer
         return F.embedding(x, self.lora_factors[0].T, e.padding_idx, e.max_norm, e.norm_type,
-                           e.scale_grad_by_freq, e.sparse)
+                           e.scale_grad_by_freq, False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
@@ -285,11 +370,15 @@ class EmbeddingAdapter(_TransposedLayout, AdapterLayer):
         h = self._first(x)  # no dropout on token ids
         if self.scaling != 1.0:
             h = h * self.scaling
-        return out + self._rest(h)
+        return out + self._rest(h).to(out.dtype)
 
 
-def wrap_layer(module: nn.Module, r: int, depth: int, scaling: float, dropout: float, name: str) -> AdapterLayer:
-    """The adapter wrapper for ``module`` (ValueError for an unsupported layer type)."""
+def wrap_layer(module: nn.Module, r: int, depth: int, scaling: float, dropout: float, name: str,
+               autocast_adapter_dtype: bool = True) -> AdapterLayer:
+    """The adapter wrapper for ``module`` (ValueError for an unsupported layer type); the factors are
+    float32 on a half-precision base when ``autocast_adapter_dtype``."""
+    if isinstance(module, AdapterLayer):
+        raise ValueError(f"{name} already is an adapter; merge it first")
     if isinstance(module, nn.Linear):
         cls = LinearAdapter
     elif is_hf_conv1d(module):
@@ -303,4 +392,5 @@ def wrap_layer(module: nn.Module, r: int, depth: int, scaling: float, dropout: f
     else:
         raise ValueError(f"{name} is a {type(module).__name__}; adapters support nn.Linear, nn.Conv2d, "
                          "nn.Embedding and HF Conv1D")
-    return cls(module, r, depth=depth, scaling=scaling, dropout=dropout, name=name)
+    return cls(module, r, depth=depth, scaling=scaling, dropout=dropout, name=name,
+               factor_dtype=adapter_dtype(module.weight, autocast_adapter_dtype))

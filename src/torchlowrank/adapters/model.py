@@ -5,6 +5,13 @@
 (:mod:`.layers`), freezes every other parameter, unfreezes ``modules_to_save`` and records what it
 did on ``model.tlr_adapter`` (an :class:`AdapterState`). ``merge`` undoes the wrapping, folding
 Delta W into the base weights, so the module types and state-dict keys are the original ones.
+
+``adapt`` validates everything (targets, ranks, PiSSA's finite weights, tied weights) and computes
+every init before it modifies the model, so on an error the model is unchanged. A target whose
+weight is shared with another module (GPT-2's ``wte`` tied to ``lm_head``) gets a warning (as in
+PEFT); ``merge`` then unties it: the merged layer gets its own copy of the weight, the other
+holders keep W0, so the merged model computes what the adapted one did (and a Hugging Face model's
+``config.tie_word_embeddings`` is set to False, so saving and reloading keeps them apart).
 """
 from __future__ import annotations
 
@@ -16,10 +23,12 @@ from torch import nn
 
 from ..targets import find_targets, name_matches
 from .config import ALL_LINEAR, AdapterConfig, DeepLoRAConfig, LoRAConfig
-from .layers import AdapterLayer, is_hf_conv1d, supported_layer, wrap_layer
+from .layers import SUPPORTED, AdapterLayer, is_hf_conv1d, supported_layer, unsupported_reason, wrap_layer
 
-__all__ = ["AdapterState", "adapt", "merge", "adapter_layers", "adapter_state", "adapter_param_groups",
-           "print_trainable_parameters", "resolve_targets", "resolve_modules_to_save", "HEAD_NAMES"]
+__all__ = ["AdapterState", "adapt", "merge", "unadapt", "adapter_layers", "adapter_state", "adapter_param_groups",
+           "print_trainable_parameters", "resolve_targets", "resolve_modules_to_save", "shared_weight_holders",
+           "parameter_holders",
+           "check_adapters_in_place", "resize_token_embeddings", "HEAD_NAMES"]
 
 HEAD_NAMES = ("classifier", "score", "lm_head", "head", "output_layer")
 
@@ -93,11 +102,53 @@ def resolve_targets(model: nn.Module, config: AdapterConfig, saved: list[str]) -
             raise ValueError(f"target_modules='all-linear' left nothing to adapt (output head(s) {sorted(heads)} "
                              "and exclude_modules removed every Linear); name the layers explicitly")
         return chosen
-    found = find_targets(model, config.target_modules, predicate=supported_layer, exclude=config.exclude_modules)
-    chosen = [n for n, _ in found if not inside_saved(n)]
+    try:
+        found = find_targets(model, config.target_modules, exclude=config.exclude_modules)
+    except ValueError:  # nothing matched at all: the message lists the layers that could be adapted
+        find_targets(model, config.target_modules, predicate=supported_layer, exclude=config.exclude_modules)
+        raise
+    found = [(n, m) for n, m in found if not inside_saved(n)]
+    skipped = [(n, unsupported_reason(m)) for n, m in found if not supported_layer(m)]
+    if skipped:
+        # like PEFT: a target that cannot carry an adapter is an error, not silently dropped
+        shown = "; ".join(f"{n} ({why})" for n, why in skipped[:12])
+        more = f"; ... ({len(skipped) - 12} more)" if len(skipped) > 12 else ""
+        inner = [n for n, m in model.named_modules() if supported_layer(m)
+                 and any(n.startswith(s + ".") for s, _ in skipped)]
+        hint = (f" To adapt the layers inside them, name those instead (e.g. {', '.join(inner[:6])})." if inner else "")
+        raise ValueError(f"target_modules {config.target_modules!r} matched {len(skipped)} module(s) that cannot "
+                         f"carry an adapter: {shown}{more}. Adapters support {SUPPORTED}.{hint} Or add them to "
+                         "exclude_modules.")
+    chosen = [n for n, _ in found]
     if not chosen:
         raise ValueError(f"target_modules {config.target_modules!r} only matched layers inside modules_to_save {saved}")
     return chosen
+
+
+def parameter_holders(model: nn.Module) -> dict[int, list[tuple[str, nn.Module]]]:
+    """id(parameter) -> every (full parameter name, owning module) that holds it (tied aliases included)."""
+    index: dict[int, list[tuple[str, nn.Module]]] = {}
+    for mod_name, mod in model.named_modules(remove_duplicate=False):
+        for p_name, p in mod.named_parameters(recurse=False):
+            index.setdefault(id(p), []).append((f"{mod_name}.{p_name}" if mod_name else p_name, mod))
+    return index
+
+
+def shared_weight_holders(model: nn.Module, module: nn.Module,
+                          index: dict[int, list[tuple[str, nn.Module]]] | None = None) -> list[str]:
+    """Names of the other parameters of ``model`` that are the same tensor as ``module.weight``
+    (e.g. ``["lm_head.weight"]`` for GPT-2's tied ``transformer.wte``). ``index``: a precomputed
+    :func:`parameter_holders` (for many calls on one model)."""
+    w = getattr(module, "weight", None)
+    if w is None:
+        return []
+    index = parameter_holders(model) if index is None else index
+    return sorted({name for name, mod in index.get(id(w), []) if mod is not module})
+
+
+def _is_meta(module: nn.Module) -> bool:
+    w = getattr(module, "weight", None)
+    return w is not None and w.is_meta
 
 
 def adapt(model: nn.Module, config: AdapterConfig) -> nn.Module:
@@ -106,7 +157,11 @@ def adapt(model: nn.Module, config: AdapterConfig) -> nn.Module:
     LoRA layers get the config's init (default / gaussian / pissa); Deep LoRA layers get the narrow
     orthogonal init at scale ``init_scale`` (call :func:`init_compressed` afterwards when
     ``compress=True``). ``modules_to_save`` stay trainable. Raises ValueError for a model that
-    already carries adapters (merge it first), targets matching nothing, or r too large for a layer.
+    already carries adapters (merge it first), targets matching nothing or naming unsupported layer
+    types, r too large for a layer, or PiSSA on a layer with NaN/inf weights, on the meta device or
+    tied to another module; the error names the layer and the model is left unchanged.
+    Warns for a target whose weight is shared with another module (see :func:`merge`).
+    On the meta device the factors are created on meta too (shapes only; no values).
     """
     if not isinstance(config, (LoRAConfig, DeepLoRAConfig)):
         raise ValueError(f"config must be a LoRAConfig or DeepLoRAConfig, got {type(config).__name__}")
@@ -115,22 +170,56 @@ def adapt(model: nn.Module, config: AdapterConfig) -> nn.Module:
                          "is not supported)")
     saved = resolve_modules_to_save(model, config.modules_to_save)
     targets = resolve_targets(model, config, saved)
-    requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
-    # build every wrapper first, so a bad rank leaves the model untouched
-    wrappers = {}
+    # every name, tied aliases included (lm_head.weight of GPT-2), so merge restores each flag
+    requires_grad = {n: p.requires_grad for n, p in model.named_parameters(remove_duplicate=False)}
+    pissa = isinstance(config, LoRAConfig) and config.init == "pissa"
+    # Phase 1 (touches nothing in the model): build every wrapper and compute its init, so a bad
+    # rank, a NaN weight or a failing SVD raises before anything is modified.
+    wrappers, residuals, tied = {}, {}, {}
+    index = parameter_holders(model)
     for name in targets:
         module = model.get_submodule(name)
-        wrappers[name] = wrap_layer(module, config.r, config.depth, config.scaling, config.dropout, name)
+        try:
+            wrapper = wrap_layer(module, config.r, config.depth, config.scaling, config.dropout, name,
+                                 config.autocast_adapter_dtype)
+            holders = shared_weight_holders(model, module, index)
+            if holders:
+                if pissa:
+                    raise ValueError(f"{name}: init='pissa' rewrites the base weight, which is shared with "
+                                     f"{', '.join(holders)} (tied weights), so it would change those layers too; "
+                                     "untie them first or use init='default'")
+                tied[name] = holders
+            if pissa:
+                wrapper.check_pissa(name)
+            if isinstance(config, LoRAConfig):
+                residuals[name] = wrapper.init_lora_factors(config.init)
+            elif not _is_meta(module):
+                wrapper.reset_narrow(config.init_scale)
+            else:
+                wrapper.init = "narrow"
+        except ValueError:
+            raise
+        except Exception as e:  # e.g. an SVD that fails to converge
+            raise ValueError(f"{name}: building the adapter failed ({type(e).__name__}: {e}); the model was "
+                             "left unchanged") from e
+        if residuals.get(name) is not None and not bool(torch.isfinite(residuals[name]).all()):
+            raise ValueError(f"{name}: the PiSSA residual is not finite; the model was left unchanged")
+        wrappers[name] = wrapper
+    for name, holders in tied.items():
+        warnings.warn(f"{name} shares its weight with {', '.join(holders)} (tied weights): the adapter changes "
+                      f"{name} only; tlr.merge will untie them (the merged {name} gets its own weight) so the "
+                      "merged model computes what the adapted one does", stacklevel=2)
+    # Phase 2: modify the model (nothing below can fail on valid input)
     for p in model.parameters():
         p.requires_grad_(False)
     for name, wrapper in wrappers.items():
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
+        if isinstance(parent, nn.MultiheadAttention) and child == "out_proj":
+            wrapper.weight_is_dense = True  # MHA's forward reads out_proj.weight / .bias directly
+        if residuals.get(name) is not None:
+            wrapper._set_base_matrix(residuals[name])
         setattr(parent, child, wrapper)
-        if isinstance(config, LoRAConfig):
-            wrapper.reset_lora(config.init)
-        else:
-            wrapper.reset_narrow(config.init_scale)
         for p in wrapper.lora_factors:
             p.requires_grad_(True)
     for name in saved:
@@ -155,27 +244,118 @@ def merge(model: nn.Module) -> nn.Module:
     function as the adapted model, and its parameters have their pre-``adapt`` ``requires_grad``.
     """
     state = _require_state(model, "merge")
+    check_adapters_in_place(model, "merge")
+    untied = []
+    index = parameter_holders(model)
     for name, layer in adapter_layers(model):
+        holders = shared_weight_holders(model, layer.base_layer, index)
+        if holders:
+            # Give the merged layer its own weight: the other holders keep W0, as in the adapted model.
+            w = layer.base_layer.weight
+            layer.base_layer.weight = nn.Parameter(w.detach().clone(), requires_grad=w.requires_grad)
+            untied.append((name, holders))
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, layer.merged_base())
-    for n, p in model.named_parameters():
-        p.requires_grad_(state.requires_grad.get(n, p.requires_grad))
+    _restore_requires_grad(model, state)
+    if untied:
+        cfg = getattr(model, "config", None)
+        if getattr(cfg, "tie_word_embeddings", False):
+            cfg.tie_word_embeddings = False  # else save_pretrained / from_pretrained would re-tie them
+        warnings.warn("merge untied " + "; ".join(f"{n} from {', '.join(h)}" for n, h in untied)
+                      + ": the merged layer has its own weight now (the model has more parameters), so the merged "
+                      "model computes what the adapted one did" + (" (config.tie_word_embeddings set to False)"
+                                                                   if cfg is not None else ""), stacklevel=2)
     del model.tlr_adapter
     return model
+
+
+def _restore_requires_grad(model: nn.Module, state: AdapterState) -> None:
+    for n, p in model.named_parameters(remove_duplicate=False):
+        p.requires_grad_(state.requires_grad.get(n, p.requires_grad))
+
+
+def check_adapters_in_place(model: nn.Module, what: str) -> None:
+    """ValueError if a layer ``adapt`` wrapped is no longer an adapter (e.g. replaced by
+    ``resize_token_embeddings``), so its adapter would be lost silently."""
+    state = _require_state(model, what)
+    live = {n for n, _ in adapter_layers(model)}
+    lost = [n for n in state.targets if n not in live]
+    if lost:
+        raise ValueError(f"{what}: the adapted layer(s) {', '.join(lost)} were replaced after tlr.adapt (e.g. by "
+                         "resize_token_embeddings), so their adapters are gone; resize / replace layers before "
+                         "tlr.adapt, or adapt again")
 
 
 def unadapt(model: nn.Module) -> nn.Module:
     """Remove the adapters without folding them in (PiSSA: the residual weight stays)."""
     state = _require_state(model, "unadapt")
+    check_adapters_in_place(model, "unadapt")
     for name, layer in adapter_layers(model):
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, layer.base_layer)
-    for n, p in model.named_parameters():
-        p.requires_grad_(state.requires_grad.get(n, p.requires_grad))
+    _restore_requires_grad(model, state)
     del model.tlr_adapter
     return model
+
+
+def _grow(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+    """``t`` cut or zero-padded to ``size`` along ``dim`` (new tokens start with Delta W = 0)."""
+    if t.shape[dim] >= size:
+        return t.narrow(dim, 0, size).clone()
+    pad = list(t.shape)
+    pad[dim] = size - t.shape[dim]
+    return torch.cat([t, torch.zeros(pad, dtype=t.dtype, device=t.device)], dim=dim)
+
+
+def resize_token_embeddings(model: nn.Module, new_num_tokens: int | None = None, **kwargs) -> nn.Module:
+    """Hugging Face's ``model.resize_token_embeddings`` for a model whose input (or output)
+    embeddings carry an adapter; returns the input embedding layer (the adapter).
+
+    HF's own method refuses adapter wrappers (it checks ``isinstance(..., nn.Embedding)``), as it does
+    for PEFT's. Here the base layers are resized by HF (new rows initialised by HF, ties restored) and
+    the adapter factors along the vocabulary are cut or zero-padded, so the old tokens keep their
+    function and new tokens start with Delta W = 0. Build the optimizer after this call (the resized
+    factors are new Parameters). ValueError for PiSSA adapters on the embeddings.
+    """
+    state = _require_state(model, "resize_token_embeddings")
+    check_adapters_in_place(model, "resize_token_embeddings")
+    if not callable(getattr(model, "resize_token_embeddings", None)):
+        raise ValueError("resize_token_embeddings needs a Hugging Face PreTrainedModel")
+    slots = [("input", model.get_input_embeddings, model.set_input_embeddings),
+             ("output", model.get_output_embeddings, model.set_output_embeddings)]
+    wrapped = []
+    for which, get, put in slots:
+        try:
+            mod = get()
+        except (NotImplementedError, AttributeError):
+            continue
+        if isinstance(mod, AdapterLayer):
+            if mod.init == "pissa":
+                raise ValueError(f"the {which} embeddings carry a PiSSA adapter, whose residual base cannot be "
+                                 "resized; resize before tlr.adapt")
+            wrapped.append((which, mod, get, put))
+    for _, mod, _, put in wrapped:
+        put(mod.base_layer)
+    try:
+        model.resize_token_embeddings(new_num_tokens, **kwargs)
+    except Exception:
+        for _, mod, _, put in wrapped:  # put the adapters (on the old bases) back
+            put(mod)
+        raise
+    for which, mod, get, put in wrapped:
+        new_base = get()
+        mod.base_layer = new_base
+        m, n = mod.matrix_shape()
+        with torch.no_grad():
+            first, last = mod.lora_factors[0], mod.lora_factors[-1]
+            if first.shape[1] != n:  # vocabulary along the input side (embedding tables)
+                mod.lora_factors[0] = nn.Parameter(_grow(first.detach(), 1, n), requires_grad=first.requires_grad)
+            if last.shape[0] != m:  # vocabulary along the output side (lm_head)
+                mod.lora_factors[-1] = nn.Parameter(_grow(last.detach(), 0, m), requires_grad=last.requires_grad)
+        put(mod)
+    return model.get_input_embeddings()
 
 
 def adapter_param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0) -> list[dict]:
@@ -187,6 +367,7 @@ def adapter_param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0)
     has ``weight_decay``. Use: ``torch.optim.AdamW(tlr.adapter_param_groups(model, 1e-3))``.
     """
     state = _require_state(model, "adapter_param_groups")
+    check_adapters_in_place(model, "adapter_param_groups")
     cfg = state.config
     main, outer = [], []
     pending = False

@@ -7,6 +7,13 @@ A' = [A; A0], B' = [B, -B0] (Delta W' = W_res + B A - W0), like PEFT's own PiSSA
 Keys follow PEFT: ``base_model.model.<layer>.lora_A.weight`` / ``lora_B.weight`` (Linear, Conv1D,
 Conv2d with kernels (r, in, kh, kw) and (out, r, 1, 1)), ``lora_embedding_A`` / ``lora_embedding_B``
 for embeddings, and ``base_model.model.<module>.<tensor>`` for modules_to_save.
+
+Refused (ValueError, nothing written): Conv2d layers with ``dilation != 1`` or a ``padding_mode``
+other than ``"zeros"``: PEFT's LoRA Conv2d builds its ``lora_A`` conv from the base's kernel size,
+stride and padding only (peft 0.21 ``tuners/lora/layer.py``, ``_ConvNd.update_layer``), so it would
+compute a different update (or crash on the shapes). Grouped convolutions never carry an adapter here.
+Also refused: the ``out_proj`` of an ``nn.MultiheadAttention`` (PEFT's Linear LoRA there is bypassed
+by MHA's forward, which reads ``out_proj.weight``).
 """
 from __future__ import annotations
 
@@ -19,11 +26,32 @@ from torch import nn
 
 from ..files import atomic_write_bytes, atomic_write_text
 from .layers import Conv1DAdapter, Conv2dAdapter, EmbeddingAdapter
-from .model import adapter_layers, adapter_state
+from .model import adapter_layers, adapter_state, check_adapters_in_place
 
-__all__ = ["export_peft", "peft_state_dict"]
+__all__ = ["export_peft", "peft_state_dict", "peft_unsupported"]
 
 PREFIX = "base_model.model."
+
+
+def peft_unsupported(name: str, layer: nn.Module, in_mha: bool = False) -> str | None:
+    """Why PEFT's LoRA cannot represent an adapter on this layer exactly (None if it can).
+
+    layer: an adapter wrapper or the base layer itself; in_mha: the layer is the out_proj of an
+    nn.MultiheadAttention (known from an adapter wrapper by itself)."""
+    if getattr(layer, "weight_is_dense", False) or in_mha:
+        return (f"{name}: the out_proj of an nn.MultiheadAttention; MHA's forward reads out_proj.weight, so PEFT's "
+                "LoRA Linear there is ignored (peft 0.21 serves the base model's outputs); PEFT adapts MHA only "
+                "by targeting the MultiheadAttention module itself")
+    conv = layer.base_layer if isinstance(layer, Conv2dAdapter) else layer
+    if isinstance(conv, nn.Conv2d):
+        if tuple(conv.dilation) != (1,) * len(conv.dilation):
+            return (f"{name}: Conv2d with dilation={tuple(conv.dilation)}; PEFT's LoRA Conv2d ignores dilation "
+                    "(its lora_A conv uses only kernel size, stride and padding), so it would compute a different "
+                    "update")
+        if conv.padding_mode != "zeros":
+            return (f"{name}: Conv2d with padding_mode={conv.padding_mode!r}; PEFT's LoRA Conv2d pads its lora_A "
+                    "conv with zeros, so it would compute a different update")
+    return None
 
 
 def peft_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], int, bool]:
@@ -31,6 +59,16 @@ def peft_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], int, boo
     state = adapter_state(model)
     if state is None:
         raise ValueError("export_peft needs a model adapted with tlr.adapt(model, config)")
+    check_adapters_in_place(model, "export_peft")
+    refused = [why for name, layer in adapter_layers(model) if (why := peft_unsupported(name, layer))]
+    if refused:
+        raise ValueError("export_peft cannot write this adapter in PEFT's LoRA format: " + "; ".join(refused)
+                         + ". Exclude these layers (exclude_modules) to export, or keep the adapter in this "
+                         "library's format (tlr.save_adapter / tlr.merge)")
+    on_meta = [name for name, layer in adapter_layers(model) if layer.lora_A.is_meta or layer.base_layer.weight.is_meta]
+    if on_meta:
+        raise ValueError(f"export_peft: {on_meta[0]} is on the meta device and holds no values; materialise the model "
+                         "first (model.to_empty(device=...) and load its weights)")
     out: dict[str, torch.Tensor] = {}
     ranks, fan_in_fan_out = set(), False
     for name, layer in adapter_layers(model):
@@ -64,8 +102,10 @@ def peft_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], int, boo
 def export_peft(model: nn.Module, path: str | os.PathLike, base_model_name_or_path: str | None = None) -> Path:
     """Write the adapter of ``model`` in PEFT LoRA format into the folder ``path``; returns it.
 
-    Load with ``peft.PeftModel.from_pretrained(base_model, path)`` on the *original* base model.
-    Deep LoRA is collapsed to a rank-r LoRA pair (exact up to float rounding).
+    Load with ``peft.PeftModel.from_pretrained(base_model, path)`` on the *original* base model
+    (or with ``tlr.load_adapter(base_model, path)``). Deep LoRA is collapsed to a rank-r LoRA pair
+    (exact up to float rounding). Raises ValueError, writing nothing, for layers PEFT cannot
+    represent (Conv2d with dilation or non-zero padding modes).
     """
     from safetensors.torch import save
 
