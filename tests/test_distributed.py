@@ -35,6 +35,7 @@ def _worker(rank, world, out):
     _ddp_lowrank_worker(rank, world, out)
     _main_only_worker(rank, world, out)
     _tracker_worker(rank, world, out)
+    _deep_lora_worker(rank, world, out)
 
 
 @pytest.fixture(scope="module")
@@ -128,3 +129,48 @@ def test_spectrum_tracker_records_and_writes_on_rank_0_only(ddp_out):
     for a, b in zip(ddp_rows, tracker.history):
         assert (a["step"], a["layer"], a["quantity"]) == (b["step"], b["layer"], b["quantity"])
         assert a["stable_rank"] == pytest.approx(b["stable_rank"], rel=1e-4)
+
+
+def _deep_lora_setup():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 5))
+    tlr.adapt(model, tlr.DeepLoRAConfig(r=4, depth=3, compress=True, target_modules=["0", "2"]))
+    return model
+
+
+def _deep_lora_loss(x, y):
+    return lambda model, batch: nn.functional.cross_entropy(model(x), y)
+
+
+def _deep_lora_worker(rank, world, out):
+    xs, ys = _data()
+    half = BATCH // world
+    model = _deep_lora_setup()
+    gen = torch.Generator().manual_seed(100 + rank)  # different draws per rank: rank 0's must win
+    x, y = xs[0, rank * half:(rank + 1) * half], ys[0, rank * half:(rank + 1) * half]
+    tlr.init_compressed(model, None, loss_fn=_deep_lora_loss(x, y), generator=gen)
+    ddp = nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.AdamW(tlr.adapter_param_groups(model, lr=1e-2))
+    _train(ddp, xs[1:, rank * half:(rank + 1) * half], ys[1:, rank * half:(rank + 1) * half], opt)
+    tlr.save_adapter(model, out / "adapter")
+    tlr.export_peft(model, out / "peft")
+    torch.save({k: v for k, v in model.state_dict().items() if "lora" in k}, out / f"deep{rank}.pt")
+
+
+def test_compressed_deep_lora_init_and_training_under_ddp_equal_one_process(ddp_out):
+    xs, ys = _data()
+    model = _deep_lora_setup()
+    tlr.init_compressed(model, None, loss_fn=_deep_lora_loss(xs[0], ys[0]), generator=torch.Generator().manual_seed(100))
+    opt = torch.optim.AdamW(tlr.adapter_param_groups(model, lr=1e-2))
+    _train(model, xs[1:], ys[1:], opt)
+    ref = {k: v for k, v in model.state_dict().items() if "lora" in k}
+    for r in range(2):
+        state = torch.load(ddp_out / f"deep{r}.pt", weights_only=True)
+        assert state.keys() == ref.keys()
+        for k, v in ref.items():
+            torch.testing.assert_close(state[k], v, atol=1e-6, rtol=1e-5)
+    fresh = _deep_lora_setup()
+    tlr.load_adapter(fresh, ddp_out / "adapter")  # written once, by rank 0, and complete
+    x = torch.randn(3, 20)
+    torch.testing.assert_close(fresh(x), model(x), atol=1e-5, rtol=1e-5)
+    assert (ddp_out / "peft" / "adapter_config.json").is_file()

@@ -7,7 +7,8 @@ single-process identity, so library code can call them unconditionally.
 - :func:`is_main_process` / :func:`rank` / :func:`world_size`;
 - :func:`main_process_only`: run a function (a file write) on rank 0 only, the other ranks wait for it
   at a barrier and receive its return value;
-- :func:`broadcast_tensors_`: make tensors (e.g. a basis computed on rank 0) identical on every rank.
+- :func:`broadcast_tensors_`: make tensors (e.g. a basis computed on rank 0) identical on every rank;
+- :func:`all_reduce_mean_`: average tensors over ranks (local gradients -> the global batch's).
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["is_distributed", "rank", "world_size", "is_main_process", "barrier", "main_process_only",
-           "broadcast_tensors_", "broadcast_object"]
+           "broadcast_tensors_", "broadcast_object", "all_reduce_mean_"]
 
 T = TypeVar("T")
 
@@ -79,6 +80,18 @@ def main_process_only(fn: Callable[..., T]) -> Callable[..., T]:
         return outcome[0]
 
     return wrapper
+
+
+@torch.no_grad()
+def all_reduce_mean_(tensors: Iterable[torch.Tensor]) -> None:
+    """Average ``tensors`` in place over all ranks (no-op in one process). For a mean loss over
+    equal-sized local batches this turns local gradients into the global batch's gradient."""
+    if not is_distributed():
+        return
+    n = world_size()
+    for t in tensors:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        t.div_(n)
 
 
 @torch.no_grad()

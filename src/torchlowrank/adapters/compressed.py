@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import distributed
 from ..linalg import truncated_svd
 from .config import DeepLoRAConfig
 from .model import adapter_layers, adapter_state, parameter_holders, shared_weight_holders
@@ -122,6 +123,10 @@ def init_compressed(model: nn.Module, batch: Any, loss_fn: Callable[[nn.Module, 
     ``loss_fn(model, batch) -> scalar`` (default: ``model(**batch).loss``). Layers are processed in
     module order and each draws its Q from ``generator`` (default: torch's global RNG). After this call
     build the optimizer from :func:`adapter_param_groups` so the outer factors train at gamma * lr.
+
+    Under DDP (call it on every rank, before wrapping the model in DistributedDataParallel): the
+    gradients are averaged over ranks, so G is the global batch's (for a mean loss over equal-sized
+    local batches), and the factors are broadcast from rank 0, so every rank starts identical.
     """
     state = adapter_state(model)
     if state is None or not isinstance(state.config, DeepLoRAConfig):
@@ -131,7 +136,9 @@ def init_compressed(model: nn.Module, batch: Any, loss_fn: Callable[[nn.Module, 
         raise ValueError("this model was adapted with DeepLoRAConfig(compress=False); the compressed init "
                          "applies to compress=True")
     grads = end_to_end_gradients(model, batch, loss_fn)
+    distributed.all_reduce_mean_(grads.values())
     for name, layer in adapter_layers(model):
         left, right, _ = compressed_factors(grads[name], layer.r, generator)
         layer.set_compressed(left.to(layer.lora_A.dtype), right.to(layer.lora_A.dtype), cfg.init_scale)
+    distributed.broadcast_tensors_(p.data for _, layer in adapter_layers(model) for p in layer.lora_factors)
     return grads

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..distributed import main_process_only
 from ..files import atomic_write_bytes, atomic_write_text
 from .config import AdapterConfig, LoRAConfig, config_from_dict
 from .layers import supported_layer
@@ -53,6 +54,7 @@ def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+@main_process_only  # under DDP rank 0 writes, the other ranks wait for it
 def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
     """Write the adapter of ``model`` to the folder ``path`` (created); returns the folder.
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..distributed import main_process_only
 from ..files import atomic_write_bytes, atomic_write_text
 from .layers import Conv1DAdapter, Conv2dAdapter, EmbeddingAdapter
 from .model import adapter_layers, adapter_state, check_adapters_in_place
@@ -99,6 +100,7 @@ def peft_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], int, boo
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in out.items()}, ranks.pop(), fan_in_fan_out
 
 
+@main_process_only  # under DDP rank 0 writes, the other ranks wait for it
 def export_peft(model: nn.Module, path: str | os.PathLike, base_model_name_or_path: str | None = None) -> Path:
     """Write the adapter of ``model`` in PEFT LoRA format into the folder ``path``; returns it.
 
