@@ -62,3 +62,11 @@ def tiny_hf_model(request):
     pytest.importorskip("transformers")
     model = hf_models.build(request.param)
     return request.param, model, hf_models.example_inputs(request.param, model)
+
+
+@pytest.fixture(params=["cpu", "cuda"])
+def device(request):
+    """Each test using it runs on the CPU and, when one is present, on a CUDA device."""
+    if request.param == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    return torch.device(request.param)

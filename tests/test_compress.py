@@ -247,3 +247,14 @@ def test_a_target_naming_only_unsupported_layers_is_an_error_not_silently_droppe
         tlr.truncate(tiny_gpt2, 0.5, targets=["c_attn", "ln_1"])
     with pytest.raises(ValueError, match=r"target 'attn' names only.*GPT2Attention.*transformer\.h\.0\.attn\.c_attn"):
         tlr.spectrum(tiny_gpt2, targets=["attn"])
+
+
+def test_truncate_on_every_available_device_matches_the_cpu_result(device):
+    model = mlp().double()
+    cpu = tlr.truncate(mlp().double(), 0.3)
+    report = tlr.truncate(model.to(device), 0.3)
+    assert report.ranks == cpu.ranks
+    x = torch.randn(4, 64, dtype=torch.float64)
+    ref = mlp().double()
+    tlr.truncate(ref, 0.3)
+    torch.testing.assert_close(model(x.to(device)).cpu(), ref(x), atol=1e-8, rtol=1e-8)

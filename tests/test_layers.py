@@ -168,3 +168,16 @@ def test_lowrank_layers_in_half_precision_and_under_autocast(dtype):
         out = fp32(x.float())
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.double(), ref(x), atol=5e-2, rtol=5e-2)
+
+
+def test_lowrank_layers_run_and_train_on_every_available_device(device):
+    torch.manual_seed(0)
+    dense = nn.Linear(48, 32).to(device)
+    low = tlr.LowRankLinear.from_linear(dense, 32)  # full rank: the same function
+    assert low.U.device.type == device.type
+    x = torch.randn(7, 48, device=device)
+    torch.testing.assert_close(low(x), dense(x), atol=1e-4, rtol=1e-4)
+    low(x).square().mean().backward()
+    assert low.S.grad.device.type == device.type
+    fresh = tlr.LowRankLinear(48, 32, 8, device=device)
+    assert fresh.V.device.type == device.type and torch.isfinite(fresh.dense_weight()).all()
