@@ -89,6 +89,8 @@ def discover() -> dict[str, Path]:
 
 
 def load(path: Path):
+    if str(HERE) not in sys.path:  # benchmarks import their shared helpers (timing.py) by name
+        sys.path.insert(0, str(HERE))
     spec = importlib.util.spec_from_file_location(path.stem, path)
     mod = importlib.util.module_from_spec(spec)
     sys.modules[path.stem] = mod
