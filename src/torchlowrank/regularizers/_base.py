@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..layers import LowRankConv2d, LowRankLinear
+from ..linalg import compute_dtype
 from ..targets import Targets, find_targets, name_matches
 
 __all__ = ["Block", "MatrixRegularizer", "is_hf_conv1d", "supported_module"]
@@ -252,7 +253,8 @@ class MatrixRegularizer:
         """Coupled: ``.grad += lam * dR/dW``; decoupled: ``W -= lr * lam * dR/dW`` (AdamW's convention)."""
         lrs = self._lrs(lr) if self.decoupled else None
         with torch.no_grad(), torch.autocast(device_type=self.blocks[0].param.device.type, enabled=False):
-            grads = [self._block_gradient(b, b.matrix(b.param.detach()).float()) for b in self.blocks]
+            grads = [self._block_gradient(b, b.matrix(b.param.detach()).to(compute_dtype(b.param.dtype)))
+                     for b in self.blocks]
             for i, (b, g) in enumerate(zip(self.blocks, grads)):
                 if self.lam == 0.0:
                     continue

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..linalg import robust_svd
+from ..linalg import compute_dtype, robust_svd
 from ..targets import Targets
 from ._base import Block, MatrixRegularizer, Split, _write_block
 
@@ -57,7 +57,7 @@ class NuclearNorm(MatrixRegularizer):
         """W <- U diag(max(s - lr * lam, 0)) V^T for every block (call after ``optimizer.step()``);
         ``lr`` from the argument or from ``optimizer=``."""
         lrs = self._lrs(lr)
-        mats = [b.matrix(b.param.detach()).float() for b in self.blocks]
+        mats = [b.matrix(b.param.detach()).to(compute_dtype(b.param.dtype)) for b in self.blocks]
         svds = [self._svd(b, W) for b, W in zip(self.blocks, mats)]
         for b, W, (U, S, Vh), step in zip(self.blocks, mats, svds, lrs):
             shrunk = (U * (S - step * self.lam).clamp_min(0)) @ Vh
@@ -69,7 +69,8 @@ class NuclearNorm(MatrixRegularizer):
         total = torch.zeros((), device=dev)
         with torch.autocast(device_type=dev.type, enabled=False):
             for b in self.blocks:
-                W = b.matrix(b.param).float()
+                W = b.matrix(b.param)
+                W = W.to(compute_dtype(W.dtype))
                 total = total + torch.linalg.matrix_norm(W, ord="nuc")
         return self.lam * total
 

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..linalg import truncated_svd
+from ..linalg import compute_dtype, truncated_svd
 from ..targets import Targets
 from ._base import Block, MatrixRegularizer, Split
 
@@ -170,7 +170,7 @@ class Q3R(MatrixRegularizer):
         new = []
         with torch.autocast(device_type=mats[0].device.type, enabled=False):
             for i, (b, W) in enumerate(zip(self.blocks, mats)):
-                Wf = W.float() if W.dtype != torch.float64 else W
+                Wf = W.to(compute_dtype(W.dtype))
                 gen = torch.Generator(device=Wf.device).manual_seed(
                     (self.seed * 1_000_003 + self.steps * 7919 + i) % (2**63 - 1))
                 U, s, V, eps = q3r_reweight(Wf, b.rank, b.state["eps"], method=self.method,
@@ -205,11 +205,11 @@ class Q3R(MatrixRegularizer):
         if self._due():
             self.reweight()
         dev = self.blocks[0].param.device
-        total = torch.zeros((), device=dev)
+        total = torch.zeros((), device=dev, dtype=compute_dtype(self.blocks[0].param.dtype))
         with torch.autocast(device_type=dev.type, enabled=False):
             for b in self.blocks:
                 W = b.matrix(b.param)
-                W = W.float() if W.dtype != torch.float64 else W
+                W = W.to(compute_dtype(W.dtype))
                 st = b.state
                 R = q3r_operator(W, st["U"].to(W.dtype), st["V"].to(W.dtype), st["c"].to(W.dtype))
                 total = total + (W * R).sum().to(total.dtype)
