@@ -61,6 +61,8 @@ class Block:
 
     def matrix(self, t: torch.Tensor) -> torch.Tensor:
         """The (p, q) block of ``t`` (the parameter or a tensor of its shape), a view where possible."""
+        if t.ndim == 2 and self.start == 0 and self.stop == t.shape[self.split_dim]:
+            return t
         mat = t.reshape(t.shape[0], -1)
         return mat[self.start:self.stop] if self.split_dim == 0 else mat[:, self.start:self.stop]
 
@@ -122,8 +124,8 @@ def check_lam(lam, what: str = "lam") -> float:
 class MatrixRegularizer:
     """Base class: target selection, blocks, and the coupled / decoupled application of a gradient.
 
-    Subclasses implement ``_block_gradient(block, W)`` (the gradient of the regularizer wrt the
-    block's matrix, float32) and ``_block_value(block, W)`` (differentiable).
+    Subclasses implement ``_block_gradient(block, W)`` (the gradient of the regularizer / lam wrt the
+    block's matrix, in the compute dtype) or override ``_gradients()`` to batch blocks.
     """
 
     def __init__(self, model_or_modules, lam: float, targets: Targets = None, *, exclude: Targets = None,
@@ -249,34 +251,41 @@ class MatrixRegularizer:
     def _block_gradient(self, block: Block, W: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    gradient_factor = 1.0  # the gradient of the regularizer is lam * gradient_factor * _gradients()
+
+    def _gradients(self) -> list[torch.Tensor]:
+        """d(regularizer / lam)/dW / gradient_factor for every block, in the compute dtype (override to batch blocks)."""
+        return [self._block_gradient(b, b.matrix(b.param.detach()).to(compute_dtype(b.param.dtype)))
+                for b in self.blocks]
+
     def _apply(self, lr: float | None) -> None:
         """Coupled: ``.grad += lam * dR/dW``; decoupled: ``W -= lr * lam * dR/dW`` (AdamW's convention)."""
         lrs = self._lrs(lr) if self.decoupled else None
         with torch.no_grad(), torch.autocast(device_type=self.blocks[0].param.device.type, enabled=False):
-            grads = [self._block_gradient(b, b.matrix(b.param.detach()).to(compute_dtype(b.param.dtype)))
-                     for b in self.blocks]
+            grads = self._gradients()  # every block first: a failure leaves weights and gradients untouched
+            if self.lam == 0.0:
+                return
+            scale = self.lam * self.gradient_factor
             for i, (b, g) in enumerate(zip(self.blocks, grads)):
-                if self.lam == 0.0:
-                    continue
                 if self.decoupled:
-                    _write_block(b, b.param.data, -(lrs[i] * self.lam) * g)
+                    _write_block(b, b.param.data, g, -lrs[i] * scale)
                 else:
                     if b.param.grad is None:
                         b.param.grad = torch.zeros_like(b.param)
-                    _write_block(b, b.param.grad, self.lam * g)
+                    _write_block(b, b.param.grad, g, scale)
 
 
-def _write_block(b: Block, target: torch.Tensor, delta: torch.Tensor) -> None:
-    """target[block] += delta (delta: the block's (p, q) matrix), in place, whatever target's strides."""
+def _write_block(b: Block, target: torch.Tensor, delta: torch.Tensor, alpha: float = 1.0) -> None:
+    """target[block] += alpha * delta (delta: the block's (p, q) matrix), in place, whatever target's strides."""
     view = b.matrix(target)
     if _shares_storage(view, target):
-        view.add_(delta.to(target.dtype))
+        view.add_(delta.to(target.dtype), alpha=alpha)
         return
     full = torch.zeros(target.shape[0], math.prod(target.shape[1:]), dtype=delta.dtype, device=delta.device)
     if b.split_dim == 0:
-        full[b.start:b.stop] = delta
+        full[b.start:b.stop] = alpha * delta
     else:
-        full[:, b.start:b.stop] = delta
+        full[:, b.start:b.stop] = alpha * delta
     target.add_(full.reshape(target.shape).to(target.dtype))
 
 

@@ -39,7 +39,7 @@ from torch import nn
 
 from ..linalg import compute_dtype, truncated_svd
 from ..targets import Targets
-from ._base import Block, MatrixRegularizer, Split
+from ._base import MatrixRegularizer, Split
 
 __all__ = ["Q3R", "q3r_operator", "smoothed_logdet", "q3r_reweight"]
 
@@ -144,6 +144,7 @@ class Q3R(MatrixRegularizer):
         self.method, self.oversample, self.n_iter, self.seed = method, int(oversample), int(n_iter), int(seed)
         self.steps = 0
         self._reweighted_at = -1
+        self._groups = None
         for b in self.blocks:
             m, n = b.shape
             z = dict(device=b.param.device)
@@ -180,10 +181,42 @@ class Q3R(MatrixRegularizer):
         for b, (U, s, V, eps) in zip(self.blocks, new):
             b.state.update(U=U, V=V, s=s, eps=eps, c=(eps / s - 1.0) if s.numel() else s.clone())
         self._reweighted_at = self.steps
+        self._build_groups()
 
-    def _block_gradient(self, block: Block, W: torch.Tensor) -> torch.Tensor:
-        st = block.state
-        return 2.0 * q3r_operator(W, st["U"].to(W.dtype), st["V"].to(W.dtype), st["c"].to(W.dtype))
+    def _build_groups(self) -> None:
+        """Stack the operators of same-shape blocks (zero-padded to the group's largest k; c = 0 pads are
+        the identity) so that each step costs a few batched matmuls instead of one set per matrix."""
+        by_key: dict[tuple, list[int]] = {}
+        for i, b in enumerate(self.blocks):
+            key = (b.shape, compute_dtype(b.param.dtype), b.param.device)
+            by_key.setdefault(key, []).append(i)
+        self._groups = []
+        for (shape, dtype, device), idx in by_key.items():
+            K = max(self.blocks[i].state["s"].numel() for i in idx)
+            m, n = shape
+            U = torch.zeros(len(idx), m, K, dtype=dtype, device=device)
+            V = torch.zeros(len(idx), n, K, dtype=dtype, device=device)
+            c = torch.zeros(len(idx), K, dtype=dtype, device=device)
+            for j, i in enumerate(idx):
+                st = self.blocks[i].state
+                k = st["s"].numel()
+                U[j, :, :k], V[j, :, :k], c[j, :k] = st["U"], st["V"], st["c"]
+            self._groups.append((idx, U, V, c))
+
+    gradient_factor = 2.0  # d/dW lam <W, R(W)> = 2 lam R(W); _gradients returns R(W)
+
+    def _gradients(self) -> list[torch.Tensor]:
+        if self._groups is None:
+            self._build_groups()
+        out: list[torch.Tensor | None] = [None] * len(self.blocks)
+        for idx, U, V, c in self._groups:
+            W = torch.stack([self.blocks[i].matrix(self.blocks[i].param.detach()) for i in idx]).to(U.dtype)
+            if c.shape[-1]:
+                A = W + U @ (c[:, :, None] * (U.mT @ W))
+                W = A + ((A @ V) * c[:, None, :]) @ V.mT
+            for j, i in enumerate(idx):
+                out[i] = W[j]
+        return out
 
     def step(self, lr: float | None = None) -> None:
         """Reweight if due, then add ``2 lam R(W)`` to ``.grad`` (or, decoupled, subtract ``lr`` times it
@@ -271,6 +304,7 @@ class Q3R(MatrixRegularizer):
                            c=(eps / s - 1.0) if s.numel() else s.clone())
         self.steps = int(state["steps"])
         self._reweighted_at = int(state["reweighted_at"])
+        self._build_groups()
 
     def __repr__(self) -> str:
         return (f"Q3R({len(self.blocks)} matrices, lam={self.lam}, period={self.period}, "
