@@ -431,3 +431,25 @@ def test_nan_weight_at_reweighting_names_the_layer_and_changes_nothing():
     assert after["steps"] == 2 and after["blocks"][0]["eps"] == before["blocks"][0]["eps"]
     assert torch.equal(after["blocks"][0]["U"], before["blocks"][0]["U"])
     assert model[0].weight.grad is None
+
+
+def test_update_mode_regularizes_w_minus_w0():
+    W0 = torch.randn(10, 8, dtype=torch.float64)
+    lin = linear_with(W0)
+    reg = Q3R(lin, 2, 0.5, update=True, method="full")
+    reg.step()  # the update is 0: eps stays +inf, no gradient
+    assert math.isinf(reg.eps["Linear"])
+    torch.testing.assert_close(lin.weight.grad, torch.zeros_like(W0))
+    D = torch.randn(10, 8, dtype=torch.float64)
+    with torch.no_grad():
+        lin.weight.add_(D)
+    lin.weight.grad = None
+    reg.reweight()
+    reg.step()
+    PU, PV, eps = reference_operator(D, 2)
+    assert reg.eps["Linear"] == pytest.approx(eps, rel=1e-12)
+    torch.testing.assert_close(lin.weight.grad, 2 * 0.5 * PU @ D @ PV, rtol=1e-9, atol=1e-12)
+    sd = reg.state_dict()
+    reg2 = Q3R(linear_with(W0 + 1.0), 2, 0.5, update=True)
+    reg2.load_state_dict(sd)
+    torch.testing.assert_close(reg2.blocks[0].state["anchor"], W0)

@@ -74,6 +74,7 @@ def q3r_reweight(W: torch.Tensor, rank: int, eps: float, *, method: str = "rando
     direction is missed); ``method`` is passed to :func:`torchlowrank.linalg.truncated_svd`
     ("randomized" switches to "full" when the sketch would be most of the matrix).
     ``rank >= min(m, n)``: nothing is kept and eps stays as it is (+inf: R = identity, weight decay).
+    ``s_{rank+1} = 0`` leaves eps unchanged too.
     """
     full = min(W.shape)
     if rank >= full:
@@ -82,7 +83,8 @@ def q3r_reweight(W: torch.Tensor, rank: int, eps: float, *, method: str = "rando
     while True:
         how = "full" if (method != "full" and k + oversample >= full) else method
         U, S, Vh = truncated_svd(W, k, method=how, oversample=oversample, n_iter=n_iter, generator=generator)
-        new_eps = min(eps, float(S[rank]))
+        # a zero s_{r+1} (rank <= r, e.g. an update W - W0 at its start) carries no scale: keep eps
+        new_eps = min(eps, float(S[rank])) if float(S[rank]) > 0 else eps
         if float(S[-1]) <= new_eps or k == full:
             break
         k = min(full, 2 * k)
@@ -123,6 +125,9 @@ class Q3R(MatrixRegularizer):
             ``{"c_attn": 3}`` for GPT-2's q|k|v.
         rank_overrides: ``{name or suffix: int or fraction}``, first match wins.
         method: SVD of the reweighting, ``"randomized"`` (default), ``"full"`` or ``"auto"``.
+        update: regularize the update ``W - W0`` instead of ``W`` (W0: the weights when the regularizer is
+            built), e.g. to make a full fine-tuning's update low-rank so that it can be exported as a
+            rank-r LoRA adapter. W0 is kept (compute dtype) and saved in :meth:`state_dict`.
         seed: seeds the randomized SVD's sketches (a function of the seed, step and block, so a resumed
             run draws the same sketches).
     """
@@ -131,7 +136,7 @@ class Q3R(MatrixRegularizer):
                  targets: Targets = None, *, exclude: Targets = None, decoupled: bool = False,
                  optimizer: torch.optim.Optimizer | None = None, split: Split = None,
                  rank_overrides: Mapping[str, int | float] | None = None, method: str = "randomized",
-                 oversample: int = 8, n_iter: int = 2, seed: int = 0) -> None:
+                 oversample: int = 8, n_iter: int = 2, update: bool = False, seed: int = 0) -> None:
         if isinstance(period, bool) or not isinstance(period, int) or period < 1:
             raise ValueError(f"period must be an int >= 1, got {period!r}")
         if method not in ("randomized", "full", "auto"):
@@ -145,13 +150,21 @@ class Q3R(MatrixRegularizer):
         self.steps = 0
         self._reweighted_at = -1
         self._groups = None
+        self.update = bool(update)
         for b in self.blocks:
             m, n = b.shape
             z = dict(device=b.param.device)
             b.state.update(eps=math.inf, U=torch.zeros(m, 0, **z), V=torch.zeros(n, 0, **z), s=torch.zeros(0, **z),
                            c=torch.zeros(0, **z))
+            if self.update:
+                b.state["anchor"] = b.matrix(b.param.detach()).to(compute_dtype(b.param.dtype)).clone()
 
     # -- the algorithm ---------------------------------------------------------------------------------
+    def _current(self, b, W: torch.Tensor) -> torch.Tensor:
+        """The regularized matrix of block ``b`` given its weight matrix W: W, or W - W0 (``update=True``)."""
+        W = W.to(compute_dtype(W.dtype))
+        return W - b.state["anchor"] if self.update else W
+
     def _due(self) -> bool:
         return self.steps % self.period == 0 and self._reweighted_at != self.steps
 
@@ -167,7 +180,7 @@ class Q3R(MatrixRegularizer):
             if not torch.isfinite(W).all():
                 raise ValueError(f"weight of {b.name!r} contains NaN/Inf at step {self.steps}: training diverged "
                                  "(lower the learning rate or lam); the regularizer was left unchanged")
-            mats.append(W)
+            mats.append(self._current(b, W))
         new = []
         with torch.autocast(device_type=mats[0].device.type, enabled=False):
             for i, (b, W) in enumerate(zip(self.blocks, mats)):
@@ -210,7 +223,8 @@ class Q3R(MatrixRegularizer):
             self._build_groups()
         out: list[torch.Tensor | None] = [None] * len(self.blocks)
         for idx, U, V, c in self._groups:
-            W = torch.stack([self.blocks[i].matrix(self.blocks[i].param.detach()) for i in idx]).to(U.dtype)
+            W = torch.stack([self._current(self.blocks[i], self.blocks[i].matrix(self.blocks[i].param.detach()))
+                             for i in idx]).to(U.dtype)
             if c.shape[-1]:
                 A = W + U @ (c[:, :, None] * (U.mT @ W))
                 W = A + ((A @ V) * c[:, None, :]) @ V.mT
@@ -241,8 +255,7 @@ class Q3R(MatrixRegularizer):
         total = torch.zeros((), device=dev, dtype=compute_dtype(self.blocks[0].param.dtype))
         with torch.autocast(device_type=dev.type, enabled=False):
             for b in self.blocks:
-                W = b.matrix(b.param)
-                W = W.to(compute_dtype(W.dtype))
+                W = self._current(b, b.matrix(b.param))
                 st = b.state
                 R = q3r_operator(W, st["U"].to(W.dtype), st["V"].to(W.dtype), st["c"].to(W.dtype))
                 total = total + (W * R).sum().to(total.dtype)
@@ -253,7 +266,7 @@ class Q3R(MatrixRegularizer):
         """``sum_blocks F_eps(W)`` at the current eps (full singular values, float64; for logging)."""
         total = torch.zeros((), dtype=torch.float64)
         for b in self.blocks:
-            s = torch.linalg.svdvals(b.matrix(b.param.detach()).double().cpu())
+            s = torch.linalg.svdvals(self._current(b, b.matrix(b.param.detach())).double().cpu())
             total += smoothed_logdet(s, b.state["eps"])
         return total
 
@@ -278,7 +291,8 @@ class Q3R(MatrixRegularizer):
         return {
             "steps": self.steps, "reweighted_at": self._reweighted_at, "period": self.period, "lam": self.lam,
             "blocks": [{"name": b.name, "rank": b.rank, "eps": b.state["eps"], "U": b.state["U"].clone(),
-                        "V": b.state["V"].clone(), "s": b.state["s"].clone()} for b in self.blocks],
+                        "V": b.state["V"].clone(), "s": b.state["s"].clone(),
+                        **({"anchor": b.state["anchor"].clone()} if self.update else {})} for b in self.blocks],
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -293,7 +307,7 @@ class Q3R(MatrixRegularizer):
             m, n = b.shape
             k = sb["s"].numel()
             if sb["name"] != b.name or sb["rank"] != b.rank or tuple(sb["U"].shape) != (m, k) \
-                    or tuple(sb["V"].shape) != (n, k):
+                    or tuple(sb["V"].shape) != (n, k) or ("anchor" in sb) != self.update:
                 raise ValueError(f"state block {sb['name']!r} (rank {sb['rank']}, U {tuple(sb['U'].shape)}) does not "
                                  f"match {b.name!r} (rank {b.rank}, shape {(m, n)})")
         dev = self.blocks[0].param.device
@@ -302,6 +316,8 @@ class Q3R(MatrixRegularizer):
             eps = float(sb["eps"])
             b.state.update(U=sb["U"].to(dev).clone(), V=sb["V"].to(dev).clone(), s=s.clone(), eps=eps,
                            c=(eps / s - 1.0) if s.numel() else s.clone())
+            if self.update:
+                b.state["anchor"] = sb["anchor"].to(dev).clone()
         self.steps = int(state["steps"])
         self._reweighted_at = int(state["reweighted_at"])
         self._build_groups()
