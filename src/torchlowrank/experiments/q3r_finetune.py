@@ -130,7 +130,7 @@ def served_by_peft(base: nn.Module, adapted: nn.Module, folder: Path) -> nn.Modu
 def _bias_note(base: nn.Module, tuned: nn.Module) -> float:
     """Largest change of a targeted bias (LoRA adapters carry no bias: it is not exported)."""
     b, t = _targeted(base), _targeted(tuned)
-    return max(float((t[n].bias - b[n].bias).abs().max()) for n in b if b[n].bias is not None)
+    return max(float((t[n].bias - b[n].bias).detach().abs().max()) for n in b if b[n].bias is not None)
 
 
 def q3r_finetune_study(*, n_train: int, n_test: int, max_len: int, steps: int, batch: int, rank: int, lam: float,
