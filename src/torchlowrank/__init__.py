@@ -10,6 +10,7 @@ from .diagnostics import SpectrumTracker, compare_weights, load_weights, weights
 from .compress import CompressionReport, count_parameters, factorize, rank_for_fraction, truncate
 from .layers import LowRankConv2d, LowRankLinear
 from .linalg import orthogonal_init, orthonormal_basis, principal_angles, randomized_svd, truncated_svd
+from .regularizers import NuclearNorm, Q3R
 from .ranks import SpectrumTable, effective_rank, numerical_rank, singular_values, spectrum, stable_rank
 from .results import Plot, Result, Series, Table
 from .report import load_result, write_report
@@ -25,4 +26,5 @@ __all__ = [
     "adapter_param_groups", "init_compressed", "print_trainable_parameters",
     "Result", "Plot", "Series", "Table", "write_report", "load_result",
     "SpectrumTracker", "load_weights", "compare_weights", "weights_spectrum",
+    "Q3R", "NuclearNorm",
 ]

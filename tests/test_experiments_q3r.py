@@ -1,0 +1,73 @@
+"""Q3R reproductions: q3r-truncation (quick), the q3r demo section, and the q3r-finetune export path."""
+import copy
+
+import pytest
+import torch
+
+from torchlowrank.experiments.registry import demo_sections, get_experiment, list_experiments
+
+
+def test_q3r_experiments_and_demo_are_registered():
+    names = {e.name for e in list_experiments()}
+    assert {"q3r-truncation", "q3r-finetune"} <= names
+    orders = {s.name: s.order for s in demo_sections()}
+    assert orders["q3r"] > max(o for n, o in orders.items() if n != "q3r")
+
+
+def test_q3r_truncation_quick_reports_every_method_and_fraction():
+    result = get_experiment("q3r-truncation").run(quick=True)
+    fractions = result.config["fractions"]
+    trunc = result.tables[1]
+    assert len(trunc.rows) == 3 * len(fractions) + 1  # dense, q3r, nuclear per fraction + the factorized run
+    for row in trunc.rows[:-1]:
+        assert abs(row[2] - row[1]) < 0.06  # the truncation kept the asked fraction of the parameters
+    for key, value in result.metrics.items():
+        if "accuracy" in key or "truncated" in key or "finetuned" in key:
+            assert 0.0 <= value <= 1.0, key
+    assert isinstance(result.metrics["claim_reproduced"], bool)
+    assert result.config["command"].startswith("torchlowrank reproduce q3r-truncation")
+    assert ("NOT reproduced" in result.notes) != result.metrics["claim_reproduced"]
+
+
+def test_q3r_demo_section_truncates_better_than_dense_training():
+    section = next(s for s in demo_sections() if s.name == "q3r")
+    result = section.run(progress=False)
+    m = result.metrics
+    assert m["q3r_truncated_0.1"] > m["dense_truncated_0.1"] + 0.1  # below the target rank: Q3R degrades less
+    assert m["q3r_truncated_0.2"] > m["q3r_accuracy"] - 0.01  # at the target rank (8): nothing is lost
+    assert m["q3r_accuracy"] > m["dense_accuracy"] - 0.04
+
+
+def test_update_turned_into_a_lora_adapter_is_served_identically_by_peft(tmp_path):
+    pytest.importorskip("peft")
+    from torchlowrank.experiments.q3r_finetune import _targeted, adapter_from_update, served_by_peft
+    from torchlowrank.models import load_minilm
+
+    tokenizer, base = load_minilm(num_labels=2, seed=0)
+    base.eval()
+    tuned = copy.deepcopy(base)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # an exactly rank-2 update of every targeted matrix, and a new head
+        for layer in _targeted(tuned).values():
+            m, n = layer.weight.shape
+            layer.weight.add_(0.05 * torch.randn(m, 2, generator=g) @ torch.randn(2, n, generator=g) / n ** 0.5)
+        tuned.classifier.weight.add_(0.1 * torch.randn(tuned.classifier.weight.shape, generator=g))
+    enc = tokenizer(["a gorgeous, witty film", "tedious and flat"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        want = tuned(**enc).logits
+        adapted = adapter_from_update(base, tuned, 2)
+        served = served_by_peft(base, adapted, tmp_path / "adapter")
+        torch.testing.assert_close(adapted(**enc).logits, want, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(served(**enc).logits, want, rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(base(**enc).logits, want, atol=1e-3)
+
+
+def test_q3r_finetune_quick_runs_end_to_end():
+    pytest.importorskip("peft")
+    result = get_experiment("q3r-finetune").run(quick=True)
+    m = result.metrics
+    for key in ("full_accuracy", "q3r_accuracy", "lora_accuracy", "full_adapter_accuracy", "q3r_adapter_accuracy"):
+        assert 0.0 <= m[key] <= 1.0
+    # the adapter served by peft is the same model as tlr's adapted copy
+    assert m["full_adapter_accuracy"] == m["full_adapter_accuracy_tlr"]
+    assert m["q3r_adapter_accuracy"] == m["q3r_adapter_accuracy_tlr"]
