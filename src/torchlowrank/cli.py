@@ -61,10 +61,14 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     exp = get_experiment(args.name)
     out = Path(args.out or os.path.join("reports", exp.name))
     _check_writable(out)
+    from .reproducibility import git_commit
+
+    commit = git_commit()  # the code that runs: read before the run, the tree may move on during it
     _print(f"Running {exp.name}{' (quick)' if args.quick else ''} with seed {args.seed} ...")
     result = exp.run(quick=args.quick, seed=args.seed, progress=None if not args.quiet else False)
     result.environment["command"] = " ".join(["torchlowrank reproduce", exp.name] + (["--quick"] if args.quick else [])
                                              + ([f"--seed {args.seed}"] if args.seed else []) + [f"--out {out}"])
+    result.environment["git_commit"] = commit
     paths = write_report(result, out)
     _print(result_markdown(result, heading=2))
     _print(f"Report: {paths['md']} ({result.wall_time_s:.1f} s)")

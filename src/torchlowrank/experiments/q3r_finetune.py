@@ -29,9 +29,8 @@ from ..data import load_rotten_tomatoes
 from ..linalg import truncated_svd
 from ..models import load_minilm
 from ..regularizers import Q3R
-from ..reproducibility import environment_info, one_thread
+from ..reproducibility import environment_info, git_commit, one_thread
 from ..results import Plot, Result, Series, Table
-from .q3r_truncation import git_commit
 from .registry import register_experiment
 
 TARGETS = ["query", "key", "value", "attention.output.dense"]

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import copy
 import statistics
-import subprocess
 import time
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -26,23 +24,13 @@ from ..compress import count_parameters, factorize, truncate
 from ..data import ImageData, load_digits, load_fashion_mnist
 from ..models import MLP, SmallViT
 from ..regularizers import NuclearNorm, Q3R
-from ..reproducibility import environment_info, one_thread, seed_everything
+from ..reproducibility import environment_info, git_commit, one_thread, seed_everything
 from ..results import Plot, Result, Series, Table
 from .registry import register_demo_section, register_experiment
 from .training import accuracy, fit_classifier
 
 VIT_TARGETS = r"blocks\.\d+\.(attn\.(q|k|v|proj)|mlp\.(0|3))"
 METHODS = ("dense", "q3r", "nuclear", "factorized")
-
-
-def git_commit() -> str | None:
-    """The commit of the source tree this module runs from, if it is a git checkout."""
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
-                             text=True, timeout=10)
-        return (out.stdout.strip() or None) if out.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 def tail_energy(model: nn.Module, targets, rank: int) -> float:
