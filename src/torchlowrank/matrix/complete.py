@@ -87,6 +87,13 @@ class _NormalizedCompletion(Completion):
         self.b, self.c = b0.clone(), c0.clone()
         self.values = self.y - self.b[self.rows] - self.c[self.cols]
 
+    def trained_state(self):
+        return (self.b.clone(), self.c.clone())
+
+    def load_trained_state(self, state) -> None:
+        self.b, self.c = state[0].clone(), state[1].clone()
+        self.values = self.y - self.b[self.rows] - self.c[self.cols]
+
     def entry_offsets(self, rows, cols):
         return self.b[rows] + self.c[cols]
 

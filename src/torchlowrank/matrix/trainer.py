@@ -152,6 +152,7 @@ def train_gd(model, problem, lr: float, *, max_iters: int = 10_000, tol: float =
     decays = [1.0 - lr * s * weight_decay for s in scales]
     hist = History()
     best_val, best_state, since_best = math.inf, None, 0
+    best_extra = [None]
     train_time = 0.0
     loss0 = None
     zero_loss = max(_zero_loss(problem), 1e-300)
@@ -176,6 +177,8 @@ def train_gd(model, problem, lr: float, *, max_iters: int = 10_000, tol: float =
             if v < best_val:
                 best_val, since_best, hist.best_iteration = v, 0, t
                 best_state = [p.detach().clone() for p in params]
+                if hasattr(problem, "trained_state"):  # terms the problem fits beside the network (biases)
+                    best_extra[0] = problem.trained_state()
             elif hist.escaped_at is not None:  # patience counts only after the escape from the plateau
                 since_best += 1
                 if patience is not None and since_best >= patience:
@@ -249,6 +252,8 @@ def train_gd(model, problem, lr: float, *, max_iters: int = 10_000, tol: float =
     if reason == "patience" and best_state is not None:
         for p, b in zip(params, best_state):
             p.copy_(b)
+        if best_extra[0] is not None:
+            problem.load_trained_state(best_extra[0])
     if reason == "blowup":
         status = "diverged"
     elif reason in ("tol", "target_error", "stationary"):
@@ -283,5 +288,5 @@ def train_gd(model, problem, lr: float, *, max_iters: int = 10_000, tol: float =
                             f"its small initialisation; raise init_scale, the step lr={lr:g} or max_iters "
                             f"(or normalise the data: tlr.matrix.complete does)")
     if status in FAILURE_STATUSES:
-        warnings.warn(hist.message, RuntimeWarning, stacklevel=2)
+        warnings.warn(hist.message, RuntimeWarning, stacklevel=3)  # past the no_grad wrapper
     return hist
