@@ -5,7 +5,7 @@ observed fraction and conditioning (equal singular values, or decaying 10..1). M
 the rank unknown unless said otherwise:
 
 - ours: ``tlr.matrix.complete`` with default arguments (default r_hat = ``default_rank``);
-- ALS at the true rank (an oracle: the rank is given);
+- ALS at the true rank of M (an oracle: the rank is given; r + 1 when there is an offset);
 - ALS at the same over-estimated rank r_hat as ours (ridge 1e-10 relative);
 - soft-impute on a warm-started lam path, lam chosen on a validation split (10% of the observed
   entries held out, the final fit refitted on all observed entries at that lam).
@@ -88,7 +88,8 @@ def run(quick: bool = False, seed: int = 0, progress: bool | None = None) -> Res
             t0 = time.perf_counter()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)
-                a_true = als(M, mask, r)
+                r_true = r + (offset != 0)  # the offset adds a rank-one term: M has rank r + 1
+                a_true = als(M, mask, r_true)
                 t_als = time.perf_counter() - t0
                 t0 = time.perf_counter()
                 a_over = als(M, mask, r_hat, max_iters=200)
@@ -101,8 +102,8 @@ def run(quick: bool = False, seed: int = 0, progress: bool | None = None) -> Res
                 vr, vc = obs[perm[:nv], 0], obs[perm[:nv], 1]
                 fit_mask = mask.clone()
                 fit_mask[vr, vc] = False
-                _, lam, _ = soft_impute_path(M, fit_mask, (vr, vc, M[vr, vc]), max_iters=100, max_rank=60)
-                Z = soft_impute(M, mask, lam, max_rank=60, max_iters=300, warn=False)
+                _, lam, _ = soft_impute_path(M, fit_mask, (vr, vc, M[vr, vc]), max_iters=200, max_rank=60)
+                Z = soft_impute(M, mask, lam, max_rank=60, max_iters=500, warn=False)
                 t_si = time.perf_counter() - t0
             failures = [str(w.message)[:80] for w in caught if issubclass(w.category, RuntimeWarning)]
             rows.append([name, r_hat, e_ours, res.status, res.history.n_iters, t_ours, _err(a_true.matrix, M), t_als,
@@ -121,10 +122,10 @@ def run(quick: bool = False, seed: int = 0, progress: bool | None = None) -> Res
         "several jobs, so wall times are noisy: compare them within a row. `ours` = `tlr.matrix.complete(M, mask)` "
         f"with default arguments except max_iters={max_iters} (default r_hat = tlr.matrix.default_rank; centring "
         "by jointly fitted row/column biases and a unit from the top singular value of the centred, rescaled "
-        "observations). ALS (ridge 1e-10 x ||P(M)||_2) at the true rank is an oracle; ALS at r_hat uses the same "
+        "observations). ALS (ridge 1e-10 x ||P(M)||_2) at the true rank of M (r, or r + 1 with an offset) is an oracle; ALS at r_hat uses the same "
         "over-estimated rank as ours. Soft-impute: lam from a warm-started path (0.5 .. 0.001 x ||P(M)||_2) chosen "
-        "on 10% of the observed entries, then refitted on all of them (at most 60 singular triplets, 300 "
-        "iterations). Error: relative Frobenius error over all entries.")
+        "on 10% of the observed entries, then refitted on all of them (at most 60 singular triplets, 200 iterations per "
+        "lam on the path, 500 for the refit). Error: relative Frobenius error over all entries.")
     table = Table("Recovery error (relative Frobenius, all entries) and wall time (s) with the rank unknown",
                   ["problem", "r_hat (ours)", "ours: error", "ours: status", "ours: iterations", "ours: time (s)",
                    "ALS true rank: error", "ALS true rank: time", f"ALS at r_hat: error", "ALS at r_hat: time",
