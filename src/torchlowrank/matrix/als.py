@@ -113,5 +113,5 @@ def als(observed: torch.Tensor, mask: torch.Tensor, rank: int, *, reg: float = 1
     else:
         res.message = (f"ALS did not converge in max_iters={max_iters} sweeps (train RMSE "
                        f"{res.train_rmse[-1]:.3g}, still changing); raise max_iters or reg")
-        warnings.warn(res.message, RuntimeWarning, stacklevel=2)
+        warnings.warn(res.message, RuntimeWarning, stacklevel=3)  # past the no_grad wrapper
     return res

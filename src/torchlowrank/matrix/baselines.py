@@ -55,7 +55,7 @@ def soft_impute(observed: torch.Tensor, mask: torch.Tensor, lam: float, *, max_r
         if warn:
             warnings.warn(f"soft_impute stopped at max_iters={max_iters} with relative change {change:.3g} > "
                           f"tol={tol:g}: not converged; raise max_iters (or warm-start with init=)",
-                          RuntimeWarning, stacklevel=2)
+                          RuntimeWarning, stacklevel=3)
     return Z
 
 
@@ -92,5 +92,5 @@ def soft_impute_path(observed: torch.Tensor, mask: torch.Tensor, validation: tup
             best = (val, lam, Z)
     if unconverged:
         warnings.warn(f"soft_impute_path: {len(unconverged)} of {len(lams)} lam values stopped at max_iters="
-                      f"{max_iters} unconverged (e.g. lam={unconverged[0]:.3g})", RuntimeWarning, stacklevel=2)
+                      f"{max_iters} unconverged (e.g. lam={unconverged[0]:.3g})", RuntimeWarning, stacklevel=3)
     return best[2], best[1], path
