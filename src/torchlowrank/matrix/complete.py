@@ -178,7 +178,7 @@ def default_rank(problem: Completion) -> int:
 def complete(observed, mask=None, depth: int = 3, rank: int | None = None,
              compressed: bool = True, *, width: int | None = None, lr: float | None = None,
              gamma: float = 0.01, init_scale: float = 1e-3, center: str = "biases", bias_reg: float = 0.0,
-             normalize: bool = True, reduction: str = "mean", max_iters: int = 20_000, tol: float = 1e-10,
+             normalize: bool = True, reduction: str = "mean", max_iters: int = 20_000, tol: float = 1e-9,
              ftol: float = 1e-10, time_limit: float | None = None, target_error: float | None = None,
              truth: torch.Tensor | None = None, test: tuple | None = None, validation: tuple | None = None,
              patience: int | None = None, eval_every: int = 50, weight_decay: float = 0.0,

@@ -104,7 +104,7 @@ def _zero_loss(problem) -> float:
 
 
 @torch.no_grad()
-def train_gd(model, problem, lr: float, *, max_iters: int = 10_000, tol: float = 1e-10, ftol: float = 1e-10,
+def train_gd(model, problem, lr: float, *, max_iters: int = 10_000, tol: float = 1e-9, ftol: float = 1e-10,
              window: int = 1000, target_error: float | None = None, weight_decay: float = 0.0,
              eval_every: int = 10, check_every: int = 10, blowup: float = 1e6, escape: float = 0.01,
              validation: tuple | None = None, patience: int | None = None, time_limit: float | None = None,
