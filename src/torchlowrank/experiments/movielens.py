@@ -114,7 +114,7 @@ def _run(quick: bool, seed: int, progress: bool | None) -> Result:
     mask_fit = torch.zeros(shape, dtype=torch.bool)
     M_raw[u[fi], i[fi]] = r[fi].double()
     mask_fit[u[fi], i[fi]] = True
-    configs = [(10, 5.0, 1e-2)] if quick else [(10, 5.0, 1e-2), (20, 5.0, 1e-2)]
+    configs = [(10, 5.0, 1e-2)] if quick else [(5, 5.0, 1e-2), (10, 5.0, 1e-2)]
     for rk, breg, eps in configs:
         with warnings.catch_warnings(record=True):
             warnings.simplefilter("always")
