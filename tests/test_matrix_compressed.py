@@ -102,4 +102,4 @@ def test_compressed_completion_recovers_a_low_rank_matrix():
     comp = CompressedFactorization.from_problem(problem, 2, generator=torch.Generator().manual_seed(0))
     comp = CompressedFactorization.from_problem(problem, 2, init_scale=1e-2, generator=torch.Generator().manual_seed(0))
     h = train_gd(comp, problem, lr=suggest_lr(problem, 3), max_iters=8000, target_error=1e-6, eval_every=100)
-    assert h.status == "target_reached", (h.status, h.recovery_error[-5:])
+    assert h.status == "converged" and h.reason == "target_error", (h.status, h.recovery_error[-5:])

@@ -3,18 +3,23 @@
 ``DeepFactorization`` (the original width-d network), ``CompressedFactorization`` (the
 2 r_hat-dimensional network built from the first gradient, DESIGN §4.4), problems
 (``Completion``, ``Sensing``, ``Factorization``; loss ``c/2 ||residual||^2`` with ``reduction``
-"mean" (default) or "sum"), the gradient-descent trainer ``train_gd`` and ``complete`` (one call).
+"mean" (default) or "sum"), the gradient-descent trainer ``train_gd`` and ``complete`` (one call,
+scale / offset invariant), and the baselines ``als`` (ridge ALS) and ``soft_impute``.
 """
-from .baselines import soft_impute, svt
-from .complete import CompletionResult, complete
+from .als import ALSResult, als
+from .baselines import soft_impute, soft_impute_path, svt
+from .centering import MeanModel, fit_mean_model
+from .complete import CompletionResult, complete, default_rank
 from .compressed import CompressedFactorization
 from .factorization import DeepFactorization
 from .problems import Completion, Factorization, Sensing, low_rank_target, random_mask, relative_error
 from .steps import reference_lr, suggest_lr, suggest_rank
 from .theory import invariant_bases, rho_trajectory
-from .trainer import History, train_gd
+from .trainer import FAILURE_STATUSES, SUCCESS_STATUSES, History, train_gd
 
 __all__ = ["DeepFactorization", "CompressedFactorization", "Completion", "Sensing", "Factorization",
-           "complete", "CompletionResult", "train_gd", "History", "soft_impute", "svt",
+           "complete", "CompletionResult", "default_rank", "train_gd", "History", "SUCCESS_STATUSES",
+           "FAILURE_STATUSES", "soft_impute", "soft_impute_path", "svt", "als", "ALSResult", "MeanModel",
+           "fit_mean_model",
            "low_rank_target", "random_mask", "relative_error", "suggest_lr", "suggest_rank", "reference_lr",
            "rho_trajectory", "invariant_bases"]

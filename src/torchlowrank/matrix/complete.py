@@ -1,24 +1,52 @@
-"""``complete``: matrix completion with a (compressed) deep factorization, in one call."""
+"""``complete``: matrix completion with a (compressed) deep factorization, in one call, on a user's
+data: invariant to the data's units and offset, the same for tall and wide matrices, stopping when
+done and saying when it failed.
+
+What ``complete`` does with the data (all undone in ``result.matrix``):
+
+1. Mean model: ``M ~ mu + b_i + c_j + L`` — global mean and ridge row / column biases fitted to
+   the observed entries (:func:`fit_mean_model`, ``center="biases"``; "mean" or "none" to
+   change it). The network fits the residual ``L``. For an exactly low-rank M the residual has
+   rank at most rank(M) + 2, so recovery stays exact; for ratings this is the usual baseline.
+2. Units: the residual is divided by ``unit = s / NORMALIZED_TOP`` with s the top singular value of
+   ``P_Omega(L) / p`` (an estimate of ||L||_2), so that the network always sees a target with top
+   singular value ~10, where the default init scale and step were tuned. The run is then the same
+   for ``a * M + b`` at any a > 0, b (up to rounding).
+3. Orientation: a tall matrix (m > n) is completed as its transpose (the compressed network's
+   gradient-built subspace lies on the longer side), and the result transposed back.
+4. Rows / columns without any observed entry are predicted by the mean model (their factor rows
+   are held at zero), with a warning.
+"""
 from __future__ import annotations
 
+import math
+import warnings
 from dataclasses import dataclass
 
 import torch
 
+from ..linalg import truncated_svd
+from .centering import MeanModel, fit_mean_model
 from .compressed import CompressedFactorization, check_rank
-from .factorization import DeepFactorization
-from .problems import Completion
+from .factorization import DeepFactorization, as_positive_int
+from .problems import Completion, relative_error
 from .steps import suggest_lr, suggest_rank
-from .trainer import History, train_gd
+from .trainer import FAILURE_STATUSES, History, train_gd
 
-__all__ = ["CompletionResult", "complete"]
+__all__ = ["CompletionResult", "complete", "default_rank", "NORMALIZED_TOP"]
+
+NORMALIZED_TOP = 10.0  # top singular value of the (rescaled) residual the network is trained on
 
 
 @dataclass
 class CompletionResult:
-    """matrix: the completed (m, n) matrix (float64); history: the run's :class:`History`;
-    model: the trained network; problem: the :class:`Completion`; rank: r_hat used (None for the
-    uncompressed network); lr: the step used."""
+    """matrix: the completed (m, n) matrix (float64, the data's units and orientation); history:
+    the run's :class:`History` (RMSEs in the data's units, recovery error against ``truth``);
+    model: the trained network — of the *normalised* residual, and of the transpose when
+    ``transposed``; problem: the normalised :class:`Completion`; rank: r_hat used (None for the
+    uncompressed network); lr: the step used (on the normalised problem); mean_model: the fitted
+    :class:`MeanModel`; unit: the residual's scale (matrix = mean + unit * network);
+    transposed: whether the work ran on M^T."""
 
     matrix: torch.Tensor
     history: History
@@ -26,47 +54,275 @@ class CompletionResult:
     problem: Completion
     rank: int | None
     lr: float
+    mean_model: MeanModel | None = None
+    unit: float = 1.0
+    transposed: bool = False
+
+    @property
+    def status(self) -> str:
+        return self.history.status
+
+    @property
+    def ok(self) -> bool:
+        return self.history.ok
 
 
-def complete(observed: torch.Tensor, mask: torch.Tensor, depth: int = 3, rank: int | None = None,
+class _NormalizedCompletion(Completion):
+    """A Completion of the normalised data ``y = (M - mu) / unit`` with row / column biases b, c
+    refitted jointly with the network: at every evaluation one exact ridge sweep ``c <- argmin``,
+    ``b <- argmin`` of ``||y - f - b_i - c_j||^2_Omega + reg (||b||^2 + ||c||^2)`` given the
+    network's current predictions f, then the network's loss and gradients on ``y - b - c``
+    (block coordinate descent; the biases cost O(|Omega|) per step). Errors in the data's units."""
+
+    def __init__(self, y_matrix, mask, mu: float, unit: float, truth_w, fit_biases: bool, reg: float,
+                 b0: torch.Tensor, c0: torch.Tensor, **kw):
+        super().__init__(y_matrix, mask, **kw)
+        self.unit, self.mu = unit, mu
+        self.truth = truth_w  # in the data's units and the working orientation
+        self.y = self.values.clone()
+        self.fit_biases, self.reg = fit_biases, reg
+        m, n = self.shape
+        self._rc = torch.bincount(self.rows, minlength=m).to(torch.float64)
+        self._cc = torch.bincount(self.cols, minlength=n).to(torch.float64)
+        self.b, self.c = b0.clone(), c0.clone()
+        self.values = self.y - self.b[self.rows] - self.c[self.cols]
+
+    def trained_state(self):
+        return (self.b.clone(), self.c.clone())
+
+    def load_trained_state(self, state) -> None:
+        self.b, self.c = state[0].clone(), state[1].clone()
+        self.values = self.y - self.b[self.rows] - self.c[self.cols]
+
+    def entry_offsets(self, rows, cols):
+        return self.b[rows] + self.c[cols]
+
+    def _refit(self, pred: torch.Tensor) -> None:
+        r = self.y - pred
+        m, n = self.shape
+        rden, cden = (self._rc + self.reg).clamp_min(1e-300), (self._cc + self.reg).clamp_min(1e-300)
+        self.c = torch.zeros(n, dtype=r.dtype, device=r.device).index_add_(0, self.cols, r - self.b[self.rows]) / cden
+        self.b = torch.zeros(m, dtype=r.dtype, device=r.device).index_add_(0, self.rows, r - self.c[self.cols]) / rden
+        self.values = self.y - self.b[self.rows] - self.c[self.cols]
+
+    def factored_loss_and_grads(self, X, Bt):
+        r = self._residual(X, Bt)
+        if self.fit_biases:
+            pred = r + self.values
+            self._refit(pred)
+            r = pred.sub_(self.values)
+        return self._loss_and_grads_from_residual(r, X, Bt)
+
+    def loss_and_grad(self, Phi):
+        if self.fit_biases:
+            self._refit(Phi.reshape(-1).take(self._flat))
+        return super().loss_and_grad(Phi)
+
+    def offset_matrix(self) -> torch.Tensor:
+        return self.b[:, None] + self.c[None, :]
+
+    def recovery_error(self, Phi):
+        if self.truth is None:
+            return None
+        return relative_error(self.unit * (Phi + self.offset_matrix()) + self.mu, self.truth)
+
+
+def _coerce_inputs(observed, mask) -> tuple[torch.Tensor, torch.Tensor]:
+    try:
+        import numpy as np
+    except ImportError:  # pragma: no cover
+        np = None
+    if np is not None and isinstance(observed, np.ndarray):
+        observed = torch.from_numpy(observed)
+    if np is not None and isinstance(mask, np.ndarray):
+        mask = torch.from_numpy(mask)
+    if not isinstance(observed, torch.Tensor):
+        raise ValueError(f"observed must be a torch tensor or NumPy array (m, n), got {type(observed).__name__}")
+    if observed.layout != torch.strided:
+        if observed.ndim != 2:
+            raise ValueError(f"observed must be a 2-D matrix, got shape {tuple(observed.shape)}")
+        if mask is not None:
+            raise ValueError("a sparse observed matrix defines its own mask (its stored entries): pass mask=None")
+        try:
+            coo = observed.to_sparse_coo().coalesce()
+        except (RuntimeError, TypeError) as exc:
+            raise ValueError(f"cannot read the sparse layout {observed.layout}: convert it with "
+                             f".to_sparse_coo() or .to_dense() and pass a mask ({exc})") from None
+        idx = coo.indices()
+        dense = torch.zeros(coo.shape, dtype=torch.float64, device=coo.device)
+        mask = torch.zeros(coo.shape, dtype=torch.bool, device=coo.device)
+        dense[idx[0], idx[1]] = coo.values().to(torch.float64)
+        mask[idx[0], idx[1]] = True
+        return dense, mask
+    if mask is None:
+        mask = ~torch.isnan(observed)
+    elif not isinstance(mask, torch.Tensor):
+        raise ValueError(f"mask must be a boolean tensor (m, n), got {type(mask).__name__}")
+    if mask.layout != torch.strided:
+        mask = mask.to_dense()
+    if mask.dtype != torch.bool:
+        if mask.is_floating_point() and not bool(((mask == 0) | (mask == 1)).all()):
+            raise ValueError("mask must be boolean (or 0/1): True where the entry is observed")
+        mask = mask.to(torch.bool)
+    return observed, mask
+
+
+def default_rank(problem: Completion) -> int:
+    """The r_hat ``complete`` uses when none is given: generous, because over-estimating it is
+    what the deep compressed network tolerates (its cost is linear in r_hat):
+    ``min(min(m, n) // 2, max(16, 2 * suggest_rank))``."""
+    cap = max(1, min(problem.shape) // 2)
+    return max(1, min(cap, max(16, 2 * suggest_rank(problem))))
+
+
+def complete(observed, mask=None, depth: int = 3, rank: int | None = None,
              compressed: bool = True, *, width: int | None = None, lr: float | None = None,
-             gamma: float = 0.01, init_scale: float = 1e-3, reduction: str = "mean",
-             max_iters: int = 20_000, tol: float = 0.0, target_error: float | None = None,
+             gamma: float = 0.01, init_scale: float = 1e-3, center: str = "biases", bias_reg: float = 0.0,
+             normalize: bool = True, reduction: str = "mean", max_iters: int = 20_000, tol: float = 1e-9,
+             ftol: float = 1e-10, time_limit: float | None = None, target_error: float | None = None,
              truth: torch.Tensor | None = None, test: tuple | None = None, validation: tuple | None = None,
              patience: int | None = None, eval_every: int = 50, weight_decay: float = 0.0,
              seed: int = 0, progress: bool | None = None) -> CompletionResult:
     """Complete ``observed`` (m, n) from the entries where ``mask`` (m, n, bool) is True.
 
-    compressed=True trains the 2 r_hat-wide compressed network (DESIGN §4.4; ``rank`` = r_hat,
-    default :func:`suggest_rank`, needs ``2 rank <= min(m, n)``; outer factors at ``gamma * lr``);
-    compressed=False trains the depth-``depth`` network of width ``width`` (default min(m, n)).
-    ``lr`` defaults to :func:`suggest_lr` for the mean-reduced loss. Stopping: ``max_iters``,
-    ``tol`` on the train loss, ``target_error`` on the recovery error (needs ``truth``), or early
-    stopping on ``validation = (rows, cols, values)`` with ``patience`` evaluations (the best
-    parameters are kept). Raises ValueError for mismatched shapes, an empty mask, NaN in the
-    observed entries, or ``2 rank > min(shape)``.
+    observed: dense tensor / NumPy array (entries off the mask are ignored, NaN allowed; with
+    ``mask=None`` the non-NaN entries are the observed ones) or a sparse COO / CSR tensor (its
+    stored entries are the observed ones; ``mask`` must be None).
+
+    The data is centred by a mean model and rescaled (``center``, ``bias_reg``, ``normalize``; see
+    the module docstring), so the defaults work at any scale and offset. compressed=True trains
+    the 2 r_hat-wide compressed network (DESIGN §4.4; ``rank`` = r_hat, default
+    :func:`default_rank` (generous), needs ``2 rank <= min(m, n)``; outer factors at
+    ``gamma * lr``); compressed=False trains the depth-``depth`` network of width ``width`` (default
+    min(m, n)) — there ``rank`` is not used and passing it is an error. ``lr`` defaults to
+    :func:`suggest_lr`.
+
+    Stopping (see :func:`train_gd`): relative train residual <= ``tol``; loss stationary
+    (relative decrease <= ``ftol`` over 1000 iterations); ``target_error`` on the recovery error
+    (needs ``truth``); early stopping on ``validation = (rows, cols, values)`` after ``patience``
+    evaluations, counted after the escape from the initial plateau (the best parameters are
+    kept); ``max_iters``; ``time_limit`` seconds. ``result.status`` is "converged",
+    "early_stopped", or a failure ("not_converged", "stalled_at_init", "diverged", each with a
+    RuntimeWarning). ``test = (rows, cols, values)`` is recorded in ``history.test_rmse``.
+
+    Raises ValueError for mismatched shapes, an empty mask, NaN in the observed entries, a bad
+    rank / depth, ``2 rank > min(shape)``, or ``rank`` with compressed=False.
 
     Example::
 
-        res = tlr.matrix.complete(M_obs, mask, depth=3, rank=5)
-        res.matrix, res.history.train_loss[-1]
+        res = tlr.matrix.complete(M_obs, mask)          # ratings, any units
+        res.matrix, res.status, res.history.message
     """
-    problem = Completion(observed, mask, reduction=reduction, truth=truth, test=test)
+    observed, mask = _coerce_inputs(observed, mask)
+    if observed.ndim != 2:
+        raise ValueError(f"observed must be a 2-D matrix, got shape {tuple(observed.shape)}")
+    if mask.shape != observed.shape:
+        raise ValueError(f"mask has shape {tuple(mask.shape)} but observed has shape {tuple(observed.shape)}; "
+                         "pass a boolean mask of the same shape as the matrix")
+    depth = as_positive_int(depth, "depth")
+    if width is not None:
+        width = as_positive_int(width, "width")
+    if rank is not None:
+        rank = as_positive_int(rank, "rank (r_hat)")
+        if not compressed:
+            raise ValueError("rank is the compressed network's r_hat and is not used with compressed=False: "
+                             "set width= for the uncompressed network's width, or drop compressed=False")
+    if center not in ("biases", "mean", "none"):
+        raise ValueError(f"center must be 'biases', 'mean' or 'none', got {center!r}")
+    if truth is not None and tuple(truth.shape) != tuple(observed.shape):
+        raise ValueError(f"truth has shape {tuple(truth.shape)}, expected {tuple(observed.shape)}")
+    if lr is not None and not (lr > 0 and math.isfinite(lr)):
+        raise ValueError(f"lr must be a positive finite number, got {lr!r}")
+    dev = observed.device
+    m0, n0 = observed.shape
+    transposed = m0 > n0
+    O, W = (observed.T, mask.T) if transposed else (observed, mask)
+    W = W.to(dev)
+    m, n = O.shape
+    idx = W.nonzero()
+    if idx.shape[0] == 0:
+        raise ValueError("the mask observes no entries; mark at least one observed entry True")
+    rows, cols = idx[:, 0], idx[:, 1]
+    vals = O.to(torch.float64)[rows, cols]
+    if not torch.isfinite(vals).all():
+        bad = int((~torch.isfinite(vals)).sum())
+        raise ValueError(f"{bad} observed entries are NaN/Inf; drop them from the mask "
+                         "(mask &= torch.isfinite(observed)) or fill them")
+    mean = fit_mean_model(rows, cols, vals, (m, n), center=center, reg=bias_reg)
+    mu = mean.mu
+    resid = vals - mean.predict(rows, cols)
+    unit = 1.0
+    if normalize:
+        p = idx.shape[0] / (m * n)
+        R = torch.zeros((m, n), dtype=torch.float64, device=dev)
+        R[rows, cols] = resid / p
+        s = float(truncated_svd(R, 1)[1][0]) if resid.abs().max() > 0 else 0.0
+        if s > 0 and math.isfinite(s):
+            unit = s / NORMALIZED_TOP
+        del R
+    swap = (lambda e: (e[1], e[0], e[2])) if transposed else (lambda e: e)
+
+    def to_work(entries):
+        if entries is None:
+            return None
+        r, c, v = swap(entries)
+        r, c = torch.as_tensor(r).long().to(dev), torch.as_tensor(c).long().to(dev)
+        v = torch.as_tensor(v).to(dev, torch.float64)
+        return r, c, (v - mu) / unit
+
+    truth_w = None if truth is None else (truth.T if transposed else truth).to(dev, torch.float64)
+    Y = torch.zeros((m, n), dtype=torch.float64, device=dev)
+    Y[rows, cols] = (vals - mu) / unit
+    problem = _NormalizedCompletion(Y, W, mu, unit, truth_w, center == "biases", bias_reg, mean.row / unit,
+                                    mean.col / unit, reduction=reduction, test=to_work(test))
+    del Y
+    val_w = to_work(validation)
+    row_empty = mean.row_counts == 0
+    col_empty = mean.col_counts == 0
+    n_re, n_ce = int(row_empty.sum()), int(col_empty.sum())
+    if n_re or n_ce:
+        nr, nc = (n_ce, n_re) if transposed else (n_re, n_ce)  # in the caller's orientation
+        warnings.warn(f"{nr} rows and {nc} columns have no observed entry: they are predicted by the mean model "
+                      "(global mean plus the other side's bias), not by the low-rank part", UserWarning,
+                      stacklevel=2)
     gen = torch.Generator().manual_seed(seed)
     if compressed:
         if rank is None:
-            rank = suggest_rank(problem)
-        check_rank(rank, problem.shape)
+            rank = default_rank(problem)
+        rank = check_rank(rank, problem.shape)
         model = CompressedFactorization.from_problem(problem, rank, depth=depth, init_scale=init_scale,
                                                      gamma=gamma, generator=gen)
+        if n_re or n_ce:  # rows of the outer factors that no gradient reaches: hold them at zero
+            model.left.data[row_empty] = 0
+            model.right.data[col_empty] = 0
     else:
-        model = DeepFactorization(problem.shape, depth=depth, width=width, init_scale=init_scale, generator=gen)
+        model = DeepFactorization(problem.shape, depth=depth, width=width, init_scale=init_scale, generator=gen,
+                                  device=dev)
+        if n_re or n_ce:
+            model.factors[-1].data[row_empty] = 0
+            model.factors[0].data[:, col_empty] = 0
         rank = None
     if lr is None:
         lr = suggest_lr(problem, depth)
-    hist = train_gd(model, problem, lr, max_iters=max_iters, tol=tol, target_error=target_error,
-                    eval_every=eval_every, validation=validation, patience=patience,
-                    weight_decay=weight_decay, progress=progress)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        hist = train_gd(model, problem, lr, max_iters=max_iters, tol=tol, ftol=ftol, target_error=target_error,
+                        eval_every=eval_every, validation=val_w, patience=patience, time_limit=time_limit,
+                        weight_decay=weight_decay, progress=progress)
+    for w in caught:  # re-issue the trainer's warnings as the caller's, with what complete() can change
+        if hist.status in FAILURE_STATUSES and str(w.message) == hist.message:
+            continue
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if hist.status in FAILURE_STATUSES:
+        hint = {"stalled_at_init": " For complete(): raise init_scale (e.g. 1e-2) or max_iters.",
+                "not_converged": " For complete(): raise max_iters / time_limit.",
+                "diverged": " For complete(): pass a smaller lr."}[hist.status]
+        warnings.warn(hist.message + hint, RuntimeWarning, stacklevel=2)
     with torch.no_grad():
-        matrix = model.end_to_end().detach()
-    return CompletionResult(matrix, hist, model, problem, rank, lr)
+        X, Bt = model.factor_pair()
+        matrix = unit * (X @ Bt.T + problem.offset_matrix()) + mu
+    mean = MeanModel(mu, unit * problem.b, unit * problem.c, mean.row_counts, mean.col_counts)
+    if transposed:
+        matrix = matrix.T.contiguous()
+        mean = mean.transpose()
+    return CompletionResult(matrix, hist, model, problem, rank, lr, mean, unit, transposed)

@@ -21,16 +21,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..linalg import orthogonal_init, orthonormal_basis, truncated_svd
-from .factorization import DeepFactorization, chain_grads, chain_products
+from ..linalg import orthonormal_basis, truncated_svd
+from .factorization import DeepFactorization, as_positive_int, chain_grads, chain_products, haar_semi_orthogonal
 
-__all__ = ["CompressedFactorization", "check_rank"]
+__all__ = ["CompressedFactorization", "check_rank", "as_positive_int", "haar_semi_orthogonal"]
 
 
 def check_rank(rank, shape: tuple[int, int]) -> int:
-    """Validate an assumed rank r_hat: an int with ``2 r_hat <= min(shape)``."""
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"rank (r_hat) must be a positive int, got {rank!r}")
+    """Validate an assumed rank r_hat: an int with ``2 r_hat <= min(shape)``; returns it as an int."""
+    rank = as_positive_int(rank, "rank (r_hat)")
     if 2 * rank > min(shape):
         raise ValueError(f"the compressed network has width 2*rank = {2 * rank} > min(shape) = {min(shape)}; "
                          f"use rank <= {min(shape) // 2} or compressed=False for this small matrix")
@@ -74,7 +73,8 @@ class CompressedFactorization(nn.Module):
         rank ``rank`` (r_hat). ``base``: an existing original network (its init is used exactly);
         otherwise its end-to-end init is drawn with ``generator``."""
         m, n = problem.shape
-        check_rank(rank, (m, n))
+        rank = check_rank(rank, (m, n))
+        dev = getattr(problem, "device", None)
         if base is not None:
             if tuple(base.shape) != (m, n):
                 raise ValueError(f"base network has shape {base.shape}, problem has {(m, n)}")
@@ -87,16 +87,18 @@ class CompressedFactorization(nn.Module):
             V1 = orthonormal_basis(torch.cat([Vh.T, Ws[0].T @ U / eps], dim=1))
             left = Phi0 @ V1 / eps ** depth
         else:
-            if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
-                raise ValueError(f"depth must be an int >= 1, got {depth!r}")
+            depth = as_positive_int(depth, "depth")
             eps = float(init_scale)
-            O = orthogonal_init(m, n, 1.0, generator=generator, dtype=torch.float64)
+            # drawn on the CPU (the same init whatever the device), then moved
+            if generator is not None and generator.device.type != "cpu":
+                raise ValueError("pass a CPU torch.Generator (the initialisation is drawn on the CPU)")
+            O = haar_semi_orthogonal(m, n, generator).to(dev)
             _, G = problem.loss_and_grad(eps ** depth * O)
             U, _, Vh = truncated_svd(G, rank)
             V1 = orthonormal_basis(torch.cat([Vh.T, O.T @ U], dim=1))
             left = O @ V1
         k = V1.shape[1]
-        eye = torch.eye(k, dtype=torch.float64)
+        eye = torch.eye(k, dtype=torch.float64, device=V1.device)
         return cls(left, [eps * eye for _ in range(depth)], V1, gamma=gamma, init_scale=eps)
 
     @property

@@ -8,12 +8,38 @@ in the tests, so the trainer runs without building an autograd graph.
 """
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch import nn
 
-from ..linalg import orthogonal_init
+__all__ = ["DeepFactorization", "chain_products", "chain_grads", "haar_semi_orthogonal", "as_positive_int"]
 
-__all__ = ["DeepFactorization", "chain_products", "chain_grads"]
+
+def as_positive_int(value, name: str) -> int:
+    """``value`` as a Python int >= 1 (NumPy / torch integers accepted; bools and floats are not)."""
+    if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.is_floating_point()):
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    try:
+        v = operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name} must be a positive int, got {value!r}") from None
+    if v < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return v
+
+
+def haar_semi_orthogonal(m: int, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A Haar-distributed (m, n) float64 matrix with orthonormal columns (m >= n) or rows, drawn on
+    the CPU whatever the default device (QR of a Gaussian with the sign fix of Mezzadri 2007)."""
+    big, small = max(m, n), min(m, n)
+    g = torch.randn(big, small, generator=generator, dtype=torch.float64, device="cpu")
+    Q, R = torch.linalg.qr(g)
+    d = torch.diagonal(R)
+    Q = Q * torch.where(d < 0, -1.0, 1.0).to(torch.float64)
+    return Q if m >= n else Q.T
+
+
 
 
 def _check_shape(shape) -> tuple[int, int]:
@@ -72,12 +98,8 @@ class DeepFactorization(nn.Module):
                  dtype: torch.dtype = torch.float64, device: torch.device | str | None = None) -> None:
         super().__init__()
         m, n = _check_shape(shape)
-        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
-            raise ValueError(f"depth must be an int >= 1, got {depth!r}")
-        if width is None:
-            width = min(m, n)
-        if isinstance(width, bool) or not isinstance(width, int) or width < 1:
-            raise ValueError(f"width must be a positive int (or None for min(shape)), got {width!r}")
+        depth = as_positive_int(depth, "depth")
+        width = min(m, n) if width is None else as_positive_int(width, "width (or None for min(shape))")
         if not init_scale > 0:
             raise ValueError(f"init_scale must be > 0, got {init_scale!r}")
         self.shape = (m, n)
@@ -86,8 +108,9 @@ class DeepFactorization(nn.Module):
         self.init_scale = float(init_scale)
         dims = [n] + [width] * (depth - 1) + [m]
         self.factors = nn.ParameterList(
-            nn.Parameter(orthogonal_init(dims[l + 1], dims[l], init_scale, generator=generator,
-                                         dtype=dtype, device=device), requires_grad=False)
+            nn.Parameter((init_scale * haar_semi_orthogonal(dims[l + 1], dims[l], generator)).to(dtype=dtype,
+                                                                                                   device=device),
+                         requires_grad=False)
             for l in range(depth))
 
     def end_to_end(self) -> torch.Tensor:

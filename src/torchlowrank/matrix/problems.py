@@ -17,8 +17,6 @@ import warnings
 
 import torch
 
-warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-
 __all__ = ["Problem", "Completion", "Sensing", "Factorization", "low_rank_target", "random_mask",
            "relative_error"]
 
@@ -35,8 +33,9 @@ def low_rank_target(shape: tuple[int, int], rank: int, *, generator: torch.Gener
     m, n = shape
     if not 1 <= rank <= min(m, n):
         raise ValueError(f"rank must be in 1..{min(m, n)} for shape {shape}, got {rank}")
-    U = torch.randn(m, rank, generator=generator, dtype=torch.float64)
-    V = torch.randn(n, rank, generator=generator, dtype=torch.float64)
+    dev = "cpu" if generator is None else generator.device
+    U = torch.randn(m, rank, generator=generator, dtype=torch.float64, device=dev)
+    V = torch.randn(n, rank, generator=generator, dtype=torch.float64, device=dev)
     return ((U @ V.T) / (m * n) ** 0.25).to(dtype)
 
 
@@ -45,7 +44,8 @@ def random_mask(shape: tuple[int, int], fraction: float, *, generator: torch.Gen
     """Boolean (m, n) mask with each entry observed independently with probability ``fraction``."""
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"fraction must be in (0, 1], got {fraction}")
-    return torch.rand(shape, generator=generator, dtype=torch.float64) < fraction
+    dev = "cpu" if generator is None else generator.device
+    return torch.rand(shape, generator=generator, dtype=torch.float64, device=dev) < fraction
 
 
 def _check_reduction(reduction: str) -> str:
@@ -130,7 +130,9 @@ class Sensing(Problem):
                  reduction: str = "mean") -> "Sensing":
         """Gaussian operators with i.i.d. N(0, 1/p) entries applied to ``truth``."""
         m, n = truth.shape
-        A = torch.randn(n_measurements, m, n, generator=generator, dtype=torch.float64) / math.sqrt(n_measurements)
+        dev = "cpu" if generator is None else generator.device
+        A = torch.randn(n_measurements, m, n, generator=generator, dtype=torch.float64, device=dev)
+        A = A.to(truth.device) / math.sqrt(n_measurements)
         y = (A.reshape(n_measurements, -1) @ truth.reshape(-1).to(torch.float64))
         return cls(A, y, reduction=reduction, truth=truth)
 
@@ -148,13 +150,15 @@ class Completion(Problem):
     observed: (m, n) values (entries outside the mask are ignored and may be anything, NaN too);
     mask: (m, n) bool, True where observed. Optional ``truth`` (m, n) for the recovery error over
     all entries and ``test = (rows, cols, values)`` held-out entries for ``test_rmse``.
-    ``sparse_max_width``: factored evaluations with k <= this use the observed-entries path
-    (gathers + CSR products, cost O(|Omega| k + (m + n) k)); wider ones form Phi densely.
+    Factored evaluations (``Phi = X Bt^T`` of any width k) use the observed entries only: row
+    blocks of ``X Bt^T`` or gathers for the residual, CSR products for the gradients, so the cost
+    is linear in k. ``sparse_max_width`` (default None: no limit) forms Phi densely above that width.
+    Everything is allocated on ``observed``'s device.
     """
 
     def __init__(self, observed: torch.Tensor, mask: torch.Tensor, reduction: str = "mean",
                  truth: torch.Tensor | None = None, test: tuple | None = None,
-                 sparse_max_width: int = 64) -> None:
+                 sparse_max_width: int | None = None) -> None:
         if not isinstance(observed, torch.Tensor) or not isinstance(mask, torch.Tensor):
             raise ValueError("observed and mask must be torch tensors")
         if observed.ndim != 2:
@@ -167,6 +171,7 @@ class Completion(Problem):
         if idx.shape[0] == 0:
             raise ValueError("the mask observes no entries; mark at least one observed entry True")
         self.shape = tuple(observed.shape)
+        self.device = observed.device
         self.rows = idx[:, 0].contiguous()
         self.cols = idx[:, 1].contiguous()
         self.values = observed.to(torch.float64)[self.rows, self.cols].contiguous()
@@ -183,15 +188,16 @@ class Completion(Problem):
         self.test = None
         if test is not None:
             r, c, v = test
-            self.test = (r.long(), c.long(), v.to(torch.float64))
+            self.test = (r.long().to(self.device), c.long().to(self.device), v.to(self.device, torch.float64))
         self.sparse_max_width = sparse_max_width
         m, n = self.shape
         self._flat = self.rows * n + self.cols
         # CSR of the observed pattern (row-major, as nonzero() returns it) and of its transpose
-        self._crow = torch.zeros(m + 1, dtype=torch.int64)
+        dev = self.device
+        self._crow = torch.zeros(m + 1, dtype=torch.int64, device=dev)
         self._crow[1:] = torch.bincount(self.rows, minlength=m).cumsum(0)
         self._perm = torch.argsort(self.cols * m + self.rows)
-        self._crow_t = torch.zeros(n + 1, dtype=torch.int64)
+        self._crow_t = torch.zeros(n + 1, dtype=torch.int64, device=dev)
         self._crow_t[1:] = torch.bincount(self.cols, minlength=n).cumsum(0)
         self._col_t = self.rows[self._perm].contiguous()
         self._mask_dense: torch.Tensor | None = None
@@ -200,9 +206,11 @@ class Completion(Problem):
     def from_entries(cls, rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor,
                      shape: tuple[int, int], **kwargs) -> "Completion":
         """Build from index lists (duplicates: the last one wins)."""
-        M = torch.zeros(shape, dtype=torch.float64)
-        mask = torch.zeros(shape, dtype=torch.bool)
-        M[rows.long(), cols.long()] = values.to(torch.float64)
+        dev = values.device
+        M = torch.zeros(shape, dtype=torch.float64, device=dev)
+        mask = torch.zeros(shape, dtype=torch.bool, device=dev)
+        rows, cols = rows.long().to(dev), cols.long().to(dev)
+        M[rows, cols] = values.to(torch.float64)
         mask[rows.long(), cols.long()] = True
         return cls(M, mask, **kwargs)
 
@@ -212,14 +220,14 @@ class Completion(Problem):
 
     def mask(self) -> torch.Tensor:
         if self._mask_dense is None:
-            mk = torch.zeros(self.shape, dtype=torch.float64)
+            mk = torch.zeros(self.shape, dtype=torch.float64, device=self.device)
             mk.view(-1)[self._flat] = 1.0
             self._mask_dense = mk
         return self._mask_dense
 
     def observed_matrix(self) -> torch.Tensor:
         """(m, n) with the observed values and zeros elsewhere."""
-        M = torch.zeros(self.shape, dtype=torch.float64)
+        M = torch.zeros(self.shape, dtype=torch.float64, device=self.device)
         M.view(-1)[self._flat] = self.values
         return M
 
@@ -228,22 +236,24 @@ class Completion(Problem):
 
     def loss_and_grad(self, Phi):
         r = Phi.reshape(-1).take(self._flat) - self.values
-        G = torch.zeros(self.shape, dtype=Phi.dtype)
+        G = torch.zeros(self.shape, dtype=Phi.dtype, device=Phi.device)
         G.view(-1)[self._flat] = self.scale * r
         return 0.5 * self.scale * r.dot(r), G
 
     def factored_loss_and_grads(self, X, Bt):
-        if X.shape[1] > self.sparse_max_width:
+        if self.sparse_max_width is not None and X.shape[1] > self.sparse_max_width:
             return super().factored_loss_and_grads(X, Bt)
+        return self._loss_and_grads_from_residual(self._residual(X, Bt), X, Bt)
+
+    def _loss_and_grads_from_residual(self, r: torch.Tensor, X: torch.Tensor, Bt: torch.Tensor):
         m, n = self.shape
-        r = self._residual(X, Bt)
         loss = 0.5 * self.scale * r.dot(r)
         r.mul_(self.scale)
         with warnings.catch_warnings():  # "sparse CSR support is in beta"
             warnings.simplefilter("ignore", UserWarning)
-            S = torch.sparse_csr_tensor(self._crow, self.cols, r, (m, n), check_invariants=False)
+            S = torch.sparse_csr_tensor(self._crow, self.cols, r, (m, n), check_invariants=False, device=r.device)
             St = torch.sparse_csr_tensor(self._crow_t, self._col_t, r.index_select(0, self._perm), (n, m),
-                                         check_invariants=False)
+                                         check_invariants=False, device=r.device)
         return loss, S @ Bt, St @ X
 
     _CHUNK = 8192  # entries per gather block: two (chunk, k) float64 buffers stay in cache
@@ -261,15 +271,15 @@ class Completion(Problem):
         if self.fraction >= self.DENSE_BLOCK_FRACTION:
             return self._residual_row_blocks(X, Bt)
         k = X.shape[1]
-        key = (k, X.dtype)
+        key = (k, X.dtype, X.device)
         if getattr(self, "_buf_key", None) != key:
             C = min(self._CHUNK, self.n_observed)
-            self._buf = (torch.empty(C, k, dtype=X.dtype), torch.empty(C, k, dtype=X.dtype),
-                         torch.ones(k, dtype=X.dtype))
+            self._buf = (torch.empty(C, k, dtype=X.dtype, device=X.device),
+                         torch.empty(C, k, dtype=X.dtype, device=X.device), torch.ones(k, dtype=X.dtype, device=X.device))
             self._blocks = [(s, min(s + C, self.n_observed)) for s in range(0, self.n_observed, C)]
             self._buf_key = key
         b1, b2, ones = self._buf
-        out = torch.empty(self.n_observed, dtype=X.dtype)
+        out = torch.empty(self.n_observed, dtype=X.dtype, device=X.device)
         X, Bt = X.contiguous(), Bt.contiguous()
         for s, e in self._blocks:
             x1, x2 = b1[: e - s], b2[: e - s]
@@ -290,7 +300,7 @@ class Completion(Problem):
                 if b > a:  # entries a:b lie in rows s:e (row-major order); their offsets inside the block
                     blocks.append((s, e, a, b, (self.rows[a:b] - s) * n + self.cols[a:b]))
             self._row_blocks = blocks
-        out = torch.empty(self.n_observed, dtype=X.dtype)
+        out = torch.empty(self.n_observed, dtype=X.dtype, device=X.device)
         BtT = Bt.T
         for s, e, a, b, local in self._row_blocks:
             torch.take(X[s:e] @ BtT, local, out=out[a:b])

@@ -1,9 +1,25 @@
-"""Full-batch gradient descent for deep factorizations, with stopping rules, divergence detection,
-early stopping on a validation set, and a history.
+"""Full-batch gradient descent for deep factorizations, with scale-free stopping rules, honest
+statuses, divergence detection, early stopping on a validation set, and a history.
 
 The loop runs on hand-written gradients (``model.loss_and_grads(problem)``) without autograd. The
 loss is read back to the host only every ``check_every`` iterations (divergence / tolerance checks)
 and the end-to-end matrix is only formed every ``eval_every`` iterations (recovery / test errors).
+
+Statuses (``History.status``):
+
+- ``"converged"``: the relative train residual ``sqrt(loss / loss(0))`` fell to ``tol``, or the
+  recovery error to ``target_error``, or the loss stopped moving (relative decrease below
+  ``ftol`` over the last ``window`` iterations and not accelerating, after the escape from the
+  initial plateau);
+  ``History.reason`` says which ("tol", "target_error", "stationary").
+- ``"early_stopped"``: no validation improvement for ``patience`` evaluations counted from the
+  escape (the best parameters are restored).
+- ``"not_converged"``: the budget (``max_iters`` or ``time_limit``) ran out while still improving.
+- ``"stalled_at_init"``: the budget ran out before the loss fell by ``escape`` (default 1%) from
+  its initial value: the run never left the small initialisation.
+- ``"diverged"``: a non-finite loss, or one above ``blowup`` times the initial one.
+
+The last three are failures: each also raises a ``RuntimeWarning`` that says what to change.
 """
 from __future__ import annotations
 
@@ -14,7 +30,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["History", "train_gd"]
+__all__ = ["History", "train_gd", "SUCCESS_STATUSES", "FAILURE_STATUSES"]
+
+SUCCESS_STATUSES = ("converged", "early_stopped")
+FAILURE_STATUSES = ("not_converged", "stalled_at_init", "diverged")
 
 
 @dataclass
@@ -23,8 +42,11 @@ class History:
 
     iterations; train_loss; recovery_error (||Phi - M||_F / ||M||_F, when the truth is known);
     test_rmse / val_rmse (held-out entries, when given); wall_time (seconds of training, excluding
-    the time spent computing these records). status: "target_reached" | "tol_reached" |
-    "max_iters" | "early_stopped" | "diverged" | "time_limit"; message explains it.
+    the time spent computing these records). status: "converged" | "early_stopped" |
+    "not_converged" | "stalled_at_init" | "diverged" (see the module docstring); reason: why it
+    stopped ("tol", "target_error", "stationary", "patience", "max_iters", "time_limit",
+    "blowup"); message explains it; escaped_at: first checked iteration at which the loss was
+    ``escape`` below its initial value (None if never).
     """
 
     iterations: list[int] = field(default_factory=list)
@@ -34,7 +56,9 @@ class History:
     val_rmse: list[float] = field(default_factory=list)
     wall_time: list[float] = field(default_factory=list)
     status: str = ""
+    reason: str = ""
     message: str = ""
+    escaped_at: int | None = None
     n_iters: int = 0
     train_time: float = 0.0
     best_iteration: int | None = None
@@ -52,62 +76,87 @@ class History:
                 return it
         return None
 
+    @property
+    def ok(self) -> bool:
+        """True for "converged" and "early_stopped"."""
+        return self.status in SUCCESS_STATUSES
+
     def as_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
-def _rmse(model, entries) -> float:
+def _rmse(model, entries, unit: float = 1.0, problem=None) -> float:
     rows, cols, vals = entries
     X, Bt = model.factor_pair()
     pred = (X.index_select(0, rows) * Bt.index_select(0, cols)).sum(1)
-    return float((pred - vals.to(pred.dtype)).square().mean().sqrt())
+    offsets = getattr(problem, "entry_offsets", None)
+    if offsets is not None:  # a problem with bias terms fitted beside the network
+        pred = pred + offsets(rows, cols)
+    return unit * float((pred - vals.to(pred.dtype)).square().mean().sqrt())
+
+
+def _zero_loss(problem) -> float:
+    if hasattr(problem, "values"):
+        return float(0.5 * problem.scale * problem.values.dot(problem.values))
+    ref = getattr(problem, "target", getattr(problem, "y", None))
+    dev = ref.device if ref is not None else None
+    return float(problem.loss_and_grad(torch.zeros(problem.shape, dtype=torch.float64, device=dev))[0])
 
 
 @torch.no_grad()
-def train_gd(model, problem, lr: float, *, max_iters: int = 10_000, tol: float = 0.0,
-             target_error: float | None = None, weight_decay: float = 0.0, eval_every: int = 10,
-             check_every: int = 10, blowup: float = 1e6, validation: tuple | None = None,
-             patience: int | None = None, time_limit: float | None = None, callback=None,
-             num_threads: int | str | None = "auto", progress: bool | None = None) -> History:
+def train_gd(model, problem, lr: float, *, max_iters: int = 10_000, tol: float = 1e-9, ftol: float = 1e-10,
+             window: int = 1000, target_error: float | None = None, weight_decay: float = 0.0,
+             eval_every: int = 10, check_every: int = 10, blowup: float = 1e6, escape: float = 0.01,
+             validation: tuple | None = None, patience: int | None = None, time_limit: float | None = None,
+             callback=None, num_threads: int | None = None, progress: bool | None = None) -> History:
     """Full-batch GD: ``W <- W - lr * s * (grad + weight_decay * W)`` for every factor, s the factor's
     ``model.lr_scales()`` multiplier (gamma for the outer factors of a compressed network).
 
-    Stops at the first of: recovery error <= ``target_error`` (checked every ``eval_every``, needs
-    ``problem.truth``); train loss <= ``tol`` (checked every ``check_every``); ``max_iters``;
-    ``time_limit`` seconds of training; no validation improvement for ``patience`` evaluations
-    (``validation = (rows, cols, values)``; the best parameters are restored); divergence (a
-    non-finite loss, or a loss above ``blowup`` times the initial one: a warning suggests a smaller
-    step). ``callback(t, model)`` runs at every evaluation. ``num_threads``: torch CPU threads for the
-    loop (restored afterwards); None keeps the current setting; "auto" uses 1 for networks of width
-    <= 64 (the compressed one), whose operations are too small to share between threads (on a busy
-    machine every parallel region then waits for a free core). Returns a :class:`History`.
+    Stops at the first of (statuses in the module docstring): relative train residual
+    ``sqrt(loss / loss(0)) <= tol`` (scale-free; 0 disables; checked every ``check_every``);
+    recovery error <= ``target_error`` (checked every ``eval_every``, needs ``problem.truth``);
+    relative loss decrease ``<= ftol`` over the last ``window`` iterations, and no larger than over
+    the window before, once escaped; no
+    validation improvement for ``patience`` evaluations after the escape (``validation = (rows,
+    cols, values)``; the best parameters are restored); ``max_iters``; ``time_limit`` seconds of
+    training; divergence. ``callback(t, model)`` runs at every evaluation. ``num_threads``: torch
+    CPU threads for the loop, restored afterwards (default None: the caller's setting is left
+    alone). Validation / test RMSEs are multiplied by ``problem.unit`` when the problem has one
+    (a normalised problem reporting in the data's units). Returns a :class:`History`.
     """
-    if num_threads == "auto":
-        num_threads = 1 if min(min(p.shape) for p in model.factor_parameters()) <= 64 else None
     if num_threads is not None:
+        if isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1:
+            raise ValueError(f"num_threads must be a positive int or None, got {num_threads!r}")
         saved = torch.get_num_threads()
         torch.set_num_threads(num_threads)
         try:
-            return train_gd(model, problem, lr, max_iters=max_iters, tol=tol, target_error=target_error,
-                            weight_decay=weight_decay, eval_every=eval_every, check_every=check_every,
-                            blowup=blowup, validation=validation, patience=patience, time_limit=time_limit,
-                            callback=callback, num_threads=None, progress=progress)
+            return train_gd(model, problem, lr, max_iters=max_iters, tol=tol, ftol=ftol, window=window,
+                            target_error=target_error, weight_decay=weight_decay, eval_every=eval_every,
+                            check_every=check_every, blowup=blowup, escape=escape, validation=validation,
+                            patience=patience, time_limit=time_limit, callback=callback, num_threads=None,
+                            progress=progress)
         finally:
             torch.set_num_threads(saved)
     if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
         raise ValueError(f"lr must be a positive finite number, got {lr!r}")
-    if eval_every < 1 or check_every < 1:
-        raise ValueError("eval_every and check_every must be >= 1")
+    if eval_every < 1 or check_every < 1 or window < 1:
+        raise ValueError("eval_every, check_every and window must be >= 1")
+    if not (tol >= 0 and ftol >= 0 and 0 < escape < 1):
+        raise ValueError(f"need tol >= 0, ftol >= 0 and 0 < escape < 1, got {tol!r}, {ftol!r}, {escape!r}")
     if target_error is not None and problem.truth is None:
         raise ValueError("target_error needs the true matrix: pass truth= to the problem")
+    unit = float(getattr(problem, "unit", 1.0))
     params = list(model.factor_parameters())
     scales = model.lr_scales()
     steps = [lr * s for s in scales]
     decays = [1.0 - lr * s * weight_decay for s in scales]
     hist = History()
     best_val, best_state, since_best = math.inf, None, 0
+    best_extra = [None]
     train_time = 0.0
     loss0 = None
+    zero_loss = max(_zero_loss(problem), 1e-300)
+    checks: list[tuple[int, float]] = []  # (iteration, loss) at every check, for the stationarity test
 
     def record(t: int, loss: torch.Tensor) -> str | None:
         nonlocal best_val, best_state, since_best
@@ -119,19 +168,21 @@ def train_gd(model, problem, lr: float, *, max_iters: int = 10_000, tol: float =
             err = problem.recovery_error(model.end_to_end())
             hist.recovery_error.append(err)
             if target_error is not None and err <= target_error:
-                stop = "target_reached"
+                stop = "target_error"
         if getattr(problem, "test", None) is not None:
-            hist.test_rmse.append(_rmse(model, problem.test))
+            hist.test_rmse.append(_rmse(model, problem.test, unit, problem))
         if validation is not None:
-            v = _rmse(model, validation)
+            v = _rmse(model, validation, unit, problem)
             hist.val_rmse.append(v)
             if v < best_val:
                 best_val, since_best, hist.best_iteration = v, 0, t
                 best_state = [p.detach().clone() for p in params]
-            else:
+                if hasattr(problem, "trained_state"):  # terms the problem fits beside the network (biases)
+                    best_extra[0] = problem.trained_state()
+            elif hist.escaped_at is not None:  # patience counts only after the escape from the plateau
                 since_best += 1
                 if patience is not None and since_best >= patience:
-                    stop = "early_stopped"
+                    stop = "patience"
         if callback is not None:
             callback(t, model)
         return stop
@@ -139,35 +190,51 @@ def train_gd(model, problem, lr: float, *, max_iters: int = 10_000, tol: float =
     from ..progress import progress_bar
 
     bar = progress_bar(total=max_iters, desc="gd", enabled=progress)
-    status = "max_iters"
+    reason = None
     t = 0
-    loss = None
     try:
         for t in range(max_iters + 1):
             t0 = time.perf_counter()
             loss, grads = model.loss_and_grads(problem)
             train_time += time.perf_counter() - t0
-            if t % check_every == 0 or t == max_iters:
+            checked = t % check_every == 0 or t == max_iters
+            if checked:
                 lv = float(loss)
                 if loss0 is None:
                     loss0 = max(lv, 1e-300)
                 if not math.isfinite(lv) or lv > blowup * loss0:
-                    status = "diverged"
+                    reason = "blowup"
                     hist.message = (f"gradient descent diverged at iteration {t} (train loss {lv:.3g}, initial "
                                     f"{loss0:.3g}); the step lr={lr:g} is too large for this problem: retry with "
                                     f"a smaller step, e.g. lr={lr / 4:g}")
-                    warnings.warn(hist.message, RuntimeWarning, stacklevel=2)
                     break
-                if lv <= tol:
-                    status = "tol_reached"
-            if t % eval_every == 0 or t == max_iters or status == "tol_reached":
+                if hist.escaped_at is None and lv <= (1 - escape) * loss0:
+                    hist.escaped_at = t
+                    since_best = 0
+                checks.append((t, lv))
+                if tol > 0 and lv <= tol * tol * zero_loss:
+                    reason = "tol"
+                elif hist.escaped_at is not None and ftol > 0 and t - hist.escaped_at >= window:
+                    j = len(checks) - 1 - window // check_every
+                    i0 = j - window // check_every
+                    # stationary: the loss fell by <= ftol over the last window, and by no more than
+                    # over the window before (a saddle between two learned directions looks flat too,
+                    # but there the decrease accelerates as the next direction grows)
+                    if i0 >= 0 and checks[i0][0] >= hist.escaped_at:
+                        d1, d0 = checks[j][1] - lv, checks[i0][1] - checks[j][1]
+                        if d1 <= ftol * checks[j][1] and d1 <= d0:
+                            reason = "stationary"
+            if t % eval_every == 0 or t == max_iters or reason is not None:
                 stop = record(t, loss)
-                if stop is not None:
-                    status = stop
-            if status != "max_iters" or t == max_iters:
+                if stop is not None and reason is None:
+                    reason = stop
+            if reason is not None:
+                break
+            if t == max_iters:
+                reason = "max_iters"
                 break
             if time_limit is not None and train_time >= time_limit:
-                status = "time_limit"
+                reason = "time_limit"
                 record(t, loss)
                 break
             t0 = time.perf_counter()
@@ -182,19 +249,44 @@ def train_gd(model, problem, lr: float, *, max_iters: int = 10_000, tol: float =
     finally:
         if bar is not None:
             bar.close()
-    if status == "early_stopped" and best_state is not None:
+    if reason == "patience" and best_state is not None:
         for p, b in zip(params, best_state):
             p.copy_(b)
-    hist.status = status
+        if best_extra[0] is not None:
+            problem.load_trained_state(best_extra[0])
+    if reason == "blowup":
+        status = "diverged"
+    elif reason in ("tol", "target_error", "stationary"):
+        status = "converged"
+    elif reason == "patience":
+        status = "early_stopped"
+    else:
+        status = "not_converged" if hist.escaped_at is not None else "stalled_at_init"
+    hist.status, hist.reason = status, reason
     hist.n_iters = t
     hist.train_time = train_time
+    budget = f"the iteration budget (max_iters={max_iters})" if reason == "max_iters" else \
+        f"the time limit ({time_limit} s) after {t} iterations"
+    rel = math.sqrt(max(hist.train_loss[-1], 0.0) / zero_loss) if hist.train_loss else float("nan")
     if not hist.message:
         hist.message = {
-            "target_reached": f"recovery error <= {target_error} at iteration {t}",
-            "tol_reached": f"train loss <= {tol} at iteration {t}",
-            "max_iters": f"stopped at the iteration budget ({max_iters})",
-            "early_stopped": f"validation RMSE did not improve for {patience} evaluations; restored the "
-                             f"parameters of iteration {hist.best_iteration}",
-            "time_limit": f"stopped at the time limit ({time_limit} s) after {t} iterations",
-        }.get(status, status)
+            "target_error": f"converged: recovery error <= {target_error} at iteration {t}",
+            "tol": f"converged: relative train residual {rel:.3g} <= tol={tol:g} at iteration {t}",
+            "stationary": f"converged: the train loss fell by less than a fraction ftol={ftol:g} over the last "
+                          f"{window} iterations (iteration {t}, relative train residual {rel:.3g})",
+            "patience": f"early stopped: validation RMSE did not improve for {patience} evaluations after the "
+                        f"escape at iteration {hist.escaped_at}; restored the parameters of iteration "
+                        f"{hist.best_iteration}",
+        }.get(reason, "")
+        if status == "not_converged":
+            hist.message = (f"not converged: stopped at {budget} while the train loss was still falling "
+                            f"(relative train residual {rel:.3g}, tol={tol:g}); raise max_iters / time_limit "
+                            f"or the step lr={lr:g}")
+        elif status == "stalled_at_init":
+            hist.message = (f"stalled at init: stopped at {budget} before the train loss fell by {escape:.0%} "
+                            f"from its initial value ({rel:.3g} relative residual): the network never left "
+                            f"its small initialisation; raise init_scale, the step lr={lr:g} or max_iters "
+                            f"(or normalise the data: tlr.matrix.complete does)")
+    if status in FAILURE_STATUSES:
+        warnings.warn(hist.message, RuntimeWarning, stacklevel=3)  # past the no_grad wrapper
     return hist
