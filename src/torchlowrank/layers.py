@@ -66,6 +66,26 @@ class _LowRankFactors(nn.Module):
         """The (out, in) matrix U diag(S) V^T this layer applies (differentiable)."""
         return (self.U * self.S) @ self.V.T
 
+    @torch.no_grad()
+    def set_factors(self, U: torch.Tensor, S: torch.Tensor, V: torch.Tensor) -> None:
+        """Replace the factors in place with U (m, k), S (k,), V (n, k); the rank becomes k.
+
+        The Parameter objects stay the same (optimizers keep referring to them); their data is
+        swapped (cast to the current dtype / device) and a gradient of the old shape is dropped.
+        """
+        k = S.shape[0]
+        if U.shape != (self.U.shape[0], k) or V.shape != (self.V.shape[0], k) or S.ndim != 1:
+            raise ValueError(f"set_factors expects U ({self.U.shape[0]}, k), S (k,), V ({self.V.shape[0]}, k); "
+                             f"got {tuple(U.shape)}, {tuple(S.shape)}, {tuple(V.shape)}")
+        for p, new in ((self.U, U), (self.S, S), (self.V, V)):
+            if p.shape == new.shape:
+                p.copy_(new)
+                continue
+            if p.grad is not None:
+                p.grad = None
+            p.data = new.detach().to(device=p.device, dtype=p.dtype).clone()
+        self.rank = k
+
 
 class LowRankLinear(_LowRankFactors):
     """A linear layer of rank ``rank``: y = x V diag(S) U^T + b.
