@@ -427,30 +427,48 @@ class LowRankAdam(_GeometricOptimizer):
 
     Args as :class:`LowRankSGD`; betas, eps as ``torch.optim.AdamW``; weight_decay is decoupled
     (AdamW): other parameters p <- p (1 - lr wd), a unit's W <- W (1 - lr wd) (on its S; U, V are
-    not decayed). The unit's first moment (r, r) is carried exactly into each new basis; the second
-    moment by its square root, per DESIGN §4.5.
+    not decayed). The unit's first moment (r, r) is carried exactly into each new basis.
+
+    second_moment: ``"unit"`` (default) keeps one second moment per layer, the running mean square
+    of the coefficient gradient G^ (as Adam-mini does per block). It is invariant under the basis
+    changes of every step, so the step does not depend on the arbitrary coordinates of the
+    augmented basis. ``"elementwise"`` is DESIGN §4.5 literally: an (r, r) second moment carried by
+    its square root; the new rows / columns of each augmentation start at 0, and the per-entry
+    normalisation then blows tiny cross-block gradients up to steps of size lr — measured unstable
+    on the geometry-toy problems (see docs/optim.md), kept for comparison.
     """
 
     def __init__(self, model_or_params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, tau: float = 0.0, max_rank: int | None = None,
-                 min_rank: int = 1) -> None:
+                 min_rank: int = 1, second_moment: str = "unit") -> None:
         _check_common(lr, weight_decay, tau, max_rank, min_rank)
+        if second_moment not in ("unit", "elementwise"):
+            raise ValueError(f"second_moment must be 'unit' or 'elementwise', got {second_moment!r}")
         if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
             raise ValueError(f"betas must be in [0, 1), got {betas!r}")
         if not eps >= 0:
             raise ValueError(f"eps must be >= 0, got {eps!r}")
         super().__init__(model_or_params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, tau=tau,
-                                               max_rank=max_rank, min_rank=min_rank))
+                                               max_rank=max_rank, min_rank=min_rank, second_moment=second_moment))
 
     @staticmethod
     def _direction(group, state, G_hat, S_hat, r, shape):
         b1, b2 = group["betas"]
         t = state["step"]
         m = _GeometricOptimizer._pad(state.get("exp_avg"), shape, r, G_hat).mul_(b1).add_(G_hat, alpha=1 - b1)
-        v = _GeometricOptimizer._pad(state.get("exp_avg_sq"), shape, r, G_hat).mul_(b2).addcmul_(G_hat, G_hat, value=1 - b2)
-        denom = (v / (1 - b2 ** t)).sqrt_().add_(group["eps"])
+        if group["second_moment"] == "unit":
+            # one second moment per layer: the mean square of the coefficient gradient, invariant under
+            # the basis rotations of every step (so it needs no transport)
+            old = state.get("exp_avg_sq")
+            v = (old.to(G_hat.dtype) * b2 if old is not None else 0.0) + (1 - b2) * G_hat.pow(2).mean()
+            moments = {"exp_avg": (m, "linear")}
+            state["exp_avg_sq"] = v
+        else:
+            v = _GeometricOptimizer._pad(state.get("exp_avg_sq"), shape, r, G_hat).mul_(b2).addcmul_(G_hat, G_hat, value=1 - b2)
+            moments = {"exp_avg": (m, "linear"), "exp_avg_sq": (v, "sqrt")}
+        denom = (v / (1 - b2 ** t)).sqrt().add(group["eps"])
         S_hat = S_hat * (1 - group["lr"] * group["weight_decay"]) - group["lr"] * (m / (1 - b1 ** t)) / denom
-        return S_hat, {"exp_avg": (m, "linear"), "exp_avg_sq": (v, "sqrt")}
+        return S_hat, moments
 
     @torch.no_grad()
     def step(self, closure: Callable | None = None):
