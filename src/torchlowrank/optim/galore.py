@@ -7,8 +7,9 @@ singular vectors. The projector is recomputed when ``step % update_gap == 0`` (s
 before the update, so at the first step too) and the Adam moments are kept as they are across a
 refresh. Adam (bias-corrected step size lr sqrt(1 - b2^t) / (1 - b1^t), denominator sqrt(v) + eps)
 runs on R; the direction is projected back and multiplied by ``scale``; then decoupled weight decay
-p <- p - lr wd p. Parameters that are not 2-D (or whose smaller side is <= rank) get plain AdamW
-with the same formulas.
+p <- p - lr wd p. Parameters that are 1-D (or whose smaller side is <= rank) get plain AdamW
+with the same formulas. Conv kernels (out, in, kh, kw) are projected as (out, in*kh*kw) matrices
+(an extension: the package handles 2-D parameters only).
 
 ``refresh``: ``"svd"`` computes the projector with a full ``torch.linalg.svd`` exactly as the
 package does; ``"warm"`` (default) runs subspace iteration warm-started from the previous
@@ -77,7 +78,8 @@ class GaLoreAdamW(Optimizer):
 
     @staticmethod
     def _projected(p: torch.Tensor, group: dict) -> bool:
-        return group["rank"] is not None and p.ndim == 2 and min(p.shape) > group["rank"]
+        # conv kernels (out, in, kh, kw) are projected as (out, in*kh*kw) matrices (the package only takes 2-D)
+        return group["rank"] is not None and p.ndim >= 2 and min(p.shape[0], p[0].numel()) > group["rank"]
 
     @torch.no_grad()
     def _refresh(self, G: torch.Tensor, state: dict, group: dict, index: int) -> None:
@@ -115,8 +117,9 @@ class GaLoreAdamW(Optimizer):
                 if "step" not in state:
                     state["step"] = 0
                 project = self._projected(p, group)
-                right = p.shape[0] >= p.shape[1] if project else False
                 if project:
+                    grad = grad.reshape(p.shape[0], -1)
+                    right = grad.shape[0] >= grad.shape[1]
                     if "ortho" not in state or state["step"] % group["update_gap"] == 0:
                         self._refresh(grad, state, group, index)
                     P = state["ortho"]
@@ -134,7 +137,7 @@ class GaLoreAdamW(Optimizer):
                 direction = exp_avg / denom
                 if project:
                     P = state["ortho"]
-                    direction = (direction @ P if right else P @ direction) * group["scale"]
+                    direction = ((direction @ P if right else P @ direction) * group["scale"]).view(p.shape)
                 p.add_(direction, alpha=-step_size)
                 if group["weight_decay"] > 0:
                     p.add_(p, alpha=-group["lr"] * group["weight_decay"])
