@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import torchlowrank as tlr
+from torchlowrank.linalg import principal_angles
 from torchlowrank.optim import LowRankAdam, LowRankSGD, resize_to_state_dict
 
 
@@ -328,3 +329,21 @@ def test_rank_adaptive_tau_shrinks_rank_towards_target_rank():
         opt.step()
     assert layer.rank == 2
     assert (layer.dense_weight() - A).norm() / A.norm() < 1e-8
+
+
+def test_steps_between_augmentations_are_galerkin_steps_in_the_current_basis():
+    """augment_every=3, no momentum: steps 2 and 3 give W = U (diag(s) - lr U^T G V) V^T, rank kept."""
+    layer, x, target = make_layer("linear", rank=3)
+    opt = LowRankSGD(layer, lr=0.01, momentum=0.0, augment_every=3)
+    loss_backward(layer, x, target)
+    opt.step()  # step 1: augmented
+    for _ in range(2):
+        U, s, V = layer.U.detach().clone(), layer.S.detach().clone(), layer.V.detach().clone()
+        G = dense_gradient(layer, x, target)
+        loss_backward(layer, x, target)
+        opt.step()
+        expected = U @ (torch.diag(s) - 0.01 * U.T @ G @ V) @ V.T
+        torch.testing.assert_close(layer.dense_weight(), expected, rtol=1e-10, atol=1e-12)
+        assert principal_angles(layer.U.detach(), U).max() < 1e-7  # same column space
+    with pytest.raises(ValueError, match="augment_every"):
+        LowRankSGD(layer, lr=0.1, augment_every=0)

@@ -94,7 +94,10 @@ def _collect(model_or_params) -> tuple[list[tuple[str, _LowRankFactors]], list[t
     return units, others
 
 
-def _check_common(lr: float, weight_decay: float, tau: float, max_rank: int | None, min_rank: int) -> None:
+def _check_common(lr: float, weight_decay: float, tau: float, max_rank: int | None, min_rank: int,
+                  augment_every: int) -> None:
+    if isinstance(augment_every, bool) or not isinstance(augment_every, int) or augment_every < 1:
+        raise ValueError(f"augment_every must be an int >= 1, got {augment_every!r}")
     if not isinstance(lr, (int, float)) or not lr > 0 or not math.isfinite(lr):
         raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
     if not weight_decay >= 0:
@@ -107,6 +110,18 @@ def _check_common(lr: float, weight_decay: float, tau: float, max_rank: int | No
         raise ValueError(f"max_rank must be None or an int >= min_rank ({min_rank}), got {max_rank!r}")
 
 
+def _cholesky_qr(K: torch.Tensor) -> torch.Tensor | None:
+    """Q with orthonormal columns spanning K (m, k) by Cholesky QR (GEMMs only), or None if K is
+    (numerically) rank deficient and the caller must take the Householder path."""
+    L, info = torch.linalg.cholesky_ex(K.T @ K)
+    if int(info) != 0:
+        return None
+    d = torch.diagonal(L)
+    if not bool(d.min() > d.max() * 10 * torch.finfo(K.dtype).eps ** 0.5):  # cond(K) < ~1 / (10 sqrt(eps))
+        return None
+    return torch.linalg.solve_triangular(L.T, K, upper=True, left=False)
+
+
 def _complement(U: torch.Tensor, A: torch.Tensor, k: int) -> torch.Tensor:
     """k orthonormal columns spanning (with U) span([U, A]); orthogonal to U (m, r). A: (m, r)."""
     if k == 0:
@@ -115,11 +130,15 @@ def _complement(U: torch.Tensor, A: torch.Tensor, k: int) -> torch.Tensor:
         return torch.linalg.qr(U, mode="complete").Q[:, U.shape[1]:]
     K = A - U @ (U.T @ A)
     K = K - U @ (U.T @ K)  # second Gram-Schmidt pass: the first loses orthogonality when K is small
+    Q = _cholesky_qr(K)
+    if Q is not None:
+        Q = _cholesky_qr(Q)  # CholeskyQR2: the second pass restores orthonormality to rounding
+    if Q is not None:
+        return Q
     Q = torch.linalg.qr(K).Q
     # columns of Q for (near) zero columns of K are arbitrary; make them orthogonal to U as well
     Q = Q - U @ (U.T @ Q)
-    Q = torch.linalg.qr(Q).Q
-    return Q
+    return torch.linalg.qr(Q).Q
 
 
 def _reorthonormalize(X: torch.Tensor) -> torch.Tensor:
@@ -233,6 +252,12 @@ class _GeometricOptimizer(Optimizer):
         return gU.to(cd) * inv, gV.to(cd) * inv
 
     def _check_gradients(self) -> None:
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if not grads:
+            return
+        # fast path: one reduction per tensor and one sync (NaN / Inf propagate into the sums)
+        if bool(torch.isfinite(torch.stack([g.sum().float() for g in grads])).all()):
+            return
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
@@ -269,21 +294,24 @@ class _GeometricOptimizer(Optimizer):
         U, s, V = layer.U.detach().to(cd), layer.S.detach().to(cd), layer.V.detach().to(cd)
         m, r = U.shape
         n = V.shape[0]
-        ku, kv = min(r, m - r), min(r, n - r)
-        U1, V1 = _complement(U, A, ku), _complement(V, B, kv)
-        p, q = r + ku, r + kv
-        G_hat = torch.zeros(p, q, dtype=cd, device=U.device)
-        G_hat[:r, :r] = U.T @ A
-        G_hat[r:, :r] = U1.T @ A
-        G_hat[:r, r:] = B.T @ V1
-        S_hat = torch.zeros(p, q, dtype=cd, device=U.device)
-        S_hat[:r, :r] = torch.diag(s)
         state = self.state[layer.U]
         if not state:
             state["rank"] = r
             state["step"] = 0
         state["step"] += 1
-        S_hat, moments = direction(group, state, G_hat, S_hat, r, (p, q))
+        # augment at steps 1, 1 + k, 1 + 2k, ...; in between a Galerkin step in the current basis (S-step)
+        augment = (state["step"] - 1) % group["augment_every"] == 0
+        ku, kv = (min(r, m - r), min(r, n - r)) if augment else (0, 0)
+        U1, V1 = _complement(U, A, ku), _complement(V, B, kv)
+        p, q = r + ku, r + kv
+        G_hat = torch.zeros(p, q, dtype=cd, device=U.device)
+        G_hat[:r, :r] = U.T @ A
+        if augment:
+            G_hat[r:, :r] = U1.T @ A
+            G_hat[:r, r:] = B.T @ V1
+        S_hat = torch.zeros(p, q, dtype=cd, device=U.device)
+        S_hat[:r, :r] = torch.diag(s)
+        S_hat, moments = direction(group, state, G_hat, S_hat, r, (p, q), p * q - ku * kv)
         P, d, Qh = robust_svd(S_hat)
         r1 = self._choose_rank(d, r, group, min(m, n))
         P1, Q1 = P[:, :r1].to(cd), Qh[:r1].T.to(cd)
@@ -293,8 +321,11 @@ class _GeometricOptimizer(Optimizer):
             else:
                 state[key] = P1.T @ M @ Q1
         state["rank"] = r1
-        layer.set_factors(_reorthonormalize(torch.cat([U, U1], 1) @ P1), d[:r1].to(cd),
-                          _reorthonormalize(torch.cat([V, V1], 1) @ Q1))
+        U_new = U @ P1[:r] + U1 @ P1[r:]
+        V_new = V @ Q1[:r] + V1 @ Q1[r:]
+        if state["step"] % 8 == 0:  # rounding drift is ~eps per step: correct it now and then
+            U_new, V_new = _reorthonormalize(U_new), _reorthonormalize(V_new)
+        layer.set_factors(U_new, d[:r1].to(cd), V_new)
         self._update_probe(name)
 
     @staticmethod
@@ -365,22 +396,28 @@ class LowRankSGD(_GeometricOptimizer):
         tau: 0 keeps each layer's rank; in (0, 1) drops the smallest singular values of the stepped
             2r x 2r core with tail norm <= tau * total norm (rank adaptive, clamped to
             [min_rank, max_rank]). max_rank: None (full rank) or >= every layer's current rank.
+        augment_every: k = 1 augments the basis every step; k > 1 augments at steps 1, k + 1, ... and
+            in between takes the Galerkin step in the current basis (S <- S - lr U^T G V direction,
+            re-diagonalised by an r x r SVD), as the reference DLRT trainers do: cheaper steps that
+            can only keep or shrink the rank.
 
     Momentum lives in coefficient space (r, r per layer): W-space momentum U C V^T.
     """
 
     def __init__(self, model_or_params, lr: float, momentum: float = 0.9, nesterov: bool = False, tau: float = 0.0,
-                 max_rank: int | None = None, min_rank: int = 1, weight_decay: float = 0.0) -> None:
-        _check_common(lr, weight_decay, tau, max_rank, min_rank)
+                 max_rank: int | None = None, min_rank: int = 1, weight_decay: float = 0.0,
+                 augment_every: int = 1) -> None:
+        _check_common(lr, weight_decay, tau, max_rank, min_rank, augment_every)
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
         if nesterov and momentum == 0:
             raise ValueError("nesterov=True needs momentum > 0")
         super().__init__(model_or_params, dict(lr=lr, momentum=momentum, nesterov=nesterov, tau=tau,
-                                               max_rank=max_rank, min_rank=min_rank, weight_decay=weight_decay))
+                                               max_rank=max_rank, min_rank=min_rank, weight_decay=weight_decay,
+                                               augment_every=augment_every))
 
     @staticmethod
-    def _direction(group, state, G_hat, S_hat, r, shape):
+    def _direction(group, state, G_hat, S_hat, r, shape, n_free):
         if group["weight_decay"]:
             G_hat = G_hat + group["weight_decay"] * S_hat
         moments = {}
@@ -440,8 +477,8 @@ class LowRankAdam(_GeometricOptimizer):
 
     def __init__(self, model_or_params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, tau: float = 0.0, max_rank: int | None = None,
-                 min_rank: int = 1, second_moment: str = "unit") -> None:
-        _check_common(lr, weight_decay, tau, max_rank, min_rank)
+                 min_rank: int = 1, second_moment: str = "unit", augment_every: int = 1) -> None:
+        _check_common(lr, weight_decay, tau, max_rank, min_rank, augment_every)
         if second_moment not in ("unit", "elementwise"):
             raise ValueError(f"second_moment must be 'unit' or 'elementwise', got {second_moment!r}")
         if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
@@ -449,10 +486,11 @@ class LowRankAdam(_GeometricOptimizer):
         if not eps >= 0:
             raise ValueError(f"eps must be >= 0, got {eps!r}")
         super().__init__(model_or_params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, tau=tau,
-                                               max_rank=max_rank, min_rank=min_rank, second_moment=second_moment))
+                                               max_rank=max_rank, min_rank=min_rank, second_moment=second_moment,
+                                               augment_every=augment_every))
 
     @staticmethod
-    def _direction(group, state, G_hat, S_hat, r, shape):
+    def _direction(group, state, G_hat, S_hat, r, shape, n_free):
         b1, b2 = group["betas"]
         t = state["step"]
         m = _GeometricOptimizer._pad(state.get("exp_avg"), shape, r, G_hat).mul_(b1).add_(G_hat, alpha=1 - b1)
@@ -460,7 +498,8 @@ class LowRankAdam(_GeometricOptimizer):
             # one second moment per layer: the mean square of the coefficient gradient, invariant under
             # the basis rotations of every step (so it needs no transport)
             old = state.get("exp_avg_sq")
-            v = (old.to(G_hat.dtype) * b2 if old is not None else 0.0) + (1 - b2) * G_hat.pow(2).mean()
+            # (mean over the entries that are not structurally zero: the new-new block of G^ is)
+            v = (old.to(G_hat.dtype) * b2 if old is not None else 0.0) + (1 - b2) * G_hat.pow(2).sum() / n_free
             moments = {"exp_avg": (m, "linear")}
             state["exp_avg_sq"] = v
         else:
