@@ -110,8 +110,8 @@ def _check_common(lr: float, weight_decay: float, tau: float, max_rank: int | No
         raise ValueError(f"max_rank must be None or an int >= min_rank ({min_rank}), got {max_rank!r}")
 
 
-def _cholesky_qr(K: torch.Tensor) -> torch.Tensor | None:
-    """Q with orthonormal columns spanning K (m, k) by Cholesky QR (GEMMs only), or None if K is
+def _cholesky_qr(K: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(Q, L) with K = Q L^T, Q (m, k) orthonormal, by Cholesky QR (GEMMs only), or None if K is
     (numerically) rank deficient and the caller must take the Householder path."""
     L, info = torch.linalg.cholesky_ex(K.T @ K)
     if int(info) != 0:
@@ -119,26 +119,33 @@ def _cholesky_qr(K: torch.Tensor) -> torch.Tensor | None:
     d = torch.diagonal(L)
     if not bool(d.min() > d.max() * 10 * torch.finfo(K.dtype).eps ** 0.5):  # cond(K) < ~1 / (10 sqrt(eps))
         return None
-    return torch.linalg.solve_triangular(L.T, K, upper=True, left=False)
+    # K L^{-T} as a GEMM with the small inverse (a tall triangular solve is several times slower)
+    eye = torch.eye(L.shape[0], dtype=L.dtype, device=L.device)
+    return K @ torch.linalg.solve_triangular(L.T, eye, upper=True), L
 
 
-def _complement(U: torch.Tensor, A: torch.Tensor, k: int) -> torch.Tensor:
-    """k orthonormal columns spanning (with U) span([U, A]); orthogonal to U (m, r). A: (m, r)."""
+def _complement(U: torch.Tensor, A: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Q, R): k orthonormal columns Q (m, k) orthogonal to U (m, r) with span([U, Q]) containing
+    span(A) (A: (m, r)), and R = Q^T A (k, r)."""
     if k == 0:
-        return U[:, :0]
+        return U[:, :0], A[:0]
     if k < A.shape[1]:  # m < 2r: the augmented basis is all of R^m
-        return torch.linalg.qr(U, mode="complete").Q[:, U.shape[1]:]
+        Q = torch.linalg.qr(U, mode="complete").Q[:, U.shape[1]:]
+        return Q, Q.T @ A
     K = A - U @ (U.T @ A)
-    K = K - U @ (U.T @ K)  # second Gram-Schmidt pass: the first loses orthogonality when K is small
-    Q = _cholesky_qr(K)
-    if Q is not None:
-        Q = _cholesky_qr(Q)  # CholeskyQR2: the second pass restores orthonormality to rounding
-    if Q is not None:
-        return Q
+    # a second Gram-Schmidt pass unless every column kept half its norm ("twice is enough", Kahan)
+    if not bool((K.norm(dim=0) > 0.5 * A.norm(dim=0)).all()):
+        K = K - U @ (U.T @ K)
+    first = _cholesky_qr(K)
+    second = _cholesky_qr(first[0]) if first is not None else None  # CholeskyQR2
+    if second is not None:
+        # K = Q L2^T L1^T and A = U (.) + K with Q orthogonal to U: Q^T A = (L1 L2)^T, no product with A
+        return second[0], (first[1] @ second[1]).T
     Q = torch.linalg.qr(K).Q
     # columns of Q for (near) zero columns of K are arbitrary; make them orthogonal to U as well
     Q = Q - U @ (U.T @ Q)
-    return torch.linalg.qr(Q).Q
+    Q = torch.linalg.qr(Q).Q
+    return Q, Q.T @ A
 
 
 def _reorthonormalize(X: torch.Tensor) -> torch.Tensor:
@@ -302,13 +309,13 @@ class _GeometricOptimizer(Optimizer):
         # augment at steps 1, 1 + k, 1 + 2k, ...; in between a Galerkin step in the current basis (S-step)
         augment = (state["step"] - 1) % group["augment_every"] == 0
         ku, kv = (min(r, m - r), min(r, n - r)) if augment else (0, 0)
-        U1, V1 = _complement(U, A, ku), _complement(V, B, kv)
+        (U1, RU), (V1, RV) = _complement(U, A, ku), _complement(V, B, kv)
         p, q = r + ku, r + kv
         G_hat = torch.zeros(p, q, dtype=cd, device=U.device)
         G_hat[:r, :r] = U.T @ A
         if augment:
-            G_hat[r:, :r] = U1.T @ A
-            G_hat[:r, r:] = B.T @ V1
+            G_hat[r:, :r] = RU  # U1^T G V
+            G_hat[:r, r:] = RV.T  # U^T G V1 = (V1^T G^T U)^T
         S_hat = torch.zeros(p, q, dtype=cd, device=U.device)
         S_hat[:r, :r] = torch.diag(s)
         S_hat, moments = direction(group, state, G_hat, S_hat, r, (p, q), p * q - ku * kv)
