@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..compress import count_parameters, rank_for_fraction
-from ..data import load_fashion_mnist, load_mnist_5k
+from ..data import ImageData, load_fashion_mnist, load_mnist_5k
 from ..factorized import factorize_ab
 from ..layers import LowRankConv2d, LowRankLinear
 from ..models import MLP, LeNet5
@@ -183,9 +183,10 @@ LRS = {"adam": 1e-3, "factorized": 3e-3, "galore": 1e-2, "lowrank": 3e-2}
                                          "GaLore, LowRankAdam fixed and rank-adaptive")
 def run(quick: bool = False, seed: int = 0, progress: bool | None = None) -> Result:
     if quick:
-        data = load_mnist_5k(seed=seed)
+        d = load_mnist_5k(seed=seed)
+        data = ImageData(d.x_train[:2000], d.y_train[:2000], d.x_test[:500], d.y_test[:500], d.classes)
         archs = {"mlp": {"hidden": (128, 64), "epochs": 1, "batch": 128, "galore_gap": 10},
-                 "lenet5": {"epochs": 1, "batch": 256, "galore_gap": 10}}
+                 "lenet5": {"epochs": 1, "batch": 256, "galore_gap": 4}}
         return pretrain_study("lowrank-pretrain", data, archs, [0.1], [0.2], {"mlp": [seed], "lenet5": [seed]}, LRS,
                               quick=True, progress=progress)
     data = load_fashion_mnist(n_train=10000, n_test=2000, seed=seed)
