@@ -347,3 +347,24 @@ def test_steps_between_augmentations_are_galerkin_steps_in_the_current_basis():
         assert principal_angles(layer.U.detach(), U).max() < 1e-7  # same column space
     with pytest.raises(ValueError, match="augment_every"):
         LowRankSGD(layer, lr=0.1, augment_every=0)
+
+
+def test_lowrank_adam_trains_a_factorized_tiny_llama(tiny_llama):
+    """A Hugging Face model factorized with tlr.factorize: every LowRankLinear is a unit, embeddings /
+    norms get AdamW, and the LM loss goes down on a repeated batch."""
+    model = tiny_llama
+    tlr.factorize(model, 0.5, targets=r".*(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)")
+    opt = LowRankAdam(model, lr=1e-2, tau=0.05)
+    assert len(opt._units) > 0 and any(g["unit"] is None for g in opt.param_groups)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=g)
+    losses = []
+    for _ in range(8):
+        opt.zero_grad()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    layer = next(m for m in model.modules() if isinstance(m, tlr.LowRankLinear))
+    assert (layer.U.T @ layer.U - torch.eye(layer.rank)).abs().max() < 1e-5

@@ -68,22 +68,26 @@ class _LowRankFactors(nn.Module):
 
     @torch.no_grad()
     def set_factors(self, U: torch.Tensor, S: torch.Tensor, V: torch.Tensor) -> None:
-        """Replace the factors in place with U (m, k), S (k,), V (n, k); the rank becomes k.
+        """Replace the factors with U (m, k), S (k,), V (n, k); the rank becomes k.
 
-        The Parameter objects stay the same (optimizers keep referring to them); their data is
-        swapped (cast to the current dtype / device) and a gradient of the old shape is dropped.
+        Same rank: copied in place (the Parameter objects stay). New rank: new Parameters of the
+        current dtype / device / requires_grad (a live autograd graph may still hold the old ones'
+        gradient accumulators, so resizing them in place is unsafe); optimizers holding the old
+        objects must swap them (LowRankSGD / LowRankAdam do).
         """
         k = S.shape[0]
         if U.shape != (self.U.shape[0], k) or V.shape != (self.V.shape[0], k) or S.ndim != 1:
             raise ValueError(f"set_factors expects U ({self.U.shape[0]}, k), S (k,), V ({self.V.shape[0]}, k); "
                              f"got {tuple(U.shape)}, {tuple(S.shape)}, {tuple(V.shape)}")
-        for p, new in ((self.U, U), (self.S, S), (self.V, V)):
-            if p.shape == new.shape:
-                p.copy_(new)
-                continue
-            if p.grad is not None:
-                p.grad = None
-            p.data = new.detach().to(device=p.device, dtype=p.dtype).clone()
+        if k == self.rank and self.U.shape[1] == k:
+            self.U.copy_(U)
+            self.S.copy_(S)
+            self.V.copy_(V)
+            return
+        for name, new in (("U", U), ("S", S), ("V", V)):
+            old = getattr(self, name)
+            setattr(self, name, nn.Parameter(new.detach().to(device=old.device, dtype=old.dtype).clone(),
+                                             requires_grad=old.requires_grad))
         self.rank = k
 
 

@@ -333,7 +333,18 @@ class _GeometricOptimizer(Optimizer):
         if state["step"] % 8 == 0:  # rounding drift is ~eps per step: correct it now and then
             U_new, V_new = _reorthonormalize(U_new), _reorthonormalize(V_new)
         layer.set_factors(U_new, d[:r1].to(cd), V_new)
+        self._rebind(group, layer)
         self._update_probe(name)
+
+    def _rebind(self, group: dict, layer: _LowRankFactors) -> None:
+        """After a rank change the layer holds new Parameter objects: point the group and state at them."""
+        old_U = group["params"][0]
+        if old_U is layer.U:
+            return
+        group["params"] = [layer.U, layer.S, layer.V]
+        for old in (old_U,):
+            if old in self.state:
+                self.state[layer.U] = self.state.pop(old)
 
     @staticmethod
     def _pad(M: torch.Tensor | None, shape: tuple[int, int], r: int, like: torch.Tensor) -> torch.Tensor:
@@ -365,6 +376,8 @@ class _GeometricOptimizer(Optimizer):
                     k = st["rank"]
                     layer.set_factors(layer.U.new_zeros(layer.U.shape[0], k), layer.S.new_zeros(k),
                                       layer.V.new_zeros(layer.V.shape[0], k))
+                if group["params"][0] is not layer.U:  # resized here or by resize_to_state_dict
+                    self._rebind(group, layer)
         super().load_state_dict(state_dict)
         for group, saved in zip(self.param_groups, saved_groups):
             if group["unit"] is None:
@@ -443,6 +456,9 @@ class LowRankSGD(_GeometricOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        for group in self.param_groups:  # layers resized from outside (resize_to_state_dict)
+            if group["unit"] is not None:
+                self._rebind(group, self._units[group["unit"]])
         self._check_gradients()
         for group in self.param_groups:
             if group["unit"] is not None:
@@ -522,6 +538,9 @@ class LowRankAdam(_GeometricOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        for group in self.param_groups:  # layers resized from outside (resize_to_state_dict)
+            if group["unit"] is not None:
+                self._rebind(group, self._units[group["unit"]])
         self._check_gradients()
         for group in self.param_groups:
             if group["unit"] is not None:
