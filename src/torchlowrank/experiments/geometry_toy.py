@@ -114,6 +114,7 @@ def run_one(method: str, lr: float, momentum: float | None, problem: str, T: tor
 def geometry_study(name: str, kappas: list[float], steps: int, m: int, n: int, r: int, n_samples: int, seed: int,
                    quick: bool) -> Result:
     grid = QUICK_GRID if quick else GRID
+    prov = provenance(name, quick)  # at the start: the commit of the code that runs
     t0 = time.perf_counter()
     rows, curves, final = [], {}, {}
     with one_thread():
@@ -157,11 +158,11 @@ def geometry_study(name: str, kappas: list[float], steps: int, m: int, n: int, r
              f"At kappa = {kappas[-1]:.0e} the worst final error of the geometric optimizers is {geo_worst:.2e}; the best "
              f"of the two factor methods is {fac_best:.2e}. 'steps to {THRESHOLD:g}' is the first step with relative error <= {THRESHOLD:g} (for kappa = 1e5 this "
              "needs the smallest singular value 1e-5 of the target to be found). "
-             f"Reproduce: `{provenance(name, quick)['command']}`.")
+             f"Reproduce: `{prov['command']}`.")
     return Result(name=name,
                   config={"m": m, "n": n, "rank": r, "kappas": kappas, "steps": steps, "n_samples": n_samples,
                           "grid": {k: [list(map(str, c)) for c in v] for k, v in grid.items()}, "dtype": "float64",
-                          **provenance(name, quick)},
+                          **prov},
                   seeds=[seed], metrics=metrics,
                   tables=[Table("Final relative error with the best learning rate of the grid",
                                 ["problem", "kappa", "method", "best lr", "momentum", "final error",

@@ -79,6 +79,7 @@ def _inputs(arch: str, data):
 def pretrain_study(name: str, data, archs: dict, fractions: list[float], taus: list[float], seeds: dict,
                    lrs: dict, quick: bool, progress: bool | None = None) -> Result:
     t0 = time.perf_counter()
+    prov = provenance(name, quick)  # at the start: the commit of the code that runs
     records = []  # (arch, method, seed, fraction_kept_targeted, total_params, accuracy, ranks, time)
     total_runs = sum(len(seeds[a]) * (1 + 3 * len(fractions) + len(taus)) for a in archs)
     with one_thread():
@@ -154,7 +155,6 @@ def pretrain_study(name: str, data, archs: dict, fractions: list[float], taus: l
         plots.append(Plot(f"{arch}_accuracy_vs_params", f"{arch}: test accuracy vs kept fraction of the targeted parameters",
                           "line", series, xlabel="kept fraction of targeted parameters (GaLore: optimizer rank budget)",
                           ylabel="test accuracy", logx=True, hlines={f"dense {dense_acc:.3f}": dense_acc}))
-    prov = provenance(name, quick)
     notes = (f"Test accuracy (mean and std over seeds) after training from scratch on {len(data.y_train)} training "
              f"images ({len(data.y_test)} test images). 'fraction' is the budget p (rank k = floor(p m n / (m + n)) "
              "per targeted layer); 'kept' is the measured fraction of the targeted layers' parameters at the end "
