@@ -14,6 +14,8 @@ from .regularizers import NuclearNorm, Q3R
 from .ranks import SpectrumTable, effective_rank, numerical_rank, singular_values, spectrum, stable_rank
 from .results import Plot, Result, Series, Table
 from .report import load_result, write_report
+from .factorized import FactorizedConv2d, FactorizedLinear, factorize_ab
+from . import optim
 from . import data, matrix, models  # tlr.data.load_digits, tlr.matrix.complete, tlr.models.SmallViT, ...
 
 __all__ = [
@@ -21,6 +23,7 @@ __all__ = [
     "truncated_svd", "randomized_svd", "orthonormal_basis", "orthogonal_init", "principal_angles",
     "stable_rank", "effective_rank", "numerical_rank", "singular_values", "spectrum", "SpectrumTable",
     "LowRankLinear", "LowRankConv2d",
+    "FactorizedLinear", "FactorizedConv2d", "factorize_ab", "optim",
     "factorize", "truncate", "count_parameters", "rank_for_fraction", "CompressionReport",
     "LoRAConfig", "DeepLoRAConfig", "adapt", "merge", "save_adapter", "load_adapter", "export_peft",
     "adapter_param_groups", "init_compressed", "print_trainable_parameters",

@@ -108,6 +108,30 @@ class _LowRankFactors(nn.Module):
         """The (out, in) matrix U diag(S) V^T this layer applies (differentiable)."""
         return (self.U * self.S) @ self.V.T
 
+    @torch.no_grad()
+    def set_factors(self, U: torch.Tensor, S: torch.Tensor, V: torch.Tensor) -> None:
+        """Replace the factors with U (m, k), S (k,), V (n, k); the rank becomes k.
+
+        Same rank: copied in place (the Parameter objects stay). New rank: new Parameters of the
+        current dtype / device / requires_grad (a live autograd graph may still hold the old ones'
+        gradient accumulators, so resizing them in place is unsafe); optimizers holding the old
+        objects must swap them (LowRankSGD / LowRankAdam do).
+        """
+        k = S.shape[0]
+        if U.shape != (self.U.shape[0], k) or V.shape != (self.V.shape[0], k) or S.ndim != 1:
+            raise ValueError(f"set_factors expects U ({self.U.shape[0]}, k), S (k,), V ({self.V.shape[0]}, k); "
+                             f"got {tuple(U.shape)}, {tuple(S.shape)}, {tuple(V.shape)}")
+        if k == self.rank and self.U.shape[1] == k:
+            self.U.copy_(U)
+            self.S.copy_(S)
+            self.V.copy_(V)
+            return
+        for name, new in (("U", U), ("S", S), ("V", V)):
+            old = getattr(self, name)
+            setattr(self, name, nn.Parameter(new.detach().to(device=old.device, dtype=old.dtype).clone(),
+                                             requires_grad=old.requires_grad))
+        self.rank = k
+
 
 class LowRankLinear(_LowRankFactors):
     """A linear layer of rank ``rank``: y = x V diag(S) U^T + b.

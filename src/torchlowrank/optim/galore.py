@@ -1,0 +1,149 @@
+"""GaLoreAdamW: Adam in a low-rank projection of each matrix gradient (Zhao et al. 2024), DESIGN §4.5 baselines.
+
+Conventions of the ``galore-torch`` package (``proj_type="std"``), which this reproduces:
+for a gradient G (m, n) with m >= n the projection is on the right, R = G P^T with P (r, n) the
+top-r right singular vectors; for m < n on the left, R = Q^T G with Q (m, r) the top-r left
+singular vectors. The projector is recomputed when ``step % update_gap == 0`` (step counted from 0
+before the update, so at the first step too) and the Adam moments are kept as they are across a
+refresh. Adam (bias-corrected step size lr sqrt(1 - b2^t) / (1 - b1^t), denominator sqrt(v) + eps)
+runs on R; the direction is projected back and multiplied by ``scale``; then decoupled weight decay
+p <- p - lr wd p. Parameters that are 1-D (or whose smaller side is <= rank) get plain AdamW
+with the same formulas. Conv kernels (out, in, kh, kw) are projected as (out, in*kh*kw) matrices
+(an extension: the package handles 2-D parameters only).
+
+``refresh``: ``"svd"`` computes the projector with a full ``torch.linalg.svd`` exactly as the
+package does; ``"warm"`` (default) runs subspace iteration warm-started from the previous
+projector (plus a few random columns) followed by a Rayleigh-Ritz step, O(m n r) instead of a full
+SVD — the first refresh starts from a random sketch (a generator seeded from the step and the
+parameter's index, so a resumed run refreshes identically).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+
+import torch
+from torch.optim import Optimizer
+
+__all__ = ["GaLoreAdamW"]
+
+
+def _top_subspace(G: torch.Tensor, rank: int, start: torch.Tensor | None, iters: int, oversample: int,
+                  generator: torch.Generator) -> torch.Tensor:
+    """Approximate top-``rank`` right singular vectors of G (m, n) -> (n, rank), by subspace iteration."""
+    n = G.shape[1]
+    extra = torch.randn(n, oversample if start is not None else rank + oversample, generator=generator,
+                        dtype=G.dtype).to(G.device)
+    Q = extra if start is None else torch.cat([start, extra], 1)
+    Q = torch.linalg.qr(Q).Q
+    for _ in range(iters):
+        Q = torch.linalg.qr(G.T @ (G @ Q)).Q
+    _, _, Wh = torch.linalg.svd(G @ Q, full_matrices=False)  # Rayleigh-Ritz: order the directions
+    return Q @ Wh[:rank].T
+
+
+class GaLoreAdamW(Optimizer):
+    """AdamW with GaLore gradient projection for the 2-D parameters.
+
+    Args:
+        params: parameters or param-group dicts (a group may set its own ``rank``; ``rank=None``
+            turns projection off for the group).
+        lr, betas, eps, weight_decay: as the package's AdamW (eps default 1e-6 there and here).
+        rank: projection rank r. update_gap: steps between projector refreshes. scale: multiplies
+            the back-projected direction.
+        refresh: ``"warm"`` (subspace iteration, ``power_iters`` iterations) or ``"svd"`` (exact).
+
+    State per projected parameter: ``step``, ``exp_avg`` and ``exp_avg_sq`` of the projected shape
+    ((m, r) or (r, n)) and ``ortho`` (the projector: P (r, n) or Q (m, r)) — tensors only.
+    """
+
+    def __init__(self, params: Iterable, lr: float = 1e-3, rank: int = 128, update_gap: int = 200,
+                 scale: float = 0.25, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
+                 weight_decay: float = 0.0, refresh: str = "warm", power_iters: int = 2, oversample: int = 8) -> None:
+        if not lr > 0:
+            raise ValueError(f"lr must be > 0, got {lr!r}")
+        if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+            raise ValueError(f"rank must be an int >= 1 or None, got {rank!r}")
+        if isinstance(update_gap, bool) or not isinstance(update_gap, int) or update_gap < 1:
+            raise ValueError(f"update_gap must be an int >= 1, got {update_gap!r}")
+        if refresh not in ("warm", "svd"):
+            raise ValueError(f"refresh must be 'warm' or 'svd', got {refresh!r}")
+        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            raise ValueError(f"betas must be in [0, 1), got {betas!r}")
+        if power_iters < 1:
+            raise ValueError(f"power_iters must be >= 1, got {power_iters!r}")
+        defaults = dict(lr=lr, rank=rank, update_gap=update_gap, scale=scale, betas=tuple(betas), eps=eps,
+                        weight_decay=weight_decay, refresh=refresh, power_iters=power_iters, oversample=oversample)
+        super().__init__(params, defaults)
+
+    @staticmethod
+    def _projected(p: torch.Tensor, group: dict) -> bool:
+        # conv kernels (out, in, kh, kw) are projected as (out, in*kh*kw) matrices (the package only takes 2-D)
+        return group["rank"] is not None and p.ndim >= 2 and min(p.shape[0], p[0].numel()) > group["rank"]
+
+    @torch.no_grad()
+    def _refresh(self, G: torch.Tensor, state: dict, group: dict, index: int) -> None:
+        r = group["rank"]
+        right = G.shape[0] >= G.shape[1]
+        M = G.float() if G.dtype != torch.float64 else G
+        if group["refresh"] == "svd":
+            U, _, Vh = torch.linalg.svd(M, full_matrices=False)
+            ortho = Vh[:r] if right else U[:, :r]
+        else:
+            gen = torch.Generator().manual_seed(1000003 * index + state["step"])
+            A = M if right else M.T
+            prev = state.get("ortho")
+            start = None if prev is None else (prev.T if right else prev).to(A.dtype)
+            iters = group["power_iters"] if start is None else max(1, group["power_iters"] - 1)
+            Q = _top_subspace(A, r, start, iters, group["oversample"], gen)
+            ortho = Q.T if right else Q
+        state["ortho"] = ortho.to(G.dtype).contiguous()
+
+    @torch.no_grad()
+    def step(self, closure: Callable | None = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        index = 0
+        for group in self.param_groups:
+            b1, b2 = group["betas"]
+            for p in group["params"]:
+                index += 1
+                if p.grad is None:
+                    continue
+                grad = p.grad
+                state = self.state[p]
+                if "step" not in state:
+                    state["step"] = 0
+                project = self._projected(p, group)
+                if project:
+                    grad = grad.reshape(p.shape[0], -1)
+                    right = grad.shape[0] >= grad.shape[1]
+                    if "ortho" not in state or state["step"] % group["update_gap"] == 0:
+                        self._refresh(grad, state, group, index)
+                    P = state["ortho"]
+                    grad = grad @ P.T if right else P.T @ grad
+                if "exp_avg" not in state:
+                    state["exp_avg"] = torch.zeros_like(grad)
+                    state["exp_avg_sq"] = torch.zeros_like(grad)
+                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+                state["step"] += 1
+                t = state["step"]
+                exp_avg.mul_(b1).add_(grad, alpha=1 - b1)
+                exp_avg_sq.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+                denom = exp_avg_sq.sqrt().add_(group["eps"])
+                step_size = group["lr"] * math.sqrt(1 - b2 ** t) / (1 - b1 ** t)
+                direction = exp_avg / denom
+                if project:
+                    P = state["ortho"]
+                    direction = ((direction @ P if right else P @ direction) * group["scale"]).view(p.shape)
+                p.add_(direction, alpha=-step_size)
+                if group["weight_decay"] > 0:
+                    p.add_(p, alpha=-group["lr"] * group["weight_decay"])
+        return loss
+
+    def state_bytes(self) -> int:
+        """Bytes held in optimizer state tensors (exact count)."""
+        return sum(v.numel() * v.element_size() for st in self.state.values() for v in st.values()
+                   if torch.is_tensor(v))
