@@ -258,3 +258,25 @@ def test_truncate_on_every_available_device_matches_the_cpu_result(device):
     ref = mlp().double()
     tlr.truncate(ref, 0.3)
     torch.testing.assert_close(model(x.to(device)).cpu(), ref(x), atol=1e-8, rtol=1e-8)
+
+
+def test_factorize_ab_parametrization_gives_balanced_factors_with_the_same_function(tiny_gpt2):
+    import hf_models
+    model = mlp().double()
+    dense = [model[i].weight.detach().clone() for i in (0, 2, 4)]
+    report = tlr.factorize(model, 8, parametrization="AB")
+    for W, i in zip(dense, (0, 2, 4)):
+        layer = model[i]
+        assert isinstance(layer, tlr.FactorizedLinear) and layer.rank == 8
+        U, S, Vh = torch.linalg.svd(W)
+        torch.testing.assert_close(layer.dense_weight().detach(), (U[:, :8] * S[:8]) @ Vh[:8])
+        torch.testing.assert_close(layer.A.detach().norm(dim=0), layer.B.detach().norm(dim=0))  # balanced
+    assert report.model_params_after == tlr.count_parameters(model)
+    gpt2 = tiny_gpt2.double()
+    ref = hf_models.outputs(gpt2, hf_models.example_inputs("gpt2"))
+    with pytest.warns(UserWarning, match="tied"):
+        tlr.factorize(gpt2, 1.0, parametrization="AB")
+    assert isinstance(gpt2.transformer.h[0].attn.c_attn, tlr.FactorizedLinear)
+    torch.testing.assert_close(hf_models.outputs(gpt2, hf_models.example_inputs("gpt2")), ref, atol=1e-9, rtol=1e-7)
+    with pytest.raises(ValueError, match="parametrization"):
+        tlr.factorize(mlp(), 4, parametrization="UV")

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .factorized import FactorizedConv2d, FactorizedLinear
 from .layer_types import is_hf_conv1d, is_meta
 from .layers import LowRankConv2d, LowRankLinear, max_rank
 from .ranks import singular_values
@@ -176,21 +177,36 @@ class CompressionReport:
         return "\n".join(lines)
 
 
-def _build_factorized(name: str, module: nn.Module, rank: int) -> tuple[nn.Module, LayerCompression]:
+def _as_linear(module: nn.Module) -> nn.Linear:
+    """An nn.Linear computing what an HF Conv1D computes (for the A B^T layers, which take Linear)."""
+    W = module.weight
+    lin = nn.Linear(W.shape[0], W.shape[1], bias=module.bias is not None, device="meta")
+    lin.weight = nn.Parameter(W.detach().T, requires_grad=W.requires_grad)
+    if module.bias is not None:
+        lin.bias = nn.Parameter(module.bias.detach(), requires_grad=module.bias.requires_grad)
+    return lin
+
+
+def _build_factorized(name: str, module: nn.Module, rank: int, parametrization: str = "USV"
+                      ) -> tuple[nn.Module, LayerCompression]:
     """The factorized replacement of one layer and its report row; touches nothing in the model."""
     W = module.weight
     if is_meta(W):
         raise ValueError(f"layer {name!r} is on the 'meta' device (no values to decompose); load the real weights first")
     try:
-        if isinstance(module, nn.Conv2d):
+        if parametrization == "AB":
+            new = (FactorizedConv2d.from_conv2d(module, rank) if isinstance(module, nn.Conv2d) else
+                   FactorizedLinear.from_linear(_as_linear(module) if is_hf_conv1d(module) else module, rank))
+        elif isinstance(module, nn.Conv2d):
             new = LowRankConv2d.from_conv2d(module, rank)
         else:
             new = LowRankLinear.from_linear(module, rank)
         s2 = singular_values(_matrix(module)).double() ** 2
     except ValueError as e:
         raise ValueError(f"layer {name!r}: {e}") from e
-    for p in (new.U, new.S, new.V):
-        p.requires_grad_(W.requires_grad)
+    for p in new.parameters():
+        if p is not getattr(new, "bias", None):
+            p.requires_grad_(W.requires_grad)
     if new.bias is not None:
         new.bias.requires_grad_(module.bias.requires_grad)
     new.train(module.training)
@@ -201,9 +217,9 @@ def _build_factorized(name: str, module: nn.Module, rank: int) -> tuple[nn.Modul
     return new, LayerCompression(name, shape, rank, max_rank(shape), before, after, kept)
 
 
-def _apply(model: nn.Module, plan: list[tuple[str, nn.Module, int]]) -> CompressionReport:
+def _apply(model: nn.Module, plan: list[tuple[str, nn.Module, int]], parametrization: str = "USV") -> CompressionReport:
     before = count_parameters(model)
-    built = [(name, *_build_factorized(name, module, k)) for name, module, k in plan]  # may raise: model untouched
+    built = [(name, *_build_factorized(name, module, k, parametrization)) for name, module, k in plan]  # may raise: model untouched
     for name, new, _ in built:
         replace_module(model, name, new)
     report = CompressionReport([row for _, _, row in built], before)
@@ -211,13 +227,20 @@ def _apply(model: nn.Module, plan: list[tuple[str, nn.Module, int]]) -> Compress
     return report
 
 
-def factorize(model: nn.Module, rank: int | float, targets: Targets = None) -> CompressionReport:
-    """Replace targeted nn.Linear / HF Conv1D / nn.Conv2d layers by LowRankLinear / LowRankConv2d, in place.
+def factorize(model: nn.Module, rank: int | float, targets: Targets = None, parametrization: str = "USV"
+              ) -> CompressionReport:
+    """Replace targeted nn.Linear / HF Conv1D / nn.Conv2d layers by factorized ones, in place.
 
     rank: an int (the same for every layer, must be <= each layer's full rank) or a float in (0, 1]
     (that fraction of each layer's full rank, at least 1). Initialised with the exact truncated SVD
     (the best rank-k approximation). On any error the model is left unchanged.
+    parametrization: ``"USV"`` (default) gives LowRankLinear / LowRankConv2d, W = U diag(S) V^T with
+    orthonormal U, V — the layers the geometric optimizers (``tlr.optim.LowRankAdam``) train;
+    ``"AB"`` gives the plain baseline FactorizedLinear / FactorizedConv2d, W = A B^T with the balanced
+    split A = U sqrt(S), B = V sqrt(S), for ordinary optimizers.
     """
+    if parametrization not in ("USV", "AB"):
+        raise ValueError(f"parametrization must be 'USV' (U diag(S) V^T) or 'AB' (A B^T), got {parametrization!r}")
     found = _select_layers(model, targets, "factorize")
     plan = []
     for name, module in found:
@@ -233,7 +256,7 @@ def factorize(model: nn.Module, rank: int | float, targets: Targets = None) -> C
         else:
             raise ValueError(f"rank must be an int or a float fraction in (0, 1], got {rank!r}")
         plan.append((name, module, k))
-    return _apply(model, plan)
+    return _apply(model, plan, parametrization)
 
 
 def _energy_allocation(found: list[tuple[str, nn.Module]], budget: float) -> dict[str, int]:
