@@ -181,3 +181,10 @@ def test_lowrank_layers_run_and_train_on_every_available_device(device):
     assert low.S.grad.device.type == device.type
     fresh = tlr.LowRankLinear(48, 32, 8, device=device)
     assert fresh.V.device.type == device.type and torch.isfinite(fresh.dense_weight()).all()
+
+
+def test_float64_layers_are_initialised_orthonormal_to_float64_precision():
+    layer = tlr.LowRankLinear(40, 30, 7, dtype=torch.float64)
+    eye = torch.eye(7, dtype=torch.float64)
+    torch.testing.assert_close(layer.U.T @ layer.U, eye, atol=1e-13, rtol=0)
+    torch.testing.assert_close(layer.V.T @ layer.V, eye, atol=1e-13, rtol=0)

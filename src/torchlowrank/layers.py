@@ -94,8 +94,8 @@ class _LowRankFactors(nn.Module):
         fan_in = self._fan_in()
         s = marchenko_pastur_top_singular_values(m, n, r, 1.0 / (3 * fan_in))
         # orthogonal_init draws from the global torch RNG, as nn.Linear's init does
-        U = orthogonal_init(m, r)
-        V = orthogonal_init(n, r)
+        U = orthogonal_init(m, r, dtype=torch.float64)  # cast on copy: float64 layers stay orthonormal to 1e-16
+        V = orthogonal_init(n, r, dtype=torch.float64)
         with torch.no_grad():
             self.U.copy_(U)
             self.S.copy_(s)

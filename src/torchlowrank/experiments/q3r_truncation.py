@@ -207,7 +207,7 @@ def run(quick: bool = False, seed: int = 0, progress: bool | None = None) -> Res
 
 
 # -- demo section ----------------------------------------------------------------------------------------------
-@register_demo_section("q3r", order=30)
+@register_demo_section("q3r", order=40)
 def demo_q3r(progress: bool | None = None) -> Result:
     """Digits MLP trained with and without Q3R (rank 8): spectra, then truncation to 10%..50%."""
     t0 = time.perf_counter()
