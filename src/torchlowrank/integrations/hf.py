@@ -122,7 +122,7 @@ class RegularizerCallback(TrainerCallback):
     module docstring). ``reg`` is e.g. ``tlr.Q3R``: its ``step()`` adds the regularizer's gradient to
     each weight's ``.grad``. With gradient accumulation it runs once per optimizer step, on the
     accumulated (mean) gradient. If ``reg`` has ``value()``, it is added to the Trainer's logs as
-    ``log_key`` at every logging step.
+    ``log_key`` at every logging step (and to ``state.log_history``).
     """
 
     def __init__(self, reg: Regularizer, log_key: str = "regularizer") -> None:
@@ -142,7 +142,10 @@ class RegularizerCallback(TrainerCallback):
         if logs is not None and callable(value) and self.log_key:
             with torch.no_grad():
                 v = value()
-            logs[self.log_key] = float(v)
+            logs[self.log_key] = float(v)  # seen by the reporting callbacks after this one
+            # the Trainer appended its copy of ``logs`` to log_history just before on_log
+            if state.log_history and state.log_history[-1].get("step") == state.global_step:
+                state.log_history[-1][self.log_key] = float(v)
 
 
 class TruncateCallback(TrainerCallback):
