@@ -84,6 +84,23 @@ def test_trainer_with_adapter_param_groups_equals_a_manual_loop_and_keeps_deep_l
                            _trainable(_deep_lora_llama(ds))["model.layers.0.self_attn.q_proj.lora_factors.1"])
 
 
+def test_the_trainers_default_scheduler_keeps_deep_loras_outer_to_inner_learning_rate_ratio(tmp_path):
+    ds = _dataset()
+    model = _deep_lora_llama(ds)
+    opt = torch.optim.AdamW(tlr.adapter_param_groups(model, 1e-2))
+    seen = []
+
+    class Lrs(TrainerCallback):
+        def on_optimizer_step(self, args, state, control, **kwargs):
+            seen.append({g["name"]: g["lr"] for g in opt.param_groups})
+
+    Trainer(model=model, args=_args(tmp_path, 3, lr_scheduler_type="linear", warmup_steps=1), train_dataset=ds,
+            optimizers=(opt, None), callbacks=[Lrs()]).train()
+    assert len({s["adapter"] for s in seen}) == 3  # the schedule did change the lr ...
+    for s in seen:  # ... by the same factor in both groups
+        assert s["adapter_outer"] == pytest.approx(0.01 * s["adapter"], rel=1e-12)
+
+
 class WeightDecayStandIn:
     """A regularizer with Q3R's interface: step() adds lam * W to W.grad (weight decay as a
     regularizer, R = lam / 2 ||W||^2); value() returns R."""
@@ -255,8 +272,9 @@ def _python(code, **env):
 
 
 def test_import_torchlowrank_does_not_import_transformers_and_a_missing_transformers_names_the_extra():
-    r = _python("import sys, torchlowrank, torchlowrank.integrations; print('transformers' in sys.modules)")
-    assert r.returncode == 0 and r.stdout.strip() == "False", r.stderr
+    r = _python("import sys, torchlowrank as tlr; print('transformers' in sys.modules)\n"
+                "print(tlr.integrations.hf.TruncateCallback.__name__, 'transformers' in sys.modules)")
+    assert r.returncode == 0 and r.stdout.split() == ["False", "TruncateCallback", "True"], r.stderr
     r = _python("import sys; sys.modules['transformers'] = None\n"
                 "try:\n    import torchlowrank.integrations.hf\nexcept ImportError as e:\n    print(e)")
     assert r.returncode == 0 and "pip install 'torchlowrank[hf]'" in r.stdout, r.stderr

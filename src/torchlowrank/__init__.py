@@ -14,6 +14,7 @@ from .ranks import SpectrumTable, effective_rank, numerical_rank, singular_value
 from .results import Plot, Result, Series, Table
 from .report import load_result, write_report
 from . import data, matrix, models  # tlr.data.load_digits, tlr.matrix.complete, tlr.models.SmallViT, ...
+from . import integrations  # tlr.integrations.hf (imports transformers only when accessed)
 
 __all__ = [
     "__version__",
