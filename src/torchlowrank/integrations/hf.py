@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -132,6 +133,14 @@ class RegularizerCallback(TrainerCallback):
         self.reg = reg
         self.log_key = log_key
         self.steps = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if getattr(args, "fp16", False) and not args.max_grad_norm:
+            # only the clipping path unscales the gradients before on_pre_optimizer_step
+            warnings.warn("RegularizerCallback with fp16=True and max_grad_norm=0: the gradients are still "
+                          "multiplied by the loss scale when reg.step() adds its gradient, so the regularizer's "
+                          "weight is divided by the scale; use bf16, or max_grad_norm > 0 (which unscales first)",
+                          stacklevel=2)
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         self.reg.step()
