@@ -102,7 +102,10 @@ def main(argv=None) -> dict:
         per_device_eval_batch_size=max(args.batch_size, 32), learning_rate=args.lr, lr_scheduler_type="linear",
         warmup_steps=0, weight_decay=0.0, use_cpu=True, ddp_backend="gloo" if launched_by_torchrun else None, report_to="none", save_strategy="no",
         logging_steps=max(1, args.steps // 10), seed=args.seed, data_seed=args.seed, disable_tqdm=True,
-        dataloader_num_workers=0, remove_unused_columns=False)
+        dataloader_num_workers=0, remove_unused_columns=False,
+        # BertForSequenceClassification takes **kwargs but computes a mean loss without num_items_in_batch;
+        # with the default True the Trainer multiplies that loss by world_size (2x gradients under torchrun)
+        average_tokens_across_devices=False)
     _ = targs.device  # initialises the process group under torchrun, so init_compressed can all-reduce
     rank, world = distributed.rank(), distributed.world_size()
 
