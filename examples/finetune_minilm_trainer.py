@@ -152,7 +152,16 @@ def main(argv=None) -> dict:
               "accuracy_before": before, "accuracy": after, "train_loss": out.training_loss,
               "train_seconds": round(train_s, 2), "trainable_params": trainable, "total_params": total,
               "max_abs_adapter_diff_between_ranks": rank_diff, "peft_dir": str(peft_dir)}
+    # the accuracy of always answering the test set's most common class: a run that does not beat it
+    # learned nothing beyond the label prior
+    majority = float(max(data.test_labels[:args.eval_size].float().mean(), 1 - data.test_labels[:args.eval_size].float().mean()))
+    result["majority_class_accuracy"] = majority
+    result["status"] = "ok" if after > majority else "no better than the majority class"
     if distributed.is_main_process():
+        if after <= majority:
+            import warnings
+            warnings.warn(f"accuracy {after:.3f} is no better than always predicting the majority class ({majority:.3f}): "
+                          "train longer or with a larger --lr", stacklevel=1)
         result["peft_max_abs_logit_diff"], result["adapter_max_abs_logit_effect"] = check_peft(model, peft_dir, test,
                                                                                                 args.seed)
         atomic_write_text(args.out / "result.json", json.dumps(result, indent=2) + "\n")
