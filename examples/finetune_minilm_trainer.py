@@ -41,7 +41,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-size", type=int, default=500, help="test examples used for accuracy")
     p.add_argument("--max-length", type=int, default=64, help="tokens per example (truncated / padded)")
     p.add_argument("--batch-size", type=int, default=16, help="per-process batch size")
-    p.add_argument("--lr", type=float, default=5e-3, help="learning rate (Deep LoRA's outer factors: gamma * lr)")
+    p.add_argument("--lr", type=float, default=2e-2, help="learning rate (Deep LoRA's outer factors: gamma * lr)")
     p.add_argument("--rank", type=int, default=8, help="Deep LoRA width r (even)")
     p.add_argument("--depth", type=int, default=3, help="Deep LoRA depth L")
     p.add_argument("--init-scale", type=float, default=0.1,
