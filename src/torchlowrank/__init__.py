@@ -17,6 +17,7 @@ from .report import load_result, write_report
 from .factorized import FactorizedConv2d, FactorizedLinear, factorize_ab
 from . import optim
 from . import data, matrix, models  # tlr.data.load_digits, tlr.matrix.complete, tlr.models.SmallViT, ...
+from . import integrations  # tlr.integrations.hf (imports transformers only when accessed)
 
 __all__ = [
     "__version__",
