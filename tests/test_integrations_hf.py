@@ -143,6 +143,26 @@ def test_regularizer_callback_adds_its_gradient_once_per_optimizer_step_like_a_m
     assert len(logged) == steps and logged[-1] == pytest.approx(reg.value(), rel=1e-6)
 
 
+def test_q3r_through_the_regularizer_callback_equals_a_manual_loop(tmp_path):
+    ds = _dataset()
+    torch.manual_seed(0)
+    model = hf_models.tiny_llama().train()
+    ref = copy.deepcopy(model)
+    steps = 6  # two reweightings at period 5
+
+    def reg_for(m):
+        return tlr.Q3R(m, target_rank=2, lam=0.05, period=5, targets=["q_proj", "v_proj"], method="full")
+
+    reg = reg_for(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    Trainer(model=model, args=_args(tmp_path, steps), train_dataset=ds, optimizers=(opt, None),
+            callbacks=[RegularizerCallback(reg)]).train()
+    ref_reg = reg_for(ref)
+    _manual(ref, ds, torch.optim.SGD(ref.parameters(), lr=0.05), steps, after_backward=ref_reg.step)
+    _assert_same(_trainable(model), _trainable(ref), atol=1e-6)
+    assert reg.eps == pytest.approx(ref_reg.eps) and all(0 < e < float("inf") for e in reg.eps.values())
+
+
 def test_regularizer_callback_refuses_an_object_without_step():
     with pytest.raises(ValueError, match="step"):
         RegularizerCallback(object())
