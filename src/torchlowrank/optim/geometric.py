@@ -32,6 +32,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -336,6 +337,26 @@ class _GeometricOptimizer(Optimizer):
         self._rebind(group, layer)
         self._update_probe(name)
 
+    def _step_units(self, closure: Callable | None) -> tuple[Any, list[dict]]:
+        """The part of ``step`` shared by SGD and Adam: the closure, re-binding layers resized from
+        outside (resize_to_state_dict), the NaN check (before anything changes), and the geometric
+        step of every unit. Returns (loss, the groups of ordinary parameters)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            if group["unit"] is not None:
+                self._rebind(group, self._units[group["unit"]])
+        self._check_gradients()
+        plain = []
+        for group in self.param_groups:
+            if group["unit"] is not None:
+                self._geometric_step(group, self._direction)
+            else:
+                plain.append(group)
+        return loss, plain
+
     def _rebind(self, group: dict, layer: _LowRankFactors) -> None:
         """After a rank change the layer holds new Parameter objects: point the group and state at them."""
         old_U = group["params"][0]
@@ -452,18 +473,8 @@ class LowRankSGD(_GeometricOptimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable | None = None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:  # layers resized from outside (resize_to_state_dict)
-            if group["unit"] is not None:
-                self._rebind(group, self._units[group["unit"]])
-        self._check_gradients()
-        for group in self.param_groups:
-            if group["unit"] is not None:
-                self._geometric_step(group, self._direction)
-                continue
+        loss, plain_groups = self._step_units(closure)
+        for group in plain_groups:
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -534,18 +545,8 @@ class LowRankAdam(_GeometricOptimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable | None = None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:  # layers resized from outside (resize_to_state_dict)
-            if group["unit"] is not None:
-                self._rebind(group, self._units[group["unit"]])
-        self._check_gradients()
-        for group in self.param_groups:
-            if group["unit"] is not None:
-                self._geometric_step(group, self._direction)
-                continue
+        loss, plain_groups = self._step_units(closure)
+        for group in plain_groups:
             b1, b2 = group["betas"]
             for p in group["params"]:
                 if p.grad is None:
