@@ -104,7 +104,7 @@ def _zero_loss(problem) -> float:
 
 
 @torch.no_grad()
-def train_gd(model, problem, lr: float, *, max_iters: int = 10_000, tol: float = 1e-9, ftol: float = 1e-10,
+def train_gd(model, problem, lr: float, *, max_iters: int = 10_000, tol: float = 1e-9, ftol: float = 0.0,
              window: int = 1000, target_error: float | None = None, weight_decay: float = 0.0,
              eval_every: int = 10, check_every: int = 10, blowup: float = 1e6, escape: float = 0.01,
              validation: tuple | None = None, patience: int | None = None, time_limit: float | None = None,
@@ -116,7 +116,10 @@ def train_gd(model, problem, lr: float, *, max_iters: int = 10_000, tol: float =
     ``sqrt(loss / loss(0)) <= tol`` (scale-free; 0 disables; checked every ``check_every``);
     recovery error <= ``target_error`` (checked every ``eval_every``, needs ``problem.truth``);
     relative loss decrease ``<= ftol`` over the last ``window`` iterations, and no larger than over
-    the window before, once escaped; no
+    the window before, once escaped (off by default, ``ftol=0``: deep factorizations learn in stages
+    and sit on flat saddles between them, which look stationary — the depth-width reproduction
+    stopped at 0.7-0.9 recovery error with ftol=1e-10; a stationary stop above a 1e-6 relative
+    residual warns); no
     validation improvement for ``patience`` evaluations after the escape (``validation = (rows,
     cols, values)``; the best parameters are restored); ``max_iters``; ``time_limit`` seconds of
     training; divergence. ``callback(t, model)`` runs at every evaluation. ``num_threads``: torch
@@ -287,6 +290,11 @@ def train_gd(model, problem, lr: float, *, max_iters: int = 10_000, tol: float =
                             f"from its initial value ({rel:.3g} relative residual): the network never left "
                             f"its small initialisation; raise init_scale, the step lr={lr:g} or max_iters "
                             f"(or normalise the data: tlr.matrix.complete does)")
+    if reason == "stationary" and rel > 1e-6:
+        warnings.warn(f"{hist.message}. The loss is flat but the fit is not exact: this is the optimum of noisy "
+                      "data, or a saddle between two learning stages of the deep factorization (they look alike). "
+                      "If the data should be fitted exactly, pass ftol=0 to run on to tol / max_iters.",
+                      RuntimeWarning, stacklevel=3)
     if status in FAILURE_STATUSES:
         warnings.warn(hist.message, RuntimeWarning, stacklevel=3)  # past the no_grad wrapper
     return hist
