@@ -36,3 +36,17 @@ def test_movielens_surprise_baselines_are_skipped_with_a_note_when_surprise_is_m
     e = (torch.tensor([0, 1]), torch.tensor([1, 0]), torch.tensor([4.0, 3.0]))
     rows, note = _surprise_rows(e, e, e, quick=True, seed=0)
     assert rows == [] and "pip install scikit-surprise" in note
+
+
+def test_depth_width_quick_depth_3_over_parameterized_recovers_where_depth_2_overfits_and_no_failure_says_converged():
+    import warnings
+
+    from torchlowrank.experiments import get_experiment
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the budget-limited runs warn, as they should
+        r = get_experiment("depth-width").run(quick=True, progress=False)
+    rows = {(row[0], row[1]): row for row in r.tables[0].rows}
+    assert rows[(3, 100)][3] < 1e-4 < 0.05 < rows[(2, 100)][3]
+    for row in r.tables[0].rows:  # a stop declared "converged" is a real recovery (no saddle taken for the optimum)
+        assert row[-1] != "converged" or row[3] < 1e-6, row
