@@ -14,6 +14,14 @@ def _seed():
     torch.manual_seed(0)
 
 
+def linear_with(W: torch.Tensor) -> torch.nn.Linear:
+    """A bias-free nn.Linear whose weight is W (out, in), in W's dtype."""
+    lin = torch.nn.Linear(W.shape[1], W.shape[0], bias=False, dtype=W.dtype)
+    with torch.no_grad():
+        lin.weight.copy_(W)
+    return lin
+
+
 def randomize_trainable(model: torch.nn.Module, seed: int = 0) -> None:
     """Fill every trainable parameter with N(0, 1) (e.g. to make a zero-initialised adapter non-zero)."""
     g = torch.Generator().manual_seed(seed)

@@ -5,14 +5,9 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import linear_with
+
 from torchlowrank.regularizers import NuclearNorm
-
-
-def linear_with(W: torch.Tensor) -> nn.Linear:
-    lin = nn.Linear(W.shape[1], W.shape[0], bias=False, dtype=W.dtype)
-    with torch.no_grad():
-        lin.weight.copy_(W)
-    return lin
 
 
 @pytest.mark.parametrize("shape", [(9, 9), (14, 5), (4, 11)])

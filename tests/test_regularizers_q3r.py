@@ -6,9 +6,10 @@ import pytest
 import torch
 from torch import nn
 
+
 import torchlowrank as tlr
 from torchlowrank.regularizers import Q3R, q3r_operator, q3r_reweight, smoothed_logdet
-from conftest import decaying_matrix
+from conftest import decaying_matrix, linear_with
 
 SCALES = [1e-4, 1e-2, 1.0, 1e2, 1e4]
 
@@ -29,13 +30,6 @@ def reference_operator(W0: torch.Tensor, rank: int):
     PU = U @ torch.diag(du) @ U.T
     PV = Vh.T @ torch.diag(dv) @ Vh
     return PU, PV, eps
-
-
-def linear_with(W: torch.Tensor) -> nn.Linear:
-    lin = nn.Linear(W.shape[1], W.shape[0], bias=False, dtype=W.dtype)
-    with torch.no_grad():
-        lin.weight.copy_(W)
-    return lin
 
 
 # -- the math ------------------------------------------------------------------------------------------------
