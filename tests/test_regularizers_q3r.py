@@ -6,7 +6,6 @@ import pytest
 import torch
 from torch import nn
 
-
 import torchlowrank as tlr
 from torchlowrank.regularizers import Q3R, q3r_operator, q3r_reweight, smoothed_logdet
 from conftest import decaying_matrix, linear_with
