@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .factorized import FactorizedConv2d, FactorizedLinear
-from .layer_types import is_hf_conv1d, is_meta
+from .layer_types import is_hf_conv1d, is_meta, parameter_holders, shared_weight_holders
 from .layers import LowRankConv2d, LowRankLinear, max_rank
 from .ranks import singular_values
 from .results import markdown_table
@@ -82,17 +82,6 @@ def _weight_shape(module: nn.Module) -> tuple[int, ...]:
     return tuple(module.weight.T.shape) if is_hf_conv1d(module) else tuple(module.weight.shape)
 
 
-def _tied_owners(model: nn.Module) -> dict[int, list[str]]:
-    """id(parameter) -> every ``module.param`` path that holds it (more than one: tied weights)."""
-    owners: dict[int, list[str]] = {}
-    for mname, mod in model.named_modules(remove_duplicate=False):
-        for pname, p in mod.named_parameters(recurse=False, remove_duplicate=False):
-            path = f"{mname}.{pname}" if mname else pname
-            if path not in owners.setdefault(id(p), []):
-                owners[id(p)].append(path)
-    return owners
-
-
 def _adapter_wrappers(model: nn.Module) -> list[str]:
     # duck-typed (no import of torchlowrank.adapters / peft): adapter layers wrap a ``base_layer``
     return [n for n, m in model.named_modules() if isinstance(getattr(m, "base_layer", None), nn.Module)]
@@ -103,12 +92,12 @@ def _select_layers(model: nn.Module, targets: Targets, what: str) -> list[tuple[
     tied or unsupported layers raise when targeted explicitly and are skipped with a warning when
     ``targets=None``."""
     found = find_targets(model, targets, predicate=_has_matrix)
-    owners = _tied_owners(model)
+    index = parameter_holders(model)
     wrappers = _adapter_wrappers(model)
     chosen, skipped = [], []
     for name, module in found:
         inside = next((w for w in wrappers if name.startswith(w + ".")), None)
-        tied = [o for o in owners.get(id(module.weight), []) if o != f"{name}.weight"]
+        tied = shared_weight_holders(model, module, index)
         if inside is not None:
             reason = (f"it is the base layer of the adapter {inside!r}: merge the adapters first "
                       "(tlr.merge(model)) or truncate before adapting")

@@ -24,17 +24,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..linalg import orthogonal_init, truncated_svd
+from ..layer_types import is_hf_conv1d
 
 __all__ = ["AdapterLayer", "LinearAdapter", "Conv1DAdapter", "Conv2dAdapter", "EmbeddingAdapter",
            "wrap_layer", "supported_layer", "unsupported_reason", "is_hf_conv1d", "adapter_dtype", "SUPPORTED"]
 
 SUPPORTED = "nn.Linear, HF Conv1D, nn.Conv2d (groups=1) and nn.Embedding"
 HALF = (torch.float16, torch.bfloat16)
-
-
-def is_hf_conv1d(module: nn.Module) -> bool:
-    """True for Hugging Face's ``Conv1D`` (GPT-2 style linear layer with weight (in, out))."""
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
 
 
 def unsupported_reason(module: nn.Module) -> str | None:

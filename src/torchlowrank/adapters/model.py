@@ -24,6 +24,7 @@ from torch import nn
 from ..targets import find_targets, name_matches
 from .config import ALL_LINEAR, AdapterConfig, DeepLoRAConfig, LoRAConfig
 from .layers import SUPPORTED, AdapterLayer, is_hf_conv1d, supported_layer, unsupported_reason, wrap_layer
+from ..layer_types import parameter_holders, shared_weight_holders  # re-exported
 
 __all__ = ["AdapterState", "adapt", "merge", "unadapt", "adapter_layers", "adapter_state", "adapter_param_groups",
            "print_trainable_parameters", "resolve_targets", "resolve_modules_to_save", "shared_weight_holders",
@@ -123,27 +124,6 @@ def resolve_targets(model: nn.Module, config: AdapterConfig, saved: list[str]) -
     if not chosen:
         raise ValueError(f"target_modules {config.target_modules!r} only matched layers inside modules_to_save {saved}")
     return chosen
-
-
-def parameter_holders(model: nn.Module) -> dict[int, list[tuple[str, nn.Module]]]:
-    """id(parameter) -> every (full parameter name, owning module) that holds it (tied aliases included)."""
-    index: dict[int, list[tuple[str, nn.Module]]] = {}
-    for mod_name, mod in model.named_modules(remove_duplicate=False):
-        for p_name, p in mod.named_parameters(recurse=False):
-            index.setdefault(id(p), []).append((f"{mod_name}.{p_name}" if mod_name else p_name, mod))
-    return index
-
-
-def shared_weight_holders(model: nn.Module, module: nn.Module,
-                          index: dict[int, list[tuple[str, nn.Module]]] | None = None) -> list[str]:
-    """Names of the other parameters of ``model`` that are the same tensor as ``module.weight``
-    (e.g. ``["lm_head.weight"]`` for GPT-2's tied ``transformer.wte``). ``index``: a precomputed
-    :func:`parameter_holders` (for many calls on one model)."""
-    w = getattr(module, "weight", None)
-    if w is None:
-        return []
-    index = parameter_holders(model) if index is None else index
-    return sorted({name for name, mod in index.get(id(w), []) if mod is not module})
 
 
 def _is_meta(module: nn.Module) -> bool:

@@ -23,15 +23,11 @@ from torch import nn
 from ..layers import LowRankConv2d, LowRankLinear
 from ..linalg import compute_dtype
 from ..targets import Targets, find_targets, name_matches
+from ..layer_types import is_hf_conv1d
 
 __all__ = ["Block", "MatrixRegularizer", "is_hf_conv1d", "supported_module"]
 
 Split = int | Mapping[str, int | Iterable[int]] | None
-
-
-def is_hf_conv1d(module: nn.Module) -> bool:
-    """True for Hugging Face's ``Conv1D`` (GPT-2's linear layer, weight stored (in, out))."""
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and isinstance(getattr(module, "weight", None), torch.Tensor)
 
 
 def supported_module(module: nn.Module) -> bool:
