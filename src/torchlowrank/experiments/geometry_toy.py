@@ -12,16 +12,14 @@ down as the conditioning worsens, the geometric steps do not.
 from __future__ import annotations
 
 import math
-import subprocess
 import time
-from pathlib import Path
 
 import torch
 
 from ..factorized import FactorizedLinear
 from ..layers import LowRankLinear
 from ..optim import LowRankAdam, LowRankSGD
-from ..reproducibility import environment_info, one_thread
+from ..reproducibility import environment_info, git_commit, one_thread
 from ..results import Plot, Result, Series, Table
 from .registry import register_demo_section, register_experiment
 
@@ -47,12 +45,7 @@ THRESHOLD = 1e-6
 def provenance(name: str, quick: bool) -> dict[str, str]:
     """The command that reproduces a report and the git commit of the source tree (if known)."""
     cmd = f"torchlowrank reproduce {name}" + (" --quick" if quick else f" --out docs/results/{name}")
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
-                                text=True, timeout=10).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        commit = "unknown"
-    return {"command": cmd, "git_commit": commit}
+    return {"command": cmd, "git_commit": git_commit() or "unknown"}
 
 
 def make_target(m: int, n: int, r: int, kappa: float, g: torch.Generator) -> torch.Tensor:

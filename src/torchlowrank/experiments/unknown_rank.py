@@ -16,13 +16,12 @@ low-rank bias that makes an over-estimated width harmless, where shallow methods
 """
 from __future__ import annotations
 
-import subprocess
 import time
 import warnings
 
 import torch
 
-from ..reproducibility import environment_info, one_thread, seed_everything
+from ..reproducibility import environment_info, git_commit, one_thread, seed_everything
 from ..results import Result, Table
 from .registry import register_experiment
 
@@ -45,14 +44,6 @@ def make_problem(shape, rank, frac, scale, offset, spectrum, seed):
 
 def _err(X, M):
     return float(torch.linalg.matrix_norm(X - M) / torch.linalg.matrix_norm(M))
-
-
-def _git_commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                              cwd=__file__.rsplit("/", 1)[0]).stdout.strip() or None
-    except Exception:
-        return None
 
 
 @register_experiment("unknown-rank", "Completion with the rank unknown: compressed deep net (default r_hat) vs ALS "
@@ -115,7 +106,7 @@ def run(quick: bool = False, seed: int = 0, progress: bool | None = None) -> Res
     ok = sum(1 for x in rows if x[2] <= 1e-6)
     metrics["cases_ours_within_1e-6"] = f"{ok}/{len(rows)}"
     metrics["cases_ours_better_than_als_over"] = f"{sum(1 for x in rows if x[2] < x[8])}/{len(rows)}"
-    commit = _git_commit()
+    commit = git_commit()
     cmd = "torchlowrank reproduce unknown-rank --out docs/results/unknown-rank" + (" --quick" if quick else "")
     notes = (
         f"Command: `{cmd}` (git commit {commit}). One seed ({seed}); one CPU thread; the machine is shared by "
