@@ -37,6 +37,10 @@ def _worker(rank, world, out):
     _tracker_worker(rank, world, out)
     _deep_lora_worker(rank, world, out)
     _optim_q3r_worker(rank, world, out)
+    _rank_adaptive_worker(rank, world, out)
+    _stale_wrapper_worker(rank, world, out)
+    _galore_worker(rank, world, out)
+    _rank_agreement_worker(rank, world, out)
 
 
 @pytest.fixture(scope="module")
@@ -214,3 +218,126 @@ def test_lowrank_adam_and_q3r_under_ddp_equal_one_process(ddp_out):
     for k, v in model.state_dict().items():
         assert torch.equal(states[0][k], states[1][k]), k  # the ranks never drift apart
         torch.testing.assert_close(states[0][k], v, atol=1e-10, rtol=1e-8)
+
+
+ADAPTIVE_STEPS = 8
+
+
+def _adaptive_data():
+    g = torch.Generator().manual_seed(3)
+    return (torch.randn(ADAPTIVE_STEPS, BATCH, 20, generator=g, dtype=torch.float64),
+            torch.randint(0, 5, (ADAPTIVE_STEPS, BATCH), generator=g))
+
+
+def _adaptive_setup():
+    torch.manual_seed(0)
+    model = nn.Sequential(tlr.LowRankLinear(20, 32, 6), nn.ReLU(), nn.Linear(32, 5)).double()
+    return model, tlr.optim.LowRankAdam(model, lr=0.2, tau=0.3)  # ranks 6, 5, 5, 4, ...: two changes
+
+
+def _rank_adaptive_worker(rank, world, out):
+    xs, ys = _adaptive_data()
+    half = BATCH // world
+    model, opt = _adaptive_setup()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    ranks = []
+    for x, y in zip(xs[:, rank * half:(rank + 1) * half], ys[:, rank * half:(rank + 1) * half]):
+        opt.zero_grad()
+        nn.functional.cross_entropy(ddp(x), y).backward()
+        opt.step()
+        if opt.ranks_changed:  # the layer holds new Parameters: DDP must learn about them
+            ddp = nn.parallel.DistributedDataParallel(model)
+        ranks.append(model[0].rank)
+    torch.save({"state": model.state_dict(), "ranks": torch.tensor(ranks)}, out / f"adaptive{rank}.pt")
+
+
+def test_rank_adaptive_lowrank_adam_under_ddp_keeps_replicas_identical_and_equals_one_process(ddp_out):
+    xs, ys = _adaptive_data()
+    model, opt = _adaptive_setup()
+    ranks = []
+    for x, y in zip(xs, ys):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        ranks.append(model[0].rank)
+    assert ranks[0] == 6 and ranks[-1] < 6  # the rank did change during the run
+    got = [torch.load(ddp_out / f"adaptive{r}.pt", weights_only=True) for r in range(2)]
+    for g in got:
+        assert g["ranks"].tolist() == ranks
+    for k, v in model.state_dict().items():
+        assert torch.equal(got[0]["state"][k], got[1]["state"][k]), k
+        torch.testing.assert_close(got[0]["state"][k], v, atol=1e-10, rtol=1e-8)
+
+
+def _stale_wrapper_worker(rank, world, out):
+    xs, ys = _adaptive_data()
+    half = BATCH // world
+    model, opt = _adaptive_setup()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    message, changed_at, before = "", None, None
+    for i, (x, y) in enumerate(zip(xs[:, rank * half:(rank + 1) * half], ys[:, rank * half:(rank + 1) * half])):
+        opt.zero_grad()
+        nn.functional.cross_entropy(ddp(x), y).backward()  # the wrapper is never rebuilt
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        try:
+            opt.step()
+        except RuntimeError as e:
+            message = str(e)
+            break
+        if opt.ranks_changed and changed_at is None:
+            changed_at = i
+    unchanged = all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    (out / f"stale{rank}.txt").write_text(f"{changed_at}|{i}|{unchanged}|{message}")
+
+
+def test_a_stale_ddp_wrapper_after_a_rank_change_is_refused_with_what_to_do(ddp_out):
+    for r in range(2):
+        changed_at, failed_at, unchanged, message = (ddp_out / f"stale{r}.txt").read_text().split("|", 3)
+        assert changed_at != "None" and int(failed_at) == int(changed_at) + 1  # caught at the very next step
+        assert unchanged == "True"
+        assert "wrap the model again" in message and "DistributedDataParallel" in message
+
+
+def _galore_setup():
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 5)).double()
+    return model, tlr.optim.GaLoreAdamW(model.parameters(), lr=1e-2, rank=4, update_gap=2)
+
+
+def _galore_worker(rank, world, out):
+    xs, ys = _data()
+    half = BATCH // world
+    model, opt = _galore_setup()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    for x, y in zip(xs[:, rank * half:(rank + 1) * half], ys[:, rank * half:(rank + 1) * half]):
+        opt.zero_grad()
+        nn.functional.cross_entropy(ddp(x.double()), y).backward()
+        opt.step()
+    torch.save(model.state_dict(), out / f"galore{rank}.pt")
+
+
+def test_galore_projection_refreshes_under_ddp_equal_one_process(ddp_out):
+    """The projector is refreshed (steps 0 and 2) from the all-reduced gradient, and its random
+    sketch comes from a generator seeded by the step and the parameter index, so every process
+    computes the same projector without a collective."""
+    xs, ys = _data()
+    model, opt = _galore_setup()
+    for x, y in zip(xs, ys):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x.double()), y).backward()
+        opt.step()
+    states = [torch.load(ddp_out / f"galore{r}.pt", weights_only=True) for r in range(2)]
+    for k, v in model.state_dict().items():
+        assert torch.equal(states[0][k], states[1][k]), k
+        torch.testing.assert_close(states[0][k], v, atol=1e-10, rtol=1e-8)
+
+
+def _rank_agreement_worker(rank, world, out):
+    model, opt = _adaptive_setup()
+    agreed = opt._agree_on_ranks([3 + rank, 7], torch.device("cpu"))  # as if rounding made rank 1 differ
+    (out / f"agreed{rank}.txt").write_text(",".join(map(str, agreed)))
+
+
+def test_rank_decisions_are_rank_0s_on_every_process(ddp_out):
+    for r in range(2):
+        assert (ddp_out / f"agreed{r}.txt").read_text() == "3,7"

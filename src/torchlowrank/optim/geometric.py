@@ -35,9 +35,11 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.optim import Optimizer
 
+from .. import distributed as tlr_dist
 from ..layers import LowRankConv2d, LowRankLinear, _LowRankFactors
 from ..linalg import compute_dtype, robust_svd
 
@@ -96,7 +98,9 @@ def _collect(model_or_params) -> tuple[list[tuple[str, _LowRankFactors]], list[t
 
 
 def _check_common(lr: float, weight_decay: float, tau: float, max_rank: int | None, min_rank: int,
-                  augment_every: int) -> None:
+                  augment_every: int, sync_ranks: bool | None) -> None:
+    if sync_ranks not in (None, True, False):
+        raise ValueError(f"sync_ranks must be None (automatic), True or False, got {sync_ranks!r}")
     if isinstance(augment_every, bool) or not isinstance(augment_every, int) or augment_every < 1:
         raise ValueError(f"augment_every must be an int >= 1, got {augment_every!r}")
     if not isinstance(lr, (int, float)) or not lr > 0 or not math.isfinite(lr):
@@ -222,6 +226,10 @@ class _GeometricOptimizer(Optimizer):
         self._units: dict[str, _LowRankFactors] = {name: m for name, m in units}
         self._param_names = {id(p): n for n, p in others}
         self._probes: dict[str, _Probe] = {}
+        self._resized: set[str] = set()  # units whose rank changed at the last step (DDP check)
+        #: True when the last ``step()`` changed some layer's rank (new Parameter objects): under DDP,
+        #: wrap the model again before the next forward; a compiled model recompiles once.
+        self.ranks_changed = False
         for name in self._units:
             self._update_probe(name)
 
@@ -291,13 +299,15 @@ class _GeometricOptimizer(Optimizer):
         return max(group["min_rank"], min(r1, hi, d.numel()))
 
     @torch.no_grad()
-    def _geometric_step(self, group: dict, direction: Callable) -> None:
+    def _stepped_core(self, group: dict, direction: Callable) -> dict | None:
+        """Steps 1-4 and the SVD of step 5 for one unit: everything up to the rank decision.
+        Returns what :meth:`_apply_rank` needs, or None when the layer got no gradient."""
         name = group["unit"]
         layer = self._units[name]
         cd = compute_dtype(layer.U.dtype)
         grads = self._unit_gradients(name, layer, cd)
         if grads is None:
-            return
+            return None
         A, B = grads  # G V (m, r), G^T U (n, r)
         U, s, V = layer.U.detach().to(cd), layer.S.detach().to(cd), layer.V.detach().to(cd)
         m, r = U.shape
@@ -321,21 +331,65 @@ class _GeometricOptimizer(Optimizer):
         S_hat[:r, :r] = torch.diag(s)
         S_hat, moments = direction(group, state, G_hat, S_hat, r, (p, q), p * q - ku * kv)
         P, d, Qh = robust_svd(S_hat)
-        r1 = self._choose_rank(d, r, group, min(m, n))
-        P1, Q1 = P[:, :r1].to(cd), Qh[:r1].T.to(cd)
-        for key, (M, kind) in moments.items():
+        return dict(U=U, V=V, U1=U1, V1=V1, P=P, d=d, Qh=Qh, moments=moments, cd=cd,
+                    rank=self._choose_rank(d, r, group, min(m, n)))
+
+    @torch.no_grad()
+    def _apply_rank(self, group: dict, core: dict, r1: int) -> None:
+        """Step 5: keep r1 directions of the stepped core; new factors and transported moments."""
+        name = group["unit"]
+        layer = self._units[name]
+        state = self.state[layer.U]
+        U, V, cd, r = core["U"], core["V"], core["cd"], core["U"].shape[1]
+        P1, Q1 = core["P"][:, :r1].to(cd), core["Qh"][:r1].T.to(cd)
+        for key, (M, kind) in core["moments"].items():
             if kind == "sqrt":  # second moment: transport its square root, square again
                 state[key] = (P1.T @ M.sqrt() @ Q1) ** 2
             else:
                 state[key] = P1.T @ M @ Q1
         state["rank"] = r1
-        U_new = U @ P1[:r] + U1 @ P1[r:]
-        V_new = V @ Q1[:r] + V1 @ Q1[r:]
+        U_new = U @ P1[:r] + core["U1"] @ P1[r:]
+        V_new = V @ Q1[:r] + core["V1"] @ Q1[r:]
         if state["step"] % 8 == 0:  # rounding drift is ~eps per step: correct it now and then
             U_new, V_new = _reorthonormalize(U_new), _reorthonormalize(V_new)
-        layer.set_factors(U_new, d[:r1].to(cd), V_new)
+        layer.set_factors(U_new, core["d"][:r1].to(cd), V_new)
         self._rebind(group, layer)
         self._update_probe(name)
+
+    def _syncs_ranks(self) -> bool:
+        sync = self.defaults["sync_ranks"]
+        return tlr_dist.is_distributed() if sync is None else bool(sync) and tlr_dist.is_distributed()
+
+    def _agree_on_ranks(self, proposed: list[int], device: torch.device) -> list[int]:
+        """Rank 0's rank decisions on every process (one broadcast of a few ints per step, only when
+        some unit is rank adaptive). The gradients DDP all-reduces are the same on every rank, so the
+        decisions already agree up to the rounding of each process's SVD; the broadcast makes them
+        agree exactly, so the factor shapes (and DDP's buckets) can never differ between ranks."""
+        t = torch.tensor(proposed, dtype=torch.int64, device=device)
+        tlr_dist.broadcast_tensors_([t])
+        return [int(k) for k in t.tolist()]
+
+    def _check_replicas_after_rank_change(self) -> None:
+        """After a rank change under DDP, the layer holds new Parameters that an existing DDP wrapper
+        does not know: their gradients are not all-reduced and the replicas would drift apart (and
+        DDP fails one step later with an unrelated message). One all-reduce of the resized units'
+        gradient sums, on the first step after a change only, catches it before anything changes."""
+        names = [n for n in self._resized if self._units[n].U.grad is not None]
+        self._resized = set()
+        if not names:
+            return
+        sums = torch.stack([torch.stack([p.grad.detach().double().sum() for p in
+                                         (self._units[n].U, self._units[n].S, self._units[n].V)]) for n in names])
+        lo, hi = sums.clone(), sums.clone()
+        dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+        dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+        if not torch.equal(lo, hi):
+            raise RuntimeError(
+                f"the gradients of layer(s) {names} differ between processes after their rank changed: the "
+                "DistributedDataParallel wrapper was built before the change and does not all-reduce the new "
+                "factors. After a step with `optimizer.ranks_changed`, wrap the model again "
+                "(`ddp = DistributedDataParallel(model, ...)`) before the next forward. Step refused, no "
+                "weight was changed.")
 
     def _step_units(self, closure: Callable | None) -> tuple[Any, list[dict]]:
         """The part of ``step`` shared by SGD and Adam: the closure, re-binding layers resized from
@@ -349,12 +403,25 @@ class _GeometricOptimizer(Optimizer):
             if group["unit"] is not None:
                 self._rebind(group, self._units[group["unit"]])
         self._check_gradients()
-        plain = []
+        if self._resized and self._syncs_ranks():
+            self._check_replicas_after_rank_change()
+        plain, cores = [], []
         for group in self.param_groups:
             if group["unit"] is not None:
-                self._geometric_step(group, self._direction)
+                core = self._stepped_core(group, self._direction)
+                if core is not None:
+                    cores.append((group, core))
             else:
                 plain.append(group)
+        ranks = [core["rank"] for _, core in cores]
+        if cores and self._syncs_ranks() and any(g["tau"] > 0 for g, _ in cores):
+            ranks = self._agree_on_ranks(ranks, cores[0][1]["d"].device)
+        self.ranks_changed = False
+        for (group, core), r1 in zip(cores, ranks):
+            if r1 != core["U"].shape[1]:
+                self.ranks_changed = True
+                self._resized.add(group["unit"])
+            self._apply_rank(group, core, r1)
         return loss, plain
 
     def _rebind(self, group: dict, layer: _LowRankFactors) -> None:
@@ -441,21 +508,30 @@ class LowRankSGD(_GeometricOptimizer):
             in between takes the Galerkin step in the current basis (S <- S - lr U^T G V direction,
             re-diagonalised by an r x r SVD), as the reference DLRT trainers do: cheaper steps that
             can only keep or shrink the rank.
+        sync_ranks: under ``torch.distributed`` (DDP) with tau > 0, rank 0's rank decisions are
+            broadcast to every process at each step (a few ints), so the replicas keep the same
+            shapes. None (default): whenever a process group of > 1 processes is initialised;
+            False: never (each process trains its own model). A rank change replaces the layer's
+            Parameters: when ``optimizer.ranks_changed`` is True after ``step()``, wrap the model
+            in DistributedDataParallel again before the next forward (the next step raises a
+            RuntimeError if the gradients of a resized layer were not all-reduced). With tau = 0
+            the optimizers add no collective: every process takes the same step from DDP's
+            all-reduced gradients.
 
     Momentum lives in coefficient space (r, r per layer): W-space momentum U C V^T.
     """
 
     def __init__(self, model_or_params, lr: float, momentum: float = 0.9, nesterov: bool = False, tau: float = 0.0,
                  max_rank: int | None = None, min_rank: int = 1, weight_decay: float = 0.0,
-                 augment_every: int = 1) -> None:
-        _check_common(lr, weight_decay, tau, max_rank, min_rank, augment_every)
+                 augment_every: int = 1, sync_ranks: bool | None = None) -> None:
+        _check_common(lr, weight_decay, tau, max_rank, min_rank, augment_every, sync_ranks)
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
         if nesterov and momentum == 0:
             raise ValueError("nesterov=True needs momentum > 0")
         super().__init__(model_or_params, dict(lr=lr, momentum=momentum, nesterov=nesterov, tau=tau,
                                                max_rank=max_rank, min_rank=min_rank, weight_decay=weight_decay,
-                                               augment_every=augment_every))
+                                               augment_every=augment_every, sync_ranks=sync_ranks))
 
     @staticmethod
     def _direction(group, state, G_hat, S_hat, r, shape, n_free):
@@ -511,8 +587,9 @@ class LowRankAdam(_GeometricOptimizer):
 
     def __init__(self, model_or_params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, tau: float = 0.0, max_rank: int | None = None,
-                 min_rank: int = 1, second_moment: str = "unit", augment_every: int = 1) -> None:
-        _check_common(lr, weight_decay, tau, max_rank, min_rank, augment_every)
+                 min_rank: int = 1, second_moment: str = "unit", augment_every: int = 1,
+                 sync_ranks: bool | None = None) -> None:
+        _check_common(lr, weight_decay, tau, max_rank, min_rank, augment_every, sync_ranks)
         if second_moment not in ("unit", "elementwise"):
             raise ValueError(f"second_moment must be 'unit' or 'elementwise', got {second_moment!r}")
         if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
@@ -521,7 +598,7 @@ class LowRankAdam(_GeometricOptimizer):
             raise ValueError(f"eps must be >= 0, got {eps!r}")
         super().__init__(model_or_params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, tau=tau,
                                                max_rank=max_rank, min_rank=min_rank, second_moment=second_moment,
-                                               augment_every=augment_every))
+                                               augment_every=augment_every, sync_ranks=sync_ranks))
 
     @staticmethod
     def _direction(group, state, G_hat, S_hat, r, shape, n_free):
