@@ -179,3 +179,23 @@ def test_adapted_tiny_llama_compiles_as_one_graph_with_eager_loss_and_gradients(
     torch.testing.assert_close(results[1][0], results[0][0], atol=1e-5, rtol=1e-5)
     _assert_grads_close(results[1][1], results[0][1])
     assert counter.frame_count == 1
+
+
+@pytest.mark.parametrize("config_name", ["lora", "deep_lora_3"])
+def test_lowrank_layer_and_adapters_compile_with_inductor_as_one_graph(config_name):
+    """The default backend (inductor, C++ codegen on CPU): one graph for a model holding a
+    LowRankLinear and adapted Linear layers; outputs and gradients equal eager."""
+    torch.manual_seed(0)
+    model = nn.Sequential(tlr.LowRankLinear(12, 24, 4), nn.GELU(), nn.Linear(24, 24), nn.Tanh(), nn.Linear(24, 5))
+    tlr.adapt(model, CONFIGS[config_name](["2", "4"]))
+    randomize_trainable(model, 0)
+    for p in model[0].parameters():  # adapt() freezes the base model; train the low-rank layer too
+        p.requires_grad_(True)
+    x = torch.randn(6, 12, generator=torch.Generator().manual_seed(1))
+    want = _forward_backward(model, x)
+    counter = CompileCounterWithBackend("inductor")
+    got = _forward_backward(torch.compile(model, fullgraph=True, backend=counter), x)
+    assert counter.frame_count == 1
+    torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-4)
+    _assert_grads_close(got[1], want[1])
+    assert any(k.startswith("0.") for k in want[1]) and any("lora" in k for k in want[1])
