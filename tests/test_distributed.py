@@ -229,16 +229,25 @@ def _adaptive_data():
             torch.randint(0, 5, (ADAPTIVE_STEPS, BATCH), generator=g))
 
 
-def _adaptive_setup():
+ADAPTIVE = {"adam": lambda m: tlr.optim.LowRankAdam(m, lr=0.2, tau=0.3),  # ranks 6, 5, 5, 4, ...
+            "sgd": lambda m: tlr.optim.LowRankSGD(m, lr=1.0, tau=0.3)}  # 6, 6, 6, 6, 5, ...
+
+
+def _adaptive_setup(kind="adam"):
     torch.manual_seed(0)
     model = nn.Sequential(tlr.LowRankLinear(20, 32, 6), nn.ReLU(), nn.Linear(32, 5)).double()
-    return model, tlr.optim.LowRankAdam(model, lr=0.2, tau=0.3)  # ranks 6, 5, 5, 4, ...: two changes
+    return model, ADAPTIVE[kind](model)
 
 
 def _rank_adaptive_worker(rank, world, out):
+    for kind in ADAPTIVE:
+        _rank_adaptive_run(rank, world, out, kind)
+
+
+def _rank_adaptive_run(rank, world, out, kind):
     xs, ys = _adaptive_data()
     half = BATCH // world
-    model, opt = _adaptive_setup()
+    model, opt = _adaptive_setup(kind)
     ddp = nn.parallel.DistributedDataParallel(model)
     ranks = []
     for x, y in zip(xs[:, rank * half:(rank + 1) * half], ys[:, rank * half:(rank + 1) * half]):
@@ -248,12 +257,13 @@ def _rank_adaptive_worker(rank, world, out):
         if opt.ranks_changed:  # the layer holds new Parameters: DDP must learn about them
             ddp = nn.parallel.DistributedDataParallel(model)
         ranks.append(model[0].rank)
-    torch.save({"state": model.state_dict(), "ranks": torch.tensor(ranks)}, out / f"adaptive{rank}.pt")
+    torch.save({"state": model.state_dict(), "ranks": torch.tensor(ranks)}, out / f"adaptive_{kind}{rank}.pt")
 
 
-def test_rank_adaptive_lowrank_adam_under_ddp_keeps_replicas_identical_and_equals_one_process(ddp_out):
+@pytest.mark.parametrize("kind", list(ADAPTIVE))
+def test_rank_adaptive_optimizers_under_ddp_keep_replicas_identical_and_equal_one_process(ddp_out, kind):
     xs, ys = _adaptive_data()
-    model, opt = _adaptive_setup()
+    model, opt = _adaptive_setup(kind)
     ranks = []
     for x, y in zip(xs, ys):
         opt.zero_grad()
@@ -261,7 +271,7 @@ def test_rank_adaptive_lowrank_adam_under_ddp_keeps_replicas_identical_and_equal
         opt.step()
         ranks.append(model[0].rank)
     assert ranks[0] == 6 and ranks[-1] < 6  # the rank did change during the run
-    got = [torch.load(ddp_out / f"adaptive{r}.pt", weights_only=True) for r in range(2)]
+    got = [torch.load(ddp_out / f"adaptive_{kind}{r}.pt", weights_only=True) for r in range(2)]
     for g in got:
         assert g["ranks"].tolist() == ranks
     for k, v in model.state_dict().items():
