@@ -138,6 +138,42 @@ _PEFT_INITS = (True, False, "gaussian", "eva")
 _LAYER_KEY = re.compile(r"^(?P<name>.+)\.lora_(?P<embedding>embedding_)?(?P<side>[AB])(?:\.(?P<adapter>[^.]+))??(?:\.weight)?$")
 
 
+def read_peft_folder(folder: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor], Path]:
+    """The raw contents of a PEFT adapter folder: (config, tensors, weights file).
+
+    ``config`` is ``adapter_config.json`` (a JSON object); ``tensors`` the weights of
+    ``adapter_model.safetensors`` (or ``adapter_model.bin``, read with ``weights_only=True``) with
+    PEFT's ``base_model.model.`` prefix removed. FileNotFoundError when either file is missing,
+    ValueError when one cannot be read. What the adapter means is the caller's business
+    (:func:`read_peft_adapter` loads it into a model, ``diagnostics.inspect`` computes its updates).
+    """
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    cfg_path = folder / PEFT_CONFIG
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{folder} has no {PEFT_CONFIG}; is it a PEFT adapter folder?")
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+        if not isinstance(cfg, dict):
+            raise ValueError("not a JSON object")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{cfg_path} is not a valid PEFT adapter config ({e})") from e
+    files = [folder / "adapter_model.safetensors", folder / "adapter_model.bin"]
+    w_path = next((p for p in files if p.is_file()), None)
+    if w_path is None:
+        raise FileNotFoundError(f"{folder} has {PEFT_CONFIG} but no adapter_model.safetensors / adapter_model.bin")
+    try:
+        raw = (load_file(str(w_path)) if w_path.suffix == ".safetensors"
+               else torch.load(w_path, map_location="cpu", weights_only=True))
+        if not isinstance(raw, dict):
+            raise ValueError(f"a {type(raw).__name__}, not a dict of tensors")
+    except Exception as e:  # safetensors / torch.load raise their own error types
+        raise ValueError(f"{w_path} is corrupted and cannot be read ({e}); re-save the adapter "
+                         "(peft: model.save_pretrained)") from e
+    return cfg, {k.removeprefix(PEFT_PREFIX): v for k, v in raw.items()}, w_path
+
+
 def read_peft_adapter(folder: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
     """A PEFT LoRA folder as (meta, tensors) in this library's adapter format (LoRAConfig, factor keys).
 
@@ -147,16 +183,9 @@ def read_peft_adapter(folder: str | os.PathLike) -> tuple[dict, dict[str, torch.
     what a plain LoRA cannot represent (DoRA, bias training, rank/alpha patterns, PiSSA/OLoRA/LoftQ
     inits that rewrite the base weights, per-layer ranks).
     """
-    from safetensors.torch import load_file
-
     folder = Path(folder)
+    cfg, raw, w_path = read_peft_folder(folder)
     cfg_path = folder / PEFT_CONFIG
-    try:
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-        if not isinstance(cfg, dict):
-            raise ValueError("not a JSON object")
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"{cfg_path} is not a valid PEFT adapter config ({e})") from e
     where = f"the PEFT adapter in {folder}"
     if cfg.get("peft_type") != "LORA":
         raise ValueError(f"{where} is a {cfg.get('peft_type')!r} adapter; only LoRA adapters can be loaded")
@@ -173,26 +202,16 @@ def read_peft_adapter(folder: str | os.PathLike) -> tuple[dict, dict[str, torch.
     if used:
         raise ValueError(f"{where} uses {', '.join(used)}, which a plain LoRA adapter cannot represent; the model was "
                          "left unchanged")
-    files = [folder / "adapter_model.safetensors", folder / "adapter_model.bin"]
-    w_path = next((p for p in files if p.is_file()), None)
-    if w_path is None:
-        raise FileNotFoundError(f"{folder} has {PEFT_CONFIG} but no adapter_model.safetensors / adapter_model.bin")
-    try:
-        raw = (load_file(str(w_path)) if w_path.suffix == ".safetensors"
-               else torch.load(w_path, map_location="cpu", weights_only=True))
-    except Exception as e:  # safetensors / pickle raise their own error types
-        raise ValueError(f"{w_path} is corrupted and cannot be read ({e}); the model was left unchanged") from e
     factors: dict[str, dict[str, torch.Tensor]] = {}
     tensors: dict[str, torch.Tensor] = {}
     saved: list[str] = []
-    for key, value in raw.items():
-        k = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+    for k, value in raw.items():
         match = _LAYER_KEY.match(k)
         if match and (match["embedding"] or k.endswith(".weight")):
             factors.setdefault(match["name"], {})[match["side"]] = value
             continue
         if ".lora_" in k:
-            raise ValueError(f"{w_path} holds {key!r}, which is not a LoRA A/B weight this reader knows")
+            raise ValueError(f"{w_path} holds {PEFT_PREFIX + k!r}, which is not a LoRA A/B weight this reader knows")
         k = re.sub(r"\.modules_to_save\.[^.]+\.", ".", k)  # older PEFT: <module>.modules_to_save.default.<t>
         tensors[k] = value
         module = k.rsplit(".", 1)[0]

@@ -111,20 +111,12 @@ def load_peft_adapter(folder: str | os.PathLike, base: dict[str, torch.Tensor] |
     ``ValueError`` says so. Keys are module names without PEFT's ``base_model.model.`` prefix. r is
     read from A's shape (so ``rank_pattern`` is honoured); alpha from ``lora_alpha`` / ``alpha_pattern``.
     """
+    from ..adapters.io import read_peft_folder
+
     folder = Path(folder)
-    cfg_path = folder / "adapter_config.json"
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"{folder} has no adapter_config.json; is it a PEFT adapter folder?")
-    config = read_json(cfg_path, "PEFT adapter config")
-    if not isinstance(config, dict):
-        raise ValueError(f"{cfg_path} is not a PEFT adapter config (a JSON object expected)")
+    config, tensors, _ = read_peft_folder(folder)
     if str(config.get("peft_type", "LORA")).upper() != "LORA":
         raise ValueError(f"{folder} holds a {config.get('peft_type')} adapter; only LoRA (and DoRA) adapters are supported")
-    wfile = folder / "adapter_model.safetensors"
-    tensors = _load_safetensors(wfile) if wfile.is_file() else (
-        _load_torch(folder / "adapter_model.bin") if (folder / "adapter_model.bin").is_file() else None)
-    if tensors is None:
-        raise FileNotFoundError(f"{folder} has adapter_config.json but no adapter_model.safetensors / .bin")
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
         m = _LORA_KEY.fullmatch(key)
@@ -134,17 +126,16 @@ def load_peft_adapter(folder: str | os.PathLike, base: dict[str, torch.Tensor] |
         raise ValueError(f"{folder}: no lora_A / lora_B weights found among {list(tensors)[:8]}")
     base = None if base is None else {k.removeprefix("base_model.model."): v for k, v in base.items()}
     deltas = {}
-    for module, ab in parts.items():
+    for name, ab in parts.items():
         embedding = "embedding_A" in ab or "embedding_B" in ab
         a_key, b_key = ("embedding_A", "embedding_B") if embedding else ("A", "B")
         if a_key not in ab or b_key not in ab:
-            raise ValueError(f"{folder}: module {module!r} has {sorted('lora_' + k for k in ab)} but not both "
+            raise ValueError(f"{folder}: module {name!r} has {sorted('lora_' + k for k in ab)} but not both "
                              f"lora_{a_key} and lora_{b_key}")
         A = ab[a_key].float().reshape(ab[a_key].shape[0], -1)
         B = ab[b_key].float().reshape(ab[b_key].shape[0], -1)
         if B.shape[1] != A.shape[0]:
-            raise ValueError(f"{folder}: {module}: lora_{b_key} {tuple(B.shape)} and lora_{a_key} {tuple(A.shape)} do not chain")
-        name = module.removeprefix("base_model.model.")
+            raise ValueError(f"{folder}: {name}: lora_{b_key} {tuple(B.shape)} and lora_{a_key} {tuple(A.shape)} do not chain")
         delta = _peft_scaling(config, name, A.shape[0]) * (B @ A)
         if embedding:
             delta = delta.T
