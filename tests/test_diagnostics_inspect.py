@@ -7,6 +7,7 @@ import torch
 from conftest import randomize_trainable
 from safetensors.torch import save_file
 
+import torchlowrank as tlr
 from torchlowrank.diagnostics import compare_weights, load_weights, weights_spectrum
 
 
@@ -179,3 +180,33 @@ def test_sharded_hugging_face_folders_load_every_shard(tmp_path, tiny_llama):
     (tmp_path / next(p.name for p in tmp_path.glob("model-0000*.safetensors"))).unlink()
     with pytest.raises(FileNotFoundError, match="shard"):
         load_weights(tmp_path)
+
+
+def test_broken_peft_folders_give_the_same_clear_errors_to_inspect_and_to_load_adapter(tmp_path):
+    from torch import nn
+
+    def folder(name, config, weights):
+        d = tmp_path / name
+        d.mkdir()
+        if config is not None:
+            (d / "adapter_config.json").write_text(config)
+        if weights is not None:
+            (d / "adapter_model.safetensors").write_bytes(weights)
+        return d
+
+    save_file({"base_model.model.0.lora_A.weight": torch.randn(2, 8), "base_model.model.0.lora_B.weight": torch.randn(3, 2)},
+              tmp_path / "good.safetensors")
+    good = (tmp_path / "good.safetensors").read_bytes()
+    config = json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["0"]})
+    cases = [(folder("junk_config", "{not json", good), ValueError, "not a valid PEFT adapter config"),
+             (folder("list_config", "[1, 2]", good), ValueError, "not a valid PEFT adapter config"),
+             (folder("no_weights", config, None), FileNotFoundError, "no adapter_model.safetensors"),
+             (folder("cut_weights", config, good[: len(good) // 2]), ValueError, "corrupted")]
+    for path, error, message in cases:
+        with pytest.raises(error, match=message):
+            load_weights(path)
+        model = nn.Sequential(nn.Linear(8, 3))
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.raises(error, match=message):
+            tlr.load_adapter(model, path)
+        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
