@@ -374,7 +374,8 @@ class _GeometricOptimizer(Optimizer):
         does not know: their gradients are not all-reduced and the replicas would drift apart (and
         DDP fails one step later with an unrelated message). One all-reduce of the resized units'
         gradient sums, on the first step after a change only, catches it before anything changes."""
-        names = [n for n in self._resized if self._units[n].U.grad is not None]
+        # in the units' order: a set's order depends on each process's hash seed
+        names = [n for n in self._units if n in self._resized and self._units[n].U.grad is not None]
         self._resized = set()
         if not names:
             return
