@@ -4,7 +4,8 @@ The same 2-process job (an MLP 784-512-512-512-10, global batch 128 = 64 per pro
 plain DDP + AdamW as the baseline, and with the low-rank optimizers / regularizer in its place:
 
 - dense model: DDP + AdamW (baseline), DDP + GaLoreAdamW (rank 32, refresh every 50 steps),
-  DDP + AdamW + Q3R (target rank 10%, reweighting every 5 steps);
+  DDP + AdamW + Q3R (target rank 10%, reweighting every 5 steps), computed on every process or
+  sharded (``shard_reweighting=True``: each process reweights half the matrices, then broadcasts);
 - the same model factorized at rank 32 (``tlr.factorize``): DDP + AdamW (baseline),
   DDP + LowRankAdam at fixed rank (tau = 0), and rank adaptive (tau = 0.05: rank 0's rank decisions
   broadcast every step, the model re-wrapped in DDP after a rank change).
@@ -70,20 +71,23 @@ class _Arm:
 def _arms(widths, rank: int) -> list[_Arm]:
     torch.manual_seed(0)
     dense = _mlp(widths)
-    copies = [_mlp(widths) for _ in range(3)]
+    copies = [_mlp(widths) for _ in range(4)]
     for c in copies:
         c.load_state_dict(dense.state_dict())
     low = [_mlp(widths) for _ in range(3)]
     for c in low:
         c.load_state_dict(dense.state_dict())
         tlr.factorize(c, rank, targets=[str(i) for i in range(0, 2 * (len(widths) - 2), 2)])  # all but the head
-    q3r_model = copies[2]
+    q3r_model, sharded_model = copies[2], copies[3]
     reg = tlr.Q3R(q3r_model, target_rank=0.1, lam=0.1, period=5)
+    sharded = tlr.Q3R(sharded_model, target_rank=0.1, lam=0.1, period=5, shard_reweighting=True)
     return [
         _Arm("dense: AdamW (baseline)", copies[0], lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3)),
         _Arm(f"dense: GaLoreAdamW (rank {rank}, gap 50)", copies[1],
              lambda m: tlr.optim.GaLoreAdamW(m.parameters(), lr=1e-3, rank=rank, update_gap=50)),
         _Arm("dense: AdamW + Q3R (period 5)", q3r_model, lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3), reg),
+        _Arm("dense: AdamW + Q3R, sharded reweighting", sharded_model,
+             lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3), sharded),
         _Arm(f"factorized r={rank}: AdamW (baseline)", low[0], lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3)),
         _Arm(f"factorized r={rank}: LowRankAdam tau=0", low[1], lambda m: tlr.optim.LowRankAdam(m, lr=1e-3)),
         _Arm(f"factorized r={rank}: LowRankAdam tau=0.05 (rank sync)", low[2],
@@ -170,7 +174,8 @@ def run(quick: bool = False) -> Result:
                        "extra collectives per step (Python-level)", "DDP re-wraps"], rows)],
         notes=(f"Ranks of the rank-adaptive arm's layers at the end: "
                f"{data['ranks'].get(f'factorized r={r}: LowRankAdam tau=0.05 (rank sync)')}. "
-               "Q3R computes its reweighting on every process from the same (replicated) weights, and "
+               "Q3R computes its reweighting on every process from the same (replicated) weights (or, sharded, "
+               "each process half of the matrices, then 2 all-reduces + 1 broadcast per matrix on reweighting steps), and "
                "GaLore its projector from DDP's all-reduced gradient with a generator seeded by step and "
                "parameter: neither needs a collective. LowRankAdam at tau = 0 takes the same step on every "
                "process from the all-reduced gradients (no collective); at tau > 0 one broadcast of the "

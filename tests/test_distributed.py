@@ -41,6 +41,7 @@ def _worker(rank, world, out):
     _stale_wrapper_worker(rank, world, out)
     _galore_worker(rank, world, out)
     _rank_agreement_worker(rank, world, out)
+    _sharded_q3r_worker(rank, world, out)
 
 
 @pytest.fixture(scope="module")
@@ -351,3 +352,61 @@ def _rank_agreement_worker(rank, world, out):
 def test_rank_decisions_are_rank_0s_on_every_process(ddp_out):
     for r in range(2):
         assert (ddp_out / f"agreed{r}.txt").read_text() == "3,7"
+
+
+def _q3r_setup(shard):
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 24),
+                          nn.ReLU(), nn.Linear(24, 5)).double()
+    reg = tlr.Q3R(model, target_rank=3, lam=0.05, period=2, targets=["0", "2", "4"], shard_reweighting=shard)
+    return model, torch.optim.SGD(model.parameters(), lr=0.1), reg
+
+
+def _q3r_train(model, opt, reg, xs, ys, forward=None):
+    for x, y in zip(xs, ys):
+        opt.zero_grad()
+        nn.functional.cross_entropy((forward or model)(x.double()), y).backward()
+        reg.step()
+        opt.step()
+
+
+def _sharded_q3r_worker(rank, world, out):
+    xs, ys = _data()
+    half = BATCH // world
+    model, opt, reg = _q3r_setup(shard=True)
+    calls = {"broadcast": 0, "all_reduce": 0}
+    originals = {name: getattr(dist, name) for name in calls}
+
+    def counting(name):
+        def wrapped(*args, **kwargs):
+            calls[name] += 1
+            return originals[name](*args, **kwargs)
+        return wrapped
+
+    ddp = nn.parallel.DistributedDataParallel(model)
+    for name in calls:  # count the regularizer's own collectives (DDP's all-reduce runs in C++)
+        setattr(dist, name, counting(name))
+    try:
+        _q3r_train(model, opt, reg, xs[:, rank * half:(rank + 1) * half], ys[:, rank * half:(rank + 1) * half], ddp)
+    finally:
+        for name, f in originals.items():
+            setattr(dist, name, f)
+    torch.save({"state": model.state_dict(), "reg": reg.state_dict(), "calls": calls}, out / f"q3r_shard{rank}.pt")
+
+
+def test_sharded_q3r_reweighting_under_ddp_equals_one_process_with_the_stated_collectives(ddp_out):
+    xs, ys = _data()
+    model, opt, reg = _q3r_setup(shard=False)
+    _q3r_train(model, opt, reg, xs, ys)
+    got = [torch.load(ddp_out / f"q3r_shard{r}.pt", weights_only=True) for r in range(2)]
+    for g in got:
+        for k, v in model.state_dict().items():
+            torch.testing.assert_close(g["state"][k], v, atol=1e-10, rtol=1e-8)
+        for a, b in zip(g["reg"]["blocks"], reg.state_dict()["blocks"]):  # the same U, V, s, eps everywhere
+            assert a["eps"] == pytest.approx(b["eps"], rel=1e-10)
+            torch.testing.assert_close(a["U"] @ torch.diag(a["s"]) @ a["V"].T, b["U"] @ torch.diag(b["s"]) @ b["V"].T,
+                                       atol=1e-10, rtol=1e-8)
+    for k in model.state_dict():
+        assert torch.equal(got[0]["state"][k], got[1]["state"][k])
+    # STEPS = 4, period 2: two reweightings, each 2 all-reduces and one broadcast per block (3 blocks)
+    assert got[0]["calls"] == {"all_reduce": 4, "broadcast": 6}

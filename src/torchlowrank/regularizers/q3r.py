@@ -35,8 +35,10 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
+from .. import distributed as tlr_dist
 from ..linalg import compute_dtype, truncated_svd
 from ..targets import Targets
 from ._base import MatrixRegularizer, Split
@@ -130,19 +132,29 @@ class Q3R(MatrixRegularizer):
             rank-r LoRA adapter. W0 is kept (compute dtype) and saved in :meth:`state_dict`.
         seed: seeds the randomized SVD's sketches (a function of the seed, step and block, so a resumed
             run draws the same sketches).
+        shard_reweighting: under ``torch.distributed`` (DDP), split the reweighting's SVDs over the
+            processes (block i on process i % world_size) and broadcast the results: each process
+            computes 1/world_size of them, for two all-reduces of a few numbers and one broadcast per
+            block (U, V, s) on reweighting steps. The result is the same as unsharded (the same
+            sketches). False (default): every process reweights every block from its identical
+            weights, with no collective. No effect without a process group.
     """
 
     def __init__(self, model_or_modules: nn.Module | Any, target_rank: int | float, lam: float, period: int = 5,
                  targets: Targets = None, *, exclude: Targets = None, decoupled: bool = False,
                  optimizer: torch.optim.Optimizer | None = None, split: Split = None,
                  rank_overrides: Mapping[str, int | float] | None = None, method: str = "randomized",
-                 oversample: int = 8, n_iter: int = 2, update: bool = False, seed: int = 0) -> None:
+                 oversample: int = 8, n_iter: int = 2, update: bool = False, seed: int = 0,
+                 shard_reweighting: bool = False) -> None:
         if isinstance(period, bool) or not isinstance(period, int) or period < 1:
             raise ValueError(f"period must be an int >= 1, got {period!r}")
         if method not in ("randomized", "full", "auto"):
             raise ValueError(f"method must be 'randomized', 'full' or 'auto', got {method!r}")
         if target_rank is None:
             raise ValueError("target_rank is required: an int >= 1 or a fraction in (0, 1] of min(m, n)")
+        if not isinstance(shard_reweighting, bool):
+            raise ValueError(f"shard_reweighting must be True or False, got {shard_reweighting!r}")
+        self.shard_reweighting = shard_reweighting
         super().__init__(model_or_modules, lam, targets, exclude=exclude, split=split, target_rank=target_rank,
                          rank_overrides=rank_overrides, decoupled=decoupled, optimizer=optimizer)
         self.period = period
@@ -181,9 +193,14 @@ class Q3R(MatrixRegularizer):
                 raise ValueError(f"weight of {b.name!r} contains NaN/Inf at step {self.steps}: training diverged "
                                  "(lower the learning rate or lam); the regularizer was left unchanged")
             mats.append(self._current(b, W))
-        new = []
+        world, me = tlr_dist.world_size(), tlr_dist.rank()
+        shard = self.shard_reweighting and world > 1
+        new: list[tuple | None] = []
         with torch.autocast(device_type=mats[0].device.type, enabled=False):
             for i, (b, W) in enumerate(zip(self.blocks, mats)):
+                if shard and i % world != me:  # another process reweights this block
+                    new.append(None)
+                    continue
                 Wf = W.to(compute_dtype(W.dtype))
                 gen = torch.Generator(device=Wf.device).manual_seed(
                     (self.seed * 1_000_003 + self.steps * 7919 + i) % (2**63 - 1))
@@ -191,10 +208,35 @@ class Q3R(MatrixRegularizer):
                                             k_start=b.state["s"].numel() + 1, oversample=self.oversample,
                                             n_iter=self.n_iter, generator=gen)
                 new.append((U, s, V, eps))
+        if shard:
+            new = self._share_reweighting(new, mats, world)
         for b, (U, s, V, eps) in zip(self.blocks, new):
             b.state.update(U=U, V=V, s=s, eps=eps, c=(eps / s - 1.0) if s.numel() else s.clone())
         self._reweighted_at = self.steps
         self._build_groups()
+
+    def _share_reweighting(self, new: list, mats: list[torch.Tensor], world: int) -> list[tuple]:
+        """Give every process every block's (U, s, V, eps); block i was computed by process i % world.
+        Two all-reduces (the k's, so that receivers can allocate, and the eps's), then one broadcast
+        per block with k > 0 of its packed [U; V; s^T] (m + n + 1, k) from its owner."""
+        dev = mats[0].device
+        ks = torch.tensor([0 if t is None else t[1].numel() for t in new], dtype=torch.int64, device=dev)
+        eps = torch.tensor([0.0 if t is None else t[3] for t in new], dtype=torch.float64, device=dev)
+        dist.all_reduce(ks, op=dist.ReduceOp.SUM)  # each entry is non-zero on its owner only
+        dist.all_reduce(eps, op=dist.ReduceOp.SUM)  # (eps > 0, or +inf: inf + 0 = inf)
+        out = []
+        for i, W in enumerate(mats):
+            m, n = W.shape
+            k = int(ks[i])
+            if new[i] is not None:
+                U, sv, V, _ = new[i]
+                packed = torch.cat([U, V, sv[None]])
+            else:
+                packed = torch.empty(m + n + 1, k, dtype=compute_dtype(W.dtype), device=dev)
+            if k:
+                dist.broadcast(packed, src=i % world)
+            out.append((packed[:m], packed[m + n], packed[m:m + n], float(eps[i])))
+        return out
 
     def _build_groups(self) -> None:
         """Stack the operators of same-shape blocks (zero-padded to the group's largest k; c = 0 pads are
