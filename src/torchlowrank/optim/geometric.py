@@ -115,10 +115,11 @@ def _check_common(lr: float, weight_decay: float, tau: float, max_rank: int | No
         raise ValueError(f"max_rank must be None or an int >= min_rank ({min_rank}), got {max_rank!r}")
 
 
-def _cholesky_qr(K: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+def _cholesky_qr(K: torch.Tensor, KtK: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(Q, L) with K = Q L^T, Q (m, k) orthonormal, by Cholesky QR (GEMMs only), or None if K is
-    (numerically) rank deficient and the caller must take the Householder path."""
-    L, info = torch.linalg.cholesky_ex(K.T @ K)
+    (numerically) rank deficient and the caller must take the Householder path. ``KtK``: K^T K if
+    the caller has it."""
+    L, info = torch.linalg.cholesky_ex(K.T @ K if KtK is None else KtK)
     if int(info) != 0:
         return None
     d = torch.diagonal(L)
@@ -129,19 +130,25 @@ def _cholesky_qr(K: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     return K @ torch.linalg.solve_triangular(L.T, eye, upper=True), L
 
 
-def _complement(U: torch.Tensor, A: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _complement(U: torch.Tensor, A: torch.Tensor, k: int, UtA: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """(Q, R): k orthonormal columns Q (m, k) orthogonal to U (m, r) with span([U, Q]) containing
-    span(A) (A: (m, r)), and R = Q^T A (k, r)."""
+    span(A) (A: (m, r)), and R = Q^T A (k, r). ``UtA``: U^T A if the caller has it."""
     if k == 0:
         return U[:, :0], A[:0]
     if k < A.shape[1]:  # m < 2r: the augmented basis is all of R^m
         Q = torch.linalg.qr(U, mode="complete").Q[:, U.shape[1]:]
         return Q, Q.T @ A
-    K = A - U @ (U.T @ A)
-    # a second Gram-Schmidt pass unless every column kept half its norm ("twice is enough", Kahan)
-    if not bool((K.norm(dim=0) > 0.5 * A.norm(dim=0)).all()):
+    C = U.T @ A if UtA is None else UtA
+    K = A - U @ C
+    KtK = K.T @ K
+    # a second Gram-Schmidt pass unless every column kept half its norm ("twice is enough", Kahan);
+    # ||A_i||^2 = ||C_i||^2 + ||K_i||^2 (U orthonormal), so the norms come from the small matrices
+    kept = torch.diagonal(KtK)
+    if not bool((kept > 0.25 * (kept + (C * C).sum(0))).all()):
         K = K - U @ (U.T @ K)
-    first = _cholesky_qr(K)
+        KtK = None
+    first = _cholesky_qr(K, KtK)
     second = _cholesky_qr(first[0]) if first is not None else None  # CholeskyQR2
     if second is not None:
         # K = Q L2^T L1^T and A = U (.) + K with Q orthogonal to U: Q^T A = (L1 L2)^T, no product with A
@@ -320,10 +327,11 @@ class _GeometricOptimizer(Optimizer):
         # augment at steps 1, 1 + k, 1 + 2k, ...; in between a Galerkin step in the current basis (S-step)
         augment = (state["step"] - 1) % group["augment_every"] == 0
         ku, kv = (min(r, m - r), min(r, n - r)) if augment else (0, 0)
-        (U1, RU), (V1, RV) = _complement(U, A, ku), _complement(V, B, kv)
+        UtA = U.T @ A  # U^T G V (r, r)
+        (U1, RU), (V1, RV) = _complement(U, A, ku, UtA), _complement(V, B, kv)
         p, q = r + ku, r + kv
         G_hat = torch.zeros(p, q, dtype=cd, device=U.device)
-        G_hat[:r, :r] = U.T @ A
+        G_hat[:r, :r] = UtA
         if augment:
             G_hat[r:, :r] = RU  # U1^T G V
             G_hat[:r, r:] = RV.T  # U^T G V1 = (V1^T G^T U)^T
@@ -348,8 +356,8 @@ class _GeometricOptimizer(Optimizer):
             else:
                 state[key] = P1.T @ M @ Q1
         state["rank"] = r1
-        U_new = U @ P1[:r] + core["U1"] @ P1[r:]
-        V_new = V @ Q1[:r] + core["V1"] @ Q1[r:]
+        U_new = torch.addmm(core["U1"] @ P1[r:], U, P1[:r])  # [U, U1] P1
+        V_new = torch.addmm(core["V1"] @ Q1[r:], V, Q1[:r])
         if state["step"] % 8 == 0:  # rounding drift is ~eps per step: correct it now and then
             U_new, V_new = _reorthonormalize(U_new), _reorthonormalize(V_new)
         layer.set_factors(U_new, core["d"][:r1].to(cd), V_new)
