@@ -29,6 +29,7 @@ from ..linalg import truncated_svd
 from .centering import MeanModel, fit_mean_model
 from .compressed import CompressedFactorization, check_rank
 from .factorization import DeepFactorization, as_positive_int
+from .polish import RankPolish
 from .problems import Completion, relative_error
 from .steps import suggest_lr, suggest_rank
 from .trainer import FAILURE_STATUSES, History, train_gd
@@ -182,7 +183,8 @@ def complete(observed, mask=None, depth: int = 3, rank: int | None = None,
              ftol: float = 1e-10, time_limit: float | None = None, target_error: float | None = None,
              truth: torch.Tensor | None = None, test: tuple | None = None, validation: tuple | None = None,
              patience: int | None = None, eval_every: int = 50, weight_decay: float = 0.0,
-             seed: int = 0, progress: bool | None = None) -> CompletionResult:
+             seed: int = 0, progress: bool | None = None, adaptive: bool = True,
+             polish: bool | None = None) -> CompletionResult:
     """Complete ``observed`` (m, n) from the entries where ``mask`` (m, n, bool) is True.
 
     observed: dense tensor / NumPy array (entries off the mask are ignored, NaN allowed; with
@@ -304,11 +306,18 @@ def complete(observed, mask=None, depth: int = 3, rank: int | None = None,
         rank = None
     if lr is None:
         lr = suggest_lr(problem, depth)
+    if polish is None:
+        polish = compressed and validation is None and tol > 0
+    if polish and not compressed:
+        raise ValueError("polish=True needs the compressed network (compressed=True): the polish rewrites its "
+                         "k-wide factors")
+    polisher = RankPolish() if polish else None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         hist = train_gd(model, problem, lr, max_iters=max_iters, tol=tol, ftol=ftol, target_error=target_error,
                         eval_every=eval_every, validation=val_w, patience=patience, time_limit=time_limit,
-                        weight_decay=weight_decay, progress=progress)
+                        weight_decay=weight_decay, progress=progress, adaptive=adaptive, polish=polisher,
+                        decay_from_escape=True)
     for w in caught:  # re-issue the trainer's warnings as the caller's, with what complete() can change
         if hist.status in FAILURE_STATUSES and str(w.message) == hist.message:
             continue
