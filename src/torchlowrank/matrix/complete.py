@@ -16,6 +16,29 @@ What ``complete`` does with the data (all undone in ``result.matrix``):
    gradient-built subspace lies on the longer side), and the result transposed back.
 4. Rows / columns without any observed entry are predicted by the mean model (their factor rows
    are held at zero), with a warning.
+
+How the network is trained (``adaptive``, ``polish``; both on by default):
+
+5. Adaptive step: full-batch GD with the bold-driver rule of :func:`train_gd` — a step that
+   raises the loss is undone and halved, every other one grows the step by 5%. From the small
+   initialisation the curvature is tiny, so the step grows by orders of magnitude and the network
+   leaves the initial plateau in ~100 iterations (a fixed step spent ~8000 there); after the escape
+   the step settles at the local stability limit. The loss never increases.
+6. Polish (without a validation set): at every check after the escape, the singular values of the
+   end-to-end matrix (O((m + n) k^2) from the k-wide factors) are split at the first clear gap
+   (ratio >= 1e3) into the r directions that escaped the initialisation and the rest, which depth
+   keeps at the init scale (the implicit low-rank bias). Alternating least squares at rank r, with
+   the row / column biases in the same least squares, then starts from the network's solution;
+   while that fit stalls short of the tolerance it adds the top singular pair of its residual as
+   one more direction (at most 4, each kept only if it takes >= 20% of the residual: the
+   directions that have yet to escape, e.g. the small end of a decaying spectrum). The result is
+   accepted only if it fits the observed entries to ``tol``; the trainer re-evaluates the loss
+   itself, writes the solution into the network (``result.model`` is the polished network) and
+   reports "converged" with ``history.polished_at`` / ``polish_info``; otherwise it restores the
+   network and descends on, retrying when the escaped rank changes or the iteration count
+   doubles. On noisy data nothing fits to ``tol``, so the polish never fires and the run ends as
+   before (stationary / budget / early stopping). Because the rank is the smallest that fits, an
+   over-estimated r_hat costs nothing.
 """
 from __future__ import annotations
 
@@ -199,7 +222,12 @@ def complete(observed, mask=None, depth: int = 3, rank: int | None = None,
     min(m, n)) — there ``rank`` is not used and passing it is an error. ``lr`` defaults to
     :func:`suggest_lr`.
 
-    Stopping (see :func:`train_gd`): relative train residual <= ``tol``; loss stationary
+    adaptive: bold-driver step size (``lr`` is the initial step; False: fixed step). polish: the
+    exact ALS polish at the rank the network picked (module docstring, steps 5-6); default on when
+    no ``validation`` is given and ``tol > 0``; needs compressed=True. ``weight_decay`` applies
+    from the escape on (before, it would hold the small initialisation at zero).
+
+    Stopping (see :func:`train_gd`): relative train residual <= ``tol`` (by descent or polish); loss stationary
     (relative decrease <= ``ftol`` over 1000 iterations); ``target_error`` on the recovery error
     (needs ``truth``); early stopping on ``validation = (rows, cols, values)`` after ``patience``
     evaluations, counted after the escape from the initial plateau (the best parameters are
