@@ -89,3 +89,27 @@ def test_noisy_data_is_never_polished():
         warnings.simplefilter("ignore", RuntimeWarning)
         res = complete(noisy, mask, rank=4, max_iters=1500)
     assert res.history.polished_at is None and res.history.reason != "tol"
+
+
+def test_the_holdout_check_accepts_the_true_rank_and_refuses_a_spurious_direction():
+    from torchlowrank.matrix.polish import RankPolish
+
+    M, mask = _data(shape=(30, 40), frac=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        problem = complete(M, mask, rank=4, max_iters=0).problem  # the normalised problem complete() trains on
+    pol = RankPolish()
+    W, Y = pol._dense_problem(problem)
+    b, c = problem.b.clone(), problem.c.clone()
+    # exact rank-2 factors of the normalised residual, from the full truth
+    T = (M - problem.mu) / problem.unit - b[:, None] - c[None, :]
+    Ut, St, Vth = torch.linalg.svd(T, full_matrices=False)
+    U, V = Ut[:, :2] * St[:2].sqrt(), Vth[:2].T * St[:2].sqrt()
+    target = 1e-18 * float(problem.y.square().sum())
+    ok, err = pol._holdout_check(problem, W, Y, U, V, b, c, 1e-12, target)
+    assert ok and err <= 1e-6
+    g = torch.Generator().manual_seed(1)
+    U3 = torch.cat([U, 0.5 * torch.randn(U.shape[0], 1, generator=g, dtype=U.dtype)], 1)
+    V3 = torch.cat([V, 0.5 * torch.randn(V.shape[0], 1, generator=g, dtype=V.dtype)], 1)
+    ok3, err3 = pol._holdout_check(problem, W, Y, U3, V3, b, c, 1e-12, target)  # rank 3: fits, predicts badly
+    assert not ok3 and err3 > 1e-3

@@ -20,10 +20,11 @@ What ``complete`` does with the data (all undone in ``result.matrix``):
 How the network is trained (``adaptive``, ``polish``; both on by default):
 
 5. Adaptive step: full-batch GD with the bold-driver rule of :func:`train_gd` — a step that
-   raises the loss is undone and halved, every other one grows the step by 5%. From the small
-   initialisation the curvature is tiny, so the step grows by orders of magnitude and the network
-   leaves the initial plateau in ~100 iterations (a fixed step spent ~8000 there); after the escape
-   the step settles at the local stability limit. The loss never increases.
+   raises the loss is undone and halved, every other one grows the step by 5%. It starts at the
+   stability limit of the plateau estimated from the init scale (:func:`initial_step_boost`, ~200x
+   the step that is stable at the solution), so the network leaves the initial plateau in tens of
+   iterations (a fixed step spent ~8000 there); after the escape the step settles at the local
+   stability limit. The loss never increases (beyond rounding).
 6. Polish (without a validation set): at every check after the escape, the singular values of the
    end-to-end matrix (O((m + n) k^2) from the k-wide factors) are split at the first clear gap
    (ratio >= 1e3) into the r directions that escaped the initialisation and the rest, which depth
@@ -31,8 +32,9 @@ How the network is trained (``adaptive``, ``polish``; both on by default):
    the row / column biases in the same least squares, then starts from the network's solution;
    while that fit stalls short of the tolerance it adds the top singular pair of its residual as
    one more direction (at most 4, each kept only if it takes >= 20% of the residual: the
-   directions that have yet to escape, e.g. the small end of a decaying spectrum). The result is
-   accepted only if it fits the observed entries to ``tol``; the trainer re-evaluates the loss
+   directions that have yet to escape, e.g. the small end of a decaying spectrum; a fit that needed
+   them must also predict a seeded 5% of the observed entries held out of a refit, to 1e-6
+   relative). The result is accepted only if it fits the observed entries to ``tol``; the trainer re-evaluates the loss
    itself, writes the solution into the network (``result.model`` is the polished network) and
    reports "converged" with ``history.polished_at`` / ``polish_info``; otherwise it restores the
    network and descends on, retrying when the escaped rank changes or the iteration count
@@ -57,7 +59,7 @@ from .problems import Completion, relative_error
 from .steps import suggest_lr, suggest_rank
 from .trainer import FAILURE_STATUSES, History, train_gd
 
-__all__ = ["CompletionResult", "complete", "default_rank", "NORMALIZED_TOP"]
+__all__ = ["CompletionResult", "complete", "default_rank", "initial_step_boost", "NORMALIZED_TOP"]
 
 NORMALIZED_TOP = 10.0  # top singular value of the (rescaled) residual the network is trained on
 
@@ -191,6 +193,17 @@ def _coerce_inputs(observed, mask) -> tuple[torch.Tensor, torch.Tensor]:
     return observed, mask
 
 
+def initial_step_boost(depth: int, init_scale: float) -> float:
+    """The adaptive step's start, as a multiple of :func:`suggest_lr` (the stable step at the
+    solution, top singular value ``NORMALIZED_TOP``): ``max(1, (NORMALIZED_TOP / eps^L)^((L-2)/L) / 10)``.
+    Near the initialisation the factors have scale eps, the curvature along the top direction is
+    that of the residual term, ``~ s eps^(L-2)`` instead of ``~ L s^(2(L-1)/L)``, so a step larger by
+    about ``(s / eps^L)^((L-2)/L)`` is stable there (2154 at L = 3, eps = 1e-3); a tenth of it is
+    the start, and a step that raises the loss is halved (one iteration each)."""
+    L = depth
+    return max(1.0, (NORMALIZED_TOP / init_scale ** L) ** ((L - 2) / L) / 10.0)
+
+
 def default_rank(problem: Completion) -> int:
     """The r_hat ``complete`` uses when none is given: generous, because over-estimating it is
     what the deep compressed network tolerates (its cost is linear in r_hat):
@@ -222,7 +235,8 @@ def complete(observed, mask=None, depth: int = 3, rank: int | None = None,
     min(m, n)) — there ``rank`` is not used and passing it is an error. ``lr`` defaults to
     :func:`suggest_lr`.
 
-    adaptive: bold-driver step size (``lr`` is the initial step; False: fixed step). polish: the
+    adaptive: bold-driver step size (``lr`` is the initial step, by default :func:`suggest_lr` times
+    :func:`initial_step_boost`; False: the fixed step :func:`suggest_lr`). polish: the
     exact ALS polish at the rank the network picked (module docstring, steps 5-6); default on when
     no ``validation`` is given and ``tol > 0``; needs compressed=True. ``weight_decay`` applies
     from the escape on (before, it would hold the small initialisation at zero).
@@ -334,6 +348,8 @@ def complete(observed, mask=None, depth: int = 3, rank: int | None = None,
         rank = None
     if lr is None:
         lr = suggest_lr(problem, depth)
+        if adaptive:  # start at the plateau's own stability limit (a tenth of it); halvings bring it down
+            lr *= initial_step_boost(depth, init_scale)
     if polish is None:
         polish = compressed and validation is None and tol > 0
     if polish and not compressed:

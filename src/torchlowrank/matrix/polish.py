@@ -10,7 +10,10 @@ column biases refitted in the same least squares) started from the network's own
 hands the result back only if it fits the observed entries to the trainer's tolerance. The trainer
 re-checks that fit itself and otherwise restores the network and continues descent; a rank that is
 too small cannot fit (one more direction has yet to escape), so a failed polish is simply retried
-later, after the spectrum changed or the iteration count doubled.
+later, after the spectrum changed or the iteration count doubled. Directions the network has not
+learnt yet are added greedily from the residual (each only past a stalled fit, and only while it
+takes >= 20% of the residual); a fit that needed them must also predict a held-out 5% of the
+observed entries (so an exact fit with a spurious direction is refused).
 """
 from __future__ import annotations
 
@@ -94,11 +97,15 @@ class RankPolish:
     At a call (every trainer check after the escape) it forms the end-to-end matrix's singular
     values from the k-wide factors (QR of each, SVD of a k x k product: O((m + n) k^2)), and tries
     ALS at ``r = escaped_rank(...)`` when r changed since the last attempt or the iteration count
-    doubled. ``attempts`` records (iteration, r, relative residual reached) for every attempt."""
+    doubled. A fit at more than the escaped rank is accepted only if, refitted without a seeded 5%
+    of the observed entries, it predicts them to ``holdout_tol`` (relative): the check that the rank
+    is right, not just enough to fit. ``attempts`` records (iteration, rank, relative residual
+    reached, or the held-out error) for every attempt."""
 
     def __init__(self, gap: float = 1e3, floor: float = 1e-4, max_sweeps: int = 100, ridge: float = 1e-12,
-                 extra: int = 4):
+                 extra: int = 4, holdout_tol: float = 1e-6):
         self.gap, self.floor, self.max_sweeps, self.ridge, self.extra = gap, floor, max_sweeps, ridge, extra
+        self.holdout_tol = holdout_tol
         self.attempts: list[tuple[int, int, float]] = []
         self._last: tuple[int, int] | None = None  # (iteration, rank) of the last attempt
         self._dense = None
@@ -148,6 +155,11 @@ class RankPolish:
                 target_sse=target_sse, max_sweeps=self.max_sweeps)
             rel = math.sqrt(max(sse, 0.0) / y2)
             self.attempts.append((t, U.shape[1], rel))
+            if sse <= target_sse and extra:
+                ok, held = self._holdout_check(problem, W, Y, U, V, b, c, lam, target_sse)
+                self.attempts.append((t, U.shape[1], held))
+                if not ok:  # fits, but does not predict held-out entries: more directions than the data holds
+                    return None
             if sse <= target_sse:
                 self._write(model, U, V)
                 problem.load_trained_state((b, c))
@@ -161,6 +173,23 @@ class RankPolish:
                 break
             prev_rel = rel
         return None
+
+    def _holdout_check(self, problem, W, Y, U, V, b, c, lam, target_sse) -> tuple[bool, float]:
+        """Refit at the same rank without a seeded 5% of the observed entries (from this solution)
+        and predict them: an exactly low-rank matrix at its true rank predicts them to ~tol, a fit
+        with a spurious direction does not. Returns (relative held-out error <= holdout_tol, error)."""
+        n_obs = problem.rows.numel()
+        g = torch.Generator().manual_seed(0)
+        pick = torch.randperm(n_obs, generator=g, device="cpu")[: max(1, n_obs // 20)].to(problem.rows.device)
+        rh, ch, yh = problem.rows[pick], problem.cols[pick], problem.y[pick]
+        W2 = W.clone()
+        W2[rh, ch] = 0.0
+        U2, V2, b2, c2, _, _ = als_with_biases(W2, Y, U, V, b, c, lam=lam, bias_reg=problem.reg,
+                                               fit_biases=problem.fit_biases, target_sse=0.95 * target_sse,
+                                               max_sweeps=self.max_sweeps)
+        pred = (U2[rh] * V2[ch]).sum(1) + b2[rh] + c2[ch]
+        err = float((pred - yh).norm() / yh.norm().clamp_min(1e-300))
+        return err <= self.holdout_tol, err
 
     @staticmethod
     def _write(model: CompressedFactorization, U: torch.Tensor, V: torch.Tensor) -> None:

@@ -248,7 +248,7 @@ def train_gd(model, problem, lr: float, *, max_iters: int = 10_000, tol: float =
                         p.copy_(q)
                     if accepted[3] is not None:
                         problem.load_trained_state(accepted[3])
-                    loss, grads = torch.as_tensor(accepted[0], dtype=torch.float64), accepted[1]
+                    loss, grads = torch.as_tensor(accepted[0], dtype=torch.float64, device=loss.device), accepted[1]
                     eta *= 0.5
                     n_rejected += 1
                 else:
