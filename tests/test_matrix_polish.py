@@ -113,3 +113,16 @@ def test_the_holdout_check_accepts_the_true_rank_and_refuses_a_spurious_directio
     V3 = torch.cat([V, 0.5 * torch.randn(V.shape[0], 1, generator=g, dtype=V.dtype)], 1)
     ok3, err3 = pol._holdout_check(problem, W, Y, U3, V3, b, c, 1e-12, target)  # rank 3: fits, predicts badly
     assert not ok3 and err3 > 1e-3
+
+
+def test_weight_decay_in_complete_starts_at_the_escape_and_shrinks_the_fit():
+    M, mask = _data(frac=0.7)
+    noisy = M + 0.05 * M.std() * torch.randn(M.shape, generator=torch.Generator().manual_seed(5), dtype=M.dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        plain = complete(noisy, mask, rank=4, max_iters=1500)
+        decayed = complete(noisy, mask, rank=4, max_iters=1500, weight_decay=1e-3)
+    assert decayed.history.escaped_at is not None  # weight decay from iteration 0 would hold the init at zero
+    X, Bt = plain.model.factor_pair()
+    Xd, Btd = decayed.model.factor_pair()
+    assert torch.linalg.matrix_norm(Xd @ Btd.T, ord="nuc") < torch.linalg.matrix_norm(X @ Bt.T, ord="nuc")

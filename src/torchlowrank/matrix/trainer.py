@@ -184,11 +184,18 @@ def train_gd(model, problem, lr: float, *, max_iters: int = 10_000, tol: float =
     scales = model.lr_scales()
     eta = float(lr)
     has_state = hasattr(problem, "trained_state")
-    accepted = None  # adaptive: (loss, grads, params copy, problem state) at the last accepted point
+    accepted = None  # adaptive: (objective, grads, params copy, problem state, loss) at the last accepted point
     n_rejected = 0
     last_trial_finite = True
     wd_prev = weight_decay if not decay_from_escape else 0.0
     hist = History()
+
+    def objective(loss, wd) -> float:  # what adaptive GD descends: loss + wd / 2 * sum ||p||^2 (trained factors)
+        out = float(loss)
+        if wd:
+            out += 0.5 * wd * sum(float(p.square().sum()) for p, sc in zip(params, scales) if sc)
+        return out
+
     best_val, best_state, since_best = math.inf, None, 0
     best_extra = [None]
     train_time = 0.0
@@ -238,9 +245,7 @@ def train_gd(model, problem, lr: float, *, max_iters: int = 10_000, tol: float =
             if wd != wd_prev:  # the objective changed (weight decay switched on): a new reference point
                 accepted, wd_prev = None, wd
             if adaptive:
-                lt = float(loss)
-                if wd:  # the objective GD descends: loss + weight_decay / 2 * sum ||p||^2 (scaled factors)
-                    lt += 0.5 * wd * sum(float(p.square().sum()) for p, sc in zip(params, scales) if sc)
+                lt = objective(loss, wd)
                 # the last step raised the loss (beyond its rounding error, ~eps * ||residual|| * ||target||): undo it
                 if accepted is not None and not (lt <= accepted[0] + 1e-13 * math.sqrt(max(accepted[0], 0.0) * zero_loss)):
                     last_trial_finite = math.isfinite(lt)
@@ -248,14 +253,14 @@ def train_gd(model, problem, lr: float, *, max_iters: int = 10_000, tol: float =
                         p.copy_(q)
                     if accepted[3] is not None:
                         problem.load_trained_state(accepted[3])
-                    loss, grads = torch.as_tensor(accepted[0], dtype=torch.float64, device=loss.device), accepted[1]
+                    loss, grads = accepted[4], accepted[1]  # the accepted point's loss (without the decay term)
                     eta *= 0.5
                     n_rejected += 1
                 else:
                     if accepted is not None:
                         eta *= grow
                     accepted = (lt, grads, [p.detach().clone() for p in params],
-                                problem.trained_state() if has_state else None)
+                                problem.trained_state() if has_state else None, loss)
             train_time += time.perf_counter() - t0
             checked = t % check_every == 0 or t == max_iters
             if checked:
@@ -309,9 +314,9 @@ def train_gd(model, problem, lr: float, *, max_iters: int = 10_000, tol: float =
                             loss, grads = model.loss_and_grads(problem)
                             hist.polish_info = (f"{msg}; rejected: the trainer's loss {lp:.3g} > "
                                                 f"{tol * tol * zero_loss:.3g}")
-                            if adaptive:
-                                accepted = (float(loss), grads, [p.detach().clone() for p in params],
-                                            problem.trained_state() if has_state else None)
+                            if adaptive:  # the restored point is the reference again
+                                accepted = (objective(loss, wd), grads, [p.detach().clone() for p in params],
+                                            problem.trained_state() if has_state else None, loss)
                     train_time += time.perf_counter() - t1
                 elif hist.escaped_at is not None and ftol > 0 and t - hist.escaped_at >= window:
                     j = len(checks) - 1 - window // check_every
