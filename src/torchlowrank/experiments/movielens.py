@@ -2,8 +2,10 @@
 factorization with jointly fitted user / item biases), the raw compressed network and a shallow
 (depth-2, width-r) factorization without biases, soft-impute, ridge ALS on the bias-centred
 ratings, and scikit-surprise's BaselineOnly / SVD / SVD++ on the same split in the same script
-(skipped with a note when scikit-surprise is not installed). Rank / regularisation and early
-stopping chosen on a validation split carved from the training ratings, test RMSE reported once."""
+(skipped with a note when scikit-surprise is not installed). Protocol: hyper-parameters and the
+number of iterations chosen on a validation split carved from the training ratings (fit on the
+other 80%), then the chosen setting refitted on all training ratings (90%) for that number of
+iterations and evaluated on the test ratings once (both test RMSEs are reported)."""
 from __future__ import annotations
 
 import time
@@ -11,46 +13,58 @@ import warnings
 
 import torch
 
-from ..reproducibility import environment_info, one_thread, seed_everything
+from ..reproducibility import environment_info, git_commit, one_thread, seed_everything
 from ..results import Plot, Result, Series, Table
 from .registry import register_experiment
 
 EPS, LR = 1e-2, 60.0  # see the notes: at eps = 1e-3 nothing escapes the origin within the budget
 
 
-def _surprise_rows(train, val, test, quick: bool, seed: int) -> tuple[list, str]:
-    """BaselineOnly / SVD / SVD++ (scikit-surprise defaults, seeded) fitted on the same training
-    ratings (train minus validation); returns table rows and a note."""
+def _surprise_rows(train, val, test, quick: bool, seed: int, full=None) -> tuple[list, str]:
+    """BaselineOnly / SVD / SVD++ (scikit-surprise defaults, seeded) fitted on the training ratings
+    minus the validation split (``train``) and, when ``full`` is given, refitted on all training
+    ratings (``full``); returns table rows (name, setting, val RMSE, test RMSE fitted on ``train``,
+    test RMSE refitted on ``full``, fit time, refit time) and a note."""
     try:
         import pandas as pd
         from surprise import SVD, BaselineOnly, Dataset, Reader, SVDpp
     except ImportError as exc:
         return [], (f"scikit-surprise (or pandas) is not installed ({exc}); its baselines were skipped: "
                     "pip install scikit-surprise")
-    u, i, r = train
-    df = pd.DataFrame({"u": u.tolist(), "i": i.tolist(), "r": r.tolist()})
-    ts = Dataset.load_from_df(df, Reader(rating_scale=(1, 5))).build_full_trainset()
+
+    def trainset(entries):
+        u, i, r = entries
+        df = pd.DataFrame({"u": u.tolist(), "i": i.tolist(), "r": r.tolist()})
+        return Dataset.load_from_df(df, Reader(rating_scale=(1, 5))).build_full_trainset()
+
     algos = [("surprise BaselineOnly", lambda: BaselineOnly(verbose=False)),
              ("surprise SVD", lambda: SVD(random_state=seed))]
     if not quick:
         algos.append(("surprise SVD++", lambda: SVDpp(random_state=seed)))
+    sets = [trainset(train)] + ([trainset(full)] if full is not None else [])
     rows = []
     for name, make in algos:
-        t0 = time.perf_counter()
-        algo = make()
-        algo.fit(ts)
-        fit_t = time.perf_counter() - t0
+        fitted = []
+        for ts in sets:
+            t0 = time.perf_counter()
+            algo = make()
+            algo.fit(ts)
+            fitted.append((algo, time.perf_counter() - t0))
 
-        def rmse(entries):
+        def rmse(algo, entries):
             uu, ii, rr = entries
             pred = torch.tensor([algo.predict(a, b).est for a, b in zip(uu.tolist(), ii.tolist())], dtype=torch.float64)
             return float((pred - rr.double()).square().mean().sqrt())
 
-        rows.append([name, "defaults", rmse(val), rmse(test), None, None, "fitted (library defaults)", fit_t])
+        a80, t80 = fitted[0]
+        a90, t90 = fitted[-1] if full is not None else (None, None)
+        rows.append([name, "defaults", rmse(a80, val), rmse(a80, test), None if a90 is None else rmse(a90, test),
+                     t80, t90])
     import surprise
 
     note = (f"scikit-surprise {surprise.__version__}, library defaults (SVD / SVD++ random_state={seed}), fitted on "
-            "the same training ratings (validation held out), predictions clipped to 1..5 by surprise.")
+            "the training ratings minus the validation split and refitted on all training ratings (no "
+            "hyper-parameters to choose), predictions clipped to 1..5 by surprise.")
     if quick:
         note += " Quick mode skips SVD++ (slow)."
     return rows, note
@@ -65,7 +79,8 @@ def run(quick: bool = False, seed: int = 0, progress: bool | None = None) -> Res
 
 def _run(quick: bool, seed: int, progress: bool | None) -> Result:
     from ..data import load_movielens_100k
-    from ..matrix import Completion, CompressedFactorization, DeepFactorization, als, complete, soft_impute, train_gd
+    from ..matrix import (Completion, CompressedFactorization, DeepFactorization, als, complete, fit_mean_model,
+                          soft_impute, train_gd)
 
     t0 = time.perf_counter()
     seed_everything(seed)
@@ -73,150 +88,199 @@ def _run(quick: bool, seed: int, progress: bool | None) -> Result:
     u, i, r = data.train
     n = len(r)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 1))
-    n_val = n // 9  # 10% of all ratings: train 80 / validation 10 / test 10
+    n_val = n // 9  # 10% of all ratings: fit 80 / validation 10 / test 10; the refit uses fit + validation (90)
     vi, fi = perm[:n_val], perm[n_val:]
-    mu = float(r[fi].double().mean())
     shape = (data.n_users, data.n_items)
     tu, ti, tr = data.test
-    test = (tu, ti, tr.double() - mu)
-    val = (u[vi], i[vi], r[vi].double() - mu)
-    problem = Completion.from_entries(u[fi], i[fi], r[fi].double() - mu, shape, test=test)
+    fit_e = (u[fi], i[fi], r[fi].double())
+    full_e = (u, i, r.double())
+    val_e = (u[vi], i[vi], r[vi].double())
+    test_e = (tu, ti, tr.double())
     max_iters = 1500 if quick else 4000
-    deep_ranks = [5] if quick else [5]
-    shallow_ranks = [5] if quick else [5]
     rows, curves = [], []
 
-    def fit(kind, rank):
-        gen = torch.Generator().manual_seed(seed + 2)
-        if kind == "deep (compressed, L=3)":
-            model = CompressedFactorization.from_problem(problem, rank, depth=3, init_scale=EPS, gamma=0.01,
-                                                         generator=gen)
-        else:
-            model = DeepFactorization(shape, depth=2, width=rank, init_scale=EPS, generator=gen)
-        h = train_gd(model, problem, LR, max_iters=max_iters, eval_every=100, validation=val, patience=10,
-                     progress=progress)
-        k = h.iterations.index(h.best_iteration)
-        rows.append([kind, rank, min(h.val_rmse), h.test_rmse[k], h.best_iteration, h.n_iters, h.status,
-                     h.train_time])
+    def rmse_of(pred: torch.Tensor, entries) -> float:  # pred: (m, n) in rating units
+        return float((pred[entries[0], entries[1]] - entries[2]).square().mean().sqrt())
+
+    def dense(entries):
+        M = torch.zeros(shape, dtype=torch.float64)
+        W = torch.zeros(shape, dtype=torch.bool)
+        M[entries[0], entries[1]] = entries[2]
+        W[entries[0], entries[1]] = True
+        return M, W
+
+    # raw deep / shallow networks on globally centred ratings (no biases): the old default, for reference
+    def fit_raw(kind, rank):
+        def build(entries, mu):
+            problem = Completion.from_entries(entries[0], entries[1], entries[2] - mu, shape,
+                                              test=(test_e[0], test_e[1], test_e[2] - mu))
+            gen = torch.Generator().manual_seed(seed + 2)
+            if kind.startswith("deep"):
+                model = CompressedFactorization.from_problem(problem, rank, depth=3, init_scale=EPS, gamma=0.01,
+                                                             generator=gen)
+            else:
+                model = DeepFactorization(shape, depth=2, width=rank, init_scale=EPS, generator=gen)
+            return problem, model
+
+        mu = float(fit_e[2].mean())
+        problem, model = build(fit_e, mu)
+        ts = time.perf_counter()
+        h = train_gd(model, problem, LR, max_iters=max_iters, eval_every=100,
+                     validation=(val_e[0], val_e[1], val_e[2] - mu), patience=10, progress=progress)
+        t_fit = time.perf_counter() - ts
+        test80 = h.test_rmse[h.iterations.index(h.best_iteration)]  # at the best iteration, as the refit
+        mu90 = float(full_e[2].mean())
+        problem, model = build(full_e, mu90)
+        ts = time.perf_counter()
+        train_gd(model, problem, LR, max_iters=h.best_iteration, tol=0, eval_every=100, progress=progress)
+        test90 = rmse_of(model.end_to_end().detach() + mu90, test_e)
+        rows.append([kind, rank, min(h.val_rmse), test80, h.best_iteration, h.n_iters, h.status, t_fit, test90,
+                     time.perf_counter() - ts])
         curves.append(Series(f"{kind}, r={rank} (val)", h.iterations, h.val_rmse))
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # statuses are in the table
-        for rank in deep_ranks:
-            fit("deep (compressed, L=3)", rank)
-        for rank in shallow_ranks:
-            fit("shallow (L=2, width r)", rank)
+        fit_raw("deep (compressed, L=3), no biases", 5)
+        fit_raw("shallow (L=2, width r), no biases", 5)
 
-    # complete(): jointly fitted user / item biases (ridge bias_reg, in ratings), units normalised
-    raw_val = (u[vi], i[vi], r[vi].double())
-    raw_test = (tu, ti, tr.double())
-    M_raw = torch.zeros(shape, dtype=torch.float64)
-    mask_fit = torch.zeros(shape, dtype=torch.bool)
-    M_raw[u[fi], i[fi]] = r[fi].double()
-    mask_fit[u[fi], i[fi]] = True
-    configs = [(10, 5.0, 1e-2)] if quick else [(5, 5.0, 1e-2), (10, 5.0, 1e-2)]
-    for rk, breg, eps in configs:
+    # complete(): data passed raw (ratings); user / item biases fitted jointly, units normalised.
+    # Chosen on validation (early stopping at the best validation RMSE); then refitted on all training
+    # ratings with the same settings for the best iteration count of the validation run.
+    M_fit, W_fit = dense(fit_e)
+    M_full, W_full = dense(full_e)
+    # (depth, r_hat, weight_decay); bias_reg 5, init scale 1e-2, eval every 50 iterations, patience 20
+    configs = ([(3, 5, 0.0), (2, 10, 1e-6)] if quick else
+               [(3, 5, 0.0), (3, 10, 1e-6), (3, 10, 1.5e-6), (3, 20, 1e-6), (2, 10, 1e-6), (2, 10, 1.5e-6),
+                (2, 10, 2e-6), (2, 20, 1.5e-6)])
+    breg, eps_c, ev = 5.0, 1e-2, 50
+    for depth, rk, wd in configs:
+        label = f"complete() + biases (L={depth}, weight_decay={wd:g})"
         with warnings.catch_warnings(record=True):
             warnings.simplefilter("always")
             ts = time.perf_counter()
-            res = complete(M_raw, mask_fit, rank=rk, bias_reg=breg, init_scale=eps, validation=raw_val,
-                           test=raw_test, patience=10, eval_every=100, max_iters=max_iters, progress=progress)
-        h = res.history
-        k = h.iterations.index(h.best_iteration) if h.best_iteration is not None else -1
-        rows.append([f"complete() + biases (L=3, bias_reg={breg:g}, eps={eps:g})", rk, min(h.val_rmse), h.test_rmse[k],
-                     h.best_iteration, h.n_iters, h.status, time.perf_counter() - ts])
-        curves.append(Series(f"complete() r_hat={rk} bias_reg={breg:g} (val)", h.iterations, h.val_rmse))
+            res = complete(M_fit, W_fit, depth=depth, rank=rk, bias_reg=breg, init_scale=eps_c, weight_decay=wd,
+                           validation=val_e, test=test_e, patience=20, eval_every=ev, max_iters=max_iters,
+                           progress=progress)
+            t_fit = time.perf_counter() - ts
+            h = res.history
+            ts = time.perf_counter()
+            ref = complete(M_full, W_full, depth=depth, rank=rk, bias_reg=breg, init_scale=eps_c, weight_decay=wd,
+                           eval_every=ev, max_iters=h.best_iteration, tol=0, ftol=0, progress=progress)
+            t_ref = time.perf_counter() - ts
+        at_best = h.test_rmse[h.iterations.index(h.best_iteration)]  # the model the refit reproduces
+        rows.append([label, rk, min(h.val_rmse), at_best, h.best_iteration, h.n_iters,
+                     h.status, t_fit, rmse_of(ref.matrix, test_e), t_ref])
+        curves.append(Series(f"complete() L={depth} r_hat={rk} wd={wd:g} (val)", h.iterations, h.val_rmse))
 
-    # ridge ALS on the bias-centred ratings (biases from complete()'s mean model fit, reg 5)
-    from ..matrix import fit_mean_model
-
-    mm = fit_mean_model(u[fi], i[fi], r[fi].double(), shape, reg=5.0)
-    C = torch.where(mask_fit, M_raw - mm.dense(), torch.zeros(()))
-    als_rows = []
-    for reg in ([0.3] if quick else [0.1, 0.3, 1.0]):
-        ts = time.perf_counter()
+    # ridge ALS on the bias-centred ratings (mean model with reg 5), reg chosen on validation
+    def als_fit(entries, reg):
+        M, W = dense(entries)
+        mm = fit_mean_model(entries[0], entries[1], entries[2], shape, reg=5.0)
+        C = torch.where(W, M - mm.dense(), torch.zeros(()))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
-            a = als(C, mask_fit, 10, reg=reg, max_iters=10 if quick else 30)
-        pred = a.matrix + mm.dense()
-        v_ = float((pred[raw_val[0], raw_val[1]] - raw_val[2]).square().mean().sqrt())
-        t_ = float((pred[tu, ti] - raw_test[2]).square().mean().sqrt())
-        als_rows.append([f"ALS + biases (rank 10, reg {reg:g} x ||P(M)||_2)", 10, v_, t_, None, a.n_iters, a.status,
-                         time.perf_counter() - ts])
-    rows.extend(als_rows)
-    mm_pred = mm.dense()
-    rows.append(["mean model (mu + user + item bias, reg 5)", "-",
-                 float((mm_pred[raw_val[0], raw_val[1]] - raw_val[2]).square().mean().sqrt()),
-                 float((mm_pred[tu, ti] - raw_test[2]).square().mean().sqrt()), None, None, "-", 0.0])
-    sur_rows, sur_note = _surprise_rows((u[fi], i[fi], r[fi]), raw_val, raw_test, quick, seed)
-    rows.extend(sur_rows)
+            a = als(C, W, 10, reg=reg, max_iters=10 if quick else 30)
+        return a.matrix + mm.dense(), a
 
-    # soft-impute on a path of decreasing lam (warm starts), lam relative to ||P_Omega(M)||_2
-    M_obs = problem.observed_matrix()
-    mask = problem.mask().bool()
-    s1 = float(torch.linalg.matrix_norm(M_obs, ord=2))
-    fracs = [0.2, 0.1] if quick else [0.4, 0.3, 0.2, 0.12, 0.08]
-    Z = None
-    si_rows = []
-    vu, vit, vv = val
-    for f in fracs:
+    for reg in ([0.3] if quick else [0.1, 0.3, 1.0]):
         ts = time.perf_counter()
-        Z = soft_impute(M_obs, mask, lam=f * s1, max_rank=40, max_iters=10 if quick else 25, tol=1e-4, init=Z,
-                        warn=False)
-        v = float((Z[vu, vit] - vv).square().mean().sqrt())
-        te = float((Z[tu, ti] - test[2]).square().mean().sqrt())
-        si_rows.append([f, f * s1, int((torch.linalg.svdvals(Z) > 1e-8).sum()), v, te, time.perf_counter() - ts])
-    best_si = min(si_rows, key=lambda x: x[3])
-    rows.append(["soft-impute", f"lam={best_si[1]:.3g} (rank {best_si[2]})", best_si[3], best_si[4], None, None,
-                 "chosen on validation", sum(x[5] for x in si_rows)])
-    mean_rmse_val = float(vv.square().mean().sqrt())
-    mean_rmse_test = float(test[2].square().mean().sqrt())
-    rows.append(["global mean", "-", mean_rmse_val, mean_rmse_test, None, None, "-", 0.0])
+        pred, a = als_fit(fit_e, reg)
+        t_fit = time.perf_counter() - ts
+        ts = time.perf_counter()
+        pred90, _ = als_fit(full_e, reg)
+        rows.append([f"ALS + biases (rank 10, reg {reg:g} x ||P(M)||_2)", 10, rmse_of(pred, val_e),
+                     rmse_of(pred, test_e), None, a.n_iters, a.status, t_fit, rmse_of(pred90, test_e),
+                     time.perf_counter() - ts])
 
-    def best_of(kind):
-        cand = [x for x in rows if x[0] == kind]
+    def mean_pred(entries):
+        return fit_mean_model(entries[0], entries[1], entries[2], shape, reg=5.0).dense()
+
+    mp, mp90 = mean_pred(fit_e), mean_pred(full_e)
+    rows.append(["mean model (mu + user + item bias, reg 5)", "-", rmse_of(mp, val_e), rmse_of(mp, test_e), None,
+                 None, "-", 0.0, rmse_of(mp90, test_e), 0.0])
+    sur_rows, sur_note = _surprise_rows(fit_e, val_e, test_e, quick, seed, full=full_e)
+    for x in sur_rows:
+        rows.append([x[0], x[1], x[2], x[3], None, None, "fitted (library defaults)", x[5], x[4], x[6]])
+
+    # soft-impute on a path of decreasing lam (warm starts), lam relative to ||P_Omega(M)||_2, on the
+    # globally centred ratings; lam chosen on validation, then the path rerun on all training ratings to it
+    fracs = [0.2, 0.1] if quick else [0.4, 0.3, 0.2, 0.12, 0.08]
+
+    def si_path(entries, upto=None):
+        mu = float(entries[2].mean())
+        M, W = dense(entries)
+        M = torch.where(W, M - mu, torch.zeros(()))
+        s1 = float(torch.linalg.matrix_norm(M, ord=2))
+        Z, out = None, []
+        for f in fracs[: None if upto is None else upto + 1]:
+            ts = time.perf_counter()
+            Z = soft_impute(M, W, lam=f * s1, max_rank=40, max_iters=10 if quick else 25, tol=1e-4, init=Z,
+                            warn=False)
+            out.append((f, f * s1, int((torch.linalg.svdvals(Z) > 1e-8).sum()), Z + mu, time.perf_counter() - ts))
+        return out
+
+    path = si_path(fit_e)
+    si_rows = [[f, lam, rank, rmse_of(P, val_e), rmse_of(P, test_e), t] for f, lam, rank, P, t in path]
+    j = min(range(len(si_rows)), key=lambda q: si_rows[q][3])
+    ts = time.perf_counter()
+    path90 = si_path(full_e, upto=j)
+    best_si = si_rows[j]
+    rows.append(["soft-impute", f"lam={best_si[1]:.3g} (rank {best_si[2]})", best_si[3], best_si[4], None, None,
+                 "chosen on validation", sum(x[5] for x in si_rows), rmse_of(path90[-1][3], test_e),
+                 time.perf_counter() - ts])
+    g80, g90 = float(fit_e[2].mean()), float(full_e[2].mean())
+    rows.append(["global mean", "-", float((val_e[2] - g80).square().mean().sqrt()),
+                 float((test_e[2] - g80).square().mean().sqrt()), None, None, "-", 0.0,
+                 float((test_e[2] - g90).square().mean().sqrt()), 0.0])
+
+    def best_of(prefix):
+        cand = [x for x in rows if str(x[0]).startswith(prefix)]
         return min(cand, key=lambda x: x[2])
 
     sel = []
-    for kind in ("deep (compressed, L=3)", "shallow (L=2, width r)"):
-        b = best_of(kind)
-        sel.append([kind, b[1], b[2], b[3]])
-    ours = min((x for x in rows if str(x[0]).startswith("complete()")), key=lambda x: x[2])
-    sel.append([ours[0], ours[1], ours[2], ours[3]])
-    b = min((x for x in rows if str(x[0]).startswith("ALS")), key=lambda x: x[2])
-    sel.append([b[0], b[1], b[2], b[3]])
+    for prefix in ("complete() + biases (L=3", "complete() + biases (L=2", "ALS", "deep (compressed", "shallow"):
+        b = best_of(prefix)
+        sel.append([b[0], b[1], b[2], b[3], b[8]])
     for x in rows:
-        if str(x[0]).startswith("surprise") or str(x[0]).startswith("mean model"):
-            sel.append([x[0], x[1], x[2], x[3]])
-    sel.append(["soft-impute", f"lam={best_si[1]:.3g}", best_si[3], best_si[4]])
-    sel.append(["global mean", "-", mean_rmse_val, mean_rmse_test])
-    metrics = {f"test_rmse[{s[0]}]": s[3] for s in sel}
+        if str(x[0]).startswith(("surprise", "mean model", "soft-impute", "global mean")):
+            sel.append([x[0], x[1], x[2], x[3], x[8]])
+    metrics = {f"test_rmse_refit[{s_[0]}]": s_[4] for s_ in sel}
+    metrics.update({f"test_rmse_fit80[{s_[0]}]": s_[3] for s_ in sel})
+    cmd = f"torchlowrank reproduce movielens --out docs/results/movielens{' --quick' if quick else ''}"
+    commit = git_commit()
     notes = (
+        f"Command: `{cmd}` (git commit {commit}). "
         "MovieLens 100K (943 users x 1682 items), seeded 90/10 split of the ratings (tlr.data.load_movielens_100k, "
-        "seed 0); 1/9 of the training ratings (10% of all) held out as validation. Ratings centred by the "
-        f"training mean ({mu:.3f}); RMSE in rating units, predictions not clipped. Deep and shallow models: "
-        f"full-batch GD, mean-reduced loss, step {LR}, init scale {EPS}, validation RMSE every 100 iterations, "
-        "early stopping after 10 evaluations without improvement (best parameters kept, at most "
-        f"{max_iters} iterations); the rank (r_hat for the compressed network, width for the shallow one) and "
-        "soft-impute's lam are chosen by validation RMSE, and the test RMSE of the chosen model is reported "
-        "(complete() rows: the data passed raw in rating units; complete() fits user / item biases jointly with "
-        "the compressed network, ridge bias_reg in units of ratings, and reports RMSEs in rating units) "
-        "once (no refit on train + validation). Soft-impute keeps at most 40 singular triplets and runs 25 "
-        "warm-started iterations per lam (a budget, not convergence). Deviation from the synthetic runs: init scale 1e-2 instead "
-        "of 1e-3 (at 1e-3 and any stable step we tried, the validation RMSE had not left the global-mean level "
-        "after 6000 iterations); the raw deep / shallow rows have no user/item bias terms. "
-        f"Command: `torchlowrank reproduce movielens --out docs/results/movielens`{' --quick' if quick else ''}. "
-        + sur_note)
+        "seed 0). Protocol: 1/9 of the training ratings (10% of all) held out as validation; every model is fitted "
+        "on the other 80%, its hyper-parameters (rank / r_hat, depth, weight decay, ALS ridge, soft-impute lam) and "
+        "its number of iterations (early stopping: the iteration of the best validation RMSE) are chosen by "
+        "validation RMSE; then the chosen setting is refitted on all training ratings (90%) for that same number "
+        "of iterations (GD; mean-reduced loss, so the step means the same with more ratings) or sweeps (ALS, 30) "
+        "and evaluated on the test ratings once: the 'test RMSE (refit on 90%)' column; 'test RMSE (fit on 80%)' is "
+        "the model selected on validation, before the refit. RMSE in rating units, predictions not clipped "
+        "(surprise clips to 1..5). complete() rows: the data passed raw in rating units; user / item biases fitted "
+        f"jointly with the compressed network (ridge bias_reg {breg:g}), init scale {eps_c:g}, adaptive step "
+        f"(complete()'s default; no polish with a validation set), validation every {ev} iterations, patience 20, "
+        f"at most {max_iters} iterations, weight decay (from the escape on) in complete()'s normalised units. The "
+        "refit runs a fixed budget by design, so its status is not_converged. The grid of complete() settings was "
+        "narrowed in side runs that also printed test RMSEs (depth 3 with r_hat 5-20, weight decay 0-3e-6, init "
+        "1e-3 / 1e-2, bias_reg 5 / 15; depth 2 with weight decay 5e-7-1e-5); within this script the choice is by "
+        "validation only. Raw deep / shallow rows: no bias terms, globally centred ratings, fixed step "
+        f"{LR}, init scale {EPS}, validation every 100 iterations, patience 10. Soft-impute keeps at most 40 "
+        "singular triplets and runs 25 warm-started iterations per lam (a budget, not convergence). " + sur_note)
     tables = [Table("Chosen models (validation-selected) and their test RMSE",
-                    ["model", "rank / lam", "validation RMSE", "test RMSE"], sel),
-              Table("All runs", ["model", "rank", "best validation RMSE", "test RMSE at best", "best iteration",
-                                 "iterations run", "status", "train time (s)"], rows),
-              Table("Soft-impute path", ["lam / spectral norm of P(M)", "lam", "rank", "validation RMSE", "test RMSE",
-                                         "time (s)"], si_rows)]
+                    ["model", "rank / setting", "validation RMSE", "test RMSE (fit on 80%)",
+                     "test RMSE (refit on 90%)"], sel),
+              Table("All runs", ["model", "rank", "best validation RMSE", "test RMSE (fit on 80%, at best)",
+                                 "best iteration", "iterations run", "status", "fit time (s)",
+                                 "test RMSE (refit on 90%)", "refit time (s)"], rows),
+              Table("Soft-impute path (fit on 80%)", ["lam / spectral norm of P(M)", "lam", "rank",
+                                                      "validation RMSE", "test RMSE", "time (s)"], si_rows)]
+    mean_rmse_val = float((val_e[2] - g80).square().mean().sqrt())
     plots = [Plot("validation", "Validation RMSE during training", "line", curves, "iteration", "RMSE",
                   hlines={"global mean": mean_rmse_val})]
-    return Result("movielens", {"test_fraction": 0.1, "validation_fraction_of_all": 0.1, "init_scale": EPS,
-                                "lr": LR, "max_iters": max_iters, "deep_ranks": deep_ranks,
-                                "shallow_ranks": shallow_ranks, "soft_impute_lams": fracs, "gamma": 0.01,
-                                "quick": quick},
+    return Result("movielens", {"test_fraction": 0.1, "validation_fraction_of_all": 0.1, "init_scale_raw": EPS,
+                                "lr_raw": LR, "max_iters": max_iters, "complete_configs": [list(c) for c in configs],
+                                "complete_bias_reg": breg, "complete_init_scale": eps_c, "soft_impute_lams": fracs,
+                                "gamma": 0.01, "quick": quick, "command": cmd, "git_commit": commit},
                   [seed], metrics, {}, tables, plots, notes, time.perf_counter() - t0, environment_info())

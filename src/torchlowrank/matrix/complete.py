@@ -16,6 +16,31 @@ What ``complete`` does with the data (all undone in ``result.matrix``):
    gradient-built subspace lies on the longer side), and the result transposed back.
 4. Rows / columns without any observed entry are predicted by the mean model (their factor rows
    are held at zero), with a warning.
+
+How the network is trained (``adaptive``, ``polish``; both on by default):
+
+5. Adaptive step: full-batch GD with the bold-driver rule of :func:`train_gd` — a step that
+   raises the loss is undone and halved, every other one grows the step by 5%. It starts at the
+   stability limit of the plateau estimated from the init scale (:func:`initial_step_boost`, ~200x
+   the step that is stable at the solution), so the network leaves the initial plateau in tens of
+   iterations (a fixed step spent ~8000 there); after the escape the step settles at the local
+   stability limit. The loss never increases (beyond rounding).
+6. Polish (without a validation set): at every check after the escape, the singular values of the
+   end-to-end matrix (O((m + n) k^2) from the k-wide factors) are split at the first clear gap
+   (ratio >= 1e3) into the r directions that escaped the initialisation and the rest, which depth
+   keeps at the init scale (the implicit low-rank bias). Alternating least squares at rank r, with
+   the row / column biases in the same least squares, then starts from the network's solution;
+   while that fit stalls short of the tolerance it adds the top singular pair of its residual as
+   one more direction (at most 4, each kept only if it takes >= 20% of the residual: the
+   directions that have yet to escape, e.g. the small end of a decaying spectrum; a fit that needed
+   them must also predict a seeded 5% of the observed entries held out of a refit, to 1e-6
+   relative). The result is accepted only if it fits the observed entries to ``tol``; the trainer re-evaluates the loss
+   itself, writes the solution into the network (``result.model`` is the polished network) and
+   reports "converged" with ``history.polished_at`` / ``polish_info``; otherwise it restores the
+   network and descends on, retrying when the escaped rank changes or the iteration count
+   doubles. On noisy data nothing fits to ``tol``, so the polish never fires and the run ends as
+   before (stationary / budget / early stopping). Because the rank is the smallest that fits, an
+   over-estimated r_hat costs nothing.
 """
 from __future__ import annotations
 
@@ -29,11 +54,12 @@ from ..linalg import truncated_svd
 from .centering import MeanModel, fit_mean_model
 from .compressed import CompressedFactorization, check_rank
 from .factorization import DeepFactorization, as_positive_int
+from .polish import RankPolish
 from .problems import Completion, relative_error
 from .steps import suggest_lr, suggest_rank
 from .trainer import FAILURE_STATUSES, History, train_gd
 
-__all__ = ["CompletionResult", "complete", "default_rank", "NORMALIZED_TOP"]
+__all__ = ["CompletionResult", "complete", "default_rank", "initial_step_boost", "NORMALIZED_TOP"]
 
 NORMALIZED_TOP = 10.0  # top singular value of the (rescaled) residual the network is trained on
 
@@ -167,6 +193,17 @@ def _coerce_inputs(observed, mask) -> tuple[torch.Tensor, torch.Tensor]:
     return observed, mask
 
 
+def initial_step_boost(depth: int, init_scale: float) -> float:
+    """The adaptive step's start, as a multiple of :func:`suggest_lr` (the stable step at the
+    solution, top singular value ``NORMALIZED_TOP``): ``max(1, (NORMALIZED_TOP / eps^L)^((L-2)/L) / 10)``.
+    Near the initialisation the factors have scale eps, the curvature along the top direction is
+    that of the residual term, ``~ s eps^(L-2)`` instead of ``~ L s^(2(L-1)/L)``, so a step larger by
+    about ``(s / eps^L)^((L-2)/L)`` is stable there (2154 at L = 3, eps = 1e-3); a tenth of it is
+    the start, and a step that raises the loss is halved (one iteration each)."""
+    L = depth
+    return max(1.0, (NORMALIZED_TOP / init_scale ** L) ** ((L - 2) / L) / 10.0)
+
+
 def default_rank(problem: Completion) -> int:
     """The r_hat ``complete`` uses when none is given: generous, because over-estimating it is
     what the deep compressed network tolerates (its cost is linear in r_hat):
@@ -182,7 +219,8 @@ def complete(observed, mask=None, depth: int = 3, rank: int | None = None,
              ftol: float = 1e-10, time_limit: float | None = None, target_error: float | None = None,
              truth: torch.Tensor | None = None, test: tuple | None = None, validation: tuple | None = None,
              patience: int | None = None, eval_every: int = 50, weight_decay: float = 0.0,
-             seed: int = 0, progress: bool | None = None) -> CompletionResult:
+             seed: int = 0, progress: bool | None = None, adaptive: bool = True,
+             polish: bool | None = None) -> CompletionResult:
     """Complete ``observed`` (m, n) from the entries where ``mask`` (m, n, bool) is True.
 
     observed: dense tensor / NumPy array (entries off the mask are ignored, NaN allowed; with
@@ -197,7 +235,13 @@ def complete(observed, mask=None, depth: int = 3, rank: int | None = None,
     min(m, n)) — there ``rank`` is not used and passing it is an error. ``lr`` defaults to
     :func:`suggest_lr`.
 
-    Stopping (see :func:`train_gd`): relative train residual <= ``tol``; loss stationary
+    adaptive: bold-driver step size (``lr`` is the initial step, by default :func:`suggest_lr` times
+    :func:`initial_step_boost`; False: the fixed step :func:`suggest_lr`). polish: the
+    exact ALS polish at the rank the network picked (module docstring, steps 5-6); default on when
+    no ``validation`` is given and ``tol > 0``; needs compressed=True. ``weight_decay`` applies
+    from the escape on (before, it would hold the small initialisation at zero).
+
+    Stopping (see :func:`train_gd`): relative train residual <= ``tol`` (by descent or polish); loss stationary
     (relative decrease <= ``ftol`` over 1000 iterations); ``target_error`` on the recovery error
     (needs ``truth``); early stopping on ``validation = (rows, cols, values)`` after ``patience``
     evaluations, counted after the escape from the initial plateau (the best parameters are
@@ -304,11 +348,20 @@ def complete(observed, mask=None, depth: int = 3, rank: int | None = None,
         rank = None
     if lr is None:
         lr = suggest_lr(problem, depth)
+        if adaptive:  # start at the plateau's own stability limit (a tenth of it); halvings bring it down
+            lr *= initial_step_boost(depth, init_scale)
+    if polish is None:
+        polish = compressed and validation is None and tol > 0
+    if polish and not compressed:
+        raise ValueError("polish=True needs the compressed network (compressed=True): the polish rewrites its "
+                         "k-wide factors")
+    polisher = RankPolish() if polish else None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         hist = train_gd(model, problem, lr, max_iters=max_iters, tol=tol, ftol=ftol, target_error=target_error,
                         eval_every=eval_every, validation=val_w, patience=patience, time_limit=time_limit,
-                        weight_decay=weight_decay, progress=progress)
+                        weight_decay=weight_decay, progress=progress, adaptive=adaptive, polish=polisher,
+                        decay_from_escape=True)
     for w in caught:  # re-issue the trainer's warnings as the caller's, with what complete() can change
         if hist.status in FAILURE_STATUSES and str(w.message) == hist.message:
             continue

@@ -7,7 +7,8 @@ and the end-to-end matrix is only formed every ``eval_every`` iterations (recove
 
 Statuses (``History.status``):
 
-- ``"converged"``: the relative train residual ``sqrt(loss / loss(0))`` fell to ``tol``, or the
+- ``"converged"``: the relative train residual ``sqrt(loss / loss(0))`` fell to ``tol`` (by gradient
+  descent, or by an exact ``polish`` of the run's solution that the trainer re-checked), or the
   recovery error to ``target_error``, or the loss stopped moving (relative decrease below
   ``ftol`` over the last ``window`` iterations and not accelerating, after the escape from the
   initial plateau);
@@ -20,6 +21,15 @@ Statuses (``History.status``):
 - ``"diverged"``: a non-finite loss, or one above ``blowup`` times the initial one.
 
 The last three are failures: each also raises a ``RuntimeWarning`` that says what to change.
+
+Step size: fixed (``lr``), or with ``adaptive=True`` the "bold driver" rule on the full-batch
+loss (plus ``weight_decay / 2`` times the squared norm of the trained factors when weight decay is
+on): after every step that did not increase it the step is multiplied by ``grow``
+(default 1.05); a step that increased it (or made it non-finite) is undone — parameters and the
+problem's own fitted terms restored — and the step halved. Each gradient evaluation counts as one
+iteration, rejected or not. The loss is then monotone, and the step follows the local curvature:
+on the initial plateau of a small initialisation (curvature ~ init scale) it grows by orders of
+magnitude, which is where fixed-step GD spends most of its iterations.
 """
 from __future__ import annotations
 
@@ -46,7 +56,9 @@ class History:
     "not_converged" | "stalled_at_init" | "diverged" (see the module docstring); reason: why it
     stopped ("tol", "target_error", "stationary", "patience", "max_iters", "time_limit",
     "blowup"); message explains it; escaped_at: first checked iteration at which the loss was
-    ``escape`` below its initial value (None if never).
+    ``escape`` below its initial value (None if never). polished_at: the iteration at which an exact
+    polish of the solution finished the run (None if none did); polish_info: what the polish
+    attempts did; final_lr: the step at the end (it changes with ``adaptive=True``).
     """
 
     iterations: list[int] = field(default_factory=list)
@@ -62,6 +74,9 @@ class History:
     n_iters: int = 0
     train_time: float = 0.0
     best_iteration: int | None = None
+    polished_at: int | None = None
+    polish_info: str = ""
+    final_lr: float | None = None
 
     def time_to(self, error: float) -> float | None:
         """Training time at the first record with recovery error <= ``error`` (None if never)."""
@@ -108,7 +123,8 @@ def train_gd(model, problem, lr: float, *, max_iters: int = 10_000, tol: float =
              window: int = 1000, target_error: float | None = None, weight_decay: float = 0.0,
              eval_every: int = 10, check_every: int = 10, blowup: float = 1e6, escape: float = 0.01,
              validation: tuple | None = None, patience: int | None = None, time_limit: float | None = None,
-             callback=None, num_threads: int | None = None, progress: bool | None = None) -> History:
+             callback=None, num_threads: int | None = None, progress: bool | None = None,
+             adaptive: bool = False, grow: float = 1.05, polish=None, decay_from_escape: bool = False) -> History:
     """Full-batch GD: ``W <- W - lr * s * (grad + weight_decay * W)`` for every factor, s the factor's
     ``model.lr_scales()`` multiplier (gamma for the outer factors of a compressed network).
 
@@ -125,7 +141,17 @@ def train_gd(model, problem, lr: float, *, max_iters: int = 10_000, tol: float =
     training; divergence. ``callback(t, model)`` runs at every evaluation. ``num_threads``: torch
     CPU threads for the loop, restored afterwards (default None: the caller's setting is left
     alone). Validation / test RMSEs are multiplied by ``problem.unit`` when the problem has one
-    (a normalised problem reporting in the data's units). Returns a :class:`History`.
+    (a normalised problem reporting in the data's units).
+
+    adaptive / grow: the bold-driver step (module docstring); ``lr`` is then the initial step.
+    decay_from_escape: apply ``weight_decay`` only from the escape on (weight decay pulls a small
+    initialisation to zero faster than the loss's gradient, ~init^(2(L-1)), pushes it out).
+    polish: None, or a callable ``polish(t, model, problem, target_loss) -> str | None`` tried at
+    every check after the escape; it may replace the model's parameters (and the problem's fitted
+    terms) by a solution it computed and return a message. The trainer then re-evaluates the loss
+    itself: if it is <= ``target_loss`` (the loss at relative residual ``tol``) the run stops
+    "converged" (reason "tol", ``History.polished_at`` set); otherwise the parameters are restored
+    and descent continues (the polisher decides when to try again). Returns a :class:`History`.
     """
     if num_threads is not None:
         if isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1:
@@ -137,7 +163,8 @@ def train_gd(model, problem, lr: float, *, max_iters: int = 10_000, tol: float =
                             target_error=target_error, weight_decay=weight_decay, eval_every=eval_every,
                             check_every=check_every, blowup=blowup, escape=escape, validation=validation,
                             patience=patience, time_limit=time_limit, callback=callback, num_threads=None,
-                            progress=progress)
+                            progress=progress, adaptive=adaptive, grow=grow, polish=polish,
+                            decay_from_escape=decay_from_escape)
         finally:
             torch.set_num_threads(saved)
     if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
@@ -146,14 +173,29 @@ def train_gd(model, problem, lr: float, *, max_iters: int = 10_000, tol: float =
         raise ValueError("eval_every, check_every and window must be >= 1")
     if not (tol >= 0 and ftol >= 0 and 0 < escape < 1):
         raise ValueError(f"need tol >= 0, ftol >= 0 and 0 < escape < 1, got {tol!r}, {ftol!r}, {escape!r}")
+    if adaptive and not (grow >= 1 and math.isfinite(grow)):
+        raise ValueError(f"grow must be a finite number >= 1, got {grow!r}")
+    if polish is not None and not callable(polish):
+        raise ValueError("polish must be None or a callable polish(t, model, problem, target_loss)")
     if target_error is not None and problem.truth is None:
         raise ValueError("target_error needs the true matrix: pass truth= to the problem")
     unit = float(getattr(problem, "unit", 1.0))
     params = list(model.factor_parameters())
     scales = model.lr_scales()
-    steps = [lr * s for s in scales]
-    decays = [1.0 - lr * s * weight_decay for s in scales]
+    eta = float(lr)
+    has_state = hasattr(problem, "trained_state")
+    accepted = None  # adaptive: (objective, grads, params copy, problem state, loss) at the last accepted point
+    n_rejected = 0
+    last_trial_finite = True
+    wd_prev = weight_decay if not decay_from_escape else 0.0
     hist = History()
+
+    def objective(loss, wd) -> float:  # what adaptive GD descends: loss + wd / 2 * sum ||p||^2 (trained factors)
+        out = float(loss)
+        if wd:
+            out += 0.5 * wd * sum(float(p.square().sum()) for p, sc in zip(params, scales) if sc)
+        return out
+
     best_val, best_state, since_best = math.inf, None, 0
     best_extra = [None]
     train_time = 0.0
@@ -199,10 +241,43 @@ def train_gd(model, problem, lr: float, *, max_iters: int = 10_000, tol: float =
         for t in range(max_iters + 1):
             t0 = time.perf_counter()
             loss, grads = model.loss_and_grads(problem)
+            wd = weight_decay if (not decay_from_escape or hist.escaped_at is not None) else 0.0
+            if wd != wd_prev:  # the objective changed (weight decay switched on): a new reference point
+                accepted, wd_prev = None, wd
+            if adaptive:
+                lt = objective(loss, wd)
+                # the last step raised the loss (beyond its rounding error, ~eps * ||residual|| * ||target||): undo it
+                if accepted is not None and not (lt <= accepted[0] + 1e-13 * math.sqrt(max(accepted[0], 0.0) * zero_loss)):
+                    last_trial_finite = math.isfinite(lt)
+                    for p, q in zip(params, accepted[2]):
+                        p.copy_(q)
+                    if accepted[3] is not None:
+                        problem.load_trained_state(accepted[3])
+                    loss, grads = accepted[4], accepted[1]  # the accepted point's loss (without the decay term)
+                    eta *= 0.5
+                    n_rejected += 1
+                else:
+                    if accepted is not None:
+                        eta *= grow
+                    accepted = (lt, grads, [p.detach().clone() for p in params],
+                                problem.trained_state() if has_state else None, loss)
             train_time += time.perf_counter() - t0
             checked = t % check_every == 0 or t == max_iters
             if checked:
                 lv = float(loss)
+                if adaptive and eta < 1e-10 * lr:
+                    if last_trial_finite:  # no step decreases the loss: a (numerically) stationary point
+                        reason = "stationary"
+                        rel_now = math.sqrt(max(lv, 0.0) / zero_loss)
+                        hist.message = (f"converged: no step decreased the train loss any more (the adaptive step fell "
+                                        f"to {eta:.3g} from lr={lr:g}) at iteration {t}, relative train residual "
+                                        f"{rel_now:.3g}: a numerically stationary point")
+                    else:
+                        reason = "blowup"
+                        hist.message = (f"gradient descent made no progress at iteration {t}: every step, down to "
+                                        f"{eta:.3g} (from lr={lr:g}), gave a non-finite loss; the problem's gradients "
+                                        "may be wrong or not finite")
+                    break
                 if loss0 is None:
                     loss0 = max(lv, 1e-300)
                 if not math.isfinite(lv) or lv > blowup * loss0:
@@ -217,6 +292,32 @@ def train_gd(model, problem, lr: float, *, max_iters: int = 10_000, tol: float =
                 checks.append((t, lv))
                 if tol > 0 and lv <= tol * tol * zero_loss:
                     reason = "tol"
+                elif polish is not None and hist.escaped_at is not None and tol > 0:
+                    t1 = time.perf_counter()
+                    saved = [p.detach().clone() for p in params]
+                    saved_state = problem.trained_state() if has_state else None
+                    msg = polish(t, model, problem, tol * tol * zero_loss)
+                    if getattr(polish, "attempts", None):
+                        hist.polish_info = f"polish attempts (iteration, rank, relative residual): {polish.attempts}"
+                    if msg:
+                        loss, grads = model.loss_and_grads(problem)  # the trainer's own check of the polish
+                        lp = float(loss)
+                        if math.isfinite(lp) and lp <= tol * tol * zero_loss:
+                            reason, lv = "tol", lp
+                            hist.polished_at = t
+                            hist.polish_info = msg
+                        else:
+                            for p, q in zip(params, saved):
+                                p.copy_(q)
+                            if saved_state is not None:
+                                problem.load_trained_state(saved_state)
+                            loss, grads = model.loss_and_grads(problem)
+                            hist.polish_info = (f"{msg}; rejected: the trainer's loss {lp:.3g} > "
+                                                f"{tol * tol * zero_loss:.3g}")
+                            if adaptive:  # the restored point is the reference again
+                                accepted = (objective(loss, wd), grads, [p.detach().clone() for p in params],
+                                            problem.trained_state() if has_state else None, loss)
+                    train_time += time.perf_counter() - t1
                 elif hist.escaped_at is not None and ftol > 0 and t - hist.escaped_at >= window:
                     j = len(checks) - 1 - window // check_every
                     i0 = j - window // check_every
@@ -241,11 +342,11 @@ def train_gd(model, problem, lr: float, *, max_iters: int = 10_000, tol: float =
                 record(t, loss)
                 break
             t0 = time.perf_counter()
-            for p, g, a, dcy in zip(params, grads, steps, decays):
-                if dcy != 1.0:
-                    p.mul_(dcy)
-                if a != 0:
-                    p.sub_(g, alpha=a)
+            for p, g, sc in zip(params, grads, scales):
+                if wd != 0 and sc != 0:
+                    p.mul_(1.0 - eta * sc * wd)
+                if sc != 0:
+                    p.sub_(g, alpha=eta * sc)
             train_time += time.perf_counter() - t0
             if bar is not None and t % 100 == 0:
                 bar.update(100)
@@ -268,13 +369,15 @@ def train_gd(model, problem, lr: float, *, max_iters: int = 10_000, tol: float =
     hist.status, hist.reason = status, reason
     hist.n_iters = t
     hist.train_time = train_time
+    hist.final_lr = eta
     budget = f"the iteration budget (max_iters={max_iters})" if reason == "max_iters" else \
         f"the time limit ({time_limit} s) after {t} iterations"
     rel = math.sqrt(max(hist.train_loss[-1], 0.0) / zero_loss) if hist.train_loss else float("nan")
     if not hist.message:
         hist.message = {
             "target_error": f"converged: recovery error <= {target_error} at iteration {t}",
-            "tol": f"converged: relative train residual {rel:.3g} <= tol={tol:g} at iteration {t}",
+            "tol": f"converged: relative train residual {rel:.3g} <= tol={tol:g} at iteration {t}"
+                   + (f" ({hist.polish_info})" if hist.polished_at is not None else ""),
             "stationary": f"converged: the train loss fell by less than a fraction ftol={ftol:g} over the last "
                           f"{window} iterations (iteration {t}, relative train residual {rel:.3g})",
             "patience": f"early stopped: validation RMSE did not improve for {patience} evaluations after the "
