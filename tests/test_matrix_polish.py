@@ -82,9 +82,14 @@ def test_the_trainer_rejects_a_polish_that_does_not_fit_and_descends_on():
     assert problem.recovery_error(model.end_to_end()) <= 1e-5
 
 
-def test_noisy_data_is_never_polished():
+def _noisy_data():
+    """The rank-3 test matrix plus 5% Gaussian noise: no exact low-rank fit exists."""
     M, mask = _data(frac=0.7)
-    noisy = M + 0.05 * M.std() * torch.randn(M.shape, generator=torch.Generator().manual_seed(5), dtype=M.dtype)
+    return M + 0.05 * M.std() * torch.randn(M.shape, generator=torch.Generator().manual_seed(5), dtype=M.dtype), mask
+
+
+def test_noisy_data_is_never_polished():
+    noisy, mask = _noisy_data()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         res = complete(noisy, mask, rank=4, max_iters=1500)
@@ -116,8 +121,7 @@ def test_the_holdout_check_accepts_the_true_rank_and_refuses_a_spurious_directio
 
 
 def test_weight_decay_in_complete_starts_at_the_escape_and_shrinks_the_fit():
-    M, mask = _data(frac=0.7)
-    noisy = M + 0.05 * M.std() * torch.randn(M.shape, generator=torch.Generator().manual_seed(5), dtype=M.dtype)
+    noisy, mask = _noisy_data()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         plain = complete(noisy, mask, rank=4, max_iters=1500)
