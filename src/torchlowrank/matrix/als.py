@@ -63,9 +63,8 @@ def als(observed: torch.Tensor, mask: torch.Tensor, rank: int, *, reg: float = 1
     import operator
 
     from ..linalg import truncated_svd
+    from .baselines import observed_entries
 
-    if mask.shape != observed.shape:
-        raise ValueError(f"mask has shape {tuple(mask.shape)} but observed has {tuple(observed.shape)}")
     try:
         rank = operator.index(rank)
     except TypeError:
@@ -74,13 +73,8 @@ def als(observed: torch.Tensor, mask: torch.Tensor, rank: int, *, reg: float = 1
         raise ValueError(f"rank must be in 1..{min(observed.shape)}, got {rank!r}")
     if not reg >= 0:
         raise ValueError(f"reg must be >= 0, got {reg!r}")
-    mk = mask.to(torch.bool)
-    if not mk.any():
-        raise ValueError("the mask observes no entries")
+    mk, Mz = observed_entries(observed, mask)
     dev = observed.device
-    Mz = torch.where(mk, observed.to(torch.float64), torch.zeros((), dtype=torch.float64, device=dev))
-    if not torch.isfinite(Mz).all():
-        raise ValueError("observed entries contain NaN/Inf; drop them from the mask")
     W = mk.to(torch.float64)
     p = float(W.mean())
     s1 = float(torch.linalg.matrix_norm(Mz, ord=2))

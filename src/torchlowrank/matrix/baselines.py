@@ -24,6 +24,20 @@ def svt(A: torch.Tensor, lam: float, max_rank: int | None = None) -> torch.Tenso
     return (U[:, :keep] * S[:keep]) @ Vh[:keep]
 
 
+def observed_entries(observed: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask as bool (m, n), observed as float64 with zeros off the mask) for the baselines; ValueError
+    for a shape mismatch, an empty mask or NaN/Inf in an observed entry."""
+    if mask.shape != observed.shape:
+        raise ValueError(f"mask has shape {tuple(mask.shape)} but observed has {tuple(observed.shape)}")
+    mask = mask.to(torch.bool)
+    if not mask.any():
+        raise ValueError("the mask observes no entries")
+    M = torch.where(mask, observed.to(torch.float64), torch.zeros((), dtype=torch.float64, device=observed.device))
+    if not torch.isfinite(M).all():
+        raise ValueError("observed entries contain NaN/Inf; drop them from the mask")
+    return mask, M
+
+
 @torch.no_grad()
 def soft_impute(observed: torch.Tensor, mask: torch.Tensor, lam: float, *, max_rank: int | None = 100,
                 max_iters: int = 200, tol: float = 1e-5, init: torch.Tensor | None = None,
@@ -33,16 +47,9 @@ def soft_impute(observed: torch.Tensor, mask: torch.Tensor, lam: float, *, max_r
     ``init`` to walk a path of decreasing ``lam`` cheaply (:func:`soft_impute_path`). Stopping at
     ``max_iters`` with the change still above ``tol`` raises a RuntimeWarning (``warn=False``
     silences it, for a deliberate fixed budget)."""
-    if mask.shape != observed.shape:
-        raise ValueError(f"mask has shape {tuple(mask.shape)} but observed has {tuple(observed.shape)}")
     if not lam >= 0:
         raise ValueError(f"lam must be >= 0, got {lam!r}")
-    mask = mask.to(torch.bool)
-    if not mask.any():
-        raise ValueError("the mask observes no entries")
-    M = torch.where(mask, observed.to(torch.float64), torch.zeros((), dtype=torch.float64, device=observed.device))
-    if not torch.isfinite(M).all():
-        raise ValueError("observed entries contain NaN/Inf; drop them from the mask")
+    mask, M = observed_entries(observed, mask)
     Z = torch.zeros_like(M) if init is None else init.to(M).clone()
     change = math.inf
     for _ in range(max_iters):
