@@ -365,8 +365,7 @@ class _GeometricOptimizer(Optimizer):
         self._update_probe(name)
 
     def _syncs_ranks(self) -> bool:
-        sync = self.defaults["sync_ranks"]
-        return tlr_dist.is_distributed() if sync is None else bool(sync) and tlr_dist.is_distributed()
+        return self.defaults["sync_ranks"] is not False and tlr_dist.is_distributed()
 
     def _agree_on_ranks(self, proposed: list[int], device: torch.device) -> list[int]:
         """Rank 0's rank decisions on every process (one broadcast of a few ints per step, only when
