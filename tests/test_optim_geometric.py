@@ -284,9 +284,9 @@ def test_bf16_parameters_train_and_keep_dtype():
     assert losses[-1] < 0.7 * losses[0]
 
 
-def test_nan_gradient_refuses_the_step_and_names_the_layer():
+def test_nan_gradient_refuses_the_step_and_names_the_layer_when_asked_to_raise():
     model = _make_model(0)
-    opt = LowRankAdam(model, lr=1e-2)
+    opt = LowRankAdam(model, lr=1e-2, nonfinite="raise")
     _train(model, opt, [(torch.randn(4, 1, 8, 8), torch.randint(0, 3, (4,)))])
     before = {k: v.clone() for k, v in model.state_dict().items()}
     state_before = opt.state[model[3].U]["exp_avg"].clone()
@@ -368,3 +368,99 @@ def test_lowrank_adam_trains_a_factorized_tiny_llama(tiny_llama):
     assert losses[-1] < losses[0]
     layer = next(m for m in model.modules() if isinstance(m, tlr.LowRankLinear))
     assert (layer.U.T @ layer.U - torch.eye(layer.rank)).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("opt_cls,kw", [(LowRankAdam, dict(lr=1e-2)), (LowRankSGD, dict(lr=0.1, nesterov=True)),
+                                        (LowRankAdam, dict(lr=1e-2, tau=0.2))])
+def test_nan_gradient_skips_the_step_on_the_device_by_default(opt_cls, kw):
+    """Like torch.amp.GradScaler: factors, moments and the other parameters keep their values, the
+    skip is counted in a device tensor, and the next finite step trains as if nothing happened."""
+    model = _make_model(0)
+    opt = opt_cls(model, **kw)
+    _train(model, opt, [(torch.randn(4, 1, 8, 8), torch.randint(0, 3, (4,)))])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    state_before = {k: v.clone() for k, v in opt.state[model[3].U].items() if torch.is_tensor(v)}
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(torch.randn(4, 1, 8, 8)), torch.randint(0, 3, (4,))).backward()
+    model[3].V.grad[0, 0] = float("nan")
+    model[5].weight.grad[0, 0] = float("inf")
+    opt.step()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    for k, v in state_before.items():
+        assert torch.equal(opt.state[model[3].U][k], v), k
+    assert int(opt.nonfinite_steps) == 1
+    _train(model, opt, [(torch.randn(4, 1, 8, 8), torch.randint(0, 3, (4,)))])
+    assert all(torch.isfinite(v).all() for v in model.state_dict().values())
+    assert not torch.equal(model[3].S, before["3.S"])
+    assert int(opt.nonfinite_steps) == 1
+
+
+def _host_reads(calls: list[str]) -> list[str]:
+    return [c for c in calls if "svd" not in c]
+
+
+@pytest.mark.parametrize("opt_cls,kw", [(LowRankAdam, {}), (LowRankAdam, dict(second_moment="elementwise")),
+                                        (LowRankSGD, {}), (LowRankAdam, dict(augment_every=3)),
+                                        (LowRankAdam, dict(tau=0.1, rank_every=4))])
+def test_a_step_at_fixed_rank_reads_nothing_on_the_host(opt_cls, kw):
+    """No .item() / bool() / int() / .tolist() / .cpu() in a fixed-rank step (nor between rank
+    decisions); the one decomposition left is a batched r x r SVD per group of same-shape layers."""
+    from host_syncs import HostSyncCounter
+
+    torch.manual_seed(0)
+    model = nn.Sequential(tlr.LowRankLinear(24, 24, 4), nn.ReLU(), tlr.LowRankLinear(24, 24, 4), nn.ReLU(),
+                          tlr.LowRankLinear(24, 24, 4), nn.ReLU(), tlr.LowRankLinear(24, 10, 3))
+    opt = opt_cls(model, lr=1e-2, **kw)
+    x, y = torch.randn(32, 24), torch.randint(0, 10, (32,))
+    for step in range(1, 8):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        with HostSyncCounter() as syncs:
+            opt.step()
+        if kw.get("tau") and step % kw["rank_every"] == 0:
+            assert _host_reads(syncs.calls) == ["TensorBase.tolist"], step  # the rank decision, read once
+        else:
+            assert _host_reads(syncs.calls) == [], step
+            assert len(syncs.calls) == 2, step  # two shape groups: (24, 24, 4) x 3 and (10, 24, 3)
+
+
+@pytest.mark.parametrize("opt_cls", [LowRankSGD, LowRankAdam])
+def test_same_shape_layers_stepped_as_one_batch_equal_layers_stepped_alone(opt_cls):
+    torch.manual_seed(0)
+    layers = [tlr.LowRankLinear(12, 12, 3, dtype=torch.float64) for _ in range(3)]
+    alone = [tlr.LowRankLinear(12, 12, 3, dtype=torch.float64) for _ in range(3)]
+    for a, b in zip(alone, layers):
+        a.load_state_dict(b.state_dict())
+    batched = opt_cls(nn.ModuleList(layers), lr=1e-2)
+    singles = [opt_cls(a, lr=1e-2) for a in alone]
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        x = torch.randn(8, 12, generator=g, dtype=torch.float64)
+        for group in (layers, alone):
+            for layer in group:
+                layer.zero_grad()
+                layer(x).pow(2).sum().backward()
+        batched.step()
+        for opt in singles:
+            opt.step()
+    for a, b in zip(alone, layers):
+        torch.testing.assert_close(a.dense_weight(), b.dense_weight(), rtol=1e-12, atol=1e-13)
+
+
+def test_subspace_truncation_equals_the_svd_truncation_on_a_training_step():
+    """The rank-r truncation by warm-started subspace iteration (float32, default iterations) gives
+    the best rank-r approximation of the stepped core that a full SVD gives."""
+    from torchlowrank.optim.manifold_step import top_subspace
+
+    g = torch.Generator().manual_seed(0)
+    r = 16
+    s = torch.sort(torch.rand(4, r, generator=g) + 0.1, descending=True).values
+    S = torch.zeros(4, 2 * r, 2 * r)
+    S[:, :r, :r] = torch.diag_embed(s)
+    S = S + 1e-2 * torch.randn(4, 2 * r, 2 * r, generator=g)  # one Adam step of lr 1e-2
+    P, d, Q = top_subspace(S, r)
+    Pf, df, Qhf = torch.linalg.svd(S.double())
+    best = Pf[:, :, :r] @ torch.diag_embed(df[:, :r]) @ Qhf[:, :r]
+    torch.testing.assert_close((P @ torch.diag_embed(d) @ Q.mT).double(), best, rtol=0, atol=1e-5)
+    torch.testing.assert_close(d.double(), df[:, :r], rtol=1e-5, atol=1e-6)

@@ -3,10 +3,9 @@
 Each ``LowRankLinear`` / ``LowRankConv2d`` (W = U diag(s) V^T, U (m, r), V (n, r) orthonormal) is
 one geometric unit. One step, from the gradients of one backward pass:
 
-1. Augment: U^ = [U, orth(G V - U U^T G V)] (m, p), V^ = [V, orth(G^T U - V V^T G^T U)] (n, q),
-   p, q <= 2r.
+1. Augment: U^ = [U, U1], U1 = orth(G V - U U^T G V) (m, r); V^ = [V, V1] likewise from G^T U.
 2. Galerkin: the tangent-space gradient P_T(G) = U U^T G + G V V^T - U U^T G V V^T in the augmented
-   basis, G^ = U^^T P_T(G) V^ = [[U^T G V, (G^T U)^T V1], [U1^T G V, 0]] (p, q); S^ = [[diag s, 0], [0, 0]].
+   basis, G^ = U^^T P_T(G) V^ = [[U^T G V, U^T G V1], [U1^T G V, 0]] (2r, 2r); S^ = [[diag s, 0], [0, 0]].
 3. The moments live in coefficient space (r, r); carried into the augmented basis exactly (U^
    starts with U, so the change of basis is a zero padding and the W-space moment is unchanged),
    then updated with G^ (heavy ball, or Adam's two moments).
@@ -15,13 +14,24 @@ one geometric unit. One step, from the gradients of one backward pass:
    r1 with ||d[r1:]|| <= tau ||d||, clamped to [min_rank, max_rank]); U <- U^ P1, V <- V^ Q1,
    s <- d[:r1], moments <- P1^T M Q1 (second moment: (P1^T sqrt(v) Q1)^2).
 
+How it runs (DESIGN §7): units of the same shape, rank and hyperparameters are stacked and stepped
+as one batch (``manifold_step``): the new directions by shifted Cholesky QR (GEMMs), the rank-r
+truncation by a subspace iteration on the 2r x 2r core warm-started from the kept basis plus an
+r x r SVD (the full 2r x 2r SVD only on rank-decision steps). A fixed-rank step reads no tensor
+value on the host. Rank-adaptive steps (tau > 0) read the new ranks of all units once, every
+``rank_every`` steps. Non-finite gradients do not raise by default: as ``torch.amp.GradScaler``
+does, the step is skipped on the device (factors, moments and other parameters keep their values)
+and ``optimizer.nonfinite_steps`` (a device tensor) counts the skipped steps;
+``nonfinite="raise"`` restores the host check that names the layer (one sync per step).
+
 G V and G^T U come from the one backward pass: autograd gives dL/dU = G V diag(s) and
 dL/dV = G^T U diag(s), and dividing column i by s_i is exact up to rounding (a pure column scaling:
 the products were formed with s_i and are divided by the same number). It fails only when s_i is
 zero or so small that G V s_i underflows. For layers holding such an s_i (|s_i| < sqrt(tiny) of
-the dtype) the optimizer arms a probe: forward / tensor hooks record the layer's input and output
-gradient, and at ``step()`` G V and G^T U are computed from them exactly (a forward + weight
-backward of that layer with S = 1). Layers with well-defined s pay nothing.
+the dtype, checked when the optimizer is built, loads a state or changes a rank) the optimizer arms
+a probe: forward / tensor hooks record the layer's input and output gradient, and at ``step()``
+G V and G^T U are computed from them exactly (a forward + weight backward of that layer with
+S = 1). Layers with well-defined s pay nothing.
 
 Every other trainable parameter gets ordinary heavy ball (PyTorch SGD conventions) or AdamW in the
 same optimizer. U and V get no weight decay and hold no state of their own; the unit's state
@@ -30,8 +40,7 @@ same optimizer. U and V get no weight decay and hold no state of their own; the 
 from __future__ import annotations
 
 import math
-import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -41,7 +50,8 @@ from torch.optim import Optimizer
 
 from .. import distributed as tlr_dist
 from ..layers import LowRankConv2d, LowRankLinear, _LowRankFactors
-from ..linalg import compute_dtype, robust_svd
+from ..linalg import compute_dtype
+from .manifold_step import complement_basis, galerkin_core, sign_fix, tail_ranks, top_subspace
 
 __all__ = ["LowRankSGD", "LowRankAdam", "resize_to_state_dict", "lowrank_units"]
 
@@ -98,11 +108,14 @@ def _collect(model_or_params) -> tuple[list[tuple[str, _LowRankFactors]], list[t
 
 
 def _check_common(lr: float, weight_decay: float, tau: float, max_rank: int | None, min_rank: int,
-                  augment_every: int, sync_ranks: bool | None) -> None:
+                  augment_every: int, sync_ranks: bool | None, rank_every: int, nonfinite: str) -> None:
     if sync_ranks not in (None, True, False):
         raise ValueError(f"sync_ranks must be None (automatic), True or False, got {sync_ranks!r}")
-    if isinstance(augment_every, bool) or not isinstance(augment_every, int) or augment_every < 1:
-        raise ValueError(f"augment_every must be an int >= 1, got {augment_every!r}")
+    for name, k in (("augment_every", augment_every), ("rank_every", rank_every)):
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {k!r}")
+    if nonfinite not in ("skip", "raise"):
+        raise ValueError(f"nonfinite must be 'skip' (mask the step on the device) or 'raise', got {nonfinite!r}")
     if not isinstance(lr, (int, float)) or not lr > 0 or not math.isfinite(lr):
         raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
     if not weight_decay >= 0:
@@ -113,51 +126,6 @@ def _check_common(lr: float, weight_decay: float, tau: float, max_rank: int | No
         raise ValueError(f"min_rank must be an int >= 1, got {min_rank!r}")
     if max_rank is not None and (isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank < min_rank):
         raise ValueError(f"max_rank must be None or an int >= min_rank ({min_rank}), got {max_rank!r}")
-
-
-def _cholesky_qr(K: torch.Tensor, KtK: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(Q, L) with K = Q L^T, Q (m, k) orthonormal, by Cholesky QR (GEMMs only), or None if K is
-    (numerically) rank deficient and the caller must take the Householder path. ``KtK``: K^T K if
-    the caller has it."""
-    L, info = torch.linalg.cholesky_ex(K.T @ K if KtK is None else KtK)
-    if int(info) != 0:
-        return None
-    d = torch.diagonal(L)
-    if not bool(d.min() > d.max() * 10 * torch.finfo(K.dtype).eps ** 0.5):  # cond(K) < ~1 / (10 sqrt(eps))
-        return None
-    # K L^{-T} as a GEMM with the small inverse (a tall triangular solve is several times slower)
-    eye = torch.eye(L.shape[0], dtype=L.dtype, device=L.device)
-    return K @ torch.linalg.solve_triangular(L.T, eye, upper=True), L
-
-
-def _complement(U: torch.Tensor, A: torch.Tensor, k: int, UtA: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Q, R): k orthonormal columns Q (m, k) orthogonal to U (m, r) with span([U, Q]) containing
-    span(A) (A: (m, r)), and R = Q^T A (k, r). ``UtA``: U^T A if the caller has it."""
-    if k == 0:
-        return U[:, :0], A[:0]
-    if k < A.shape[1]:  # m < 2r: the augmented basis is all of R^m
-        Q = torch.linalg.qr(U, mode="complete").Q[:, U.shape[1]:]
-        return Q, Q.T @ A
-    C = U.T @ A if UtA is None else UtA
-    K = A - U @ C
-    KtK = K.T @ K
-    # a second Gram-Schmidt pass unless every column kept half its norm ("twice is enough", Kahan);
-    # ||A_i||^2 = ||C_i||^2 + ||K_i||^2 (U orthonormal), so the norms come from the small matrices
-    kept = torch.diagonal(KtK)
-    if not bool((kept > 0.25 * (kept + (C * C).sum(0))).all()):
-        K = K - U @ (U.T @ K)
-        KtK = None
-    first = _cholesky_qr(K, KtK)
-    second = _cholesky_qr(first[0]) if first is not None else None  # CholeskyQR2
-    if second is not None:
-        # K = Q L2^T L1^T and A = U (.) + K with Q orthogonal to U: Q^T A = (L1 L2)^T, no product with A
-        return second[0], (first[1] @ second[1]).T
-    Q = torch.linalg.qr(K).Q
-    # columns of Q for (near) zero columns of K are arbitrary; make them orthogonal to U as well
-    Q = Q - U @ (U.T @ Q)
-    Q = torch.linalg.qr(Q).Q
-    return Q, Q.T @ A
 
 
 def _reorthonormalize(X: torch.Tensor) -> torch.Tensor:
@@ -216,8 +184,6 @@ class _Probe:
 class _GeometricOptimizer(Optimizer):
     """Shared machinery: units (one param group each: [U, S, V]), other params, probes, state I/O."""
 
-    _unit_state_keys: tuple[str, ...] = ()
-
     def __init__(self, model_or_params, defaults: dict) -> None:
         units, others = _collect(model_or_params)
         for name, m in units:
@@ -237,6 +203,8 @@ class _GeometricOptimizer(Optimizer):
         #: True when the last ``step()`` changed some layer's rank (new Parameter objects): under DDP,
         #: wrap the model again before the next forward; a compiled model recompiles once.
         self.ranks_changed = False
+        #: Steps skipped because a gradient was not finite (a device tensor: read it when logging).
+        self.nonfinite_steps = torch.zeros((), dtype=torch.int64, device=units[0][1].U.device)
         for name in self._units:
             self._update_probe(name)
 
@@ -255,7 +223,10 @@ class _GeometricOptimizer(Optimizer):
             self._probes.pop(name).remove()
 
     def _unit_gradients(self, name: str, layer: _LowRankFactors, cd: torch.dtype):
-        """(G V (m, r), G^T U (n, r)) in the compute dtype, or None when the layer got no gradient."""
+        """(G V (m, r), G^T U (n, r)) in the compute dtype, or None when the layer got no gradient.
+
+        Columns whose s_i is too small to divide by get 0, without a host check: the probe (armed
+        when the optimizer is built, loads a state or changes a rank) covers layers holding such s_i."""
         probe = self._probes.get(name)
         if probe is not None:
             exact = probe.gradients(cd)
@@ -267,26 +238,28 @@ class _GeometricOptimizer(Optimizer):
             return None
         s = layer.S.detach().to(cd)
         safe = s.abs() >= torch.finfo(layer.S.dtype).tiny ** 0.5
-        if not bool(safe.all()):
-            warnings.warn(f"layer {name!r} has singular values too small to recover G V from dL/dU = G V diag(S) "
-                          "and no recorded forward pass (the optimizer was created after it); those columns are "
-                          "treated as 0 for this step", RuntimeWarning, stacklevel=3)
         inv = torch.where(safe, 1.0 / torch.where(safe, s, torch.ones_like(s)), torch.zeros_like(s))
         return gU.to(cd) * inv, gV.to(cd) * inv
 
-    def _check_gradients(self) -> None:
+    # ----- non-finite gradients ----------------------------------------------------------------
+    def _finite(self) -> torch.Tensor | None:
+        """A 0-d bool device tensor: every gradient is finite (``GradScaler``'s found_inf, negated).
+        With ``nonfinite="raise"`` a non-finite gradient raises here instead (one sync)."""
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
         if not grads:
-            return
-        # fast path: one reduction per tensor and one sync (NaN / Inf propagate into the sums)
-        if bool(torch.isfinite(torch.stack([g.sum().float() for g in grads])).all()):
-            return
+            return None
+        finite = torch.stack([n.float() for n in torch._foreach_norm(grads)]).isfinite().all()
+        if self.defaults["nonfinite"] == "raise" and not bool(finite):
+            self._raise_nonfinite()
+        return finite
+
+    def _raise_nonfinite(self) -> None:
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
                     if group["unit"] is not None:
-                        which = {id(self._units[group["unit"]].U): "U", id(self._units[group["unit"]].S): "S",
-                                 id(self._units[group["unit"]].V): "V"}[id(p)]
+                        layer = self._units[group["unit"]]
+                        which = {id(layer.U): "U", id(layer.S): "S", id(layer.V): "V"}[id(p)]
                         where = f"layer {group['unit']!r} (factor {which})"
                     else:
                         where = f"parameter {self._param_names.get(id(p), '?')!r}"
@@ -294,87 +267,172 @@ class _GeometricOptimizer(Optimizer):
                                      "Lower the learning rate, check the loss, or use gradient clipping.")
 
     # ----- the common geometric step ----------------------------------------------------------
-    def _choose_rank(self, d: torch.Tensor, r: int, group: dict, full: int) -> int:
-        hi = min(full, group["max_rank"] if group["max_rank"] is not None else full)
-        if group["tau"] == 0:
-            return min(r, d.numel())
-        # tail[k] = ||d[k:]||; the smallest k with tail[k] <= tau ||d||
-        tail = torch.flip(torch.cumsum(torch.flip(d.double() ** 2, [0]), 0), [0]).sqrt()
-        tail = torch.cat([tail, tail.new_zeros(1)])
-        ok = (tail <= group["tau"] * tail[0]).nonzero()
-        r1 = int(ok[0]) if ok.numel() else d.numel()
-        return max(group["min_rank"], min(r1, hi, d.numel()))
+    def _batches(self) -> list[list[dict]]:
+        """Units with a gradient, grouped so that a batch shares shapes, dtype, device,
+        hyperparameters and step count: its algebra runs as one stack (bmm, batched QR)."""
+        out: dict[tuple, list[dict]] = {}
+        for group in self.param_groups:
+            name = group["unit"]
+            if name is None:
+                continue
+            layer = self._units[name]
+            if layer.U.grad is None and name not in self._probes:
+                continue
+            hyper = tuple((k, v) for k, v in sorted(group.items()) if k not in ("params", "unit"))
+            key = (tuple(layer.U.shape), tuple(layer.V.shape), layer.U.dtype, layer.U.device,
+                   self.state[layer.U].get("step", 0), hyper)
+            out.setdefault(key, []).append(group)
+        return list(out.values())
 
     @torch.no_grad()
-    def _stepped_core(self, group: dict, direction: Callable) -> dict | None:
-        """Steps 1-4 and the SVD of step 5 for one unit: everything up to the rank decision.
-        Returns what :meth:`_apply_rank` needs, or None when the layer got no gradient."""
-        name = group["unit"]
-        layer = self._units[name]
-        cd = compute_dtype(layer.U.dtype)
-        grads = self._unit_gradients(name, layer, cd)
-        if grads is None:
+    def _stepped_batch(self, groups: list[dict], finite: torch.Tensor | None) -> dict | None:
+        """Steps 1-4 and the core's decomposition for a batch of same-shape units."""
+        layers = [self._units[g["unit"]] for g in groups]
+        cd = compute_dtype(layers[0].U.dtype)
+        grads = [self._unit_gradients(g["unit"], layer, cd) for g, layer in zip(groups, layers)]
+        have = [i for i, gr in enumerate(grads) if gr is not None]
+        if not have:
             return None
-        A, B = grads  # G V (m, r), G^T U (n, r)
-        U, s, V = layer.U.detach().to(cd), layer.S.detach().to(cd), layer.V.detach().to(cd)
-        m, r = U.shape
-        n = V.shape[0]
-        state = self.state[layer.U]
-        if not state:
-            state["rank"] = r
-            state["step"] = 0
-        state["step"] += 1
+        groups, layers, grads = [groups[i] for i in have], [layers[i] for i in have], [grads[i] for i in have]
+        group = groups[0]
+        A = torch.stack([a for a, _ in grads])  # G V (b, m, r)
+        B = torch.stack([b for _, b in grads])  # G^T U (b, n, r)
+        if finite is not None:  # a skipped step still runs (no host branch): keep its algebra finite
+            A, B = torch.where(finite, A, 0.0), torch.where(finite, B, 0.0)
+        U = torch.stack([layer.U.detach() for layer in layers]).to(cd)
+        V = torch.stack([layer.V.detach() for layer in layers]).to(cd)
+        s = torch.stack([layer.S.detach() for layer in layers]).to(cd)
+        states = [self.state[layer.U] for layer in layers]
+        for st in states:
+            if not st:
+                st["rank"], st["step"] = U.shape[-1], 0
+            st["step"] += 1
+        step, r = states[0]["step"], U.shape[-1]
         # augment at steps 1, 1 + k, 1 + 2k, ...; in between a Galerkin step in the current basis (S-step)
-        augment = (state["step"] - 1) % group["augment_every"] == 0
-        ku, kv = (min(r, m - r), min(r, n - r)) if augment else (0, 0)
-        UtA = U.T @ A  # U^T G V (r, r)
-        (U1, RU), (V1, RV) = _complement(U, A, ku, UtA), _complement(V, B, kv)
-        p, q = r + ku, r + kv
-        G_hat = torch.zeros(p, q, dtype=cd, device=U.device)
-        G_hat[:r, :r] = UtA
+        augment = (step - 1) % group["augment_every"] == 0
+        C = U.mT @ A  # U^T G V (b, r, r)
         if augment:
-            G_hat[r:, :r] = RU  # U1^T G V
-            G_hat[:r, r:] = RV.T  # U^T G V1 = (V1^T G^T U)^T
-        S_hat = torch.zeros(p, q, dtype=cd, device=U.device)
-        S_hat[:r, :r] = torch.diag(s)
-        S_hat, moments = direction(group, state, G_hat, S_hat, r, (p, q), p * q - ku * kv)
-        P, d, Qh = robust_svd(S_hat)
-        return dict(U=U, V=V, U1=U1, V1=V1, P=P, d=d, Qh=Qh, moments=moments, cd=cd,
-                    rank=self._choose_rank(d, r, group, min(m, n)))
+            U1, EU, RU, keep_u = complement_basis(U, A, C)
+            V1, EV, RV, keep_v = complement_basis(V, B, C.mT)
+            G_hat = galerkin_core(C, RU, RV)
+            S_hat = torch.diag_embed(torch.cat([s, torch.zeros_like(s)], -1))
+            ones = torch.ones_like(keep_u)
+            free = torch.cat([ones, keep_u], -1)[:, :, None] * torch.cat([ones, keep_v], -1)[:, None, :]
+            free[:, r:, r:] = 0  # the new-new block of a tangent vector is zero
+        else:
+            U1 = V1 = EU = EV = None
+            G_hat, S_hat, free = C, torch.diag_embed(s), torch.ones_like(C)
+        S_hat, moments = self._direction(group, states, G_hat, S_hat, r, free)
+        ranks = None
+        if group["tau"] > 0 and step % group["rank_every"] == 0:  # the whole spectrum: the rank may grow to 2r
+            Pm, d, Qh = torch.linalg.svd(S_hat)
+            P, Q = sign_fix(Pm, Qh.mT)
+            full = min(U.shape[1], V.shape[1])
+            hi = min(full, group["max_rank"] if group["max_rank"] is not None else full, d.shape[-1])
+            ranks = tail_ranks(d, group["tau"], group["min_rank"], hi)
+            if finite is not None:  # a skipped step keeps its rank
+                ranks = torch.where(finite, ranks, torch.full_like(ranks, r))
+        else:
+            P, d, Q = top_subspace(S_hat, r)
+        return dict(groups=groups, layers=layers, states=states, U=U, V=V, U1=U1, V1=V1, EU=EU, EV=EV, P=P, d=d, Q=Q,
+                    moments=moments, ranks=ranks, r=r)
 
     @torch.no_grad()
-    def _apply_rank(self, group: dict, core: dict, r1: int) -> None:
-        """Step 5: keep r1 directions of the stepped core; new factors and transported moments."""
-        name = group["unit"]
-        layer = self._units[name]
-        state = self.state[layer.U]
-        U, V, cd, r = core["U"], core["V"], core["cd"], core["U"].shape[1]
-        P1, Q1 = core["P"][:, :r1].to(cd), core["Qh"][:r1].T.to(cd)
-        for key, (M, kind) in core["moments"].items():
-            if kind == "sqrt":  # second moment: transport its square root, square again
-                state[key] = (P1.T @ M.sqrt() @ Q1) ** 2
-            else:
-                state[key] = P1.T @ M @ Q1
-        state["rank"] = r1
-        U_new = torch.addmm(core["U1"] @ P1[r:], U, P1[:r])  # [U, U1] P1
-        V_new = torch.addmm(core["V1"] @ Q1[r:], V, Q1[:r])
-        if state["step"] % 8 == 0:  # rounding drift is ~eps per step: correct it now and then
-            U_new, V_new = _reorthonormalize(U_new), _reorthonormalize(V_new)
-        layer.set_factors(U_new, core["d"][:r1].to(cd), V_new)
-        self._rebind(group, layer)
-        self._update_probe(name)
+    def _apply_batch(self, core: dict, ranks: list[int] | None, finite: torch.Tensor | None) -> None:
+        """Step 5: keep r1 directions of each stepped core; new factors and transported moments,
+        all masked by ``finite`` (a skipped step leaves factors and moments as they were)."""
+        r = core["r"]
+        for i, (group, layer, state) in enumerate(zip(core["groups"], core["layers"], core["states"])):
+            r1 = r if ranks is None else ranks[i]
+            P1, Q1 = core["P"][i, :, :r1], core["Q"][i, :, :r1]
+            U, V = core["U"][i], core["V"][i]
+            if core["U1"] is None:
+                U_new, V_new = U @ P1, V @ Q1
+            else:  # [U, U1 - U E] P1 = U (P1_top - E P1_bottom) + U1 P1_bottom
+                U_new = torch.addmm(core["U1"][i] @ P1[r:], U, torch.addmm(P1[:r], core["EU"][i], P1[r:], alpha=-1))
+                V_new = torch.addmm(core["V1"][i] @ Q1[r:], V, torch.addmm(Q1[:r], core["EV"][i], Q1[r:], alpha=-1))
+            if state["step"] % 8 == 0:  # rounding drift is ~eps per step: correct it now and then
+                U_new, V_new = _reorthonormalize(U_new), _reorthonormalize(V_new)
+            d = core["d"][i, :r1]
+            for key, (M, kind) in core["moments"].items():
+                if kind == "sqrt":  # second moment: transport its square root, square again
+                    new = (P1.T @ M[i].sqrt() @ Q1) ** 2
+                elif kind == "linear":
+                    new = P1.T @ M[i] @ Q1
+                else:  # one number per layer, invariant under the change of basis
+                    new = M[i].clone()
+                old = state.get(key)
+                if finite is not None and old is not None and old.shape == new.shape:
+                    new = torch.where(finite, new, old)
+                state[key] = new
+            if finite is not None and r1 == r:
+                U_new, V_new = torch.where(finite, U_new, U), torch.where(finite, V_new, V)
+                d = torch.where(finite, d, layer.S.detach().to(d.dtype))
+            state["rank"] = r1
+            layer.set_factors(U_new, d, V_new)
+            if r1 != r:
+                self.ranks_changed = True
+                self._resized.add(group["unit"])
+                self._rebind(group, layer)
+                self._update_probe(group["unit"])
+
+    def _step_units(self, closure: Callable | None) -> tuple[Any, list[dict], torch.Tensor | None]:
+        """The part of ``step`` shared by SGD and Adam: the closure, re-binding layers resized from
+        outside (resize_to_state_dict), the finiteness flag, and the geometric step of every unit.
+        Returns (loss, the groups of ordinary parameters, the finiteness flag or None).
+
+        Host synchronisations: none at a fixed rank (tau = 0, and tau > 0 between rank decisions);
+        one on a rank decision step (the new ranks of all units, read together, under DDP after
+        rank 0's broadcast); and the check ``nonfinite="raise"`` asks for."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            if group["unit"] is not None:
+                self._rebind(group, self._units[group["unit"]])
+        finite = self._finite()
+        if finite is not None:
+            self.nonfinite_steps = self.nonfinite_steps + (~finite).to(torch.int64)
+        if self._resized and self._syncs_ranks():
+            self._check_replicas_after_rank_change()
+        cores = [c for c in (self._stepped_batch(b, finite) for b in self._batches()) if c is not None]
+        decided = [c for c in cores if c["ranks"] is not None]
+        ranks: list[list[int] | None] = [None] * len(cores)
+        if decided:
+            flat = torch.cat([c["ranks"] for c in decided])
+            if self._syncs_ranks():  # rank 0's decisions, so factor shapes (and DDP's buckets) agree
+                tlr_dist.broadcast_tensors_([flat])
+            values = flat.tolist()  # the one synchronisation of a rank decision step
+            for j, c in enumerate(cores):
+                if c["ranks"] is not None:
+                    ranks[j], values = values[:len(c["groups"])], values[len(c["groups"]):]
+        self.ranks_changed = False
+        for core, rk in zip(cores, ranks):
+            self._apply_batch(core, rk, finite)
+        return loss, [g for g in self.param_groups if g["unit"] is None], finite
+
+    @staticmethod
+    def _stack_moment(states: list[dict], key: str, shape: tuple[int, int], r: int, like: torch.Tensor
+                      ) -> torch.Tensor:
+        """The units' (r, r) moments in the augmented basis [U, U1] x [V, V1]: zero padding (b, p, q)."""
+        out = torch.zeros((len(states), *shape), dtype=like.dtype, device=like.device)
+        if key in states[0]:
+            out[:, :r, :r] = torch.stack([st[key] for st in states])
+        return out
 
     def _syncs_ranks(self) -> bool:
         return self.defaults["sync_ranks"] is not False and tlr_dist.is_distributed()
 
-    def _agree_on_ranks(self, proposed: list[int], device: torch.device) -> list[int]:
-        """Rank 0's rank decisions on every process (one broadcast of a few ints per step, only when
-        some unit is rank adaptive). The gradients DDP all-reduces are the same on every rank, so the
-        decisions already agree up to the rounding of each process's SVD; the broadcast makes them
-        agree exactly, so the factor shapes (and DDP's buckets) can never differ between ranks."""
-        t = torch.tensor(proposed, dtype=torch.int64, device=device)
-        tlr_dist.broadcast_tensors_([t])
-        return [int(k) for k in t.tolist()]
+    def _rebind(self, group: dict, layer: _LowRankFactors) -> None:
+        """After a rank change the layer holds new Parameter objects: point the group and state at them."""
+        old_U = group["params"][0]
+        if old_U is layer.U:
+            return
+        group["params"] = [layer.U, layer.S, layer.V]
+        for old in (old_U,):
+            if old in self.state:
+                self.state[layer.U] = self.state.pop(old)
 
     def _check_replicas_after_rank_change(self) -> None:
         """After a rank change under DDP, the layer holds new Parameters that an existing DDP wrapper
@@ -398,57 +456,6 @@ class _GeometricOptimizer(Optimizer):
                 "factors. After a step with `optimizer.ranks_changed`, wrap the model again "
                 "(`ddp = DistributedDataParallel(model, ...)`) before the next forward. Step refused, no "
                 "weight was changed.")
-
-    def _step_units(self, closure: Callable | None) -> tuple[Any, list[dict]]:
-        """The part of ``step`` shared by SGD and Adam: the closure, re-binding layers resized from
-        outside (resize_to_state_dict), the NaN check (before anything changes), and the geometric
-        step of every unit. Returns (loss, the groups of ordinary parameters)."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            if group["unit"] is not None:
-                self._rebind(group, self._units[group["unit"]])
-        self._check_gradients()
-        if self._resized and self._syncs_ranks():
-            self._check_replicas_after_rank_change()
-        plain, cores = [], []
-        for group in self.param_groups:
-            if group["unit"] is not None:
-                core = self._stepped_core(group, self._direction)
-                if core is not None:
-                    cores.append((group, core))
-            else:
-                plain.append(group)
-        ranks = [core["rank"] for _, core in cores]
-        if cores and self._syncs_ranks() and any(g["tau"] > 0 for g, _ in cores):
-            ranks = self._agree_on_ranks(ranks, cores[0][1]["d"].device)
-        self.ranks_changed = False
-        for (group, core), r1 in zip(cores, ranks):
-            if r1 != core["U"].shape[1]:
-                self.ranks_changed = True
-                self._resized.add(group["unit"])
-            self._apply_rank(group, core, r1)
-        return loss, plain
-
-    def _rebind(self, group: dict, layer: _LowRankFactors) -> None:
-        """After a rank change the layer holds new Parameter objects: point the group and state at them."""
-        old_U = group["params"][0]
-        if old_U is layer.U:
-            return
-        group["params"] = [layer.U, layer.S, layer.V]
-        for old in (old_U,):
-            if old in self.state:
-                self.state[layer.U] = self.state.pop(old)
-
-    @staticmethod
-    def _pad(M: torch.Tensor | None, shape: tuple[int, int], r: int, like: torch.Tensor) -> torch.Tensor:
-        """A coefficient-space moment (r, r) in the augmented basis [U, U1] x [V, V1]: zero padding."""
-        out = torch.zeros(shape, dtype=like.dtype, device=like.device)
-        if M is not None:
-            out[:r, :r] = M
-        return out
 
     # ----- state I/O -------------------------------------------------------------------------------
     def load_state_dict(self, state_dict: dict) -> None:
@@ -499,6 +506,11 @@ class _GeometricOptimizer(Optimizer):
         self._probes = {}
 
 
+def _masked_copy_(finite: torch.Tensor | None, target: torch.Tensor, new: torch.Tensor) -> None:
+    """target <- new, or unchanged where the step is skipped (``finite`` False)."""
+    target.copy_(new if finite is None else torch.where(finite, new, target))
+
+
 class LowRankSGD(_GeometricOptimizer):
     """Heavy ball on the manifold of rank-r matrices for LowRankLinear / LowRankConv2d layers.
 
@@ -512,52 +524,57 @@ class LowRankSGD(_GeometricOptimizer):
         tau: 0 keeps each layer's rank; in (0, 1) drops the smallest singular values of the stepped
             2r x 2r core with tail norm <= tau * total norm (rank adaptive, clamped to
             [min_rank, max_rank]). max_rank: None (full rank) or >= every layer's current rank.
+        rank_every: with tau > 0, decide ranks at every ``rank_every``-th step (one host
+            synchronisation each); the steps in between keep the rank.
         augment_every: k = 1 augments the basis every step; k > 1 augments at steps 1, k + 1, ... and
             in between takes the Galerkin step in the current basis (S <- S - lr U^T G V direction,
             re-diagonalised by an r x r SVD), as the reference DLRT trainers do: cheaper steps that
             can only keep or shrink the rank.
+        nonfinite: ``"skip"`` (default): a step with a NaN / Inf gradient changes nothing, decided on
+            the device (no synchronisation; ``optimizer.nonfinite_steps`` counts them);
+            ``"raise"``: a ValueError naming the layer, before anything changes (one sync per step).
         sync_ranks: under ``torch.distributed`` (DDP) with tau > 0, rank 0's rank decisions are
-            broadcast to every process at each step (a few ints), so the replicas keep the same
-            shapes. None (default): whenever a process group of > 1 processes is initialised;
-            False: never (each process trains its own model). A rank change replaces the layer's
-            Parameters: when ``optimizer.ranks_changed`` is True after ``step()``, wrap the model
-            in DistributedDataParallel again before the next forward (the next step raises a
-            RuntimeError if the gradients of a resized layer were not all-reduced). With tau = 0
-            the optimizers add no collective: every process takes the same step from DDP's
-            all-reduced gradients.
+            broadcast to every process (a few ints), so the replicas keep the same shapes. None
+            (default): whenever a process group of > 1 processes is initialised; False: never. A
+            rank change replaces the layer's Parameters: when ``optimizer.ranks_changed`` is True
+            after ``step()``, wrap the model in DistributedDataParallel again before the next
+            forward (the next step raises a RuntimeError if the gradients of a resized layer were
+            not all-reduced). With tau = 0 the optimizers add no collective.
 
     Momentum lives in coefficient space (r, r per layer): W-space momentum U C V^T.
     """
 
     def __init__(self, model_or_params, lr: float, momentum: float = 0.9, nesterov: bool = False, tau: float = 0.0,
                  max_rank: int | None = None, min_rank: int = 1, weight_decay: float = 0.0,
-                 augment_every: int = 1, sync_ranks: bool | None = None) -> None:
-        _check_common(lr, weight_decay, tau, max_rank, min_rank, augment_every, sync_ranks)
+                 augment_every: int = 1, rank_every: int = 1, nonfinite: str = "skip",
+                 sync_ranks: bool | None = None) -> None:
+        _check_common(lr, weight_decay, tau, max_rank, min_rank, augment_every, sync_ranks, rank_every, nonfinite)
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
         if nesterov and momentum == 0:
             raise ValueError("nesterov=True needs momentum > 0")
         super().__init__(model_or_params, dict(lr=lr, momentum=momentum, nesterov=nesterov, tau=tau,
                                                max_rank=max_rank, min_rank=min_rank, weight_decay=weight_decay,
-                                               augment_every=augment_every, sync_ranks=sync_ranks))
+                                               augment_every=augment_every, rank_every=rank_every,
+                                               nonfinite=nonfinite, sync_ranks=sync_ranks))
 
-    @staticmethod
-    def _direction(group, state, G_hat, S_hat, r, shape, n_free):
+    def _direction(self, group, states, G_hat, S_hat, r, free):
+        """S^ - lr * heavy-ball direction, for stacks G_hat, S_hat (b, p, q)."""
         if group["weight_decay"]:
             G_hat = G_hat + group["weight_decay"] * S_hat
-        moments = {}
-        if group["momentum"]:
-            old = state.get("momentum_buffer")
-            buf = G_hat.clone() if old is None else group["momentum"] * _GeometricOptimizer._pad(old, shape, r, G_hat) + G_hat
-            d = G_hat + group["momentum"] * buf if group["nesterov"] else buf
-            moments["momentum_buffer"] = (buf, "linear")
+        if not group["momentum"]:
+            return S_hat - group["lr"] * G_hat, {}
+        if "momentum_buffer" in states[0]:
+            buf = self._stack_moment(states, "momentum_buffer", G_hat.shape[1:], r, G_hat)
+            buf = buf.mul_(group["momentum"]).add_(G_hat)
         else:
-            d = G_hat
-        return S_hat - group["lr"] * d, moments
+            buf = G_hat.clone()
+        d = G_hat + group["momentum"] * buf if group["nesterov"] else buf
+        return S_hat - group["lr"] * d, {"momentum_buffer": (buf, "linear")}
 
     @torch.no_grad()
     def step(self, closure: Callable | None = None):
-        loss, plain_groups = self._step_units(closure)
+        loss, plain_groups, finite = self._step_units(closure)
         for group in plain_groups:
             for p in group["params"]:
                 if p.grad is None:
@@ -568,12 +585,13 @@ class LowRankSGD(_GeometricOptimizer):
                 if group["momentum"]:
                     st = self.state[p]
                     if "momentum_buffer" not in st:
-                        st["momentum_buffer"] = g.detach().clone()
+                        st["momentum_buffer"] = torch.zeros_like(p) if finite is not None else g.detach().clone()
+                        _masked_copy_(finite, st["momentum_buffer"], g)
                     else:
-                        st["momentum_buffer"].mul_(group["momentum"]).add_(g)
+                        _masked_copy_(finite, st["momentum_buffer"], st["momentum_buffer"] * group["momentum"] + g)
                     buf = st["momentum_buffer"]
                     g = g.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
-                p.add_(g, alpha=-group["lr"])
+                _masked_copy_(finite, p, p - group["lr"] * g)
         return loss
 
 
@@ -588,16 +606,14 @@ class LowRankAdam(_GeometricOptimizer):
     of the coefficient gradient G^ (as Adam-mini does per block). It is invariant under the basis
     changes of every step, so the step does not depend on the arbitrary coordinates of the
     augmented basis. ``"elementwise"`` is DESIGN §4.5 literally: an (r, r) second moment carried by
-    its square root; the new rows / columns of each augmentation start at 0, and the per-entry
-    normalisation then blows tiny cross-block gradients up to steps of size lr — measured unstable
-    on the geometry-toy problems (see docs/optim.md), kept for comparison.
+    its square root; the new rows / columns of each augmentation start at 0.
     """
 
     def __init__(self, model_or_params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, tau: float = 0.0, max_rank: int | None = None,
-                 min_rank: int = 1, second_moment: str = "unit", augment_every: int = 1,
-                 sync_ranks: bool | None = None) -> None:
-        _check_common(lr, weight_decay, tau, max_rank, min_rank, augment_every, sync_ranks)
+                 min_rank: int = 1, second_moment: str = "unit", augment_every: int = 1, rank_every: int = 1,
+                 nonfinite: str = "skip", sync_ranks: bool | None = None) -> None:
+        _check_common(lr, weight_decay, tau, max_rank, min_rank, augment_every, sync_ranks, rank_every, nonfinite)
         if second_moment not in ("unit", "elementwise"):
             raise ValueError(f"second_moment must be 'unit' or 'elementwise', got {second_moment!r}")
         if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
@@ -606,23 +622,26 @@ class LowRankAdam(_GeometricOptimizer):
             raise ValueError(f"eps must be >= 0, got {eps!r}")
         super().__init__(model_or_params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, tau=tau,
                                                max_rank=max_rank, min_rank=min_rank, second_moment=second_moment,
-                                               augment_every=augment_every, sync_ranks=sync_ranks))
+                                               augment_every=augment_every, rank_every=rank_every,
+                                               nonfinite=nonfinite, sync_ranks=sync_ranks))
 
-    @staticmethod
-    def _direction(group, state, G_hat, S_hat, r, shape, n_free):
+    def _direction(self, group, states, G_hat, S_hat, r, free):
+        """S^ (1 - lr wd) - lr * Adam direction, for stacks G_hat, S_hat (b, p, q); ``free`` (b, p, q)
+        marks the entries of G^ that are not structurally zero."""
         b1, b2 = group["betas"]
-        t = state["step"]
-        m = _GeometricOptimizer._pad(state.get("exp_avg"), shape, r, G_hat).mul_(b1).add_(G_hat, alpha=1 - b1)
+        t = states[0]["step"]
+        shape = G_hat.shape[1:]
+        m = self._stack_moment(states, "exp_avg", shape, r, G_hat).mul_(b1).add_(G_hat, alpha=1 - b1)
         if group["second_moment"] == "unit":
-            # one second moment per layer: the mean square of the coefficient gradient, invariant under
-            # the basis rotations of every step (so it needs no transport)
-            old = state.get("exp_avg_sq")
-            # (mean over the entries that are not structurally zero: the new-new block of G^ is)
-            v = (old.to(G_hat.dtype) * b2 if old is not None else 0.0) + (1 - b2) * G_hat.pow(2).sum() / n_free
-            moments = {"exp_avg": (m, "linear")}
-            state["exp_avg_sq"] = v
+            # one second moment per layer: the mean square of the coefficient gradient over its free
+            # entries, invariant under the basis rotations of every step (so it needs no transport)
+            old = torch.stack([st["exp_avg_sq"] for st in states]) if "exp_avg_sq" in states[0] else 0.0
+            mean_sq = G_hat.pow(2).sum((-2, -1)) / free.sum((-2, -1))
+            v = b2 * old + (1 - b2) * mean_sq  # (b,)
+            moments = {"exp_avg": (m, "linear"), "exp_avg_sq": (v, "scalar")}
+            v = v[:, None, None]
         else:
-            v = _GeometricOptimizer._pad(state.get("exp_avg_sq"), shape, r, G_hat).mul_(b2).addcmul_(G_hat, G_hat, value=1 - b2)
+            v = self._stack_moment(states, "exp_avg_sq", shape, r, G_hat).mul_(b2).addcmul_(G_hat, G_hat, value=1 - b2)
             moments = {"exp_avg": (m, "linear"), "exp_avg_sq": (v, "sqrt")}
         denom = (v / (1 - b2 ** t)).sqrt().add(group["eps"])
         S_hat = S_hat * (1 - group["lr"] * group["weight_decay"]) - group["lr"] * (m / (1 - b1 ** t)) / denom
@@ -630,7 +649,7 @@ class LowRankAdam(_GeometricOptimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable | None = None):
-        loss, plain_groups = self._step_units(closure)
+        loss, plain_groups, finite = self._step_units(closure)
         for group in plain_groups:
             b1, b2 = group["betas"]
             for p in group["params"]:
@@ -643,9 +662,11 @@ class LowRankAdam(_GeometricOptimizer):
                     st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 st["step"] += 1
                 t = st["step"]
-                p.mul_(1 - group["lr"] * group["weight_decay"])
-                st["exp_avg"].lerp_(p.grad, 1 - b1)
-                st["exp_avg_sq"].mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
-                denom = (st["exp_avg_sq"] / (1 - b2 ** t)).sqrt_().add_(group["eps"])
-                p.addcdiv_(st["exp_avg"], denom, value=-group["lr"] / (1 - b1 ** t))
+                m = st["exp_avg"].lerp(p.grad, 1 - b1)
+                v = st["exp_avg_sq"] * b2 + (1 - b2) * p.grad * p.grad
+                denom = (v / (1 - b2 ** t)).sqrt_().add_(group["eps"])
+                new = (p * (1 - group["lr"] * group["weight_decay"])).addcdiv_(m, denom, value=-group["lr"] / (1 - b1 ** t))
+                _masked_copy_(finite, st["exp_avg"], m)
+                _masked_copy_(finite, st["exp_avg_sq"], v)
+                _masked_copy_(finite, p, new)
         return loss

@@ -1,0 +1,127 @@
+"""The tensor algebra of one geometric step (DESIGN §4.5), batched over same-shape layers.
+
+Every function takes a stack of ``b`` layers of one shape and returns stacks; none reads a tensor
+value into Python, so a step on a GPU queues its kernels without waiting for the device (DESIGN
+§7). The only dense decompositions are a batched Cholesky of r x r Gram matrices
+(``cholesky_ex``: no error check, no synchronisation) and, for the rank-r truncation, a batched
+SVD of the r x r Rayleigh-Ritz matrix after a warm-started subspace iteration on the 2r x 2r core.
+
+Shapes: U (b, m, r), V (b, n, r) orthonormal; s (b, r); A = G V (b, m, r), B = G^T U (b, n, r).
+"""
+from __future__ import annotations
+
+import torch
+
+__all__ = ["complement_basis", "galerkin_core", "top_subspace", "subspace_iterations", "sign_fix", "tail_ranks"]
+
+# Shift of the shifted Cholesky QR, relative to eps * ||K||_F^2: it caps the condition number the
+# first pass sees at ~1 / sqrt(SHIFT * eps), so the second pass gets a basis it can orthonormalise.
+_SHIFT = 30.0
+
+
+def _gram_cholesky(G: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Lower Cholesky factor of G + shift I for symmetric PSD G (b, k, k), shift (b,)."""
+    eye = torch.eye(G.shape[-1], dtype=G.dtype, device=G.device)
+    return torch.linalg.cholesky_ex(G + shift[:, None, None] * eye).L
+
+
+def complement_basis(U: torch.Tensor, A: torch.Tensor, C: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """New orthonormal directions Q (b, m, r) with span([U, Q]) containing span(A): returns Q,
+    E = U^T Q (b, r, r), R = Q^T A (b, r, r) and keep (b, r): 1 for a direction of Q, 0 for a
+    dropped one. ``C``: U^T A. The new basis is [U, Q - U E]: Q - U E is orthogonal to U to
+    rounding (Q itself only to eps * cond(K): the triangular solves amplify the rounding left in
+    K = A - U C), so a caller combining the directions as U X + (Q - U E) Y = U (X - E Y) + Q Y
+    pays no extra pass over the tall matrices.
+
+    K = A - U C is orthonormalised by shifted Cholesky QR, twice (CholeskyQR2): GEMMs, r x r
+    Cholesky factors and triangular solves only. Directions of K below ~sqrt(SHIFT * eps) ||K||_F (none on a generic
+    gradient; all of them when span(A) lies inside span(U), or the m - r beyond a full basis when
+    m < 2r) cannot be orthonormalised stably: they get a zero column in Q and a zero row in R,
+    i.e. the augmented basis simply has fewer directions.
+    """
+    eps = torch.finfo(A.dtype).eps
+    K = A - U @ C
+    KtK = K.mT @ K
+    trace = torch.diagonal(KtK, dim1=-2, dim2=-1).sum(-1)
+    tiny = torch.finfo(A.dtype).tiny
+    L1 = _gram_cholesky(KtK, _SHIFT * eps * trace + tiny)
+    Q1 = torch.linalg.solve_triangular(L1, K.mT, upper=False).mT  # K L1^{-T}
+    G1 = Q1.mT @ Q1
+    # a direction that kept less than half its norm in the first pass was below the shift: drop it
+    keep = (torch.diagonal(G1, dim1=-2, dim2=-1) > 0.5).to(A.dtype)  # (b, r)
+    G1 = G1 * keep[:, :, None] * keep[:, None, :] + torch.diag_embed(1.0 - keep)
+    L2 = _gram_cholesky(G1, torch.zeros_like(trace))
+    Q = torch.linalg.solve_triangular(L2, (Q1 * keep[:, None, :]).mT, upper=False).mT
+    Q = Q * keep[:, None, :]
+    # R = Q^T A = Q^T K by a GEMM: from the small factors (L2^-1 L1^-1 K^T K) it would carry the
+    # rounding of K^T K amplified by 1 / sqrt(shift), i.e. only ~sqrt(eps) relative accuracy
+    R = Q.mT @ K
+    E = U.mT @ Q
+    return Q, E, R, keep
+
+
+def galerkin_core(C: torch.Tensor, RU: torch.Tensor | None, RV: torch.Tensor | None) -> torch.Tensor:
+    """The tangent-space gradient in the augmented basis [U, U1] x [V, V1]:
+    G^ = [[U^T G V, U^T G V1], [U1^T G V, 0]] = [[C, RV^T], [RU, 0]] (b, 2r, 2r); without the
+    new directions (a Galerkin step in the current basis) just C (b, r, r)."""
+    if RU is None:
+        return C
+    top = torch.cat([C, RV.mT], -1)
+    bottom = torch.cat([RU, torch.zeros_like(C)], -1)
+    return torch.cat([top, bottom], -2)
+
+
+def sign_fix(P: torch.Tensor, Q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flip column pairs (P[:, :, i], Q[:, :, i]) so that each column of P has its largest-|entry|
+    component positive: singular vectors defined independently of the device's LAPACK."""
+    idx = P.abs().argmax(-2, keepdim=True)
+    sign = torch.sign(torch.gather(P, -2, idx))
+    sign = torch.where(sign == 0, torch.ones_like(sign), sign)
+    return P * sign, Q * sign
+
+
+def _orth(X: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.qr(X).Q
+
+
+def subspace_iterations(dtype: torch.dtype) -> int:
+    """Iterations of :func:`top_subspace`: the error of the kept subspace shrinks by
+    (d_{r+1} / d_r)^2 per iteration, and a step as large as the smallest kept singular value has a
+    ratio near 1/2: 6 iterations reach float32 rounding there, 24 float64's."""
+    return 24 if dtype == torch.float64 else 6
+
+
+def top_subspace(S: torch.Tensor, r: int, iters: int | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-r singular triplets of the stepped cores S (b, p, q), p, q >= r: P (b, p, r), d (b, r)
+    descending, Q (b, q, r), sign-fixed.
+
+    A subspace iteration warm-started from the first r coordinates (the basis kept at the previous
+    step, which the step moves by O(lr)), then Rayleigh-Ritz: the SVD of the r x r projection
+    X^T S Y gives the singular values and rotates the bases. Small batched GEMMs and QRs plus one
+    batched r x r SVD, instead of the SVD of the whole (p, q) core. ``iters``: default
+    :func:`subspace_iterations` of the dtype.
+    """
+    b, p, q = S.shape
+    if p == r and q == r:  # a Galerkin step in the current basis: nothing to iterate
+        Pm, d, Qh = torch.linalg.svd(S)
+        P, Q = sign_fix(Pm, Qh.mT)
+        return P, d, Q
+    X = torch.eye(p, r, dtype=S.dtype, device=S.device).expand(b, p, r)
+    for _ in range(subspace_iterations(S.dtype) if iters is None else iters):
+        X = _orth(S @ _orth(S.mT @ X))
+    Y = _orth(S.mT @ X)
+    Pm, d, Qh = torch.linalg.svd(X.mT @ S @ Y)
+    P, Q = sign_fix(X @ Pm, Y @ Qh.mT)
+    return P, d, Q
+
+
+def tail_ranks(d: torch.Tensor, tau: float, lo: int, hi: torch.Tensor | int) -> torch.Tensor:
+    """Per layer the smallest k with ||d[k:]|| <= tau ||d||, clamped to [lo, hi]: (b,) int64.
+    d: (b, k) descending singular values of the stepped cores."""
+    sq = d.double() ** 2
+    tail = torch.flip(torch.cumsum(torch.flip(sq, [-1]), -1), [-1]).sqrt()  # tail[:, k] = ||d[k:]||
+    ok = tail <= tau * tail[:, :1]
+    k = torch.where(ok.any(-1), ok.to(torch.int64).argmax(-1), torch.full_like(ok[:, 0], d.shape[-1], dtype=torch.int64))
+    return k.clamp(min=lo).clamp(max=hi)
