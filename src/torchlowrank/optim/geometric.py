@@ -400,10 +400,7 @@ class _GeometricOptimizer(Optimizer):
         decided = [c for c in cores if c["ranks"] is not None]
         ranks: list[list[int] | None] = [None] * len(cores)
         if decided:
-            flat = torch.cat([c["ranks"] for c in decided])
-            if self._syncs_ranks():  # rank 0's decisions, so factor shapes (and DDP's buckets) agree
-                tlr_dist.broadcast_tensors_([flat])
-            values = flat.tolist()  # the one synchronisation of a rank decision step
+            values = self._agree_on_ranks(torch.cat([c["ranks"] for c in decided]))
             for j, c in enumerate(cores):
                 if c["ranks"] is not None:
                     ranks[j], values = values[:len(c["groups"])], values[len(c["groups"]):]
@@ -423,6 +420,16 @@ class _GeometricOptimizer(Optimizer):
 
     def _syncs_ranks(self) -> bool:
         return self.defaults["sync_ranks"] is not False and tlr_dist.is_distributed()
+
+    def _agree_on_ranks(self, proposed: torch.Tensor | list[int], device: torch.device | None = None) -> list[int]:
+        """The proposed ranks as Python ints: the one synchronisation of a rank decision step.
+        Under DDP rank 0's decisions (one broadcast): the gradients DDP all-reduces are the same on
+        every rank, so the decisions already agree up to each process's rounding; the broadcast makes
+        them agree exactly, so the factor shapes (and DDP's buckets) can never differ."""
+        t = torch.as_tensor(proposed, dtype=torch.int64, device=device)
+        if self._syncs_ranks():
+            tlr_dist.broadcast_tensors_([t])
+        return t.tolist()
 
     def _rebind(self, group: dict, layer: _LowRankFactors) -> None:
         """After a rank change the layer holds new Parameter objects: point the group and state at them."""
