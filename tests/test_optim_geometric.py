@@ -314,6 +314,29 @@ def test_bad_arguments_raise_value_error():
             LowRankSGD(model, lr=lr)
     with pytest.raises(ValueError, match="momentum"):
         LowRankSGD(model, lr=0.1, momentum=1.0)
+    with pytest.raises(ValueError, match="second_moment"):
+        LowRankAdam(model, lr=1e-3, second_moment="diagonal")
+    with pytest.raises(ValueError, match="basis_lr_ratio"):
+        LowRankAdam(model, lr=1e-3, basis_lr_ratio=-1.0)
+    for kw in (dict(rank_every=0), dict(nonfinite="ignore")):
+        with pytest.raises(ValueError, match=next(iter(kw))):
+            LowRankAdam(model, lr=1e-3, **kw)
+
+
+def test_basis_lr_ratio_zero_keeps_the_column_spaces():
+    """With the basis blocks of the step scaled by 0 an augmented step is a pure Galerkin (S) step."""
+    layer, x, target = make_layer("linear", rank=3)
+    U, V = layer.U.detach().clone(), layer.V.detach().clone()
+    opt = LowRankAdam(layer, lr=1e-2, basis_lr_ratio=0.0)
+    for _ in range(3):
+        loss_backward(layer, x, target)
+        opt.step()
+    assert principal_angles(layer.U.detach(), U).max() < 1e-7
+    assert principal_angles(layer.V.detach(), V).max() < 1e-7
+    opt = LowRankAdam(layer, lr=1e-2)
+    loss_backward(layer, x, target)
+    opt.step()
+    assert principal_angles(layer.U.detach(), U).max() > 1e-3  # the test can fail
 
 
 def test_rank_adaptive_tau_shrinks_rank_towards_target_rank():

@@ -513,6 +513,17 @@ class _GeometricOptimizer(Optimizer):
         self._probes = {}
 
 
+SECOND_MOMENTS = ("unit", "elementwise", "elementwise_mean", "elementwise_reset")
+
+
+def _scale_basis_blocks(D: torch.Tensor, r: int, ratio: float) -> torch.Tensor:
+    """D (b, p, q) with its off-diagonal blocks D[:, :r, r:], D[:, r:, :r] scaled by ``ratio``."""
+    scale = torch.full_like(D[0], ratio)
+    scale[:r, :r] = 1.0
+    scale[r:, r:] = 1.0
+    return D * scale
+
+
 def _masked_copy_(finite: torch.Tensor | None, target: torch.Tensor, new: torch.Tensor) -> None:
     """target <- new, or unchanged where the step is skipped (``finite`` False)."""
     target.copy_(new if finite is None else torch.where(finite, new, target))
@@ -609,20 +620,33 @@ class LowRankAdam(_GeometricOptimizer):
     (AdamW): other parameters p <- p (1 - lr wd), a unit's W <- W (1 - lr wd) (on its S; U, V are
     not decayed). The unit's first moment (r, r) is carried exactly into each new basis.
 
-    second_moment: ``"unit"`` (default) keeps one second moment per layer, the running mean square
-    of the coefficient gradient G^ (as Adam-mini does per block). It is invariant under the basis
-    changes of every step, so the step does not depend on the arbitrary coordinates of the
-    augmented basis. ``"elementwise"`` is DESIGN §4.5 literally: an (r, r) second moment carried by
-    its square root; the new rows / columns of each augmentation start at 0.
+    second_moment: how Adam's second moment lives in the changing bases (the ablation
+    ``geometric-ablation`` compares them):
+
+    - ``"unit"`` (default): one second moment per layer, the running mean square of the
+      coefficient gradient G^ over its free entries (as Adam-mini does per block). Invariant under
+      the basis changes of every step, so it needs no transport.
+    - ``"elementwise"``: DESIGN §4.5 literally, an (r, r) second moment carried by its square
+      root; the new rows / columns of each augmentation start at 0, so their first steps have
+      size ~lr whatever their gradient.
+    - ``"elementwise_mean"``: carried like ``"elementwise"``, but the new entries of each
+      augmentation start at the layer's mean carried second moment instead of 0.
+    - ``"elementwise_reset"``: elementwise, not carried: re-started from G^ * G^ at each
+      augmentation.
+
+    basis_lr_ratio: scales the step of the off-diagonal blocks of the augmented core (the basis
+    update, U1^T G V and U^T G V1) relative to the Galerkin (S) block; 1 is the method as derived.
     """
 
     def __init__(self, model_or_params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, tau: float = 0.0, max_rank: int | None = None,
                  min_rank: int = 1, second_moment: str = "unit", augment_every: int = 1, rank_every: int = 1,
-                 nonfinite: str = "skip", sync_ranks: bool | None = None) -> None:
+                 basis_lr_ratio: float = 1.0, nonfinite: str = "skip", sync_ranks: bool | None = None) -> None:
         _check_common(lr, weight_decay, tau, max_rank, min_rank, augment_every, sync_ranks, rank_every, nonfinite)
-        if second_moment not in ("unit", "elementwise"):
-            raise ValueError(f"second_moment must be 'unit' or 'elementwise', got {second_moment!r}")
+        if second_moment not in SECOND_MOMENTS:
+            raise ValueError(f"second_moment must be one of {SECOND_MOMENTS}, got {second_moment!r}")
+        if not (isinstance(basis_lr_ratio, (int, float)) and basis_lr_ratio >= 0 and math.isfinite(basis_lr_ratio)):
+            raise ValueError(f"basis_lr_ratio must be a finite number >= 0, got {basis_lr_ratio!r}")
         if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
             raise ValueError(f"betas must be in [0, 1), got {betas!r}")
         if not eps >= 0:
@@ -630,7 +654,8 @@ class LowRankAdam(_GeometricOptimizer):
         super().__init__(model_or_params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, tau=tau,
                                                max_rank=max_rank, min_rank=min_rank, second_moment=second_moment,
                                                augment_every=augment_every, rank_every=rank_every,
-                                               nonfinite=nonfinite, sync_ranks=sync_ranks))
+                                               basis_lr_ratio=basis_lr_ratio, nonfinite=nonfinite,
+                                               sync_ranks=sync_ranks))
 
     def _direction(self, group, states, G_hat, S_hat, r, free):
         """S^ (1 - lr wd) - lr * Adam direction, for stacks G_hat, S_hat (b, p, q); ``free`` (b, p, q)
@@ -639,7 +664,8 @@ class LowRankAdam(_GeometricOptimizer):
         t = states[0]["step"]
         shape = G_hat.shape[1:]
         m = self._stack_moment(states, "exp_avg", shape, r, G_hat).mul_(b1).add_(G_hat, alpha=1 - b1)
-        if group["second_moment"] == "unit":
+        kind, augmented = group["second_moment"], G_hat.shape[-1] > r
+        if kind == "unit":
             # one second moment per layer: the mean square of the coefficient gradient over its free
             # entries, invariant under the basis rotations of every step (so it needs no transport)
             old = torch.stack([st["exp_avg_sq"] for st in states]) if "exp_avg_sq" in states[0] else 0.0
@@ -647,11 +673,23 @@ class LowRankAdam(_GeometricOptimizer):
             v = b2 * old + (1 - b2) * mean_sq  # (b,)
             moments = {"exp_avg": (m, "linear"), "exp_avg_sq": (v, "scalar")}
             v = v[:, None, None]
+        elif kind == "elementwise_reset" and augmented:
+            v = G_hat * G_hat
+            moments = {"exp_avg": (m, "linear"), "exp_avg_sq": (v, "sqrt")}
         else:
-            v = self._stack_moment(states, "exp_avg_sq", shape, r, G_hat).mul_(b2).addcmul_(G_hat, G_hat, value=1 - b2)
+            v = self._stack_moment(states, "exp_avg_sq", shape, r, G_hat)
+            if kind == "elementwise_mean" and augmented and "exp_avg_sq" in states[0]:
+                mean = v[:, :r, :r].mean((-2, -1), keepdim=True)
+                new_entries = torch.ones_like(v)
+                new_entries[:, :r, :r] = 0
+                v = v + mean * new_entries * free
+            v = v.mul_(b2).addcmul_(G_hat, G_hat, value=1 - b2)
             moments = {"exp_avg": (m, "linear"), "exp_avg_sq": (v, "sqrt")}
         denom = (v / (1 - b2 ** t)).sqrt().add(group["eps"])
-        S_hat = S_hat * (1 - group["lr"] * group["weight_decay"]) - group["lr"] * (m / (1 - b1 ** t)) / denom
+        D = (m / (1 - b1 ** t)) / denom
+        if augmented and group["basis_lr_ratio"] != 1.0:
+            D = _scale_basis_blocks(D, r, group["basis_lr_ratio"])
+        S_hat = S_hat * (1 - group["lr"] * group["weight_decay"]) - group["lr"] * D
         return S_hat, moments
 
     @torch.no_grad()
