@@ -242,13 +242,16 @@ class _GeometricOptimizer(Optimizer):
         return gU.to(cd) * inv, gV.to(cd) * inv
 
     # ----- non-finite gradients ----------------------------------------------------------------
-    def _finite(self) -> torch.Tensor | None:
-        """A 0-d bool device tensor: every gradient is finite (``GradScaler``'s found_inf, negated).
-        With ``nonfinite="raise"`` a non-finite gradient raises here instead (one sync)."""
-        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        if not grads:
+    def _finite(self, gathered: list[dict]) -> torch.Tensor | None:
+        """A 0-d bool device tensor: every gradient is finite (``GradScaler``'s found_inf, negated),
+        from one float64 sum per stacked unit batch and per other parameter (NaN / Inf propagate
+        into a sum). With ``nonfinite="raise"`` a non-finite gradient raises here instead (one sync)."""
+        sums = [t.sum(dtype=torch.float64) for g in gathered for t in (g["A"], g["B"])]
+        sums += [p.grad.sum(dtype=torch.float64) for group in self.param_groups for p in group["params"]
+                 if p.grad is not None and (group["unit"] is None or p is group["params"][1])]
+        if not sums:
             return None
-        finite = torch.stack([n.float() for n in torch._foreach_norm(grads)]).isfinite().all()
+        finite = torch.stack(sums).isfinite().all()
         if self.defaults["nonfinite"] == "raise" and not bool(finite):
             self._raise_nonfinite()
         return finite
@@ -285,8 +288,9 @@ class _GeometricOptimizer(Optimizer):
         return list(out.values())
 
     @torch.no_grad()
-    def _stepped_batch(self, groups: list[dict], finite: torch.Tensor | None) -> dict | None:
-        """Steps 1-4 and the core's decomposition for a batch of same-shape units."""
+    def _gather(self, groups: list[dict]) -> dict | None:
+        """The stacked factors and gradients of a batch of same-shape units (None if none got a
+        gradient): U (b, m, r), V (b, n, r), s (b, r), A = G V (b, m, r), B = G^T U (b, n, r)."""
         layers = [self._units[g["unit"]] for g in groups]
         cd = compute_dtype(layers[0].U.dtype)
         grads = [self._unit_gradients(g["unit"], layer, cd) for g, layer in zip(groups, layers)]
@@ -294,14 +298,19 @@ class _GeometricOptimizer(Optimizer):
         if not have:
             return None
         groups, layers, grads = [groups[i] for i in have], [layers[i] for i in have], [grads[i] for i in have]
+        return dict(groups=groups, layers=layers, cd=cd,
+                    A=torch.stack([a for a, _ in grads]), B=torch.stack([b for _, b in grads]),
+                    U=torch.stack([layer.U.detach() for layer in layers]).to(cd),
+                    V=torch.stack([layer.V.detach() for layer in layers]).to(cd),
+                    s=torch.stack([layer.S.detach() for layer in layers]).to(cd))
+
+    @torch.no_grad()
+    def _stepped_batch(self, batch: dict, finite: torch.Tensor | None) -> dict:
+        """Steps 1-4 and the core's decomposition for a batch of same-shape units (:meth:`_gather`)."""
+        groups, layers, U, V, s, A, B = (batch[k] for k in ("groups", "layers", "U", "V", "s", "A", "B"))
         group = groups[0]
-        A = torch.stack([a for a, _ in grads])  # G V (b, m, r)
-        B = torch.stack([b for _, b in grads])  # G^T U (b, n, r)
         if finite is not None:  # a skipped step still runs (no host branch): keep its algebra finite
             A, B = torch.where(finite, A, 0.0), torch.where(finite, B, 0.0)
-        U = torch.stack([layer.U.detach() for layer in layers]).to(cd)
-        V = torch.stack([layer.V.detach() for layer in layers]).to(cd)
-        s = torch.stack([layer.S.detach() for layer in layers]).to(cd)
         states = [self.state[layer.U] for layer in layers]
         for st in states:
             if not st:
@@ -312,15 +321,15 @@ class _GeometricOptimizer(Optimizer):
         augment = (step - 1) % group["augment_every"] == 0
         C = U.mT @ A  # U^T G V (b, r, r)
         if augment:
-            U1, EU, RU, keep_u = complement_basis(U, A, C)
-            V1, EV, RV, keep_v = complement_basis(V, B, C.mT)
+            U1, TU, EU, RU, keep_u = complement_basis(U, A, C)
+            V1, TV, EV, RV, keep_v = complement_basis(V, B, C.mT)
             G_hat = galerkin_core(C, RU, RV)
             S_hat = torch.diag_embed(torch.cat([s, torch.zeros_like(s)], -1))
             ones = torch.ones_like(keep_u)
             free = torch.cat([ones, keep_u], -1)[:, :, None] * torch.cat([ones, keep_v], -1)[:, None, :]
             free[:, r:, r:] = 0  # the new-new block of a tangent vector is zero
         else:
-            U1 = V1 = EU = EV = None
+            U1 = V1 = TU = TV = EU = EV = None
             G_hat, S_hat, free = C, torch.diag_embed(s), torch.ones_like(C)
         S_hat, moments = self._direction(group, states, G_hat, S_hat, r, free)
         ranks = None
@@ -334,7 +343,7 @@ class _GeometricOptimizer(Optimizer):
                 ranks = torch.where(finite, ranks, torch.full_like(ranks, r))
         else:
             P, d, Q = top_subspace(S_hat, r)
-        return dict(groups=groups, layers=layers, states=states, U=U, V=V, U1=U1, V1=V1, EU=EU, EV=EV, P=P, d=d, Q=Q,
+        return dict(groups=groups, layers=layers, states=states, U=U, V=V, U1=U1, V1=V1, TU=TU, TV=TV, EU=EU, EV=EV, P=P, d=d, Q=Q,
                     moments=moments, ranks=ranks, r=r)
 
     @torch.no_grad()
@@ -348,9 +357,11 @@ class _GeometricOptimizer(Optimizer):
             U, V = core["U"][i], core["V"][i]
             if core["U1"] is None:
                 U_new, V_new = U @ P1, V @ Q1
-            else:  # [U, U1 - U E] P1 = U (P1_top - E P1_bottom) + U1 P1_bottom
-                U_new = torch.addmm(core["U1"][i] @ P1[r:], U, torch.addmm(P1[:r], core["EU"][i], P1[r:], alpha=-1))
-                V_new = torch.addmm(core["V1"][i] @ Q1[r:], V, torch.addmm(Q1[:r], core["EV"][i], Q1[r:], alpha=-1))
+            else:  # [U, U1 - U E] P1 = U (P1_top - E P1_bottom) + Q1 (T P1_bottom), U1 = Q1 T
+                U_new = torch.addmm(core["U1"][i] @ (core["TU"][i] @ P1[r:]), U,
+                                    torch.addmm(P1[:r], core["EU"][i], P1[r:], alpha=-1))
+                V_new = torch.addmm(core["V1"][i] @ (core["TV"][i] @ Q1[r:]), V,
+                                    torch.addmm(Q1[:r], core["EV"][i], Q1[r:], alpha=-1))
             if state["step"] % 8 == 0:  # rounding drift is ~eps per step: correct it now and then
                 U_new, V_new = _reorthonormalize(U_new), _reorthonormalize(V_new)
             d = core["d"][i, :r1]
@@ -391,12 +402,13 @@ class _GeometricOptimizer(Optimizer):
         for group in self.param_groups:
             if group["unit"] is not None:
                 self._rebind(group, self._units[group["unit"]])
-        finite = self._finite()
+        gathered = [g for g in (self._gather(b) for b in self._batches()) if g is not None]
+        finite = self._finite(gathered)
         if finite is not None:
             self.nonfinite_steps = self.nonfinite_steps + (~finite).to(torch.int64)
         if self._resized and self._syncs_ranks():
             self._check_replicas_after_rank_change()
-        cores = [c for c in (self._stepped_batch(b, finite) for b in self._batches()) if c is not None]
+        cores = [self._stepped_batch(g, finite) for g in gathered]
         decided = [c for c in cores if c["ranks"] is not None]
         ranks: list[list[int] | None] = [None] * len(cores)
         if decided:
