@@ -1,7 +1,8 @@
 """Factorized layers: the weight is stored as U diag(S) V^T and never formed in the forward pass.
 
 ``LowRankLinear``: W (out, in) = U (out, r) @ diag(S) (r,) @ V^T (r, in); forward
-y = (x (V diag(S))) U^T + b costs r (in + out) multiply-adds per token instead of in * out.
+y = (x V) diag(S) U^T + b, with S folded into the smaller of V, U, costs r (in + out) multiply-adds
+per token instead of in * out.
 ``LowRankConv2d``: the kernel, reshaped to (out, in*kh*kw), is U diag(S) V^T; forward is a conv
 with r output channels (the V factor) followed by a 1x1 conv (U diag(S)).
 The U, S, V parametrisation is the one the geometric optimizers (DESIGN §4.5) update.
@@ -153,9 +154,12 @@ class LowRankLinear(_LowRankFactors):
         self.reset_parameters()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # S is folded into the (in, r) factor: an (in x r) multiply instead of one over (tokens x r)
-        h = F.linear(x, (self.V * self.S).T)  # (..., r)
-        return F.linear(h, self.U, self.bias)
+        # S scales the smaller factor (r * min(in, out) multiplies, not tokens * r), and both right
+        # operands stay contiguous: x @ (in, r), h @ (out, r)^T, so every weight gradient comes out of
+        # its GEMM in the parameter's own layout (no transposed gradient to re-lay in AccumulateGrad)
+        if self.in_features <= self.out_features:
+            return F.linear(x @ (self.V * self.S), self.U, self.bias)
+        return F.linear(x @ self.V, self.U * self.S, self.bias)
 
     @property
     def weight(self) -> torch.Tensor:
