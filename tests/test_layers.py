@@ -78,6 +78,21 @@ def test_conv2d_round_trip_and_best_approximation():
     torch.testing.assert_close(low(x), ref)
 
 
+@pytest.mark.parametrize("channels", [(3, 8), (8, 4)], ids=["S_in_V", "S_in_U"])
+def test_conv2d_gradients_match_autograd_through_the_dense_kernel(channels):
+    c_in, c_out = channels
+    ksize = 1 if c_in == 3 else 3  # V rows in*kh*kw vs U rows out: 3 <= 8 (S scales V), 72 > 4 (S scales U)
+    layer = tlr.LowRankConv2d(c_in, c_out, ksize, rank=2, padding=ksize // 2).double()
+    x = torch.randn(2, c_in, 5, 5, dtype=torch.float64, requires_grad=True)
+    layer(x).square().sum().backward()
+    grads = [t.grad.clone() for t in (layer.U, layer.S, layer.V, layer.bias, x)]
+    U, S, V, b, xr = (t.detach().clone().requires_grad_() for t in (layer.U, layer.S, layer.V, layer.bias, x))
+    kernel = (U @ torch.diag(S) @ V.T).reshape(c_out, c_in, ksize, ksize)
+    nn.functional.conv2d(xr, kernel, b, padding=ksize // 2).square().sum().backward()
+    for g, ref in zip(grads, (U.grad, S.grad, V.grad, b.grad, xr.grad)):
+        torch.testing.assert_close(g, ref, rtol=1e-12, atol=1e-12)
+
+
 def test_conv2d_with_groups_is_rejected():
     with pytest.raises(ValueError, match="groups=1"):
         tlr.LowRankConv2d.from_conv2d(nn.Conv2d(4, 4, 3, groups=2), 2)

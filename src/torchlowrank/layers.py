@@ -4,7 +4,7 @@
 y = (x V) diag(S) U^T + b, with S folded into the smaller of V, U, costs r (in + out) multiply-adds
 per token instead of in * out.
 ``LowRankConv2d``: the kernel, reshaped to (out, in*kh*kw), is U diag(S) V^T; forward is a conv
-with r output channels (the V factor) followed by a 1x1 conv (U diag(S)).
+with r output channels (the V factor) followed by a 1x1 conv (U), S folded into the smaller factor.
 The U, S, V parametrisation is the one the geometric optimizers (DESIGN §4.5) update.
 """
 from __future__ import annotations
@@ -212,7 +212,7 @@ class LowRankConv2d(_LowRankFactors):
     """A 2-D convolution whose kernel, reshaped to (out, in*kh*kw), has rank ``rank``.
 
     Forward: conv with the r filters V^T reshaped to (r, in, kh, kw) (stride, padding, dilation of
-    the original), scale by S, then a 1x1 conv with U (out, r) plus bias. Cost per output pixel:
+    the original), then a 1x1 conv with U (out, r) plus bias; S scales the smaller of V, U. Cost per output pixel:
     r (in*kh*kw + out) instead of out*in*kh*kw. Only ``groups=1`` and zero padding are supported.
     """
 
@@ -233,9 +233,16 @@ class LowRankConv2d(_LowRankFactors):
         return dict(stride=self.stride, padding=self.padding, dilation=self.dilation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        first = self.V.T.reshape(self.rank, self.in_channels, *self.kernel_size)
-        h = F.conv2d(x, first, None, **self._conv_kwargs()) * self.S.view(1, -1, 1, 1)
-        return F.conv2d(h, self.U.view(self.out_channels, self.rank, 1, 1), self.bias)
+        # S scales the smaller factor, not the (batch, r, h, w) activation (and no reduction over
+        # batch and pixels in the backward)
+        V, U = self.V, self.U
+        if V.shape[0] <= U.shape[0]:
+            V = V * self.S
+        else:
+            U = U * self.S
+        first = V.T.reshape(self.rank, self.in_channels, *self.kernel_size)
+        h = F.conv2d(x, first, None, **self._conv_kwargs())
+        return F.conv2d(h, U.view(self.out_channels, self.rank, 1, 1), self.bias)
 
     @property
     def weight(self) -> torch.Tensor:
