@@ -262,3 +262,21 @@ def test_bad_arguments():
     for kw in (dict(lr=0.0), dict(rank=0), dict(update_gap=0), dict(refresh="qr")):
         with pytest.raises(ValueError):
             GaLoreAdamW([p], **kw)
+
+
+def test_warm_refresh_solves_the_eigenproblems_of_same_rank_matrices_in_one_batch(monkeypatch):
+    """The batched Rayleigh-Ritz gives each matrix the projector it gets alone."""
+    model = _model(0)
+    x, y = torch.randn(16, 24), torch.randn(16, 12)
+    (model(x) - y).pow(2).mean().backward()
+    calls = []
+    solve = galore_module._top_eigenvectors
+    monkeypatch.setattr(galore_module, "_top_eigenvectors", lambda C, r: calls.append(C.shape) or solve(C, r))
+    opt = GaLoreAdamW(model.parameters(), lr=1e-2, rank=4, update_gap=2)
+    opt.step()
+    assert calls == [(2, 12, 12)]  # two matrices (40, 24) and (12, 40), k = 4 + 8, one batch
+    for index, W in ((1, model[0].weight), (3, model[2].weight)):
+        G = W.grad if W.shape[0] >= W.shape[1] else W.grad.T
+        alone = galore_module._top_subspace(G, 4, None, 2, 8, torch.Generator().manual_seed(1000003 * index))
+        got = opt.state[W]["ortho"]
+        torch.testing.assert_close(got.T if W.shape[0] >= W.shape[1] else got, alone, rtol=0, atol=1e-6)

@@ -75,10 +75,11 @@ def _top_eigenvectors(C: torch.Tensor, rank: int, power_iters: int = 8, jacobi_i
     return X.gather(-1, order.unsqueeze(-2).expand(*X.shape[:-1], rank))
 
 
-def _top_subspace(G: torch.Tensor, rank: int, start: torch.Tensor | None, iters: int, oversample: int,
-                  generator: torch.Generator) -> torch.Tensor:
-    """Approximate top-``rank`` right singular vectors of G (m, n) -> (n, rank), by subspace iteration,
-    sign-fixed (:func:`_fix_signs`). No host synchronisation.
+def _subspace_basis(G: torch.Tensor, rank: int, start: torch.Tensor | None, iters: int, oversample: int,
+                    generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Subspace iteration for the top right singular vectors of G (m, n): an orthonormal basis
+    Q (n, k), k = rank + oversample, and the float64 Gram matrix C = (G Q)^T (G Q) (k, k) of its
+    Rayleigh-Ritz step. No host synchronisation.
 
     The sketch is drawn on the CPU from ``generator`` (the same numbers on every device and dtype)
     and copied with ``non_blocking=True`` (a blocking host-to-device copy waits for the device's queue)."""
@@ -90,10 +91,17 @@ def _top_subspace(G: torch.Tensor, rank: int, start: torch.Tensor | None, iters:
     Q = torch.linalg.qr(Q).Q
     for _ in range(iters):
         Q = torch.linalg.qr(G.T @ (G @ Q)).Q
-    # Rayleigh-Ritz on the (k, k) Gram matrix in float64: forming B^T B squares the condition number
+    # float64: forming B^T B squares the condition number
     B = (G @ Q).double()
-    W = _top_eigenvectors(B.mT @ B, rank)
-    return _fix_signs(Q @ W.to(Q.dtype))
+    return Q, B.mT @ B
+
+
+def _top_subspace(G: torch.Tensor, rank: int, start: torch.Tensor | None, iters: int, oversample: int,
+                  generator: torch.Generator) -> torch.Tensor:
+    """Approximate top-``rank`` right singular vectors of G (m, n) -> (n, rank), sign-fixed
+    (:func:`_fix_signs`): subspace iteration, then Rayleigh-Ritz. No host synchronisation."""
+    Q, C = _subspace_basis(G, rank, start, iters, oversample, generator)
+    return _fix_signs(Q @ _top_eigenvectors(C, rank).to(Q.dtype))
 
 
 class GaLoreAdamW(Optimizer):
@@ -136,22 +144,42 @@ class GaLoreAdamW(Optimizer):
         return group["rank"] is not None and p.ndim >= 2 and min(p.shape[0], p[0].numel()) > group["rank"]
 
     @torch.no_grad()
-    def _refresh(self, G: torch.Tensor, state: dict, group: dict, index: int) -> None:
-        r = group["rank"]
-        right = G.shape[0] >= G.shape[1]
-        M = G.float() if G.dtype != torch.float64 else G
-        if group["refresh"] == "svd":
-            U, _, Vh = torch.linalg.svd(M, full_matrices=False)  # checks its status: one host sync
-            ortho = _fix_signs(Vh[:r].T).T if right else _fix_signs(U[:, :r])
-        else:
-            gen = torch.Generator().manual_seed(1000003 * index + state["step"])
-            A = M if right else M.T
-            prev = state.get("ortho")
-            start = None if prev is None else (prev.T if right else prev).to(A.dtype)
-            iters = group["power_iters"] if start is None else max(1, group["power_iters"] - 1)
-            Q = _top_subspace(A, r, start, iters, group["oversample"], gen)
-            ortho = Q.T if right else Q
-        state["ortho"] = ortho.to(G.dtype).contiguous()
+    def _refresh_due(self) -> None:
+        """Recompute every projector due at this step. ``"warm"``: subspace iteration per matrix, then
+        the (k, k) Rayleigh-Ritz eigenproblems of all matrices with the same rank in one batch (a
+        few dozen small QRs and products in all, not per matrix)."""
+        pending: dict[tuple, list] = {}
+        index = 0
+        for group in self.param_groups:
+            for p in group["params"]:
+                index += 1  # counts every parameter, as the generator seed is part of the saved behaviour
+                if p.grad is None or not self._projected(p, group):
+                    continue
+                state = self.state[p]
+                step = state.get("step", 0)
+                if "ortho" in state and step % group["update_gap"] != 0:
+                    continue
+                G = p.grad.reshape(p.shape[0], -1)
+                r = group["rank"]
+                right = G.shape[0] >= G.shape[1]
+                M = G.float() if G.dtype != torch.float64 else G
+                if group["refresh"] == "svd":
+                    U, _, Vh = torch.linalg.svd(M, full_matrices=False)  # checks its status: one host sync
+                    ortho = _fix_signs(Vh[:r].T).T if right else _fix_signs(U[:, :r])
+                    state["ortho"] = ortho.to(G.dtype).contiguous()
+                    continue
+                gen = torch.Generator().manual_seed(1000003 * index + step)
+                A = M if right else M.T
+                prev = state.get("ortho")
+                start = None if prev is None else (prev.T if right else prev).to(A.dtype)
+                iters = group["power_iters"] if start is None else max(1, group["power_iters"] - 1)
+                Q, C = _subspace_basis(A, r, start, iters, group["oversample"], gen)
+                pending.setdefault((r, C.shape[-1], C.device), []).append((state, right, G.dtype, Q, C))
+        for (r, _, _), items in pending.items():
+            W = _top_eigenvectors(torch.stack([C for *_, C in items]), r)
+            for (state, right, dtype, Q, _), w in zip(items, W):
+                P = _fix_signs(Q @ w.to(Q.dtype))
+                state["ortho"] = (P.T if right else P).to(dtype).contiguous()
 
     @torch.no_grad()
     def step(self, closure: Callable | None = None):
@@ -159,11 +187,10 @@ class GaLoreAdamW(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        index = 0
+        self._refresh_due()
         for group in self.param_groups:
             b1, b2 = group["betas"]
             for p in group["params"]:
-                index += 1
                 if p.grad is None:
                     continue
                 grad = p.grad
@@ -174,8 +201,6 @@ class GaLoreAdamW(Optimizer):
                 if project:
                     grad = grad.reshape(p.shape[0], -1)
                     right = grad.shape[0] >= grad.shape[1]
-                    if "ortho" not in state or state["step"] % group["update_gap"] == 0:
-                        self._refresh(grad, state, group, index)
                     P = state["ortho"]
                     grad = grad @ P.T if right else P.T @ grad
                 if "exp_avg" not in state:
