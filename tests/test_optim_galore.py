@@ -280,3 +280,19 @@ def test_warm_refresh_solves_the_eigenproblems_of_same_rank_matrices_in_one_batc
         alone = galore_module._top_subspace(G, 4, None, 2, 8, torch.Generator().manual_seed(1000003 * index))
         got = opt.state[W]["ortho"]
         torch.testing.assert_close(got.T if W.shape[0] >= W.shape[1] else got, alone, rtol=0, atol=1e-6)
+
+
+def test_warm_refresh_of_bf16_conv_kernels_makes_no_host_syncs():
+    g = torch.Generator().manual_seed(0)
+    kernel = nn.Parameter(torch.randn(16, 3, 3, 3, generator=g).to(torch.bfloat16))  # projected as (16, 27): left
+    wide = nn.Parameter(torch.randn(6, 30, generator=g).to(torch.bfloat16))
+    opt = GaLoreAdamW([kernel, wide], lr=1e-2, rank=4, update_gap=2)
+    calls = []
+    for _ in range(5):
+        for p in (kernel, wide):
+            p.grad = torch.randn(p.shape, generator=g).to(torch.bfloat16)
+        with HostSyncCounter() as syncs:
+            opt.step()
+        calls += syncs.calls
+    assert calls == []
+    assert opt.state[kernel]["ortho"].shape == (16, 4) and opt.state[wide]["ortho"].shape == (6, 4)
