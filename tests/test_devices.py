@@ -44,8 +44,12 @@ def _dense_mlp():
 
 @pytest.mark.parametrize("make_opt", [
     lambda m: tlr.optim.LowRankAdam(m, lr=0.05, tau=0.2),
+    pytest.param(lambda m: tlr.optim.LowRankAdam(m, lr=0.05, tau=0.0, second_moment="elementwise"),
+                 marks=pytest.mark.xfail(strict=True, reason="float32 is off by ~0.07 from float64 even on the CPU (suspected: "
+                                         "elementwise Adam normalises rounding-level coefficients to O(1) steps)")),
+    lambda m: tlr.optim.LowRankAdam(m, lr=0.05, tau=0.2, augment_every=2),
     lambda m: tlr.optim.LowRankSGD(m, lr=0.2, tau=0.2),
-], ids=["LowRankAdam", "LowRankSGD"])
+], ids=["LowRankAdam", "LowRankAdam-elementwise-fixed-rank", "LowRankAdam-augment-every-2", "LowRankSGD"])
 def test_geometric_optimizers_on_each_device_follow_the_float64_cpu_run(device, make_opt):
     xs, ys = _data()
     ref = _lowrank_mlp().double()
@@ -63,9 +67,11 @@ def test_geometric_optimizers_on_each_device_follow_the_float64_cpu_run(device, 
                for st in opt.state.values() for v in st.values())
 
 
-def test_galore_on_each_device_follows_the_float64_cpu_run(device):
+@pytest.mark.parametrize("refresh", ["svd", "warm"])
+def test_galore_on_each_device_follows_the_float64_cpu_run(device, refresh):
+    """Refreshes at steps 0 and 3: the moments carried across the second one need sign-fixed projectors."""
     xs, ys = _data()
-    make = lambda m: tlr.optim.GaLoreAdamW(m.parameters(), lr=1e-2, rank=4, update_gap=3, refresh="svd")
+    make = lambda m: tlr.optim.GaLoreAdamW(m.parameters(), lr=1e-2, rank=4, update_gap=3, refresh=refresh)
     ref = _dense_mlp().double()
     _train(ref, make(ref), xs, ys, "cpu", torch.float64)
     model = _dense_mlp().to(device)
@@ -73,13 +79,16 @@ def test_galore_on_each_device_follows_the_float64_cpu_run(device):
     _assert_state_close(model, ref, atol=1e-4)
 
 
-def test_q3r_on_each_device_follows_the_float64_cpu_run(device):
+@pytest.mark.parametrize("method", ["full", pytest.param("randomized", marks=pytest.mark.xfail(
+    strict=True, reason="the sketch is drawn in the working dtype on the device's generator: float32 is off by "
+                        "~2e-4 from float64 even on the CPU, and CUDA draws other numbers"))])
+def test_q3r_on_each_device_follows_the_float64_cpu_run(device, method):
     xs, ys = _data()
     ref = _dense_mlp().double()
-    reg_ref = tlr.Q3R(ref, target_rank=3, lam=0.05, period=2, method="full", targets=["0", "2"])
+    reg_ref = tlr.Q3R(ref, target_rank=3, lam=0.05, period=2, method=method, targets=["0", "2"])
     _train(ref, torch.optim.SGD(ref.parameters(), lr=0.1), xs, ys, "cpu", torch.float64, reg_ref)
     model = _dense_mlp().to(device)
-    reg = tlr.Q3R(model, target_rank=3, lam=0.05, period=2, method="full", targets=["0", "2"])
+    reg = tlr.Q3R(model, target_rank=3, lam=0.05, period=2, method=method, targets=["0", "2"])
     _train(model, torch.optim.SGD(model.parameters(), lr=0.1), xs, ys, device, torch.float32, reg)
     _assert_state_close(model, ref, atol=1e-4)
     assert reg.value().device.type == device.type

@@ -33,15 +33,19 @@ def test_full_rank_round_trip_reproduces_the_layer():
     assert isinstance(back, nn.Linear) and back.weight.dtype == torch.float64
 
 
-def test_gradients_of_factors_match_autograd_through_the_dense_weight():
-    layer = tlr.LowRankLinear(10, 8, rank=3).double()
-    x = torch.randn(5, 10, dtype=torch.float64)
+@pytest.mark.parametrize("in_out", [(10, 8), (8, 10), (9, 9)], ids=["wide", "tall", "square"])
+def test_gradients_of_factors_input_and_bias_match_autograd_through_the_dense_weight(in_out):
+    """S is folded into the smaller factor: both branches, on a (batch, seq, in) input."""
+    n_in, n_out = in_out
+    layer = tlr.LowRankLinear(n_in, n_out, rank=3).double()
+    x = torch.randn(2, 5, n_in, dtype=torch.float64, requires_grad=True)
     layer(x).square().sum().backward()
-    grads = [p.grad.clone() for p in (layer.U, layer.S, layer.V)]
-    U, S, V = (p.detach().clone().requires_grad_() for p in (layer.U, layer.S, layer.V))
-    (x @ (U @ torch.diag(S) @ V.T).T + layer.bias.detach()).square().sum().backward()
-    for g, ref in zip(grads, (U.grad, S.grad, V.grad)):
-        torch.testing.assert_close(g, ref)
+    grads = [t.grad.clone() for t in (layer.U, layer.S, layer.V, layer.bias, x)]
+    U, S, V, b, xr = (t.detach().clone().requires_grad_() for t in (layer.U, layer.S, layer.V, layer.bias, x))
+    (xr @ (U @ torch.diag(S) @ V.T).T + b).square().sum().backward()
+    for g, ref in zip(grads, (U.grad, S.grad, V.grad, b.grad, xr.grad)):
+        torch.testing.assert_close(g, ref, rtol=1e-12, atol=1e-12)
+    assert all(t.grad.is_contiguous() for t in (layer.U, layer.V))  # the parameters' own layout
 
 
 def test_default_init_is_truncation_of_a_dense_default_init():
@@ -72,6 +76,21 @@ def test_conv2d_round_trip_and_best_approximation():
     # the factorized forward equals a conv with the rank-2 kernel
     ref = nn.functional.conv2d(x, low.weight.detach(), conv.bias.detach(), stride=2, padding=1)
     torch.testing.assert_close(low(x), ref)
+
+
+@pytest.mark.parametrize("channels", [(3, 8), (8, 4)], ids=["S_in_V", "S_in_U"])
+def test_conv2d_gradients_match_autograd_through_the_dense_kernel(channels):
+    c_in, c_out = channels
+    ksize = 1 if c_in == 3 else 3  # V rows in*kh*kw vs U rows out: 3 <= 8 (S scales V), 72 > 4 (S scales U)
+    layer = tlr.LowRankConv2d(c_in, c_out, ksize, rank=2, padding=ksize // 2).double()
+    x = torch.randn(2, c_in, 5, 5, dtype=torch.float64, requires_grad=True)
+    layer(x).square().sum().backward()
+    grads = [t.grad.clone() for t in (layer.U, layer.S, layer.V, layer.bias, x)]
+    U, S, V, b, xr = (t.detach().clone().requires_grad_() for t in (layer.U, layer.S, layer.V, layer.bias, x))
+    kernel = (U @ torch.diag(S) @ V.T).reshape(c_out, c_in, ksize, ksize)
+    nn.functional.conv2d(xr, kernel, b, padding=ksize // 2).square().sum().backward()
+    for g, ref in zip(grads, (U.grad, S.grad, V.grad, b.grad, xr.grad)):
+        torch.testing.assert_close(g, ref, rtol=1e-12, atol=1e-12)
 
 
 def test_conv2d_with_groups_is_rejected():

@@ -1,9 +1,10 @@
 """Factorized layers: the weight is stored as U diag(S) V^T and never formed in the forward pass.
 
 ``LowRankLinear``: W (out, in) = U (out, r) @ diag(S) (r,) @ V^T (r, in); forward
-y = (x (V diag(S))) U^T + b costs r (in + out) multiply-adds per token instead of in * out.
+y = (x V) diag(S) U^T + b, with S folded into the smaller of V, U, costs r (in + out) multiply-adds
+per token instead of in * out.
 ``LowRankConv2d``: the kernel, reshaped to (out, in*kh*kw), is U diag(S) V^T; forward is a conv
-with r output channels (the V factor) followed by a 1x1 conv (U diag(S)).
+with r output channels (the V factor) followed by a 1x1 conv (U), S folded into the smaller factor.
 The U, S, V parametrisation is the one the geometric optimizers (DESIGN §4.5) update.
 """
 from __future__ import annotations
@@ -153,9 +154,12 @@ class LowRankLinear(_LowRankFactors):
         self.reset_parameters()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # S is folded into the (in, r) factor: an (in x r) multiply instead of one over (tokens x r)
-        h = F.linear(x, (self.V * self.S).T)  # (..., r)
-        return F.linear(h, self.U, self.bias)
+        # S scales the smaller factor (r * min(in, out) multiplies, not tokens * r), and both right
+        # operands stay contiguous: x @ (in, r), h @ (out, r)^T, so every weight gradient comes out of
+        # its GEMM in the parameter's own layout (no transposed gradient to re-lay in AccumulateGrad)
+        if self.in_features <= self.out_features:
+            return F.linear(x @ (self.V * self.S), self.U, self.bias)
+        return F.linear(x @ self.V, self.U * self.S, self.bias)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -208,7 +212,7 @@ class LowRankConv2d(_LowRankFactors):
     """A 2-D convolution whose kernel, reshaped to (out, in*kh*kw), has rank ``rank``.
 
     Forward: conv with the r filters V^T reshaped to (r, in, kh, kw) (stride, padding, dilation of
-    the original), scale by S, then a 1x1 conv with U (out, r) plus bias. Cost per output pixel:
+    the original), then a 1x1 conv with U (out, r) plus bias; S scales the smaller of V, U. Cost per output pixel:
     r (in*kh*kw + out) instead of out*in*kh*kw. Only ``groups=1`` and zero padding are supported.
     """
 
@@ -229,9 +233,16 @@ class LowRankConv2d(_LowRankFactors):
         return dict(stride=self.stride, padding=self.padding, dilation=self.dilation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        first = self.V.T.reshape(self.rank, self.in_channels, *self.kernel_size)
-        h = F.conv2d(x, first, None, **self._conv_kwargs()) * self.S.view(1, -1, 1, 1)
-        return F.conv2d(h, self.U.view(self.out_channels, self.rank, 1, 1), self.bias)
+        # S scales the smaller factor, not the (batch, r, h, w) activation (and no reduction over
+        # batch and pixels in the backward)
+        V, U = self.V, self.U
+        if V.shape[0] <= U.shape[0]:
+            V = V * self.S
+        else:
+            U = U * self.S
+        first = V.T.reshape(self.rank, self.in_channels, *self.kernel_size)
+        h = F.conv2d(x, first, None, **self._conv_kwargs())
+        return F.conv2d(h, U.view(self.out_channels, self.rank, 1, 1), self.bias)
 
     @property
     def weight(self) -> torch.Tensor:

@@ -16,6 +16,16 @@ package does; ``"warm"`` (default) runs subspace iteration warm-started from the
 projector (plus a few random columns) followed by a Rayleigh-Ritz step, O(m n r) instead of a full
 SVD — the first refresh starts from a random sketch (a generator seeded from the step and the
 parameter's index, so a resumed run refreshes identically).
+
+Signs: each singular vector of the projector has its largest-|entry| component positive, in both
+refresh paths. The package keeps LAPACK's signs, which differ between devices and libraries; as
+the moments are kept across a refresh they change the update after the second refresh (with the
+package's projector sign-fixed the updates are equal, ``tests/test_optim_galore.py``).
+
+Host synchronisation (DESIGN §7): none in a step with ``refresh="warm"``, refresh steps included
+(QR and matrix products only; the Rayleigh-Ritz eigenproblem is solved by :func:`_top_eigenvectors`,
+not ``eigh`` / ``svd``, which check their status). ``refresh="svd"``: one per refresh and matrix,
+``torch.linalg.svd``'s status check.
 """
 from __future__ import annotations
 
@@ -28,18 +38,70 @@ from torch.optim import Optimizer
 __all__ = ["GaLoreAdamW"]
 
 
-def _top_subspace(G: torch.Tensor, rank: int, start: torch.Tensor | None, iters: int, oversample: int,
-                  generator: torch.Generator) -> torch.Tensor:
-    """Approximate top-``rank`` right singular vectors of G (m, n) -> (n, rank), by subspace iteration."""
+def _fix_signs(X: torch.Tensor) -> torch.Tensor:
+    """X (..., n, k) with each column's largest-|entry| component made positive.
+
+    Singular vectors are defined up to sign and LAPACK, cuSOLVER and float32 vs float64 pick signs
+    differently; the Adam moments are kept across a refresh, so the sign is part of the update."""
+    idx = X.abs().argmax(dim=-2, keepdim=True)
+    sign = X.gather(-2, idx).sign()
+    return X * torch.where(sign == 0, torch.ones_like(sign), sign)
+
+
+def _top_eigenvectors(C: torch.Tensor, rank: int, power_iters: int = 8, jacobi_iters: int = 12) -> torch.Tensor:
+    """Top-``rank`` eigenvectors of a symmetric PSD C (..., k, k) -> (..., k, rank), eigenvalues descending.
+
+    ``torch.linalg.eigh`` / ``svd`` check their status (a host synchronisation on CUDA); this uses QR
+    and matrix products only. Orthogonal iteration from the identity orders the columns roughly (the
+    first columns of a warm basis are already near the answer), then simultaneous Jacobi rotations
+    (every pair (i, j) rotated at once by the angle that diagonalises its 2 x 2 block, re-orthonormalised
+    by QR) converge quadratically: 8 + 10 iterations reach float64 precision on k = 136 with slowly
+    decaying (s_i ~ i^-1/2) spectra. A cluster of (nearly) equal eigenvalues at the top converges
+    more slowly (residual ~1e-5 after 8 + 12 on k = 40): its vectors are ill-defined anyway, their span is not.
+    """
+    k = C.shape[-1]
+    X = torch.eye(k, dtype=C.dtype, device=C.device).expand_as(C)
+    for _ in range(power_iters):
+        X = torch.linalg.qr(C @ X).Q
+    for _ in range(jacobi_iters):
+        S = X.mT @ C @ X
+        d = S.diagonal(dim1=-2, dim2=-1)
+        gap = d.unsqueeze(-2) - d.unsqueeze(-1)  # gap[i, j] = d_j - d_i
+        gap = torch.where(gap == 0, torch.full_like(gap, torch.finfo(C.dtype).tiny), gap)
+        K = torch.tan(0.5 * torch.atan(2 * S / gap)).triu(1)  # |angle| <= pi/4: bounded for close pairs
+        X = torch.linalg.qr(X + X @ (K - K.mT)).Q
+    d = (X * (C @ X)).sum(-2)
+    order = d.argsort(dim=-1, descending=True)[..., :rank]
+    return X.gather(-1, order.unsqueeze(-2).expand(*X.shape[:-1], rank))
+
+
+def _subspace_basis(G: torch.Tensor, rank: int, start: torch.Tensor | None, iters: int, oversample: int,
+                    generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Subspace iteration for the top right singular vectors of G (m, n): an orthonormal basis
+    Q (n, k), k = rank + oversample, and the float64 Gram matrix C = (G Q)^T (G Q) (k, k) of its
+    Rayleigh-Ritz step. No host synchronisation.
+
+    The sketch is drawn on the CPU from ``generator`` (the same numbers on every device and dtype)
+    and copied with ``non_blocking=True`` (a blocking host-to-device copy waits for the device's queue)."""
     n = G.shape[1]
-    extra = torch.randn(n, oversample if start is not None else rank + oversample, generator=generator,
-                        dtype=G.dtype).to(G.device)
+    # float32 draws whatever G's dtype (randn in float64 draws other numbers): float32 runs follow float64 ones
+    extra = torch.randn(n, oversample if start is not None else rank + oversample, generator=generator)
+    extra = extra.to(G.device, G.dtype, non_blocking=True) if extra.device != G.device else extra.to(G.dtype)
     Q = extra if start is None else torch.cat([start, extra], 1)
     Q = torch.linalg.qr(Q).Q
     for _ in range(iters):
         Q = torch.linalg.qr(G.T @ (G @ Q)).Q
-    _, _, Wh = torch.linalg.svd(G @ Q, full_matrices=False)  # Rayleigh-Ritz: order the directions
-    return Q @ Wh[:rank].T
+    # float64: forming B^T B squares the condition number
+    B = (G @ Q).double()
+    return Q, B.mT @ B
+
+
+def _top_subspace(G: torch.Tensor, rank: int, start: torch.Tensor | None, iters: int, oversample: int,
+                  generator: torch.Generator) -> torch.Tensor:
+    """Approximate top-``rank`` right singular vectors of G (m, n) -> (n, rank), sign-fixed
+    (:func:`_fix_signs`): subspace iteration, then Rayleigh-Ritz. No host synchronisation."""
+    Q, C = _subspace_basis(G, rank, start, iters, oversample, generator)
+    return _fix_signs(Q @ _top_eigenvectors(C, rank).to(Q.dtype))
 
 
 class GaLoreAdamW(Optimizer):
@@ -82,22 +144,42 @@ class GaLoreAdamW(Optimizer):
         return group["rank"] is not None and p.ndim >= 2 and min(p.shape[0], p[0].numel()) > group["rank"]
 
     @torch.no_grad()
-    def _refresh(self, G: torch.Tensor, state: dict, group: dict, index: int) -> None:
-        r = group["rank"]
-        right = G.shape[0] >= G.shape[1]
-        M = G.float() if G.dtype != torch.float64 else G
-        if group["refresh"] == "svd":
-            U, _, Vh = torch.linalg.svd(M, full_matrices=False)
-            ortho = Vh[:r] if right else U[:, :r]
-        else:
-            gen = torch.Generator().manual_seed(1000003 * index + state["step"])
-            A = M if right else M.T
-            prev = state.get("ortho")
-            start = None if prev is None else (prev.T if right else prev).to(A.dtype)
-            iters = group["power_iters"] if start is None else max(1, group["power_iters"] - 1)
-            Q = _top_subspace(A, r, start, iters, group["oversample"], gen)
-            ortho = Q.T if right else Q
-        state["ortho"] = ortho.to(G.dtype).contiguous()
+    def _refresh_due(self) -> None:
+        """Recompute every projector due at this step. ``"warm"``: subspace iteration per matrix, then
+        the (k, k) Rayleigh-Ritz eigenproblems of all matrices with the same rank in one batch (a
+        few dozen small QRs and products in all, not per matrix)."""
+        pending: dict[tuple, list] = {}
+        index = 0
+        for group in self.param_groups:
+            for p in group["params"]:
+                index += 1  # counts every parameter, as the generator seed is part of the saved behaviour
+                if p.grad is None or not self._projected(p, group):
+                    continue
+                state = self.state[p]
+                step = state.get("step", 0)
+                if "ortho" in state and step % group["update_gap"] != 0:
+                    continue
+                G = p.grad.reshape(p.shape[0], -1)
+                r = group["rank"]
+                right = G.shape[0] >= G.shape[1]
+                M = G.float() if G.dtype != torch.float64 else G
+                if group["refresh"] == "svd":
+                    U, _, Vh = torch.linalg.svd(M, full_matrices=False)  # checks its status: one host sync
+                    ortho = _fix_signs(Vh[:r].T).T if right else _fix_signs(U[:, :r])
+                    state["ortho"] = ortho.to(G.dtype).contiguous()
+                    continue
+                gen = torch.Generator().manual_seed(1000003 * index + step)
+                A = M if right else M.T
+                prev = state.get("ortho")
+                start = None if prev is None else (prev.T if right else prev).to(A.dtype)
+                iters = group["power_iters"] if start is None else max(1, group["power_iters"] - 1)
+                Q, C = _subspace_basis(A, r, start, iters, group["oversample"], gen)
+                pending.setdefault((r, C.shape[-1], C.device), []).append((state, right, G.dtype, Q, C))
+        for (r, _, _), items in pending.items():
+            W = _top_eigenvectors(torch.stack([C for *_, C in items]), r)
+            for (state, right, dtype, Q, _), w in zip(items, W):
+                P = _fix_signs(Q @ w.to(Q.dtype))
+                state["ortho"] = (P.T if right else P).to(dtype).contiguous()
 
     @torch.no_grad()
     def step(self, closure: Callable | None = None):
@@ -105,11 +187,10 @@ class GaLoreAdamW(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        index = 0
+        self._refresh_due()
         for group in self.param_groups:
             b1, b2 = group["betas"]
             for p in group["params"]:
-                index += 1
                 if p.grad is None:
                     continue
                 grad = p.grad
@@ -120,8 +201,6 @@ class GaLoreAdamW(Optimizer):
                 if project:
                     grad = grad.reshape(p.shape[0], -1)
                     right = grad.shape[0] >= grad.shape[1]
-                    if "ortho" not in state or state["step"] % group["update_gap"] == 0:
-                        self._refresh(grad, state, group, index)
                     P = state["ortho"]
                     grad = grad @ P.T if right else P.T @ grad
                 if "exp_avg" not in state:
