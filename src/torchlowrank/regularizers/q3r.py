@@ -28,9 +28,10 @@ eps = +inf) are weighted 1, so ``target_rank >= min(m, n)`` leaves R = identity:
 then ``lam * ||W||_F^2``, i.e. plain L2 weight decay with gradient ``2 lam W``.
 
 GPU layout (DESIGN §7): the state of every matrix has a fixed size -- K *slots* (U (m, K), V (n, K),
-s (K,), eps a 0-d tensor) with weights ``c = where(s > eps, eps / s - 1, 0)`` -- so that nothing in a
-step depends on a value read back from the device. Same-shape matrices are reweighted and
-regularized together as one batch. Per step the cost is ~4 K m n multiply-adds per matrix; the
+s (K,), eps a 0-d tensor) with weights ``c = where(s > eps, eps / s - 1, 0)`` -- so that no decision in
+a step depends on a value read back from the device; the one synchronisation left is the error check
+of the batched small SVD on a reweighting step (see :class:`Q3R`). Same-shape matrices are
+reweighted and regularized together as one batch. Per step the cost is ~4 K m n multiply-adds per matrix; the
 reweighting is amortised over ``period`` steps.
 """
 from __future__ import annotations
