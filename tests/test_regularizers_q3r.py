@@ -629,3 +629,17 @@ def test_float32_randomized_slots_match_a_float64_svd_on_a_steep_spectrum():
     kept = reg.blocks[0].state["s"][:37].double()
     torch.testing.assert_close(kept, s[:37], rtol=1e-4, atol=0)
     assert reg.eps["Linear"] == pytest.approx(float(s[36]), rel=1e-4)
+
+
+def test_same_shape_layers_with_different_target_ranks_share_a_batch_with_their_own_eps():
+    layers = {f"l{i}": linear_with(decaying_matrix(30, 24, decay=0.6, seed=10 + i)) for i in range(3)}
+    reg = Q3R(layers, 2, 0.2, rank_overrides={"l1": 5, "l2": 24})  # l2: rank >= min(m, n), plain weight decay
+    assert reg.slots() == {"l0": 14, "l1": 14, "l2": 14}  # one batch: max(r) + 1 + 8 over the active blocks
+    reg.step()
+    for name, rank in (("l0", 2), ("l1", 5)):
+        W = layers[name].weight.detach()
+        PU, PV, eps = reference_operator(W, rank)
+        assert reg.eps[name] == pytest.approx(eps, rel=1e-10)
+        torch.testing.assert_close(layers[name].weight.grad, 2 * 0.2 * PU @ W @ PV, rtol=1e-9, atol=1e-12)
+    assert math.isinf(reg.eps["l2"]) and reg.kept()["l2"] == 0
+    torch.testing.assert_close(layers["l2"].weight.grad, 2 * 0.2 * layers["l2"].weight.detach())
