@@ -643,3 +643,24 @@ def test_same_shape_layers_with_different_target_ranks_share_a_batch_with_their_
         torch.testing.assert_close(layers[name].weight.grad, 2 * 0.2 * PU @ W @ PV, rtol=1e-9, atol=1e-12)
     assert math.isinf(reg.eps["l2"]) and reg.kept()["l2"] == 0
     torch.testing.assert_close(layers["l2"].weight.grad, 2 * 0.2 * layers["l2"].weight.detach())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_reweighting_follows_the_cpu_one_and_makes_one_host_sync():
+    """Different sketches (CUDA's and the CPU's generators differ), the same operator on a decaying
+    spectrum: gradients and eps agree to float32 accuracy; a reweighting step makes one sync."""
+    from host_syncs import HostSyncCounter
+
+    layers = [linear_with(decaying_matrix(64, 48, decay=0.7, seed=s).float()) for s in range(3)]
+    cuda_layers = [copy.deepcopy(lin).cuda() for lin in layers]
+    reg_cpu, reg_cuda = Q3R(layers, 4, 0.1, period=2), Q3R(cuda_layers, 4, 0.1, period=2)
+    calls = []
+    for _ in range(3):
+        reg_cpu.step()
+        with HostSyncCounter() as syncs:
+            reg_cuda.step()
+        calls.append(syncs.calls)
+    assert calls == [["linalg_svd"], [], ["linalg_svd"]]
+    assert list(reg_cuda.eps.values()) == pytest.approx(list(reg_cpu.eps.values()), rel=1e-4)
+    for a, b in zip(layers, cuda_layers):
+        torch.testing.assert_close(b.weight.grad.cpu(), a.weight.grad, rtol=1e-4, atol=1e-5)
