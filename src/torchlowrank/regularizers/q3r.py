@@ -264,8 +264,8 @@ class Q3R(MatrixRegularizer):
     Host synchronisation (DESIGN §7): with the default ``method="randomized"`` and no
     ``shard_reweighting``, a step reads nothing back from the device, except that a reweighting step
     makes **one** batched ``torch.linalg.svd`` call for all the regularized matrices together (the
-    SVDs of their small (L, L) projections, L = K below), whose LAPACK / cuSOLVER status check
-    synchronises; the other steps make none. ``method="full"`` makes one more batched SVD (of the
+    SVDs of their small (K, K) projections, K below; one call per compute dtype and device), whose
+    LAPACK / cuSOLVER status check synchronises; the other steps make none. ``method="full"`` makes one more batched SVD (of the
     whole matrices) per group of same-shape matrices.
 
     Kept directions: every matrix has K = min(min(m, n), target_rank + 1 + oversample) *slots*
