@@ -409,7 +409,7 @@ def test_low_rank_layers_are_refused_with_a_clear_error():
     assert Q3R(model, 2, 0.1).names == ["2"]  # targets=None skips them
 
 
-def test_nan_weight_at_reweighting_names_the_layer_and_changes_nothing():
+def test_nan_weight_at_a_synchronous_reweighting_names_the_layer_and_changes_nothing():
     model = nn.Sequential(nn.Linear(8, 12), nn.ReLU(), nn.Linear(12, 4))
     reg = Q3R(model, 2, 0.1, period=2)
     reg.step()
@@ -419,11 +419,36 @@ def test_nan_weight_at_reweighting_names_the_layer_and_changes_nothing():
         model[2].weight[0, 0] = float("nan")
     model.zero_grad()
     with pytest.raises(ValueError, match="'2'"):
-        reg.step()
+        reg.reweight(sync=True)
     after = reg.state_dict()
     assert after["steps"] == 2 and after["blocks"][0]["eps"] == before["blocks"][0]["eps"]
     assert torch.equal(after["blocks"][0]["U"], before["blocks"][0]["U"])
     assert model[0].weight.grad is None
+
+
+def test_nan_weight_at_a_reweighting_step_keeps_that_layers_operator_and_reweights_the_others():
+    """Inside step() nothing is read back to raise: the non-finite layer keeps its previous operator
+    and eps, is listed by skipped(), and the other layers are reweighted as usual."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 12), nn.ReLU(), nn.Linear(12, 12), nn.ReLU(), nn.Linear(12, 12))
+    reg = Q3R(model, 2, 0.1, period=2)
+    reg.step()
+    reg.step()
+    before = copy.deepcopy(reg.state_dict())
+    with torch.no_grad():
+        model[2].weight[0, 0] = float("nan")
+        model[4].weight.mul_(0.5)  # same shape as '2', reweighted in the same batch
+    reg.step()  # step 2: a reweighting
+    after = reg.state_dict()
+    assert reg.skipped() == ["2"]
+    b2, a2 = before["blocks"][1], after["blocks"][1]
+    assert a2["eps"] == b2["eps"] and torch.equal(a2["U"], b2["U"]) and torch.equal(a2["s"], b2["s"])
+    assert after["blocks"][2]["eps"] < before["blocks"][2]["eps"]  # '4' was reweighted (its s halved)
+    assert torch.isfinite(model[4].weight.grad).all()
+    with torch.no_grad():
+        model[2].weight[0, 0] = 0.0
+    reg.reweight()
+    assert reg.skipped() == []
 
 
 def test_update_mode_regularizes_w_minus_w0():
@@ -446,3 +471,196 @@ def test_update_mode_regularizes_w_minus_w0():
     reg2 = Q3R(linear_with(W0 + 1.0), 2, 0.5, update=True)
     reg2.load_state_dict(sd)
     torch.testing.assert_close(reg2.blocks[0].state["anchor"], W0)
+
+
+# -- GPU layout: no host sync in a step, batched reweighting, fixed slots ---------------------------------------
+def _mixed_mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(40, 48), nn.ReLU(), nn.Linear(48, 48), nn.ReLU(), nn.Linear(48, 48), nn.ReLU(),
+                         nn.Linear(48, 96), nn.ReLU(), nn.Linear(96, 10))
+
+
+@pytest.mark.parametrize("decoupled", [False, True], ids=["coupled", "decoupled_tensor_lr"])
+def test_step_reads_nothing_back_from_the_device_except_one_small_svd_per_reweighting(decoupled):
+    """Several same-shape and different-shape layers, 8 steps at period 3 (reweightings at steps 0, 3, 6):
+    a reweighting step makes exactly one batched torch.linalg.svd call (its error check is the one
+    synchronisation), every other step none -- with a tensor learning rate in decoupled mode too."""
+    from host_syncs import HostSyncCounter
+
+    model = _mixed_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=torch.tensor(0.01))
+    reg = Q3R(model, 3, 0.1, period=3, decoupled=decoupled, optimizer=opt)
+    assert len({b.shape for b in reg.blocks}) == 4 and len(reg.blocks) == 5
+    x = torch.randn(16, 40)
+    calls = []
+    for _ in range(8):
+        opt.zero_grad()
+        model(x).pow(2).mean().backward()
+        with HostSyncCounter() as syncs:
+            reg.step()
+        opt.step()
+        calls.append(syncs.calls)
+    assert calls == [["linalg_svd"], [], [], ["linalg_svd"], [], [], ["linalg_svd"], []]
+    assert all(0 < e < math.inf for e in reg.eps.values())
+
+
+def test_gpt2_conv1d_and_fused_slices_step_without_host_syncs_between_reweightings(tiny_gpt2):
+    from host_syncs import HostSyncCounter
+
+    reg = Q3R(tiny_gpt2, 0.25, 0.1, period=2, split={"c_attn": 3})
+    calls = []
+    for t in range(4):
+        tiny_gpt2.zero_grad()
+        with HostSyncCounter() as syncs:
+            reg.step()
+        calls.append(syncs.calls)
+        if t == 0:
+            assert set(reg.kept().values()) == {8}  # 0.25 of min(32, 128) = 8 directions above eps = s_9
+    assert calls == [["linalg_svd"], [], ["linalg_svd"], []]
+    assert all(torch.isfinite(b.param.grad).all() for b in reg.blocks)
+
+
+def test_same_shape_layers_reweighted_as_one_batch_match_an_independent_float64_svd_each():
+    layers = [linear_with(decaying_matrix(30, 24, decay=0.5, seed=s)) for s in range(3)]
+    layers.append(linear_with(decaying_matrix(24, 30, decay=0.5, seed=7)))  # a second shape group
+    lam = 0.4
+    reg = Q3R(layers, 3, lam, period=100)
+    assert set(reg.slots().values()) == {12}  # 3 + 1 + oversample 8
+    reg.step()
+    for lin in layers:
+        W = lin.weight.detach()
+        PU, PV, eps = reference_operator(W, 3)
+        torch.testing.assert_close(lin.weight.grad, 2 * lam * PU @ W @ PV, rtol=1e-9, atol=1e-12)
+    assert list(reg.eps.values()) == pytest.approx([reference_operator(lin.weight.detach(), 3)[2] for lin in layers],
+                                                   rel=1e-10)
+
+
+def test_singular_vectors_are_sign_fixed_largest_entry_positive():
+    model = _mixed_mlp()
+    reg = Q3R(model, 3, 0.1)
+    reg.step()
+    for b in reg.blocks:
+        U = b.state["U"]
+        top = U.gather(0, U.abs().argmax(0, keepdim=True))[0]
+        assert (top > 0).all()
+        # the sign-fixed triplets still reproduce W's top part: U^T W V = diag(s)
+        W = b.matrix(b.param.detach())
+        torch.testing.assert_close(U.T @ W @ b.state["V"], torch.diag(b.state["s"]), rtol=1e-3, atol=1e-4)
+
+
+def reference_operator_at(W: torch.Tensor, eps: float):
+    """P_U, P_V for a given eps (weights min(1, eps / s)), from a float64 full SVD."""
+    U, s, Vh = torch.linalg.svd(W.double(), full_matrices=True)
+    w = torch.clamp(eps / s, max=1.0)
+    m, n = W.shape
+    du, dv = torch.ones(m, dtype=torch.float64), torch.ones(n, dtype=torch.float64)
+    du[:s.numel()], dv[:s.numel()] = w, w
+    return U @ torch.diag(du) @ U.T, Vh.T @ torch.diag(dv) @ Vh
+
+
+def test_slots_grow_only_at_a_synchronous_reweighting_which_restores_the_exact_kept_set():
+    W0 = decaying_matrix(30, 20, decay=0.8, seed=3)
+    lin = linear_with(W0)
+    lam = 0.3
+    reg = Q3R(lin, 2, lam, period=1, oversample=2)
+    assert reg.slots() == {"Linear": 5}
+    reg.step()  # eps = s_3(W0)
+    eps = reg.eps["Linear"]
+    with torch.no_grad():
+        lin.weight.mul_(10.0)  # every s grows 10x: ~13 of them are now above the (unchanged) eps
+    reg.step()  # a reweighting with the fixed 5 slots: no host sync, so no growth
+    exact = int((torch.linalg.svdvals(lin.weight.detach()) > eps).sum())
+    assert exact > 10 and reg.eps["Linear"] == eps
+    assert reg.kept() == {"Linear": 5} and reg.saturated() == ["Linear"]
+    reg.reweight(sync=True)  # 5 -> 10 -> 20 slots (= min(m, n))
+    assert reg.slots() == {"Linear": 20} and reg.kept() == {"Linear": exact} and reg.saturated() == []
+    lin.weight.grad = None
+    reg.value().backward()
+    PU, PV = reference_operator_at(lin.weight.detach(), eps)
+    torch.testing.assert_close(lin.weight.grad, 2 * lam * PU @ lin.weight.detach() @ PV, rtol=1e-9, atol=1e-12)
+    reg.step()  # later reweightings keep the grown slots
+    assert reg.slots() == {"Linear": 20}
+
+
+def test_tensor_learning_rate_gives_the_float_learning_rate_result():
+    model_a, x, y = _toy()
+    model_b = copy.deepcopy(model_a)
+    opt_a = torch.optim.SGD(model_a.parameters(), lr=0.05)
+    opt_b = torch.optim.SGD(model_b.parameters(), lr=torch.tensor(0.05))
+    reg_a = Q3R(model_a, 3, 0.2, period=3, targets=["0", "2"], decoupled=True, optimizer=opt_a)
+    reg_b = Q3R(model_b, 3, 0.2, period=3, targets=["0", "2"], decoupled=True, optimizer=opt_b)
+    _train(model_a, reg_a, opt_a, 7, x, y)
+    _train(model_b, reg_b, opt_b, 7, x, y)
+    for pa, pb in zip(model_a.parameters(), model_b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-6, atol=1e-7)
+
+
+def test_a_checkpoint_that_kept_only_the_directions_above_eps_loads_into_padded_slots():
+    model, x, y = _toy()
+    reg = Q3R(model, 3, 0.1, period=3, targets=["0", "2"])
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    _train(model, reg, opt, 2, x, y)
+    sd = reg.state_dict()
+    for b in sd["blocks"]:  # the older layout: only the kept triplets
+        keep = b["s"] > b["eps"]
+        b["U"], b["V"], b["s"] = b["U"][:, keep], b["V"][:, keep], b["s"][keep]
+    fresh = Q3R(model, 3, 0.1, period=3, targets=["0", "2"])
+    fresh.load_state_dict(sd)
+    assert fresh.kept() == reg.kept() and fresh.slots() == reg.slots()
+    for a, b in zip(fresh.blocks, reg.blocks):
+        X = torch.randn(*a.shape)
+        torch.testing.assert_close(q3r_operator(X, a.state["U"], a.state["V"], a.state["c"]),
+                                   q3r_operator(X, b.state["U"], b.state["V"], b.state["c"]), rtol=1e-5, atol=1e-6)
+
+
+def test_float32_randomized_slots_match_a_float64_svd_on_a_steep_spectrum():
+    """The power iterations rescale with a shifted Cholesky QR (no host sync); on a steep spectrum
+    (s_i = 0.9^i, s_{r+1} / s_1 ~ 0.02) the kept singular values and eps stay accurate in float32."""
+    g = torch.Generator().manual_seed(5)
+    U, _ = torch.linalg.qr(torch.randn(200, 200, generator=g, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(150, 150, generator=g, dtype=torch.float64))
+    s = 0.9 ** torch.arange(150, dtype=torch.float64)
+    W = (U[:, :150] * s) @ V.T
+    lin = nn.Linear(150, 200, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(W)
+    reg = Q3R(lin, 36, 0.1)
+    reg.step()
+    kept = reg.blocks[0].state["s"][:37].double()
+    torch.testing.assert_close(kept, s[:37], rtol=1e-4, atol=0)
+    assert reg.eps["Linear"] == pytest.approx(float(s[36]), rel=1e-4)
+
+
+def test_same_shape_layers_with_different_target_ranks_share_a_batch_with_their_own_eps():
+    layers = {f"l{i}": linear_with(decaying_matrix(30, 24, decay=0.6, seed=10 + i)) for i in range(3)}
+    reg = Q3R(layers, 2, 0.2, rank_overrides={"l1": 5, "l2": 24})  # l2: rank >= min(m, n), plain weight decay
+    assert reg.slots() == {"l0": 14, "l1": 14, "l2": 14}  # one batch: max(r) + 1 + 8 over the active blocks
+    reg.step()
+    for name, rank in (("l0", 2), ("l1", 5)):
+        W = layers[name].weight.detach()
+        PU, PV, eps = reference_operator(W, rank)
+        assert reg.eps[name] == pytest.approx(eps, rel=1e-10)
+        torch.testing.assert_close(layers[name].weight.grad, 2 * 0.2 * PU @ W @ PV, rtol=1e-9, atol=1e-12)
+    assert math.isinf(reg.eps["l2"]) and reg.kept()["l2"] == 0
+    torch.testing.assert_close(layers["l2"].weight.grad, 2 * 0.2 * layers["l2"].weight.detach())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_reweighting_follows_the_cpu_one_and_makes_one_host_sync():
+    """Different sketches (CUDA's and the CPU's generators differ), the same operator on a decaying
+    spectrum: gradients and eps agree to float32 accuracy; a reweighting step makes one sync."""
+    from host_syncs import HostSyncCounter
+
+    layers = [linear_with(decaying_matrix(64, 48, decay=0.7, seed=s).float()) for s in range(3)]
+    cuda_layers = [copy.deepcopy(lin).cuda() for lin in layers]
+    reg_cpu, reg_cuda = Q3R(layers, 4, 0.1, period=2), Q3R(cuda_layers, 4, 0.1, period=2)
+    calls = []
+    for _ in range(3):
+        reg_cpu.step()
+        with HostSyncCounter() as syncs:
+            reg_cuda.step()
+        calls.append(syncs.calls)
+    assert calls == [["linalg_svd"], [], ["linalg_svd"]]
+    assert list(reg_cuda.eps.values()) == pytest.approx(list(reg_cpu.eps.values()), rel=1e-4)
+    for a, b in zip(layers, cuda_layers):
+        torch.testing.assert_close(b.weight.grad.cpu(), a.weight.grad, rtol=1e-4, atol=1e-5)

@@ -227,14 +227,15 @@ class MatrixRegularizer:
                 return group
         return None
 
-    def _param_lr(self, p: torch.Tensor) -> float:
+    def _param_lr(self, p: torch.Tensor) -> float | torch.Tensor:
+        """The lr of ``p``'s param group, as stored: a tensor lr (e.g. set by a scheduler) stays a tensor,
+        so that reading it does not synchronise a GPU with the host."""
         group = self._group_of(p)
         if group is None:
             raise ValueError("a regularized weight is not in the optimizer's param_groups")
-        lr = group["lr"]
-        return float(lr.item() if isinstance(lr, torch.Tensor) else lr)
+        return group["lr"]
 
-    def _lrs(self, lr: float | None) -> list[float]:
+    def _lrs(self, lr: float | None) -> list[float | torch.Tensor]:
         if lr is not None:
             if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0:
                 raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
@@ -271,8 +272,11 @@ class MatrixRegularizer:
                     _write_block(b, b.param.grad, g, scale)
 
 
-def _write_block(b: Block, target: torch.Tensor, delta: torch.Tensor, alpha: float = 1.0) -> None:
-    """target[block] += alpha * delta (delta: the block's (p, q) matrix), in place, whatever target's strides."""
+def _write_block(b: Block, target: torch.Tensor, delta: torch.Tensor, alpha: float | torch.Tensor = 1.0) -> None:
+    """target[block] += alpha * delta (delta: the block's (p, q) matrix), in place, whatever target's strides.
+    ``alpha`` may be a 0-d tensor (a tensor learning rate): it is multiplied in, never read back."""
+    if isinstance(alpha, torch.Tensor):
+        delta, alpha = delta * alpha.to(delta.dtype), 1.0
     view = b.matrix(target)
     if _shares_storage(view, target):
         view.add_(delta.to(target.dtype), alpha=alpha)

@@ -6,8 +6,8 @@ For a weight matrix W (m, n) with singular values s_i, the smoothed log-det rank
                                               s^2 / 2                         (s <  eps).
 
 Every ``period`` steps Q3R takes the top singular triplets of the current weight W0 (no autograd,
-float32), lowers eps <- min(eps, s_{r+1}(W0)) (eps starts at +inf; r = target rank) and keeps
-U (m, k), V (n, k), s (k,) with s > eps. This defines the weight operator
+float32), lowers eps <- min(eps, s_{r+1}(W0)) (eps starts at +inf; r = target rank) and weights the
+directions with s > eps. This defines the weight operator
 
     R(X) = P_U X P_V,  P_U = U diag(eps / s) U^T + (I - U U^T)   (same for V),
 
@@ -26,12 +26,19 @@ whose gradient is ``2 * lam * R(W)``; this is what :meth:`Q3R.step` adds to ``W.
 :meth:`Q3R.value` returns (with a gradient). Directions with s_i <= eps (all of them while
 eps = +inf) are weighted 1, so ``target_rank >= min(m, n)`` leaves R = identity: the regularizer is
 then ``lam * ||W||_F^2``, i.e. plain L2 weight decay with gradient ``2 lam W``.
-Per step the cost is ~4 k m n multiply-adds per matrix; the SVD is amortised over ``period`` steps.
+
+GPU layout (DESIGN §7): the state of every matrix has a fixed size -- K *slots* (U (m, K), V (n, K),
+s (K,), eps a 0-d tensor) with weights ``c = where(s > eps, eps / s - 1, 0)`` -- so that no decision in
+a step depends on a value read back from the device; the one synchronisation left is the error check
+of the batched small SVD on a reweighting step (see :class:`Q3R`). Same-shape matrices are
+reweighted and regularized together as one batch. Per step the cost is ~4 K m n multiply-adds per matrix; the
+reweighting is amortised over ``period`` steps.
 """
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -39,7 +46,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .. import distributed as tlr_dist
-from ..linalg import compute_dtype, truncated_svd
+from ..linalg import compute_dtype
 from ..targets import Targets
 from ._base import MatrixRegularizer, Split
 
@@ -48,6 +55,7 @@ __all__ = ["Q3R", "q3r_operator", "smoothed_logdet", "q3r_reweight"]
 
 def smoothed_logdet(s: torch.Tensor, eps: float) -> torch.Tensor:
     """F_eps = sum_i f_eps(s_i) for singular values s (k,); eps = +inf gives sum s_i^2 / 2."""
+    eps = float(eps)
     if math.isinf(eps):
         return (s * s).sum() / 2
     big = s >= eps
@@ -58,40 +66,182 @@ def smoothed_logdet(s: torch.Tensor, eps: float) -> torch.Tensor:
 def q3r_operator(X: torch.Tensor, U: torch.Tensor, V: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     """R(X) = (I + U diag(c) U^T) X (I + V diag(c) V^T).
 
-    X: (m, n), U: (m, k), V: (n, k), c: (k,) = eps / s - 1. Cost 4 k m n (two passes of 2 k m n).
+    X: (..., m, n), U: (..., m, k), V: (..., n, k), c: (..., k) = eps / s - 1 on the kept directions and
+    0 on the others (a zero weight is the identity there). Cost 4 k m n (two passes of 2 k m n).
     """
-    if c.numel() == 0:
+    if c.shape[-1] == 0:
         return X.clone()
-    A = X + U @ (c[:, None] * (U.T @ X))
-    return A + ((A @ V) * c) @ V.T
+    if X.ndim == 3:  # a batch of same-shape blocks: two fused multiply-adds
+        A = torch.baddbmm(X, U, c[:, :, None] * (U.mT @ X))
+        return torch.baddbmm(A, (A @ V) * c[:, None, :], V.mT)
+    A = X + U @ (c[..., :, None] * (U.mT @ X))
+    return A + ((A @ V) * c[..., None, :]) @ V.mT
+
+
+def _weights(s: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """c = eps / s - 1 where s > eps, else 0. s: (..., K), eps: (...). No NaN for s = 0 or eps = +inf."""
+    e = eps[..., None]
+    return torch.where(s > e, e / torch.where(s > e, s, torch.ones_like(s)) - 1.0, torch.zeros_like(s))
+
+
+def _small_svd(mats: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """SVD of every (B_i, L_i, L_i) batch in ``mats`` as ONE batched ``torch.linalg.svd`` call (per dtype
+    and device): each batch is zero-padded to the largest L (a zero border adds zero singular values
+    after the real ones and leaves the real triplets' vectors zero in the border), then cut back.
+
+    This is the one host synchronisation of a reweighting: ``torch.linalg.svd`` checks LAPACK /
+    cuSOLVER's status on the host. Returns (Ub (B, L, L), s (B, L), Vb (B, L, L)) with M = Ub diag(s) Vb^T.
+    """
+    out: list = [None] * len(mats)
+    by_key: dict[tuple, list[int]] = {}
+    for i, M in enumerate(mats):
+        by_key.setdefault((M.dtype, M.device), []).append(i)
+    for idx in by_key.values():
+        Lmax = max(mats[i].shape[-1] for i in idx)
+        stacked = torch.cat([nn.functional.pad(mats[i], (0, Lmax - mats[i].shape[-1], 0, Lmax - mats[i].shape[-1]))
+                             for i in idx])
+        try:
+            Ub, s, Vh = torch.linalg.svd(stacked)
+        except RuntimeError:  # LAPACK did not converge (rare): once more in float64
+            Ub, s, Vh = (t.to(stacked.dtype) for t in torch.linalg.svd(stacked.double()))
+        start = 0
+        for i in idx:
+            B, L = mats[i].shape[0], mats[i].shape[-1]
+            out[i] = (Ub[start:start + B, :L, :L], s[start:start + B, :L], Vh[start:start + B, :L, :L].mT)
+            start += B
+    return out
+
+
+def _sign_fix(U: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flip each pair (u_i, v_i) so that the largest-|entry| component of u_i is positive (the result
+    then does not depend on the device's LAPACK). U: (B, m, K), V: (B, n, K)."""
+    top = torch.gather(U, -2, U.abs().argmax(dim=-2, keepdim=True))  # (B, 1, K)
+    sign = torch.where(top < 0, -1.0, 1.0).to(U.dtype)
+    return U * sign, V * sign
+
+
+def _range_finder(W: torch.Tensor, omega: torch.Tensor, n_iter: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Randomized range finder (Halko, Martinsson & Tropp 2011) on a batch, rescaled after every product.
+
+    W: (B, m, n), omega: (B, n, L) with L <= min(m, n). Returns Q (B, m, L), Qz (B, n, L) orthonormal
+    and T (B, L, L) with Q^T W = T Qz^T, so the SVD T = Ub diag(s) Vb^T gives W's approximate top
+    triplets U = Q Ub, V = Qz Vb. The power iterations rescale with a shifted Cholesky QR, the two
+    final bases are Householder QRs; neither checks errors (no host sync).
+    """
+    Y = W @ omega
+    for _ in range(n_iter):
+        Y = W @ _rescaled_basis(W.mT @ _rescaled_basis(Y))
+    Q = torch.linalg.qr(Y).Q
+    Qz, Rz = torch.linalg.qr(W.mT @ Q)  # W^T Q = Qz Rz  ->  Q^T W = Rz^T Qz^T
+    return Q, Qz, Rz.mT
+
+
+def _rescaled_basis(Y: torch.Tensor) -> torch.Tensor:
+    """A basis of Y's column span (B, p, L) with columns of comparable scale, from a shifted Cholesky
+    QR: Y R^{-1} with R^T R = Y^T Y + shift I, shift = L u trace(Y^T Y) (u: the dtype's epsilon). R is
+    invertible, so the span is Y's exactly; only orthonormality is approximate, which the power
+    iterations do not need (on decaying spectra the top singular values come out as accurate as with
+    a Householder QR). One batched Gram product, ``cholesky_ex`` and ``solve_triangular``: no error
+    check, no host sync, and no per-matrix solver calls. Where the Cholesky factorisation fails
+    anyway, the columns are just normalised."""
+    G = Y.mT @ Y
+    L = G.shape[-1]
+    finfo = torch.finfo(Y.dtype)
+    shift = L * finfo.eps * G.diagonal(dim1=-2, dim2=-1).sum(-1) + finfo.tiny ** 0.5
+    R, info = torch.linalg.cholesky_ex(G + shift[:, None, None] * torch.eye(L, dtype=G.dtype, device=G.device),
+                                       upper=True)
+    Q = torch.linalg.solve_triangular(R, Y, upper=True, left=False)
+    scaled = Y / (Y.norm(dim=-2, keepdim=True) + finfo.tiny)
+    return torch.where((info == 0)[:, None, None], Q, scaled)
+
+
+def _uses_full(method: str, m: int, n: int, L: int) -> bool:
+    # "auto": the randomized range finder pays off when the sketch is a small part of the matrix
+    return method == "full" or (method == "auto" and not (min(m, n) >= 256 and 4 * L <= min(m, n)))
+
+
+def _top_triplets(W: torch.Tensor, L: int, full: bool, n_iter: int, omega: torch.Tensor | None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-L triplets of a batch W (B, m, n): U (B, m, L), s (B, L) descending, V (B, n, L), sign-fixed.
+    ``full``: one batched thin SVD (a host sync); else the range finder with sketch omega (B, n, L)."""
+    if full:
+        try:
+            U, s, Vh = torch.linalg.svd(W, full_matrices=False)
+        except RuntimeError:
+            U, s, Vh = (t.to(W.dtype) for t in torch.linalg.svd(W.double(), full_matrices=False))
+        U, s, V = U[..., :L], s[..., :L], Vh.mT[..., :L]
+    else:
+        Q, Qz, T = _range_finder(W, omega, n_iter)
+        ((Ub, s, Vb),) = _small_svd([T])
+        U, V = Q @ Ub, Qz @ Vb
+    U, V = _sign_fix(U, V)
+    return U, s, V
 
 
 def q3r_reweight(W: torch.Tensor, rank: int, eps: float, *, method: str = "randomized", k_start: int = 0,
                  oversample: int = 8, n_iter: int = 2, generator: torch.Generator | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
-    """One reweighting: (U (m, k), s (k,), V (n, k), eps') with eps' = min(eps, s_{rank+1}(W)), s > eps'.
+    """One reweighting of one matrix, with the kept set exactly {s > eps'}: (U (m, k), s (k,), V (n, k),
+    eps') with eps' = min(eps, s_{rank+1}(W)).
 
-    W: (m, n) float32/float64, no autograd. The SVD is truncated to the top ``k`` triplets, starting at
-    ``max(rank + 1, k_start)`` and doubling while the smallest computed s is still above eps' (so no kept
-    direction is missed); ``method`` is passed to :func:`torchlowrank.linalg.truncated_svd`
-    ("randomized" switches to "full" when the sketch would be most of the matrix).
+    W: (m, n) float32/float64, no autograd. The top ``k`` triplets are computed from a sketch of
+    ``k + oversample`` columns (``method="randomized"``; ``"full"``: a thin SVD; ``"auto"``: randomized
+    when the sketch is at most a quarter of a matrix with min(m, n) >= 256), starting at
+    ``max(rank + 1, k_start)`` and doubling while the smallest computed s is still above eps' (so no
+    direction with s > eps' is missed). This stand-alone form reads values back to decide (it
+    synchronises a GPU); :class:`Q3R` does the same reweighting batched with a fixed number of slots.
     ``rank >= min(m, n)``: nothing is kept and eps stays as it is (+inf: R = identity, weight decay).
     ``s_{rank+1} = 0`` leaves eps unchanged too.
     """
-    full = min(W.shape)
+    m, n = W.shape
+    full = min(m, n)
+    eps = float(eps)
     if rank >= full:
-        return W.new_zeros(W.shape[0], 0), W.new_zeros(0), W.new_zeros(W.shape[1], 0), eps
+        return W.new_zeros(m, 0), W.new_zeros(0), W.new_zeros(n, 0), eps
     k = min(full, max(rank + 1, k_start))
-    while True:
-        how = "full" if (method != "full" and k + oversample >= full) else method
-        U, S, Vh = truncated_svd(W, k, method=how, oversample=oversample, n_iter=n_iter, generator=generator)
-        # a zero s_{r+1} (rank <= r, e.g. an update W - W0 at its start) carries no scale: keep eps
-        new_eps = min(eps, float(S[rank])) if float(S[rank]) > 0 else eps
-        if float(S[-1]) <= new_eps or k == full:
-            break
-        k = min(full, 2 * k)
+    with torch.no_grad():
+        while True:
+            L = min(full, k + oversample)
+            use_full = _uses_full(method, m, n, L)
+            omega = None if use_full else torch.randn(n, L, generator=generator, device=W.device, dtype=W.dtype)[None]
+            U, S, V = (t[0, ..., :k] for t in _top_triplets(W.detach()[None], L, use_full, n_iter, omega))
+            sr = float(S[rank])
+            # a zero s_{r+1} (rank <= r, e.g. an update W - W0 at its start) carries no scale: keep eps
+            new_eps = min(eps, sr) if sr > 0 else eps
+            if float(S[-1]) <= new_eps or k == full:
+                break
+            k = min(full, 2 * k)
     keep = S > new_eps
-    return U[:, keep], S[keep], Vh[keep].T, new_eps
+    return U[:, keep], S[keep], V[:, keep], new_eps
+
+
+@dataclass
+class _Group:
+    """Same-shape, same-dtype, same-device blocks, reweighted and regularized as one batch.
+
+    K slots per block (fixed between growths, see :meth:`Q3R.reweight`); U (B, m, K), V (B, n, K),
+    s (B, K), eps (B,), c (B, K) = where(s > eps, eps / s - 1, 0); ranks (B,) the index r of s_{r+1};
+    active (B,) False for blocks with rank >= min(m, n) (eps stays +inf, R = identity); skipped (B,)
+    True where the last reweighting met a non-finite weight and kept the previous operator."""
+
+    idx: list[int]
+    shape: tuple[int, int]
+    full: bool  # thin SVD of the whole matrix instead of the range finder
+    K: int
+    ranks: torch.Tensor
+    active: torch.Tensor
+    U: torch.Tensor
+    V: torch.Tensor
+    s: torch.Tensor
+    eps: torch.Tensor
+    c: torch.Tensor
+    skipped: torch.Tensor
+
+    def padded(self, K: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(U, V, s) zero-padded to K >= self.K slots (zero slots have weight 0: the identity)."""
+        extra = K - self.K
+        pad = nn.functional.pad
+        return pad(self.U, (0, extra)), pad(self.V, (0, extra)), pad(self.s, (0, extra))
 
 
 class Q3R(MatrixRegularizer):
@@ -107,9 +257,26 @@ class Q3R(MatrixRegularizer):
     ``W <- W - lr * 2 lam R(W)`` to the weight (like AdamW's weight decay, evaluated at the weight the
     gradient was computed at): call ``reg.step()`` at the same place (after ``backward()``, before
     ``optimizer.step()``), with ``lr`` taken from ``optimizer=`` (each weight's param group, so lr
-    schedulers apply) or given as ``reg.step(lr=...)``. With plain SGD both modes give the same
-    iterates. Users who prefer autograd add ``reg.value()`` to the loss and call ``reg.advance()``
-    once per step instead of ``reg.step()``.
+    schedulers apply; a tensor lr is used as a tensor) or given as ``reg.step(lr=...)``. With plain SGD
+    both modes give the same iterates. Users who prefer autograd add ``reg.value()`` to the loss and
+    call ``reg.advance()`` once per step instead of ``reg.step()``.
+
+    Host synchronisation (DESIGN §7): with the default ``method="randomized"`` and no
+    ``shard_reweighting``, a step reads nothing back from the device, except that a reweighting step
+    makes **one** batched ``torch.linalg.svd`` call for all the regularized matrices together (the
+    SVDs of their small (K, K) projections, K below; one call per compute dtype and device), whose
+    LAPACK / cuSOLVER status check synchronises; the other steps make none. ``method="full"`` makes one more batched SVD (of the
+    whole matrices) per group of same-shape matrices.
+
+    Kept directions: every matrix has K = min(min(m, n), target_rank + 1 + oversample) *slots*
+    (``method="full"``, or ``"auto"`` choosing it: K = min(m, n)) for its top singular triplets, and a
+    slot is weighted (c = eps / s - 1) when its s > eps, else it is the identity. If training lifts
+    more than K singular values above eps, the ones beyond the K-th are weighted like s <= eps (the
+    penalty is then that of plain weight decay on them, stronger than the surrogate's) until
+    ``reweight(sync=True)`` -- the one place where K grows, doubling while the smallest slot's s is
+    still above eps. ``saturated()`` lists the matrices for which this happened; calling
+    ``reg.reweight(sync=True)`` now and then (e.g. once per epoch, or at checkpoints) keeps the kept
+    set exact, for a few host syncs outside the training step.
 
     Args:
         model_or_modules: a model (layers chosen by ``targets``), one layer, a list of layers or of
@@ -126,18 +293,25 @@ class Q3R(MatrixRegularizer):
             (equal slices, for every target) or ``{name or suffix: int or [sizes]}``, e.g.
             ``{"c_attn": 3}`` for GPT-2's q|k|v.
         rank_overrides: ``{name or suffix: int or fraction}``, first match wins.
-        method: SVD of the reweighting, ``"randomized"`` (default), ``"full"`` or ``"auto"``.
+        method: ``"randomized"`` (default: a batched randomized range finder with ``oversample`` extra
+            slots and ``n_iter`` power iterations, QR after every product), ``"full"`` (a batched thin
+            SVD of the whole matrices; every direction has a slot) or ``"auto"`` (randomized when the
+            sketch is at most a quarter of a matrix with min(m, n) >= 256).
         update: regularize the update ``W - W0`` instead of ``W`` (W0: the weights when the regularizer is
             built), e.g. to make a full fine-tuning's update low-rank so that it can be exported as a
             rank-r LoRA adapter. W0 is kept (compute dtype) and saved in :meth:`state_dict`.
-        seed: seeds the randomized SVD's sketches (a function of the seed, step and block, so a resumed
+        seed: seeds the randomized sketches (a function of the seed, step and block, so a resumed
             run draws the same sketches).
-        shard_reweighting: under ``torch.distributed`` (DDP), split the reweighting's SVDs over the
-            processes (block i on process i % world_size) and broadcast the results: each process
-            computes 1/world_size of them, for two all-reduces of a few numbers and one broadcast per
-            block (U, V, s) on reweighting steps. The result is the same as unsharded (the same
-            sketches). False (default): every process reweights every block from its identical
-            weights, with no collective. No effect without a process group.
+        shard_reweighting: under ``torch.distributed`` (DDP), split the reweighting over the processes
+            (block i on process i % world_size) and broadcast the results: two all-reduces (the eps's
+            and the non-finite flags) and one broadcast per block (U, V, s) on reweighting steps; this
+            synchronises. The result is the same as unsharded (the same sketches). False (default):
+            every process reweights every block from its identical weights, with no collective.
+            No effect without a process group.
+
+    A weight holding NaN/Inf at a reweighting inside ``step()`` keeps that matrix's previous operator
+    (and eps) -- nothing is read back to raise -- and is listed by ``skipped()``;
+    ``reweight(sync=True)`` raises ``ValueError`` naming the layer instead, changing nothing.
     """
 
     def __init__(self, model_or_modules: nn.Module | Any, target_rank: int | float, lam: float, period: int = 5,
@@ -154,22 +328,44 @@ class Q3R(MatrixRegularizer):
             raise ValueError("target_rank is required: an int >= 1 or a fraction in (0, 1] of min(m, n)")
         if not isinstance(shard_reweighting, bool):
             raise ValueError(f"shard_reweighting must be True or False, got {shard_reweighting!r}")
+        for what, v, low in (("oversample", oversample, 0), ("n_iter", n_iter, 0)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ValueError(f"{what} must be an int >= {low}, got {v!r}")
         self.shard_reweighting = shard_reweighting
         super().__init__(model_or_modules, lam, targets, exclude=exclude, split=split, target_rank=target_rank,
                          rank_overrides=rank_overrides, decoupled=decoupled, optimizer=optimizer)
         self.period = period
-        self.method, self.oversample, self.n_iter, self.seed = method, int(oversample), int(n_iter), int(seed)
+        self.method, self.oversample, self.n_iter, self.seed = method, oversample, n_iter, int(seed)
         self.steps = 0
         self._reweighted_at = -1
-        self._groups = None
         self.update = bool(update)
-        for b in self.blocks:
-            m, n = b.shape
-            z = dict(device=b.param.device)
-            b.state.update(eps=math.inf, U=torch.zeros(m, 0, **z), V=torch.zeros(n, 0, **z), s=torch.zeros(0, **z),
-                           c=torch.zeros(0, **z))
-            if self.update:
+        if self.update:
+            for b in self.blocks:
                 b.state["anchor"] = b.matrix(b.param.detach()).to(compute_dtype(b.param.dtype)).clone()
+        by_key: dict[tuple, list[int]] = {}
+        for i, b in enumerate(self.blocks):
+            by_key.setdefault((b.shape, compute_dtype(b.param.dtype), b.param.device), []).append(i)
+        self._groups: list[_Group] = []
+        for (shape, dtype, device), idx in by_key.items():
+            full_rank = min(shape)
+            ranks = [self.blocks[i].rank for i in idx]
+            active = [r < full_rank for r in ranks]
+            K = min(full_rank, max((r for r, a in zip(ranks, active) if a), default=-1) + 1 + oversample)
+            use_full = _uses_full(method, *shape, K)
+            K = 0 if not any(active) else full_rank if use_full else K
+            z = dict(dtype=dtype, device=device)
+            B, (m, n) = len(idx), shape
+            self._groups.append(_Group(
+                idx, shape, use_full, K, torch.tensor([min(r, max(K - 1, 0)) for r in ranks], device=device),
+                torch.tensor(active, device=device), torch.zeros(B, m, K, **z), torch.zeros(B, n, K, **z),
+                torch.zeros(B, K, **z), torch.full((B,), math.inf, **z), torch.zeros(B, K, **z),
+                torch.zeros(B, dtype=torch.bool, device=device)))
+            self._expose(self._groups[-1])
+
+    def _expose(self, g: _Group) -> None:
+        """Per-block views of the group's state (``block.state["U"]`` etc.)."""
+        for j, i in enumerate(g.idx):
+            self.blocks[i].state.update(U=g.U[j], V=g.V[j], s=g.s[j], eps=g.eps[j], c=g.c[j])
 
     # -- the algorithm ---------------------------------------------------------------------------------
     def _current(self, b, W: torch.Tensor) -> torch.Tensor:
@@ -180,101 +376,151 @@ class Q3R(MatrixRegularizer):
     def _due(self) -> bool:
         return self.steps % self.period == 0 and self._reweighted_at != self.steps
 
+    def _sketch(self, i: int, n: int, K: int, like: torch.Tensor) -> torch.Tensor:
+        gen = torch.Generator(device=like.device).manual_seed(
+            (self.seed * 1_000_003 + self.steps * 7919 + i) % (2**63 - 1))
+        return torch.randn(n, K, generator=gen, device=like.device, dtype=like.dtype)
+
     @torch.no_grad()
-    def reweight(self) -> None:
+    def reweight(self, sync: bool = False) -> None:
         """Recompute U, V, s and eps of every block from the current weights (float32, no autograd).
 
-        Raises ``ValueError`` naming the layer (and changes nothing) if a weight holds NaN/Inf.
+        ``sync=False`` (what :meth:`step` does): fixed slots, one host sync in all (the batched small
+        SVD, see the class docstring); a block whose weight holds NaN/Inf keeps its previous operator.
+        ``sync=True`` (call it outside the training step): first raises ``ValueError`` naming the layer
+        (and changes nothing) if a weight holds NaN/Inf; then, per group of same-shape matrices,
+        doubles the number of slots K (up to min(m, n)) and redoes that group while some block's
+        smallest slot still has s > eps, so that every direction with s > eps is weighted. K stays
+        grown for the later reweightings.
         """
-        mats = []
-        for b in self.blocks:
-            W = b.matrix(b.param.detach())
-            if not torch.isfinite(W).all():
-                raise ValueError(f"weight of {b.name!r} contains NaN/Inf at step {self.steps}: training diverged "
+        mats = [self._current(b, b.matrix(b.param.detach())) for b in self.blocks]
+        if sync:
+            bad = torch.stack([~torch.isfinite(W).all() for W in mats]).tolist()
+            if any(bad):
+                name = self.blocks[bad.index(True)].name
+                raise ValueError(f"weight of {name!r} contains NaN/Inf at step {self.steps}: training diverged "
                                  "(lower the learning rate or lam); the regularizer was left unchanged")
-            mats.append(self._current(b, W))
         world, me = tlr_dist.world_size(), tlr_dist.rank()
         shard = self.shard_reweighting and world > 1
-        new: list[tuple | None] = []
+        groups = self._slotted()
+        Ks = {id(g): g.K for g in groups}
         with torch.autocast(device_type=mats[0].device.type, enabled=False):
-            for i, (b, W) in enumerate(zip(self.blocks, mats)):
-                if shard and i % world != me:  # another process reweights this block
-                    new.append(None)
-                    continue
-                Wf = W.to(compute_dtype(W.dtype))
-                gen = torch.Generator(device=Wf.device).manual_seed(
-                    (self.seed * 1_000_003 + self.steps * 7919 + i) % (2**63 - 1))
-                U, s, V, eps = q3r_reweight(Wf, b.rank, b.state["eps"], method=self.method,
-                                            k_start=b.state["s"].numel() + 1, oversample=self.oversample,
-                                            n_iter=self.n_iter, generator=gen)
-                new.append((U, s, V, eps))
-        if shard:
-            new = self._share_reweighting(new, mats, world)
-        for b, (U, s, V, eps) in zip(self.blocks, new):
-            b.state.update(U=U, V=V, s=s, eps=eps, c=(eps / s - 1.0) if s.numel() else s.clone())
+            new = self._compute(groups, Ks, mats, shard, world, me)
+            while sync:
+                grow = [g for g in groups if Ks[id(g)] < min(g.shape)
+                        and bool((g.active & (new[id(g)][2][:, -1] > new[id(g)][3])).any())]
+                if not grow:
+                    break
+                for g in grow:
+                    Ks[id(g)] = min(min(g.shape), 2 * Ks[id(g)])
+                new.update(self._compute(grow, Ks, mats, shard, world, me))
+        for g in groups:  # commit only once everything is computed
+            g.U, g.V, g.s, g.eps, g.skipped = new[id(g)]
+            g.c, g.K = _weights(g.s, g.eps), Ks[id(g)]
+            self._expose(g)
         self._reweighted_at = self.steps
-        self._build_groups()
 
-    def _share_reweighting(self, new: list, mats: list[torch.Tensor], world: int) -> list[tuple]:
-        """Give every process every block's (U, s, V, eps); block i was computed by process i % world.
-        Two all-reduces (the k's, so that receivers can allocate, and the eps's), then one broadcast
-        per block with k > 0 of its packed [U; V; s^T] (m + n + 1, k) from its owner."""
-        dev = mats[0].device
-        ks = torch.tensor([0 if t is None else t[1].numel() for t in new], dtype=torch.int64, device=dev)
-        eps = torch.tensor([0.0 if t is None else t[3] for t in new], dtype=torch.float64, device=dev)
-        dist.all_reduce(ks, op=dist.ReduceOp.SUM)  # each entry is non-zero on its owner only
-        dist.all_reduce(eps, op=dist.ReduceOp.SUM)  # (eps > 0, or +inf: inf + 0 = inf)
-        out = []
-        for i, W in enumerate(mats):
-            m, n = W.shape
-            k = int(ks[i])
-            if new[i] is not None:
-                U, sv, V, _ = new[i]
-                packed = torch.cat([U, V, sv[None]])
+    def _slotted(self) -> list[_Group]:
+        return [g for g in self._groups if g.K > 0]
+
+    def _compute(self, groups: list[_Group], Ks: dict[int, int], mats: list[torch.Tensor], shard: bool, world: int,
+                 me: int) -> dict[int, tuple]:
+        """New (U, V, s, eps, skipped) of every group in ``groups`` (K = Ks[id(group)]), nothing committed."""
+        pending, done = [], {}
+        for g in groups:
+            K = Ks[id(g)]
+            own = [j for j, i in enumerate(g.idx) if not shard or i % world == me]
+            if not own:
+                done[id(g)] = (g, own, None)
+                continue
+            W = torch.stack([mats[g.idx[j]] for j in own])
+            finite = torch.isfinite(W).flatten(1).all(1)
+            W = torch.where(finite[:, None, None], W, 0.0)
+            if g.full:
+                done[id(g)] = (g, own, (*_top_triplets(W, K, True, 0, None), finite))
             else:
-                packed = torch.empty(m + n + 1, k, dtype=compute_dtype(W.dtype), device=dev)
-            if k:
-                dist.broadcast(packed, src=i % world)
-            out.append((packed[:m], packed[m + n], packed[m:m + n], float(eps[i])))
+                omega = torch.stack([self._sketch(g.idx[j], g.shape[1], K, W) for j in own])
+                pending.append((g, own, finite, *_range_finder(W, omega, self.n_iter)))
+        for (g, own, finite, Q, Qz, _), (Ub, s, Vb) in zip(pending, _small_svd([p[-1] for p in pending])):
+            U, V = _sign_fix(Q @ Ub, Qz @ Vb)
+            done[id(g)] = (g, own, (U, s, V, finite))
+        out = {}
+        for key, (g, own, res) in done.items():
+            K = Ks[key]
+            U0, V0, s0 = g.padded(K)
+            if res is None:  # another process reweights every block of this group
+                out[key] = (U0, V0, s0, g.eps, g.skipped)
+                continue
+            U, s, V, finite = res
+            whole = len(own) == len(g.idx)
+            if whole:  # no indexing: a device index built from a Python list would be a host-to-device copy
+                ranks, eps0, active = g.ranks, g.eps, g.active
+            else:
+                sel = torch.tensor(own, device=U.device)
+                ranks, eps0, active, U0, V0, s0 = (t[sel] for t in (g.ranks, g.eps, g.active, U0, V0, s0))
+            sr = torch.gather(s, 1, ranks.clamp_max(K - 1)[:, None])[:, 0]
+            # a zero s_{r+1} (rank <= r, e.g. an update W - W0 at its start) carries no scale: keep eps
+            eps = torch.where(active & (sr > 0), torch.minimum(eps0, sr), eps0)
+            keep = finite[:, None, None]  # a non-finite weight keeps its previous operator
+            new = (torch.where(keep, U, U0), torch.where(keep, V, V0), torch.where(keep[:, 0], s, s0),
+                   torch.where(finite, eps, eps0), ~finite)
+            if whole:
+                out[key] = new
+                continue
+            full = [t.clone() for t in (*g.padded(K), g.eps, g.skipped)]
+            for t, part in zip(full, new):
+                t[sel] = part
+            out[key] = tuple(full)
+        if shard and groups:
+            out = self._share_reweighting(groups, out, world)
         return out
 
-    def _build_groups(self) -> None:
-        """Stack the operators of same-shape blocks (zero-padded to the group's largest k; c = 0 pads are
-        the identity) so that each step costs a few batched matmuls instead of one set per matrix."""
-        by_key: dict[tuple, list[int]] = {}
-        for i, b in enumerate(self.blocks):
-            key = (b.shape, compute_dtype(b.param.dtype), b.param.device)
-            by_key.setdefault(key, []).append(i)
-        self._groups = []
-        for (shape, dtype, device), idx in by_key.items():
-            K = max(self.blocks[i].state["s"].numel() for i in idx)
-            m, n = shape
-            U = torch.zeros(len(idx), m, K, dtype=dtype, device=device)
-            V = torch.zeros(len(idx), n, K, dtype=dtype, device=device)
-            c = torch.zeros(len(idx), K, dtype=dtype, device=device)
-            for j, i in enumerate(idx):
-                st = self.blocks[i].state
-                k = st["s"].numel()
-                U[j, :, :k], V[j, :, :k], c[j, :k] = st["U"], st["V"], st["c"]
-            self._groups.append((idx, U, V, c))
+    def _share_reweighting(self, groups: list[_Group], part: dict[int, tuple], world: int) -> dict[int, tuple]:
+        """Give every process every block's (U, V, s, eps); block i was computed by process i % world.
+        Two all-reduces (the eps's and the non-finite flags, every block's entry non-zero on its owner
+        only), then one broadcast per block of its packed [U; V; s^T] (m + n + 1, K) from its owner."""
+        me = tlr_dist.rank()
+        dev = part[id(groups[0])][0].device
+        order = [(g, j, i) for g in groups for j, i in enumerate(g.idx)]
+        eps = torch.stack([part[id(g)][3][j] if i % world == me else torch.zeros((), device=dev, dtype=part[id(g)][3].dtype)
+                           for g, j, i in order]).double()
+        skipped = torch.stack([part[id(g)][4][j] if i % world == me else torch.zeros((), dtype=torch.bool, device=dev)
+                               for g, j, i in order]).to(torch.int64)
+        dist.all_reduce(eps, op=dist.ReduceOp.SUM)  # (eps > 0, or +inf: inf + 0 = inf)
+        dist.all_reduce(skipped, op=dist.ReduceOp.SUM)
+        out = {}
+        pos = 0
+        for g in groups:
+            U, V, s = part[id(g)][:3]
+            m, n = g.shape
+            Us, Vs, ss = [], [], []
+            for j, i in enumerate(g.idx):
+                packed = torch.cat([U[j], V[j], s[j][None]]).contiguous()
+                if packed.shape[-1]:
+                    dist.broadcast(packed, src=i % world)
+                Us.append(packed[:m])
+                Vs.append(packed[m:m + n])
+                ss.append(packed[m + n])
+            e = eps[pos:pos + len(g.idx)].to(s.dtype)
+            sk = skipped[pos:pos + len(g.idx)] > 0
+            pos += len(g.idx)
+            s_all = torch.stack(ss)
+            out[id(g)] = (torch.stack(Us), torch.stack(Vs), s_all, e, sk)
+        return out
 
     gradient_factor = 2.0  # d/dW lam <W, R(W)> = 2 lam R(W); _gradients returns R(W)
 
     def _gradients(self) -> list[torch.Tensor]:
-        if self._groups is None:
-            self._build_groups()
         out: list[torch.Tensor | None] = [None] * len(self.blocks)
-        for idx, U, V, c in self._groups:
+        for g in self._groups:
             W = torch.stack([self._current(self.blocks[i], self.blocks[i].matrix(self.blocks[i].param.detach()))
-                             for i in idx]).to(U.dtype)
-            if c.shape[-1]:
-                A = W + U @ (c[:, :, None] * (U.mT @ W))
-                W = A + ((A @ V) * c[:, None, :]) @ V.mT
-            for j, i in enumerate(idx):
-                out[i] = W[j]
+                             for i in g.idx])
+            R = q3r_operator(W, g.U, g.V, g.c) if g.K else W
+            for j, i in enumerate(g.idx):
+                out[i] = R[j]
         return out
 
-    def step(self, lr: float | None = None) -> None:
+    def step(self, lr: float | torch.Tensor | None = None) -> None:
         """Reweight if due, then add ``2 lam R(W)`` to ``.grad`` (or, decoupled, subtract ``lr`` times it
         from ``W``), then count the step. Call after ``loss.backward()``, before ``optimizer.step()``."""
         if self._due():
@@ -309,14 +555,14 @@ class Q3R(MatrixRegularizer):
         total = torch.zeros((), dtype=torch.float64)
         for b in self.blocks:
             s = torch.linalg.svdvals(self._current(b, b.matrix(b.param.detach())).double().cpu())
-            total += smoothed_logdet(s, b.state["eps"])
+            total += smoothed_logdet(s, float(b.state["eps"]))
         return total
 
-    # -- introspection -----------------------------------------------------------------------------------
+    # -- introspection (these read values back from the device) ------------------------------------------
     @property
     def eps(self) -> dict[str, float]:
         """Current eps of every block (+inf before the first reweighting)."""
-        return {b.name: b.state["eps"] for b in self.blocks}
+        return {b.name: float(b.state["eps"]) for b in self.blocks}
 
     @property
     def ranks(self) -> dict[str, int]:
@@ -324,15 +570,29 @@ class Q3R(MatrixRegularizer):
         return {b.name: b.rank for b in self.blocks}
 
     def kept(self) -> dict[str, int]:
-        """Number k of singular directions weighted by the operator (those with s > eps) per block."""
-        return {b.name: int(b.state["s"].numel()) for b in self.blocks}
+        """Number of singular directions weighted by the operator (slots with s > eps) per block."""
+        return {b.name: int((b.state["s"] > b.state["eps"]).sum()) for b in self.blocks}
+
+    def slots(self) -> dict[str, int]:
+        """Number K of slots (computed singular triplets) per block."""
+        return {self.blocks[i].name: g.K for g in self._groups for i in g.idx}
+
+    def saturated(self) -> list[str]:
+        """Blocks whose smallest slot has s > eps at the last reweighting: more directions than slots may
+        be above eps; ``reweight(sync=True)`` grows their slots."""
+        return [self.blocks[i].name for g in self._slotted() if g.K < min(g.shape)
+                for i, sat in zip(g.idx, (g.active & (g.s[:, -1] > g.eps)).tolist()) if sat]
+
+    def skipped(self) -> list[str]:
+        """Blocks whose weight held NaN/Inf at the last reweighting (their previous operator was kept)."""
+        return [self.blocks[i].name for g in self._groups for i, bad in zip(g.idx, g.skipped.tolist()) if bad]
 
     # -- checkpointing -----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Tensors and plain values only: step count, and per block name, rank, eps, U, V, s."""
+        """Tensors and plain values only: step count, and per block name, rank, eps, U, V, s (every slot)."""
         return {
             "steps": self.steps, "reweighted_at": self._reweighted_at, "period": self.period, "lam": self.lam,
-            "blocks": [{"name": b.name, "rank": b.rank, "eps": b.state["eps"], "U": b.state["U"].clone(),
+            "blocks": [{"name": b.name, "rank": b.rank, "eps": float(b.state["eps"]), "U": b.state["U"].clone(),
                         "V": b.state["V"].clone(), "s": b.state["s"].clone(),
                         **({"anchor": b.state["anchor"].clone()} if self.update else {})} for b in self.blocks],
         }
@@ -340,6 +600,7 @@ class Q3R(MatrixRegularizer):
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict` output; a resumed run continues exactly like an uninterrupted one.
 
+        Also reads checkpoints that kept only the directions with s > eps (padded with identity slots).
         Raises ``ValueError`` (changing nothing) if the blocks (names, ranks, shapes) differ."""
         blocks = state.get("blocks") if isinstance(state, Mapping) else None
         if not isinstance(blocks, list) or len(blocks) != len(self.blocks):
@@ -349,20 +610,25 @@ class Q3R(MatrixRegularizer):
             m, n = b.shape
             k = sb["s"].numel()
             if sb["name"] != b.name or sb["rank"] != b.rank or tuple(sb["U"].shape) != (m, k) \
-                    or tuple(sb["V"].shape) != (n, k) or ("anchor" in sb) != self.update:
+                    or tuple(sb["V"].shape) != (n, k) or k > min(m, n) or ("anchor" in sb) != self.update:
                 raise ValueError(f"state block {sb['name']!r} (rank {sb['rank']}, U {tuple(sb['U'].shape)}) does not "
                                  f"match {b.name!r} (rank {b.rank}, shape {(m, n)})")
-        dev = self.blocks[0].param.device
-        for b, sb in zip(self.blocks, blocks):
-            s = sb["s"].to(dev)
-            eps = float(sb["eps"])
-            b.state.update(U=sb["U"].to(dev).clone(), V=sb["V"].to(dev).clone(), s=s.clone(), eps=eps,
-                           c=(eps / s - 1.0) if s.numel() else s.clone())
-            if self.update:
-                b.state["anchor"] = sb["anchor"].to(dev).clone()
+        for g in self._groups:
+            dtype, dev = g.U.dtype, g.U.device
+            K = max([g.K] + [blocks[i]["s"].numel() for i in g.idx])
+            pad = nn.functional.pad
+            g.U = torch.stack([pad(blocks[i]["U"].to(dev, dtype), (0, K - blocks[i]["s"].numel())) for i in g.idx])
+            g.V = torch.stack([pad(blocks[i]["V"].to(dev, dtype), (0, K - blocks[i]["s"].numel())) for i in g.idx])
+            g.s = torch.stack([pad(blocks[i]["s"].to(dev, dtype), (0, K - blocks[i]["s"].numel())) for i in g.idx])
+            g.eps = torch.tensor([float(blocks[i]["eps"]) for i in g.idx], dtype=dtype, device=dev)
+            g.c, g.K = _weights(g.s, g.eps), K
+            g.skipped = torch.zeros_like(g.skipped)
+            self._expose(g)
+        if self.update:
+            for b, sb in zip(self.blocks, blocks):
+                b.state["anchor"] = sb["anchor"].to(b.state["anchor"].device).clone()
         self.steps = int(state["steps"])
         self._reweighted_at = int(state["reweighted_at"])
-        self._build_groups()
 
     def __repr__(self) -> str:
         return (f"Q3R({len(self.blocks)} matrices, lam={self.lam}, period={self.period}, "
