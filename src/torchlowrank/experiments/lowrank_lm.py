@@ -201,6 +201,12 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def diverging(loss: torch.Tensor, model: nn.Module) -> bool:
+    """True if the loss or a gradient is not finite (checked only when a step raised)."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    return not bool(torch.isfinite(loss)) or not all(bool(torch.isfinite(g).all()) for g in grads)
+
+
 def train(model: nn.Module, opts: list, train_bytes: torch.Tensor, offsets: torch.Tensor, val: torch.Tensor,
           cfg: LMConfig, device: torch.device, bar) -> dict:
     """Train for cfg.steps steps; the validation curve (nats/byte) against steps and training seconds."""
@@ -219,8 +225,10 @@ def train(model: nn.Module, opts: list, train_bytes: torch.Tensor, offsets: torc
             for o, s in zip(opts, scheds):
                 o.step()
                 s.step()
-        except ValueError:  # a geometric step refuses non-finite gradients: the run diverged
-            diverged = True
+        except (ValueError, torch.linalg.LinAlgError):
+            if not diverging(loss, model):  # a real error, not a divergence
+                raise
+            diverged = True  # a geometric step refuses non-finite gradients
         else:
             diverged = False
         bar.update(1)
@@ -240,8 +248,8 @@ def train(model: nn.Module, opts: list, train_bytes: torch.Tensor, offsets: torc
 
 def state_numbers(opts: list) -> int:
     """Numbers held in the optimizers' state (moments, projectors; step counters excluded)."""
-    return sum(v.numel() for o in opts for st in o.state.values() for v in st.values()
-               if isinstance(v, torch.Tensor) and v.ndim > 0)
+    return sum(v.numel() for o in opts for st in o.state.values() for k, v in st.items()
+               if isinstance(v, torch.Tensor) and k != "step")
 
 
 def run_arm(method: str, fraction: float, seed: int, lr: float, cfg: LMConfig, ctx: dict) -> tuple[dict, nn.Module]:
@@ -298,7 +306,10 @@ def arm_key(method: str, fraction: float) -> str:
 
 
 def _mean_std(xs: list[float]) -> tuple[float, float]:
-    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+    """Mean and sample std over seeds (std nan when a run diverged: statistics.stdev refuses inf)."""
+    if len(xs) < 2:
+        return statistics.fmean(xs), 0.0
+    return statistics.fmean(xs), (statistics.stdev(xs) if all(map(math.isfinite, xs)) else math.nan)
 
 
 def summarize(cfg: LMConfig, chosen: list[dict], dense_targeted: int) -> tuple[list[list], dict]:
