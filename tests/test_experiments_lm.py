@@ -101,3 +101,12 @@ def test_quick_report_writes(lm, tmp_path):
     assert "torchlowrank reproduce lowrank-lm" in md
     assert sum(k.startswith("png:") for k in paths) == 2 * len(lm.config["fractions"])
     assert load_result(paths["json"]).metrics == pytest.approx(lm.metrics)
+
+
+def test_a_diverged_run_is_recorded_not_raised():
+    cfg = dataclasses.replace(lowrank_lm.QUICK, fixed_lr={m: 50.0 for m in lowrank_lm.METHODS}, steps=12,
+                              eval_every=4)
+    result = lowrank_lm.lm_study("lowrank-lm-diverged", cfg, quick=True, progress=False)
+    for r in result.history["runs"]:
+        assert r["val"][-1] == math.inf and len(r["val"]) == len(r["step"]) == len(r["seconds"]), r["method"]
+    assert any(r["method"].startswith("LowRankAdam") for r in result.history["runs"])  # the ValueError path
