@@ -481,7 +481,7 @@ def test_subspace_truncation_equals_the_svd_truncation_on_a_training_step():
     s = torch.sort(torch.rand(4, r, generator=g) + 0.1, descending=True).values
     S = torch.zeros(4, 2 * r, 2 * r)
     S[:, :r, :r] = torch.diag_embed(s)
-    S = S + 1e-2 * torch.randn(4, 2 * r, 2 * r, generator=g)  # one Adam step of lr 1e-2
+    S = S + 1e-3 * torch.randn(4, 2 * r, 2 * r, generator=g)  # one Adam step of lr 1e-3 (entries of size ~lr)
     P, d, Q = top_subspace(S, r)
     Pf, df, Qhf = torch.linalg.svd(S.double())
     best = Pf[:, :, :r] @ torch.diag_embed(df[:, :r]) @ Qhf[:, :r]

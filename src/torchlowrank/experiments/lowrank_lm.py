@@ -38,7 +38,7 @@ from torch import nn
 
 from ..compress import count_parameters, factorize, rank_for_fraction
 from ..data.datasets import load_rotten_tomatoes_bytes
-from ..optim import GaLoreAdamW, LowRankAdam
+from ..optim import GaLoreAdamW, LowRankAdam, NonFiniteStepError
 from ..progress import progress_bar
 from ..reproducibility import environment_info, one_thread
 from ..results import Plot, Result, Series, Table
@@ -140,7 +140,7 @@ def make_arm(method: str, base: nn.Module, ranks: dict[str, int], lr: float, cfg
         return model, [torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)]
     if method == "LowRankAdam":
         model = factorized(base, ranks, "USV")
-        return model, [LowRankAdam(model, lr=lr)]
+        return model, [LowRankAdam(model, lr=lr, nonfinite="raise")]
     if method == "LowRankAdam adaptive":
         # one optimizer per rank class, so that each layer's max_rank is its own budget rank
         model = factorized(base, ranks, "USV")
@@ -150,7 +150,7 @@ def make_arm(method: str, base: nn.Module, ranks: dict[str, int], lr: float, cfg
         opts = []
         for i, k in enumerate(sorted(set(ranks.values()))):
             items = [mods[n] for n, r in ranks.items() if r == k] + (rest if i == 0 else [])
-            opts.append(LowRankAdam(items, lr=lr, tau=cfg.tau, max_rank=k))
+            opts.append(LowRankAdam(items, lr=lr, tau=cfg.tau, max_rank=k, nonfinite="raise"))
         return model, opts
     if method == "GaLoreAdamW":
         model = copy.deepcopy(base)
@@ -225,10 +225,12 @@ def train(model: nn.Module, opts: list, train_bytes: torch.Tensor, offsets: torc
             for o, s in zip(opts, scheds):
                 o.step()
                 s.step()
+        except NonFiniteStepError:  # LowRankAdam(nonfinite="raise") refused an overflowing step
+            diverged = True
         except (ValueError, torch.linalg.LinAlgError):
             if not diverging(loss, model):  # a real error, not a divergence
                 raise
-            diverged = True  # a geometric step refuses non-finite gradients
+            diverged = True
         else:
             diverged = False
         bar.update(1)

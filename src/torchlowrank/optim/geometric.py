@@ -53,7 +53,12 @@ from ..layers import LowRankConv2d, LowRankLinear, _LowRankFactors
 from ..linalg import compute_dtype
 from .manifold_step import complement_basis, galerkin_core, sign_fix, tail_ranks, top_subspace
 
-__all__ = ["LowRankSGD", "LowRankAdam", "resize_to_state_dict", "lowrank_units"]
+__all__ = ["LowRankSGD", "LowRankAdam", "NonFiniteStepError", "resize_to_state_dict", "lowrank_units"]
+
+
+class NonFiniteStepError(ValueError):
+    """Raised by a step with ``nonfinite="raise"`` when a gradient, or the stepped core of a layer,
+    is not finite; nothing was changed."""
 
 
 def lowrank_units(model: nn.Module) -> list[tuple[str, _LowRankFactors]]:
@@ -266,7 +271,7 @@ class _GeometricOptimizer(Optimizer):
                         where = f"layer {group['unit']!r} (factor {which})"
                     else:
                         where = f"parameter {self._param_names.get(id(p), '?')!r}"
-                    raise ValueError(f"non-finite gradient in {where}: step refused, no weight was changed. "
+                    raise NonFiniteStepError(f"non-finite gradient in {where}: step refused, no weight was changed. "
                                      "Lower the learning rate, check the loss, or use gradient clipping.")
 
     # ----- the common geometric step ----------------------------------------------------------
@@ -312,11 +317,7 @@ class _GeometricOptimizer(Optimizer):
         if finite is not None:  # a skipped step still runs (no host branch): keep its algebra finite
             A, B = torch.where(finite, A, 0.0), torch.where(finite, B, 0.0)
         states = [self.state[layer.U] for layer in layers]
-        for st in states:
-            if not st:
-                st["rank"], st["step"] = U.shape[-1], 0
-            st["step"] += 1
-        step, r = states[0]["step"], U.shape[-1]
+        step, r = states[0].get("step", 0) + 1, U.shape[-1]  # written to the states when applied
         # augment at steps 1, 1 + k, 1 + 2k, ...; in between a Galerkin step in the current basis (S-step)
         augment = (step - 1) % group["augment_every"] == 0
         C = U.mT @ A  # U^T G V (b, r, r)
@@ -331,7 +332,15 @@ class _GeometricOptimizer(Optimizer):
         else:
             U1 = V1 = TU = TV = EU = EV = None
             G_hat, S_hat, free = C, torch.diag_embed(s), torch.ones_like(C)
-        S_hat, moments = self._direction(group, states, G_hat, S_hat, r, free)
+        unstepped = S_hat
+        S_hat, moments = self._direction(group, states, G_hat, S_hat, r, free, step)
+        # a step so large that the core overflows is refused like a non-finite gradient
+        ok = torch.isfinite(S_hat).all()
+        if self.defaults["nonfinite"] == "raise" and not bool(ok):
+            raise NonFiniteStepError(f"the stepped core of layer(s) {[g['unit'] for g in groups]} is not finite: the step "
+                             f"overflowed (lr {group['lr']:g} too large?). Step refused, no weight was changed.")
+        ok = ok if finite is None else ok & finite
+        S_hat = torch.where(ok, S_hat, unstepped)
         ranks = None
         if group["tau"] > 0 and step % group["rank_every"] == 0:  # the whole spectrum: the rank may grow to 2r
             Pm, d, Qh = torch.linalg.svd(S_hat)
@@ -339,19 +348,21 @@ class _GeometricOptimizer(Optimizer):
             full = min(U.shape[1], V.shape[1])
             hi = min(full, group["max_rank"] if group["max_rank"] is not None else full, d.shape[-1])
             ranks = tail_ranks(d, group["tau"], group["min_rank"], hi)
-            if finite is not None:  # a skipped step keeps its rank
-                ranks = torch.where(finite, ranks, torch.full_like(ranks, r))
+            ranks = torch.where(ok, ranks, torch.full_like(ranks, r))  # a skipped step keeps its rank
         else:
             P, d, Q = top_subspace(S_hat, r)
-        return dict(groups=groups, layers=layers, states=states, U=U, V=V, U1=U1, V1=V1, TU=TU, TV=TV, EU=EU, EV=EV, P=P, d=d, Q=Q,
-                    moments=moments, ranks=ranks, r=r)
+        return dict(groups=groups, layers=layers, states=states, U=U, V=V, U1=U1, V1=V1, TU=TU, TV=TV, EU=EU, EV=EV,
+                    P=P, d=d, Q=Q, moments=moments, ranks=ranks, r=r, step=step, ok=ok)
 
     @torch.no_grad()
-    def _apply_batch(self, core: dict, ranks: list[int] | None, finite: torch.Tensor | None) -> None:
+    def _apply_batch(self, core: dict, ranks: list[int] | None) -> None:
         """Step 5: keep r1 directions of each stepped core; new factors and transported moments,
-        all masked by ``finite`` (a skipped step leaves factors and moments as they were)."""
-        r = core["r"]
+        all masked by the core's ``ok`` flag (a skipped step leaves factors and moments as they were)."""
+        r, finite = core["r"], core["ok"]
         for i, (group, layer, state) in enumerate(zip(core["groups"], core["layers"], core["states"])):
+            if not state:
+                state["rank"] = r
+            state["step"] = core["step"]
             r1 = r if ranks is None else ranks[i]
             P1, Q1 = core["P"][i, :, :r1], core["Q"][i, :, :r1]
             U, V = core["U"][i], core["V"][i]
@@ -373,10 +384,10 @@ class _GeometricOptimizer(Optimizer):
                 else:  # one number per layer, invariant under the change of basis
                     new = M[i].clone()
                 old = state.get(key)
-                if finite is not None and old is not None and old.shape == new.shape:
+                if old is not None and old.shape == new.shape:
                     new = torch.where(finite, new, old)
                 state[key] = new
-            if finite is not None and r1 == r:
+            if r1 == r:
                 U_new, V_new = torch.where(finite, U_new, U), torch.where(finite, V_new, V)
                 d = torch.where(finite, d, layer.S.detach().to(d.dtype))
             state["rank"] = r1
@@ -418,7 +429,7 @@ class _GeometricOptimizer(Optimizer):
                     ranks[j], values = values[:len(c["groups"])], values[len(c["groups"]):]
         self.ranks_changed = False
         for core, rk in zip(cores, ranks):
-            self._apply_batch(core, rk, finite)
+            self._apply_batch(core, rk)
         return loss, [g for g in self.param_groups if g["unit"] is None], finite
 
     @staticmethod
@@ -588,7 +599,7 @@ class LowRankSGD(_GeometricOptimizer):
                                                augment_every=augment_every, rank_every=rank_every,
                                                nonfinite=nonfinite, sync_ranks=sync_ranks))
 
-    def _direction(self, group, states, G_hat, S_hat, r, free):
+    def _direction(self, group, states, G_hat, S_hat, r, free, step):
         """S^ - lr * heavy-ball direction, for stacks G_hat, S_hat (b, p, q)."""
         if group["weight_decay"]:
             G_hat = G_hat + group["weight_decay"] * S_hat
@@ -669,11 +680,11 @@ class LowRankAdam(_GeometricOptimizer):
                                                basis_lr_ratio=basis_lr_ratio, nonfinite=nonfinite,
                                                sync_ranks=sync_ranks))
 
-    def _direction(self, group, states, G_hat, S_hat, r, free):
+    def _direction(self, group, states, G_hat, S_hat, r, free, step):
         """S^ (1 - lr wd) - lr * Adam direction, for stacks G_hat, S_hat (b, p, q); ``free`` (b, p, q)
         marks the entries of G^ that are not structurally zero."""
         b1, b2 = group["betas"]
-        t = states[0]["step"]
+        t = step
         shape = G_hat.shape[1:]
         m = self._stack_moment(states, "exp_avg", shape, r, G_hat).mul_(b1).add_(G_hat, alpha=1 - b1)
         kind, augmented = group["second_moment"], G_hat.shape[-1] > r

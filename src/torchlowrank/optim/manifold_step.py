@@ -31,15 +31,15 @@ def _inverse_cholesky(G: torch.Tensor, shift: torch.Tensor | float = 0.0) -> tor
 
 def complement_basis(U: torch.Tensor, A: torch.Tensor, C: torch.Tensor
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """New orthonormal directions with span([U, U1]) containing span(A), as U1 = Q1 T: returns
-    Q1 (b, m, r), T (b, r, r), E = U^T U1 (b, r, r), R = U1^T A (b, r, r) and keep (b, r): 1 for a
-    direction of U1, 0 for a dropped one. ``C``: U^T A.
+    """New orthonormal directions U1 (b, m, r), orthogonal to U, with span([U, U1]) containing
+    span(A), as U1 = Q1 T - U E: returns Q1 (b, m, r), T (b, r, r), E (b, r, r), R = U1^T A
+    (b, r, r) and keep (b, r): 1 for a direction of U1, 0 for a dropped one. ``C``: U^T A.
 
-    K = A - U C is orthonormalised by shifted Cholesky QR, twice (CholeskyQR2): Q1 = K L1^{-T} is
-    formed, the second pass U1 = Q1 L2^{-T} is not (callers fold T into their own small factors).
-    U1 is orthogonal to U only up to eps * cond(K) (the triangular factors amplify the rounding
-    left in K); the basis to use is [U, U1 - U E], orthogonal to rounding, and a caller combining
-    U X + (U1 - U E) Y = U (X - E Y) + Q1 (T Y) pays no extra pass over the tall matrices.
+    K = A - U C is orthonormalised by shifted Cholesky QR, twice (CholeskyQR2), the second pass
+    also re-orthogonalising against U ("twice is enough"): Q1 = K L1^{-T} is formed, the second
+    pass is not: the new basis is U1 = (Q1 - U F) T with F = U^T Q1 (the rounding of K amplified
+    by the solve) and T = L2^{-T} from the small Gram matrix Q1^T Q1 - F^T F. Callers combine
+    U X + U1 Y = U (X - E Y) + Q1 (T Y) with E = F T: no extra pass over the tall matrices.
     Directions of K below ~sqrt(SHIFT * eps) ||K||_F (none on a generic gradient; all of them when
     span(A) lies inside span(U); the r - (m - r) beyond a full basis when m < 2r) cannot be
     orthonormalised stably: they get a zero column in U1 and a zero row in R, i.e. the augmented
@@ -52,14 +52,21 @@ def complement_basis(U: torch.Tensor, A: torch.Tensor, C: torch.Tensor
     Q1 = K @ _inverse_cholesky(KtK, _SHIFT * eps * trace + torch.finfo(A.dtype).tiny).mT
     G1K = Q1.mT @ torch.cat([Q1, K], -1)  # [Q1^T Q1, Q1^T K] in one GEMM
     r = K.shape[-1]
-    G1, Q1tK = G1K[..., :r], G1K[..., r:]
-    # a direction that kept less than half its norm in the first pass was below the shift: drop it
-    keep = (torch.diagonal(G1, dim1=-2, dim2=-1) > 0.5).to(A.dtype)  # (b, r)
+    F = U.mT @ Q1  # what of Q1 still lies in span(U): rounding of K, amplified by the solve
+    # second pass on Q1 - U F (Gram G1 - F^T F, from small matrices): orthonormal and orthogonal to U
+    G1 = G1K[..., :r] - F.mT @ F
+    # Rank detection: the pivots of the Gram's Cholesky are the norms^2 of what each direction adds
+    # to the previous ones (~1 for a direction of K, ~0 for one below the shift or inside span(U)).
+    # Those under 1/2 are dropped, and the kept ones orthonormalised without them: pivots of a
+    # subset only grow, so the kept factor is well conditioned and the basis orthonormal to rounding.
+    pivots = torch.diagonal(torch.linalg.cholesky_ex(G1 + _SHIFT * eps * torch.eye(r, dtype=G1.dtype,
+                                                                                  device=G1.device)).L,
+                            dim1=-2, dim2=-1) ** 2
+    keep = (pivots > 0.5).to(A.dtype)  # (b, r)
     G1 = G1 * keep[:, :, None] * keep[:, None, :] + torch.diag_embed(1.0 - keep)
     T = keep[:, :, None] * _inverse_cholesky(G1).mT * keep[:, None, :]  # L2^{-T}, dropped directions zeroed
-    R = T.mT @ Q1tK  # U1^T K = U1^T A (U1 is orthogonal to U): a GEMM product, accurate to rounding
-    E = (U.mT @ Q1) @ T
-    return Q1, T, E, R, keep
+    R = T.mT @ G1K[..., r:]  # U1^T K = U1^T A: a GEMM product, accurate to rounding (U^T K is rounding)
+    return Q1, T, F @ T, R, keep
 
 
 def galerkin_core(C: torch.Tensor, RU: torch.Tensor | None, RV: torch.Tensor | None) -> torch.Tensor:
