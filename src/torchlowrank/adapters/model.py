@@ -10,8 +10,10 @@ Delta W into the base weights, so the module types and state-dict keys are the o
 every init before it modifies the model, so on an error the model is unchanged. A target whose
 weight is shared with another module (GPT-2's ``wte`` tied to ``lm_head``) gets a warning (as in
 PEFT); ``merge`` then unties it: the merged layer gets its own copy of the weight, the other
-holders keep W0, so the merged model computes what the adapted one did (and a Hugging Face model's
-``config.tie_word_embeddings`` is set to False, so saving and reloading keeps them apart).
+holders keep W0, each in a copy of its own (BART / T5 share one embedding between ``shared``,
+``encoder.embed_tokens``, ``decoder.embed_tokens`` and ``lm_head``), so the merged model computes
+what the adapted one did, and a Hugging Face model's ``config.tie_word_embeddings`` is set to False:
+the module graph and the config agree, and ``save_pretrained`` / ``from_pretrained`` reproduce it.
 """
 from __future__ import annotations
 
@@ -225,13 +227,14 @@ def merge(model: nn.Module) -> nn.Module:
     """
     state = _require_state(model, "merge")
     check_adapters_in_place(model, "merge")
-    untied = []
+    untied, groups = [], {}
     index = parameter_holders(model)
     for name, layer in adapter_layers(model):
         holders = shared_weight_holders(model, layer.base_layer, index)
         if holders:
             # Give the merged layer its own weight: the other holders keep W0, as in the adapted model.
             w = layer.base_layer.weight
+            groups[id(w)] = w
             layer.base_layer.weight = nn.Parameter(w.detach().clone(), requires_grad=w.requires_grad)
             untied.append((name, holders))
         parent_name, _, child = name.rpartition(".")
@@ -239,15 +242,42 @@ def merge(model: nn.Module) -> nn.Module:
         setattr(parent, child, layer.merged_base())
     _restore_requires_grad(model, state)
     if untied:
+        split = _untie_holders(model, groups)
         cfg = getattr(model, "config", None)
         if getattr(cfg, "tie_word_embeddings", False):
             cfg.tie_word_embeddings = False  # else save_pretrained / from_pretrained would re-tie them
         warnings.warn("merge untied " + "; ".join(f"{n} from {', '.join(h)}" for n, h in untied)
-                      + ": the merged layer has its own weight now (the model has more parameters), so the merged "
-                      "model computes what the adapted one did" + (" (config.tie_word_embeddings set to False)"
-                                                                   if cfg is not None else ""), stacklevel=2)
+                      + (f" (and {', '.join(split)} from each other)" if split else "")
+                      + ": each holder of the tied weight has its own copy now (the model has more parameters), so "
+                      "the merged model computes what the adapted one did and a save / reload keeps every copy"
+                      + (" (config.tie_word_embeddings set to False)" if cfg is not None else ""), stacklevel=2)
     del model.tlr_adapter
     return model
+
+
+def _untie_holders(model: nn.Module, groups: dict[int, nn.Parameter]) -> list[str]:
+    """Give every module still holding one of the tensors in ``groups`` (id -> tensor) its own copy
+    (the first holder keeps the tensor). Returns the names of the parameters that got a copy.
+
+    After a merge untied an adapted layer from the other holders of its weight, those holders must
+    not stay tied among themselves either: a Hugging Face ``save_pretrained`` writes one of a group of
+    tied tensors, and ``from_pretrained`` re-ties the missing ones to whatever its (changed) config or
+    its tied-weights map says, e.g. BART's ``lm_head`` to nothing (re-initialised) or T5's
+    ``encoder.embed_tokens`` to the merged ``shared``. With a copy each, every tensor is saved."""
+    kept: set[int] = set()
+    done: set[tuple[int, str]] = set()
+    split = []
+    for mod_name, mod in model.named_modules(remove_duplicate=False):
+        for p_name, p in list(mod.named_parameters(recurse=False)):
+            if id(p) not in groups or (id(mod), p_name) in done:
+                continue
+            done.add((id(mod), p_name))
+            if id(p) not in kept:
+                kept.add(id(p))
+                continue
+            setattr(mod, p_name, nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad))
+            split.append(f"{mod_name}.{p_name}" if mod_name else p_name)
+    return split
 
 
 def _restore_requires_grad(model: nn.Module, state: AdapterState) -> None:
