@@ -80,3 +80,53 @@ def test_merge_of_an_untied_model_leaves_its_config_and_parameters_alone():
         tlr.merge(model)
     assert model.config.tie_word_embeddings is False
     assert len(list(model.parameters())) == len(list(base.parameters()))
+
+
+# -- 2: an adapter on a tied alias that the forward never calls --------------------------------------------
+@pytest.mark.parametrize("name, alias, called", [
+    ("t5", "shared", "encoder.embed_tokens"),
+    ("bart", "model.shared", "model.encoder.embed_tokens"),
+])
+def test_an_adapter_on_a_tied_alias_the_forward_never_calls_warns_naming_the_called_modules(name, alias, called):
+    base = hf_models.build(name)
+    x = hf_models.example_inputs(name)
+    model = adapt_quietly(copy.deepcopy(base), tlr.LoRAConfig(r=4, target_modules=[alias.rpartition(".")[2]]))
+    randomize(model)
+    with pytest.warns(tlr.adapters.AdapterNotCalledWarning, match=rf"{alias} carries an adapter but the forward .*"
+                                                                  rf"never calls it .*{called}"):
+        y = hf_models.outputs(model, x)
+    torch.testing.assert_close(y, hf_models.outputs(base, x), rtol=0, atol=0)  # the silent no-op it reports
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once is enough: the watch is gone after the first forward
+        hf_models.outputs(model, x)
+    assert not model._forward_hooks and not model.get_submodule(alias)._forward_pre_hooks
+
+
+def test_adapting_the_called_aliases_of_a_tied_embedding_does_not_warn_and_trains():
+    model = adapt_quietly(hf_models.build("t5"), tlr.LoRAConfig(r=4, target_modules=["embed_tokens"]))
+    x = hf_models.example_inputs("t5")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", tlr.adapters.AdapterNotCalledWarning)
+        model(**x, labels=x["decoder_input_ids"]).loss.backward()
+    assert all(layer.lora_B.grad is not None for _, layer in adapter_layers(model))
+
+
+def test_a_decoding_step_without_the_encoder_does_not_count_as_the_first_forward():
+    model = adapt_quietly(hf_models.build("t5"), tlr.LoRAConfig(r=4, target_modules=["encoder.embed_tokens"]))
+    x = hf_models.example_inputs("t5")
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error", tlr.adapters.AdapterNotCalledWarning)
+        enc = model.get_encoder()(input_ids=x["input_ids"])
+        model(encoder_outputs=enc, decoder_input_ids=x["decoder_input_ids"])  # generate()'s decoding step
+        model(**x)  # a full forward: encoder.embed_tokens is called
+    assert not model._forward_hooks  # the watch ended once the encoder ran
+
+
+def test_merge_and_unadapt_remove_the_watch_of_a_model_never_run():
+    for undo in (tlr.merge, tlr.adapters.unadapt):
+        model = adapt_quietly(hf_models.build("t5"), tlr.LoRAConfig(r=4, target_modules=["shared"]))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            undo(model)
+        assert not model._forward_hooks
+        assert not any(m._forward_pre_hooks for m in model.modules())

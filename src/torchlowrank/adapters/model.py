@@ -31,7 +31,7 @@ from ..layer_types import parameter_holders, shared_weight_holders  # re-exporte
 __all__ = ["AdapterState", "adapt", "merge", "unadapt", "adapter_layers", "adapter_state", "adapter_param_groups",
            "print_trainable_parameters", "resolve_targets", "resolve_modules_to_save", "shared_weight_holders",
            "parameter_holders",
-           "check_adapters_in_place", "resize_token_embeddings", "HEAD_NAMES"]
+           "check_adapters_in_place", "resize_token_embeddings", "HEAD_NAMES", "AdapterNotCalledWarning"]
 
 HEAD_NAMES = ("classifier", "score", "lm_head", "head", "output_layer")
 
@@ -209,7 +209,80 @@ def adapt(model: nn.Module, config: AdapterConfig) -> nn.Module:
             p.requires_grad_(True)
     model.tlr_adapter = AdapterState(config=config, targets=targets, modules_to_save=saved,
                                      requires_grad=requires_grad)
+    if tied:
+        _watch_uncalled(model, tied)
     return model
+
+
+# -- a tied alias that the forward never calls -------------------------------------------------------
+# T5's ``shared`` (and BART's ``model.shared``) holds the embedding weight that ``encoder.embed_tokens``,
+# ``decoder.embed_tokens`` and ``lm_head`` use, but the forward never calls it: an adapter there changes
+# nothing and gets no gradient. Only a forward shows which module is called, so ``adapt`` watches the
+# first forwards of a model with tied targets: a target whose parent ran but which was not called,
+# while a module holding the same weight was, gets a warning naming the modules to adapt instead.
+# The watch is keyed by module names (stored on the model), so it survives copy.deepcopy, and it
+# removes its hooks once every watched target's parent has run (or on merge / unadapt).
+_CALLED = "_tlr_called"
+_WATCH = "_tlr_call_watch"
+
+
+class AdapterNotCalledWarning(UserWarning):
+    """An adapted layer is not called by the model's forward (its adapter changes nothing)."""
+
+
+def _mark_called(module: nn.Module, args) -> None:
+    module.__dict__[_CALLED] = True
+
+
+def _ran(modules: dict[str, nn.Module], name: str) -> bool:
+    return name == "" or bool(getattr(modules.get(name), "__dict__", {}).get(_CALLED, False))
+
+
+def _watch_uncalled(model: nn.Module, tied: dict[str, list[str]]) -> None:
+    watch = {name: (name.rpartition(".")[0], sorted({h.rpartition(".")[0] for h in holders}))
+             for name, holders in tied.items()}
+    names = sorted(({n for n in watch} | {p for p, _ in watch.values()}
+                    | {m for _, ms in watch.values() for m in ms}) - {""})
+    pre = {n: model.get_submodule(n).register_forward_pre_hook(_mark_called).id for n in names}
+    post = model.register_forward_hook(_check_called).id
+    model.__dict__[_WATCH] = {"watch": watch, "pending": set(watch), "pre": pre, "post": post}
+
+
+def _stop_watch(model: nn.Module) -> None:
+    info = model.__dict__.pop(_WATCH, None)
+    if info is None:
+        return
+    modules = dict(model.named_modules())
+    for n, hook_id in info["pre"].items():
+        if n in modules:
+            modules[n]._forward_pre_hooks.pop(hook_id, None)
+    model._forward_hooks.pop(info["post"], None)
+    for m in modules.values():
+        m.__dict__.pop(_CALLED, None)
+
+
+def _check_called(model: nn.Module, args, output) -> None:
+    info = model.__dict__.get(_WATCH)
+    if info is None:
+        return
+    modules = dict(model.named_modules())
+    for name in sorted(info["pending"]):
+        parent, holders = info["watch"][name]
+        if not _ran(modules, parent):
+            continue  # e.g. a decoding step of generate(): the encoder did not run, ask again next time
+        info["pending"].discard(name)
+        called = [h or type(model).__name__ for h in holders if _ran(modules, h)]
+        if not _ran(modules, name) and called:
+            warnings.warn(f"{name} carries an adapter but the forward of {type(model).__name__} never calls it "
+                          f"(its weight is used through {', '.join(called)}, which share it), so the adapter "
+                          "changes nothing and gets no gradient (backward() fails with 'element 0 of tensors does "
+                          f"not require grad' when it is the only adapter). Adapt the modules that are called "
+                          f"instead: tlr.unadapt(model), then target_modules={called}", AdapterNotCalledWarning,
+                          stacklevel=4)
+    for m in modules.values():
+        m.__dict__.pop(_CALLED, None)
+    if not info["pending"]:
+        _stop_watch(model)
 
 
 def _require_state(model: nn.Module, what: str) -> AdapterState:
@@ -227,6 +300,7 @@ def merge(model: nn.Module) -> nn.Module:
     """
     state = _require_state(model, "merge")
     check_adapters_in_place(model, "merge")
+    _stop_watch(model)
     untied, groups = [], {}
     index = parameter_holders(model)
     for name, layer in adapter_layers(model):
@@ -301,6 +375,7 @@ def unadapt(model: nn.Module) -> nn.Module:
     """Remove the adapters without folding them in (PiSSA: the residual weight stays)."""
     state = _require_state(model, "unadapt")
     check_adapters_in_place(model, "unadapt")
+    _stop_watch(model)
     for name, layer in adapter_layers(model):
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
