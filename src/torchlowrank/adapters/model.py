@@ -30,7 +30,7 @@ from ..layer_types import parameter_holders, shared_weight_holders  # re-exporte
 
 __all__ = ["AdapterState", "adapt", "merge", "unadapt", "adapter_layers", "adapter_state", "adapter_param_groups",
            "print_trainable_parameters", "resolve_targets", "resolve_modules_to_save", "shared_weight_holders",
-           "parameter_holders",
+           "parameter_holders", "norm_buffers", "changed_norm_buffers",
            "check_adapters_in_place", "resize_token_embeddings", "HEAD_NAMES", "AdapterNotCalledWarning"]
 
 HEAD_NAMES = ("classifier", "score", "lm_head", "head", "output_layer")
@@ -45,6 +45,9 @@ class AdapterState:
     targets: list[str]
     modules_to_save: list[str]
     requires_grad: dict[str, bool] = field(default_factory=dict)
+    # the normalisation statistics (BatchNorm running_mean / running_var / num_batches_tracked) outside
+    # modules_to_save at adapt time, to tell at save time whether training changed them
+    norm_buffers: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
 
 def adapter_state(model: nn.Module) -> AdapterState | None:
@@ -208,7 +211,9 @@ def adapt(model: nn.Module, config: AdapterConfig) -> nn.Module:
         for p in model.get_submodule(name).parameters():
             p.requires_grad_(True)
     model.tlr_adapter = AdapterState(config=config, targets=targets, modules_to_save=saved,
-                                     requires_grad=requires_grad)
+                                     requires_grad=requires_grad,
+                                     norm_buffers={k: v.detach().clone() for k, v in norm_buffers(model, saved).items()
+                                                   if not v.is_meta})
     if tied:
         _watch_uncalled(model, tied)
     return model
@@ -283,6 +288,38 @@ def _check_called(model: nn.Module, args, output) -> None:
         m.__dict__.pop(_CALLED, None)
     if not info["pending"]:
         _stop_watch(model)
+
+
+NORM_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def norm_buffers(model: nn.Module, saved: list[str] = ()) -> dict[str, torch.Tensor]:
+    """The running statistics of the normalisation layers (BatchNorm / InstanceNorm with
+    ``track_running_stats``: ``running_mean``, ``running_var``, ``num_batches_tracked``) outside the
+    modules ``saved``, by state-dict key. A forward in train mode updates them; an adapter file holds
+    them only with ``save_adapter(..., save_buffers=True)`` or when their layers are in modules_to_save."""
+    out = {}
+    for mod_name, mod in model.named_modules():
+        if any(mod_name == s or mod_name.startswith(s + ".") for s in saved):
+            continue
+        for b_name, b in mod.named_buffers(recurse=False):
+            if b_name in NORM_BUFFERS and b is not None:
+                out[f"{mod_name}.{b_name}" if mod_name else b_name] = b
+    return out
+
+
+def changed_norm_buffers(model: nn.Module) -> list[str]:
+    """Keys of the normalisation statistics (see :func:`norm_buffers`) that changed since ``tlr.adapt``."""
+    state = adapter_state(model)
+    if state is None:
+        return []
+    now = norm_buffers(model, state.modules_to_save)
+    return [k for k, v in state.norm_buffers.items() if k in now and not torch.equal(now[k].detach().cpu(), v.cpu())]
+
+
+def norm_layers_of(keys: list[str]) -> list[str]:
+    """The module names of normalisation-statistics keys, in order, each once."""
+    return list(dict.fromkeys(k.rpartition(".")[0] for k in keys))
 
 
 def _require_state(model: nn.Module, what: str) -> AdapterState:

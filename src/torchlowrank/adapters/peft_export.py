@@ -31,6 +31,7 @@ from torch import nn
 from ..distributed import main_process_only
 from ..files import atomic_write_bytes, atomic_write_text
 from .layers import Conv1DAdapter, Conv2dAdapter, EmbeddingAdapter
+from .io import warn_unsaved_norm_buffers
 from .model import adapter_layers, adapter_state, check_adapters_in_place
 
 __all__ = ["export_peft", "peft_state_dict", "peft_unsupported", "peft_modules_to_save_matches"]
@@ -155,6 +156,10 @@ def export_peft(model: nn.Module, path: str | os.PathLike, base_model_name_or_pa
     if state is None:
         raise ValueError("export_peft needs a model adapted with tlr.adapt(model, config)")
     tensors, r, fan_in_fan_out = peft_state_dict(model)
+    warn_unsaved_norm_buffers(model, "export_peft", "PEFT's format holds no buffers outside modules_to_save: put the "
+                              "normalisation layers in modules_to_save (they then also train), or keep the adapter "
+                              "in this library's format with tlr.save_adapter(model, path, save_buffers=True)",
+                              stacklevel=4)
     config = {
         "peft_type": "LORA",
         "task_type": None,
