@@ -79,3 +79,41 @@ def test_a_distilbert_classifier_exported_to_peft_loads_there_with_equal_outputs
     torch.testing.assert_close(hf_models.outputs(served, x), y, rtol=0, atol=1e-5)
     again = tlr.load_adapter(copy.deepcopy(base), tmp_path / "peft")
     torch.testing.assert_close(hf_models.outputs(again, x), y, rtol=0, atol=1e-5)
+
+
+# -- 6: an adapter file records the model it was made for ---------------------------------------------------
+@pytest.mark.parametrize("made_for, loaded_into, difference", [
+    (lambda: hf_models.tiny_resnet(depths=(1, 1)), lambda: hf_models.tiny_resnet(depths=(2, 1)),
+     r"config depths: \[1, 1\] vs \[2, 1\]"),  # resnet18 -> resnet34
+    (hf_models.tiny_mistral, hf_models.tiny_qwen2, r"class \S+MistralForCausalLM vs \S+Qwen2ForCausalLM"),
+])
+def test_an_adapter_loaded_into_another_architecture_with_matching_names_and_shapes_warns(tmp_path, made_for,
+                                                                                          loaded_into, difference):
+    base = made_for()
+    targets = r".*convolution" if "ResNet" in type(base).__name__ else ["q_proj", "v_proj", "down_proj"]
+    model = tlr.adapt(base, tlr.LoRAConfig(r=2, target_modules=targets))
+    randomize(model)
+    tlr.save_adapter(model, tmp_path / "adapter")
+    other = loaded_into()
+    with pytest.warns(tlr.adapters.AdapterBaseMismatchWarning, match=rf"saved from another model .*{difference}"):
+        tlr.load_adapter(other, tmp_path / "adapter")
+    assert len(adapter_layers(other)) == len(adapter_layers(model))  # it loads: only a warning
+
+
+@pytest.mark.parametrize("name, config", [
+    ("gpt2", tlr.LoRAConfig(r=2, target_modules=["wte", "c_attn"])),
+    ("llama", tlr.LoRAConfig(r=2, init="pissa", target_modules=["q_proj", "o_proj"])),
+    ("t5", tlr.DeepLoRAConfig(r=2, compress=False, target_modules=["q", "v"], modules_to_save=["lm_head"])),
+    ("resnet", tlr.LoRAConfig(r=2, target_modules=r".*convolution", modules_to_save=["classifier"])),
+])
+def test_an_adapter_loaded_into_its_own_base_model_does_not_warn(tmp_path, name, config):
+    base = hf_models.build(name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tied weights
+        model = tlr.adapt(copy.deepcopy(base), config)
+    randomize(model)
+    tlr.save_adapter(model, tmp_path / "adapter")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", tlr.adapters.AdapterBaseMismatchWarning)
+        tlr.load_adapter(copy.deepcopy(base), tmp_path / "adapter")  # a fresh base model
+        tlr.load_adapter(model, tmp_path / "adapter")  # the adapted model itself

@@ -2,7 +2,8 @@
 plus a JSON config, written atomically.
 
 A saved adapter is a folder with ``torchlowrank_adapter.json`` (config, adapted layer names,
-modules_to_save names, the SHA-256 of the tensor file) and ``torchlowrank_adapter.safetensors``
+modules_to_save names, the SHA-256 of the tensor file, the base model's class, config and layer
+fingerprint: ``load_adapter`` warns when it loads into another model) and ``torchlowrank_adapter.safetensors``
 (keys are the adapted model's state-dict keys, e.g. ``bert.encoder.layer.0.attention.self.query
 .lora_factors.0``). ``load_adapter`` validates everything (checksum, keys, shapes, config) before it
 touches the model, so a corrupted file or a mismatching model leaves the model unchanged.
@@ -32,7 +33,8 @@ from .layers import supported_layer
 from .model import (adapt, adapter_layers, adapter_state, changed_norm_buffers, check_adapters_in_place, norm_buffers,
                     norm_layers_of)
 
-__all__ = ["save_adapter", "load_adapter", "NormBuffersNotSavedWarning", "warn_unsaved_norm_buffers", "adapter_tensors", "read_peft_adapter", "config_differences",
+__all__ = ["save_adapter", "load_adapter", "NormBuffersNotSavedWarning", "AdapterBaseMismatchWarning",
+           "base_fingerprint", "warn_unsaved_norm_buffers", "adapter_tensors", "read_peft_adapter", "config_differences",
            "CONFIG_NAME", "WEIGHTS_NAME"]
 
 CONFIG_NAME = "torchlowrank_adapter.json"
@@ -72,6 +74,54 @@ def warn_unsaved_norm_buffers(model: nn.Module, what: str, hint: str, stacklevel
 
 class NormBuffersNotSavedWarning(UserWarning):
     """Normalisation statistics changed by training are not written with the adapter."""
+
+
+class AdapterBaseMismatchWarning(UserWarning):
+    """An adapter is loaded into a model of another class, structure or config than it was saved from."""
+
+
+# config entries that say how a model runs or is saved, not what it computes
+_VOLATILE_CONFIG = {"transformers_version", "architectures", "torch_dtype", "dtype", "use_cache", "output_attentions",
+                    "output_hidden_states", "return_dict", "attn_implementation", "tie_word_embeddings",
+                    "problem_type", "id2label", "label2id", "torchscript", "use_return_dict"}
+
+
+def base_fingerprint(model: nn.Module) -> dict:
+    """What an adapter file records about the model it was made for: the model's class, the SHA-256
+    of its base state-dict keys and shapes (adapter factors left out, wrapped layers under their own
+    names; so resnet18 and resnet34 differ), and for a Hugging Face model its config (without the
+    entries that only say how it runs: dtype, use_cache, attention implementation, label names, ...)."""
+    cls = type(model)
+    entries = []
+    for k, v in model.state_dict(keep_vars=True).items():
+        if ".lora_factors." in k or k.rpartition(".")[2] in ("pissa_A0", "pissa_B0"):
+            continue
+        entries.append(f"{k.replace('.base_layer.', '.')}:{tuple(v.shape)}")
+    cfg = getattr(model, "config", None)
+    config = None
+    if callable(getattr(cfg, "to_dict", None)):
+        raw = {k: v for k, v in cfg.to_dict().items() if not k.startswith("_") and k not in _VOLATILE_CONFIG}
+        config = json.loads(json.dumps(raw, sort_keys=True, default=str))
+    return {"class": f"{cls.__module__}.{cls.__qualname__}",
+            "structure_sha256": hashlib.sha256("\n".join(sorted(entries)).encode()).hexdigest(),
+            "num_tensors": len(entries), "config": config}
+
+
+def base_differences(saved: dict, model: nn.Module) -> list[str]:
+    """How ``model`` differs from the fingerprint ``saved`` (file vs model), empty if it matches."""
+    now = base_fingerprint(model)
+    diffs = []
+    if saved.get("class") != now["class"]:
+        diffs.append(f"class {saved.get('class')} vs {now['class']}")
+    a, b = saved.get("config"), now["config"]
+    if isinstance(a, dict) and isinstance(b, dict):
+        keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+        if keys:
+            shown = "; ".join(f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in keys[:6])
+            diffs.append(f"config {shown}" + (f"; ... ({len(keys) - 6} more)" if len(keys) > 6 else ""))
+    if saved.get("structure_sha256") not in (None, now["structure_sha256"]):
+        diffs.append(f"layers: {saved.get('num_tensors')} tensors vs {now['num_tensors']} (other names or shapes)")
+    return diffs
 
 
 @main_process_only  # under DDP rank 0 writes, the other ranks wait for it
@@ -114,6 +164,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, save_buffers: bool =
         "modules_to_save": state.modules_to_save,
         "compressed": [n for n, layer in layers if layer.compressed],
         "buffers": sorted(buffers),
+        "base_model": base_fingerprint(model),
         "weights_file": WEIGHTS_NAME,
         "sha256": hashlib.sha256(blob).hexdigest(),
         "num_bytes": len(blob),
@@ -394,6 +445,13 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         _refuse_meta([(f"{n}.weight", modules[n].weight) for n in meta["targets"]]
                      + [(f"{n}.{k}", v) for n in meta["modules_to_save"] for k, v in modules[n].state_dict().items()],
                      "load_adapter")
+    if isinstance(meta.get("base_model"), dict):
+        diffs = base_differences(meta["base_model"], model)
+        if diffs:
+            warnings.warn(f"load_adapter: {folder} was saved from another model than this "
+                          f"{type(model).__name__} ({'; '.join(diffs)}; file vs model). The adapted layers' names and "
+                          "shapes match, so it loads, but it was trained for that other model: load it into the base "
+                          "model it was made for", AdapterBaseMismatchWarning, stacklevel=2)
     if state is None:
         config = dataclasses.replace(config, target_modules=list(meta["targets"]),
                                      modules_to_save=list(meta["modules_to_save"]) or None, exclude_modules=None)
