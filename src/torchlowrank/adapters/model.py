@@ -145,7 +145,9 @@ def adapt(model: nn.Module, config: AdapterConfig) -> nn.Module:
     already carries adapters (merge it first), targets matching nothing or naming unsupported layer
     types, r too large for a layer, or PiSSA on a layer with NaN/inf weights, on the meta device or
     tied to another module; the error names the layer and the model is left unchanged.
-    Warns for a target whose weight is shared with another module (see :func:`merge`).
+    Warns for a target whose weight is shared with another module (see :func:`merge`), and, on the
+    first forward, for such a target that the forward never calls (T5's ``shared``; an
+    :class:`AdapterNotCalledWarning` naming the modules that hold the weight and are called).
     On the meta device the factors are created on meta too (shapes only; no values).
     """
     if not isinstance(config, (LoRAConfig, DeepLoRAConfig)):
@@ -334,6 +336,10 @@ def merge(model: nn.Module) -> nn.Module:
 
     Afterwards the model has its original module types and state-dict keys, computes the same
     function as the adapted model, and its parameters have their pre-``adapt`` ``requires_grad``.
+    A merged layer whose weight was tied to other modules gets its own weight, and every other holder
+    of that weight gets a copy of its own too, with ``config.tie_word_embeddings = False``, so that a
+    Hugging Face ``save_pretrained`` / ``from_pretrained`` reproduces the merged model (a warning
+    lists what was untied).
     """
     state = _require_state(model, "merge")
     check_adapters_in_place(model, "merge")
