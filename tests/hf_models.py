@@ -12,8 +12,8 @@ parameters) with the structure users' models have:
 
 More architectures (``build(name)``, not in the ``tiny_hf_model`` parametrization):
 - encoder-decoders ``t5`` and ``bart``: one embedding weight shared by ``shared``,
-  ``encoder.embed_tokens``, ``decoder.embed_tokens`` and ``lm_head`` (T5's ``shared`` is never called
-  by the forward);
+  ``encoder.embed_tokens``, ``decoder.embed_tokens`` and ``lm_head`` (``shared`` is never called by
+  the forward); ``whisper`` (log-mel ``input_features``, ``proj_out`` tied to ``decoder.embed_tokens``);
 - grouped-query attention decoders ``qwen2`` (tied head) and ``mistral`` (untied);
 - ``distilbert``: a sequence classifier with ``pre_classifier`` and ``classifier`` Linears;
 - BatchNorm CNNs ``resnet`` (residual blocks, BatchNorm2d) and ``mobilenet`` (MobileNetV2: depthwise
@@ -82,6 +82,18 @@ def tiny_bart(seed: int = 0):
         return BartForConditionalGeneration(cfg).eval()
 
 
+def tiny_whisper(seed: int = 0):
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+    with _seeded(seed):
+        torch.manual_seed(seed)
+        cfg = WhisperConfig(vocab_size=103, num_mel_bins=8, d_model=32, encoder_layers=1, decoder_layers=1,
+                            encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                            max_source_positions=16, max_target_positions=16, dropout=0.0, pad_token_id=1,
+                            bos_token_id=0, eos_token_id=2, decoder_start_token_id=0, suppress_tokens=None,
+                            begin_suppress_tokens=None)
+        return WhisperForConditionalGeneration(cfg).eval()
+
+
 def tiny_qwen2(seed: int = 0):
     from transformers import Qwen2Config, Qwen2ForCausalLM
     with _seeded(seed):
@@ -128,10 +140,10 @@ def tiny_mobilenet(seed: int = 0):
         return MobileNetV2ForImageClassification(cfg).eval()
 
 
-BUILDERS = {"gpt2": tiny_gpt2, "llama": tiny_llama, "vit": tiny_vit, "t5": tiny_t5, "bart": tiny_bart,
+BUILDERS = {"gpt2": tiny_gpt2, "llama": tiny_llama, "vit": tiny_vit, "t5": tiny_t5, "bart": tiny_bart, "whisper": tiny_whisper,
             "qwen2": tiny_qwen2, "mistral": tiny_mistral, "distilbert": tiny_distilbert, "resnet": tiny_resnet,
             "mobilenet": tiny_mobilenet}
-VOCAB = {"gpt2": 211, "t5": 101, "bart": 103}
+VOCAB = {"gpt2": 211, "t5": 101, "bart": 103, "whisper": 103}
 IMAGES = {"vit": 16, "resnet": 32, "mobilenet": 32}
 
 
@@ -147,6 +159,9 @@ def example_inputs(name: str, model=None, batch: int = 2, seed: int = 1) -> dict
         size = IMAGES[name]
         return {"pixel_values": torch.randn(batch, 3, size, size, generator=g)}
     vocab = VOCAB.get(name, 197)
+    if name == "whisper":  # (batch, mel bins, 2 * max_source_positions) log-mel features
+        return {"input_features": torch.randn(batch, 8, 32, generator=g),
+                "decoder_input_ids": torch.randint(3, vocab, (batch, 6), generator=g)}
     if name not in ("t5", "bart"):
         return {"input_ids": torch.randint(0, vocab, (batch, 12), generator=g)}
     # ids from 3 up: the special tokens (pad, bos, eos) stay out of the batch

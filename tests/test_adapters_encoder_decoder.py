@@ -1,6 +1,7 @@
 """Adapters on models that tie one weight to several modules: encoder-decoders (T5, BART: ``shared``,
-``encoder.embed_tokens``, ``decoder.embed_tokens`` and ``lm_head`` hold one tensor) and decoders with
-a tied head (Qwen2, GPT-2), built offline from configs (tests/hf_models.py)."""
+``encoder.embed_tokens``, ``decoder.embed_tokens`` and ``lm_head`` hold one tensor; Whisper's
+``proj_out`` is ``decoder.embed_tokens``) and decoders with a tied head (Qwen2), built offline from
+configs (tests/hf_models.py)."""
 from __future__ import annotations
 
 import copy
@@ -49,6 +50,7 @@ def tied_groups(model):
     ("t5", ["embed_tokens"]),
     ("t5", ["shared", "q"]),  # shared is never called (see below), but merge must still save it right
     ("qwen2", ["embed_tokens", "q_proj"]),
+    ("whisper", ["embed_tokens", "q_proj"]),
 ])
 def test_a_merged_tied_embedding_saves_and_reloads_with_hugging_face_to_the_merged_outputs(tmp_path, name,
                                                                                            targets):
