@@ -148,7 +148,10 @@ def export_peft(model: nn.Module, path: str | os.PathLike, base_model_name_or_pa
     Load with ``peft.PeftModel.from_pretrained(base_model, path)`` on the *original* base model
     (or with ``tlr.load_adapter(base_model, path)``). Deep LoRA is collapsed to a rank-r LoRA pair
     (exact up to float rounding). Raises ValueError, writing nothing, for layers PEFT cannot
-    represent (Conv2d with dilation or non-zero padding modes).
+    represent (Conv2d with dilation or non-zero padding modes) and for a modules_to_save entry that
+    PEFT's suffix match would also apply to an adapted layer (DistilBERT's ``classifier`` and
+    ``pre_classifier``). Warns (``NormBuffersNotSavedWarning``) when BatchNorm running statistics
+    outside modules_to_save changed since ``tlr.adapt``: PEFT's format cannot carry them.
     """
     from safetensors.torch import save
 
