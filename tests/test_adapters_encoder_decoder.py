@@ -132,3 +132,22 @@ def test_merge_and_unadapt_remove_the_watch_of_a_model_never_run():
             undo(model)
         assert not model._forward_hooks
         assert not any(m._forward_pre_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize("name, targets", [("t5", ["q", "v", "wo"]), ("bart", ["q_proj", "v_proj", "fc2"])])
+def test_an_encoder_decoder_adapter_round_trips_through_both_formats_and_peft(tmp_path, name, targets):
+    peft = pytest.importorskip("peft")
+    base = hf_models.build(name)
+    x = hf_models.example_inputs(name)
+    model = tlr.adapt(copy.deepcopy(base), tlr.DeepLoRAConfig(r=2, compress=False, target_modules=targets))
+    randomize(model, std=0.3)
+    y = hf_models.outputs(model, x)
+    assert (y - hf_models.outputs(base, x)).abs().max() > 1e-3
+    tlr.save_adapter(model, tmp_path / "ours")
+    tlr.export_peft(model, tmp_path / "peft")
+    torch.testing.assert_close(hf_models.outputs(tlr.load_adapter(copy.deepcopy(base), tmp_path / "ours"), x), y,
+                               rtol=0, atol=1e-5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        served = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "peft").eval()
+    torch.testing.assert_close(hf_models.outputs(served, x), y, rtol=0, atol=1e-5)
