@@ -218,3 +218,16 @@ def test_tracker_records_gpt2_conv1d_weights_and_gradients(tiny_gpt2):
     row = [r for r in grads if r["layer"] == "transformer.h.0.attn.c_attn"][0]
     assert (row["rows"], row["cols"]) == (96, 32)
     assert row["top_singular_values"][:3] == pytest.approx(torch.linalg.svdvals(G)[:3].tolist(), rel=1e-4)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "t5", "bart", "whisper", "qwen2", "mistral"])
+def test_tracker_lists_each_weight_once_like_spectrum_tied_aliases_included(name):
+    pytest.importorskip("transformers")
+    import hf_models
+    model = hf_models.build(name)
+    tracker = SpectrumTracker(model, track=("weight",))
+    layers = [row["layer"] for row in tracker.history]
+    assert layers == [r.name for r in tlr.spectrum(model)]
+    assert len(layers) == len({id(model.get_submodule(n).weight) for n in layers})
+    weights = {id(p) for n, p in model.named_parameters() if p.dim() >= 2}
+    assert len(layers) == len(weights)  # every matrix / kernel once (these models have no other such parameters)

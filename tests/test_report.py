@@ -1,9 +1,14 @@
+import io
 import json
+import re
+import tokenize
+from pathlib import Path
 
 import pytest
 
 import torchlowrank as tlr
 from torchlowrank.files import atomic_write_text
+from torchlowrank.report import result_markdown
 from torchlowrank.results import Plot, Result, Series, Table
 
 
@@ -81,3 +86,49 @@ def test_drawing_a_plot_leaves_the_matplotlib_backend_alone(tmp_path):
     before = matplotlib.get_backend()
     tlr.write_report(make_result(), tmp_path)
     assert matplotlib.get_backend() == before
+
+
+# -- reports never show unformatted placeholders ------------------------------------------------------------
+# "{prov['command']}" in a report is a string that lost its f prefix: a Python name in braces, optionally
+# indexed / with an attribute, a conversion or a format spec. Dict reprs ("{'adam': 0.001}") do not match.
+PLACEHOLDER = re.compile(r"\{[A-Za-z_][A-Za-z0-9_]*(\[[^\]{}]*\])*(\.[A-Za-z_][A-Za-z0-9_]*)*(![rsa])?(:[^{}]*)?\}")
+ROOT = Path(__file__).resolve().parent.parent
+COMMITTED = sorted((ROOT / "docs" / "results").glob("*/*.json"))
+
+
+def test_the_placeholder_pattern_finds_a_lost_f_prefix_and_spares_dict_reprs():
+    assert PLACEHOLDER.search("Reproduce: `{prov['command']}`.")
+    assert PLACEHOLDER.search("at {kappas[-1]:.0e}") and PLACEHOLDER.search("{name!r}") and PLACEHOLDER.search("{x.y}")
+    assert not PLACEHOLDER.search("Learning rates ({'adam': 0.001, 'galore': 0.01})")
+    assert not PLACEHOLDER.search("lr_factors={2: 2.0, 3: 6.0}")
+
+
+@pytest.mark.parametrize("path", [p.with_suffix(".md") for p in COMMITTED], ids=lambda p: p.parent.name)
+def test_committed_reports_hold_no_unformatted_placeholders(path):
+    found = [(i + 1, m.group()) for i, line in enumerate(path.read_text().splitlines())
+             for m in PLACEHOLDER.finditer(line)]
+    assert not found, f"{path}: unformatted placeholders (line, text): {found}"
+
+
+@pytest.mark.parametrize("path", COMMITTED, ids=lambda p: p.parent.name)
+def test_the_report_writer_renders_each_committed_result_without_unformatted_placeholders(path):
+    result = tlr.load_result(path)
+    md = result_markdown(result, {p.name: f"{result.name}_{p.name}.png" for p in result.plots}, heading=1)
+    assert not PLACEHOLDER.search(md), PLACEHOLDER.search(md).group()
+
+
+def test_experiment_sources_have_no_placeholder_in_a_plain_string_piece():
+    """Implicitly concatenated string pieces ("..." f"..." "...{x}") are each f-strings or not; a plain
+    piece with a placeholder is printed verbatim (the report writer cannot catch it at run time
+    without running the experiment)."""
+    bad = []
+    for path in sorted((ROOT / "src" / "torchlowrank" / "experiments").glob("*.py")):
+        for tok in tokenize.generate_tokens(io.StringIO(path.read_text()).readline):
+            if tok.type != tokenize.STRING or "f" in re.match(r"[A-Za-z]*", tok.string).group().lower():
+                continue
+            if tok.string.startswith(('"""', "'''")):
+                continue  # docstrings
+            body = tok.string.strip("\"'")
+            if PLACEHOLDER.search(body) and not body.startswith(("{", "^")):
+                bad.append(f"{path.name}:{tok.start[0]}: {tok.string[:80]}")
+    assert not bad, "string pieces missing their f prefix: " + "; ".join(bad)

@@ -21,7 +21,7 @@ from .linalg import check_finite, compute_dtype, truncated_svd
 from .targets import find_targets
 
 __all__ = ["as_matrix", "singular_values", "stable_rank", "effective_rank", "numerical_rank",
-           "LayerSpectrum", "SpectrumTable", "spectrum", "layer_weight", "check_top_k"]
+           "LayerSpectrum", "SpectrumTable", "spectrum", "layer_weight", "check_top_k", "weight_layers"]
 
 
 def as_matrix(W: torch.Tensor) -> torch.Tensor:
@@ -155,18 +155,29 @@ def spectrum(model: nn.Module, top_k: int = 5, targets=None, energy: float = 0.9
     ``targets``: as in :func:`find_targets`.
     """
     check_top_k(top_k)
-    found = find_targets(model, targets, predicate=lambda m: layer_weight(m) is not None)
     table = SpectrumTable()
-    seen: set[int] = set()
+    for name, module in weight_layers(model, targets):
+        table.append(matrix_spectrum(name, type(module).__name__, layer_weight(module), top_k, energy))
+    return table
+
+
+def weight_layers(model: nn.Module, targets=None) -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` of every layer with a weight matrix (:func:`layer_weight`) selected by
+    ``targets`` (as in :func:`find_targets`), each weight once: a weight shared by several modules
+    (tied embeddings: GPT-2's ``transformer.wte`` and ``lm_head``, T5 / BART's ``shared``,
+    ``encoder.embed_tokens``, ``decoder.embed_tokens`` and ``lm_head``) is listed under its first
+    name only. A factorized or adapted layer (one with ``dense_weight()``) is its own entry, as the
+    matrix it applies differs from its base weight's other holders. The one rule for
+    :func:`spectrum` and ``diagnostics.SpectrumTracker``."""
+    found = find_targets(model, targets, predicate=lambda m: layer_weight(m) is not None)
+    out, seen = [], set()
     for name, module in found:
-        W = layer_weight(module)
         base = getattr(module, "weight", None)
         key = id(base) if isinstance(base, torch.Tensor) and not callable(getattr(module, "dense_weight", None)) else id(module)
-        if key in seen:
-            continue
-        seen.add(key)
-        table.append(matrix_spectrum(name, type(module).__name__, W, top_k, energy))
-    return table
+        if key not in seen:
+            seen.add(key)
+            out.append((name, module))
+    return out
 
 
 def top_singular_values(W: torch.Tensor, k: int) -> torch.Tensor:

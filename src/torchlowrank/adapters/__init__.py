@@ -9,10 +9,10 @@
 """
 from .compressed import compressed_factors, end_to_end_gradients, init_compressed, random_semi_orthogonal
 from .config import DeepLoRAConfig, LoRAConfig, config_from_dict
-from .io import load_adapter, save_adapter
+from .io import AdapterBaseMismatchWarning, NormBuffersNotSavedWarning, load_adapter, save_adapter
 from .layers import (AdapterLayer, Conv1DAdapter, Conv2dAdapter, EmbeddingAdapter, LinearAdapter,
                      supported_layer)
-from .model import (AdapterState, adapt, adapter_layers, adapter_param_groups, merge,
+from .model import (AdapterNotCalledWarning, AdapterState, adapt, adapter_layers, adapter_param_groups, merge,
                     print_trainable_parameters, resize_token_embeddings, unadapt)
 from .peft_export import export_peft
 
@@ -20,4 +20,5 @@ __all__ = ["LoRAConfig", "DeepLoRAConfig", "config_from_dict", "adapt", "merge",
            "adapter_param_groups", "save_adapter", "load_adapter", "export_peft", "print_trainable_parameters",
            "AdapterLayer", "LinearAdapter", "Conv1DAdapter", "Conv2dAdapter", "EmbeddingAdapter", "AdapterState",
            "adapter_layers", "compressed_factors", "end_to_end_gradients", "supported_layer",
-           "resize_token_embeddings"]
+           "resize_token_embeddings", "AdapterNotCalledWarning", "NormBuffersNotSavedWarning",
+           "AdapterBaseMismatchWarning"]

@@ -50,7 +50,8 @@ def end_to_end_gradients(model: nn.Module, batch: Any,
     """G = dLoss/dDeltaW at Delta W = 0 for every adapter layer, as (m, n) matrices in float32/64.
 
     The adapters are bypassed for this pass, so the gradient is the base model's dLoss/dW0; no
-    parameter's ``.grad`` is touched. For a weight tied to another module (GPT-2's ``wte`` / ``lm_head``)
+    parameter's ``.grad`` is touched and every buffer keeps its value (a forward in train mode would
+    update BatchNorm's running statistics). For a weight tied to another module (GPT-2's ``wte`` / ``lm_head``)
     G is the gradient through the adapted layer's own use of it. The loss is computed with gradients enabled (also inside a
     caller's ``torch.no_grad()``); a loss without an autograd graph raises ValueError.
     """
@@ -67,6 +68,8 @@ def end_to_end_gradients(model: nn.Module, batch: Any,
             layer.base_layer.weight = nn.Parameter(tied[name].detach().clone(), requires_grad=False)
     weights = [layer.base_layer.weight for _, layer in layers]
     flags = [w.requires_grad for w in weights]
+    # a forward in train mode updates BatchNorm's running statistics: keep every buffer as it was
+    buffers = [(b, b.detach().clone()) for b in _distinct_buffers(model)]
     try:
         for (_, layer), w in zip(layers, weights):
             layer.disabled = True
@@ -86,10 +89,22 @@ def end_to_end_gradients(model: nn.Module, batch: Any,
             w.requires_grad_(f)
             if name in tied:
                 layer.base_layer.weight = tied[name]
+        with torch.no_grad():
+            for b, saved in buffers:
+                b.copy_(saved)
     out = {}
     for (name, layer), w, g in zip(layers, weights, grads):
         g = layer.from_layout(torch.zeros_like(w) if g is None else g).detach()
         out[name] = g if g.dtype == torch.float64 else g.float()
+    return out
+
+
+def _distinct_buffers(model: nn.Module) -> list[torch.Tensor]:
+    seen, out = set(), []
+    for b in model.buffers():
+        if id(b) not in seen and not b.is_meta:
+            seen.add(id(b))
+            out.append(b)
     return out
 
 

@@ -2,7 +2,8 @@
 plus a JSON config, written atomically.
 
 A saved adapter is a folder with ``torchlowrank_adapter.json`` (config, adapted layer names,
-modules_to_save names, the SHA-256 of the tensor file) and ``torchlowrank_adapter.safetensors``
+modules_to_save names, the SHA-256 of the tensor file, the base model's class, config and layer
+fingerprint: ``load_adapter`` warns when it loads into another model) and ``torchlowrank_adapter.safetensors``
 (keys are the adapted model's state-dict keys, e.g. ``bert.encoder.layer.0.attention.self.query
 .lora_factors.0``). ``load_adapter`` validates everything (checksum, keys, shapes, config) before it
 touches the model, so a corrupted file or a mismatching model leaves the model unchanged.
@@ -19,6 +20,7 @@ import hashlib
 import json
 import os
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -28,9 +30,11 @@ from ..distributed import main_process_only
 from ..files import atomic_write_bytes, atomic_write_text
 from .config import AdapterConfig, LoRAConfig, config_from_dict
 from .layers import supported_layer
-from .model import adapt, adapter_layers, adapter_state, check_adapters_in_place
+from .model import (adapt, adapter_layers, adapter_state, changed_norm_buffers, check_adapters_in_place, norm_buffers,
+                    norm_layers_of)
 
-__all__ = ["save_adapter", "load_adapter", "adapter_tensors", "read_peft_adapter", "config_differences",
+__all__ = ["save_adapter", "load_adapter", "NormBuffersNotSavedWarning", "AdapterBaseMismatchWarning",
+           "base_fingerprint", "warn_unsaved_norm_buffers", "adapter_tensors", "read_peft_adapter", "config_differences",
            "CONFIG_NAME", "WEIGHTS_NAME"]
 
 CONFIG_NAME = "torchlowrank_adapter.json"
@@ -54,24 +58,101 @@ def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def warn_unsaved_norm_buffers(model: nn.Module, what: str, hint: str, stacklevel: int = 3) -> None:
+    """Warn when normalisation statistics outside modules_to_save changed since ``adapt`` (the model
+    ran in train mode) and ``what`` does not write them: the adapter loaded into a fresh base model
+    would run with the base's statistics, so it would compute other outputs."""
+    changed = changed_norm_buffers(model)
+    if changed:
+        layers = norm_layers_of(changed)
+        shown = ", ".join(layers[:4]) + (f", ... ({len(layers) - 4} more)" if len(layers) > 4 else "")
+        warnings.warn(f"{what}: the running statistics of {len(layers)} normalisation layer(s) ({shown}) changed since "
+                      "tlr.adapt (the model ran in train mode) but are not part of the adapter, so the adapter loaded "
+                      f"into a fresh base model computes other outputs. {hint}", NormBuffersNotSavedWarning,
+                      stacklevel=stacklevel)
+
+
+class NormBuffersNotSavedWarning(UserWarning):
+    """Normalisation statistics changed by training are not written with the adapter."""
+
+
+class AdapterBaseMismatchWarning(UserWarning):
+    """An adapter is loaded into a model of another class, structure or config than it was saved from."""
+
+
+# config entries that say how a model runs or is saved, not what it computes
+_VOLATILE_CONFIG = {"transformers_version", "architectures", "torch_dtype", "dtype", "use_cache", "output_attentions",
+                    "output_hidden_states", "return_dict", "attn_implementation", "tie_word_embeddings",
+                    "problem_type", "id2label", "label2id", "torchscript", "use_return_dict"}
+
+
+def base_fingerprint(model: nn.Module) -> dict:
+    """What an adapter file records about the model it was made for: the model's class, the SHA-256
+    of its base state-dict keys and shapes (adapter factors left out, wrapped layers under their own
+    names; so resnet18 and resnet34 differ), and for a Hugging Face model its config (without the
+    entries that only say how it runs: dtype, use_cache, attention implementation, label names, ...)."""
+    cls = type(model)
+    entries = []
+    for k, v in model.state_dict(keep_vars=True).items():
+        if ".lora_factors." in k or k.rpartition(".")[2] in ("pissa_A0", "pissa_B0"):
+            continue
+        entries.append(f"{k.replace('.base_layer.', '.')}:{tuple(v.shape)}")
+    cfg = getattr(model, "config", None)
+    config = None
+    if callable(getattr(cfg, "to_dict", None)):
+        raw = {k: v for k, v in cfg.to_dict().items() if not k.startswith("_") and k not in _VOLATILE_CONFIG}
+        config = json.loads(json.dumps(raw, sort_keys=True, default=str))
+    return {"class": f"{cls.__module__}.{cls.__qualname__}",
+            "structure_sha256": hashlib.sha256("\n".join(sorted(entries)).encode()).hexdigest(),
+            "num_tensors": len(entries), "config": config}
+
+
+def base_differences(saved: dict, model: nn.Module) -> list[str]:
+    """How ``model`` differs from the fingerprint ``saved`` (file vs model), empty if it matches."""
+    now = base_fingerprint(model)
+    diffs = []
+    if saved.get("class") != now["class"]:
+        diffs.append(f"class {saved.get('class')} vs {now['class']}")
+    a, b = saved.get("config"), now["config"]
+    if isinstance(a, dict) and isinstance(b, dict):
+        keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+        if keys:
+            shown = "; ".join(f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in keys[:6])
+            diffs.append(f"config {shown}" + (f"; ... ({len(keys) - 6} more)" if len(keys) > 6 else ""))
+    if saved.get("structure_sha256") not in (None, now["structure_sha256"]):
+        diffs.append(f"layers: {saved.get('num_tensors')} tensors vs {now['num_tensors']} (other names or shapes)")
+    return diffs
+
+
 @main_process_only  # under DDP rank 0 writes, the other ranks wait for it
-def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
+def save_adapter(model: nn.Module, path: str | os.PathLike, save_buffers: bool = False) -> Path:
     """Write the adapter of ``model`` to the folder ``path`` (created); returns the folder.
 
     Files: ``torchlowrank_adapter.safetensors`` (written first) and ``torchlowrank_adapter.json``
-    (written last, with the tensor file's SHA-256), each atomically.
+    (written last, with the tensor file's SHA-256), each atomically. ``save_buffers=True`` also
+    writes the running statistics of the normalisation layers (BatchNorm) outside modules_to_save,
+    which training in train mode changes; ``load_adapter`` restores them. Without it a warning says
+    when they changed since ``tlr.adapt``. The base model's class and config are recorded, and
+    ``load_adapter`` warns when the model it loads into differs.
     """
     from safetensors.torch import save
 
     state = adapter_state(model)
     if state is None:
         raise ValueError("the model carries no adapter; call tlr.adapt(model, config) first")
+    if not isinstance(save_buffers, bool):
+        raise ValueError(f"save_buffers must be True or False, got {save_buffers!r}")
     check_adapters_in_place(model, "save_adapter")
     _refuse_meta(adapter_tensors(model).items(), "save_adapter")
     folder = Path(path)
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"{folder} exists and is not a folder; save_adapter writes a folder")
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in adapter_tensors(model).items()}
+    buffers = norm_buffers(model, state.modules_to_save) if save_buffers else {}
+    _refuse_meta(buffers.items(), "save_adapter")
+    if not save_buffers:
+        warn_unsaved_norm_buffers(model, "save_adapter", "Pass save_buffers=True to write them with the adapter, or "
+                                  "put the normalisation layers in modules_to_save (they then also train)", stacklevel=4)
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in {**adapter_tensors(model), **buffers}.items()}
     blob = save(tensors, metadata={"format": FORMAT})
     atomic_write_bytes(folder / WEIGHTS_NAME, blob)
     layers = adapter_layers(model)
@@ -82,6 +163,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
         "targets": state.targets,
         "modules_to_save": state.modules_to_save,
         "compressed": [n for n, layer in layers if layer.compressed],
+        "buffers": sorted(buffers),
+        "base_model": base_fingerprint(model),
         "weights_file": WEIGHTS_NAME,
         "sha256": hashlib.sha256(blob).hexdigest(),
         "num_bytes": len(blob),
@@ -292,6 +375,17 @@ def _expected_shapes(model: nn.Module, meta: dict, config: AdapterConfig) -> dic
     return shapes
 
 
+def _expected_buffers(model: nn.Module, meta: dict) -> dict[str, tuple[int, ...]]:
+    """Shapes of the normalisation statistics the file holds (``save_buffers=True``), from the model."""
+    keys = meta.get("buffers") or []
+    have = norm_buffers(model, meta["modules_to_save"])
+    missing = [k for k in keys if k not in have]
+    if missing:
+        raise ValueError(f"the adapter holds the normalisation statistics {missing[0]!r}, which this model lacks "
+                         f"(first mismatching key: {missing[0]}); it was saved from another architecture")
+    return {k: tuple(have[k].shape) for k in keys}
+
+
 def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Load an adapter saved by :func:`save_adapter`, or a PEFT LoRA folder (``tlr.export_peft`` or
     ``peft``'s ``save_pretrained``), into ``model`` (in place) and return it.
@@ -324,7 +418,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
                              "Loading would compute another function than the saved model (alpha, use_rslora, PiSSA's "
                              "residual base, depth) or leave a config that does not describe the weights; load into "
                              "a fresh base model (the file's config is then used) or tlr.unadapt / tlr.merge first")
-    expected = _expected_shapes(model, meta, config)
+    expected = {**_expected_shapes(model, meta, config), **_expected_buffers(model, meta)}
     if meta.get("format") == "peft":
         from .peft_export import peft_unsupported
 
@@ -351,11 +445,19 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         _refuse_meta([(f"{n}.weight", modules[n].weight) for n in meta["targets"]]
                      + [(f"{n}.{k}", v) for n in meta["modules_to_save"] for k, v in modules[n].state_dict().items()],
                      "load_adapter")
+    if isinstance(meta.get("base_model"), dict):
+        diffs = base_differences(meta["base_model"], model)
+        if diffs:
+            warnings.warn(f"load_adapter: {folder} was saved from another model than this "
+                          f"{type(model).__name__} ({'; '.join(diffs)}; file vs model). The adapted layers' names and "
+                          "shapes match, so it loads, but it was trained for that other model: load it into the base "
+                          "model it was made for", AdapterBaseMismatchWarning, stacklevel=2)
     if state is None:
         config = dataclasses.replace(config, target_modules=list(meta["targets"]),
                                      modules_to_save=list(meta["modules_to_save"]) or None, exclude_modules=None)
         adapt(model, config)
-    live = adapter_tensors(model)
+    live = {**adapter_tensors(model), **{k: v for k, v in norm_buffers(model, meta["modules_to_save"]).items()
+                                         if k in set(meta.get("buffers") or [])}}
     with torch.no_grad():
         for key, value in tensors.items():
             live[key].copy_(value.to(dtype=live[key].dtype, device=live[key].device))

@@ -7,7 +7,8 @@ transposed to (dim, num_embeddings) -- and adds Delta W = scaling * W_L ... W_1 
 (``lora_A`` = W_1, ``lora_B`` = W_2). The forward never forms Delta W: the input goes through the
 factors one by one (x W_1^T ... W_L^T), costing r (m + n) + (L - 2) r^2 per token.
 ``dense_weight()`` returns W0 + Delta W in the base layer's own layout, so ``tlr.spectrum`` and the
-rank measures see the adapted weight. ``weight`` / ``bias`` are the base layer's (as in PEFT), so code
+rank measures see the adapted weight. ``weight`` / ``bias`` are the base layer's (as in PEFT), and so
+are its hyper-parameters (``stride``, ``kernel_size``, ``in_features``, ``num_embeddings``, ...), so code
 that reads ``layer.weight`` (Hugging Face's embedding helpers) keeps working; the out_proj of an
 ``nn.MultiheadAttention`` (whose forward reads ``out_proj.weight`` instead of calling it) sees W0 + Delta W.
 
@@ -31,6 +32,11 @@ __all__ = ["AdapterLayer", "LinearAdapter", "Conv1DAdapter", "Conv2dAdapter", "E
 
 SUPPORTED = "nn.Linear, HF Conv1D, nn.Conv2d (groups=1) and nn.Embedding"
 HALF = (torch.float16, torch.bfloat16)
+# read through an adapter from its base layer (as for nn.Linear / nn.Conv2d / nn.Embedding / HF Conv1D)
+BASE_ATTRIBUTES = frozenset({"in_features", "out_features", "in_channels", "out_channels", "kernel_size", "stride",
+                             "padding", "dilation", "groups", "padding_mode", "output_padding", "transposed",
+                             "num_embeddings", "embedding_dim", "padding_idx", "max_norm", "norm_type",
+                             "scale_grad_by_freq", "sparse", "nf", "nx"})
 
 
 def unsupported_reason(module: nn.Module) -> str | None:
@@ -98,6 +104,16 @@ class AdapterLayer(nn.Module):
     def bias(self) -> torch.Tensor | None:
         """The base layer's bias (None if it has none)."""
         return getattr(self.base_layer, "bias", None)
+
+    def __getattr__(self, name: str):
+        # the base layer's hyper-parameters, which model code reads from the layer it called (MobileNetV2's
+        # TF padding reads the first convolution's stride and kernel_size)
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in BASE_ATTRIBUTES and "base_layer" in self.__dict__.get("_modules", {}):
+                return getattr(self._modules["base_layer"], name)
+            raise
 
     def __setattr__(self, name: str, value) -> None:
         # ``layer.weight = p`` (Hugging Face's tie_weights on an adapted head) sets the base layer's weight

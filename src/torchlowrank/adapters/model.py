@@ -10,8 +10,10 @@ Delta W into the base weights, so the module types and state-dict keys are the o
 every init before it modifies the model, so on an error the model is unchanged. A target whose
 weight is shared with another module (GPT-2's ``wte`` tied to ``lm_head``) gets a warning (as in
 PEFT); ``merge`` then unties it: the merged layer gets its own copy of the weight, the other
-holders keep W0, so the merged model computes what the adapted one did (and a Hugging Face model's
-``config.tie_word_embeddings`` is set to False, so saving and reloading keeps them apart).
+holders keep W0, each in a copy of its own (BART / T5 share one embedding between ``shared``,
+``encoder.embed_tokens``, ``decoder.embed_tokens`` and ``lm_head``), so the merged model computes
+what the adapted one did, and a Hugging Face model's ``config.tie_word_embeddings`` is set to False:
+the module graph and the config agree, and ``save_pretrained`` / ``from_pretrained`` reproduce it.
 """
 from __future__ import annotations
 
@@ -28,8 +30,8 @@ from ..layer_types import parameter_holders, shared_weight_holders  # re-exporte
 
 __all__ = ["AdapterState", "adapt", "merge", "unadapt", "adapter_layers", "adapter_state", "adapter_param_groups",
            "print_trainable_parameters", "resolve_targets", "resolve_modules_to_save", "shared_weight_holders",
-           "parameter_holders",
-           "check_adapters_in_place", "resize_token_embeddings", "HEAD_NAMES"]
+           "parameter_holders", "norm_buffers", "changed_norm_buffers",
+           "check_adapters_in_place", "resize_token_embeddings", "HEAD_NAMES", "AdapterNotCalledWarning"]
 
 HEAD_NAMES = ("classifier", "score", "lm_head", "head", "output_layer")
 
@@ -43,6 +45,9 @@ class AdapterState:
     targets: list[str]
     modules_to_save: list[str]
     requires_grad: dict[str, bool] = field(default_factory=dict)
+    # the normalisation statistics (BatchNorm running_mean / running_var / num_batches_tracked) outside
+    # modules_to_save at adapt time, to tell at save time whether training changed them
+    norm_buffers: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
 
 def adapter_state(model: nn.Module) -> AdapterState | None:
@@ -140,7 +145,9 @@ def adapt(model: nn.Module, config: AdapterConfig) -> nn.Module:
     already carries adapters (merge it first), targets matching nothing or naming unsupported layer
     types, r too large for a layer, or PiSSA on a layer with NaN/inf weights, on the meta device or
     tied to another module; the error names the layer and the model is left unchanged.
-    Warns for a target whose weight is shared with another module (see :func:`merge`).
+    Warns for a target whose weight is shared with another module (see :func:`merge`), and, on the
+    first forward, for such a target that the forward never calls (T5's ``shared``; an
+    :class:`AdapterNotCalledWarning` naming the modules that hold the weight and are called).
     On the meta device the factors are created on meta too (shapes only; no values).
     """
     if not isinstance(config, (LoRAConfig, DeepLoRAConfig)):
@@ -206,8 +213,115 @@ def adapt(model: nn.Module, config: AdapterConfig) -> nn.Module:
         for p in model.get_submodule(name).parameters():
             p.requires_grad_(True)
     model.tlr_adapter = AdapterState(config=config, targets=targets, modules_to_save=saved,
-                                     requires_grad=requires_grad)
+                                     requires_grad=requires_grad,
+                                     norm_buffers={k: v.detach().clone() for k, v in norm_buffers(model, saved).items()
+                                                   if not v.is_meta})
+    if tied:
+        _watch_uncalled(model, tied)
     return model
+
+
+# -- a tied alias that the forward never calls -------------------------------------------------------
+# T5's ``shared`` (and BART's ``model.shared``) holds the embedding weight that ``encoder.embed_tokens``,
+# ``decoder.embed_tokens`` and ``lm_head`` use, but the forward never calls it: an adapter there changes
+# nothing and gets no gradient. Only a forward shows which module is called, so ``adapt`` watches the
+# first forwards of a model with tied targets: a target whose parent ran but which was not called,
+# while a module holding the same weight was, gets a warning naming the modules to adapt instead.
+# The watch is keyed by module names (stored on the model), so it survives copy.deepcopy, and it
+# removes its hooks once every watched target's parent has run (or on merge / unadapt).
+_CALLED = "_tlr_called"
+_WATCH = "_tlr_call_watch"
+
+
+class AdapterNotCalledWarning(UserWarning):
+    """An adapted layer is not called by the model's forward (its adapter changes nothing)."""
+
+
+def _mark_called(module: nn.Module, args) -> None:
+    module.__dict__[_CALLED] = True
+
+
+def _ran(modules: dict[str, nn.Module], name: str) -> bool:
+    return name == "" or bool(getattr(modules.get(name), "__dict__", {}).get(_CALLED, False))
+
+
+def _watch_uncalled(model: nn.Module, tied: dict[str, list[str]]) -> None:
+    watch = {name: (name.rpartition(".")[0], sorted({h.rpartition(".")[0] for h in holders}))
+             for name, holders in tied.items()}
+    names = sorted(({n for n in watch} | {p for p, _ in watch.values()}
+                    | {m for _, ms in watch.values() for m in ms}) - {""})
+    pre = {n: model.get_submodule(n).register_forward_pre_hook(_mark_called).id for n in names}
+    post = model.register_forward_hook(_check_called).id
+    model.__dict__[_WATCH] = {"watch": watch, "pending": set(watch), "pre": pre, "post": post}
+
+
+def _stop_watch(model: nn.Module) -> None:
+    info = model.__dict__.pop(_WATCH, None)
+    if info is None:
+        return
+    modules = dict(model.named_modules())
+    for n, hook_id in info["pre"].items():
+        if n in modules:
+            modules[n]._forward_pre_hooks.pop(hook_id, None)
+    model._forward_hooks.pop(info["post"], None)
+    for m in modules.values():
+        m.__dict__.pop(_CALLED, None)
+
+
+def _check_called(model: nn.Module, args, output) -> None:
+    info = model.__dict__.get(_WATCH)
+    if info is None:
+        return
+    modules = dict(model.named_modules())
+    for name in sorted(info["pending"]):
+        parent, holders = info["watch"][name]
+        if not _ran(modules, parent):
+            continue  # e.g. a decoding step of generate(): the encoder did not run, ask again next time
+        info["pending"].discard(name)
+        called = [h or type(model).__name__ for h in holders if _ran(modules, h)]
+        if not _ran(modules, name) and called:
+            warnings.warn(f"{name} carries an adapter but the forward of {type(model).__name__} never calls it "
+                          f"(its weight is used through {', '.join(called)}, which share it), so the adapter "
+                          "changes nothing and gets no gradient (backward() fails with 'element 0 of tensors does "
+                          f"not require grad' when it is the only adapter). Adapt the modules that are called "
+                          f"instead: tlr.unadapt(model), then target_modules={called}", AdapterNotCalledWarning,
+                          stacklevel=4)
+    for m in modules.values():
+        m.__dict__.pop(_CALLED, None)
+    if not info["pending"]:
+        _stop_watch(model)
+
+
+NORM_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def norm_buffers(model: nn.Module, saved: list[str] = ()) -> dict[str, torch.Tensor]:
+    """The running statistics of the normalisation layers (BatchNorm / InstanceNorm with
+    ``track_running_stats``: ``running_mean``, ``running_var``, ``num_batches_tracked``) outside the
+    modules ``saved``, by state-dict key. A forward in train mode updates them; an adapter file holds
+    them only with ``save_adapter(..., save_buffers=True)`` or when their layers are in modules_to_save."""
+    out = {}
+    for mod_name, mod in model.named_modules():
+        if any(mod_name == s or mod_name.startswith(s + ".") for s in saved):
+            continue
+        for b_name, b in mod.named_buffers(recurse=False):
+            if b_name in NORM_BUFFERS and b is not None:
+                out[f"{mod_name}.{b_name}" if mod_name else b_name] = b
+    return out
+
+
+def changed_norm_buffers(model: nn.Module) -> list[str]:
+    """Keys of the normalisation statistics (see :func:`norm_buffers`) that changed since ``tlr.adapt``."""
+    state = adapter_state(model)
+    if state is None:
+        return []
+    now = norm_buffers(model, state.modules_to_save)
+    return [k for k, v in state.norm_buffers.items() if k in now and not torch.equal(now[k].detach().cpu(), v.cpu())]
+
+
+def norm_layers_of(keys: list[str]) -> list[str]:
+    """The module names of normalisation-statistics keys, in order, each once."""
+    return list(dict.fromkeys(k.rpartition(".")[0] for k in keys))
 
 
 def _require_state(model: nn.Module, what: str) -> AdapterState:
@@ -222,16 +336,22 @@ def merge(model: nn.Module) -> nn.Module:
 
     Afterwards the model has its original module types and state-dict keys, computes the same
     function as the adapted model, and its parameters have their pre-``adapt`` ``requires_grad``.
+    A merged layer whose weight was tied to other modules gets its own weight, and every other holder
+    of that weight gets a copy of its own too, with ``config.tie_word_embeddings = False``, so that a
+    Hugging Face ``save_pretrained`` / ``from_pretrained`` reproduces the merged model (a warning
+    lists what was untied).
     """
     state = _require_state(model, "merge")
     check_adapters_in_place(model, "merge")
-    untied = []
+    _stop_watch(model)
+    untied, groups = [], {}
     index = parameter_holders(model)
     for name, layer in adapter_layers(model):
         holders = shared_weight_holders(model, layer.base_layer, index)
         if holders:
             # Give the merged layer its own weight: the other holders keep W0, as in the adapted model.
             w = layer.base_layer.weight
+            groups[id(w)] = w
             layer.base_layer.weight = nn.Parameter(w.detach().clone(), requires_grad=w.requires_grad)
             untied.append((name, holders))
         parent_name, _, child = name.rpartition(".")
@@ -239,15 +359,42 @@ def merge(model: nn.Module) -> nn.Module:
         setattr(parent, child, layer.merged_base())
     _restore_requires_grad(model, state)
     if untied:
+        split = _untie_holders(model, groups)
         cfg = getattr(model, "config", None)
         if getattr(cfg, "tie_word_embeddings", False):
             cfg.tie_word_embeddings = False  # else save_pretrained / from_pretrained would re-tie them
         warnings.warn("merge untied " + "; ".join(f"{n} from {', '.join(h)}" for n, h in untied)
-                      + ": the merged layer has its own weight now (the model has more parameters), so the merged "
-                      "model computes what the adapted one did" + (" (config.tie_word_embeddings set to False)"
-                                                                   if cfg is not None else ""), stacklevel=2)
+                      + (f" (and {', '.join(split)} from each other)" if split else "")
+                      + ": each holder of the tied weight has its own copy now (the model has more parameters), so "
+                      "the merged model computes what the adapted one did and a save / reload keeps every copy"
+                      + (" (config.tie_word_embeddings set to False)" if cfg is not None else ""), stacklevel=2)
     del model.tlr_adapter
     return model
+
+
+def _untie_holders(model: nn.Module, groups: dict[int, nn.Parameter]) -> list[str]:
+    """Give every module still holding one of the tensors in ``groups`` (id -> tensor) its own copy
+    (the first holder keeps the tensor). Returns the names of the parameters that got a copy.
+
+    After a merge untied an adapted layer from the other holders of its weight, those holders must
+    not stay tied among themselves either: a Hugging Face ``save_pretrained`` writes one of a group of
+    tied tensors, and ``from_pretrained`` re-ties the missing ones to whatever its (changed) config or
+    its tied-weights map says, e.g. BART's ``lm_head`` to nothing (re-initialised) or T5's
+    ``encoder.embed_tokens`` to the merged ``shared``. With a copy each, every tensor is saved."""
+    kept: set[int] = set()
+    done: set[tuple[int, str]] = set()
+    split = []
+    for mod_name, mod in model.named_modules(remove_duplicate=False):
+        for p_name, p in list(mod.named_parameters(recurse=False)):
+            if id(p) not in groups or (id(mod), p_name) in done:
+                continue
+            done.add((id(mod), p_name))
+            if id(p) not in kept:
+                kept.add(id(p))
+                continue
+            setattr(mod, p_name, nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad))
+            split.append(f"{mod_name}.{p_name}" if mod_name else p_name)
+    return split
 
 
 def _restore_requires_grad(model: nn.Module, state: AdapterState) -> None:
@@ -271,6 +418,7 @@ def unadapt(model: nn.Module) -> nn.Module:
     """Remove the adapters without folding them in (PiSSA: the residual weight stays)."""
     state = _require_state(model, "unadapt")
     check_adapters_in_place(model, "unadapt")
+    _stop_watch(model)
     for name, layer in adapter_layers(model):
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

@@ -13,7 +13,11 @@ other than ``"zeros"``: PEFT's LoRA Conv2d builds its ``lora_A`` conv from the b
 stride and padding only (peft 0.21 ``tuners/lora/layer.py``, ``_ConvNd.update_layer``), so it would
 compute a different update (or crash on the shapes). Grouped convolutions never carry an adapter here.
 Also refused: the ``out_proj`` of an ``nn.MultiheadAttention`` (PEFT's Linear LoRA there is bypassed
-by MHA's forward, which reads ``out_proj.weight``).
+by MHA's forward, which reads ``out_proj.weight``), and a ``modules_to_save`` module whose name is a
+string suffix of an adapted layer's (DistilBERT's ``classifier`` and ``pre_classifier``): PEFT selects
+modules_to_save with ``str.endswith`` and fails to load such a folder. A module picked that way
+which carries no adapter (``pre_classifier`` when only attention layers are adapted) is written
+with its unchanged tensors, as PEFT loads every module it wraps from the file.
 """
 from __future__ import annotations
 
@@ -27,9 +31,10 @@ from torch import nn
 from ..distributed import main_process_only
 from ..files import atomic_write_bytes, atomic_write_text
 from .layers import Conv1DAdapter, Conv2dAdapter, EmbeddingAdapter
+from .io import warn_unsaved_norm_buffers
 from .model import adapter_layers, adapter_state, check_adapters_in_place
 
-__all__ = ["export_peft", "peft_state_dict", "peft_unsupported"]
+__all__ = ["export_peft", "peft_state_dict", "peft_unsupported", "peft_modules_to_save_matches"]
 
 PREFIX = "base_model.model."
 
@@ -55,6 +60,29 @@ def peft_unsupported(name: str, layer: nn.Module, in_mha: bool = False) -> str |
     return None
 
 
+def peft_modules_to_save_matches(model: nn.Module, targets: list[str], modules_to_save: list[str]
+                                 ) -> tuple[list[tuple[str, str]], list[str]]:
+    """What PEFT's ``modules_to_save`` would pick beyond the saved modules themselves.
+
+    PEFT wraps every module whose full name ends with a ``modules_to_save`` entry (``str.endswith``,
+    peft 0.21 ``_set_trainable``), so DistilBERT's ``classifier`` also picks ``pre_classifier``. The
+    entries are full module names already, so no longer path can tell the two apart when the saved
+    module is at the top level. Returns (clashes, extras): ``clashes`` the (entry, module) pairs where
+    the module picked carries a LoRA adapter or holds one (PEFT raises a TypeError on load), ``extras``
+    the other modules picked (PEFT loads their tensors from the file, so export them unchanged)."""
+    clashes, extras = [], []
+    names = [n for n, _ in model.named_modules() if n and not any(n.startswith(t + ".") for t in targets)]
+    for saved in modules_to_save:
+        for n in names:
+            if n == saved or not n.endswith(saved) or any(n == s or n.startswith(s + ".") for s in modules_to_save):
+                continue
+            if n in targets or any(t.startswith(n + ".") for t in targets):
+                clashes.append((saved, n))
+            elif n not in extras and not any(n.startswith(e + ".") for e in extras):
+                extras.append(n)
+    return clashes, extras
+
+
 def peft_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], int, bool]:
     """(PEFT-keyed tensors, exported rank, fan_in_fan_out) for an adapted model."""
     state = adapter_state(model)
@@ -66,6 +94,17 @@ def peft_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], int, boo
         raise ValueError("export_peft cannot write this adapter in PEFT's LoRA format: " + "; ".join(refused)
                          + ". Exclude these layers (exclude_modules) to export, or keep the adapter in this "
                          "library's format (tlr.save_adapter / tlr.merge)")
+    clashes, extras = peft_modules_to_save_matches(model, state.targets, state.modules_to_save)
+    if clashes:
+        raise ValueError("export_peft cannot write this adapter in a form PEFT loads: PEFT picks modules_to_save by plain "
+                         "string suffix (every module whose name ends with the entry), so "
+                         + "; ".join(f"{saved!r} also picks {other!r}, which carries a LoRA adapter" for saved, other
+                                     in clashes)
+                         + " (peft 0.21: TypeError 'modules_to_save cannot be applied to modules of type "
+                         "peft...lora.layer.Linear'). Adapt again with those layers in modules_to_save too (e.g. "
+                         f"modules_to_save={sorted({o for _, o in clashes} | set(state.modules_to_save))}) or in "
+                         "exclude_modules, or keep the adapter in this library's format (tlr.save_adapter). Nothing "
+                         "was written")
     on_meta = [name for name, layer in adapter_layers(model) if layer.lora_A.is_meta or layer.base_layer.weight.is_meta]
     if on_meta:
         raise ValueError(f"export_peft: {on_meta[0]} is on the meta device and holds no values; materialise the model "
@@ -92,7 +131,9 @@ def peft_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], int, boo
             fan_in_fan_out = True
         out[f"{key}.lora_A.weight"] = A
         out[f"{key}.lora_B.weight"] = B
-    for name in state.modules_to_save:
+    # extras: modules PEFT's suffix match picks besides the saved ones; their (unchanged) tensors go
+    # into the file, since PEFT loads every module it wraps from it
+    for name in list(state.modules_to_save) + extras:
         for k, v in model.get_submodule(name).state_dict().items():
             out[f"{PREFIX}{name}.{k}"] = v.detach()
     if len(ranks) != 1:
@@ -107,7 +148,10 @@ def export_peft(model: nn.Module, path: str | os.PathLike, base_model_name_or_pa
     Load with ``peft.PeftModel.from_pretrained(base_model, path)`` on the *original* base model
     (or with ``tlr.load_adapter(base_model, path)``). Deep LoRA is collapsed to a rank-r LoRA pair
     (exact up to float rounding). Raises ValueError, writing nothing, for layers PEFT cannot
-    represent (Conv2d with dilation or non-zero padding modes).
+    represent (Conv2d with dilation or non-zero padding modes) and for a modules_to_save entry that
+    PEFT's suffix match would also apply to an adapted layer (DistilBERT's ``classifier`` and
+    ``pre_classifier``). Warns (``NormBuffersNotSavedWarning``) when BatchNorm running statistics
+    outside modules_to_save changed since ``tlr.adapt``: PEFT's format cannot carry them.
     """
     from safetensors.torch import save
 
@@ -115,6 +159,10 @@ def export_peft(model: nn.Module, path: str | os.PathLike, base_model_name_or_pa
     if state is None:
         raise ValueError("export_peft needs a model adapted with tlr.adapt(model, config)")
     tensors, r, fan_in_fan_out = peft_state_dict(model)
+    warn_unsaved_norm_buffers(model, "export_peft", "PEFT's format holds no buffers outside modules_to_save: put the "
+                              "normalisation layers in modules_to_save (they then also train), or keep the adapter "
+                              "in this library's format with tlr.save_adapter(model, path, save_buffers=True)",
+                              stacklevel=4)
     config = {
         "peft_type": "LORA",
         "task_type": None,

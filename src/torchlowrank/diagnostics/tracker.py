@@ -54,9 +54,9 @@ from .. import distributed
 from ..files import atomic_write_text, read_json
 from ..linalg import compute_dtype, robust_svd, truncated_svd
 from ..layer_types import check_not_meta, is_hf_conv1d
-from ..ranks import as_matrix, layer_weight
+from ..ranks import as_matrix, layer_weight, weight_layers
 from ..results import Plot, Table, _jsonable
-from ..targets import Targets, find_targets
+from ..targets import Targets
 
 __all__ = ["SpectrumTracker", "QUANTITIES", "HISTORY_COLUMNS", "analyse_matrix", "max_principal_angle", "load_history"]
 
@@ -159,7 +159,9 @@ class SpectrumTracker:
     """Record spectra and ranks of weights, updates W - W0 and gradients every ``every`` steps.
 
     model: any ``nn.Module``; targets: which layers (PEFT ``target_modules`` semantics, default every
-    Linear / Conv / Embedding / factorized layer, see ``tlr.ranks.layer_weight``); track: a subset of
+    Linear / Conv / Embedding / factorized layer, see ``tlr.ranks.layer_weight``; a weight tied to
+    several modules is tracked once, under its first name, as ``tlr.spectrum`` lists it: both use
+    ``tlr.ranks.weight_layers``); track: a subset of
     ``("weight", "update", "grad")``; top_k: singular values kept per record and the dimension of the
     subspaces compared by principal angles; energy: for the numerical rank; full_spectrum_max: see
     the module docstring. The step-0 weights are recorded when the tracker is built.
@@ -191,7 +193,7 @@ class SpectrumTracker:
         self.top_k = top_k
         self.energy = energy
         self.full_spectrum_max = full_spectrum_max
-        self.layers = find_targets(model, targets, predicate=lambda m: layer_weight(m) is not None)
+        self.layers = weight_layers(model, targets)  # tied weights once, as in tlr.spectrum
         for name, module in self.layers:
             check_not_meta(layer_weight(module), f"the weight of layer {name!r}")
         self.steps = 0

@@ -161,7 +161,8 @@ def pretrain_study(name: str, data, archs: dict, fractions: list[float], taus: l
              "(GaLore keeps the dense parameters: kept = 1, its budget is the optimizer rank). Rank-adaptive runs start "
              f"at the {max(fractions):g} budget ranks and may only shrink (max_rank = start). Learning rates ({lrs}): factorized "
              "Adam and LowRankAdam took the best of a small grid on an MNIST-5k dev run (a different data set), dense "
-             "Adam and GaLore standard values (untuned); nothing was tuned on this test set. Reproduce: `{prov['command']}`.")
+             "Adam and GaLore standard values (untuned); nothing was tuned on this test set. "
+             f"Reproduce: `{prov['command']}`.")
     return Result(name=name,
                   config={"archs": {a: {k: (list(v) if isinstance(v, tuple) else v) for k, v in c.items()} for a, c in archs.items()},
                           "fractions": fractions, "taus": taus, "seeds": {a: list(s) for a, s in seeds.items()}, "lrs": lrs,
