@@ -21,7 +21,7 @@ from torch import nn
 import torchlowrank as tlr
 from torchlowrank.reproducibility import environment_info
 from torchlowrank.results import Plot, Result, Series, Table
-from timing import interleaved_median_times
+from timing import interleaved_median_times, interleaved_step_times
 
 
 def fwd_bwd(layer: nn.Module, x: torch.Tensor, grad_out: torch.Tensor, autocast: bool = False):
@@ -39,24 +39,8 @@ def fwd_bwd(layer: nn.Module, x: torch.Tensor, grad_out: torch.Tensor, autocast:
 
 
 def cuda_event_median_times(fns: dict, repeats: int, warmup: int = 5) -> dict[str, float]:
-    """Median seconds of each ``fns[name]()`` on the current CUDA stream, interleaved rounds,
-    timed with CUDA events (device time between the two records; one synchronisation per round)."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    torch.cuda.synchronize()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        events = {}
-        for name, fn in fns.items():
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            events[name] = (start, end)
-        torch.cuda.synchronize()
-        for name, (start, end) in events.items():
-            times[name].append(start.elapsed_time(end) / 1e3)
+    """Median seconds of each ``fns[name]()``, interleaved rounds timed with CUDA events."""
+    times = interleaved_step_times(fns, repeats, warmup, device="cuda")
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 

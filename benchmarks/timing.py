@@ -77,3 +77,38 @@ def peak_memory_mb(fn: Callable[[], object], device=None) -> float:
     base = _status_kb("VmRSS")
     fn()
     return (_status_kb("VmHWM") - base) / 1024
+
+
+def interleaved_step_times(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 3,
+                           device=None) -> dict[str, list[float]]:
+    """Seconds of every call of each ``fns[name]()`` over ``repeats`` interleaved rounds.
+
+    On CUDA each call is timed by CUDA events (device time between two records, one
+    synchronisation per round, so a host sync inside a step shows as the device idling); on the
+    CPU by ``time.perf_counter``. Lists, not medians: with ``augment_every`` or a Q3R period the
+    mean is what a run pays, and the median shows only the cheap steps.
+    """
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    cuda = device is not None and torch.device(device).type == "cuda"
+    sync(device)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        if cuda:
+            events = {}
+            for name, fn in fns.items():
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                events[name] = (start, end)
+            torch.cuda.synchronize()
+            for name, (start, end) in events.items():
+                times[name].append(start.elapsed_time(end) / 1e3)
+        else:
+            for name, fn in fns.items():
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+    return times

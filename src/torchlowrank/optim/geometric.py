@@ -134,9 +134,9 @@ def _check_common(lr: float, weight_decay: float, tau: float, max_rank: int | No
 
 
 def _reorthonormalize(X: torch.Tensor) -> torch.Tensor:
-    """One Newton-Schulz step towards the polar factor: X (I + (I - X^T X) / 2), for X (m, k) with
-    X^T X = I + E, ||E|| << 1. Leaves an error O(||E||^2): rounding no longer accumulates over steps."""
-    E = torch.eye(X.shape[1], dtype=X.dtype, device=X.device) - X.T @ X
+    """One Newton-Schulz step towards the polar factor: X (I + (I - X^T X) / 2), for X (..., m, k)
+    with X^T X = I + E, ||E|| << 1. Leaves an error O(||E||^2): rounding no longer accumulates over steps."""
+    E = torch.eye(X.shape[-1], dtype=X.dtype, device=X.device) - X.mT @ X
     return X + X @ (E * 0.5)
 
 
@@ -352,51 +352,74 @@ class _GeometricOptimizer(Optimizer):
         else:
             P, d, Q = top_subspace(S_hat, r)
         return dict(groups=groups, layers=layers, states=states, U=U, V=V, U1=U1, V1=V1, TU=TU, TV=TV, EU=EU, EV=EV,
-                    P=P, d=d, Q=Q, moments=moments, ranks=ranks, r=r, step=step, ok=ok)
+                    P=P, d=d, Q=Q, s=s, moments=moments, ranks=ranks, r=r, step=step, ok=ok)
 
     @torch.no_grad()
     def _apply_batch(self, core: dict, ranks: list[int] | None) -> None:
-        """Step 5: keep r1 directions of each stepped core; new factors and transported moments,
-        all masked by the core's ``ok`` flag (a skipped step leaves factors and moments as they were)."""
-        r, finite = core["r"], core["ok"]
-        for i, (group, layer, state) in enumerate(zip(core["groups"], core["layers"], core["states"])):
-            if not state:
-                state["rank"] = r
-            state["step"] = core["step"]
-            r1 = r if ranks is None else ranks[i]
-            P1, Q1 = core["P"][i, :, :r1], core["Q"][i, :, :r1]
-            U, V = core["U"][i], core["V"][i]
-            if core["U1"] is None:
-                U_new, V_new = U @ P1, V @ Q1
-            else:  # [U, U1 - U E] P1 = U (P1_top - E P1_bottom) + Q1 (T P1_bottom), U1 = Q1 T
-                U_new = torch.addmm(core["U1"][i] @ (core["TU"][i] @ P1[r:]), U,
-                                    torch.addmm(P1[:r], core["EU"][i], P1[r:], alpha=-1))
-                V_new = torch.addmm(core["V1"][i] @ (core["TV"][i] @ Q1[r:]), V,
-                                    torch.addmm(Q1[:r], core["EV"][i], Q1[r:], alpha=-1))
-            if state["step"] % 8 == 0:  # rounding drift is ~eps per step: correct it now and then
+        """Step 5: keep r1 directions of each stepped core; new factors and transported moments.
+        A skipped step (the core's ``ok`` flag False) keeps factors and moments as they were: its
+        P is replaced by the identity and d by s, so the products below reproduce them exactly."""
+        r, ok, states = core["r"], core["ok"], core["states"]
+        P, Q, d = core["P"], core["Q"], core["d"]
+        if ranks is None or all(k == r for k in ranks):  # the common case: one batched update
+            P, Q, d = P[..., :r], Q[..., :r], d[..., :r]
+            eye_p = torch.eye(P.shape[1], r, dtype=P.dtype, device=P.device)
+            eye_q = torch.eye(Q.shape[1], r, dtype=Q.dtype, device=Q.device)
+            P, Q = torch.where(ok, P, eye_p), torch.where(ok, Q, eye_q)
+            d = torch.where(ok, d, core["s"])
+            U_new, V_new = self._new_bases(core, P, Q, r)
+            if core["step"] % 8 == 0:  # rounding drift is ~eps per step: correct it now and then
+                U_new = torch.where(ok, _reorthonormalize(U_new), U_new)
+                V_new = torch.where(ok, _reorthonormalize(V_new), V_new)
+            moments = {key: self._transported(M, kind, P, Q) for key, (M, kind) in core["moments"].items()}
+            for key, new in moments.items():
+                if key in states[0] and states[0][key].shape == new.shape[1:]:
+                    moments[key] = torch.where(ok, new, torch.stack([st[key] for st in states]))
+            for i, (layer, state) in enumerate(zip(core["layers"], states)):
+                state["rank"], state["step"] = r, core["step"]
+                for key, new in moments.items():
+                    state[key] = new[i]
+                layer.set_factors(U_new[i], d[i], V_new[i])
+            return
+        for i, (group, layer, state) in enumerate(zip(core["groups"], core["layers"], states)):
+            r1 = ranks[i]  # a rank decision step: ranks differ per layer (ok False keeps r)
+            P1, Q1 = P[i:i + 1, :, :r1], Q[i:i + 1, :, :r1]
+            U_new, V_new = self._new_bases(core, P1, Q1, r, i)
+            if core["step"] % 8 == 0:
                 U_new, V_new = _reorthonormalize(U_new), _reorthonormalize(V_new)
-            d = core["d"][i, :r1]
             for key, (M, kind) in core["moments"].items():
-                if kind == "sqrt":  # second moment: transport its square root, square again
-                    new = (P1.T @ M[i].sqrt() @ Q1) ** 2
-                elif kind == "linear":
-                    new = P1.T @ M[i] @ Q1
-                else:  # one number per layer, invariant under the change of basis
-                    new = M[i].clone()
-                old = state.get(key)
-                if old is not None and old.shape == new.shape:
-                    new = torch.where(finite, new, old)
-                state[key] = new
-            if r1 == r:
-                U_new, V_new = torch.where(finite, U_new, U), torch.where(finite, V_new, V)
-                d = torch.where(finite, d, layer.S.detach().to(d.dtype))
-            state["rank"] = r1
-            layer.set_factors(U_new, d, V_new)
+                state[key] = self._transported(M[i:i + 1], kind, P1, Q1)[0]
+            state["rank"], state["step"] = r1, core["step"]
+            layer.set_factors(U_new[0], d[i, :r1], V_new[0])
             if r1 != r:
                 self.ranks_changed = True
                 self._resized.add(group["unit"])
                 self._rebind(group, layer)
                 self._update_probe(group["unit"])
+
+    @staticmethod
+    def _new_bases(core: dict, P: torch.Tensor, Q: torch.Tensor, r: int, i: int | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """[U, U1] P and [V, V1] Q for a stack (or unit ``i``), with U1 = Q1 T - U E (the complement
+        basis): U (P_top - E P_bottom) + Q1 (T P_bottom), no pass over a formed U1."""
+        pick = (lambda t: t) if i is None else (lambda t: t[i:i + 1])
+        U, V = pick(core["U"]), pick(core["V"])
+        if core["U1"] is None:
+            return U @ P, V @ Q
+        U_new = torch.baddbmm(pick(core["U1"]) @ (pick(core["TU"]) @ P[:, r:]), U,
+                              torch.baddbmm(P[:, :r], pick(core["EU"]), P[:, r:], alpha=-1))
+        V_new = torch.baddbmm(pick(core["V1"]) @ (pick(core["TV"]) @ Q[:, r:]), V,
+                              torch.baddbmm(Q[:, :r], pick(core["EV"]), Q[:, r:], alpha=-1))
+        return U_new, V_new
+
+    @staticmethod
+    def _transported(M: torch.Tensor, kind: str, P: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
+        """A stack of coefficient-space moments (b, p, q) in the kept bases: P^T M Q (b, k, k)."""
+        if kind == "sqrt":  # second moment: transport its square root, square again
+            return (P.mT @ M.sqrt() @ Q) ** 2
+        if kind == "linear":
+            return P.mT @ M @ Q
+        return M.clone()  # one number per layer, invariant under the change of basis
 
     def _step_units(self, closure: Callable | None) -> tuple[Any, list[dict], torch.Tensor | None]:
         """The part of ``step`` shared by SGD and Adam: the closure, re-binding layers resized from
