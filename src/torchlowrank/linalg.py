@@ -10,6 +10,7 @@ import torch
 
 __all__ = [
     "compute_dtype",
+    "hashed_sketch",
     "check_finite",
     "robust_svd",
     "truncated_svd",
@@ -195,3 +196,21 @@ def principal_angles(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     sin = torch.linalg.svdvals(Qb - Qa @ (Qa.T @ Qb)).clamp(0.0, 1.0).flip(0)  # ascending
     angles = torch.where(cos**2 >= 0.5, torch.arcsin(sin), torch.arccos(cos))
     return angles.sort().values
+
+
+def hashed_sketch(n: int, k: int, seed: int, device=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """An (n, k) random test matrix for range finders, entries uniform in [-1, 1), computed on the
+    device from a counter-based integer hash (splitmix64) of (seed, index).
+
+    Unlike ``torch.randn`` with a generator, it is bit-identical on every device and in every dtype
+    (up to the final rounding to ``dtype``), and needs no host-to-device copy: a randomized SVD on a
+    GPU follows the CPU run and never waits for the host.
+    """
+    x = torch.arange(n * k, dtype=torch.int64, device=device) + (seed * 0x632BE59BD9B4E019) % (2**62)
+    x = x * 0x5851F42D4C957F2D + 0x14057B7EF767814F  # wraps modulo 2^64 like every int64 product here
+    x = (x ^ (x >> 30)) * 0x1CE4E5B9  # xor-shift-multiply rounds (arithmetic shifts: still deterministic)
+    x = (x ^ (x >> 27)) * 0x133111EB
+    x = x ^ (x >> 31)
+    u = (x & ((1 << 24) - 1)).to(torch.float64) / float(1 << 23) - 1.0  # 24 random bits -> [-1, 1)
+    return u.reshape(n, k).to(dtype)
+

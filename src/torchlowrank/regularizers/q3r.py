@@ -46,7 +46,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .. import distributed as tlr_dist
-from ..linalg import compute_dtype
+from ..linalg import compute_dtype, hashed_sketch
 from ..targets import Targets
 from ._base import MatrixRegularizer, Split
 
@@ -377,9 +377,8 @@ class Q3R(MatrixRegularizer):
         return self.steps % self.period == 0 and self._reweighted_at != self.steps
 
     def _sketch(self, i: int, n: int, K: int, like: torch.Tensor) -> torch.Tensor:
-        gen = torch.Generator(device=like.device).manual_seed(
-            (self.seed * 1_000_003 + self.steps * 7919 + i) % (2**63 - 1))
-        return torch.randn(n, K, generator=gen, device=like.device, dtype=like.dtype)
+        # the same numbers on every device and in every dtype: a float32 GPU run follows float64 on the CPU
+        return hashed_sketch(n, K, (self.seed * 1_000_003 + self.steps * 7919 + i) % (2**61), like.device, like.dtype)
 
     @torch.no_grad()
     def reweight(self, sync: bool = False) -> None:
