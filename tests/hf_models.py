@@ -173,3 +173,25 @@ def outputs(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     """The model's main output tensor (logits)."""
     with torch.no_grad():
         return model(**inputs).logits
+
+
+def perturb_trainable(model, std: float = 0.3, seed: int = 0) -> None:
+    """Add N(0, std^2) noise to every trainable tensor (adapter factors, modules_to_save): an adapter
+    moved away from its (often zero) initialisation."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * std)
+
+
+def served_by_peft(base, folder):
+    """PEFT's PeftModel loaded from ``folder`` on a copy of ``base`` (eval mode)."""
+    import copy
+    import warnings
+
+    import peft
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # peft's own notes on the tiny configs
+        return peft.PeftModel.from_pretrained(copy.deepcopy(base), folder).eval()
+

@@ -21,20 +21,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
-def randomize(model, std=0.3, seed=0):
-    """Every trainable tensor (factors, modules_to_save) moved away from its init."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * std)
+randomize = hf_models.perturb_trainable
 
 
 def served_by_peft(base, folder):
-    peft = pytest.importorskip("peft")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # peft's own notes on the tiny configs
-        return peft.PeftModel.from_pretrained(copy.deepcopy(base), folder).eval()
+    pytest.importorskip("peft")
+    return hf_models.served_by_peft(base, folder)
 
 
 # -- 4: modules_to_save that PEFT would confuse with an adapted layer -------------------------------------

@@ -90,9 +90,7 @@ def test_normalisation_layers_in_modules_to_save_keep_their_statistics_in_both_f
         tlr.export_peft(model, tmp_path / "peft")
     torch.testing.assert_close(hf_models.outputs(tlr.load_adapter(copy.deepcopy(base), tmp_path / "adapter"), x), y,
                                rtol=0, atol=1e-4)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        served = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "peft").eval()
+    served = hf_models.served_by_peft(base, tmp_path / "peft")
     torch.testing.assert_close(hf_models.outputs(served, x), y, rtol=0, atol=1e-4)
 
 

@@ -21,11 +21,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
 def randomize(model, std=0.5, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, layer in adapter_layers(model):
-            for W in layer.lora_factors:
-                W.copy_(torch.randn(W.shape, generator=g) * std)
+    hf_models.perturb_trainable(model, std, seed)
 
 
 def adapt_quietly(model, config):
@@ -147,7 +143,5 @@ def test_an_encoder_decoder_adapter_round_trips_through_both_formats_and_peft(tm
     tlr.export_peft(model, tmp_path / "peft")
     torch.testing.assert_close(hf_models.outputs(tlr.load_adapter(copy.deepcopy(base), tmp_path / "ours"), x), y,
                                rtol=0, atol=1e-5)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        served = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "peft").eval()
+    served = hf_models.served_by_peft(base, tmp_path / "peft")
     torch.testing.assert_close(hf_models.outputs(served, x), y, rtol=0, atol=1e-5)

@@ -44,9 +44,9 @@ def _dense_mlp():
 
 @pytest.mark.parametrize("make_opt", [
     lambda m: tlr.optim.LowRankAdam(m, lr=0.05, tau=0.2),
-    pytest.param(lambda m: tlr.optim.LowRankAdam(m, lr=0.05, tau=0.0, second_moment="elementwise"),
-                 marks=pytest.mark.xfail(strict=True, reason="float32 is off by ~0.07 from float64 even on the CPU (suspected: "
-                                         "elementwise Adam normalises rounding-level coefficients to O(1) steps)")),
+    # element-wise Adam normalises each coefficient: the exact zeros of the new directions' triangular
+    # block must stay zeros (rounding noise there made float32 leave float64 by 0.07 in 6 steps)
+    lambda m: tlr.optim.LowRankAdam(m, lr=0.05, tau=0.0, second_moment="elementwise", basis_lr_ratio=3.0),
     lambda m: tlr.optim.LowRankAdam(m, lr=0.05, tau=0.2, augment_every=2),
     lambda m: tlr.optim.LowRankSGD(m, lr=0.2, tau=0.2),
 ], ids=["LowRankAdam", "LowRankAdam-elementwise-fixed-rank", "LowRankAdam-augment-every-2", "LowRankSGD"])

@@ -720,8 +720,10 @@ class LowRankAdam(_GeometricOptimizer):
             moments = {"exp_avg": (m, "linear"), "exp_avg_sq": (v, "scalar")}
             v = v[:, None, None]
         elif kind == "elementwise_reset" and augmented:
+            # restarted from this gradient alone: v = G^ * G^ is its own bias-corrected estimate
             v = G_hat * G_hat
             moments = {"exp_avg": (m, "linear"), "exp_avg_sq": (v, "sqrt")}
+            v = v * (1 - b2 ** t)  # so that the common bias correction below leaves it as it is
         else:
             v = self._stack_moment(states, "exp_avg_sq", shape, r, G_hat)
             if kind == "elementwise_mean" and augmented and "exp_avg_sq" in states[0]:

@@ -65,7 +65,11 @@ def complement_basis(U: torch.Tensor, A: torch.Tensor, C: torch.Tensor
     keep = (pivots > 0.5).to(A.dtype)  # (b, r)
     G1 = G1 * keep[:, :, None] * keep[:, None, :] + torch.diag_embed(1.0 - keep)
     T = keep[:, :, None] * _inverse_cholesky(G1).mT * keep[:, None, :]  # L2^{-T}, dropped directions zeroed
-    R = T.mT @ G1K[..., r:]  # U1^T K = U1^T A: a GEMM product, accurate to rounding (U^T K is rounding)
+    # U1^T K = U1^T A: a GEMM product, accurate to rounding (U^T K is rounding). It is upper
+    # triangular (direction j of U1 is orthogonal to K's first j columns): the entries below the
+    # diagonal are exact zeros holding rounding noise, which an element-wise Adam would normalise
+    # into O(lr) steps (float32 and float64 then part ways), so they are set to zero.
+    R = torch.triu(T.mT @ G1K[..., r:])
     return Q1, T, F @ T, R, keep
 
 
