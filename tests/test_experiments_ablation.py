@@ -36,7 +36,7 @@ def test_every_arm_is_reported_by_name(quick):
 
 def test_learning_rate_is_the_validation_choice_from_the_grid(quick):
     cfg = ga.QUICK
-    allowed = set(cfg.lr_grid) | {cfg.lr_below, cfg.lr_above}
+    allowed = set(cfg.lr_grid) | set(cfg.lr_below) | set(cfg.lr_above)
     grid = quick.tables[1]
     col = {c: i for i, c in enumerate(grid.columns)}
     for arm in cfg.arms:
@@ -45,11 +45,13 @@ def test_learning_rate_is_the_validation_choice_from_the_grid(quick):
         rows = [r for r in grid.rows if r[col["arm"]] == arm.key]
         tried = {r[col["lr"]] for r in rows}
         assert set(cfg.lr_grid) <= tried  # the whole grid was run for every arm
-        assert tried - set(cfg.lr_grid) <= {cfg.lr_below, cfg.lr_above}
+        assert tried - set(cfg.lr_grid) <= allowed
         if tried != set(cfg.lr_grid):  # an extension only when the grid's best lay at its edge
             best_in_grid = max((r for r in rows if r[col["lr"]] in cfg.lr_grid),
                                key=lambda r: (r[col["val acc"]], -r[col["val loss"]]))
             assert best_in_grid[col["lr"]] in (cfg.lr_grid[0], cfg.lr_grid[-1])
+            side = cfg.lr_below if best_in_grid[col["lr"]] == cfg.lr_grid[0] else cfg.lr_above
+            assert tried - set(cfg.lr_grid) == set(side[:len(tried) - len(cfg.lr_grid)])  # in order, one side
         best = max(rows, key=lambda r: (r[col["val acc"]], -r[col["val loss"]]))
         assert best[col["lr"]] == lr  # chosen on the validation split, by the stated rule
         assert quick.metrics[f"digits.{arm.key}.val_accuracy"] == best[col["val acc"]]

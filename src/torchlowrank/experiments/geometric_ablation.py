@@ -75,6 +75,7 @@ ARMS: tuple[Arm, ...] = (
         second_moment="elementwise_reset"),
     Arm("lowrank_basis_0.3", "basis_lr_ratio 0.3", "lowrank", "basis step", basis_lr_ratio=0.3),
     Arm("lowrank_basis_3", "basis_lr_ratio 3", "lowrank", "basis step", basis_lr_ratio=3.0),
+    Arm("lowrank_basis_10", "basis_lr_ratio 10", "lowrank", "basis step", basis_lr_ratio=10.0),
     Arm("lowrank_init_dense_svd", "S init: best rank-r of a dense init", "lowrank", "S init", init="dense_svd"),
     Arm("lowrank_init_frobenius", "S init: scaled to the dense Frobenius norm", "lowrank", "S init", init="frobenius"),
     Arm("factorized_init_frobenius", "factorized Adam, init scaled to the dense Frobenius norm", "factorized",
@@ -86,6 +87,8 @@ ARMS: tuple[Arm, ...] = (
     Arm("factorized_warmup", "factorized Adam + warm-up", "factorized", "warm-up", warmup=True),
     Arm("lowrank_elementwise_warmup", "v elementwise + warm-up", "lowrank", "combination",
         second_moment="elementwise", warmup=True),
+    Arm("lowrank_elementwise_basis_3", "v elementwise + basis_lr_ratio 3", "lowrank", "combination",
+        second_moment="elementwise", basis_lr_ratio=3.0),
 )
 
 
@@ -110,9 +113,10 @@ class AblationConfig:
     settings: tuple[Setting, ...]
     arms: tuple[Arm, ...] = ARMS
     lr_grid: tuple[float, ...] = (1e-3, 3e-3, 1e-2, 3e-2)
-    lr_below: float = 3e-4  # tried when the best grid lr is the smallest
-    lr_above: float = 1e-1  # tried when the best grid lr is the largest
-    n_seeds: int = 3
+    # tried in turn while the best lr so far is the smallest / largest tried
+    lr_below: tuple[float, ...] = (3e-4, 1e-4)
+    lr_above: tuple[float, ...] = (1e-1, 3e-1)
+    n_seeds: int = 5
     warmup_fraction: float = 0.1
     curve_every: int = 5  # loss curves: the mean minibatch loss over windows of this many steps
     # selection rule: highest validation accuracy, ties broken by lower validation loss
@@ -300,7 +304,7 @@ def study(cfg: AblationConfig, seed: int, quick: bool, progress: bool | None) ->
     runs: list[Run] = []
     chosen: dict[tuple[str, str], float] = {}
     extended: dict[tuple[str, str], str] = {}
-    total = sum(s.steps for s in cfg.settings) * len(cfg.arms) * (len(cfg.lr_grid) + 1 + cfg.n_seeds - 1)
+    total = sum(s.steps for s in cfg.settings) * len(cfg.arms) * (len(cfg.lr_grid) + 2 + cfg.n_seeds - 1)
     bar = progress_bar(total=total, desc=NAME, enabled=progress)
     with one_thread():
         for setting in cfg.settings:
@@ -309,17 +313,18 @@ def study(cfg: AblationConfig, seed: int, quick: bool, progress: bool | None) ->
                 # 1. the learning rate: the best of the grid on the validation split (first seed)
                 grid = [one_run(setting, arm, data, lr, seeds[0], cfg, bar) for lr in cfg.lr_grid]
                 best = _select(grid)
-                edge = None
-                if best.lr == cfg.lr_grid[0]:
-                    edge = cfg.lr_below
-                elif best.lr == cfg.lr_grid[-1]:
-                    edge = cfg.lr_above
-                if edge is not None:
-                    grid.append(one_run(setting, arm, data, edge, seeds[0], cfg, bar))
-                    best = _select(grid)
-                    extended[(setting.key, arm.key)] = f"{edge:g}"
-                else:
-                    bar.update(setting.steps)
+                added = []
+                for side, more in ((cfg.lr_grid[0], cfg.lr_below), (cfg.lr_grid[-1], cfg.lr_above)):
+                    edge = side
+                    for lr in more:  # extend outward while the best is at the edge of what was tried
+                        if best.lr != edge:
+                            break
+                        grid.append(one_run(setting, arm, data, lr, seeds[0], cfg, bar))
+                        best, edge = _select(grid), lr
+                        added.append(f"{lr:g}")
+                if added:
+                    extended[(setting.key, arm.key)] = " ".join(added)
+                bar.update(setting.steps * (2 - len(added)))
                 for r in grid:
                     runs.append(r)
                 chosen[(setting.key, arm.key)] = best.lr
@@ -365,7 +370,7 @@ def _result(cfg: AblationConfig, seeds: list[int], runs: list[Run], chosen: dict
     for setting in cfg.settings:
         series = []
         for key in ("dense_adam", "factorized_adam", "lowrank_default", "lowrank_elementwise",
-                    "lowrank_elementwise_reset", "lowrank_init_frobenius"):
+                    "lowrank_basis_3", "lowrank_elementwise_basis_3"):
             if key in arms:
                 c = curves[f"{setting.key}.{key}"]
                 series.append(Series(f"{arms[key].label} (lr {chosen[(setting.key, key)]:g})",
@@ -385,7 +390,7 @@ def _result(cfg: AblationConfig, seeds: list[int], runs: list[Run], chosen: dict
              "over the seeds at the chosen lr. Interpretation: docs/geometric-ablation.md. Reproduce: `"
              + prov["command"] + "`.")
     config = {"settings": [asdict(s) for s in cfg.settings], "arms": [asdict(a) for a in cfg.arms],
-              "lr_grid": list(cfg.lr_grid), "lr_below": cfg.lr_below, "lr_above": cfg.lr_above,
+              "lr_grid": list(cfg.lr_grid), "lr_below": list(cfg.lr_below), "lr_above": list(cfg.lr_above),
               "n_seeds": cfg.n_seeds, "warmup_fraction": cfg.warmup_fraction, "selection": cfg.selection,
               "curve_every": cfg.curve_every, "quick": quick, **prov}
     return Result(
