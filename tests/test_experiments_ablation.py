@@ -24,14 +24,18 @@ def test_every_arm_is_reported_by_name(quick):
                       "train_loss_std", "first_loss"):
             assert math.isfinite(quick.metrics[f"{p}.{field}"]), (p, field)
         assert 0.0 <= quick.metrics[f"{p}.test_accuracy_mean"] <= 1.0
+        if arm.kind == "dense":
+            assert f"{p}.off_core_ratio" not in quick.metrics
+        else:  # a rank-r step has a part in the current subspaces and (augmenting) a part that moves them
+            assert 0.0 < quick.metrics[f"{p}.off_core_ratio"] < math.inf, p
     # the baselines and every factor the issue names are present
     factors = {a.factor for a in ga.QUICK.arms}
     assert {"reference", "baseline", "second moment", "basis step", "S init", "weight decay", "augment_every",
             "warm-up"} <= factors
     kinds = {a.key: a.kind for a in ga.QUICK.arms}
     assert kinds["factorized_adam"] == "factorized" and kinds["dense_adam"] == "dense"
-    assert {a.second_moment for a in ga.QUICK.arms if a.kind == "lowrank"} == {"unit", "elementwise", "elementwise_mean",
-                                                                               "elementwise_reset"}
+    moments = {a.second_moment for a in ga.QUICK.arms if a.kind == "lowrank"}
+    assert moments == {"unit", "elementwise", "elementwise_mean", "elementwise_reset"}
 
 
 def test_learning_rate_is_the_validation_choice_from_the_grid(quick):

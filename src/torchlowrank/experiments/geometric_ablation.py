@@ -231,10 +231,33 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float,
     return (loss if math.isfinite(loss) else math.inf), acc
 
 
+def _span(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """(W, U, V): the first hidden layer's weight and orthonormal bases of its column / row space."""
+    with torch.no_grad():
+        if isinstance(layer, LowRankLinear):
+            return layer.dense_weight().clone(), layer.U.clone(), layer.V.clone()
+        if isinstance(layer, FactorizedLinear):
+            return layer.dense_weight().clone(), torch.linalg.qr(layer.A).Q, torch.linalg.qr(layer.B).Q
+    return None
+
+
+def _off_core(before, layer: nn.Module) -> tuple[float, float]:
+    """(||dW - U U^T dW V V^T||_F^2, ||U U^T dW V V^T||_F^2) for one step dW of a rank-r layer, with
+    U, V the bases before the step: the part of the step that moves the subspaces (the basis update)
+    and the part inside them (the S / core update)."""
+    W, U, V = before
+    with torch.no_grad():
+        dW = layer.dense_weight() - W
+        core = (U.T @ dW @ V).norm() ** 2
+        off = (dW.norm() ** 2 - core).clamp_min(0)
+    return off.item(), core.item()
+
+
 def train(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, steps: int, batch: int,
-          seed: int, warmup_steps: int, bar) -> list[float]:
+          seed: int, warmup_steps: int, bar, ratios: list[float] | None = None) -> list[float]:
     """``steps`` minibatch steps (batch order from ``seed``, the same for every arm); returns the
-    minibatch losses (stops early, padding with inf, once the loss is not finite)."""
+    minibatch losses (stops early, padding with inf, once the loss is not finite). ``ratios``: if
+    given, receives :func:`_off_core` of the first layer at every step."""
     sched = None
     if warmup_steps > 0:
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min(1.0, (k + 1) / warmup_steps))
@@ -250,7 +273,10 @@ def train(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torc
         opt.zero_grad(set_to_none=True)
         loss = F.cross_entropy(model(x[idx]), y[idx])
         loss.backward()
+        before = _span(model[0]) if ratios is not None else None
         opt.step()
+        if before is not None:
+            ratios.append(_off_core(before, model[0]))
         if sched is not None:
             sched.step()
         losses.append(loss.item())
@@ -276,6 +302,7 @@ class Run:
     train_loss: float  # full training set, after training
     seconds: float
     curve: list[float] = field(default_factory=list)
+    off_core_ratio: float | None = None  # sqrt(sum off^2 / sum core^2) over the steps, first hidden layer
 
 
 def one_run(setting: Setting, arm: Arm, data: Split, lr: float, seed: int, cfg: AblationConfig, bar) -> Run:
@@ -283,14 +310,23 @@ def one_run(setting: Setting, arm: Arm, data: Split, lr: float, seed: int, cfg: 
     model = build(setting, arm, data.x_train.shape[1], seed)
     opt = make_optimizer(model, arm, lr)
     warm = math.ceil(cfg.warmup_fraction * setting.steps) if arm.warmup else 0
-    losses = train(model, opt, data.x_train, data.y_train, setting.steps, setting.batch, seed, warm, bar)
+    ratios: list[tuple[float, float]] | None = [] if arm.kind != "dense" else None
+    losses = train(model, opt, data.x_train, data.y_train, setting.steps, setting.batch, seed, warm, bar, ratios)
     val_loss, val_acc = evaluate(model, data.x_val, data.y_val)
     _, test_acc = evaluate(model, data.x_test, data.y_test)
     train_loss, _ = evaluate(model, data.x_train, data.y_train)
     k = cfg.curve_every
     curve = [statistics.fmean(losses[i:i + k]) for i in range(0, len(losses), k)]
     return Run(setting.key, arm.key, lr, seed, val_loss, val_acc, test_acc, train_loss, time.perf_counter() - t0,
-               [c if math.isfinite(c) else math.inf for c in curve])
+               [c if math.isfinite(c) else math.inf for c in curve],
+               _ratio(ratios))
+
+
+def _ratio(pairs: list[tuple[float, float]] | None) -> float | None:
+    if not pairs:
+        return None
+    off, core = sum(p[0] for p in pairs), sum(p[1] for p in pairs)
+    return math.sqrt(off / core) if core > 0 and math.isfinite(off) else math.inf
 
 
 def _select(runs: list[Run]) -> Run:
@@ -359,13 +395,17 @@ def _result(cfg: AblationConfig, seeds: list[int], runs: list[Run], chosen: dict
             metrics[f"{prefix}.train_loss_mean"] = statistics.fmean(loss)
             metrics[f"{prefix}.train_loss_std"] = loss_std
             metrics[f"{prefix}.first_loss"] = at[0].curve[0]
+            if at[0].off_core_ratio is not None:
+                metrics[f"{prefix}.off_core_ratio"] = at[0].off_core_ratio
             summary_rows.append([setting.key, arm.factor, arm.key, lr, extended.get((setting.key, arm.key), "-"),
                                  at[0].val_acc, statistics.fmean(acc), acc_std, statistics.fmean(loss), loss_std,
+                                 "-" if at[0].off_core_ratio is None else at[0].off_core_ratio,
                                  statistics.fmean(r.seconds for r in at)])
             curves[prefix] = at[0].curve
             for r in sorted((r for r in runs if r.setting == setting.key and r.arm == arm.key and r.seed == seeds[0]),
                             key=lambda r: r.lr):
-                grid_rows.append([setting.key, arm.key, r.lr, r.val_loss, r.val_acc, r.train_loss])
+                grid_rows.append([setting.key, arm.key, r.lr, r.val_loss, r.val_acc, r.train_loss,
+                                  "-" if r.off_core_ratio is None else r.off_core_ratio])
     plots = []
     for setting in cfg.settings:
         series = []
@@ -375,7 +415,8 @@ def _result(cfg: AblationConfig, seeds: list[int], runs: list[Run], chosen: dict
                 c = curves[f"{setting.key}.{key}"]
                 series.append(Series(f"{arms[key].label} (lr {chosen[(setting.key, key)]:g})",
                                      [cfg.curve_every * (i + 1) for i in range(len(c))], c))
-        plots.append(Plot(f"{setting.key}_loss", f"{setting.key}: training loss at the validation-chosen lr (seed {seeds[0]})",
+        plots.append(Plot(f"{setting.key}_loss",
+                          f"{setting.key}: training loss at the validation-chosen lr (seed {seeds[0]})",
                           "line", series, xlabel="step", ylabel=f"minibatch loss (mean of {cfg.curve_every} steps)",
                           logy=True))
         accs = [metrics[f"{setting.key}.{a.key}.test_accuracy_mean"] for a in cfg.arms]
@@ -386,7 +427,11 @@ def _result(cfg: AblationConfig, seeds: list[int], runs: list[Run], chosen: dict
                           ylabel="test accuracy"))
     notes = ("Each arm varies one factor of LowRankAdam (or is a baseline). Learning rate: the best of the grid "
              "on the validation split (rule in the config), seed " + str(seeds[0]) + "; 'extended' names the lr "
-             "added when the best was at the grid's edge. Test accuracy and full-training-set loss: mean and std "
+             "added when the best was at the grid's edge. "
+             "'off-core / core step': for the first hidden layer, "
+             "sqrt(sum_k ||dW_k - U U^T dW_k V V^T||^2 / sum_k ||U U^T dW_k V V^T||^2) over the steps k (U, V: the "
+             "bases before step k), the size of the basis update relative to the update inside the current subspaces "
+             "(first seed). Test accuracy and full-training-set loss: mean and std "
              "over the seeds at the chosen lr. Interpretation: docs/geometric-ablation.md. Reproduce: `"
              + prov["command"] + "`.")
     config = {"settings": [asdict(s) for s in cfg.settings], "arms": [asdict(a) for a in cfg.arms],
@@ -397,9 +442,10 @@ def _result(cfg: AblationConfig, seeds: list[int], runs: list[Run], chosen: dict
         name=NAME, config=config, seeds=seeds, metrics=metrics,
         tables=[Table("Chosen learning rate, test accuracy and training loss per arm",
                       ["setting", "factor", "arm", "lr", "extended", "val acc", "test acc", "std", "train loss",
-                       "loss std", "s/run"], summary_rows),
+                       "loss std", "off-core / core step", "s/run"], summary_rows),
                 Table("Validation results over the learning-rate grid (first seed)",
-                      ["setting", "arm", "lr", "val loss", "val acc", "train loss"], grid_rows)],
+                      ["setting", "arm", "lr", "val loss", "val acc", "train loss", "off-core / core step"],
+                      grid_rows)],
         history={"curves": curves, "runs": [asdict(r) | {"curve": None} for r in runs]},
         plots=plots, notes=notes, wall_time_s=wall, environment=environment_info())
 
