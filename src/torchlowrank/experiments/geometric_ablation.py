@@ -5,14 +5,16 @@ the same model, data, initial weights and batches:
 
 - second moment: ``unit`` (the default when this was written), ``elementwise`` (carried through the
   basis change), ``elementwise_mean``, ``elementwise_reset`` (re-started at each augmentation);
-- ``basis_lr_ratio`` (step of the basis-update blocks vs the S block): 0.3, 3;
+- ``basis_lr_ratio`` (step of the basis-update blocks vs the S block): 0.3, 3, 10;
 - initialisation of S: the layer's default (Marchenko-Pastur spectrum, Haar U, V), the best rank-r
   approximation of a freshly initialised dense ``nn.Linear`` (``LowRankLinear.from_linear``), and
   the default spectrum scaled so that ||W||_F equals the dense layer's (for isotropic inputs the
   layer then has the dense layer's output variance);
 - decoupled weight decay on S (biases and the dense head not decayed);
 - ``augment_every``: 4, 8;
-- a linear learning-rate warm-up over the first 10 % of the steps (also given to factorized Adam).
+- a linear learning-rate warm-up over the first 10 % of the steps (also given to factorized Adam);
+plus two combinations (elementwise + warm-up, elementwise + basis_lr_ratio 3), factorized Adam from
+the Frobenius-scaled init, and dense Adam as a reference.
 
 Every arm's learning rate is the best of the same grid on a validation split carved out of the
 training set (never the test set); the grid is extended by one value when the best lies at its
