@@ -4,7 +4,8 @@ The public API is re-exported here; submodules not named below are internal.
 """
 __version__ = "0.1.0"
 
-from .adapters import (DeepLoRAConfig, LoRAConfig, adapt, adapter_param_groups, export_peft, init_compressed,
+from .adapters import (AdapterBaseMismatchWarning, AdapterNotCalledWarning, DeepLoRAConfig, LoRAConfig,
+                       NormBuffersNotSavedWarning, adapt, adapter_param_groups, export_peft, init_compressed,
                        load_adapter, merge, print_trainable_parameters, save_adapter)
 from .diagnostics import SpectrumTracker, compare_weights, load_weights, weights_spectrum
 from .compress import CompressionReport, count_parameters, factorize, rank_for_fraction, truncate
@@ -28,6 +29,7 @@ __all__ = [
     "factorize", "truncate", "count_parameters", "rank_for_fraction", "CompressionReport",
     "LoRAConfig", "DeepLoRAConfig", "adapt", "merge", "save_adapter", "load_adapter", "export_peft",
     "adapter_param_groups", "init_compressed", "print_trainable_parameters",
+    "AdapterNotCalledWarning", "NormBuffersNotSavedWarning", "AdapterBaseMismatchWarning",
     "Result", "Plot", "Series", "Table", "write_report", "load_result",
     "SpectrumTracker", "load_weights", "compare_weights", "weights_spectrum",
     "Q3R", "NuclearNorm",
