@@ -18,6 +18,7 @@ observed entries (so an exact fit with a spurious direction is refused).
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 
@@ -57,13 +58,14 @@ def _solve(Wt: torch.Tensor, T: torch.Tensor, F: torch.Tensor, diag: torch.Tenso
 @torch.no_grad()
 def als_with_biases(W: torch.Tensor, Y: torch.Tensor, U: torch.Tensor, V: torch.Tensor, b: torch.Tensor,
                     c: torch.Tensor, *, lam: float, bias_reg: float, fit_biases: bool, target_sse: float,
-                    max_sweeps: int = 100, min_gain: float = 0.9):
+                    max_sweeps: int = 100, min_gain: float = 0.9, deadline: float | None = None):
     """ALS for ``Y_ij ~ U_i . V_j + b_i + c_j`` on the entries where ``W`` (m, n; 0/1) is 1:
     ``min sum_W (U V^T + b + c - Y)^2 + lam (||U||^2 + ||V||^2) + bias_reg (||b||^2 + ||c||^2)``,
     each half-sweep the exact joint solve of (U_i, b_i) for every row, then of (V_j, c_j) for every
     column (biases held at b, c when ``fit_biases`` is False). Stops when the sum of squared
     residuals is <= ``target_sse`` or when a sweep reduced it by less than the factor ``min_gain``
-    (after 5 sweeps). Returns (U, V, b, c, sse, sweeps)."""
+    (after 5 sweeps), or before a sweep that would end past ``deadline`` (``time.perf_counter()``
+    seconds). Returns (U, V, b, c, sse, sweeps)."""
     m, n = Y.shape
     k = U.shape[1]
     dev, dt = Y.device, Y.dtype
@@ -71,8 +73,12 @@ def als_with_biases(W: torch.Tensor, Y: torch.Tensor, U: torch.Tensor, V: torch.
     diag = torch.full((k + 1,), lam, dtype=dt, device=dev)
     diag[k] = bias_reg
     sse, prev = math.inf, math.inf
-    it = 0
+    it, last = 0, 0.0
     for it in range(1, max_sweeps + 1):
+        if deadline is not None and time.perf_counter() + last > deadline:
+            it -= 1
+            break
+        t0 = time.perf_counter()
         if fit_biases:
             x = _solve(W, Y - c[None, :], torch.cat([V, one_n], 1), diag)
             U, b = x[:, :k], x[:, k]
@@ -83,6 +89,7 @@ def als_with_biases(W: torch.Tensor, Y: torch.Tensor, U: torch.Tensor, V: torch.
             V = _solve(W.T, (Y - b[:, None] - c[None, :]).T, U, diag[:k])
         R = W * (U @ V.T + b[:, None] + c[None, :] - Y)
         sse = float(R.square().sum())
+        last = time.perf_counter() - t0
         if not math.isfinite(sse) or sse <= target_sse or (it >= 5 and sse > min_gain * prev):
             break
         prev = sse
@@ -109,6 +116,7 @@ class RankPolish:
         self.attempts: list[tuple[int, int, float]] = []
         self._last: tuple[int, int] | None = None  # (iteration, rank) of the last attempt
         self._dense = None
+        self.deadline: float | None = None  # set by the trainer from its time_limit
 
     def _dense_problem(self, problem):
         if self._dense is None:
@@ -143,7 +151,7 @@ class RankPolish:
         lam = self.ridge * float(s[0])
         prev_rel = math.inf
         for extra in range(self.extra + 1):
-            if U.shape[1] > min(W.shape) // 2:
+            if U.shape[1] > min(W.shape) // 2 or (self.deadline is not None and time.perf_counter() > self.deadline):
                 break
             if extra:  # one more direction: the top singular pair of the rank-r fit's residual
                 R = W * (Y - U @ V.T - b[:, None] - c[None, :])
@@ -152,7 +160,7 @@ class RankPolish:
                 U, V = torch.cat([U, pu[:, :1] * g], 1), torch.cat([V, pv[:1].T * g], 1)
             U, V, b, c, sse, sweeps = als_with_biases(
                 W, Y, U, V, b, c, lam=lam, bias_reg=problem.reg, fit_biases=problem.fit_biases,
-                target_sse=target_sse, max_sweeps=self.max_sweeps)
+                target_sse=target_sse, max_sweeps=self.max_sweeps, deadline=self.deadline)
             rel = math.sqrt(max(sse, 0.0) / y2)
             self.attempts.append((t, U.shape[1], rel))
             if sse <= target_sse and extra:
@@ -186,7 +194,7 @@ class RankPolish:
         W2[rh, ch] = 0.0
         U2, V2, b2, c2, _, _ = als_with_biases(W2, Y, U, V, b, c, lam=lam, bias_reg=problem.reg,
                                                fit_biases=problem.fit_biases, target_sse=0.95 * target_sse,
-                                               max_sweeps=self.max_sweeps)
+                                               max_sweeps=self.max_sweeps, deadline=self.deadline)
         pred = (U2[rh] * V2[ch]).sum(1) + b2[rh] + c2[ch]
         err = float((pred - yh).norm() / yh.norm().clamp_min(1e-300))
         return err <= self.holdout_tol, err

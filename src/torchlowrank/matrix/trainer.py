@@ -59,6 +59,9 @@ class History:
     ``escape`` below its initial value (None if never). polished_at: the iteration at which an exact
     polish of the solution finished the run (None if none did); polish_info: what the polish
     attempts did; final_lr: the step at the end (it changes with ``adaptive=True``).
+    holdout_rmse / mean_model_rmse: the network's best and the mean model's RMSE on the entries
+    :func:`complete` held out (None when it held none out); refit: what was fitted after the
+    selection on them.
     """
 
     iterations: list[int] = field(default_factory=list)
@@ -77,6 +80,9 @@ class History:
     polished_at: int | None = None
     polish_info: str = ""
     final_lr: float | None = None
+    holdout_rmse: float | None = None
+    mean_model_rmse: float | None = None
+    refit: str = ""
 
     def time_to(self, error: float) -> float | None:
         """Training time at the first record with recovery error <= ``error`` (None if never)."""
@@ -138,7 +144,7 @@ def train_gd(model, problem, lr: float, *, max_iters: int = 10_000, tol: float =
     residual warns); no
     validation improvement for ``patience`` evaluations after the escape (``validation = (rows,
     cols, values)``; the best parameters are restored); ``max_iters``; ``time_limit`` seconds of
-    training; divergence. ``callback(t, model)`` runs at every evaluation. ``num_threads``: torch
+    wall-clock time (evaluations and the polish included); divergence. ``callback(t, model)`` runs at every evaluation. ``num_threads``: torch
     CPU threads for the loop, restored afterwards (default None: the caller's setting is left
     alone). Validation / test RMSEs are multiplied by ``problem.unit`` when the problem has one
     (a normalised problem reporting in the data's units).
@@ -237,6 +243,7 @@ def train_gd(model, problem, lr: float, *, max_iters: int = 10_000, tol: float =
     bar = progress_bar(total=max_iters, desc="gd", enabled=progress)
     reason = None
     t = 0
+    wall0 = time.perf_counter()  # time_limit counts wall-clock time, evaluations and polish included
     try:
         for t in range(max_iters + 1):
             t0 = time.perf_counter()
@@ -296,6 +303,8 @@ def train_gd(model, problem, lr: float, *, max_iters: int = 10_000, tol: float =
                     t1 = time.perf_counter()
                     saved = [p.detach().clone() for p in params]
                     saved_state = problem.trained_state() if has_state else None
+                    if time_limit is not None and hasattr(polish, "deadline"):  # the polish keeps the time limit too
+                        polish.deadline = wall0 + time_limit
                     msg = polish(t, model, problem, tol * tol * zero_loss)
                     if getattr(polish, "attempts", None):
                         hist.polish_info = f"polish attempts (iteration, rank, relative residual): {polish.attempts}"
@@ -337,7 +346,7 @@ def train_gd(model, problem, lr: float, *, max_iters: int = 10_000, tol: float =
             if t == max_iters:
                 reason = "max_iters"
                 break
-            if time_limit is not None and train_time >= time_limit:
+            if time_limit is not None and time.perf_counter() - wall0 >= time_limit:
                 reason = "time_limit"
                 record(t, loss)
                 break
@@ -386,8 +395,11 @@ def train_gd(model, problem, lr: float, *, max_iters: int = 10_000, tol: float =
         }.get(reason, "")
         if status == "not_converged":
             hist.message = (f"not converged: stopped at {budget} while the train loss was still falling "
-                            f"(relative train residual {rel:.3g}, tol={tol:g}); raise max_iters / time_limit "
-                            f"or the step lr={lr:g}")
+                            f"(relative train residual {rel:.3g}, tol={tol:g}).")
+            if validation is None:
+                hist.message += (" Raise max_iters / time_limit only if the data should be fitted exactly: on noisy "
+                                 "data more iterations fit the noise (early stopping on a validation set tells when "
+                                 "to stop).")
         elif status == "stalled_at_init":
             hist.message = (f"stalled at init: stopped at {budget} before the train loss fell by {escape:.0%} "
                             f"from its initial value ({rel:.3g} relative residual): the network never left "
