@@ -16,13 +16,59 @@ __all__ = ["MeanModel", "fit_mean_model", "holdout_split", "best_mean_model"]
 @dataclass
 class MeanModel:
     """mu: global mean; row: (m,) row biases; col: (n,) column biases (0 for unobserved ones);
-    row_counts (m,) / col_counts (n,): observed entries per row / column."""
+    row_counts (m,) / col_counts (n,): observed entries per row / column.
 
-    mu: float
-    row: torch.Tensor
-    col: torch.Tensor
-    row_counts: torch.Tensor
-    col_counts: torch.Tensor
+    Also the simplest completion estimator, with the interface of the others
+    (:class:`~torchlowrank.matrix.estimators.DeepMatrixCompleter`, ...): ``MeanModel(center="biases",
+    reg="auto").fit(X, mask)`` fits ``mu + b_i + c_j`` (the bias ridge chosen on a seeded 10% of
+    the observed entries when ``reg="auto"``, then refitted on all), then ``predict(rows, cols)``,
+    ``transform()`` / ``completed_`` (the dense matrix)."""
+
+    mu: float = 0.0
+    row: torch.Tensor | None = None
+    col: torch.Tensor | None = None
+    row_counts: torch.Tensor | None = None
+    col_counts: torch.Tensor | None = None
+    center: str = "biases"
+    reg: float | str = "auto"
+    seed: int = 0
+
+    def fit(self, X, mask=None) -> "MeanModel":
+        """Fit to the observed entries of X (dense with ``mask`` / NaN, or sparse); returns self."""
+        from .als import as_entries
+
+        if self.center not in ("biases", "mean", "none"):
+            raise ValueError(f"center must be 'biases', 'mean' or 'none', got {self.center!r}")
+        E = as_entries(X, mask)
+        reg = self.reg
+        if reg == "auto":
+            pick = holdout_split(E.rows, E.cols, 0.1, self.seed, E.shape)
+            if int(pick.sum()) >= 10:
+                keep = ~pick
+                _, reg, _ = best_mean_model(E.rows[keep], E.cols[keep], E.values[keep], E.shape,
+                                            (E.rows[pick], E.cols[pick], E.values[pick]), self.center)
+            else:
+                reg = 10.0
+        elif not (isinstance(reg, (int, float)) and reg >= 0):
+            raise ValueError(f"reg must be a number >= 0 or 'auto', got {reg!r}")
+        mm = fit_mean_model(E.rows, E.cols, E.values, E.shape, center=self.center, reg=float(reg))
+        self.mu, self.row, self.col, self.row_counts, self.col_counts = mm.mu, mm.row, mm.col, mm.row_counts, \
+            mm.col_counts
+        self.reg_ = float(reg)
+        self.n_iter_ = 10
+        self.history_ = {}
+        return self
+
+    def transform(self, X=None) -> torch.Tensor:
+        """The completed (m, n) matrix (the argument is ignored: the fitted matrix)."""
+        return self.dense()
+
+    @property
+    def completed_(self) -> torch.Tensor:
+        return self.dense()
+
+    def get_params(self, deep: bool = True) -> dict:
+        return {"center": self.center, "reg": self.reg, "seed": self.seed}
 
     @property
     def shape(self) -> tuple[int, int]:

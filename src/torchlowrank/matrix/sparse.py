@@ -4,7 +4,7 @@
 - :class:`Entries`: the observed entries ``(rows, cols, values)`` of an (m, n) matrix, with CSR
   products ``P_Omega(R) @ F`` / ``P_Omega(R)^T @ F`` for a residual R given at the entries.
 - :func:`row_grams`: the q x q Gram matrices ``sum_{j in Omega_i} f_j f_j^T`` of every row at once
-  (chunked ``index_add_`` of outer products; the chunk keeps the temporary near 32 MB).
+  (a CSR product with the (n, q^2) matrix of outer products).
 - :func:`ridge_rows`: the batched ridge solve of every row's q x q system (Cholesky, with a
   fallback to LU for a numerically singular row).
 - :func:`sparse_top_svd`: a seeded randomized SVD of ``P_Omega(R)`` from CSR products.
@@ -16,9 +16,6 @@ import warnings
 import torch
 
 __all__ = ["Entries", "row_grams", "ridge_rows", "sparse_top_svd", "entry_dots"]
-
-_GRAM_BYTES = 32 << 20
-
 
 class Entries:
     """Observed entries of an (m, n) matrix: ``rows``, ``cols`` (int64) and ``values`` (float) of
@@ -84,24 +81,18 @@ def entry_dots(A: torch.Tensor, B: torch.Tensor, rows: torch.Tensor, cols: torch
     return out
 
 
-def row_grams(rows: torch.Tensor, cols: torch.Tensor, F: torch.Tensor, m: int,
-              target: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """For every row i of an (m, .) pattern: ``G_i = sum_{e: rows_e = i} F[cols_e] F[cols_e]^T``
-    (m, q, q) and, with ``target`` (N,), ``h_i = sum_e target_e F[cols_e]`` (m, q). O(N q^2) work,
-    O(m q^2 + chunk q^2) memory."""
+def row_grams(E: Entries, F: torch.Tensor, target: torch.Tensor | None = None, transpose: bool = False
+              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """For every row i of the pattern of ``E`` (of its transpose with ``transpose=True``):
+    ``G_i = sum_{j in Omega_i} F_j F_j^T`` (q x q) and, with ``target`` (N,) given at the entries,
+    ``h_i = sum_{j in Omega_i} target_ij F_j``. Both are CSR products, ``P_Omega(1) @ (F (x) F)`` and
+    ``P_Omega(target) @ F``: O(N q^2) work, O(m q^2 + n q^2) memory, no (N, q^2) temporary."""
     q = F.shape[1]
-    N = rows.numel()
-    G = torch.zeros(m, q * q, dtype=F.dtype, device=F.device)
-    h = None if target is None else torch.zeros(m, q, dtype=F.dtype, device=F.device)
-    chunk = max(1024, _GRAM_BYTES // (q * q * F.element_size()))
-    for s in range(0, N, chunk):
-        e = min(s + chunk, N)
-        Fe = F.index_select(0, cols[s:e])
-        r = rows[s:e]
-        G.index_add_(0, r, (Fe[:, :, None] * Fe[:, None, :]).reshape(e - s, q * q))
-        if h is not None:
-            h.index_add_(0, r, Fe * target[s:e, None].to(F.dtype))
-    return G.reshape(m, q, q), h
+    FF = (F[:, :, None] * F[:, None, :]).reshape(F.shape[0], q * q)
+    ones = torch.ones(len(E), dtype=F.dtype, device=F.device)
+    mul = E.rmatmul if transpose else E.matmul
+    G = mul(ones, FF).reshape(-1, q, q)
+    return G, None if target is None else mul(target, F)
 
 
 def ridge_rows(G: torch.Tensor, h: torch.Tensor, diag: torch.Tensor) -> torch.Tensor:
