@@ -45,7 +45,7 @@ class Config:
                               "breast cancer raw", "flower.jpg grey", "MovieLens random", "MovieLens temporal")
 
 
-QUICK = Config(seeds=(0,), image_downsample=4, time_limit=30.0, surprise_pp=False, tuned_ranks=(2, 5, 10),
+QUICK = Config(seeds=(0,), image_downsample=4, time_limit=20.0, surprise_pp=False, tuned_ranks=(2, 5, 10),
                soft_impute_on_movielens=False,
                cases=("diabetes standardized", "flower.jpg grey", "MovieLens random"))
 
