@@ -85,6 +85,7 @@ class CompletionResult:
     mean_model: MeanModel | None = None
     unit: float = 1.0
     transposed: bool = False
+    ridge_result: object | None = None  # the ALSResult when the ridge polish was selected
 
     @property
     def status(self) -> str:
@@ -390,6 +391,33 @@ def _complete_once(observed, mask, depth: int = 3, rank: int | None = None,
     return CompletionResult(matrix, hist, model, problem, rank, lr, mean, unit, transposed)
 
 
+def _ridge_polish_candidate(first: CompletionResult, observed, train_mask, val, seed: int,
+                            deadline: float | None):
+    """(rank, held-out RMSE, reg) of ridge ALS with biases at the rank the early-stopped network
+    learnt (its end-to-end singular values above 1e-3 of the largest: the directions that left the
+    initialisation), the ridge chosen on ``val`` by :func:`~torchlowrank.matrix.als`'s path; None
+    when there is no time left or the rank is degenerate."""
+    from .als import als
+
+    with torch.no_grad():
+        X, Bt = first.model.factor_pair()
+        s = torch.linalg.svdvals(torch.linalg.qr(X)[1] @ torch.linalg.qr(Bt)[1].T)
+    if not float(s[0]) > 0:
+        return None
+    r = int((s > 1e-3 * s[0]).sum())
+    r = max(1, min(r, min(observed.shape) // 2))
+    left = None if deadline is None else deadline - time.perf_counter()
+    if left is not None and left <= 0:
+        return None
+    res = als(observed, train_mask, r, validation=val, time_limit=None if left is None else 0.5 * left, seed=seed,
+              warn=False)
+    if res.status == "mean_model" or not res.reg_path:
+        return None
+    vr, vc, vv = val
+    err = float((res.predict(vr, vc).double() - vv).square().mean().sqrt())
+    return r, err, res.reg
+
+
 def _not_converged_hint(hist: History, validated: bool) -> str:
     """What to change after a run that stopped at its budget: more iterations only when the
     held-out error was still falling."""
@@ -415,7 +443,7 @@ def complete(observed, mask=None, depth: int = 3, rank: int | None = None,
              truth: torch.Tensor | None = None, test: tuple | None = None, validation: tuple | None = None,
              holdout: float = 0.1, patience: int | None = None, eval_every: int = 50, weight_decay: float = 0.0,
              seed: int = 0, progress: bool | None = None, adaptive: bool = True,
-             polish: bool | None = None) -> CompletionResult:
+             polish: bool | None = None, ridge_polish: bool = True) -> CompletionResult:
     """Complete ``observed`` (m, n) from the entries where ``mask`` (m, n, bool) is True.
 
     observed: dense tensor / NumPy array (entries off the mask are ignored, NaN allowed; with
@@ -429,7 +457,14 @@ def complete(observed, mask=None, depth: int = 3, rank: int | None = None,
     initial plateau; the best parameters are kept) and the exact polish on; the mean model
     (``mu + b_i + c_j``, its bias ridge chosen on the same entries) is fitted beside it. Then:
 
-    - if the network does not beat the mean model on the held-out entries, the result is the mean
+    - on noisy data (the network early-stopped: its held-out error rose) the ridge polish
+      (``ridge_polish=True``) fits ridge ALS with biases at the rank the network learnt (its
+      singular values above 1e-3 of the largest), the ridge chosen on the same held-out entries
+      (the noisy counterpart of the exact polish: depth picks the rank, a ridge finishes);
+    - the best of network, ridge polish and mean model on the held-out entries is kept
+      (``history.selected``); the ridge polish is refitted on all entries at its ridge
+      (status "converged", reason "ridge_polish");
+    - if neither beats the mean model on the held-out entries, the result is the mean
       model refitted on all entries, ``status == "mean_model"``, with a RuntimeWarning;
     - if the network fitted its entries to ``tol`` (exact low-rank data: converged by the polish
       or ``target_error``) it is the result as is (it already predicts the held-out entries);
@@ -438,7 +473,7 @@ def complete(observed, mask=None, depth: int = 3, rank: int | None = None,
       if the held-out error was still falling), if the ``time_limit`` leaves time for it (else the
       network fitted without the held-out entries is kept; ``history.refit`` says which).
 
-    ``history.holdout_rmse`` / ``history.mean_model_rmse`` hold the two held-out RMSEs (data units),
+    ``history.holdout_rmse`` / ``ridge_polish_rmse`` / ``mean_model_rmse`` hold the held-out RMSEs (data units),
     ``history.val_rmse`` the held-out curve. ``holdout=0`` (or a ``validation`` set) trains once on
     all entries, as before: then nothing stops the network from fitting noise.
 
@@ -522,10 +557,17 @@ def complete(observed, mask=None, depth: int = 3, rank: int | None = None,
         warnings.warn(f"{empty_rows} rows and {empty_cols} columns have no observed entry: they are predicted by "
                       "the mean model (global mean plus the other side's bias), not by the low-rank part",
                       UserWarning, stacklevel=2)
-    if h1.status in ("stalled_at_init", "diverged") or not net_rmse < mm_rmse:
+    failed = h1.status in ("stalled_at_init", "diverged")
+    exact = h1.reason in ("tol", "target_error")
+    ridge = None  # the ridge polish: ALS at the network's rank, ridge chosen on the same held-out entries
+    if ridge_polish and h1.status == "early_stopped":  # the held-out error rose: noise, not a short budget
+        ridge = _ridge_polish_candidate(first, observed, train_mask, (vr, vc, vv), seed, dl)
+    als_rmse = math.inf if ridge is None else ridge[1]
+    h1.ridge_polish_rmse = None if ridge is None else als_rmse
+    if failed or not min(net_rmse, als_rmse) < mm_rmse:
         # the network did not beat the mean model on held-out entries: the mean model, refitted on all entries
         mean_all = fit_mean_model(rows, cols, all_vals, tuple(mask.shape), center=center, reg=mm_reg)
-        failed = h1.status in ("stalled_at_init", "diverged")
+        h1.selected = "mean_model"
         if not failed:
             h1.status, h1.reason = MEAN_MODEL_STATUS, "validation"
             h1.message = (f"the low-rank network did not beat the mean model (row / column biases) on the "
@@ -543,11 +585,41 @@ def complete(observed, mask=None, depth: int = 3, rank: int | None = None,
         first.matrix = mean_all.dense()
         first.mean_model = mean_all
         return first
-    if h1.reason in ("tol", "target_error"):  # fitted to tol (exact data) and validated: keep it
+    if exact:  # fitted to tol (exact data) and validated: keep it
+        h1.selected = "network"
         h1.refit = "none: the network fitted its entries to tol and predicts the held-out ones"
         for w in caught:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         return first
+    if als_rmse < net_rmse:  # the ridge polish won on the held-out entries: refit it on all entries
+        from .als import als
+
+        r_net, reg = ridge[0], ridge[2]
+        left = None if dl is None else max(dl - time.perf_counter(), 0.0)
+        res = als(observed, mask, r_net, reg=reg, time_limit=left, seed=seed, warn=False)
+        h1.selected = "ridge_polish"
+        h1.status, h1.reason = ("converged", "ridge_polish") if res.status == "converged" else \
+            ("not_converged", res.reason)
+        h1.polish_info = (f"ridge polish: ALS with biases at the network's rank {r_net}, ridge reg={reg:g} chosen on "
+                          f"the held-out entries, refitted on all entries ({res.message})")
+        h1.refit = f"ridge ALS on all {rows.numel()} observed entries ({res.n_iters} sweeps)"
+        h1.message = (f"{'converged' if res.status == 'converged' else 'not converged'}: the ridge polish (ALS at "
+                      f"the network's rank {r_net}) beat the early-stopped network on the {n_val} held-out entries "
+                      f"(RMSE {als_rmse:.4g} vs {net_rmse:.4g}; mean model {mm_rmse:.4g}) and was refitted on all "
+                      "entries")
+        for w in caught:
+            if not issubclass(w.category, RuntimeWarning):
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        if res.status != "converged":
+            h1.message += f"; {res.message}"
+            warnings.warn(h1.message, RuntimeWarning, stacklevel=2)
+        first.matrix = res.matrix.to(torch.float64)
+        first.mean_model = MeanModel(res.mu, res.row_bias.double(), res.col_bias.double(),
+                                     torch.bincount(rows, minlength=mask.shape[0]).double(),
+                                     torch.bincount(cols, minlength=mask.shape[1]).double())
+        first.ridge_result = res
+        return first
+    h1.selected = "network"
     # refit on all entries for the number of iterations that was best on the held-out entries
     early = h1.status == "early_stopped" or (h1.best_iteration is not None and h1.best_iteration < 0.8 * h1.n_iters)
     iters = int(h1.best_iteration) if early and h1.best_iteration is not None else max_iters
@@ -566,7 +638,8 @@ def complete(observed, mask=None, depth: int = 3, rank: int | None = None,
                                 hint_from=h1, **kw)
     h2 = second.history
     h2.val_rmse, h2.best_iteration = h1.val_rmse, h1.best_iteration
-    h2.holdout_rmse, h2.mean_model_rmse = net_rmse, mm_rmse
+    h2.holdout_rmse, h2.mean_model_rmse, h2.ridge_polish_rmse = net_rmse, mm_rmse, h1.ridge_polish_rmse
+    h2.selected = "network"
     h2.refit = f"on all {rows.numel()} observed entries for {h2.n_iters} iterations"
     if h2.reason in ("tol", "target_error", "stationary"):
         pass  # the refit converged on its own: its status stands

@@ -60,8 +60,9 @@ class History:
     polish of the solution finished the run (None if none did); polish_info: what the polish
     attempts did; final_lr: the step at the end (it changes with ``adaptive=True``).
     holdout_rmse / mean_model_rmse: the network's best and the mean model's RMSE on the entries
-    :func:`complete` held out (None when it held none out); refit: what was fitted after the
-    selection on them.
+    :func:`complete` held out (None when it held none out), ridge_polish_rmse that of the ridge
+    polish; selected: "network" | "ridge_polish" | "mean_model"; refit: what was fitted after
+    the selection on them.
     """
 
     iterations: list[int] = field(default_factory=list)
@@ -83,6 +84,8 @@ class History:
     holdout_rmse: float | None = None
     mean_model_rmse: float | None = None
     refit: str = ""
+    ridge_polish_rmse: float | None = None
+    selected: str = ""
 
     def time_to(self, error: float) -> float | None:
         """Training time at the first record with recovery error <= ``error`` (None if never)."""
