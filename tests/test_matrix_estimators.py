@@ -217,3 +217,17 @@ def test_every_estimator_has_one_interface(make):
     torch.testing.assert_close(pred, C[r, c])
     assert isinstance(est.n_iter_, int) and est.history_ is not None
     assert _hidden_error(C, M, hide) <= _hidden_error(_column_means(M, mask), M, hide) + 1e-9
+
+
+def test_als_and_the_estimators_allocate_on_the_inputs_device_and_leave_the_global_rng_alone():
+    g = torch.Generator().manual_seed(5)
+    M = low_rank_target((30, 24), 2, generator=g)
+    mask = random_mask((30, 24), 0.6, generator=g)
+    state = torch.random.get_rng_state()
+    with torch.device("meta"):  # an allocation that ignores the input's device lands here and fails
+        res = als(M, mask, 2)
+        est = ALSCompleter(rank=2).fit(M, mask)
+        mm = MeanModel().fit(M, mask)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert res.U.device.type == "cpu" and est.completed_.device.type == "cpu" and mm.completed_.device.type == "cpu"
+    assert relative_error(res.matrix, M) < 1e-8
