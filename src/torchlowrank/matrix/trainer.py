@@ -113,18 +113,10 @@ def _rmse(model, entries, unit: float = 1.0, problem=None) -> float:
     rows, cols, vals = entries
     X, Bt = model.factor_pair()
     pred = (X.index_select(0, rows) * Bt.index_select(0, cols)).sum(1)
-    offsets = getattr(problem, "entry_offsets", None)
+    offsets = problem.entry_offsets(rows, cols) if problem is not None else None
     if offsets is not None:  # a problem with bias terms fitted beside the network
-        pred = pred + offsets(rows, cols)
+        pred = pred + offsets
     return unit * float((pred - vals.to(pred.dtype)).square().mean().sqrt())
-
-
-def _zero_loss(problem) -> float:
-    if hasattr(problem, "values"):
-        return float(0.5 * problem.scale * problem.values.dot(problem.values))
-    ref = getattr(problem, "target", getattr(problem, "y", None))
-    dev = ref.device if ref is not None else None
-    return float(problem.loss_and_grad(torch.zeros(problem.shape, dtype=torch.float64, device=dev))[0])
 
 
 @torch.no_grad()
@@ -188,11 +180,11 @@ def train_gd(model, problem, lr: float, *, max_iters: int = 10_000, tol: float =
         raise ValueError("polish must be None or a callable polish(t, model, problem, target_loss)")
     if target_error is not None and problem.truth is None:
         raise ValueError("target_error needs the true matrix: pass truth= to the problem")
-    unit = float(getattr(problem, "unit", 1.0))
+    unit = float(problem.unit)
     params = list(model.factor_parameters())
     scales = model.lr_scales()
     eta = float(lr)
-    has_state = hasattr(problem, "trained_state")
+    has_state = problem.trained_state() is not None
     accepted = None  # adaptive: (objective, grads, params copy, problem state, loss) at the last accepted point
     n_rejected = 0
     last_trial_finite = True
@@ -209,7 +201,7 @@ def train_gd(model, problem, lr: float, *, max_iters: int = 10_000, tol: float =
     best_extra = [None]
     train_time = 0.0
     loss0 = None
-    zero_loss = max(_zero_loss(problem), 1e-300)
+    zero_loss = max(problem.zero_loss(), 1e-300)
     checks: list[tuple[int, float]] = []  # (iteration, loss) at every check, for the stationarity test
 
     def record(t: int, loss: torch.Tensor) -> str | None:
@@ -223,7 +215,7 @@ def train_gd(model, problem, lr: float, *, max_iters: int = 10_000, tol: float =
             hist.recovery_error.append(err)
             if target_error is not None and err <= target_error:
                 stop = "target_error"
-        if getattr(problem, "test", None) is not None:
+        if problem.test is not None:
             hist.test_rmse.append(_rmse(model, problem.test, unit, problem))
         if validation is not None:
             v = _rmse(model, validation, unit, problem)
@@ -231,8 +223,7 @@ def train_gd(model, problem, lr: float, *, max_iters: int = 10_000, tol: float =
             if v < best_val:
                 best_val, since_best, hist.best_iteration = v, 0, t
                 best_state = [p.detach().clone() for p in params]
-                if hasattr(problem, "trained_state"):  # terms the problem fits beside the network (biases)
-                    best_extra[0] = problem.trained_state()
+                best_extra[0] = problem.trained_state()  # terms fitted beside the network (biases), or None
             elif hist.escaped_at is not None:  # patience counts only after the escape from the plateau
                 since_best += 1
                 if patience is not None and since_best >= patience:
