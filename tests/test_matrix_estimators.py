@@ -231,3 +231,27 @@ def test_als_and_the_estimators_allocate_on_the_inputs_device_and_leave_the_glob
     assert torch.equal(torch.random.get_rng_state(), state)
     assert res.U.device.type == "cpu" and est.completed_.device.type == "cpu" and mm.completed_.device.type == "cpu"
     assert relative_error(res.matrix, M) < 1e-8
+
+
+def test_train_gd_options_are_one_validated_config():
+    from torchlowrank.matrix import Completion, CompressedFactorization, train_gd
+    from torchlowrank.matrix.trainer import GDConfig, final_status
+
+    g = torch.Generator().manual_seed(0)
+    M = low_rank_target((20, 16), 2, generator=g)
+    pr = Completion(M, random_mask((20, 16), 0.6, generator=g))
+    make = lambda: CompressedFactorization.from_problem(pr, 2, init_scale=1e-2, generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        a = train_gd(make(), pr, 1.0, max_iters=200, adaptive=True)
+        b = train_gd(make(), pr, 1.0, config=GDConfig(max_iters=200, adaptive=True))
+    assert a.train_loss == b.train_loss and a.status == b.status
+    with pytest.raises(ValueError, match="unknown train_gd option"):
+        train_gd(make(), pr, 1.0, max_iter=5)
+    with pytest.raises(ValueError, match="not both"):
+        train_gd(make(), pr, 1.0, config=GDConfig(), max_iters=5)
+    with pytest.raises(ValueError, match="grow"):
+        train_gd(make(), pr, 1.0, adaptive=True, grow=0.5)
+    assert [final_status(r, True) for r in ("blowup", "tol", "patience", "max_iters")] == \
+        ["diverged", "converged", "early_stopped", "not_converged"]
+    assert final_status("time_limit", False) == "stalled_at_init"

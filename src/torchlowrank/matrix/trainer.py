@@ -36,11 +36,11 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
-__all__ = ["History", "train_gd", "SUCCESS_STATUSES", "FAILURE_STATUSES"]
+__all__ = ["History", "GDConfig", "train_gd", "final_status", "SUCCESS_STATUSES", "FAILURE_STATUSES"]
 
 SUCCESS_STATUSES = ("converged", "early_stopped")
 FAILURE_STATUSES = ("not_converged", "stalled_at_init", "diverged")
@@ -119,13 +119,66 @@ def _rmse(model, entries, unit: float = 1.0, problem=None) -> float:
     return unit * float((pred - vals.to(pred.dtype)).square().mean().sqrt())
 
 
+@dataclass
+class GDConfig:
+    """The options of :func:`train_gd` (see there), validated in one place."""
+
+    max_iters: int = 10_000
+    tol: float = 1e-9
+    ftol: float = 0.0
+    window: int = 1000
+    target_error: float | None = None
+    weight_decay: float = 0.0
+    eval_every: int = 10
+    check_every: int = 10
+    blowup: float = 1e6
+    escape: float = 0.01
+    validation: tuple | None = None
+    patience: int | None = None
+    time_limit: float | None = None
+    callback: object = None
+    num_threads: int | None = None
+    progress: bool | None = None
+    adaptive: bool = False
+    grow: float = 1.05
+    polish: object = None
+    decay_from_escape: bool = False
+
+    def validate(self, lr, problem) -> None:
+        """ValueError for a bad option (or an lr / problem that cannot go with them)."""
+        if self.num_threads is not None and (isinstance(self.num_threads, bool) or not isinstance(self.num_threads, int)
+                                             or self.num_threads < 1):
+            raise ValueError(f"num_threads must be a positive int or None, got {self.num_threads!r}")
+        if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
+            raise ValueError(f"lr must be a positive finite number, got {lr!r}")
+        if self.eval_every < 1 or self.check_every < 1 or self.window < 1:
+            raise ValueError("eval_every, check_every and window must be >= 1")
+        if not (self.tol >= 0 and self.ftol >= 0 and 0 < self.escape < 1):
+            raise ValueError(f"need tol >= 0, ftol >= 0 and 0 < escape < 1, got {self.tol!r}, {self.ftol!r}, "
+                             f"{self.escape!r}")
+        if self.adaptive and not (self.grow >= 1 and math.isfinite(self.grow)):
+            raise ValueError(f"grow must be a finite number >= 1, got {self.grow!r}")
+        if self.polish is not None and not callable(self.polish):
+            raise ValueError("polish must be None or a callable polish(t, model, problem, target_loss)")
+        if self.target_error is not None and problem.truth is None:
+            raise ValueError("target_error needs the true matrix: pass truth= to the problem")
+        if self.time_limit is not None and not self.time_limit >= 0:
+            raise ValueError(f"time_limit must be >= 0 seconds or None, got {self.time_limit!r}")
+
+
+def final_status(reason: str | None, escaped: bool) -> str:
+    """The status a stop ``reason`` means (module docstring)."""
+    if reason == "blowup":
+        return "diverged"
+    if reason in ("tol", "target_error", "stationary"):
+        return "converged"
+    if reason == "patience":
+        return "early_stopped"
+    return "not_converged" if escaped else "stalled_at_init"
+
+
 @torch.no_grad()
-def train_gd(model, problem, lr: float, *, max_iters: int = 10_000, tol: float = 1e-9, ftol: float = 0.0,
-             window: int = 1000, target_error: float | None = None, weight_decay: float = 0.0,
-             eval_every: int = 10, check_every: int = 10, blowup: float = 1e6, escape: float = 0.01,
-             validation: tuple | None = None, patience: int | None = None, time_limit: float | None = None,
-             callback=None, num_threads: int | None = None, progress: bool | None = None,
-             adaptive: bool = False, grow: float = 1.05, polish=None, decay_from_escape: bool = False) -> History:
+def train_gd(model, problem, lr: float, *, config: GDConfig | None = None, **options) -> History:
     """Full-batch GD: ``W <- W - lr * s * (grad + weight_decay * W)`` for every factor, s the factor's
     ``model.lr_scales()`` multiplier (gamma for the outer factors of a compressed network).
 
@@ -153,33 +206,28 @@ def train_gd(model, problem, lr: float, *, max_iters: int = 10_000, tol: float =
     itself: if it is <= ``target_loss`` (the loss at relative residual ``tol``) the run stops
     "converged" (reason "tol", ``History.polished_at`` set); otherwise the parameters are restored
     and descent continues (the polisher decides when to try again). Returns a :class:`History`.
+
+    The options are the fields of :class:`GDConfig`: pass them as keywords or as ``config=``.
     """
-    if num_threads is not None:
-        if isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1:
-            raise ValueError(f"num_threads must be a positive int or None, got {num_threads!r}")
+    if config is not None and options:
+        raise ValueError("pass the options either as config= or as keywords, not both")
+    try:
+        cfg = config if config is not None else GDConfig(**options)
+    except TypeError as exc:
+        raise ValueError(f"unknown train_gd option: {exc}") from None
+    cfg.validate(lr, problem)
+    if cfg.num_threads is not None:
         saved = torch.get_num_threads()
-        torch.set_num_threads(num_threads)
+        torch.set_num_threads(cfg.num_threads)
         try:
-            return train_gd(model, problem, lr, max_iters=max_iters, tol=tol, ftol=ftol, window=window,
-                            target_error=target_error, weight_decay=weight_decay, eval_every=eval_every,
-                            check_every=check_every, blowup=blowup, escape=escape, validation=validation,
-                            patience=patience, time_limit=time_limit, callback=callback, num_threads=None,
-                            progress=progress, adaptive=adaptive, grow=grow, polish=polish,
-                            decay_from_escape=decay_from_escape)
+            return train_gd(model, problem, lr, config=replace(cfg, num_threads=None))
         finally:
             torch.set_num_threads(saved)
-    if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
-        raise ValueError(f"lr must be a positive finite number, got {lr!r}")
-    if eval_every < 1 or check_every < 1 or window < 1:
-        raise ValueError("eval_every, check_every and window must be >= 1")
-    if not (tol >= 0 and ftol >= 0 and 0 < escape < 1):
-        raise ValueError(f"need tol >= 0, ftol >= 0 and 0 < escape < 1, got {tol!r}, {ftol!r}, {escape!r}")
-    if adaptive and not (grow >= 1 and math.isfinite(grow)):
-        raise ValueError(f"grow must be a finite number >= 1, got {grow!r}")
-    if polish is not None and not callable(polish):
-        raise ValueError("polish must be None or a callable polish(t, model, problem, target_loss)")
-    if target_error is not None and problem.truth is None:
-        raise ValueError("target_error needs the true matrix: pass truth= to the problem")
+    (max_iters, tol, ftol, window, target_error, weight_decay, eval_every, check_every, blowup, escape, validation,
+     patience, time_limit, callback, progress, adaptive, grow, polish, decay_from_escape) = (
+        cfg.max_iters, cfg.tol, cfg.ftol, cfg.window, cfg.target_error, cfg.weight_decay, cfg.eval_every,
+        cfg.check_every, cfg.blowup, cfg.escape, cfg.validation, cfg.patience, cfg.time_limit, cfg.callback,
+        cfg.progress, cfg.adaptive, cfg.grow, cfg.polish, cfg.decay_from_escape)
     unit = float(problem.unit)
     params = list(model.factor_parameters())
     scales = model.lr_scales()
@@ -361,14 +409,7 @@ def train_gd(model, problem, lr: float, *, max_iters: int = 10_000, tol: float =
             p.copy_(b)
         if best_extra[0] is not None:
             problem.load_trained_state(best_extra[0])
-    if reason == "blowup":
-        status = "diverged"
-    elif reason in ("tol", "target_error", "stationary"):
-        status = "converged"
-    elif reason == "patience":
-        status = "early_stopped"
-    else:
-        status = "not_converged" if hist.escaped_at is not None else "stalled_at_init"
+    status = final_status(reason, hist.escaped_at is not None)
     hist.status, hist.reason = status, reason
     hist.n_iters = t
     hist.train_time = train_time
