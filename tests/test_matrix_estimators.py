@@ -255,3 +255,26 @@ def test_train_gd_options_are_one_validated_config():
     assert [final_status(r, True) for r in ("blowup", "tol", "patience", "max_iters")] == \
         ["diverged", "converged", "early_stopped", "not_converged"]
     assert final_status("time_limit", False) == "stalled_at_init"
+
+
+@pytest.mark.parametrize("fit_biases", [True, False])
+def test_the_polish_sparse_als_equals_its_dense_definition(fit_biases):
+    from torchlowrank.matrix.polish import als_with_biases, als_with_biases_entries
+
+    g = torch.Generator().manual_seed(3)
+    m, n, k = 30, 25, 3
+    Y = low_rank_target((m, n), 4, generator=g) + 0.3
+    mask = random_mask((m, n), 0.5, generator=g)
+    W = mask.double()
+    rows, cols = mask.nonzero(as_tuple=True)
+    E = Entries(rows, cols, Y[rows, cols], (m, n))
+    U0 = torch.randn(m, k, generator=g, dtype=torch.float64)
+    V0 = torch.randn(n, k, generator=g, dtype=torch.float64)
+    b0 = 0.1 * torch.randn(m, generator=g, dtype=torch.float64)
+    c0 = 0.1 * torch.randn(n, generator=g, dtype=torch.float64)
+    kw = dict(lam=0.05, bias_reg=0.5, fit_biases=fit_biases, target_sse=0.0, max_sweeps=7, min_gain=2.0)
+    dense = als_with_biases(W, Y, U0, V0, b0, c0, **kw)
+    sparse = als_with_biases_entries(E, Y[rows, cols], U0, V0, b0, c0, **kw)
+    for a, s in zip(dense[:4], sparse[:4]):
+        torch.testing.assert_close(s, a, rtol=1e-9, atol=1e-11)
+    assert sparse[5] == dense[5] == 7 and sparse[4] == pytest.approx(dense[4], rel=1e-9)
