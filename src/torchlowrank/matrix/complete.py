@@ -393,10 +393,13 @@ def _complete_once(observed, mask, depth: int = 3, rank: int | None = None,
 
 def _ridge_polish_candidate(first: CompletionResult, observed, train_mask, val, seed: int,
                             deadline: float | None):
-    """(rank, held-out RMSE, reg) of ridge ALS with biases at the rank the early-stopped network
-    learnt (its end-to-end singular values above 1e-3 of the largest: the directions that left the
-    initialisation), the ridge chosen on ``val`` by :func:`~torchlowrank.matrix.als`'s path; None
-    when there is no time left or the rank is degenerate."""
+    """(rank, held-out RMSE, reg) of the best ridge ALS with biases on ``val``: ranks from the
+    one the early-stopped network learnt (its end-to-end singular values above 1e-3 of the
+    largest: the directions that left the initialisation), doubled up to the network's width
+    r_hat (at most ``min(m, n) // 2``) while the held-out RMSE improves; the ridge of each chosen
+    on ``val`` by :func:`~torchlowrank.matrix.als`'s path. Early stopping halts the network when
+    the next direction starts fitting noise, but a ridge keeps more directions useful, so the
+    learnt rank is where the search starts, not where it ends. None when there is no time left."""
     from .als import als
 
     with torch.no_grad():
@@ -404,18 +407,33 @@ def _ridge_polish_candidate(first: CompletionResult, observed, train_mask, val, 
         s = torch.linalg.svdvals(torch.linalg.qr(X)[1] @ torch.linalg.qr(Bt)[1].T)
     if not float(s[0]) > 0:
         return None
-    r = int((s > 1e-3 * s[0]).sum())
-    r = max(1, min(r, min(observed.shape) // 2))
-    left = None if deadline is None else deadline - time.perf_counter()
-    if left is not None and left <= 0:
-        return None
-    res = als(observed, train_mask, r, validation=val, time_limit=None if left is None else 0.5 * left, seed=seed,
-              warn=False)
-    if res.status == "mean_model" or not res.reg_path:
-        return None
+    cap = max(1, min(observed.shape) // 2)
+    if first.rank is not None:
+        cap = min(cap, first.rank)
+    r = max(1, min(int((s > 1e-3 * s[0]).sum()), cap))
+    ranks = []
+    while r < cap:
+        ranks.append(r)
+        r *= 2
+    ranks.append(cap)
     vr, vc, vv = val
-    err = float((res.predict(vr, vc).double() - vv).square().mean().sqrt())
-    return r, err, res.reg
+    best, worse = None, 0
+    for r in ranks:
+        left = None if deadline is None else deadline - time.perf_counter()
+        if left is not None and left <= 0:
+            break
+        res = als(observed, train_mask, r, validation=val, time_limit=None if left is None else 0.25 * left, seed=seed,
+                  warn=False)
+        if res.status == "mean_model" or not res.reg_path:
+            continue
+        err = float((res.predict(vr, vc).double() - vv).square().mean().sqrt())
+        if best is None or err < best[1]:
+            best, worse = (r, err, res.reg), 0
+        else:
+            worse += 1
+            if worse >= 2:
+                break
+    return best
 
 
 def _not_converged_hint(hist: History, validated: bool) -> str:
@@ -458,9 +476,10 @@ def complete(observed, mask=None, depth: int = 3, rank: int | None = None,
     (``mu + b_i + c_j``, its bias ridge chosen on the same entries) is fitted beside it. Then:
 
     - on noisy data (the network early-stopped: its held-out error rose) the ridge polish
-      (``ridge_polish=True``) fits ridge ALS with biases at the rank the network learnt (its
-      singular values above 1e-3 of the largest), the ridge chosen on the same held-out entries
-      (the noisy counterpart of the exact polish: depth picks the rank, a ridge finishes);
+      (``ridge_polish=True``) fits ridge ALS with biases from the rank the network learnt (its
+      singular values above 1e-3 of the largest) doubling up to r_hat, rank and ridge chosen on
+      the same held-out entries (the noisy counterpart of the exact polish: depth finds the
+      directions, a ridge finishes; see :func:`_ridge_polish_candidate`);
     - the best of network, ridge polish and mean model on the held-out entries is kept
       (``history.selected``); the ridge polish is refitted on all entries at its ridge
       (status "converged", reason "ridge_polish");
@@ -559,7 +578,7 @@ def complete(observed, mask=None, depth: int = 3, rank: int | None = None,
                       UserWarning, stacklevel=2)
     failed = h1.status in ("stalled_at_init", "diverged")
     exact = h1.reason in ("tol", "target_error")
-    ridge = None  # the ridge polish: ALS at the network's rank, ridge chosen on the same held-out entries
+    ridge = None  # the ridge polish: ALS from the network's rank up, rank and ridge chosen on the same held-out entries
     if ridge_polish and h1.status == "early_stopped":  # the held-out error rose: noise, not a short budget
         ridge = _ridge_polish_candidate(first, observed, train_mask, (vr, vc, vv), seed, dl)
     als_rmse = math.inf if ridge is None else ridge[1]
@@ -600,11 +619,11 @@ def complete(observed, mask=None, depth: int = 3, rank: int | None = None,
         h1.selected = "ridge_polish"
         h1.status, h1.reason = ("converged", "ridge_polish") if res.status == "converged" else \
             ("not_converged", res.reason)
-        h1.polish_info = (f"ridge polish: ALS with biases at the network's rank {r_net}, ridge reg={reg:g} chosen on "
+        h1.polish_info = (f"ridge polish: ALS with biases at rank {r_net} (searched up from the rank the network learnt), ridge reg={reg:g}, both chosen on "
                           f"the held-out entries, refitted on all entries ({res.message})")
         h1.refit = f"ridge ALS on all {rows.numel()} observed entries ({res.n_iters} sweeps)"
         h1.message = (f"{'converged' if res.status == 'converged' else 'not converged'}: the ridge polish (ALS at "
-                      f"the network's rank {r_net}) beat the early-stopped network on the {n_val} held-out entries "
+                      f"rank {r_net}, searched up from the network's) beat the early-stopped network on the {n_val} held-out entries "
                       f"(RMSE {als_rmse:.4g} vs {net_rmse:.4g}; mean model {mm_rmse:.4g}) and was refitted on all "
                       "entries")
         for w in caught:
