@@ -619,11 +619,13 @@ def complete(observed, mask=None, depth: int = 3, rank: int | None = None,
         h1.selected = "ridge_polish"
         h1.status, h1.reason = ("converged", "ridge_polish") if res.status == "converged" else \
             ("not_converged", res.reason)
-        h1.polish_info = (f"ridge polish: ALS with biases at rank {r_net} (searched up from the rank the network learnt), ridge reg={reg:g}, both chosen on "
-                          f"the held-out entries, refitted on all entries ({res.message})")
+        h1.polish_info = (f"ridge polish: ALS with biases at rank {r_net} (searched up from the rank the network "
+                          f"learnt), ridge reg={reg:g}, both chosen on the held-out entries, refitted on all entries "
+                          f"({res.message})")
         h1.refit = f"ridge ALS on all {rows.numel()} observed entries ({res.n_iters} sweeps)"
         h1.message = (f"{'converged' if res.status == 'converged' else 'not converged'}: the ridge polish (ALS at "
-                      f"rank {r_net}, searched up from the network's) beat the early-stopped network on the {n_val} held-out entries "
+                      f"rank {r_net}, searched up from the network's) beat the early-stopped network on the {n_val} "
+                      "held-out entries "
                       f"(RMSE {als_rmse:.4g} vs {net_rmse:.4g}; mean model {mm_rmse:.4g}) and was refitted on all "
                       "entries")
         for w in caught:
