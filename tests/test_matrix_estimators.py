@@ -240,7 +240,8 @@ def test_train_gd_options_are_one_validated_config():
     g = torch.Generator().manual_seed(0)
     M = low_rank_target((20, 16), 2, generator=g)
     pr = Completion(M, random_mask((20, 16), 0.6, generator=g))
-    make = lambda: CompressedFactorization.from_problem(pr, 2, init_scale=1e-2, generator=torch.Generator().manual_seed(0))
+    def make():
+        return CompressedFactorization.from_problem(pr, 2, init_scale=1e-2, generator=torch.Generator().manual_seed(0))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         a = train_gd(make(), pr, 1.0, max_iters=200, adaptive=True)

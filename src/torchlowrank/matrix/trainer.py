@@ -192,7 +192,8 @@ def train_gd(model, problem, lr: float, *, config: GDConfig | None = None, **opt
     residual warns); no
     validation improvement for ``patience`` evaluations after the escape (``validation = (rows,
     cols, values)``; the best parameters are restored); ``max_iters``; ``time_limit`` seconds of
-    wall-clock time (evaluations and the polish included); divergence. ``callback(t, model)`` runs at every evaluation. ``num_threads``: torch
+    wall-clock time (evaluations and the polish included); divergence. ``callback(t, model)`` runs
+    at every evaluation. ``num_threads``: torch
     CPU threads for the loop, restored afterwards (default None: the caller's setting is left
     alone). Validation / test RMSEs are multiplied by ``problem.unit`` when the problem has one
     (a normalised problem reporting in the data's units).
