@@ -240,7 +240,8 @@ def _as_val(validation, dev, dtype):
 @torch.no_grad()
 def als(observed, mask=None, rank: int = 10, *, reg="auto", bias_reg: float | None = None, max_iters: int = 500,
         tol: float = 1e-7, validation: tuple | None = None, holdout: float = 0.1, time_limit: float | None = None,
-        seed: int = 0, dtype: torch.dtype = torch.float64, warn: bool = True) -> ALSResult:
+        seed: int = 0, dtype: torch.dtype = torch.float64, warn: bool = True,
+        init: ALSResult | None = None) -> ALSResult:
     """Ridge ALS with row / column biases at rank ``rank`` on the observed entries (module
     docstring). observed: (m, n) dense with ``mask`` (None: the non-NaN entries) or a sparse COO /
     CSR tensor. Everything stays on observed's device, in ``dtype`` (float64 or float32).
@@ -255,7 +256,9 @@ def als(observed, mask=None, rank: int = 10, *, reg="auto", bias_reg: float | No
     Stops when the relative change of the train RMSE over a sweep is below ``tol`` ("converged"),
     after ``max_iters`` sweeps or ``time_limit`` seconds for the whole call (checked between
     sweeps: a sweep that would end past the limit is not started) ("not_converged", RuntimeWarning
-    unless ``warn=False``). ValueError for a bad rank / reg / input.
+    unless ``warn=False``). ``init``: an ALSResult of the same shape and rank to start from (its
+    factors, biases and ridge scale ``s_1``: a refit of a validated solution on more entries, as
+    the ridge polish of :func:`complete` does). ValueError for a bad rank / reg / input.
     """
     t_start = time.perf_counter()
     try:
@@ -290,7 +293,16 @@ def als(observed, mask=None, rank: int = 10, *, reg="auto", bias_reg: float | No
             held = pick
             E_fit = E_all.subset(~pick)
             val = (E_all.rows[pick], E_all.cols[pick], E_all.values[pick])
-    U, V, b, c, s1 = _init(E_fit, rank, mu, seed, dtype)
+    if init is not None:
+        if init.U.shape != (m, rank) or init.V.shape != (n, rank):
+            raise ValueError(f"init has factors {tuple(init.U.shape)}, {tuple(init.V.shape)}; expected ({m}, {rank}), "
+                             f"({n}, {rank})")
+        U, V = init.U.to(dev, dtype).clone(), init.V.to(dev, dtype).clone()
+        b = init.row_bias.to(dev, dtype) + (init.mu - mu)  # the same predictions around the new mean
+        c = init.col_bias.to(dev, dtype).clone()
+        s1 = init.lam / init.reg if init.reg > 0 else _init(E_fit, rank, mu, seed, dtype)[4]
+    else:
+        U, V, b, c, s1 = _init(E_fit, rank, mu, seed, dtype)
     fit = _Fit(E_fit, mu, U, V, b, c)
     path: list[dict] = []
     regs = REG_GRID if auto else (float(reg),)

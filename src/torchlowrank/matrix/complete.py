@@ -393,7 +393,7 @@ def _complete_once(observed, mask, depth: int = 3, rank: int | None = None,
 
 def _ridge_polish_candidate(first: CompletionResult, observed, train_mask, val, seed: int,
                             deadline: float | None):
-    """(rank, held-out RMSE, reg) of the best ridge ALS with biases on ``val``: ranks from the
+    """(rank, held-out RMSE, reg, ALSResult) of the best ridge ALS with biases on ``val``: ranks from the
     one the early-stopped network learnt (its end-to-end singular values above 1e-3 of the
     largest: the directions that left the initialisation), doubled up to the network's width
     r_hat (at most ``min(m, n) // 2``) while the held-out RMSE improves; the ridge of each chosen
@@ -428,7 +428,7 @@ def _ridge_polish_candidate(first: CompletionResult, observed, train_mask, val, 
             continue
         err = float((res.predict(vr, vc).double() - vv).square().mean().sqrt())
         if best is None or err < best[1]:
-            best, worse = (r, err, res.reg), 0
+            best, worse = (r, err, res.reg, res), 0
         else:
             worse += 1
             if worse >= 2:
@@ -615,23 +615,28 @@ def complete(observed, mask=None, depth: int = 3, rank: int | None = None,
 
         r_net, reg = ridge[0], ridge[2]
         left = None if dl is None else max(dl - time.perf_counter(), 0.0)
-        res = als(observed, mask, r_net, reg=reg, time_limit=left, seed=seed, warn=False)
+        if ridge[3].status == "converged":  # a ridge optimum: refit on all entries, warm from the validated one
+            res = als(observed, mask, r_net, reg=reg, time_limit=left, seed=seed, warn=False, init=ridge[3])
+            refit_note = f"ridge ALS on all {rows.numel()} observed entries ({res.n_iters} sweeps)"
+        else:  # stopped before its optimum (implicitly early-stopped): the held-out score is of this very state
+            res = ridge[3]
+            refit_note = (f"none: the ridge ALS stopped before its optimum ({res.message}); its held-out score is of "
+                          f"that state, so it is kept as fitted without the {n_val} held-out entries")
         h1.selected = "ridge_polish"
-        h1.status, h1.reason = ("converged", "ridge_polish") if res.status == "converged" else \
+        h1.status, h1.reason = ("converged", "ridge_polish") if res.status == "converged" or res is ridge[3] else \
             ("not_converged", res.reason)
         h1.polish_info = (f"ridge polish: ALS with biases at rank {r_net} (searched up from the rank the network "
-                          f"learnt), ridge reg={reg:g}, both chosen on the held-out entries, refitted on all entries "
+                          f"learnt), ridge reg={reg:g}, both chosen on the held-out entries; refit: {refit_note} "
                           f"({res.message})")
-        h1.refit = f"ridge ALS on all {rows.numel()} observed entries ({res.n_iters} sweeps)"
-        h1.message = (f"{'converged' if res.status == 'converged' else 'not converged'}: the ridge polish (ALS at "
+        h1.refit = refit_note
+        h1.message = (f"{'converged' if h1.status == 'converged' else 'not converged'}: the ridge polish (ALS at "
                       f"rank {r_net}, searched up from the network's) beat the early-stopped network on the {n_val} "
                       "held-out entries "
-                      f"(RMSE {als_rmse:.4g} vs {net_rmse:.4g}; mean model {mm_rmse:.4g}) and was refitted on all "
-                      "entries")
+                      f"(RMSE {als_rmse:.4g} vs {net_rmse:.4g}; mean model {mm_rmse:.4g}); refit: {refit_note}")
         for w in caught:
             if not issubclass(w.category, RuntimeWarning):
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-        if res.status != "converged":
+        if h1.status != "converged":
             h1.message += f"; {res.message}"
             warnings.warn(h1.message, RuntimeWarning, stacklevel=2)
         first.matrix = res.matrix.to(torch.float64)
