@@ -279,3 +279,13 @@ def test_the_polish_sparse_als_equals_its_dense_definition(fit_biases):
     for a, s in zip(dense[:4], sparse[:4]):
         torch.testing.assert_close(s, a, rtol=1e-9, atol=1e-11)
     assert sparse[5] == dense[5] == 7 and sparse[4] == pytest.approx(dense[4], rel=1e-9)
+
+
+def test_als_warm_started_from_its_own_optimum_stays_there():
+    M, mask, hide = _diabetes()
+    first = als(M, mask, 3, reg=0.2, tol=1e-10, max_iters=2000)
+    again = als(M, mask, 3, reg=0.2, tol=1e-10, init=first)
+    assert first.status == again.status == "converged" and again.n_iters <= 3
+    torch.testing.assert_close(again.matrix, first.matrix, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="init has factors"):
+        als(M, mask, 4, reg=0.2, init=first)
