@@ -102,7 +102,7 @@ def test_the_holdout_check_accepts_the_true_rank_and_refuses_a_spurious_directio
     M, mask = _data(shape=(30, 40), frac=0.5)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        problem = complete(M, mask, rank=4, max_iters=0).problem  # the normalised problem complete() trains on
+        problem = complete(M, mask, rank=4, max_iters=0, holdout=0).problem  # the normalised problem on all entries
     pol = RankPolish()
     W, Y = pol._dense_problem(problem)
     b, c = problem.b.clone(), problem.c.clone()

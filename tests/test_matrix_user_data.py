@@ -174,11 +174,17 @@ def test_als_recovers_at_the_true_rank_at_any_scale_and_solves_its_ridge_normal_
     for scale in (1e-4, 1e4):
         res = als(scale * M, mask, 2)
         assert res.status == "converged" and relative_error(res.matrix, scale * M) < 1e-8
-    res = als(M, mask, 3, reg=0.1, max_iters=5)
+    with pytest.warns(RuntimeWarning, match="did not converge"):
+        res = als(M, mask, 3, reg=0.1, max_iters=5)
     W = mask.double()
-    # the last half-sweep solved V exactly given U: the ridge objective's gradient in V is zero
-    gV = (W * (res.U @ res.V.T - M)).T @ res.U + res.lam * res.V
+    # the last half-sweep solved (V, c) exactly given (U, b): the ridge objective's gradients in V and c are
+    # zero (model mu + b_i + c_j + U_i . V_j, ridge lam on U, V and bias_reg on b, c)
+    R = W * (res.matrix - M)
+    gV = R.T @ res.U + res.lam * res.V
+    gc = R.sum(0) + res.bias_reg * res.col_bias
+    assert res.lam > 0 and res.bias_reg > 0
     assert float(gV.abs().max()) < 1e-9 * float((W * M).abs().max() * res.U.abs().max())
+    assert float(gc.abs().max()) < 1e-9 * float((W * M).abs().max())
 
 
 def test_soft_impute_warns_when_it_stops_unconverged_and_the_path_picks_the_best_lam():

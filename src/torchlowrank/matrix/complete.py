@@ -45,13 +45,14 @@ How the network is trained (``adaptive``, ``polish``; both on by default):
 from __future__ import annotations
 
 import math
+import time
 import warnings
 from dataclasses import dataclass
 
 import torch
 
 from ..linalg import truncated_svd
-from .centering import MeanModel, fit_mean_model
+from .centering import MeanModel, best_mean_model, fit_mean_model, holdout_split
 from .compressed import CompressedFactorization, check_rank
 from .factorization import DeepFactorization, as_positive_int
 from .polish import RankPolish
@@ -59,7 +60,8 @@ from .problems import Completion, relative_error
 from .steps import suggest_lr, suggest_rank
 from .trainer import FAILURE_STATUSES, History, train_gd
 
-__all__ = ["CompletionResult", "complete", "default_rank", "initial_step_boost", "NORMALIZED_TOP"]
+__all__ = ["CompletionResult", "complete", "default_rank", "initial_step_boost", "NORMALIZED_TOP",
+           "MEAN_MODEL_STATUS"]
 
 NORMALIZED_TOP = 10.0  # top singular value of the (rescaled) residual the network is trained on
 
@@ -83,6 +85,7 @@ class CompletionResult:
     mean_model: MeanModel | None = None
     unit: float = 1.0
     transposed: bool = False
+    ridge_result: object | None = None  # the ALSResult when the ridge polish was selected
 
     @property
     def status(self) -> str:
@@ -212,15 +215,16 @@ def default_rank(problem: Completion) -> int:
     return max(1, min(cap, max(16, 2 * suggest_rank(problem))))
 
 
-def complete(observed, mask=None, depth: int = 3, rank: int | None = None,
-             compressed: bool = True, *, width: int | None = None, lr: float | None = None,
+def _complete_once(observed, mask, depth: int = 3, rank: int | None = None,
+                   compressed: bool = True, *, width: int | None = None, lr: float | None = None,
              gamma: float = 0.01, init_scale: float = 1e-3, center: str = "biases", bias_reg: float = 0.0,
              normalize: bool = True, reduction: str = "mean", max_iters: int = 20_000, tol: float = 1e-9,
              ftol: float = 1e-10, time_limit: float | None = None, target_error: float | None = None,
              truth: torch.Tensor | None = None, test: tuple | None = None, validation: tuple | None = None,
              patience: int | None = None, eval_every: int = 50, weight_decay: float = 0.0,
              seed: int = 0, progress: bool | None = None, adaptive: bool = True,
-             polish: bool | None = None) -> CompletionResult:
+             polish: bool | None = None, warn_empty: bool = True,
+                   hint_from: History | None = None, deadline: float | None = None) -> CompletionResult:
     """Complete ``observed`` (m, n) from the entries where ``mask`` (m, n, bool) is True.
 
     observed: dense tensor / NumPy array (entries off the mask are ignored, NaN allowed; with
@@ -310,8 +314,8 @@ def complete(observed, mask=None, depth: int = 3, rank: int | None = None,
         if entries is None:
             return None
         r, c, v = swap(entries)
-        r, c = torch.as_tensor(r).long().to(dev), torch.as_tensor(c).long().to(dev)
-        v = torch.as_tensor(v).to(dev, torch.float64)
+        r, c, v = (x if isinstance(x, torch.Tensor) else torch.as_tensor(x, device=dev) for x in (r, c, v))
+        r, c, v = r.long().to(dev), c.long().to(dev), v.to(dev, torch.float64)
         return r, c, (v - mu) / unit
 
     truth_w = None if truth is None else (truth.T if transposed else truth).to(dev, torch.float64)
@@ -324,7 +328,7 @@ def complete(observed, mask=None, depth: int = 3, rank: int | None = None,
     row_empty = mean.row_counts == 0
     col_empty = mean.col_counts == 0
     n_re, n_ce = int(row_empty.sum()), int(col_empty.sum())
-    if n_re or n_ce:
+    if (n_re or n_ce) and warn_empty:
         nr, nc = (n_ce, n_re) if transposed else (n_re, n_ce)  # in the caller's orientation
         warnings.warn(f"{nr} rows and {nc} columns have no observed entry: they are predicted by the mean model "
                       "(global mean plus the other side's bias), not by the low-rank part", UserWarning,
@@ -358,6 +362,8 @@ def complete(observed, mask=None, depth: int = 3, rank: int | None = None,
     polisher = RankPolish() if polish else None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        if deadline is not None:  # the caller's time limit, setup included
+            time_limit = max(deadline - time.perf_counter(), 0.0)
         hist = train_gd(model, problem, lr, max_iters=max_iters, tol=tol, ftol=ftol, target_error=target_error,
                         eval_every=eval_every, validation=val_w, patience=patience, time_limit=time_limit,
                         weight_decay=weight_decay, progress=progress, adaptive=adaptive, polish=polisher,
@@ -368,9 +374,13 @@ def complete(observed, mask=None, depth: int = 3, rank: int | None = None,
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     if hist.status in FAILURE_STATUSES:
         hint = {"stalled_at_init": " For complete(): raise init_scale (e.g. 1e-2) or max_iters.",
-                "not_converged": " For complete(): raise max_iters / time_limit.",
+                "not_converged": _not_converged_hint(hist if hint_from is None else hint_from,
+                                                     val_w is not None or hint_from is not None),
                 "diverged": " For complete(): pass a smaller lr."}[hist.status]
-        warnings.warn(hist.message + hint, RuntimeWarning, stacklevel=2)
+        if hint_from is not None:  # a refit after a held-out selection: the trainer's no-validation note does not apply
+            hist.message = hist.message.split(" Raise max_iters / time_limit only")[0]
+        hist.message += hint
+        warnings.warn(hist.message, RuntimeWarning, stacklevel=3)
     with torch.no_grad():
         X, Bt = model.factor_pair()
         matrix = unit * (X @ Bt.T + problem.offset_matrix()) + mu
@@ -379,3 +389,294 @@ def complete(observed, mask=None, depth: int = 3, rank: int | None = None,
         matrix = matrix.T.contiguous()
         mean = mean.transpose()
     return CompletionResult(matrix, hist, model, problem, rank, lr, mean, unit, transposed)
+
+
+def _ridge_polish_candidate(first: CompletionResult, observed, train_mask, val, seed: int,
+                            deadline: float | None):
+    """(rank, held-out RMSE, reg, ALSResult) of the best ridge ALS with biases on ``val``: ranks from the
+    one the early-stopped network learnt (its end-to-end singular values above 1e-3 of the
+    largest: the directions that left the initialisation), doubled up to the network's width
+    r_hat (at most ``min(m, n) // 2``) while the held-out RMSE improves; the ridge of each chosen
+    on ``val`` by :func:`~torchlowrank.matrix.als`'s path. Early stopping halts the network when
+    the next direction starts fitting noise, but a ridge keeps more directions useful, so the
+    learnt rank is where the search starts, not where it ends. None when there is no time left."""
+    from .als import als
+
+    with torch.no_grad():
+        X, Bt = first.model.factor_pair()
+        s = torch.linalg.svdvals(torch.linalg.qr(X)[1] @ torch.linalg.qr(Bt)[1].T)
+    if not float(s[0]) > 0:
+        return None
+    cap = max(1, min(observed.shape) // 2)
+    if first.rank is not None:
+        cap = min(cap, first.rank)
+    r = max(1, min(int((s > 1e-3 * s[0]).sum()), cap))
+    ranks = []
+    while r < cap:
+        ranks.append(r)
+        r *= 2
+    ranks.append(cap)
+    vr, vc, vv = val
+    best, worse = None, 0
+    for r in ranks:
+        left = None if deadline is None else deadline - time.perf_counter()
+        if left is not None and left <= 0:
+            break
+        res = als(observed, train_mask, r, validation=val, time_limit=None if left is None else 0.25 * left, seed=seed,
+                  warn=False)
+        if res.status == "mean_model" or not res.reg_path:
+            continue
+        err = float((res.predict(vr, vc).double() - vv).square().mean().sqrt())
+        if best is None or err < best[1]:
+            best, worse = (r, err, res.reg, res), 0
+        else:
+            worse += 1
+            if worse >= 2:
+                break
+    return best
+
+
+def _not_converged_hint(hist: History, validated: bool) -> str:
+    """What to change after a run that stopped at its budget: more iterations only when the
+    held-out error was still falling."""
+    if validated and hist.best_iteration is not None and hist.n_iters > 0 \
+            and hist.best_iteration < 0.8 * hist.n_iters:
+        return (f" The held-out error stopped improving at iteration {hist.best_iteration}, so more iterations will "
+                "not help: more observed entries, a smaller rank or a larger weight_decay will.")
+    if validated:
+        return " The held-out error was still falling: raise max_iters / time_limit."
+    return (" No entries were held out (validation=None, holdout=0), so nothing separates signal from noise: "
+            "on noisy data keep the default holdout (or pass validation=), which stops before the noise is fitted; "
+            "raise max_iters / time_limit only for data that should be fitted exactly.")
+
+
+MEAN_MODEL_STATUS = "mean_model"
+
+
+def complete(observed, mask=None, depth: int = 3, rank: int | None = None,
+             compressed: bool = True, *, width: int | None = None, lr: float | None = None,
+             gamma: float = 0.01, init_scale: float = 1e-3, center: str = "biases", bias_reg: float = 0.0,
+             normalize: bool = True, reduction: str = "mean", max_iters: int = 20_000, tol: float = 1e-9,
+             ftol: float = 1e-10, time_limit: float | None = None, target_error: float | None = None,
+             truth: torch.Tensor | None = None, test: tuple | None = None, validation: tuple | None = None,
+             holdout: float = 0.1, patience: int | None = None, eval_every: int = 50, weight_decay: float = 0.0,
+             seed: int = 0, progress: bool | None = None, adaptive: bool = True,
+             polish: bool | None = None, ridge_polish: bool = True) -> CompletionResult:
+    """Complete ``observed`` (m, n) from the entries where ``mask`` (m, n, bool) is True.
+
+    observed: dense tensor / NumPy array (entries off the mask are ignored, NaN allowed; with
+    ``mask=None`` the non-NaN entries are the observed ones) or a sparse COO / CSR tensor (its
+    stored entries are the observed ones; ``mask`` must be None).
+
+    Held-out validation (the default, ``holdout=0.1``, when no ``validation`` is given): a seeded
+    (``seed``) random 10% of the observed entries (never the last one of a row or column, see
+    :func:`holdout_split`) is held out. The network is trained on the rest with early stopping on
+    the held-out entries (``patience`` evaluations, default 10, counted after the escape from the
+    initial plateau; the best parameters are kept) and the exact polish on; the mean model
+    (``mu + b_i + c_j``, its bias ridge chosen on the same entries) is fitted beside it. Then:
+
+    - on noisy data (the network early-stopped: its held-out error rose) the ridge polish
+      (``ridge_polish=True``) fits ridge ALS with biases from the rank the network learnt (its
+      singular values above 1e-3 of the largest) doubling up to r_hat, rank and ridge chosen on
+      the same held-out entries (the noisy counterpart of the exact polish: depth finds the
+      directions, a ridge finishes; see :func:`_ridge_polish_candidate`);
+    - the best of network, ridge polish and mean model on the held-out entries is kept
+      (``history.selected``); the ridge polish is refitted on all entries at its ridge
+      (status "converged", reason "ridge_polish");
+    - if neither beats the mean model on the held-out entries, the result is the mean
+      model refitted on all entries, ``status == "mean_model"``, with a RuntimeWarning;
+    - if the network fitted its entries to ``tol`` (exact low-rank data: converged by the polish
+      or ``target_error``) it is the result as is (it already predicts the held-out entries);
+    - otherwise the network is refitted on all observed entries from the same initialisation for
+      the number of iterations that was best on the held-out entries (the whole ``max_iters``
+      if the held-out error was still falling), if the ``time_limit`` leaves time for it (else the
+      network fitted without the held-out entries is kept; ``history.refit`` says which).
+
+    ``history.holdout_rmse`` / ``ridge_polish_rmse`` / ``mean_model_rmse`` hold the held-out RMSEs (data units),
+    ``history.val_rmse`` the held-out curve. ``holdout=0`` (or a ``validation`` set) trains once on
+    all entries, as before: then nothing stops the network from fitting noise.
+
+    The data is centred by a mean model and rescaled (``center``, ``bias_reg``, ``normalize``; see
+    the module docstring), so the defaults work at any scale and offset. compressed=True trains
+    the 2 r_hat-wide compressed network (DESIGN §4.4; ``rank`` = r_hat, default
+    :func:`default_rank` (generous), needs ``2 rank <= min(m, n)``; outer factors at
+    ``gamma * lr``); compressed=False trains the depth-``depth`` network of width ``width`` (default
+    min(m, n)) — there ``rank`` is not used and passing it is an error. ``lr`` defaults to
+    :func:`suggest_lr`.
+
+    adaptive: bold-driver step size (``lr`` is the initial step, by default :func:`suggest_lr` times
+    :func:`initial_step_boost`; False: the fixed step :func:`suggest_lr`). polish: the
+    exact ALS polish at the rank the network picked (module docstring, steps 5-6); default on when
+    no explicit ``validation`` is given and ``tol > 0``; needs compressed=True. ``weight_decay``
+    applies from the escape on (before, it would hold the small initialisation at zero).
+
+    Stopping (see :func:`train_gd`): relative train residual <= ``tol`` (by descent or polish); loss stationary
+    (relative decrease <= ``ftol`` over 1000 iterations); ``target_error`` on the recovery error
+    (needs ``truth``); early stopping on the held-out entries or on ``validation = (rows, cols,
+    values)``; ``max_iters``; ``time_limit`` seconds (for both fits together). ``result.status`` is
+    "converged", "early_stopped", "mean_model", or a failure ("not_converged", "stalled_at_init",
+    "diverged", each with a RuntimeWarning that says what helps). ``test = (rows, cols, values)``
+    is recorded in ``history.test_rmse``.
+
+    Raises ValueError for mismatched shapes, an empty mask, NaN in the observed entries, a bad
+    rank / depth, ``2 rank > min(shape)``, ``rank`` with compressed=False, or ``holdout`` outside
+    [0, 0.5].
+
+    Example::
+
+        res = tlr.matrix.complete(M_obs, mask)          # ratings, any units
+        res.matrix, res.status, res.history.message
+    """
+    start = time.perf_counter()
+    dl = None if time_limit is None else start + time_limit
+    if time_limit is not None and not time_limit >= 0:
+        raise ValueError(f"time_limit must be >= 0 seconds or None, got {time_limit!r}")
+    kw = dict(deadline=dl, depth=depth, rank=rank, compressed=compressed, width=width, lr=lr, gamma=gamma,
+              init_scale=init_scale, center=center, bias_reg=bias_reg, normalize=normalize, reduction=reduction,
+              tol=tol, ftol=ftol, target_error=target_error, truth=truth, test=test, eval_every=eval_every,
+              weight_decay=weight_decay, seed=seed, progress=progress, adaptive=adaptive)
+    if not (isinstance(holdout, (int, float)) and 0 <= holdout <= 0.5):
+        raise ValueError(f"holdout must be a fraction in [0, 0.5] of the observed entries, got {holdout!r}")
+    if validation is not None or holdout == 0:
+        return _complete_once(observed, mask, max_iters=max_iters, time_limit=time_limit, validation=validation,
+                              patience=patience, polish=polish, **kw)
+    observed, mask = _coerce_inputs(observed, mask)
+    if observed.ndim != 2 or mask.shape != observed.shape:  # _complete_once says what is wrong
+        return _complete_once(observed, mask, max_iters=max_iters, time_limit=time_limit, **kw)
+    idx = mask.nonzero()
+    rows, cols = idx[:, 0], idx[:, 1]
+    pick = holdout_split(rows, cols, holdout, seed, tuple(mask.shape))
+    n_val = int(pick.sum())
+    if n_val < 10:  # too few entries to judge anything on: one fit on all of them
+        return _complete_once(observed, mask, max_iters=max_iters, time_limit=time_limit, patience=patience,
+                              polish=polish, **kw)
+    vr, vc = rows[pick], cols[pick]
+    vv = observed[vr, vc].to(torch.float64)
+    train_mask = mask.clone()
+    train_mask[vr, vc] = False
+    if polish is None:
+        polish = compressed and tol > 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first = _complete_once(observed, train_mask, max_iters=max_iters, time_limit=time_limit,
+                               validation=(vr, vc, vv), patience=10 if patience is None else patience,
+                               polish=polish, warn_empty=False, **kw)
+    h1 = first.history
+    tr_rows, tr_cols = rows[~pick], cols[~pick]
+    tr_vals = observed[tr_rows, tr_cols].to(torch.float64)
+    mm, mm_reg, mm_rmse = best_mean_model(tr_rows, tr_cols, tr_vals, tuple(mask.shape), (vr, vc, vv), center)
+    net_rmse = min(h1.val_rmse) if h1.val_rmse else math.inf
+    if not math.isfinite(net_rmse):
+        net_rmse = math.inf
+    h1.holdout_rmse, h1.mean_model_rmse = net_rmse, mm_rmse
+    all_vals = observed[rows, cols].to(torch.float64)
+    empty_rows = int((torch.bincount(rows, minlength=mask.shape[0]) == 0).sum())
+    empty_cols = int((torch.bincount(cols, minlength=mask.shape[1]) == 0).sum())
+    if empty_rows or empty_cols:
+        warnings.warn(f"{empty_rows} rows and {empty_cols} columns have no observed entry: they are predicted by "
+                      "the mean model (global mean plus the other side's bias), not by the low-rank part",
+                      UserWarning, stacklevel=2)
+    failed = h1.status in ("stalled_at_init", "diverged")
+    exact = h1.reason in ("tol", "target_error")
+    ridge = None  # the ridge polish: ALS from the network's rank up, rank and ridge chosen on the same held-out entries
+    if ridge_polish and h1.status == "early_stopped":  # the held-out error rose: noise, not a short budget
+        ridge = _ridge_polish_candidate(first, observed, train_mask, (vr, vc, vv), seed, dl)
+    als_rmse = math.inf if ridge is None else ridge[1]
+    h1.ridge_polish_rmse = None if ridge is None else als_rmse
+    if failed or not min(net_rmse, als_rmse) < mm_rmse:
+        # the network did not beat the mean model on held-out entries: the mean model, refitted on all entries
+        mean_all = fit_mean_model(rows, cols, all_vals, tuple(mask.shape), center=center, reg=mm_reg)
+        h1.selected = "mean_model"
+        if not failed:
+            h1.status, h1.reason = MEAN_MODEL_STATUS, "validation"
+            h1.message = (f"the low-rank network did not beat the mean model (row / column biases) on the "
+                          f"{n_val} held-out entries (RMSE {net_rmse:.4g} vs {mm_rmse:.4g}): returned the mean "
+                          "model, refitted on all entries. The data may hold no low-rank structure beyond the "
+                          "means at this sampling; more observed entries, a smaller rank or a larger weight_decay "
+                          "may help; more iterations will not.")
+        else:
+            h1.message += " The result is the mean model (row / column biases), refitted on all entries."
+        for w in caught:
+            if not issubclass(w.category, RuntimeWarning) or failed:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        if not failed:
+            warnings.warn(h1.message, RuntimeWarning, stacklevel=2)
+        first.matrix = mean_all.dense()
+        first.mean_model = mean_all
+        return first
+    if exact:  # fitted to tol (exact data) and validated: keep it
+        h1.selected = "network"
+        h1.refit = "none: the network fitted its entries to tol and predicts the held-out ones"
+        for w in caught:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        return first
+    if als_rmse < net_rmse:  # the ridge polish won on the held-out entries: refit it on all entries
+        from .als import als
+
+        r_net, reg = ridge[0], ridge[2]
+        left = None if dl is None else max(dl - time.perf_counter(), 0.0)
+        if ridge[3].status == "converged":  # a ridge optimum: refit on all entries, warm from the validated one
+            res = als(observed, mask, r_net, reg=reg, time_limit=left, seed=seed, warn=False, init=ridge[3])
+            refit_note = f"ridge ALS on all {rows.numel()} observed entries ({res.n_iters} sweeps)"
+        else:  # stopped before its optimum (implicitly early-stopped): the held-out score is of this very state
+            res = ridge[3]
+            refit_note = (f"none: the ridge ALS stopped before its optimum ({res.message}); its held-out score is of "
+                          f"that state, so it is kept as fitted without the {n_val} held-out entries")
+        h1.selected = "ridge_polish"
+        h1.status, h1.reason = ("converged", "ridge_polish") if res.status == "converged" or res is ridge[3] else \
+            ("not_converged", res.reason)
+        h1.polish_info = (f"ridge polish: ALS with biases at rank {r_net} (searched up from the rank the network "
+                          f"learnt), ridge reg={reg:g}, both chosen on the held-out entries; refit: {refit_note} "
+                          f"({res.message})")
+        h1.refit = refit_note
+        h1.message = (f"{'converged' if h1.status == 'converged' else 'not converged'}: the ridge polish (ALS at "
+                      f"rank {r_net}, searched up from the network's) beat the early-stopped network on the {n_val} "
+                      "held-out entries "
+                      f"(RMSE {als_rmse:.4g} vs {net_rmse:.4g}; mean model {mm_rmse:.4g}); refit: {refit_note}")
+        for w in caught:
+            if not issubclass(w.category, RuntimeWarning):
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        if h1.status != "converged":
+            h1.message += f"; {res.message}"
+            warnings.warn(h1.message, RuntimeWarning, stacklevel=2)
+        first.matrix = res.matrix.to(torch.float64)
+        first.mean_model = MeanModel(res.mu, res.row_bias.double(), res.col_bias.double(),
+                                     torch.bincount(rows, minlength=mask.shape[0]).double(),
+                                     torch.bincount(cols, minlength=mask.shape[1]).double())
+        first.ridge_result = res
+        return first
+    h1.selected = "network"
+    # refit on all entries for the number of iterations that was best on the held-out entries
+    early = h1.status == "early_stopped" or (h1.best_iteration is not None and h1.best_iteration < 0.8 * h1.n_iters)
+    iters = int(h1.best_iteration) if early and h1.best_iteration is not None else max_iters
+    spent = time.perf_counter() - start
+    per_iter = h1.train_time / max(h1.n_iters, 1)
+    left = None if time_limit is None else time_limit - spent
+    if left is not None and left < 1.1 * per_iter * iters:
+        h1.refit = (f"none: the time limit leaves {max(left, 0):.3g} s, the refit on all entries needs about "
+                    f"{per_iter * iters:.3g} s; the network was fitted without the {n_val} held-out entries")
+        for w in caught:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        return first
+    with warnings.catch_warnings(record=True) as caught2:
+        warnings.simplefilter("always")
+        second = _complete_once(observed, mask, max_iters=iters, time_limit=left, polish=polish, warn_empty=False,
+                                hint_from=h1, **kw)
+    h2 = second.history
+    h2.val_rmse, h2.best_iteration = h1.val_rmse, h1.best_iteration
+    h2.holdout_rmse, h2.mean_model_rmse, h2.ridge_polish_rmse = net_rmse, mm_rmse, h1.ridge_polish_rmse
+    h2.selected = "network"
+    h2.refit = f"on all {rows.numel()} observed entries for {h2.n_iters} iterations"
+    if h2.reason in ("tol", "target_error", "stationary"):
+        pass  # the refit converged on its own: its status stands
+    elif early:
+        h2.status, h2.reason = "early_stopped", "patience"
+        h2.message = (f"early stopped: the held-out RMSE ({n_val} entries, {net_rmse:.4g}; mean model "
+                      f"{mm_rmse:.4g}) was best at iteration {h1.best_iteration}; refitted on all entries for "
+                      f"{h2.n_iters} iterations")
+        caught2 = [w for w in caught2 if not issubclass(w.category, RuntimeWarning)]
+    for w in list(caught) + list(caught2):
+        if issubclass(w.category, RuntimeWarning) and w in caught:
+            continue  # the first fit's warnings: the refit's status replaces its status
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return second

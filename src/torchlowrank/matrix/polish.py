@@ -18,12 +18,13 @@ observed entries (so an exact fit with a spurious direction is refused).
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 
 from .compressed import CompressedFactorization
 
-__all__ = ["RankPolish", "escaped_rank", "als_with_biases"]
+__all__ = ["RankPolish", "escaped_rank", "als_with_biases", "als_with_biases_entries"]
 
 
 def escaped_rank(s: torch.Tensor, gap: float = 1e3, floor: float = 1e-4) -> int | None:
@@ -57,13 +58,14 @@ def _solve(Wt: torch.Tensor, T: torch.Tensor, F: torch.Tensor, diag: torch.Tenso
 @torch.no_grad()
 def als_with_biases(W: torch.Tensor, Y: torch.Tensor, U: torch.Tensor, V: torch.Tensor, b: torch.Tensor,
                     c: torch.Tensor, *, lam: float, bias_reg: float, fit_biases: bool, target_sse: float,
-                    max_sweeps: int = 100, min_gain: float = 0.9):
+                    max_sweeps: int = 100, min_gain: float = 0.9, deadline: float | None = None):
     """ALS for ``Y_ij ~ U_i . V_j + b_i + c_j`` on the entries where ``W`` (m, n; 0/1) is 1:
     ``min sum_W (U V^T + b + c - Y)^2 + lam (||U||^2 + ||V||^2) + bias_reg (||b||^2 + ||c||^2)``,
     each half-sweep the exact joint solve of (U_i, b_i) for every row, then of (V_j, c_j) for every
     column (biases held at b, c when ``fit_biases`` is False). Stops when the sum of squared
     residuals is <= ``target_sse`` or when a sweep reduced it by less than the factor ``min_gain``
-    (after 5 sweeps). Returns (U, V, b, c, sse, sweeps)."""
+    (after 5 sweeps), or before a sweep that would end past ``deadline`` (``time.perf_counter()``
+    seconds). Returns (U, V, b, c, sse, sweeps)."""
     m, n = Y.shape
     k = U.shape[1]
     dev, dt = Y.device, Y.dtype
@@ -71,8 +73,12 @@ def als_with_biases(W: torch.Tensor, Y: torch.Tensor, U: torch.Tensor, V: torch.
     diag = torch.full((k + 1,), lam, dtype=dt, device=dev)
     diag[k] = bias_reg
     sse, prev = math.inf, math.inf
-    it = 0
+    it, last = 0, 0.0
     for it in range(1, max_sweeps + 1):
+        if deadline is not None and time.perf_counter() + last > deadline:
+            it -= 1
+            break
+        t0 = time.perf_counter()
         if fit_biases:
             x = _solve(W, Y - c[None, :], torch.cat([V, one_n], 1), diag)
             U, b = x[:, :k], x[:, k]
@@ -83,6 +89,63 @@ def als_with_biases(W: torch.Tensor, Y: torch.Tensor, U: torch.Tensor, V: torch.
             V = _solve(W.T, (Y - b[:, None] - c[None, :]).T, U, diag[:k])
         R = W * (U @ V.T + b[:, None] + c[None, :] - Y)
         sse = float(R.square().sum())
+        last = time.perf_counter() - t0
+        if not math.isfinite(sse) or sse <= target_sse or (it >= 5 and sse > min_gain * prev):
+            break
+        prev = sse
+    return U, V, b, c, sse, it
+
+
+@torch.no_grad()
+def als_with_biases_entries(E, y: torch.Tensor, U: torch.Tensor, V: torch.Tensor, b: torch.Tensor, c: torch.Tensor,
+                            *, lam: float, bias_reg: float, fit_biases: bool, target_sse: float,
+                            max_sweeps: int = 100, min_gain: float = 0.9, deadline: float | None = None):
+    """:func:`als_with_biases` on the observed entries only: ``E`` an
+    :class:`~torchlowrank.matrix.sparse.Entries` of the pattern, ``y`` (N,) the targets at its
+    entries. The same least squares, solved row by row from Gram matrices formed as CSR products
+    (O(|Omega| k^2 + (m + n) k^3) per sweep, no (m, n) array); the same stopping rules. Returns
+    (U, V, b, c, sse, sweeps)."""
+    from .sparse import entry_dots, ridge_rows, row_grams
+
+    k = U.shape[1]
+    dev, dt = y.device, y.dtype
+    m, n = E.shape
+    diag = torch.full((k + 1,), lam, dtype=dt, device=dev)
+    diag[k] = bias_reg
+    jitter = 1e-13
+    sse, prev = math.inf, math.inf
+    it, last = 0, 0.0
+
+    def solve(G, h, d):
+        A = G.clone()
+        A.diagonal(dim1=1, dim2=2).add_(jitter * (A.diagonal(dim1=1, dim2=2) + d).amax(1, keepdim=True)
+                                        .clamp_min(1e-300))
+        return ridge_rows(A, h, d)
+
+    for it in range(1, max_sweeps + 1):
+        if deadline is not None and time.perf_counter() + last > deadline:
+            it -= 1
+            break
+        t0 = time.perf_counter()
+        if fit_biases:
+            F = torch.cat([V, torch.ones(n, 1, dtype=dt, device=dev)], 1)
+            G, h = row_grams(E, F, y - c[E.cols])
+            x = solve(G, h, diag)
+            U, b = x[:, :k], x[:, k].contiguous()
+            F = torch.cat([U, torch.ones(m, 1, dtype=dt, device=dev)], 1)
+            G, h = row_grams(E, F, y - b[E.rows], transpose=True)
+            x = solve(G, h, diag)
+            V, c = x[:, :k], x[:, k].contiguous()
+        else:
+            t = y - b[E.rows] - c[E.cols]
+            G, h = row_grams(E, V, t)
+            U = solve(G, h, diag[:k])
+            G, h = row_grams(E, U, t, transpose=True)
+            V = solve(G, h, diag[:k])
+        U, V = U.contiguous(), V.contiguous()
+        r = entry_dots(U, V, E.rows, E.cols) + b[E.rows] + c[E.cols] - y
+        sse = float(r.dot(r))
+        last = time.perf_counter() - t0
         if not math.isfinite(sse) or sse <= target_sse or (it >= 5 and sse > min_gain * prev):
             break
         prev = sse
@@ -109,6 +172,16 @@ class RankPolish:
         self.attempts: list[tuple[int, int, float]] = []
         self._last: tuple[int, int] | None = None  # (iteration, rank) of the last attempt
         self._dense = None
+        self._entries = None  # (problem, its Entries): the sparse pattern the polish works on
+        self.deadline: float | None = None  # set by the trainer from its time_limit
+
+    def _entries_of(self, problem):
+        """The observed pattern of ``problem`` as :class:`~torchlowrank.matrix.sparse.Entries` (cached)."""
+        from .sparse import Entries
+
+        if self._entries is None or self._entries[0] is not problem:
+            self._entries = (problem, Entries(problem.rows, problem.cols, problem.y, problem.shape))
+        return self._entries[1]
 
     def _dense_problem(self, problem):
         if self._dense is None:
@@ -134,7 +207,7 @@ class RankPolish:
         if self._last is not None and r == self._last[1] and t < 2 * self._last[0]:
             return None
         self._last = (t, r)
-        W, Y = self._dense_problem(problem)
+        E = self._entries_of(problem)
         target_sse = 0.5 * (2.0 * target_loss / problem.scale)  # loss = scale / 2 * sse; aim at tol / sqrt(2)
         y2 = max(float(problem.y.square().sum()), 1e-300)
         sq = s[:r].sqrt()
@@ -143,20 +216,25 @@ class RankPolish:
         lam = self.ridge * float(s[0])
         prev_rel = math.inf
         for extra in range(self.extra + 1):
-            if U.shape[1] > min(W.shape) // 2:
+            if U.shape[1] > min(problem.shape) // 2 or (self.deadline is not None and
+                                                        time.perf_counter() > self.deadline):
                 break
-            if extra:  # one more direction: the top singular pair of the rank-r fit's residual
-                R = W * (Y - U @ V.T - b[:, None] - c[None, :])
-                pu, ps, pv = torch.linalg.svd(R / max(float(W.mean()), 1e-300), full_matrices=False)
+            if extra:  # one more direction: the top singular pair of the rank-r fit's residual (sparse, seeded)
+                from .sparse import entry_dots, sparse_top_svd
+
+                res = problem.y - entry_dots(U, V, E.rows, E.cols) - b[E.rows] - c[E.cols]
+                p = len(E) / (problem.shape[0] * problem.shape[1])
+                pu, ps, pv = sparse_top_svd(E, res / p, 1, generator=torch.Generator().manual_seed(t),
+                                            power_iters=8)
                 g = float(ps[0]) ** 0.5
-                U, V = torch.cat([U, pu[:, :1] * g], 1), torch.cat([V, pv[:1].T * g], 1)
-            U, V, b, c, sse, sweeps = als_with_biases(
-                W, Y, U, V, b, c, lam=lam, bias_reg=problem.reg, fit_biases=problem.fit_biases,
-                target_sse=target_sse, max_sweeps=self.max_sweeps)
+                U, V = torch.cat([U, pu[:, :1] * g], 1), torch.cat([V, pv[:, :1] * g], 1)
+            U, V, b, c, sse, sweeps = als_with_biases_entries(
+                E, problem.y, U, V, b, c, lam=lam, bias_reg=problem.reg, fit_biases=problem.fit_biases,
+                target_sse=target_sse, max_sweeps=self.max_sweeps, deadline=self.deadline)
             rel = math.sqrt(max(sse, 0.0) / y2)
             self.attempts.append((t, U.shape[1], rel))
             if sse <= target_sse and extra:
-                ok, held = self._holdout_check(problem, W, Y, U, V, b, c, lam, target_sse)
+                ok, held = self._holdout_check(problem, None, None, U, V, b, c, lam, target_sse)
                 self.attempts.append((t, U.shape[1], held))
                 if not ok:  # fits, but does not predict held-out entries: more directions than the data holds
                     return None
@@ -182,11 +260,12 @@ class RankPolish:
         g = torch.Generator().manual_seed(0)
         pick = torch.randperm(n_obs, generator=g, device="cpu")[: max(1, n_obs // 20)].to(problem.rows.device)
         rh, ch, yh = problem.rows[pick], problem.cols[pick], problem.y[pick]
-        W2 = W.clone()
-        W2[rh, ch] = 0.0
-        U2, V2, b2, c2, _, _ = als_with_biases(W2, Y, U, V, b, c, lam=lam, bias_reg=problem.reg,
-                                               fit_biases=problem.fit_biases, target_sse=0.95 * target_sse,
-                                               max_sweeps=self.max_sweeps)
+        keep = torch.ones(n_obs, dtype=torch.bool, device=problem.rows.device)
+        keep[pick] = False
+        E2 = self._entries_of(problem).subset(keep)  # W, Y (dense, from _dense_problem) are not needed any more
+        U2, V2, b2, c2, _, _ = als_with_biases_entries(E2, problem.y[keep], U, V, b, c, lam=lam, bias_reg=problem.reg,
+                                                       fit_biases=problem.fit_biases, target_sse=0.95 * target_sse,
+                                                       max_sweeps=self.max_sweeps, deadline=self.deadline)
         pred = (U2[rh] * V2[ch]).sum(1) + b2[rh] + c2[ch]
         err = float((pred - yh).norm() / yh.norm().clamp_min(1e-300))
         return err <= self.holdout_tol, err

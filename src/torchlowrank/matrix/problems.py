@@ -55,12 +55,38 @@ def _check_reduction(reduction: str) -> str:
 
 
 class Problem:
-    """Base class: subclasses set ``shape``, ``scale`` (c above) and implement ``loss_and_grad``."""
+    """Base class: subclasses set ``shape``, ``scale`` (c above) and implement ``loss_and_grad``.
+
+    The interface :func:`~torchlowrank.matrix.train_gd` relies on (instead of probing attributes):
+    ``loss_and_grad`` / ``factored_loss_and_grads``, ``zero_loss()`` (the loss at Phi = 0, the
+    scale of the relative residual), ``recovery_error``, ``truth`` (or None), ``test`` (held-out
+    ``(rows, cols, values)`` or None), ``unit`` (the factor that turns RMSEs into the data's units),
+    and for problems that fit terms beside the network (the biases of :func:`complete`):
+    ``trained_state()`` (None when there are none), ``load_trained_state(state)`` and
+    ``entry_offsets(rows, cols)`` (None when there are none)."""
 
     shape: tuple[int, int]
     scale: float
     reduction: str
     truth: torch.Tensor | None = None
+    test: tuple | None = None
+    unit: float = 1.0
+
+    def zero_loss(self) -> float:
+        """The loss at ``Phi = 0``."""
+        dev = self.truth.device if self.truth is not None else None
+        return float(self.loss_and_grad(torch.zeros(self.shape, dtype=torch.float64, device=dev))[0])
+
+    def trained_state(self):
+        """Terms the problem fits beside the network (None: there are none)."""
+        return None
+
+    def load_trained_state(self, state) -> None:
+        """Restore what :meth:`trained_state` returned."""
+
+    def entry_offsets(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor | None:
+        """Offsets the problem adds to the network's entries (None: there are none)."""
+        return None
 
     def loss_and_grad(self, Phi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
@@ -93,6 +119,9 @@ class Factorization(Problem):
         self.shape = tuple(target.shape)
         self.reduction = _check_reduction(reduction)
         self.scale = 1.0 / target.numel() if reduction == "mean" else 1.0
+
+    def zero_loss(self) -> float:
+        return float(0.5 * self.scale * self.target.square().sum())
 
     def loss(self, Phi):
         return 0.5 * self.scale * (Phi - self.target).square().sum()
@@ -135,6 +164,9 @@ class Sensing(Problem):
         A = A.to(truth.device) / math.sqrt(n_measurements)
         y = (A.reshape(n_measurements, -1) @ truth.reshape(-1).to(torch.float64))
         return cls(A, y, reduction=reduction, truth=truth)
+
+    def zero_loss(self) -> float:
+        return float(0.5 * self.scale * self.y.square().sum())
 
     def loss(self, Phi):
         return 0.5 * self.scale * (self.A @ Phi.reshape(-1) - self.y).square().sum()
@@ -230,6 +262,9 @@ class Completion(Problem):
         M = torch.zeros(self.shape, dtype=torch.float64, device=self.device)
         M.view(-1)[self._flat] = self.values
         return M
+
+    def zero_loss(self) -> float:
+        return float(0.5 * self.scale * self.values.dot(self.values))
 
     def loss(self, Phi):
         return 0.5 * self.scale * (Phi.reshape(-1)[self._flat] - self.values).square().sum()

@@ -36,11 +36,11 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
-__all__ = ["History", "train_gd", "SUCCESS_STATUSES", "FAILURE_STATUSES"]
+__all__ = ["History", "GDConfig", "train_gd", "final_status", "SUCCESS_STATUSES", "FAILURE_STATUSES"]
 
 SUCCESS_STATUSES = ("converged", "early_stopped")
 FAILURE_STATUSES = ("not_converged", "stalled_at_init", "diverged")
@@ -59,6 +59,10 @@ class History:
     ``escape`` below its initial value (None if never). polished_at: the iteration at which an exact
     polish of the solution finished the run (None if none did); polish_info: what the polish
     attempts did; final_lr: the step at the end (it changes with ``adaptive=True``).
+    holdout_rmse / mean_model_rmse: the network's best and the mean model's RMSE on the entries
+    :func:`complete` held out (None when it held none out), ridge_polish_rmse that of the ridge
+    polish; selected: "network" | "ridge_polish" | "mean_model"; refit: what was fitted after
+    the selection on them.
     """
 
     iterations: list[int] = field(default_factory=list)
@@ -77,6 +81,11 @@ class History:
     polished_at: int | None = None
     polish_info: str = ""
     final_lr: float | None = None
+    holdout_rmse: float | None = None
+    mean_model_rmse: float | None = None
+    refit: str = ""
+    ridge_polish_rmse: float | None = None
+    selected: str = ""
 
     def time_to(self, error: float) -> float | None:
         """Training time at the first record with recovery error <= ``error`` (None if never)."""
@@ -104,27 +113,72 @@ def _rmse(model, entries, unit: float = 1.0, problem=None) -> float:
     rows, cols, vals = entries
     X, Bt = model.factor_pair()
     pred = (X.index_select(0, rows) * Bt.index_select(0, cols)).sum(1)
-    offsets = getattr(problem, "entry_offsets", None)
+    offsets = problem.entry_offsets(rows, cols) if problem is not None else None
     if offsets is not None:  # a problem with bias terms fitted beside the network
-        pred = pred + offsets(rows, cols)
+        pred = pred + offsets
     return unit * float((pred - vals.to(pred.dtype)).square().mean().sqrt())
 
 
-def _zero_loss(problem) -> float:
-    if hasattr(problem, "values"):
-        return float(0.5 * problem.scale * problem.values.dot(problem.values))
-    ref = getattr(problem, "target", getattr(problem, "y", None))
-    dev = ref.device if ref is not None else None
-    return float(problem.loss_and_grad(torch.zeros(problem.shape, dtype=torch.float64, device=dev))[0])
+@dataclass
+class GDConfig:
+    """The options of :func:`train_gd` (see there), validated in one place."""
+
+    max_iters: int = 10_000
+    tol: float = 1e-9
+    ftol: float = 0.0
+    window: int = 1000
+    target_error: float | None = None
+    weight_decay: float = 0.0
+    eval_every: int = 10
+    check_every: int = 10
+    blowup: float = 1e6
+    escape: float = 0.01
+    validation: tuple | None = None
+    patience: int | None = None
+    time_limit: float | None = None
+    callback: object = None
+    num_threads: int | None = None
+    progress: bool | None = None
+    adaptive: bool = False
+    grow: float = 1.05
+    polish: object = None
+    decay_from_escape: bool = False
+
+    def validate(self, lr, problem) -> None:
+        """ValueError for a bad option (or an lr / problem that cannot go with them)."""
+        if self.num_threads is not None and (isinstance(self.num_threads, bool) or not isinstance(self.num_threads, int)
+                                             or self.num_threads < 1):
+            raise ValueError(f"num_threads must be a positive int or None, got {self.num_threads!r}")
+        if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
+            raise ValueError(f"lr must be a positive finite number, got {lr!r}")
+        if self.eval_every < 1 or self.check_every < 1 or self.window < 1:
+            raise ValueError("eval_every, check_every and window must be >= 1")
+        if not (self.tol >= 0 and self.ftol >= 0 and 0 < self.escape < 1):
+            raise ValueError(f"need tol >= 0, ftol >= 0 and 0 < escape < 1, got {self.tol!r}, {self.ftol!r}, "
+                             f"{self.escape!r}")
+        if self.adaptive and not (self.grow >= 1 and math.isfinite(self.grow)):
+            raise ValueError(f"grow must be a finite number >= 1, got {self.grow!r}")
+        if self.polish is not None and not callable(self.polish):
+            raise ValueError("polish must be None or a callable polish(t, model, problem, target_loss)")
+        if self.target_error is not None and problem.truth is None:
+            raise ValueError("target_error needs the true matrix: pass truth= to the problem")
+        if self.time_limit is not None and not self.time_limit >= 0:
+            raise ValueError(f"time_limit must be >= 0 seconds or None, got {self.time_limit!r}")
+
+
+def final_status(reason: str | None, escaped: bool) -> str:
+    """The status a stop ``reason`` means (module docstring)."""
+    if reason == "blowup":
+        return "diverged"
+    if reason in ("tol", "target_error", "stationary"):
+        return "converged"
+    if reason == "patience":
+        return "early_stopped"
+    return "not_converged" if escaped else "stalled_at_init"
 
 
 @torch.no_grad()
-def train_gd(model, problem, lr: float, *, max_iters: int = 10_000, tol: float = 1e-9, ftol: float = 0.0,
-             window: int = 1000, target_error: float | None = None, weight_decay: float = 0.0,
-             eval_every: int = 10, check_every: int = 10, blowup: float = 1e6, escape: float = 0.01,
-             validation: tuple | None = None, patience: int | None = None, time_limit: float | None = None,
-             callback=None, num_threads: int | None = None, progress: bool | None = None,
-             adaptive: bool = False, grow: float = 1.05, polish=None, decay_from_escape: bool = False) -> History:
+def train_gd(model, problem, lr: float, *, config: GDConfig | None = None, **options) -> History:
     """Full-batch GD: ``W <- W - lr * s * (grad + weight_decay * W)`` for every factor, s the factor's
     ``model.lr_scales()`` multiplier (gamma for the outer factors of a compressed network).
 
@@ -138,7 +192,8 @@ def train_gd(model, problem, lr: float, *, max_iters: int = 10_000, tol: float =
     residual warns); no
     validation improvement for ``patience`` evaluations after the escape (``validation = (rows,
     cols, values)``; the best parameters are restored); ``max_iters``; ``time_limit`` seconds of
-    training; divergence. ``callback(t, model)`` runs at every evaluation. ``num_threads``: torch
+    wall-clock time (evaluations and the polish included); divergence. ``callback(t, model)`` runs
+    at every evaluation. ``num_threads``: torch
     CPU threads for the loop, restored afterwards (default None: the caller's setting is left
     alone). Validation / test RMSEs are multiplied by ``problem.unit`` when the problem has one
     (a normalised problem reporting in the data's units).
@@ -152,38 +207,33 @@ def train_gd(model, problem, lr: float, *, max_iters: int = 10_000, tol: float =
     itself: if it is <= ``target_loss`` (the loss at relative residual ``tol``) the run stops
     "converged" (reason "tol", ``History.polished_at`` set); otherwise the parameters are restored
     and descent continues (the polisher decides when to try again). Returns a :class:`History`.
+
+    The options are the fields of :class:`GDConfig`: pass them as keywords or as ``config=``.
     """
-    if num_threads is not None:
-        if isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1:
-            raise ValueError(f"num_threads must be a positive int or None, got {num_threads!r}")
+    if config is not None and options:
+        raise ValueError("pass the options either as config= or as keywords, not both")
+    try:
+        cfg = config if config is not None else GDConfig(**options)
+    except TypeError as exc:
+        raise ValueError(f"unknown train_gd option: {exc}") from None
+    cfg.validate(lr, problem)
+    if cfg.num_threads is not None:
         saved = torch.get_num_threads()
-        torch.set_num_threads(num_threads)
+        torch.set_num_threads(cfg.num_threads)
         try:
-            return train_gd(model, problem, lr, max_iters=max_iters, tol=tol, ftol=ftol, window=window,
-                            target_error=target_error, weight_decay=weight_decay, eval_every=eval_every,
-                            check_every=check_every, blowup=blowup, escape=escape, validation=validation,
-                            patience=patience, time_limit=time_limit, callback=callback, num_threads=None,
-                            progress=progress, adaptive=adaptive, grow=grow, polish=polish,
-                            decay_from_escape=decay_from_escape)
+            return train_gd(model, problem, lr, config=replace(cfg, num_threads=None))
         finally:
             torch.set_num_threads(saved)
-    if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
-        raise ValueError(f"lr must be a positive finite number, got {lr!r}")
-    if eval_every < 1 or check_every < 1 or window < 1:
-        raise ValueError("eval_every, check_every and window must be >= 1")
-    if not (tol >= 0 and ftol >= 0 and 0 < escape < 1):
-        raise ValueError(f"need tol >= 0, ftol >= 0 and 0 < escape < 1, got {tol!r}, {ftol!r}, {escape!r}")
-    if adaptive and not (grow >= 1 and math.isfinite(grow)):
-        raise ValueError(f"grow must be a finite number >= 1, got {grow!r}")
-    if polish is not None and not callable(polish):
-        raise ValueError("polish must be None or a callable polish(t, model, problem, target_loss)")
-    if target_error is not None and problem.truth is None:
-        raise ValueError("target_error needs the true matrix: pass truth= to the problem")
-    unit = float(getattr(problem, "unit", 1.0))
+    (max_iters, tol, ftol, window, target_error, weight_decay, eval_every, check_every, blowup, escape, validation,
+     patience, time_limit, callback, progress, adaptive, grow, polish, decay_from_escape) = (
+        cfg.max_iters, cfg.tol, cfg.ftol, cfg.window, cfg.target_error, cfg.weight_decay, cfg.eval_every,
+        cfg.check_every, cfg.blowup, cfg.escape, cfg.validation, cfg.patience, cfg.time_limit, cfg.callback,
+        cfg.progress, cfg.adaptive, cfg.grow, cfg.polish, cfg.decay_from_escape)
+    unit = float(problem.unit)
     params = list(model.factor_parameters())
     scales = model.lr_scales()
     eta = float(lr)
-    has_state = hasattr(problem, "trained_state")
+    has_state = problem.trained_state() is not None
     accepted = None  # adaptive: (objective, grads, params copy, problem state, loss) at the last accepted point
     n_rejected = 0
     last_trial_finite = True
@@ -200,7 +250,7 @@ def train_gd(model, problem, lr: float, *, max_iters: int = 10_000, tol: float =
     best_extra = [None]
     train_time = 0.0
     loss0 = None
-    zero_loss = max(_zero_loss(problem), 1e-300)
+    zero_loss = max(problem.zero_loss(), 1e-300)
     checks: list[tuple[int, float]] = []  # (iteration, loss) at every check, for the stationarity test
 
     def record(t: int, loss: torch.Tensor) -> str | None:
@@ -214,7 +264,7 @@ def train_gd(model, problem, lr: float, *, max_iters: int = 10_000, tol: float =
             hist.recovery_error.append(err)
             if target_error is not None and err <= target_error:
                 stop = "target_error"
-        if getattr(problem, "test", None) is not None:
+        if problem.test is not None:
             hist.test_rmse.append(_rmse(model, problem.test, unit, problem))
         if validation is not None:
             v = _rmse(model, validation, unit, problem)
@@ -222,8 +272,7 @@ def train_gd(model, problem, lr: float, *, max_iters: int = 10_000, tol: float =
             if v < best_val:
                 best_val, since_best, hist.best_iteration = v, 0, t
                 best_state = [p.detach().clone() for p in params]
-                if hasattr(problem, "trained_state"):  # terms the problem fits beside the network (biases)
-                    best_extra[0] = problem.trained_state()
+                best_extra[0] = problem.trained_state()  # terms fitted beside the network (biases), or None
             elif hist.escaped_at is not None:  # patience counts only after the escape from the plateau
                 since_best += 1
                 if patience is not None and since_best >= patience:
@@ -237,6 +286,7 @@ def train_gd(model, problem, lr: float, *, max_iters: int = 10_000, tol: float =
     bar = progress_bar(total=max_iters, desc="gd", enabled=progress)
     reason = None
     t = 0
+    wall0 = time.perf_counter()  # time_limit counts wall-clock time, evaluations and polish included
     try:
         for t in range(max_iters + 1):
             t0 = time.perf_counter()
@@ -296,6 +346,8 @@ def train_gd(model, problem, lr: float, *, max_iters: int = 10_000, tol: float =
                     t1 = time.perf_counter()
                     saved = [p.detach().clone() for p in params]
                     saved_state = problem.trained_state() if has_state else None
+                    if time_limit is not None and hasattr(polish, "deadline"):  # the polish keeps the time limit too
+                        polish.deadline = wall0 + time_limit
                     msg = polish(t, model, problem, tol * tol * zero_loss)
                     if getattr(polish, "attempts", None):
                         hist.polish_info = f"polish attempts (iteration, rank, relative residual): {polish.attempts}"
@@ -337,7 +389,7 @@ def train_gd(model, problem, lr: float, *, max_iters: int = 10_000, tol: float =
             if t == max_iters:
                 reason = "max_iters"
                 break
-            if time_limit is not None and train_time >= time_limit:
+            if time_limit is not None and time.perf_counter() - wall0 >= time_limit:
                 reason = "time_limit"
                 record(t, loss)
                 break
@@ -358,14 +410,7 @@ def train_gd(model, problem, lr: float, *, max_iters: int = 10_000, tol: float =
             p.copy_(b)
         if best_extra[0] is not None:
             problem.load_trained_state(best_extra[0])
-    if reason == "blowup":
-        status = "diverged"
-    elif reason in ("tol", "target_error", "stationary"):
-        status = "converged"
-    elif reason == "patience":
-        status = "early_stopped"
-    else:
-        status = "not_converged" if hist.escaped_at is not None else "stalled_at_init"
+    status = final_status(reason, hist.escaped_at is not None)
     hist.status, hist.reason = status, reason
     hist.n_iters = t
     hist.train_time = train_time
@@ -386,8 +431,11 @@ def train_gd(model, problem, lr: float, *, max_iters: int = 10_000, tol: float =
         }.get(reason, "")
         if status == "not_converged":
             hist.message = (f"not converged: stopped at {budget} while the train loss was still falling "
-                            f"(relative train residual {rel:.3g}, tol={tol:g}); raise max_iters / time_limit "
-                            f"or the step lr={lr:g}")
+                            f"(relative train residual {rel:.3g}, tol={tol:g}).")
+            if validation is None:
+                hist.message += (" Raise max_iters / time_limit only if the data should be fitted exactly: on noisy "
+                                 "data more iterations fit the noise (early stopping on a validation set tells when "
+                                 "to stop).")
         elif status == "stalled_at_init":
             hist.message = (f"stalled at init: stopped at {budget} before the train loss fell by {escape:.0%} "
                             f"from its initial value ({rel:.3g} relative residual): the network never left "
