@@ -682,12 +682,18 @@ class LowRankAdam(_GeometricOptimizer):
 
     basis_lr_ratio: scales the step of the off-diagonal blocks of the augmented core (the basis
     update, U1^T G V and U^T G V1) relative to the Galerkin (S) block; 1 is the method as derived.
+
+    Defaults (lr 3e-2, ``second_moment="unit"``, ``basis_lr_ratio=3``) are the ones the
+    ``geometric-ablation`` experiment found to work (docs/geometric-ablation.md): with one second
+    moment per layer the best learning rate is ~10x Adam's usual 1e-3, and the basis blocks want a
+    larger step than the S block; with them LowRankAdam matches Adam on the A B^T factors on
+    Fashion-MNIST (0.808 vs 0.805) and beats it on digits (0.951 vs 0.926) at equal parameters.
     """
 
-    def __init__(self, model_or_params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+    def __init__(self, model_or_params, lr: float = 3e-2, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, tau: float = 0.0, max_rank: int | None = None,
                  min_rank: int = 1, second_moment: str = "unit", augment_every: int = 1, rank_every: int = 1,
-                 basis_lr_ratio: float = 1.0, nonfinite: str = "skip", sync_ranks: bool | None = None) -> None:
+                 basis_lr_ratio: float = 3.0, nonfinite: str = "skip", sync_ranks: bool | None = None) -> None:
         _check_common(lr, weight_decay, tau, max_rank, min_rank, augment_every, sync_ranks, rank_every, nonfinite)
         if second_moment not in SECOND_MOMENTS:
             raise ValueError(f"second_moment must be one of {SECOND_MOMENTS}, got {second_moment!r}")

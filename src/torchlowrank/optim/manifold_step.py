@@ -47,6 +47,11 @@ def complement_basis(U: torch.Tensor, A: torch.Tensor, C: torch.Tensor
     """
     eps = torch.finfo(A.dtype).eps
     K = A - U @ C
+    # Columns in order of decreasing norm (a pivoting decided on the device): a weak column that is
+    # only a rounding-level copy of a stronger one must come after it, or the Gram-Schmidt order
+    # would drop both as dependent on each other.
+    order = torch.argsort(K.pow(2).sum(-2), dim=-1, descending=True)  # (b, r)
+    K = torch.gather(K, -1, order[:, None, :].expand_as(K))
     KtK = K.mT @ K
     trace = torch.diagonal(KtK, dim1=-2, dim2=-1).sum(-1)
     Q1 = K @ _inverse_cholesky(KtK, _SHIFT * eps * trace + torch.finfo(A.dtype).tiny).mT
@@ -66,10 +71,11 @@ def complement_basis(U: torch.Tensor, A: torch.Tensor, C: torch.Tensor
     G1 = G1 * keep[:, :, None] * keep[:, None, :] + torch.diag_embed(1.0 - keep)
     T = keep[:, :, None] * _inverse_cholesky(G1).mT * keep[:, None, :]  # L2^{-T}, dropped directions zeroed
     # U1^T K = U1^T A: a GEMM product, accurate to rounding (U^T K is rounding). It is upper
-    # triangular (direction j of U1 is orthogonal to K's first j columns): the entries below the
-    # diagonal are exact zeros holding rounding noise, which an element-wise Adam would normalise
-    # into O(lr) steps (float32 and float64 then part ways), so they are set to zero.
-    R = torch.triu(T.mT @ G1K[..., r:])
+    # triangular in the pivoted order (direction j of U1 is orthogonal to the first j columns): the
+    # entries below the diagonal are exact zeros holding rounding noise, which an element-wise Adam
+    # would normalise into O(lr) steps (float32 and float64 then part ways), so they are set to zero.
+    R = torch.triu(T.mT @ G1K[..., r:])  # the columns of K in the pivoted order
+    R = torch.empty_like(R).scatter_(-1, order[:, None, :].expand_as(R), R)  # back to A's columns
     return Q1, T, F @ T, R, keep
 
 
