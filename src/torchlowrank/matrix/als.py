@@ -34,6 +34,7 @@ import torch
 
 from .centering import MeanModel, best_mean_model, fit_mean_model, holdout_split
 from .sparse import Entries, entry_dots, ridge_rows, row_grams, sparse_top_svd
+from .inputs import as_tensor
 
 __all__ = ["ALSResult", "als", "REG_GRID", "REG_TO_BIAS", "as_entries"]
 
@@ -98,14 +99,7 @@ def as_entries(observed, mask=None, dtype: torch.dtype = torch.float64) -> Entri
     (bool; None: the non-NaN entries) or a sparse COO / CSR tensor (its stored entries; ``mask``
     must be None). Sparse inputs are never densified. ValueError for a shape mismatch, an empty
     mask or NaN / Inf in an observed entry."""
-    try:
-        import numpy as np
-    except ImportError:  # pragma: no cover
-        np = None
-    if np is not None and isinstance(observed, np.ndarray):
-        observed = torch.from_numpy(observed)
-    if np is not None and isinstance(mask, np.ndarray):
-        mask = torch.from_numpy(mask)
+    observed, mask = as_tensor(observed), as_tensor(mask)
     if not isinstance(observed, torch.Tensor) or observed.ndim != 2:
         raise ValueError("observed must be a 2-D torch tensor or NumPy array (m, n)")
     if observed.layout != torch.strided:

@@ -59,6 +59,7 @@ from .polish import RankPolish
 from .problems import Completion, relative_error
 from .steps import suggest_lr, suggest_rank
 from .trainer import FAILURE_STATUSES, History, train_gd
+from .inputs import as_tensor
 
 __all__ = ["CompletionResult", "complete", "default_rank", "initial_step_boost", "NORMALIZED_TOP",
            "MEAN_MODEL_STATUS"]
@@ -157,14 +158,7 @@ class _NormalizedCompletion(Completion):
 
 
 def _coerce_inputs(observed, mask) -> tuple[torch.Tensor, torch.Tensor]:
-    try:
-        import numpy as np
-    except ImportError:  # pragma: no cover
-        np = None
-    if np is not None and isinstance(observed, np.ndarray):
-        observed = torch.from_numpy(observed)
-    if np is not None and isinstance(mask, np.ndarray):
-        mask = torch.from_numpy(mask)
+    observed, mask = as_tensor(observed), as_tensor(mask)
     if not isinstance(observed, torch.Tensor):
         raise ValueError(f"observed must be a torch tensor or NumPy array (m, n), got {type(observed).__name__}")
     if observed.layout != torch.strided:
@@ -225,42 +219,10 @@ def _complete_once(observed, mask, depth: int = 3, rank: int | None = None,
              seed: int = 0, progress: bool | None = None, adaptive: bool = True,
              polish: bool | None = None, warn_empty: bool = True,
                    hint_from: History | None = None, deadline: float | None = None) -> CompletionResult:
-    """Complete ``observed`` (m, n) from the entries where ``mask`` (m, n, bool) is True.
-
-    observed: dense tensor / NumPy array (entries off the mask are ignored, NaN allowed; with
-    ``mask=None`` the non-NaN entries are the observed ones) or a sparse COO / CSR tensor (its
-    stored entries are the observed ones; ``mask`` must be None).
-
-    The data is centred by a mean model and rescaled (``center``, ``bias_reg``, ``normalize``; see
-    the module docstring), so the defaults work at any scale and offset. compressed=True trains
-    the 2 r_hat-wide compressed network (DESIGN §4.4; ``rank`` = r_hat, default
-    :func:`default_rank` (generous), needs ``2 rank <= min(m, n)``; outer factors at
-    ``gamma * lr``); compressed=False trains the depth-``depth`` network of width ``width`` (default
-    min(m, n)) — there ``rank`` is not used and passing it is an error. ``lr`` defaults to
-    :func:`suggest_lr`.
-
-    adaptive: bold-driver step size (``lr`` is the initial step, by default :func:`suggest_lr` times
-    :func:`initial_step_boost`; False: the fixed step :func:`suggest_lr`). polish: the
-    exact ALS polish at the rank the network picked (module docstring, steps 5-6); default on when
-    no ``validation`` is given and ``tol > 0``; needs compressed=True. ``weight_decay`` applies
-    from the escape on (before, it would hold the small initialisation at zero).
-
-    Stopping (see :func:`train_gd`): relative train residual <= ``tol`` (by descent or polish); loss stationary
-    (relative decrease <= ``ftol`` over 1000 iterations); ``target_error`` on the recovery error
-    (needs ``truth``); early stopping on ``validation = (rows, cols, values)`` after ``patience``
-    evaluations, counted after the escape from the initial plateau (the best parameters are
-    kept); ``max_iters``; ``time_limit`` seconds. ``result.status`` is "converged",
-    "early_stopped", or a failure ("not_converged", "stalled_at_init", "diverged", each with a
-    RuntimeWarning). ``test = (rows, cols, values)`` is recorded in ``history.test_rmse``.
-
-    Raises ValueError for mismatched shapes, an empty mask, NaN in the observed entries, a bad
-    rank / depth, ``2 rank > min(shape)``, or ``rank`` with compressed=False.
-
-    Example::
-
-        res = tlr.matrix.complete(M_obs, mask)          # ratings, any units
-        res.matrix, res.status, res.history.message
-    """
+    """One fit of the network on the entries where ``mask`` is True (no held-out selection):
+    the arguments, the data handling and the result are :func:`complete`'s (its docstring), plus
+    ``hint_from`` (the history whose trend words the not-converged warning) and ``deadline`` (a
+    ``time.perf_counter()`` value shared with the caller's other fits)."""
     observed, mask = _coerce_inputs(observed, mask)
     if observed.ndim != 2:
         raise ValueError(f"observed must be a 2-D matrix, got shape {tuple(observed.shape)}")
