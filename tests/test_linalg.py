@@ -124,3 +124,16 @@ def test_orthonormal_basis_drops_dependent_columns():
     Q = tlr.orthonormal_basis(A)
     assert Q.shape == (10, 3)
     torch.testing.assert_close(Q @ (Q.T @ A), A)
+
+
+def test_sign_fixed_makes_each_largest_entry_positive_and_keeps_the_product():
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(3, 7, 5, generator=g, dtype=torch.float64)
+    U, S, Vh = torch.linalg.svd(A, full_matrices=False)
+    Uf, Vf = tlr.linalg.sign_fixed(U, Vh.mT)
+    top = torch.gather(Uf, -2, Uf.abs().argmax(-2, keepdim=True))
+    assert (top > 0).all()
+    torch.testing.assert_close((Uf * S[:, None, :]) @ Vf.mT, A)
+    # the flips undo any sign a LAPACK picks
+    flip = torch.tensor([1.0, -1.0, -1.0, 1.0, -1.0], dtype=torch.float64)
+    torch.testing.assert_close(tlr.linalg.sign_fixed(U * flip)[0], Uf)

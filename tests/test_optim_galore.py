@@ -8,7 +8,7 @@ import torch
 from host_syncs import HostSyncCounter
 from torch import nn
 
-from torchlowrank.linalg import principal_angles
+from torchlowrank.linalg import principal_angles, sign_fixed
 from torchlowrank.optim import GaLoreAdamW
 from torchlowrank.optim import galore as galore_module
 
@@ -29,8 +29,7 @@ def _groups(model):
 
 def _fix_signs(X):
     """Each column's largest-|entry| component positive (the convention GaLoreAdamW uses)."""
-    i = X.abs().argmax(0)
-    return X * X[i, torch.arange(X.shape[1])].sign()
+    return sign_fixed(X)[0]
 
 
 @pytest.fixture
@@ -157,7 +156,7 @@ def test_top_eigenvectors_solve_the_eigenproblem_in_descending_order(spectrum):
     X = galore_module._top_eigenvectors(C, r)
     torch.testing.assert_close(X.T @ X, torch.eye(r, dtype=torch.float64), rtol=0, atol=1e-12)
     torch.testing.assert_close(C @ X, X * lam[:r], rtol=0, atol=tol)  # C X = X diag(lam), lam descending
-    torch.testing.assert_close(galore_module._fix_signs(X[:, unique]), galore_module._fix_signs(Q[:, unique]),
+    torch.testing.assert_close(sign_fixed(X[:, unique])[0], sign_fixed(Q[:, unique])[0],
                                rtol=0, atol=10 * tol)
 
 

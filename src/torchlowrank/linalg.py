@@ -11,6 +11,7 @@ import torch
 __all__ = [
     "compute_dtype",
     "hashed_sketch",
+    "sign_fixed",
     "check_finite",
     "robust_svd",
     "truncated_svd",
@@ -213,4 +214,14 @@ def hashed_sketch(n: int, k: int, seed: int, device=None, dtype: torch.dtype = t
     x = x ^ (x >> 31)
     u = (x & ((1 << 24) - 1)).to(torch.float64) / float(1 << 23) - 1.0  # 24 random bits -> [-1, 1)
     return u.reshape(n, k).to(dtype)
+
+
+def sign_fixed(X: torch.Tensor, *partners: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """X (..., n, k) with each column flipped so that its largest-|entry| component is positive, and
+    the same columns of each partner (..., p, k) flipped with it (the right singular vectors of the
+    left ones X): singular vectors, defined up to sign, then no longer depend on the device's LAPACK
+    or the dtype. No host synchronisation."""
+    top = torch.gather(X, -2, X.abs().argmax(dim=-2, keepdim=True))
+    sign = torch.where(top < 0, -1.0, 1.0).to(X.dtype)
+    return (X * sign, *(P * sign for P in partners))
 

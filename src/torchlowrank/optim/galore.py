@@ -35,17 +35,9 @@ from collections.abc import Callable, Iterable
 import torch
 from torch.optim import Optimizer
 
+from ..linalg import sign_fixed
+
 __all__ = ["GaLoreAdamW"]
-
-
-def _fix_signs(X: torch.Tensor) -> torch.Tensor:
-    """X (..., n, k) with each column's largest-|entry| component made positive.
-
-    Singular vectors are defined up to sign and LAPACK, cuSOLVER and float32 vs float64 pick signs
-    differently; the Adam moments are kept across a refresh, so the sign is part of the update."""
-    idx = X.abs().argmax(dim=-2, keepdim=True)
-    sign = X.gather(-2, idx).sign()
-    return X * torch.where(sign == 0, torch.ones_like(sign), sign)
 
 
 def _top_eigenvectors(C: torch.Tensor, rank: int, power_iters: int = 8, jacobi_iters: int = 12) -> torch.Tensor:
@@ -99,9 +91,9 @@ def _subspace_basis(G: torch.Tensor, rank: int, start: torch.Tensor | None, iter
 def _top_subspace(G: torch.Tensor, rank: int, start: torch.Tensor | None, iters: int, oversample: int,
                   generator: torch.Generator) -> torch.Tensor:
     """Approximate top-``rank`` right singular vectors of G (m, n) -> (n, rank), sign-fixed
-    (:func:`_fix_signs`): subspace iteration, then Rayleigh-Ritz. No host synchronisation."""
+    (:func:`~torchlowrank.linalg.sign_fixed`): subspace iteration, then Rayleigh-Ritz. No host synchronisation."""
     Q, C = _subspace_basis(G, rank, start, iters, oversample, generator)
-    return _fix_signs(Q @ _top_eigenvectors(C, rank).to(Q.dtype))
+    return sign_fixed(Q @ _top_eigenvectors(C, rank).to(Q.dtype))[0]
 
 
 class GaLoreAdamW(Optimizer):
@@ -165,7 +157,7 @@ class GaLoreAdamW(Optimizer):
                 M = G.float() if G.dtype != torch.float64 else G
                 if group["refresh"] == "svd":
                     U, _, Vh = torch.linalg.svd(M, full_matrices=False)  # checks its status: one host sync
-                    ortho = _fix_signs(Vh[:r].T).T if right else _fix_signs(U[:, :r])
+                    ortho = sign_fixed(Vh[:r].T)[0].T if right else sign_fixed(U[:, :r])[0]
                     state["ortho"] = ortho.to(G.dtype).contiguous()
                     continue
                 gen = torch.Generator().manual_seed(1000003 * index + step)
@@ -178,7 +170,7 @@ class GaLoreAdamW(Optimizer):
         for (r, _, _), items in pending.items():
             W = _top_eigenvectors(torch.stack([C for *_, C in items]), r)
             for (state, right, dtype, Q, _), w in zip(items, W):
-                P = _fix_signs(Q @ w.to(Q.dtype))
+                P = sign_fixed(Q @ w.to(Q.dtype))[0]
                 state["ortho"] = (P.T if right else P).to(dtype).contiguous()
 
     @torch.no_grad()

@@ -50,8 +50,8 @@ from torch.optim import Optimizer
 
 from .. import distributed as tlr_dist
 from ..layers import LowRankConv2d, LowRankLinear, _LowRankFactors
-from ..linalg import compute_dtype
-from .manifold_step import complement_basis, galerkin_core, sign_fix, tail_ranks, top_subspace
+from ..linalg import compute_dtype, sign_fixed
+from .manifold_step import complement_basis, galerkin_core, tail_ranks, top_subspace
 
 __all__ = ["LowRankSGD", "LowRankAdam", "NonFiniteStepError", "resize_to_state_dict", "lowrank_units"]
 
@@ -344,7 +344,7 @@ class _GeometricOptimizer(Optimizer):
         ranks = None
         if group["tau"] > 0 and step % group["rank_every"] == 0:  # the whole spectrum: the rank may grow to 2r
             Pm, d, Qh = torch.linalg.svd(S_hat)
-            P, Q = sign_fix(Pm, Qh.mT)
+            P, Q = sign_fixed(Pm, Qh.mT)
             full = min(U.shape[1], V.shape[1])
             hi = min(full, group["max_rank"] if group["max_rank"] is not None else full, d.shape[-1])
             ranks = tail_ranks(d, group["tau"], group["min_rank"], hi)

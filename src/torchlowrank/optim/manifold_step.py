@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["complement_basis", "galerkin_core", "top_subspace", "subspace_iterations", "sign_fix", "tail_ranks"]
+from ..linalg import sign_fixed
+
+__all__ = ["complement_basis", "galerkin_core", "top_subspace", "subspace_iterations", "tail_ranks"]
 
 # Shift of the shifted Cholesky QR, relative to eps * ||K||_F^2: it caps the condition number the
 # first pass sees at ~1 / sqrt(SHIFT * eps), so the second pass gets a basis it can orthonormalise.
@@ -90,15 +92,6 @@ def galerkin_core(C: torch.Tensor, RU: torch.Tensor | None, RV: torch.Tensor | N
     return torch.cat([top, bottom], -2)
 
 
-def sign_fix(P: torch.Tensor, Q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flip column pairs (P[:, :, i], Q[:, :, i]) so that each column of P has its largest-|entry|
-    component positive: singular vectors defined independently of the device's LAPACK."""
-    idx = P.abs().argmax(-2, keepdim=True)
-    sign = torch.sign(torch.gather(P, -2, idx))
-    sign = torch.where(sign == 0, torch.ones_like(sign), sign)
-    return P * sign, Q * sign
-
-
 def _orth(X: torch.Tensor) -> torch.Tensor:
     return torch.linalg.qr(X).Q
 
@@ -134,7 +127,7 @@ def top_subspace(S: torch.Tensor, r: int, iters: int | None = None
     b, p, q = S.shape
     if p == r and q == r:  # a Galerkin step in the current basis: nothing to iterate
         Pm, d, Qh = torch.linalg.svd(S)
-        P, Q = sign_fix(Pm, Qh.mT)
+        P, Q = sign_fixed(Pm, Qh.mT)
         return P, d, Q
     X = torch.eye(p, r, dtype=S.dtype, device=S.device).expand(b, p, r)
     for _ in range(subspace_iterations(S.dtype) if iters is None else iters):
@@ -142,7 +135,7 @@ def top_subspace(S: torch.Tensor, r: int, iters: int | None = None
     X = _orth(X)
     Y = _orth(S.mT @ X)
     Pm, d, Qh = torch.linalg.svd(X.mT @ S @ Y)
-    P, Q = sign_fix(X @ Pm, Y @ Qh.mT)
+    P, Q = sign_fixed(X @ Pm, Y @ Qh.mT)
     return P, d, Q
 
 

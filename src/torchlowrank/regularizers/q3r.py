@@ -46,7 +46,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .. import distributed as tlr_dist
-from ..linalg import compute_dtype, hashed_sketch
+from ..linalg import compute_dtype, hashed_sketch, sign_fixed
 from ..targets import Targets
 from ._base import MatrixRegularizer, Split
 
@@ -112,14 +112,6 @@ def _small_svd(mats: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tenso
     return out
 
 
-def _sign_fix(U: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flip each pair (u_i, v_i) so that the largest-|entry| component of u_i is positive (the result
-    then does not depend on the device's LAPACK). U: (B, m, K), V: (B, n, K)."""
-    top = torch.gather(U, -2, U.abs().argmax(dim=-2, keepdim=True))  # (B, 1, K)
-    sign = torch.where(top < 0, -1.0, 1.0).to(U.dtype)
-    return U * sign, V * sign
-
-
 def _range_finder(W: torch.Tensor, omega: torch.Tensor, n_iter: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Randomized range finder (Halko, Martinsson & Tropp 2011) on a batch, rescaled after every product.
 
@@ -174,7 +166,7 @@ def _top_triplets(W: torch.Tensor, L: int, full: bool, n_iter: int, omega: torch
         Q, Qz, T = _range_finder(W, omega, n_iter)
         ((Ub, s, Vb),) = _small_svd([T])
         U, V = Q @ Ub, Qz @ Vb
-    U, V = _sign_fix(U, V)
+    U, V = sign_fixed(U, V)
     return U, s, V
 
 
@@ -441,7 +433,7 @@ class Q3R(MatrixRegularizer):
                 omega = torch.stack([self._sketch(g.idx[j], g.shape[1], K, W) for j in own])
                 pending.append((g, own, finite, *_range_finder(W, omega, self.n_iter)))
         for (g, own, finite, Q, Qz, _), (Ub, s, Vb) in zip(pending, _small_svd([p[-1] for p in pending])):
-            U, V = _sign_fix(Q @ Ub, Qz @ Vb)
+            U, V = sign_fixed(Q @ Ub, Qz @ Vb)
             done[id(g)] = (g, own, (U, s, V, finite))
         out = {}
         for key, (g, own, res) in done.items():
