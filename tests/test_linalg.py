@@ -137,3 +137,12 @@ def test_sign_fixed_makes_each_largest_entry_positive_and_keeps_the_product():
     # the flips undo any sign a LAPACK picks
     flip = torch.tensor([1.0, -1.0, -1.0, 1.0, -1.0], dtype=torch.float64)
     torch.testing.assert_close(tlr.linalg.sign_fixed(U * flip)[0], Uf)
+
+
+def test_hashed_sketch_is_the_same_numbers_in_every_dtype_and_a_full_rank_uniform_test_matrix():
+    a = tlr.linalg.hashed_sketch(500, 40, seed=3)
+    b = tlr.linalg.hashed_sketch(500, 40, seed=3, dtype=torch.float64)
+    assert torch.equal(a.double(), b)  # 24 random bits: exact in float32
+    assert not torch.equal(a, tlr.linalg.hashed_sketch(500, 40, seed=4))
+    assert a.min() >= -1 and a.max() < 1 and abs(a.mean()) < 0.05 and abs(a.std() - 3 ** -0.5) < 0.02
+    assert torch.linalg.matrix_rank(b) == 40
