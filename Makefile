@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench data clean
+.PHONY: demo test lint bench data clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,7 +22,11 @@ data: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/torchlowrank demo
 
-test: $(STAMP) data
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: $(STAMP) data lint
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP) data

@@ -9,6 +9,7 @@ tokens, r in {64, 256}) — GPU only, too slow on a CPU.
 Goals: LowRankLinear >= FactorizedLinear at every r; >= 50% of the ideal speedup for
 r <= min(m, n) / 16.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -16,12 +17,12 @@ import statistics
 import time
 
 import torch
+from timing import interleaved_median_times, interleaved_step_times
 from torch import nn
 
 import torchlowrank as tlr
 from torchlowrank.reproducibility import environment_info
 from torchlowrank.results import Plot, Result, Series, Table
-from timing import interleaved_median_times, interleaved_step_times
 
 
 def fwd_bwd(layer: nn.Module, x: torch.Tensor, grad_out: torch.Tensor, autocast: bool = False):
@@ -35,6 +36,7 @@ def fwd_bwd(layer: nn.Module, x: torch.Tensor, grad_out: torch.Tensor, autocast:
         with ctx():
             y = layer(x)
         y.backward(grad_out)
+
     return step
 
 
@@ -68,15 +70,35 @@ def rows_for(m: int, n: int, ranks: list[int], times: dict) -> tuple[list, dict]
         ideal = m * n / (r * (m + n))
         lr, fa = times[("LowRankLinear", r)], times[("FactorizedLinear", r)]
         for name, t in (("LowRankLinear", lr), ("FactorizedLinear", fa)):
-            rows.append([f"{name} r={r}", r, t * 1e3, t_dense / t, ideal, f"{100 * t_dense / t / ideal:.0f}%",
-                         f"{fa / t:.2f}" if name == "LowRankLinear" else "-"])
-        metrics[f"r{r}"] = {"speedup": t_dense / lr, "factorized_speedup": t_dense / fa, "ideal": ideal,
-                            "lowrank_over_factorized": fa / lr}
+            rows.append(
+                [
+                    f"{name} r={r}",
+                    r,
+                    t * 1e3,
+                    t_dense / t,
+                    ideal,
+                    f"{100 * t_dense / t / ideal:.0f}%",
+                    f"{fa / t:.2f}" if name == "LowRankLinear" else "-",
+                ]
+            )
+        metrics[f"r{r}"] = {
+            "speedup": t_dense / lr,
+            "factorized_speedup": t_dense / fa,
+            "ideal": ideal,
+            "lowrank_over_factorized": fa / lr,
+        }
     return rows, metrics
 
 
-COLUMNS = ["layer", "rank", "time (ms)", "speedup vs dense", "ideal FLOP ratio", "% of ideal",
-           "LowRank speed / Factorized"]
+COLUMNS = [
+    "layer",
+    "rank",
+    "time (ms)",
+    "speedup vs dense",
+    "ideal FLOP ratio",
+    "% of ideal",
+    "LowRank speed / Factorized",
+]
 
 
 def run(quick: bool = False) -> Result:
@@ -91,25 +113,60 @@ def run(quick: bool = False) -> Result:
     for m, n, tokens, ranks in cases:
         times = measure(m, n, tokens, ranks, repeats, device)
         rows, case_metrics = rows_for(m, n, ranks, times)
-        tables.append(Table(f"Forward+backward, {m}x{n} (out x in), {tokens} tokens, {precision}, {device} "
-                            f"(median of {repeats}, interleaved)", COLUMNS, rows))
+        tables.append(
+            Table(
+                f"Forward+backward, {m}x{n} (out x in), {tokens} tokens, {precision}, {device} "
+                f"(median of {repeats}, interleaved)",
+                COLUMNS,
+                rows,
+            )
+        )
         for r, v in case_metrics.items():
             key = "" if (m, n) == (1024, 1024) else f"_{m}x{n}"
             metrics[f"speedup_{r}{key}"] = v["speedup"]
             metrics[f"factorized_speedup_{r}{key}"] = v["factorized_speedup"]
             metrics[f"lowrank_over_factorized_{r}{key}"] = v["lowrank_over_factorized"]
         if (m, n) == (1024, 1024):
-            plots.append(Plot("speedup", "Speedup over nn.Linear, 1024x1024", "line",
-                              [Series("LowRankLinear", ranks, [case_metrics[f"r{r}"]["speedup"] for r in ranks], style="o-"),
-                               Series("FactorizedLinear", ranks,
-                                      [case_metrics[f"r{r}"]["factorized_speedup"] for r in ranks], style="s-"),
-                               Series("ideal mn/(r(m+n))", ranks, [case_metrics[f"r{r}"]["ideal"] for r in ranks],
-                                      style="--")],
-                              xlabel="rank r", ylabel="speedup", logx=True, logy=True))
+            plots.append(
+                Plot(
+                    "speedup",
+                    "Speedup over nn.Linear, 1024x1024",
+                    "line",
+                    [
+                        Series(
+                            "LowRankLinear",
+                            ranks,
+                            [case_metrics[f"r{r}"]["speedup"] for r in ranks],
+                            style="o-",
+                        ),
+                        Series(
+                            "FactorizedLinear",
+                            ranks,
+                            [case_metrics[f"r{r}"]["factorized_speedup"] for r in ranks],
+                            style="s-",
+                        ),
+                        Series(
+                            "ideal mn/(r(m+n))",
+                            ranks,
+                            [case_metrics[f"r{r}"]["ideal"] for r in ranks],
+                            style="--",
+                        ),
+                    ],
+                    xlabel="rank r",
+                    ylabel="speedup",
+                    logx=True,
+                    logy=True,
+                )
+            )
     return Result(
         name="layers",
-        config={"cases": [{"m": m, "n": n, "tokens": t, "ranks": rs} for m, n, t, rs in cases], "repeats": repeats,
-                "device": device, "dtype": precision, "threads": torch.get_num_threads()},
+        config={
+            "cases": [{"m": m, "n": n, "tokens": t, "ranks": rs} for m, n, t, rs in cases],
+            "repeats": repeats,
+            "device": device,
+            "dtype": precision,
+            "threads": torch.get_num_threads(),
+        },
         metrics=metrics,
         tables=tables,
         plots=plots,

@@ -23,18 +23,19 @@ Step time (CUDA events, mean and median), peak memory, optimizer-state bytes.
 Memory is the exact number of bytes in optimizer state tensors (not process memory); for the
 package that includes the projector matrices it keeps outside its state tensors.
 """
+
 from __future__ import annotations
 
 import statistics
 import time
 
 import torch
+from timing import interleaved_step_times
 from torch import nn
 
 import torchlowrank as tlr
 from torchlowrank.reproducibility import environment_info, one_thread
 from torchlowrank.results import Result, Table
-from timing import interleaved_step_times
 
 
 def state_bytes(opt: torch.optim.Optimizer) -> int:
@@ -69,10 +70,13 @@ def _stepper(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: t
         opt.zero_grad(set_to_none=True)
         nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
+
     return step
 
 
-def _interleaved(fns: dict, steps: int, warmup: int, device: torch.device | str = "cpu") -> dict[str, list[float]]:
+def _interleaved(
+    fns: dict, steps: int, warmup: int, device: torch.device | str = "cpu"
+) -> dict[str, list[float]]:
     return interleaved_step_times(fns, steps, warmup, device=device)
 
 
@@ -83,8 +87,10 @@ LOWRANK_ARMS = {  # name -> (layer kind, optimizer factory)
     "LowRankAdam augment_every=4": ("lowrank", lambda m: tlr.optim.LowRankAdam(m, lr=1e-3, augment_every=4)),
     "LowRankAdam augment_every=8": ("lowrank", lambda m: tlr.optim.LowRankAdam(m, lr=1e-3, augment_every=8)),
     "LowRankAdam tau=0.05": ("lowrank", lambda m: tlr.optim.LowRankAdam(m, lr=1e-3, tau=0.05)),
-    "LowRankAdam tau=0.05 rank_every=10": ("lowrank", lambda m: tlr.optim.LowRankAdam(m, lr=1e-3, tau=0.05,
-                                                                                     rank_every=10)),
+    "LowRankAdam tau=0.05 rank_every=10": (
+        "lowrank",
+        lambda m: tlr.optim.LowRankAdam(m, lr=1e-3, tau=0.05, rank_every=10),
+    ),
 }
 
 
@@ -98,7 +104,9 @@ def part_lowrank(quick: bool, device: torch.device | str = "cpu") -> tuple[Table
     y = torch.randint(0, 10, (batch,), generator=g).to(device)
     models = {k: _mlp(kind, widths, rank, 0, device) for k, (kind, _) in LOWRANK_ARMS.items()}
     opts = {k: make(models[k]) for k, (_, make) in LOWRANK_ARMS.items()}
-    times = _interleaved({k: _stepper(models[k], opts[k], x, y) for k in models}, repeats, warmup=8, device=device)
+    times = _interleaved(
+        {k: _stepper(models[k], opts[k], x, y) for k in models}, repeats, warmup=8, device=device
+    )
     med = {k: statistics.median(v) for k, v in times.items()}
     # the mean is what a run pays: with augment_every = k only every k-th step augments, and the
     # median would show the cheap in-between steps alone
@@ -106,21 +114,43 @@ def part_lowrank(quick: bool, device: torch.device | str = "cpu") -> tuple[Table
     base = mean["factorized Adam (A B^T)"]
     rows = []
     for k in models:
-        rows.append([k, mean[k] * 1e3, med[k] * 1e3, mean[k] / base, mean[k] / mean["dense AdamW"],
-                     state_bytes(opts[k]) / 2**20, state_bytes(opts[k]) / state_bytes(opts["dense AdamW"]),
-                     sum(p.numel() for p in models[k].parameters())])
+        rows.append(
+            [
+                k,
+                mean[k] * 1e3,
+                med[k] * 1e3,
+                mean[k] / base,
+                mean[k] / mean["dense AdamW"],
+                state_bytes(opts[k]) / 2**20,
+                state_bytes(opts[k]) / state_bytes(opts["dense AdamW"]),
+                sum(p.numel() for p in models[k].parameters()),
+            ]
+        )
     precision = "float32 (TF32 matmuls), CUDA events" if cuda else "float32, one thread"
-    table = Table(f"Training step, MLP {width} -> 3 x {width}^2 -> 10, rank {rank}, batch {batch}, {precision} "
-                  f"({repeats} interleaved steps each)",
-                  ["optimizer", "mean step (ms)", "median step (ms)", "mean x factorized Adam", "mean x dense AdamW",
-                   "state (MiB)", "state x AdamW", "parameters"], rows)
-    metrics = {"lowrank_adam_step_vs_factorized": mean["LowRankAdam"] / base,
-               "lowrank_adam_k4_step_vs_factorized": mean["LowRankAdam augment_every=4"] / base,
-               "lowrank_adam_k8_step_vs_factorized": mean["LowRankAdam augment_every=8"] / base,
-               "lowrank_adam_adaptive_step_vs_factorized": mean["LowRankAdam tau=0.05"] / base,
-               "lowrank_adam_adaptive_every10_step_vs_factorized": mean["LowRankAdam tau=0.05 rank_every=10"] / base,
-               "lowrank_adam_state_bytes": state_bytes(opts["LowRankAdam"]),
-               "factorized_adam_state_bytes": state_bytes(opts["factorized Adam (A B^T)"])}
+    table = Table(
+        f"Training step, MLP {width} -> 3 x {width}^2 -> 10, rank {rank}, batch {batch}, {precision} "
+        f"({repeats} interleaved steps each)",
+        [
+            "optimizer",
+            "mean step (ms)",
+            "median step (ms)",
+            "mean x factorized Adam",
+            "mean x dense AdamW",
+            "state (MiB)",
+            "state x AdamW",
+            "parameters",
+        ],
+        rows,
+    )
+    metrics = {
+        "lowrank_adam_step_vs_factorized": mean["LowRankAdam"] / base,
+        "lowrank_adam_k4_step_vs_factorized": mean["LowRankAdam augment_every=4"] / base,
+        "lowrank_adam_k8_step_vs_factorized": mean["LowRankAdam augment_every=8"] / base,
+        "lowrank_adam_adaptive_step_vs_factorized": mean["LowRankAdam tau=0.05"] / base,
+        "lowrank_adam_adaptive_every10_step_vs_factorized": mean["LowRankAdam tau=0.05 rank_every=10"] / base,
+        "lowrank_adam_state_bytes": state_bytes(opts["LowRankAdam"]),
+        "factorized_adam_state_bytes": state_bytes(opts["factorized Adam (A B^T)"]),
+    }
     return table, metrics
 
 
@@ -135,7 +165,9 @@ def part_galore(quick: bool) -> tuple[Table, dict]:
     steps = 45 if quick else 201  # refreshes at 0, gap, 2 gap, ... all inside the averaged steps
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(batch, 784, generator=g), torch.randint(0, 10, (batch,), generator=g)
-    models = {k: _mlp("dense", widths, rank, 0) for k in ("AdamW", "galore-torch GaLoreAdamW", "tlr GaLoreAdamW")}
+    models = {
+        k: _mlp("dense", widths, rank, 0) for k in ("AdamW", "galore-torch GaLoreAdamW", "tlr GaLoreAdamW")
+    }
 
     def split(model):
         mats = [p for n, p in model.named_parameters() if p.ndim == 2 and min(p.shape) > rank]
@@ -145,27 +177,61 @@ def part_galore(quick: bool) -> tuple[Table, dict]:
     mats, rest = split(models["galore-torch GaLoreAdamW"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        pkg = galore_torch.GaLoreAdamW([{"params": rest}, {"params": mats, "rank": rank, "update_proj_gap": gap,
-                                                           "scale": scale, "proj_type": "std"}], lr=1e-3,
-                                       no_deprecation_warning=True)
+        pkg = galore_torch.GaLoreAdamW(
+            [
+                {"params": rest},
+                {"params": mats, "rank": rank, "update_proj_gap": gap, "scale": scale, "proj_type": "std"},
+            ],
+            lr=1e-3,
+            no_deprecation_warning=True,
+        )
     mats2, rest2 = split(models["tlr GaLoreAdamW"])
-    ours = tlr.optim.GaLoreAdamW([{"params": rest2, "rank": None}, {"params": mats2}], lr=1e-3, rank=rank,
-                                 update_gap=gap, scale=scale)
-    opts = {"AdamW": torch.optim.AdamW(models["AdamW"].parameters(), lr=1e-3),
-            "galore-torch GaLoreAdamW": pkg, "tlr GaLoreAdamW": ours}
+    ours = tlr.optim.GaLoreAdamW(
+        [{"params": rest2, "rank": None}, {"params": mats2}], lr=1e-3, rank=rank, update_gap=gap, scale=scale
+    )
+    opts = {
+        "AdamW": torch.optim.AdamW(models["AdamW"].parameters(), lr=1e-3),
+        "galore-torch GaLoreAdamW": pkg,
+        "tlr GaLoreAdamW": ours,
+    }
     times = _interleaved({k: _stepper(models[k], opts[k], x, y) for k in models}, steps, warmup=0)
     mean = {k: statistics.fmean(v) for k, v in times.items()}
     med = {k: statistics.median(v) for k, v in times.items()}
     refresh = {k: max(v) for k, v in times.items()}
-    rows = [[k, mean[k] * 1e3, med[k] * 1e3, refresh[k] * 1e3, mean[k] / mean["AdamW"], med[k] / med["AdamW"],
-             state_bytes(opts[k]) / 2**20, state_bytes(opts[k]) / state_bytes(opts["AdamW"])] for k in models]
-    table = Table(f"GaLore, MLP 784 -> 4 x 1024^2 -> 10, batch {batch}, rank {rank}, update gap {gap}, scale {scale}, "
-                  f"{steps} interleaved steps (refreshes included), float32, one thread",
-                  ["optimizer", "mean step (ms)", "median step (ms)", "slowest step (ms)", "mean x AdamW",
-                   "median x AdamW", "state (MiB)", "state x AdamW"], rows)
-    metrics = {"galore_mean_step_ours_vs_package": mean["tlr GaLoreAdamW"] / mean["galore-torch GaLoreAdamW"],
-               "galore_median_step_ours_vs_package": med["tlr GaLoreAdamW"] / med["galore-torch GaLoreAdamW"],
-               "galore_state_bytes_ours": state_bytes(ours), "galore_state_bytes_package": state_bytes(pkg)}
+    rows = [
+        [
+            k,
+            mean[k] * 1e3,
+            med[k] * 1e3,
+            refresh[k] * 1e3,
+            mean[k] / mean["AdamW"],
+            med[k] / med["AdamW"],
+            state_bytes(opts[k]) / 2**20,
+            state_bytes(opts[k]) / state_bytes(opts["AdamW"]),
+        ]
+        for k in models
+    ]
+    table = Table(
+        f"GaLore, MLP 784 -> 4 x 1024^2 -> 10, batch {batch}, rank {rank}, update gap {gap}, scale {scale}, "
+        f"{steps} interleaved steps (refreshes included), float32, one thread",
+        [
+            "optimizer",
+            "mean step (ms)",
+            "median step (ms)",
+            "slowest step (ms)",
+            "mean x AdamW",
+            "median x AdamW",
+            "state (MiB)",
+            "state x AdamW",
+        ],
+        rows,
+    )
+    metrics = {
+        "galore_mean_step_ours_vs_package": mean["tlr GaLoreAdamW"] / mean["galore-torch GaLoreAdamW"],
+        "galore_median_step_ours_vs_package": med["tlr GaLoreAdamW"] / med["galore-torch GaLoreAdamW"],
+        "galore_state_bytes_ours": state_bytes(ours),
+        "galore_state_bytes_package": state_bytes(pkg),
+    }
     return table, metrics
 
 
@@ -180,13 +246,27 @@ def _llama(size: str, kind: str, rank: int, device: torch.device | str) -> nn.Mo
     from transformers import LlamaConfig, LlamaForCausalLM
 
     if size == "368M":
-        cfg = LlamaConfig(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=24,
-                          num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=512,
-                          tie_word_embeddings=False)
+        cfg = LlamaConfig(
+            vocab_size=32000,
+            hidden_size=1024,
+            intermediate_size=2816,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            num_key_value_heads=16,
+            max_position_embeddings=512,
+            tie_word_embeddings=False,
+        )
     else:  # a smoke-test size
-        cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
-                          tie_word_embeddings=False)
+        cfg = LlamaConfig(
+            vocab_size=256,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            max_position_embeddings=64,
+            tie_word_embeddings=False,
+        )
     torch.manual_seed(0)
     with torch.device(device):
         model = LlamaForCausalLM(cfg)
@@ -195,8 +275,11 @@ def _llama(size: str, kind: str, rank: int, device: torch.device | str) -> nn.Mo
         for name, module in list(model.named_modules()):
             if isinstance(module, nn.Linear) and re.fullmatch(PROJECTIONS, name):
                 parent, _, child = name.rpartition(".")
-                setattr(model.get_submodule(parent), child,
-                        make(module.in_features, module.out_features, rank, bias=False, device=device))
+                setattr(
+                    model.get_submodule(parent),
+                    child,
+                    make(module.in_features, module.out_features, rank, bias=False, device=device),
+                )
     return model
 
 
@@ -209,16 +292,22 @@ def _galore_package(model: nn.Module, rank: int, gap: int):
     rest = [p for p in model.parameters() if all(p is not q for q in mats)]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        return galore_torch.GaLoreAdamW([{"params": rest}, {"params": mats, "rank": rank, "update_proj_gap": gap,
-                                                            "scale": 0.25, "proj_type": "std"}], lr=1e-3,
-                                        no_deprecation_warning=True)
+        return galore_torch.GaLoreAdamW(
+            [
+                {"params": rest},
+                {"params": mats, "rank": rank, "update_proj_gap": gap, "scale": 0.25, "proj_type": "std"},
+            ],
+            lr=1e-3,
+            no_deprecation_warning=True,
+        )
 
 
 def _galore_ours(model: nn.Module, rank: int, gap: int):
     mats = [p for n, p in model.named_parameters() if p.ndim == 2 and "embed" not in n and "lm_head" not in n]
     rest = [p for p in model.parameters() if all(p is not q for q in mats)]
-    return tlr.optim.GaLoreAdamW([{"params": rest, "rank": None}, {"params": mats}], lr=1e-3, rank=rank,
-                                 update_gap=gap, scale=0.25)
+    return tlr.optim.GaLoreAdamW(
+        [{"params": rest, "rank": None}, {"params": mats}], lr=1e-3, rank=rank, update_gap=gap, scale=0.25
+    )
 
 
 class _WithQ3R(torch.optim.Optimizer):
@@ -244,8 +333,10 @@ LLAMA_ARMS = {  # name -> (layer kind, optimizer factory(model, rank, gap))
     "AdamW + Q3R": ("dense", lambda m, r, gap: _WithQ3R(m)),
     "factorized AdamW (A B^T)": ("factorized", lambda m, r, gap: torch.optim.AdamW(m.parameters(), lr=1e-3)),
     "LowRankAdam": ("lowrank", lambda m, r, gap: tlr.optim.LowRankAdam(m, lr=1e-3)),
-    "LowRankAdam tau=0.05 rank_every=10": ("lowrank", lambda m, r, gap: tlr.optim.LowRankAdam(
-        m, lr=1e-3, tau=0.05, max_rank=r, rank_every=10)),
+    "LowRankAdam tau=0.05 rank_every=10": (
+        "lowrank",
+        lambda m, r, gap: tlr.optim.LowRankAdam(m, lr=1e-3, tau=0.05, max_rank=r, rank_every=10),
+    ),
 }
 
 
@@ -269,6 +360,7 @@ def part_llama(quick: bool, device: torch.device | str) -> tuple[Table, dict]:
                 loss = model(input_ids=ids, labels=ids).loss
             loss.backward()
             opt.step()
+
         return step
 
     fns = {k: stepper(k) for k in models}
@@ -285,20 +377,42 @@ def part_llama(quick: bool, device: torch.device | str) -> tuple[Table, dict]:
     times = _interleaved(fns, repeats, warmup=2, device=device)
     for k in models:
         means[k] = statistics.fmean(times[k])
-        rows.append([k, means[k] * 1e3, statistics.median(times[k]) * 1e3, 0.0, 0.0,
-                     peaks.get(k, float("nan")), state_bytes(opts[k]) / 2**30,
-                     sum(p.numel() for p in models[k].parameters()) / 1e6])
+        rows.append(
+            [
+                k,
+                means[k] * 1e3,
+                statistics.median(times[k]) * 1e3,
+                0.0,
+                0.0,
+                peaks.get(k, float("nan")),
+                state_bytes(opts[k]) / 2**30,
+                sum(p.numel() for p in models[k].parameters()) / 1e6,
+            ]
+        )
     for row in rows:
         row[3] = means[row[0]] / means["factorized AdamW (A B^T)"]
         row[4] = means[row[0]] / means["AdamW (dense)"]
     precision = "bf16 autocast, CUDA events" if cuda else "float32 (smoke test)"
-    table = Table(f"Llama {size} from a config, projections at rank {rank}, batch {batch} x {seq}, {precision} "
-                  f"({repeats} interleaved steps each)",
-                  ["optimizer", "mean step (ms)", "median step (ms)", "mean x factorized AdamW", "mean x dense AdamW",
-                   "peak step memory (GiB)", "state (GiB)", "parameters (M)"], rows)
-    metrics = {"llama_lowrank_adam_vs_factorized": means["LowRankAdam"] / means["factorized AdamW (A B^T)"],
-               "llama_factorized_vs_dense": means["factorized AdamW (A B^T)"] / means["AdamW (dense)"],
-               "llama_q3r_overhead": means["AdamW + Q3R"] / means["AdamW (dense)"] - 1}
+    table = Table(
+        f"Llama {size} from a config, projections at rank {rank}, batch {batch} x {seq}, {precision} "
+        f"({repeats} interleaved steps each)",
+        [
+            "optimizer",
+            "mean step (ms)",
+            "median step (ms)",
+            "mean x factorized AdamW",
+            "mean x dense AdamW",
+            "peak step memory (GiB)",
+            "state (GiB)",
+            "parameters (M)",
+        ],
+        rows,
+    )
+    metrics = {
+        "llama_lowrank_adam_vs_factorized": means["LowRankAdam"] / means["factorized AdamW (A B^T)"],
+        "llama_factorized_vs_dense": means["factorized AdamW (A B^T)"] / means["AdamW (dense)"],
+        "llama_q3r_overhead": means["AdamW + Q3R"] / means["AdamW (dense)"] - 1,
+    }
     return table, metrics
 
 
@@ -328,12 +442,22 @@ def run(quick: bool = False) -> Result:
             t, m = part_llama(quick, device)
             tables.append(t)
             metrics.update(m)
-    return Result(name="optim", config={"quick": quick, "device": device.type,
-                                         "threads": 1 if device.type == "cpu" else None,
-                                         "command": "python benchmarks/run.py optim" + (" --quick" if quick else "")},
-                  metrics=metrics, tables=tables,
-                  notes=("Ratios are between candidates measured interleaved in the same run; absolute times only "
-                         "compare on the same machine. CPU: one thread. CUDA: CUDA-event timing, TF32 matmuls for "
-                         "float32. Memory: exact bytes of optimizer state tensors; peak step memory above what is "
-                         "resident (CUDA only)."),
-                  wall_time_s=time.perf_counter() - t0, environment=environment_info())
+    return Result(
+        name="optim",
+        config={
+            "quick": quick,
+            "device": device.type,
+            "threads": 1 if device.type == "cpu" else None,
+            "command": "python benchmarks/run.py optim" + (" --quick" if quick else ""),
+        },
+        metrics=metrics,
+        tables=tables,
+        notes=(
+            "Ratios are between candidates measured interleaved in the same run; absolute times only "
+            "compare on the same machine. CPU: one thread. CUDA: CUDA-event timing, TF32 matmuls for "
+            "float32. Memory: exact bytes of optimizer state tensors; peak step memory above what is "
+            "resident (CUDA only)."
+        ),
+        wall_time_s=time.perf_counter() - t0,
+        environment=environment_info(),
+    )

@@ -8,6 +8,7 @@ the table gives medians over repeats and the ratio to the baseline (also the med
 ratios). torch runs on one thread: on a loaded 2-core machine two threads contend and make step
 times 10-30x noisier. The inputs are random tensors (timing does not depend on the data).
 """
+
 from __future__ import annotations
 
 import copy
@@ -41,7 +42,10 @@ def run(quick: bool = False) -> Result:
 def _run(quick: bool) -> Result:
     steps, repeats = (100, 2) if quick else (250, 5)
     g = torch.Generator().manual_seed(0)
-    batches = [(torch.randn(64, 1, 28, 28, generator=g), torch.randint(0, 10, (64,), generator=g)) for _ in range(steps)]
+    batches = [
+        (torch.randn(64, 1, 28, 28, generator=g), torch.randint(0, 10, (64,), generator=g))
+        for _ in range(steps)
+    ]
     torch.manual_seed(0)
     base_model = SmallViT()
     configs = [("no tracker", 0), ("every=50", 50), ("every=10", 10)]
@@ -68,26 +72,55 @@ def _run(quick: bool) -> Result:
     step_time = base / steps
     rec = statistics.median(rec_times)
     rows = []
-    for name, every in configs:
+    for name, _every in configs:
         med = statistics.median(times[name])
         paired = statistics.median(t / b for t, b in zip(times[name], times["no tracker"]))
         rows.append([name, steps, records.get(name, 0), med, med / steps * 1e3, med / base, paired])
     est = [[e, rec / (e * step_time)] for e in (10, 50, 200)]
     return Result(
         name="tracker",
-        config={"model": "SmallViT(dim=64, depth=4, heads=4, patch 7), 26 tracked layers", "batch_size": 64,
-                "optimizer": "AdamW", "steps": steps, "repeats": repeats, "threads": 1,
-                "track": ["weight", "update", "grad"]},
-        metrics={"overhead_every_50": rows[1][5] - 1, "overhead_every_50_paired": rows[1][6] - 1,
-                 "overhead_every_50_estimated_long_run": rec / (50 * step_time),
-                 "overhead_every_10": rows[2][5] - 1, "record_ms": rec * 1e3, "step_ms": step_time * 1e3},
-        tables=[Table("Training time with and without the tracker (median over repeats)",
-                      ["config", "steps", "records", "median time (s)", "ms / step", "ratio vs no tracker",
-                       "median per-repeat ratio"], rows),
-                Table("One record (weight + update + grad of 26 layers) vs one training step",
-                      ["every", "estimated overhead = record / (every x step)"], est)],
-        notes=(f"One record costs {rec * 1e3:.0f} ms against {step_time * 1e3:.0f} ms per training step; the "
-               "estimated overhead of a long run is record / (every x step time). The measured runs also pay the "
-               f"step-0 record made when the tracker is built ({steps} steps at every=50 make "
-               f"{steps // 50 + 1} records, not {steps / 50:g})."),
-        environment=environment_info())
+        config={
+            "model": "SmallViT(dim=64, depth=4, heads=4, patch 7), 26 tracked layers",
+            "batch_size": 64,
+            "optimizer": "AdamW",
+            "steps": steps,
+            "repeats": repeats,
+            "threads": 1,
+            "track": ["weight", "update", "grad"],
+        },
+        metrics={
+            "overhead_every_50": rows[1][5] - 1,
+            "overhead_every_50_paired": rows[1][6] - 1,
+            "overhead_every_50_estimated_long_run": rec / (50 * step_time),
+            "overhead_every_10": rows[2][5] - 1,
+            "record_ms": rec * 1e3,
+            "step_ms": step_time * 1e3,
+        },
+        tables=[
+            Table(
+                "Training time with and without the tracker (median over repeats)",
+                [
+                    "config",
+                    "steps",
+                    "records",
+                    "median time (s)",
+                    "ms / step",
+                    "ratio vs no tracker",
+                    "median per-repeat ratio",
+                ],
+                rows,
+            ),
+            Table(
+                "One record (weight + update + grad of 26 layers) vs one training step",
+                ["every", "estimated overhead = record / (every x step)"],
+                est,
+            ),
+        ],
+        notes=(
+            f"One record costs {rec * 1e3:.0f} ms against {step_time * 1e3:.0f} ms per training step; the "
+            "estimated overhead of a long run is record / (every x step time). The measured runs also pay the "
+            f"step-0 record made when the tracker is built ({steps} steps at every=50 make "
+            f"{steps // 50 + 1} records, not {steps / 50:g})."
+        ),
+        environment=environment_info(),
+    )

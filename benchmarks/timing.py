@@ -1,4 +1,5 @@
 """Timing helpers shared by the benchmarks: medians over repeats after warm-up, peak memory."""
+
 from __future__ import annotations
 
 import statistics
@@ -27,8 +28,9 @@ def median_time(fn: Callable[[], object], repeats: int = 20, warmup: int = 3, de
     return statistics.median(times)
 
 
-def interleaved_median_times(fns: dict[str, Callable[[], object]], repeats: int = 20, warmup: int = 3,
-                             device=None) -> dict[str, float]:
+def interleaved_median_times(
+    fns: dict[str, Callable[[], object]], repeats: int = 20, warmup: int = 3, device=None
+) -> dict[str, float]:
     """Median seconds of each ``fns[name]()``, measured in interleaved rounds (a, b, c, a, b, c, ...).
 
     Interleaving makes the ratios between candidates robust to load that drifts during the run
@@ -79,8 +81,9 @@ def peak_memory_mb(fn: Callable[[], object], device=None) -> float:
     return (_status_kb("VmHWM") - base) / 1024
 
 
-def interleaved_step_times(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 3,
-                           device=None) -> dict[str, list[float]]:
+def interleaved_step_times(
+    fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 3, device=None
+) -> dict[str, list[float]]:
     """Seconds of every call of each ``fns[name]()`` over ``repeats`` interleaved rounds.
 
     On CUDA each call is timed by CUDA events (device time between two records, one

@@ -13,6 +13,7 @@ model. ``--batch-size`` is per process, so the global batch is ``world_size * ba
 Writes ``<out>/result.json`` (accuracy before / after, parameter counts, PEFT check) and
 ``<out>/peft/`` (the adapter) from rank 0.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,16 +38,24 @@ from torchlowrank.files import atomic_write_text  # noqa: E402
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=200, help="optimizer steps")
-    p.add_argument("--train-size", type=int, default=2000, help="training examples used (from the train split)")
+    p.add_argument(
+        "--train-size", type=int, default=2000, help="training examples used (from the train split)"
+    )
     p.add_argument("--eval-size", type=int, default=500, help="test examples used for accuracy")
     p.add_argument("--max-length", type=int, default=64, help="tokens per example (truncated / padded)")
     p.add_argument("--batch-size", type=int, default=16, help="per-process batch size")
-    p.add_argument("--lr", type=float, default=2e-2, help="learning rate (Deep LoRA's outer factors: gamma * lr)")
+    p.add_argument(
+        "--lr", type=float, default=2e-2, help="learning rate (Deep LoRA's outer factors: gamma * lr)"
+    )
     p.add_argument("--rank", type=int, default=8, help="Deep LoRA width r (even)")
     p.add_argument("--depth", type=int, default=3, help="Deep LoRA depth L")
-    p.add_argument("--init-scale", type=float, default=0.1,
-                   help="Deep LoRA eps (Delta W(0) = eps^L left right^T); the library's 1e-3 barely moves the "
-                        "adapters in a few hundred Adam steps (logit change 2.8e-6 after 150 steps at lr 1e-3)")
+    p.add_argument(
+        "--init-scale",
+        type=float,
+        default=0.1,
+        help="Deep LoRA eps (Delta W(0) = eps^L left right^T); the library's 1e-3 barely moves the "
+        "adapters in a few hundred Adam steps (logit change 2.8e-6 after 150 steps at lr 1e-3)",
+    )
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, required=True, help="output folder")
@@ -58,7 +67,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def tokenize(tokenizer, texts, labels, max_length):
-    enc = tokenizer(list(texts), truncation=True, max_length=max_length, padding="max_length", return_tensors="pt")
+    enc = tokenizer(
+        list(texts), truncation=True, max_length=max_length, padding="max_length", return_tensors="pt"
+    )
     return [{**{k: v[i] for k, v in enc.items()}, "labels": labels[i]} for i in range(len(texts))]
 
 
@@ -78,7 +89,7 @@ def evaluate_accuracy(model, rows, batch_size: int = 64) -> float:
     model.eval()
     correct = 0
     for i in range(0, len(rows), batch_size):
-        batch = collate(rows[i:i + batch_size])
+        batch = collate(rows[i : i + batch_size])
         labels = batch.pop("labels")
         correct += int((model(**batch).logits.argmax(-1) == labels).sum())
     model.train(was_training)
@@ -98,37 +109,74 @@ def main(argv=None) -> dict:
     hf_logging.set_verbosity_error()
     launched_by_torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1
     targs = TrainingArguments(
-        output_dir=str(args.out / "trainer"), max_steps=args.steps, per_device_train_batch_size=args.batch_size,
-        per_device_eval_batch_size=max(args.batch_size, 32), learning_rate=args.lr, lr_scheduler_type="linear",
-        warmup_steps=0, weight_decay=0.0, use_cpu=True, ddp_backend="gloo" if launched_by_torchrun else None, report_to="none", save_strategy="no",
-        logging_steps=max(1, args.steps // 10), seed=args.seed, data_seed=args.seed, disable_tqdm=True,
-        dataloader_num_workers=0, remove_unused_columns=False,
+        output_dir=str(args.out / "trainer"),
+        max_steps=args.steps,
+        per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=max(args.batch_size, 32),
+        learning_rate=args.lr,
+        lr_scheduler_type="linear",
+        warmup_steps=0,
+        weight_decay=0.0,
+        use_cpu=True,
+        ddp_backend="gloo" if launched_by_torchrun else None,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=max(1, args.steps // 10),
+        seed=args.seed,
+        data_seed=args.seed,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
         # BertForSequenceClassification takes **kwargs but computes a mean loss without num_items_in_batch;
         # with the default True the Trainer multiplies that loss by world_size (2x gradients under torchrun)
-        average_tokens_across_devices=False)
+        average_tokens_across_devices=False,
+    )
     _ = targs.device  # initialises the process group under torchrun, so init_compressed can all-reduce
     rank, world = distributed.rank(), distributed.world_size()
 
     data = tlr.data.load_rotten_tomatoes(seed=args.seed)
     if args.train_size > len(data.train_labels) or args.eval_size > len(data.test_labels):
-        raise ValueError(f"--train-size / --eval-size exceed the data ({len(data.train_labels)} / {len(data.test_labels)})")
+        raise ValueError(
+            f"--train-size / --eval-size exceed the data ({len(data.train_labels)} / {len(data.test_labels)})"
+        )
     if world * args.batch_size > args.train_size:
-        raise ValueError(f"the first global batch ({world} x {args.batch_size}) needs --train-size >= "
-                         f"{world * args.batch_size}")
+        raise ValueError(
+            f"the first global batch ({world} x {args.batch_size}) needs --train-size >= "
+            f"{world * args.batch_size}"
+        )
     tokenizer, model = tlr.models.load_minilm(num_labels=2, seed=args.seed)
-    train = tokenize(tokenizer, data.train_texts[:args.train_size], data.train_labels[:args.train_size], args.max_length)
-    test = tokenize(tokenizer, data.test_texts[:args.eval_size], data.test_labels[:args.eval_size], args.max_length)
+    train = tokenize(
+        tokenizer, data.train_texts[: args.train_size], data.train_labels[: args.train_size], args.max_length
+    )
+    test = tokenize(
+        tokenizer, data.test_texts[: args.eval_size], data.test_labels[: args.eval_size], args.max_length
+    )
 
-    tlr.adapt(model, tlr.DeepLoRAConfig(r=args.rank, depth=args.depth, init_scale=args.init_scale,
-                                        target_modules=["query", "value", "dense"],
-                                        exclude_modules=["pooler.dense"], modules_to_save=["classifier"]))
+    tlr.adapt(
+        model,
+        tlr.DeepLoRAConfig(
+            r=args.rank,
+            depth=args.depth,
+            init_scale=args.init_scale,
+            target_modules=["query", "value", "dense"],
+            exclude_modules=["pooler.dense"],
+            modules_to_save=["classifier"],
+        ),
+    )
     # compressed init on every rank, each on its share of the first global batch, before DDP wraps the model
-    share = train[rank * args.batch_size:(rank + 1) * args.batch_size]
+    share = train[rank * args.batch_size : (rank + 1) * args.batch_size]
     model.eval()  # no dropout in the gradient that builds the factors
     tlr.init_compressed(model, collate(share), generator=torch.Generator().manual_seed(args.seed))
     opt = torch.optim.AdamW(tlr.adapter_param_groups(model, args.lr))
-    trainer = Trainer(model=model, args=targs, train_dataset=train, eval_dataset=test, data_collator=collate,
-                      compute_metrics=accuracy, optimizers=(opt, None))
+    trainer = Trainer(
+        model=model,
+        args=targs,
+        train_dataset=train,
+        eval_dataset=test,
+        data_collator=collate,
+        compute_metrics=accuracy,
+        optimizers=(opt, None),
+    )
     # Not trainer.evaluate() before train(): it marks the model as prepared by Accelerate (without DDP),
     # and train() then skips the DDP wrap, so the ranks would train apart (transformers 5.x, accelerate 1.x).
     before = evaluate_accuracy(model, test)
@@ -141,29 +189,56 @@ def main(argv=None) -> dict:
     mine = adapter_vector(model)
     ref = mine.clone()
     distributed.broadcast_tensors_([ref])
-    rank_diff = max(distributed.broadcast_object(float((mine - ref).abs().max()), src=r) for r in range(world))
+    rank_diff = max(
+        distributed.broadcast_object(float((mine - ref).abs().max()), src=r) for r in range(world)
+    )
 
     peft_dir = tlr.export_peft(model, args.out / "peft")  # rank 0 writes, the others wait
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    result = {"world_size": world, "steps": out.global_step, "train_examples": args.train_size,
-              "eval_examples": args.eval_size, "max_length": args.max_length, "batch_size_per_process": args.batch_size,
-              "lr": args.lr, "rank": args.rank, "depth": args.depth, "init_scale": args.init_scale, "seed": args.seed,
-              "accuracy_before": before, "accuracy": after, "train_loss": out.training_loss,
-              "train_seconds": round(train_s, 2), "trainable_params": trainable, "total_params": total,
-              "max_abs_adapter_diff_between_ranks": rank_diff, "peft_dir": str(peft_dir)}
+    result = {
+        "world_size": world,
+        "steps": out.global_step,
+        "train_examples": args.train_size,
+        "eval_examples": args.eval_size,
+        "max_length": args.max_length,
+        "batch_size_per_process": args.batch_size,
+        "lr": args.lr,
+        "rank": args.rank,
+        "depth": args.depth,
+        "init_scale": args.init_scale,
+        "seed": args.seed,
+        "accuracy_before": before,
+        "accuracy": after,
+        "train_loss": out.training_loss,
+        "train_seconds": round(train_s, 2),
+        "trainable_params": trainable,
+        "total_params": total,
+        "max_abs_adapter_diff_between_ranks": rank_diff,
+        "peft_dir": str(peft_dir),
+    }
     # the accuracy of always answering the test set's most common class: a run that does not beat it
     # learned nothing beyond the label prior
-    majority = float(max(data.test_labels[:args.eval_size].float().mean(), 1 - data.test_labels[:args.eval_size].float().mean()))
+    majority = float(
+        max(
+            data.test_labels[: args.eval_size].float().mean(),
+            1 - data.test_labels[: args.eval_size].float().mean(),
+        )
+    )
     result["majority_class_accuracy"] = majority
     result["status"] = "ok" if after > majority else "no better than the majority class"
     if distributed.is_main_process():
         if after <= majority:
             import warnings
-            warnings.warn(f"accuracy {after:.3f} is no better than always predicting the majority class ({majority:.3f}): "
-                          "train longer or with a larger --lr", stacklevel=1)
-        result["peft_max_abs_logit_diff"], result["adapter_max_abs_logit_effect"] = check_peft(model, peft_dir, test,
-                                                                                                args.seed)
+
+            warnings.warn(
+                f"accuracy {after:.3f} is no better than always predicting the majority class ({majority:.3f}): "
+                "train longer or with a larger --lr",
+                stacklevel=1,
+            )
+        result["peft_max_abs_logit_diff"], result["adapter_max_abs_logit_effect"] = check_peft(
+            model, peft_dir, test, args.seed
+        )
         atomic_write_text(args.out / "result.json", json.dumps(result, indent=2) + "\n")
         print(json.dumps(result, indent=2))
     distributed.barrier()
@@ -193,6 +268,7 @@ def check_peft(model, peft_dir: Path, test, seed: int) -> float:
                 layer.disabled = False
     if not diff <= 1e-4:
         import warnings
+
         warnings.warn(f"the PEFT adapter's logits differ from ours by {diff:.3g}", stacklevel=2)
     return diff, effect
 

@@ -12,6 +12,7 @@ the model in DDP again. ``--batch-size`` is the global batch; each process takes
 writes ``<out>/result.json`` (accuracy, the ranks over time, parameter counts) and
 ``<out>/model.safetensors`` (the weights; ranks are in the shapes).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,7 +35,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=300, help="optimizer steps")
     p.add_argument("--batch-size", type=int, default=128, help="global batch size (split over the processes)")
     p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--tau", type=float, default=0.1, help="LowRankAdam's truncation tolerance (0: fixed ranks)")
+    p.add_argument(
+        "--tau", type=float, default=0.1, help="LowRankAdam's truncation tolerance (0: fixed ranks)"
+    )
     p.add_argument("--rank", type=int, default=64, help="initial rank of the hidden layers")
     p.add_argument("--width", type=int, default=512)
     p.add_argument("--train-size", type=int, default=20000)
@@ -53,8 +56,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def build_model(width: int, rank: int, seed: int) -> nn.Sequential:
     torch.manual_seed(seed)  # the same initial weights on every process
-    model = nn.Sequential(nn.Flatten(), nn.Linear(784, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
-                          nn.Linear(width, 10))
+    model = nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(784, width),
+        nn.ReLU(),
+        nn.Linear(width, width),
+        nn.ReLU(),
+        nn.Linear(width, 10),
+    )
     tlr.factorize(model, rank, targets=["1", "3"])  # hidden layers -> LowRankLinear; the head stays dense
     return model
 
@@ -62,7 +71,9 @@ def build_model(width: int, rank: int, seed: int) -> nn.Sequential:
 @torch.no_grad()
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     model.eval()
-    acc = sum(int((model(x[i:i + 1000]).argmax(1) == y[i:i + 1000]).sum()) for i in range(0, len(y), 1000)) / len(y)
+    acc = sum(
+        int((model(x[i : i + 1000]).argmax(1) == y[i : i + 1000]).sum()) for i in range(0, len(y), 1000)
+    ) / len(y)
     model.train()
     return acc
 
@@ -84,8 +95,10 @@ def main(argv=None) -> dict:
     half = args.batch_size // world
     ranks_over_time, rewraps, losses = [[m.rank for m in layers]], 0, []
     t0 = time.perf_counter()
-    for step in range(args.steps):
-        idx = torch.randint(0, len(data.y_train), (args.batch_size,), generator=g)[rank * half:(rank + 1) * half]
+    for _ in range(args.steps):
+        idx = torch.randint(0, len(data.y_train), (args.batch_size,), generator=g)[
+            rank * half : (rank + 1) * half
+        ]
         opt.zero_grad(set_to_none=True)
         loss = nn.functional.cross_entropy(ddp(data.x_train[idx]), data.y_train[idx])
         loss.backward()
@@ -107,13 +120,22 @@ def main(argv=None) -> dict:
     test_acc = accuracy(model, data.x_test, data.y_test)
     dense_params = sum(m.in_features * m.out_features for m in layers)
     result = {
-        "world_size": world, "steps": args.steps, "global_batch": args.batch_size, "tau": args.tau, "lr": args.lr,
-        "test_accuracy": test_acc, "test_examples": len(data.y_test),
-        "first_loss": losses[0], "last_loss_mean_10": sum(losses[-10:]) / len(losses[-10:]),
-        "initial_ranks": ranks_over_time[0], "final_ranks": [m.rank for m in layers],
-        "rank_changes": len(ranks_over_time) - 1, "ddp_rewraps": rewraps,
+        "world_size": world,
+        "steps": args.steps,
+        "global_batch": args.batch_size,
+        "tau": args.tau,
+        "lr": args.lr,
+        "test_accuracy": test_acc,
+        "test_examples": len(data.y_test),
+        "first_loss": losses[0],
+        "last_loss_mean_10": sum(losses[-10:]) / len(losses[-10:]),
+        "initial_ranks": ranks_over_time[0],
+        "final_ranks": [m.rank for m in layers],
+        "rank_changes": len(ranks_over_time) - 1,
+        "ddp_rewraps": rewraps,
         "hidden_params": sum(m.U.numel() + m.S.numel() + m.V.numel() for m in layers),
-        "hidden_params_dense": dense_params, "max_abs_weight_diff_between_ranks": float(diff),
+        "hidden_params_dense": dense_params,
+        "max_abs_weight_diff_between_ranks": float(diff),
         "train_time_s": train_time,
         "status": "ok" if test_acc > 0.5 else "did not learn (test accuracy <= 0.5): raise --steps or --lr",
     }

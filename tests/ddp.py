@@ -5,6 +5,7 @@
 files into ``out_dir`` (e.g. ``torch.save(state, out_dir / f"rank{rank}.pt")``) for the test to
 compare. ``worker`` must be a module-level function of an importable module (a test file).
 """
+
 from __future__ import annotations
 
 import os

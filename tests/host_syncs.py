@@ -11,25 +11,53 @@ calls that check their LAPACK / cuSOLVER status and raise (``linalg.svd``, ``eig
         opt.step()
     assert syncs.calls == []
 """
+
 from __future__ import annotations
 
 import torch
 from torch.overrides import TorchFunctionMode
 
 _READS = {
-    torch.Tensor.item, torch.Tensor.__bool__, torch.Tensor.__int__, torch.Tensor.__float__,
-    torch.Tensor.__index__, torch.Tensor.tolist, torch.Tensor.cpu, torch.Tensor.numpy, torch.Tensor.__format__,
+    torch.Tensor.item,
+    torch.Tensor.__bool__,
+    torch.Tensor.__int__,
+    torch.Tensor.__float__,
+    torch.Tensor.__index__,
+    torch.Tensor.tolist,
+    torch.Tensor.cpu,
+    torch.Tensor.numpy,
+    torch.Tensor.__format__,
     torch.Tensor.__repr__,
 }
 _VALUE_SHAPED = {
-    torch.nonzero, torch.Tensor.nonzero, torch.argwhere, torch.masked_select, torch.Tensor.masked_select,
-    torch.unique, torch.Tensor.unique, torch.unique_consecutive, torch.equal, torch.allclose,
-    torch.Tensor.allclose, torch.repeat_interleave,
+    torch.nonzero,
+    torch.Tensor.nonzero,
+    torch.argwhere,
+    torch.masked_select,
+    torch.Tensor.masked_select,
+    torch.unique,
+    torch.Tensor.unique,
+    torch.unique_consecutive,
+    torch.equal,
+    torch.allclose,
+    torch.Tensor.allclose,
+    torch.repeat_interleave,
 }
 _CHECKED_LINALG = {
-    torch.linalg.svd, torch.linalg.svdvals, torch.svd, torch.linalg.eigh, torch.linalg.eigvalsh,
-    torch.linalg.eig, torch.linalg.cholesky, torch.cholesky, torch.linalg.inv, torch.inverse,
-    torch.linalg.solve, torch.linalg.lstsq, torch.linalg.matrix_rank, torch.linalg.pinv,
+    torch.linalg.svd,
+    torch.linalg.svdvals,
+    torch.svd,
+    torch.linalg.eigh,
+    torch.linalg.eigvalsh,
+    torch.linalg.eig,
+    torch.linalg.cholesky,
+    torch.cholesky,
+    torch.linalg.inv,
+    torch.inverse,
+    torch.linalg.solve,
+    torch.linalg.lstsq,
+    torch.linalg.matrix_rank,
+    torch.linalg.pinv,
 }
 
 
@@ -49,8 +77,9 @@ class HostSyncCounter(TorchFunctionMode):
         name = getattr(func, "__qualname__", None) or getattr(func, "__name__", repr(func))
         if func in _READS or func in _VALUE_SHAPED or func in _CHECKED_LINALG:
             self.calls.append(name)
-        elif func is torch.Tensor.to and (any(_is_host_device(a) for a in args[1:])
-                                          or _is_host_device(kwargs.get("device"))):
+        elif func is torch.Tensor.to and (
+            any(_is_host_device(a) for a in args[1:]) or _is_host_device(kwargs.get("device"))
+        ):
             self.calls.append("Tensor.to(cpu)")
         elif func is torch.Tensor.__getitem__ and _has_bool_index(args[1]):
             self.calls.append("Tensor.__getitem__(bool mask)")

@@ -2,6 +2,7 @@
 (nn.Linear, HF Conv1D, nn.Conv2d, nn.Embedding): the forward equals the dense-weight formula,
 merge is exact, only adapters train, parameter counts follow the formula, compressed Deep LoRA
 matches the gradient-subspace construction, save/load round-trips, and bad input is refused."""
+
 from __future__ import annotations
 
 import copy
@@ -129,8 +130,12 @@ def test_only_adapters_and_modules_to_save_receive_gradients():
 @pytest.mark.parametrize("depth", [2, 3, 5])
 def test_trainable_parameter_count_matches_formula(depth):
     r = 2
-    model = tlr.adapt(toy(), tlr.DeepLoRAConfig(r=r, depth=depth, compress=False, target_modules=TARGETS,
-                                                 modules_to_save=["head"]))
+    model = tlr.adapt(
+        toy(),
+        tlr.DeepLoRAConfig(
+            r=r, depth=depth, compress=False, target_modules=TARGETS, modules_to_save=["head"]
+        ),
+    )
     shapes = {"emb": (12, 50), "conv": (8, 27), "fc1": (16, 20), "c1d": (16, 16), "fc2": (10, 16)}
     expected = sum(r * (m + n) + (depth - 2) * r * r for m, n in shapes.values()) + 10 * 3 + 3
     assert tlr.count_parameters(model, trainable_only=True) == expected
@@ -149,7 +154,9 @@ def test_all_linear_skips_the_output_head_and_spectrum_sees_the_adapted_weight()
 
 def test_deep_lora_narrow_init_is_orthogonal_at_scale_eps_and_collapses_to_a_lora_pair():
     eps = 1e-2
-    model = tlr.adapt(toy(), tlr.DeepLoRAConfig(r=4, depth=3, init_scale=eps, compress=False, target_modules=TARGETS))
+    model = tlr.adapt(
+        toy(), tlr.DeepLoRAConfig(r=4, depth=3, init_scale=eps, compress=False, target_modules=TARGETS)
+    )
     for _, layer in adapter_layers(model):
         for W in layer.lora_factors:
             torch.testing.assert_close(torch.linalg.svdvals(W), torch.full((4,), eps, dtype=W.dtype))
@@ -174,10 +181,12 @@ def _independent_gradient(base, x, name):
 
 def test_compressed_init_matches_the_gradient_subspace_construction():
     base, x, r, eps, depth = toy(), inputs(), 4, 1e-2, 3
-    model = tlr.adapt(copy.deepcopy(base), tlr.DeepLoRAConfig(r=r, depth=depth, init_scale=eps,
-                                                               target_modules=TARGETS))
-    grads = tlr.init_compressed(model, x, loss_fn=lambda m, b: m(*b).square().mean(),
-                                generator=torch.Generator().manual_seed(7))
+    model = tlr.adapt(
+        copy.deepcopy(base), tlr.DeepLoRAConfig(r=r, depth=depth, init_scale=eps, target_modules=TARGETS)
+    )
+    grads = tlr.init_compressed(
+        model, x, loss_fn=lambda m, b: m(*b).square().mean(), generator=torch.Generator().manual_seed(7)
+    )
     gen = torch.Generator().manual_seed(7)  # replay the construction from DESIGN §4.3 in module order
     for name, layer in adapter_layers(model):
         G = _independent_gradient(base, x, name)
@@ -202,20 +211,27 @@ def test_compressed_init_matches_the_gradient_subspace_construction():
 
 
 def test_param_groups_carry_gamma_for_the_outer_factors_of_compressed_layers():
-    model = tlr.adapt(toy(), tlr.DeepLoRAConfig(r=2, depth=3, gamma=0.05, target_modules=TARGETS,
-                                                 modules_to_save=["head"]))
+    model = tlr.adapt(
+        toy(), tlr.DeepLoRAConfig(r=2, depth=3, gamma=0.05, target_modules=TARGETS, modules_to_save=["head"])
+    )
     tlr.init_compressed(model, inputs(), loss_fn=lambda m, b: m(*b).sum())
     groups = {g["name"]: g for g in tlr.adapter_param_groups(model, lr=0.1, weight_decay=0.01)}
     assert groups["adapter_outer"]["lr"] == pytest.approx(0.005)
     assert groups["adapter"]["lr"] == 0.1 and groups["modules_to_save"]["lr"] == 0.1
     n_layers = len(TARGETS)
-    assert len(groups["adapter_outer"]["params"]) == 2 * n_layers and len(groups["adapter"]["params"]) == n_layers
+    assert (
+        len(groups["adapter_outer"]["params"]) == 2 * n_layers
+        and len(groups["adapter"]["params"]) == n_layers
+    )
     assert all(g["weight_decay"] == 0.01 for g in groups.values())
     torch.optim.AdamW(list(groups.values()))  # accepted by torch optimizers
 
 
-@pytest.mark.parametrize("config", [CONFIGS[0], CONFIGS[2], tlr.LoRAConfig(r=2, init="pissa", target_modules=TARGETS)],
-                         ids=["lora", "deep", "pissa"])
+@pytest.mark.parametrize(
+    "config",
+    [CONFIGS[0], CONFIGS[2], tlr.LoRAConfig(r=2, init="pissa", target_modules=TARGETS)],
+    ids=["lora", "deep", "pissa"],
+)
 def test_save_then_load_into_a_fresh_base_reproduces_the_outputs(tmp_path, config):
     model = tlr.adapt(toy(), copy.deepcopy(config))
     randomize(model)

@@ -1,6 +1,7 @@
 """Adapters on BatchNorm CNNs (tests/hf_models.py: a ResNet with residual blocks and MobileNetV2 with
 depthwise convolutions): the running statistics that training in train mode changes are either saved
 with the adapter or reported, and the compressed init leaves them alone."""
+
 from __future__ import annotations
 
 import copy
@@ -68,8 +69,11 @@ def test_saving_an_adapter_without_the_changed_running_statistics_warns_how_to_k
     base, model = trained(name)
     x = hf_models.example_inputs(name)
     y = hf_models.outputs(model, x)
-    with pytest.warns(NormBuffersNotSavedWarning, match=r"normalisation layer.*changed since tlr.adapt.*"
-                                                        r"save_buffers=True.*modules_to_save"):
+    with pytest.warns(
+        NormBuffersNotSavedWarning,
+        match=r"normalisation layer.*changed since tlr.adapt.*"
+        r"save_buffers=True.*modules_to_save",
+    ):
         tlr.save_adapter(model, tmp_path / "adapter")
     with pytest.warns(NormBuffersNotSavedWarning, match=r"export_peft.*modules_to_save"):
         tlr.export_peft(model, tmp_path / "peft")
@@ -79,7 +83,7 @@ def test_saving_an_adapter_without_the_changed_running_statistics_warns_how_to_k
 
 
 def test_normalisation_layers_in_modules_to_save_keep_their_statistics_in_both_formats(tmp_path):
-    peft = pytest.importorskip("peft")
+    pytest.importorskip("peft")
     norms = [n for n, m in hf_models.build("resnet").named_modules() if isinstance(m, torch.nn.BatchNorm2d)]
     base, model = trained("resnet", modules_to_save=norms)
     x = hf_models.example_inputs("resnet")
@@ -88,8 +92,12 @@ def test_normalisation_layers_in_modules_to_save_keep_their_statistics_in_both_f
         warnings.simplefilter("error", NormBuffersNotSavedWarning)
         tlr.save_adapter(model, tmp_path / "adapter")
         tlr.export_peft(model, tmp_path / "peft")
-    torch.testing.assert_close(hf_models.outputs(tlr.load_adapter(copy.deepcopy(base), tmp_path / "adapter"), x), y,
-                               rtol=0, atol=1e-4)
+    torch.testing.assert_close(
+        hf_models.outputs(tlr.load_adapter(copy.deepcopy(base), tmp_path / "adapter"), x),
+        y,
+        rtol=0,
+        atol=1e-4,
+    )
     served = hf_models.served_by_peft(base, tmp_path / "peft")
     torch.testing.assert_close(hf_models.outputs(served, x), y, rtol=0, atol=1e-4)
 

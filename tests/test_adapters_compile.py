@@ -4,6 +4,7 @@
 The ``aot_eager`` backend traces forward and backward through AOTAutograd like inductor does, but
 runs the graphs eagerly (no C++ compile), which keeps these tests fast on CPU.
 """
+
 import copy
 
 import pytest
@@ -11,8 +12,8 @@ import torch
 from torch import nn
 from torch._dynamo.testing import CompileCounterWithBackend
 
-import torchlowrank as tlr
 import hf_models
+import torchlowrank as tlr
 from conftest import randomize_trainable
 
 
@@ -42,8 +43,9 @@ class ConvNet(nn.Module):
 CONFIGS = {
     "lora": lambda targets: tlr.LoRAConfig(r=4, alpha=8, target_modules=targets),
     "rslora": lambda targets: tlr.LoRAConfig(r=4, alpha=8, use_rslora=True, target_modules=targets),
-    "deep_lora_3": lambda targets: tlr.DeepLoRAConfig(r=4, depth=3, compress=False, init_scale=0.3,
-                                                      target_modules=targets),
+    "deep_lora_3": lambda targets: tlr.DeepLoRAConfig(
+        r=4, depth=3, compress=False, init_scale=0.3, target_modules=targets
+    ),
 }
 MODELS = {
     "linear": (_mlp, ["0", "2", "4"], lambda g: torch.randn(6, 12, generator=g)),
@@ -67,7 +69,9 @@ def _adapted(model_name, config_name, seed=0):
 def _forward_backward(model, x):
     out = model(x)
     out.square().mean().backward()
-    grads = {n.removeprefix("_orig_mod."): p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    grads = {
+        n.removeprefix("_orig_mod."): p.grad.clone() for n, p in model.named_parameters() if p.requires_grad
+    }
     model.zero_grad(set_to_none=True)
     return out.detach(), grads
 
@@ -104,8 +108,12 @@ def test_compiled_deep_lora_sees_the_factors_written_by_init_compressed_without_
     counter = CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(model, fullgraph=True, backend=counter)
     before = compiled(x).detach()
-    tlr.init_compressed(model, (x, y), loss_fn=lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1]),
-                        generator=torch.Generator().manual_seed(0))
+    tlr.init_compressed(
+        model,
+        (x, y),
+        loss_fn=lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1]),
+        generator=torch.Generator().manual_seed(0),
+    )
     after = compiled(x).detach()
     with torch.no_grad():
         want = model(x)
@@ -151,8 +159,9 @@ def test_lora_with_dropout_compiles_as_one_graph_in_training_mode():
 
 LLAMA_CONFIGS = {
     "lora": tlr.LoRAConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj", "embed_tokens"]),
-    "deep_lora_3": tlr.DeepLoRAConfig(r=4, depth=3, compress=False, init_scale=0.3,
-                                      target_modules=["q_proj", "v_proj", "down_proj"]),
+    "deep_lora_3": tlr.DeepLoRAConfig(
+        r=4, depth=3, compress=False, init_scale=0.3, target_modules=["q_proj", "v_proj", "down_proj"]
+    ),
 }
 
 
@@ -174,8 +183,16 @@ def test_adapted_tiny_llama_compiles_as_one_graph_with_eager_loss_and_gradients(
     for m in (eager, compiled):
         loss = m(**inputs, labels=inputs["input_ids"]).loss
         loss.backward()
-        results.append((loss.detach(), {n: p.grad for n, p in (eager if m is eager else model).named_parameters()
-                                         if p.requires_grad}))
+        results.append(
+            (
+                loss.detach(),
+                {
+                    n: p.grad
+                    for n, p in (eager if m is eager else model).named_parameters()
+                    if p.requires_grad
+                },
+            )
+        )
     torch.testing.assert_close(results[1][0], results[0][0], atol=1e-5, rtol=1e-5)
     _assert_grads_close(results[1][1], results[0][1])
     assert counter.frame_count == 1
@@ -186,7 +203,9 @@ def test_lowrank_layer_and_adapters_compile_with_inductor_as_one_graph(config_na
     """The default backend (inductor, C++ codegen on CPU): one graph for a model holding a
     LowRankLinear and adapted Linear layers; outputs and gradients equal eager."""
     torch.manual_seed(0)
-    model = nn.Sequential(tlr.LowRankLinear(12, 24, 4), nn.GELU(), nn.Linear(24, 24), nn.Tanh(), nn.Linear(24, 5))
+    model = nn.Sequential(
+        tlr.LowRankLinear(12, 24, 4), nn.GELU(), nn.Linear(24, 24), nn.Tanh(), nn.Linear(24, 5)
+    )
     tlr.adapt(model, CONFIGS[config_name](["2", "4"]))
     randomize_trainable(model, 0)
     for p in model[0].parameters():  # adapt() freezes the base model; train the low-rank layer too

@@ -2,6 +2,7 @@
 ``encoder.embed_tokens``, ``decoder.embed_tokens`` and ``lm_head`` hold one tensor; Whisper's
 ``proj_out`` is ``decoder.embed_tokens``) and decoders with a tied head (Qwen2), built offline from
 configs (tests/hf_models.py)."""
+
 from __future__ import annotations
 
 import copy
@@ -39,17 +40,21 @@ def tied_groups(model):
 
 
 # -- 1: a merged tied embedding survives save_pretrained / from_pretrained ---------------------------------
-@pytest.mark.parametrize("name, targets", [
-    ("bart", ["embed_tokens"]),
-    ("bart", ["encoder.embed_tokens", "q_proj"]),
-    ("t5", ["encoder.embed_tokens", "q"]),
-    ("t5", ["embed_tokens"]),
-    ("t5", ["shared", "q"]),  # shared is never called (see below), but merge must still save it right
-    ("qwen2", ["embed_tokens", "q_proj"]),
-    ("whisper", ["embed_tokens", "q_proj"]),
-])
-def test_a_merged_tied_embedding_saves_and_reloads_with_hugging_face_to_the_merged_outputs(tmp_path, name,
-                                                                                           targets):
+@pytest.mark.parametrize(
+    "name, targets",
+    [
+        ("bart", ["embed_tokens"]),
+        ("bart", ["encoder.embed_tokens", "q_proj"]),
+        ("t5", ["encoder.embed_tokens", "q"]),
+        ("t5", ["embed_tokens"]),
+        ("t5", ["shared", "q"]),  # shared is never called (see below), but merge must still save it right
+        ("qwen2", ["embed_tokens", "q_proj"]),
+        ("whisper", ["embed_tokens", "q_proj"]),
+    ],
+)
+def test_a_merged_tied_embedding_saves_and_reloads_with_hugging_face_to_the_merged_outputs(
+    tmp_path, name, targets
+):
     base = hf_models.build(name)
     x = hf_models.example_inputs(name)
     model = adapt_quietly(copy.deepcopy(base), tlr.LoRAConfig(r=4, target_modules=targets))
@@ -81,17 +86,25 @@ def test_merge_of_an_untied_model_leaves_its_config_and_parameters_alone():
 
 
 # -- 2: an adapter on a tied alias that the forward never calls --------------------------------------------
-@pytest.mark.parametrize("name, alias, called", [
-    ("t5", "shared", "encoder.embed_tokens"),
-    ("bart", "model.shared", "model.encoder.embed_tokens"),
-])
-def test_an_adapter_on_a_tied_alias_the_forward_never_calls_warns_naming_the_called_modules(name, alias, called):
+@pytest.mark.parametrize(
+    "name, alias, called",
+    [
+        ("t5", "shared", "encoder.embed_tokens"),
+        ("bart", "model.shared", "model.encoder.embed_tokens"),
+    ],
+)
+def test_an_adapter_on_a_tied_alias_the_forward_never_calls_warns_naming_the_called_modules(
+    name, alias, called
+):
     base = hf_models.build(name)
     x = hf_models.example_inputs(name)
     model = adapt_quietly(copy.deepcopy(base), tlr.LoRAConfig(r=4, target_modules=[alias.rpartition(".")[2]]))
     randomize(model)
-    with pytest.warns(tlr.adapters.AdapterNotCalledWarning, match=rf"{alias} carries an adapter but the forward .*"
-                                                                  rf"never calls it .*{called}"):
+    with pytest.warns(
+        tlr.adapters.AdapterNotCalledWarning,
+        match=rf"{alias} carries an adapter but the forward .*"
+        rf"never calls it .*{called}",
+    ):
         y = hf_models.outputs(model, x)
     torch.testing.assert_close(y, hf_models.outputs(base, x), rtol=0, atol=0)  # the silent no-op it reports
     with warnings.catch_warnings():
@@ -132,7 +145,7 @@ def test_merge_and_unadapt_remove_the_watch_of_a_model_never_run():
 
 @pytest.mark.parametrize("name, targets", [("t5", ["q", "v", "wo"]), ("bart", ["q_proj", "v_proj", "fc2"])])
 def test_an_encoder_decoder_adapter_round_trips_through_both_formats_and_peft(tmp_path, name, targets):
-    peft = pytest.importorskip("peft")
+    pytest.importorskip("peft")
     base = hf_models.build(name)
     x = hf_models.example_inputs(name)
     model = tlr.adapt(copy.deepcopy(base), tlr.DeepLoRAConfig(r=2, compress=False, target_modules=targets))
@@ -141,7 +154,8 @@ def test_an_encoder_decoder_adapter_round_trips_through_both_formats_and_peft(tm
     assert (y - hf_models.outputs(base, x)).abs().max() > 1e-3
     tlr.save_adapter(model, tmp_path / "ours")
     tlr.export_peft(model, tmp_path / "peft")
-    torch.testing.assert_close(hf_models.outputs(tlr.load_adapter(copy.deepcopy(base), tmp_path / "ours"), x), y,
-                               rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        hf_models.outputs(tlr.load_adapter(copy.deepcopy(base), tmp_path / "ours"), x), y, rtol=0, atol=1e-5
+    )
     served = hf_models.served_by_peft(base, tmp_path / "peft")
     torch.testing.assert_close(hf_models.outputs(served, x), y, rtol=0, atol=1e-5)

@@ -1,6 +1,7 @@
 """Adapters on a real Hugging Face model (MiniLM, BertForSequenceClassification): merge, save/load
 into a fresh base and PEFT export all reproduce the adapted outputs (1e-5); a few HF Trainer steps
 train only the adapter and the head, and the saved adapter reloads."""
+
 from __future__ import annotations
 
 import copy
@@ -72,15 +73,29 @@ def test_hf_trainer_trains_only_the_adapter_and_the_head_and_the_adapter_reloads
     model = tlr.adapt(copy.deepcopy(base), tlr.LoRAConfig(r=4, modules_to_save=["classifier"]))
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     enc = tokenizer(TEXTS * 4, truncation=True, max_length=16)
-    data = [{"input_ids": enc["input_ids"][i], "attention_mask": enc["attention_mask"][i], "labels": i % 2}
-            for i in range(len(enc["input_ids"]))]
-    args = transformers.TrainingArguments(output_dir=str(tmp_path / "trainer"), per_device_train_batch_size=4,
-                                          max_steps=3, learning_rate=1e-2, save_strategy="no", report_to=[],
-                                          logging_strategy="no", use_cpu=True, disable_tqdm=True)
+    data = [
+        {"input_ids": enc["input_ids"][i], "attention_mask": enc["attention_mask"][i], "labels": i % 2}
+        for i in range(len(enc["input_ids"]))
+    ]
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "trainer"),
+        per_device_train_batch_size=4,
+        max_steps=3,
+        learning_rate=1e-2,
+        save_strategy="no",
+        report_to=[],
+        logging_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+    )
     opt = torch.optim.AdamW(tlr.adapter_param_groups(model, lr=1e-2))
-    trainer = transformers.Trainer(model=model, args=args, train_dataset=data,
-                                   data_collator=transformers.DataCollatorWithPadding(tokenizer),
-                                   optimizers=(opt, None))
+    trainer = transformers.Trainer(
+        model=model,
+        args=args,
+        train_dataset=data,
+        data_collator=transformers.DataCollatorWithPadding(tokenizer),
+        optimizers=(opt, None),
+    )
     trainer.train()
     model.eval()
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)

@@ -4,17 +4,18 @@ Each test states a property that broke before: merge keeps the function of a tie
 load refuses a different config, export_peft refuses what PEFT cannot represent, half-precision
 Deep LoRA trains every factor, unsupported targets are named, a failed adapt changes nothing, PEFT
 folders load both ways, and impossible config values are refused."""
+
 from __future__ import annotations
 
 import copy
 import os
 import stat
 
-import hf_models
 import pytest
 import torch
 from torch import nn
 
+import hf_models
 import torchlowrank as tlr
 from torchlowrank.adapters import EmbeddingAdapter, adapter_layers, resize_token_embeddings, unadapt
 
@@ -32,9 +33,11 @@ def randomize(model, std=0.1, seed=3):
 
 def snapshot(model):
     """Everything a failed call must leave as it was: module types, tensors, requires_grad flags."""
-    return ({n: type(m) for n, m in model.named_modules()},
-            {k: v.detach().clone() for k, v in model.state_dict().items()},
-            {n: p.requires_grad for n, p in model.named_parameters(remove_duplicate=False)})
+    return (
+        {n: type(m) for n, m in model.named_modules()},
+        {k: v.detach().clone() for k, v in model.state_dict().items()},
+        {n: p.requires_grad for n, p in model.named_parameters(remove_duplicate=False)},
+    )
 
 
 def assert_same(model, snap):
@@ -48,9 +51,11 @@ def assert_same(model, snap):
     assert not hasattr(model, "tlr_adapter")
 
 
-HF_TARGETS = {"gpt2": ["c_attn", "c_proj", "c_fc"],
-              "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-              "vit": ["q_proj", "v_proj", "fc1", "projection"]}  # projection: the Conv2d patch embedding
+HF_TARGETS = {
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "vit": ["q_proj", "v_proj", "fc1", "projection"],
+}  # projection: the Conv2d patch embedding
 
 
 # -- standing round trips on the three tiny HF models ------------------------------------------------------
@@ -59,9 +64,11 @@ def test_merge_unadapt_save_load_and_peft_round_trip_on_tiny_hf_models(tiny_hf_m
     peft = pytest.importorskip("peft")
     name, base, x = tiny_hf_model
     targets = HF_TARGETS[name]
-    config = {"lora": tlr.LoRAConfig(r=4, alpha=8, target_modules=targets),
-              "pissa": tlr.LoRAConfig(r=4, alpha=8, init="pissa", target_modules=targets),
-              "deep": tlr.DeepLoRAConfig(r=4, depth=3, compress=False, target_modules=targets)}[kind]
+    config = {
+        "lora": tlr.LoRAConfig(r=4, alpha=8, target_modules=targets),
+        "pissa": tlr.LoRAConfig(r=4, alpha=8, init="pissa", target_modules=targets),
+        "deep": tlr.DeepLoRAConfig(r=4, depth=3, compress=False, target_modules=targets),
+    }[kind]
     model = tlr.adapt(copy.deepcopy(base), config)
     assert len(adapter_layers(model)) >= 6
     randomize(model, std=0.2)
@@ -144,13 +151,18 @@ def test_pissa_on_a_tied_embedding_is_refused_and_the_model_is_unchanged(tiny_gp
 
 
 # -- 3: load_adapter compares the whole config ------------------------------------------------------------
-@pytest.mark.parametrize("saved, live", [
-    (dict(r=4, alpha=16), dict(r=4, alpha=2)),
-    (dict(r=4, init="pissa"), dict(r=4)),
-    (dict(r=4, use_rslora=True, alpha=8), dict(r=4, alpha=8)),
-], ids=["alpha16-vs-2", "pissa-vs-default", "rslora"])
-def test_load_adapter_into_a_model_adapted_with_another_config_raises_and_changes_nothing(tiny_llama, tmp_path,
-                                                                                          saved, live):
+@pytest.mark.parametrize(
+    "saved, live",
+    [
+        (dict(r=4, alpha=16), dict(r=4, alpha=2)),
+        (dict(r=4, init="pissa"), dict(r=4)),
+        (dict(r=4, use_rslora=True, alpha=8), dict(r=4, alpha=8)),
+    ],
+    ids=["alpha16-vs-2", "pissa-vs-default", "rslora"],
+)
+def test_load_adapter_into_a_model_adapted_with_another_config_raises_and_changes_nothing(
+    tiny_llama, tmp_path, saved, live
+):
     x = hf_models.example_inputs("llama")
     src = tlr.adapt(copy.deepcopy(tiny_llama), tlr.LoRAConfig(target_modules=["q_proj", "v_proj"], **saved))
     randomize(src)
@@ -174,8 +186,10 @@ def test_load_adapter_into_a_model_with_the_same_config_overwrites_its_factors(t
     x = hf_models.example_inputs("llama")
     tlr.load_adapter(model, tmp_path / "a")
     torch.testing.assert_close(hf_models.outputs(model, x), hf_models.outputs(src, x), rtol=0, atol=0)
-    other = tlr.adapt(copy.deepcopy(tiny_llama), tlr.DeepLoRAConfig(r=4, depth=3, compress=False, init_scale=1e-2,
-                                                                    target_modules=["q_proj"]))
+    other = tlr.adapt(
+        copy.deepcopy(tiny_llama),
+        tlr.DeepLoRAConfig(r=4, depth=3, compress=False, init_scale=1e-2, target_modules=["q_proj"]),
+    )
     with pytest.raises(ValueError, match="init_scale"):
         tlr.load_adapter(other, tmp_path / "a")
 
@@ -191,10 +205,18 @@ class ConvNet(nn.Module):
         return self.head(self.conv(x).mean((2, 3)))
 
 
-@pytest.mark.parametrize("conv, ok", [
-    (dict(padding=1), True), (dict(stride=2, padding=2), True), (dict(padding="same"), True),
-    (dict(padding=1, padding_mode="reflect"), False), (dict(padding=1, padding_mode="circular"), False),
-    (dict(dilation=2), False)], ids=["pad", "stride", "same", "reflect", "circular", "dilation"])
+@pytest.mark.parametrize(
+    "conv, ok",
+    [
+        (dict(padding=1), True),
+        (dict(stride=2, padding=2), True),
+        (dict(padding="same"), True),
+        (dict(padding=1, padding_mode="reflect"), False),
+        (dict(padding=1, padding_mode="circular"), False),
+        (dict(dilation=2), False),
+    ],
+    ids=["pad", "stride", "same", "reflect", "circular", "dilation"],
+)
 def test_export_peft_of_conv2d_loads_in_peft_with_equal_outputs_or_is_refused(tmp_path, conv, ok):
     peft = pytest.importorskip("peft")
     torch.manual_seed(0)
@@ -218,11 +240,16 @@ def test_export_peft_of_conv2d_loads_in_peft_with_equal_outputs_or_is_refused(tm
 
 # -- 6: half precision -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-@pytest.mark.parametrize("config", [
-    tlr.DeepLoRAConfig(r=4, depth=3, compress=False, target_modules="all-linear"),
-    tlr.DeepLoRAConfig(r=4, depth=4, compress=False, target_modules="all-linear"),
-    tlr.DeepLoRAConfig(r=4, depth=3, compress=True, target_modules="all-linear"),
-    tlr.LoRAConfig(r=4, target_modules="all-linear")], ids=["deep3", "deep4", "deep3-compressed", "lora"])
+@pytest.mark.parametrize(
+    "config",
+    [
+        tlr.DeepLoRAConfig(r=4, depth=3, compress=False, target_modules="all-linear"),
+        tlr.DeepLoRAConfig(r=4, depth=4, compress=False, target_modules="all-linear"),
+        tlr.DeepLoRAConfig(r=4, depth=3, compress=True, target_modules="all-linear"),
+        tlr.LoRAConfig(r=4, target_modules="all-linear"),
+    ],
+    ids=["deep3", "deep4", "deep3-compressed", "lora"],
+)
 def test_adapters_on_a_half_precision_llama_give_every_factor_a_gradient(tiny_llama, dtype, config):
     model = tlr.adapt(tiny_llama.to(dtype), copy.deepcopy(config))
     ids = hf_models.example_inputs("llama")["input_ids"]
@@ -240,7 +267,9 @@ def test_adapters_on_a_half_precision_llama_give_every_factor_a_gradient(tiny_ll
 
 
 def test_autocast_adapter_dtype_false_keeps_the_base_dtype(tiny_llama):
-    model = tlr.adapt(tiny_llama.half(), tlr.LoRAConfig(r=2, target_modules=["q_proj"], autocast_adapter_dtype=False))
+    model = tlr.adapt(
+        tiny_llama.half(), tlr.LoRAConfig(r=2, target_modules=["q_proj"], autocast_adapter_dtype=False)
+    )
     assert all(W.dtype == torch.float16 for _, layer in adapter_layers(model) for W in layer.lora_factors)
 
 
@@ -273,7 +302,9 @@ def test_targets_naming_unsupported_layers_raise_naming_each_and_why():
 
 
 def test_a_gpt2_container_as_target_is_refused_with_the_layers_to_name_instead(tiny_gpt2):
-    with pytest.raises(ValueError, match=r"transformer\.h\.0\.attn \(GPT2Attention.*transformer\.h\.0\.attn\.c_attn"):
+    with pytest.raises(
+        ValueError, match=r"transformer\.h\.0\.attn \(GPT2Attention.*transformer\.h\.0\.attn\.c_attn"
+    ):
         tlr.adapt(tiny_gpt2, tlr.LoRAConfig(r=2, target_modules=["attn"]))
     with pytest.raises(ValueError, match="matched nothing"):
         tlr.adapt(tiny_gpt2, tlr.LoRAConfig(r=2, target_modules=["no_such_layer"]))
@@ -302,7 +333,10 @@ def test_multihead_attention_with_an_adapted_out_proj_uses_the_adapter_and_merge
     # MHA reads out_proj.weight / .bias itself: the reference applies W0 + Delta W by hand
     att = base.att
     q, k, v = (x @ att.in_proj_weight.T + att.in_proj_bias).chunk(3, -1)
-    heads = lambda t: t.reshape(2, 5, 2, 4).transpose(1, 2)
+
+    def heads(t):
+        return t.reshape(2, 5, 2, 4).transpose(1, 2)
+
     o = torch.softmax(heads(q) @ heads(k).transpose(-1, -2) / 2.0, -1) @ heads(v)
     o = o.transpose(1, 2).reshape(2, 5, 8)
     ref = o @ (att.out_proj.weight + 1.0 * layer.lora_B @ layer.lora_A).T + att.out_proj.bias
@@ -324,8 +358,10 @@ def test_adapters_expose_the_base_weight_and_bias(tiny_gpt2):
 
 
 def test_resize_token_embeddings_keeps_the_adapter_on_tied_and_untied_models(tiny_gpt2, tiny_llama):
-    for name, base, targets, vocab in [("gpt2", tiny_gpt2, ["wte", "c_attn"], 211),
-                                       ("llama", tiny_llama, ["embed_tokens", "lm_head", "q_proj"], 197)]:
+    for name, base, targets, vocab in [
+        ("gpt2", tiny_gpt2, ["wte", "c_attn"], 211),
+        ("llama", tiny_llama, ["embed_tokens", "lm_head", "q_proj"], 197),
+    ]:
         model = tlr.adapt(copy.deepcopy(base), tlr.LoRAConfig(r=2, target_modules=targets))
         randomize(model)
         x = hf_models.example_inputs(name)
@@ -365,7 +401,9 @@ def test_a_failed_pissa_adapt_names_the_layer_and_leaves_the_model_unchanged(tin
     with pytest.raises(ValueError, match=r"r=40 is too large for model\.layers\.0\.self_attn\.q_proj"):
         tlr.adapt(model, tlr.LoRAConfig(r=40, target_modules="all-linear"))
     assert_same(model, snap)
-    tlr.adapt(model, tlr.LoRAConfig(r=4, target_modules="all-linear", exclude_modules=["down_proj"]))  # still adaptable
+    tlr.adapt(
+        model, tlr.LoRAConfig(r=4, target_modules="all-linear", exclude_modules=["down_proj"])
+    )  # still adaptable
 
 
 # -- 12: sparse embeddings, meta models, init_compressed -------------------------------------------------
@@ -391,8 +429,10 @@ def test_a_meta_model_adapts_and_pissa_on_meta_asks_for_real_weights(tiny_llama,
     with pytest.raises(ValueError, match="meta device"):
         tlr.adapt(model, tlr.LoRAConfig(r=2, init="pissa", target_modules=["q_proj"]))
     assert not hasattr(model, "tlr_adapter")
-    for config in (tlr.LoRAConfig(r=2, target_modules=["q_proj", "embed_tokens"]),
-                   tlr.DeepLoRAConfig(r=2, depth=3, target_modules=["q_proj"])):
+    for config in (
+        tlr.LoRAConfig(r=2, target_modules=["q_proj", "embed_tokens"]),
+        tlr.DeepLoRAConfig(r=2, depth=3, target_modules=["q_proj"]),
+    ):
         m = tlr.adapt(copy.deepcopy(model), config)
         factors = [W for _, layer in adapter_layers(m) for W in layer.lora_factors]
         assert factors and all(W.is_meta and W.requires_grad for W in factors)
@@ -414,7 +454,9 @@ def test_init_compressed_with_a_loss_without_a_graph_raises_a_clear_value_error(
         tlr.init_compressed(model, ids, loss_fn=lambda m, b: m(input_ids=b, labels=b).loss.detach())
     with pytest.raises(ValueError, match="no autograd graph"):
         tlr.init_compressed(model, ids, loss_fn=lambda m, b: torch.tensor(1.0))
-    with torch.no_grad():  # a caller's no_grad does not break the init: the loss is computed with grad enabled
+    with (
+        torch.no_grad()
+    ):  # a caller's no_grad does not break the init: the loss is computed with grad enabled
         grads = tlr.init_compressed(model, ids, loss_fn=lambda m, b: m(input_ids=b, labels=b).loss)
     assert all(g.abs().sum() > 0 for g in grads.values())
     assert all(layer.compressed for _, layer in adapter_layers(model))
@@ -423,7 +465,9 @@ def test_init_compressed_with_a_loss_without_a_graph_raises_a_clear_value_error(
 # -- 14: file modes (atomic writes must not leave 0600 files) --------------------------------------------
 def test_adapter_and_peft_files_get_the_usual_mode_under_umask_022(tmp_path):
     torch.manual_seed(0)
-    model = tlr.adapt(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)), tlr.LoRAConfig(r=2, target_modules=["0"]))
+    model = tlr.adapt(
+        nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)), tlr.LoRAConfig(r=2, target_modules=["0"])
+    )
     old = os.umask(0o022)
     try:
         tlr.save_adapter(model, tmp_path / "ours")
@@ -436,11 +480,23 @@ def test_adapter_and_peft_files_get_the_usual_mode_under_umask_022(tmp_path):
 
 
 # -- 15: PEFT folders load both ways ----------------------------------------------------------------------
-@pytest.mark.parametrize("name, peft_kwargs", [
-    ("vit", dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "projection"], modules_to_save=["classifier"])),
-    ("gpt2", dict(r=4, lora_alpha=16, use_rslora=True, target_modules=["c_attn", "c_fc", "wte"])),
-    ("llama", dict(r=2, lora_alpha=4, target_modules="all-linear")),
-], ids=["vit-conv-saved-head", "gpt2-conv1d-embedding-rslora", "llama-all-linear"])
+@pytest.mark.parametrize(
+    "name, peft_kwargs",
+    [
+        (
+            "vit",
+            dict(
+                r=4,
+                lora_alpha=8,
+                target_modules=["q_proj", "v_proj", "projection"],
+                modules_to_save=["classifier"],
+            ),
+        ),
+        ("gpt2", dict(r=4, lora_alpha=16, use_rslora=True, target_modules=["c_attn", "c_fc", "wte"])),
+        ("llama", dict(r=2, lora_alpha=4, target_modules="all-linear")),
+    ],
+    ids=["vit-conv-saved-head", "gpt2-conv1d-embedding-rslora", "llama-all-linear"],
+)
 def test_load_adapter_reads_a_folder_written_by_peft_and_matches_peft(tmp_path, name, peft_kwargs):
     peft = pytest.importorskip("peft")
     base = hf_models.build(name)
@@ -467,7 +523,9 @@ def test_load_adapter_reads_a_folder_written_by_peft_and_matches_peft(tmp_path, 
 
 def test_peft_folders_with_what_a_plain_lora_cannot_represent_are_refused(tiny_llama, tmp_path):
     peft = pytest.importorskip("peft")
-    pm = peft.get_peft_model(copy.deepcopy(tiny_llama), peft.LoraConfig(r=2, target_modules=["q_proj"], use_dora=True))
+    pm = peft.get_peft_model(
+        copy.deepcopy(tiny_llama), peft.LoraConfig(r=2, target_modules=["q_proj"], use_dora=True)
+    )
     pm.save_pretrained(tmp_path / "dora")
     snap = snapshot(tiny_llama)
     with pytest.raises(ValueError, match="DoRA"):
@@ -476,28 +534,31 @@ def test_peft_folders_with_what_a_plain_lora_cannot_represent_are_refused(tiny_l
 
 
 # -- 17: values that cannot be right ---------------------------------------------------------------------
-@pytest.mark.parametrize("make, match", [
-    (lambda: tlr.LoRAConfig(alpha=0), "alpha must be a positive number"),
-    (lambda: tlr.LoRAConfig(alpha=-4), "alpha must be a positive number"),
-    (lambda: tlr.LoRAConfig(lora_alpha=float("nan")), "alpha"),
-    (lambda: tlr.LoRAConfig(r=0), "positive int"),
-    (lambda: tlr.LoRAConfig(r=-2), "positive int"),
-    (lambda: tlr.LoRAConfig(r=2.0), "positive int"),
-    (lambda: tlr.LoRAConfig(dropout=1.0), r"\[0, 1\)"),
-    (lambda: tlr.LoRAConfig(dropout=-0.1), r"\[0, 1\)"),
-    (lambda: tlr.LoRAConfig(use_rslora="yes"), "True or False"),
-    (lambda: tlr.LoRAConfig(init="svd"), "init must be one of"),
-    (lambda: tlr.DeepLoRAConfig(compress="yes"), "compress must be True or False"),
-    (lambda: tlr.DeepLoRAConfig(compress=1), "compress must be True or False"),
-    (lambda: tlr.DeepLoRAConfig(r=0), "positive int"),
-    (lambda: tlr.DeepLoRAConfig(depth=1), "depth must be an int >= 2"),
-    (lambda: tlr.DeepLoRAConfig(init_scale=0.0), "init_scale must be a positive number"),
-    (lambda: tlr.DeepLoRAConfig(init_scale=-1e-3), "init_scale must be a positive number"),
-    (lambda: tlr.DeepLoRAConfig(init_scale=True), "init_scale must be a positive number"),
-    (lambda: tlr.DeepLoRAConfig(gamma=-0.1), r"gamma must be in \[0, 1\]"),
-    (lambda: tlr.DeepLoRAConfig(gamma=float("nan")), r"gamma must be in \[0, 1\]"),
-    (lambda: tlr.DeepLoRAConfig(autocast_adapter_dtype=None), "True or False"),
-])
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: tlr.LoRAConfig(alpha=0), "alpha must be a positive number"),
+        (lambda: tlr.LoRAConfig(alpha=-4), "alpha must be a positive number"),
+        (lambda: tlr.LoRAConfig(lora_alpha=float("nan")), "alpha"),
+        (lambda: tlr.LoRAConfig(r=0), "positive int"),
+        (lambda: tlr.LoRAConfig(r=-2), "positive int"),
+        (lambda: tlr.LoRAConfig(r=2.0), "positive int"),
+        (lambda: tlr.LoRAConfig(dropout=1.0), r"\[0, 1\)"),
+        (lambda: tlr.LoRAConfig(dropout=-0.1), r"\[0, 1\)"),
+        (lambda: tlr.LoRAConfig(use_rslora="yes"), "True or False"),
+        (lambda: tlr.LoRAConfig(init="svd"), "init must be one of"),
+        (lambda: tlr.DeepLoRAConfig(compress="yes"), "compress must be True or False"),
+        (lambda: tlr.DeepLoRAConfig(compress=1), "compress must be True or False"),
+        (lambda: tlr.DeepLoRAConfig(r=0), "positive int"),
+        (lambda: tlr.DeepLoRAConfig(depth=1), "depth must be an int >= 2"),
+        (lambda: tlr.DeepLoRAConfig(init_scale=0.0), "init_scale must be a positive number"),
+        (lambda: tlr.DeepLoRAConfig(init_scale=-1e-3), "init_scale must be a positive number"),
+        (lambda: tlr.DeepLoRAConfig(init_scale=True), "init_scale must be a positive number"),
+        (lambda: tlr.DeepLoRAConfig(gamma=-0.1), r"gamma must be in \[0, 1\]"),
+        (lambda: tlr.DeepLoRAConfig(gamma=float("nan")), r"gamma must be in \[0, 1\]"),
+        (lambda: tlr.DeepLoRAConfig(autocast_adapter_dtype=None), "True or False"),
+    ],
+)
 def test_config_values_that_cannot_be_right_raise_value_errors_that_say_what_to_do(make, match):
     with pytest.raises(ValueError, match=match):
         make()

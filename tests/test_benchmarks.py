@@ -1,9 +1,8 @@
 """The benchmark harness: quick runs never overwrite committed results; the README block is generated."""
+
 import importlib.util
 import json
 from pathlib import Path
-
-import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,7 +36,9 @@ def test_machine_file_merges_runs_and_the_readme_block_is_replaced_in_place(tmp_
     readme.write_text("# x\n\n## Benchmarks\n\nprose\n\n## Layout\n\nend\n")
     assert run.update_readme(data, readme)
     text = readme.read_text()
-    assert text.count("<!-- bench:begin cpu-test -->") == 1 and text.index("prose") < text.index("bench:begin") < text.index("## Layout")
+    assert text.count("<!-- bench:begin cpu-test -->") == 1 and text.index("prose") < text.index(
+        "bench:begin"
+    ) < text.index("## Layout")
     title = layers["tables"][0]["title"]
     assert f"*{title}*" in text
     data = run.update_machine_file(path, {"layers": {**layers, "tables": []}})

@@ -10,7 +10,9 @@ from torchlowrank.cli import main
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "torchlowrank.cli", *args], capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "torchlowrank.cli", *args], capture_output=True, text=True, timeout=600
+    )
 
 
 @pytest.mark.parametrize("command", [[], ["demo"], ["reproduce"], ["inspect"]])
@@ -45,7 +47,9 @@ def test_demo_core_section_writes_its_report(tmp_path):
 def test_inspect_safetensors_and_checkpoint(tmp_path, capsys):
     torch.manual_seed(0)
     low = torch.randn(20, 3) @ torch.randn(3, 16)
-    save_file({"layer.weight": low.contiguous(), "layer.bias": torch.zeros(20)}, str(tmp_path / "w.safetensors"))
+    save_file(
+        {"layer.weight": low.contiguous(), "layer.bias": torch.zeros(20)}, str(tmp_path / "w.safetensors")
+    )
     torch.save({"state_dict": {"layer.weight": low}}, tmp_path / "w.pt")
     for name in ("w.safetensors", "w.pt"):
         assert main(["inspect", str(tmp_path / name), "--out", str(tmp_path / "rep")]) == 0
@@ -94,6 +98,7 @@ def test_inspect_unwritable_out_fails_before_printing_the_table(tmp_path, capsys
 
 def test_main_called_as_a_function_leaves_the_environment_unchanged(monkeypatch, capsys):
     import os
+
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
     assert main(["reproduce", "--list"]) == 0
@@ -106,4 +111,7 @@ def test_reproduce_records_the_command_and_commit_in_the_report(tmp_path, capsys
     assert data["environment"]["command"] == f"torchlowrank reproduce dmf-invariance --quick --out {tmp_path}"
     assert data["environment"]["git_commit"] is None or len(data["environment"]["git_commit"]) >= 40
     assert "git_commit" in data["environment"]
-    assert "Provenance: produced by `torchlowrank reproduce dmf-invariance --quick" in (tmp_path / "dmf-invariance.md").read_text()
+    assert (
+        "Provenance: produced by `torchlowrank reproduce dmf-invariance --quick"
+        in (tmp_path / "dmf-invariance.md").read_text()
+    )

@@ -1,11 +1,9 @@
-import math
-
 import pytest
 import torch
-from conftest import randomize_trainable
 from torch import nn
 
 import torchlowrank as tlr
+from conftest import randomize_trainable
 
 
 def mlp():
@@ -44,8 +42,10 @@ def _mlp_with_a_nearly_low_rank_layer():
     model = mlp()
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():  # layer 2 is nearly rank 3: energy allocation should give it few ranks
-        model[2].weight.copy_(torch.randn(96, 3, generator=g) @ torch.randn(3, 128, generator=g)
-                              + 1e-3 * torch.randn(96, 128, generator=g))
+        model[2].weight.copy_(
+            torch.randn(96, 3, generator=g) @ torch.randn(3, 128, generator=g)
+            + 1e-3 * torch.randn(96, 128, generator=g)
+        )
     return model
 
 
@@ -103,7 +103,9 @@ def test_count_parameters_counts_shared_once_and_trainable_only():
     assert tlr.count_parameters(model, trainable_only=True) == 20 + 2
 
 
-@pytest.mark.parametrize("shape, rank", [((256, 512), 32), ((784, 512), 77), ((512, 784), 64), ((1024, 1024), 64)])
+@pytest.mark.parametrize(
+    "shape, rank", [((256, 512), 32), ((784, 512), 77), ((512, 784), 64), ((1024, 1024), 64)]
+)
 def test_from_linear_is_the_best_rank_k_approximation_at_user_sizes(shape, rank):
     m, n = shape
     torch.manual_seed(1)
@@ -124,13 +126,14 @@ def test_truncate_and_factorize_are_exact_on_a_512_wide_model():
     report = tlr.truncate(model, 0.2)
     for W, i, row in zip(dense, (0, 2), report.layers):
         s = torch.linalg.svdvals(W)
-        optimal = float(s[row.rank:].pow(2).sum().sqrt())
+        optimal = float(s[row.rank :].pow(2).sum().sqrt())
         err = float(torch.linalg.norm(W - model[i].dense_weight().detach().double()))
         assert err <= optimal * (1 + 1e-5)
 
 
 def test_truncate_gpt2_compresses_every_conv1d_and_keeps_the_tied_embedding(tiny_gpt2):
     import hf_models
+
     model = tiny_gpt2
     conv1d = [n for n, m in model.named_modules() if type(m).__name__ == "Conv1D"]
     mats = {n: model.get_submodule(n).weight.detach().T.double().clone() for n in conv1d}
@@ -146,7 +149,9 @@ def test_truncate_gpt2_compresses_every_conv1d_and_keeps_the_tied_embedding(tiny
         assert layer.dense_weight().shape == W.shape
         k = report.ranks[name]
         U, S, Vh = torch.linalg.svd(W)
-        torch.testing.assert_close(layer.dense_weight().detach().double(), (U[:, :k] * S[:k]) @ Vh[:k], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(
+            layer.dense_weight().detach().double(), (U[:, :k] * S[:k]) @ Vh[:k], atol=1e-5, rtol=1e-4
+        )
     after = tlr.count_parameters(model)
     assert report.model_params_before == before and report.model_params_after == after < before
     out = hf_models.outputs(model, hf_models.example_inputs("gpt2"))
@@ -157,13 +162,16 @@ def test_truncating_a_tied_layer_by_name_is_refused_and_changes_nothing(tiny_gpt
     state = {k: v.clone() for k, v in tiny_gpt2.state_dict().items()}
     with pytest.raises(ValueError, match=r"lm_head.*tied.*transformer\.wte\.weight"):
         tlr.truncate(tiny_gpt2, 0.5, targets=["lm_head"])
-    assert type(tiny_gpt2.lm_head) is nn.Linear and tiny_gpt2.lm_head.weight is tiny_gpt2.transformer.wte.weight
+    assert (
+        type(tiny_gpt2.lm_head) is nn.Linear and tiny_gpt2.lm_head.weight is tiny_gpt2.transformer.wte.weight
+    )
     for k, v in tiny_gpt2.state_dict().items():
         assert torch.equal(v, state[k])
 
 
 def test_factorize_at_full_rank_preserves_outputs_of_every_tiny_hf_model(tiny_hf_model):
     import hf_models
+
     name, model, inputs = tiny_hf_model
     model = model.double()
     ref = hf_models.outputs(model, inputs)
@@ -176,6 +184,7 @@ def test_factorize_at_full_rank_preserves_outputs_of_every_tiny_hf_model(tiny_hf
 class _no_warning:
     def __enter__(self):
         import warnings
+
         self._cm = warnings.catch_warnings()
         self._cm.__enter__()
         warnings.simplefilter("error")
@@ -218,25 +227,36 @@ def test_failed_truncate_leaves_the_model_unchanged_and_names_the_layer():
             tlr.truncate(model, 0.5, allocation=allocation)
         assert all(type(model[i]) is nn.Linear for i in (0, 2, 4))
         for k, v in model.state_dict().items():
-            assert torch.equal(v, state[k]) or (torch.isnan(v).any() and torch.equal(v.isnan(), state[k].isnan()))
+            assert torch.equal(v, state[k]) or (
+                torch.isnan(v).any() and torch.equal(v.isnan(), state[k].isnan())
+            )
 
 
 def test_meta_models_get_a_clear_error_from_truncate_and_factorize():
     with torch.device("meta"):
         model = mlp()
-    for fn in (lambda: tlr.truncate(model, 0.5), lambda: tlr.truncate(model, 0.5, allocation="energy"),
-               lambda: tlr.factorize(model, 4)):
+    for fn in (
+        lambda: tlr.truncate(model, 0.5),
+        lambda: tlr.truncate(model, 0.5, allocation="energy"),
+        lambda: tlr.factorize(model, 4),
+    ):
         with pytest.raises(ValueError, match="meta"):
             fn()
     assert all(type(model[i]) is nn.Linear for i in (0, 2, 4))
 
 
 def test_unsupported_conv_is_refused_by_name_and_skipped_with_a_warning_otherwise():
-    model = nn.Sequential(nn.Conv2d(4, 8, 3, groups=2), nn.Conv2d(8, 8, 3, padding=1, padding_mode="reflect"),
-                          nn.Flatten(), nn.Linear(8 * 4 * 4, 10))
+    model = nn.Sequential(
+        nn.Conv2d(4, 8, 3, groups=2),
+        nn.Conv2d(8, 8, 3, padding=1, padding_mode="reflect"),
+        nn.Flatten(),
+        nn.Linear(8 * 4 * 4, 10),
+    )
     with pytest.raises(ValueError, match=r"layer '0'.*groups=2"):
         tlr.truncate(model, 0.5, targets=["0"])
-    with pytest.warns(UserWarning, match=r"skipped 2 layer\(s\).*0 \(Conv2d with groups=2.*1 \(Conv2d.*reflect"):
+    with pytest.warns(
+        UserWarning, match=r"skipped 2 layer\(s\).*0 \(Conv2d with groups=2.*1 \(Conv2d.*reflect"
+    ):
         report = tlr.truncate(model, 0.5)
     assert list(report.ranks) == ["3"]
     assert model(torch.randn(2, 4, 6, 6)).shape == (2, 10)
@@ -245,7 +265,9 @@ def test_unsupported_conv_is_refused_by_name_and_skipped_with_a_warning_otherwis
 def test_a_target_naming_only_unsupported_layers_is_an_error_not_silently_dropped(tiny_gpt2):
     with pytest.raises(ValueError, match=r"target 'ln_1' names only layers of unsupported types:.*LayerNorm"):
         tlr.truncate(tiny_gpt2, 0.5, targets=["c_attn", "ln_1"])
-    with pytest.raises(ValueError, match=r"target 'attn' names only.*GPT2Attention.*transformer\.h\.0\.attn\.c_attn"):
+    with pytest.raises(
+        ValueError, match=r"target 'attn' names only.*GPT2Attention.*transformer\.h\.0\.attn\.c_attn"
+    ):
         tlr.spectrum(tiny_gpt2, targets=["attn"])
 
 
@@ -262,6 +284,7 @@ def test_truncate_on_every_available_device_matches_the_cpu_result(device):
 
 def test_factorize_ab_parametrization_gives_balanced_factors_with_the_same_function(tiny_gpt2):
     import hf_models
+
     model = mlp().double()
     dense = [model[i].weight.detach().clone() for i in (0, 2, 4)]
     report = tlr.factorize(model, 8, parametrization="AB")
@@ -277,6 +300,8 @@ def test_factorize_ab_parametrization_gives_balanced_factors_with_the_same_funct
     with pytest.warns(UserWarning, match="tied"):
         tlr.factorize(gpt2, 1.0, parametrization="AB")
     assert isinstance(gpt2.transformer.h[0].attn.c_attn, tlr.FactorizedLinear)
-    torch.testing.assert_close(hf_models.outputs(gpt2, hf_models.example_inputs("gpt2")), ref, atol=1e-9, rtol=1e-7)
+    torch.testing.assert_close(
+        hf_models.outputs(gpt2, hf_models.example_inputs("gpt2")), ref, atol=1e-9, rtol=1e-7
+    )
     with pytest.raises(ValueError, match="parametrization"):
         tlr.factorize(mlp(), 4, parametrization="UV")

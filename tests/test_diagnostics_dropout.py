@@ -1,9 +1,14 @@
 """Dropout on a factorized linear model = singular-value thresholding (DESIGN §4.7)."""
+
 import pytest
 import torch
 
-from torchlowrank.experiments.dropout_lowrank import (gd_on_regularizer, svt_closed_form, train_with_dropout,
-                                                      whitened_digits_regression)
+from torchlowrank.experiments.dropout_lowrank import (
+    gd_on_regularizer,
+    svt_closed_form,
+    train_with_dropout,
+    whitened_digits_regression,
+)
 
 
 def _objective(M, U, V, lam):
@@ -42,7 +47,10 @@ def test_whitened_inputs_make_the_expected_dropout_loss_the_regularised_objectiv
     # E over masks of the dropout loss, by exact enumeration on a tiny width, equals the objective + const
     M = Y.T @ X / n
     g = torch.Generator().manual_seed(0)
-    U, V = torch.randn(Y.shape[1], 2, generator=g, dtype=torch.float64), torch.randn(X.shape[1], 2, generator=g, dtype=torch.float64)
+    U, V = (
+        torch.randn(Y.shape[1], 2, generator=g, dtype=torch.float64),
+        torch.randn(X.shape[1], 2, generator=g, dtype=torch.float64),
+    )
     theta = 0.6
     expected = 0.0
     for m1 in (0, 1):

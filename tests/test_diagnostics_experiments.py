@@ -1,4 +1,5 @@
 """The registered diagnostics reproductions run (--quick) on real data and show what they claim."""
+
 import os
 
 import pytest
@@ -27,7 +28,10 @@ def test_gradient_rank_quick_gradients_are_far_below_full_rank():
     # (<= the batch size, 64) and than the layer's full rank (measured: 0.0075 MLP, 0.027 ViT)
     assert r.metrics["mlp_median_grad_stable_rank_over_full_rank"] < 0.02
     assert r.metrics["vit_median_grad_stable_rank_over_full_rank"] < 0.06
-    assert r.metrics["mlp_median_grad_stable_rank"] < 0.1 * r.metrics["mlp_exact_rank_of_one_batch_gradient_features.0"]
+    assert (
+        r.metrics["mlp_median_grad_stable_rank"]
+        < 0.1 * r.metrics["mlp_exact_rank_of_one_batch_gradient_features.0"]
+    )
     assert {p.name for p in r.plots} >= {"mlp_stable_rank_grad", "vit_stable_rank_update"}
 
 

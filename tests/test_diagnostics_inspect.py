@@ -1,20 +1,25 @@
 """Checkpoint inspection: loaders on real files, PEFT adapters as B @ A updates, checkpoint differences."""
+
 import json
 import math
 
 import pytest
 import torch
-from conftest import randomize_trainable
 from safetensors.torch import save_file
 
 import torchlowrank as tlr
+from conftest import randomize_trainable
 from torchlowrank.diagnostics import compare_weights, load_weights, weights_spectrum
 
 
 def _state(seed=0):
     g = torch.Generator().manual_seed(seed)
-    return {"enc.weight": torch.randn(12, 8, generator=g), "enc.bias": torch.randn(12, generator=g),
-            "conv.weight": torch.randn(4, 3, 3, 3, generator=g), "steps": torch.tensor(7)}
+    return {
+        "enc.weight": torch.randn(12, 8, generator=g),
+        "enc.bias": torch.randn(12, generator=g),
+        "conv.weight": torch.randn(4, 3, 3, 3, generator=g),
+        "steps": torch.tensor(7),
+    }
 
 
 def test_safetensors_and_torch_checkpoints_load_the_same_tensors(tmp_path):
@@ -61,10 +66,21 @@ def test_peft_adapter_folder_gives_scaled_b_times_a(tmp_path, use_rslora):
     r, alpha = 4, 16
     A = torch.randn(r, 10, generator=g)
     B = torch.randn(6, r, generator=g)
-    save_file({"base_model.model.layer.0.q.lora_A.weight": A, "base_model.model.layer.0.q.lora_B.weight": B},
-              tmp_path / "adapter_model.safetensors")
-    (tmp_path / "adapter_config.json").write_text(json.dumps(
-        {"peft_type": "LORA", "r": r, "lora_alpha": alpha, "use_rslora": use_rslora, "target_modules": ["q"]}))
+    save_file(
+        {"base_model.model.layer.0.q.lora_A.weight": A, "base_model.model.layer.0.q.lora_B.weight": B},
+        tmp_path / "adapter_model.safetensors",
+    )
+    (tmp_path / "adapter_config.json").write_text(
+        json.dumps(
+            {
+                "peft_type": "LORA",
+                "r": r,
+                "lora_alpha": alpha,
+                "use_rslora": use_rslora,
+                "target_modules": ["q"],
+            }
+        )
+    )
     deltas = load_weights(tmp_path)
     scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
     assert list(deltas) == ["layer.0.q"]
@@ -129,7 +145,9 @@ def test_peft_embedding_adapters_are_read_as_their_delta_weight(tmp_path, tiny_g
     torch.testing.assert_close(deltas["transformer.wte"], wte.get_delta_weight("default").float())
     assert deltas["transformer.wte"].shape == (211, 32)  # like the embedding's weight
     c_attn = pm.base_model.model.transformer.h[0].attn.c_attn
-    torch.testing.assert_close(deltas["transformer.h.0.attn.c_attn"], c_attn.get_delta_weight("default").T.float())
+    torch.testing.assert_close(
+        deltas["transformer.h.0.attn.c_attn"], c_attn.get_delta_weight("default").T.float()
+    )
 
 
 def test_dora_adapters_need_the_base_weights_and_then_give_the_true_update(tmp_path, tiny_llama):
@@ -147,12 +165,15 @@ def test_dora_adapters_need_the_base_weights_and_then_give_the_true_update(tmp_p
     deltas = load_peft_adapter(tmp_path, base=base)
     merged = pm.merge_and_unload().state_dict()
     key = "model.layers.0.self_attn.q_proj"
-    torch.testing.assert_close(deltas[key], merged[key + ".weight"] - base[key + ".weight"], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        deltas[key], merged[key + ".weight"] - base[key + ".weight"], atol=1e-5, rtol=1e-4
+    )
 
 
 def test_torchlowrank_adapter_folders_are_read_as_their_updates(tmp_path):
-    import torchlowrank as tlr
     from torch import nn
+
+    import torchlowrank as tlr
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 4))
@@ -165,7 +186,9 @@ def test_torchlowrank_adapter_folders_are_read_as_their_updates(tmp_path):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     tlr.merge(model)
     assert set(deltas) == {"0", "2"}
-    torch.testing.assert_close(model[0].weight.detach(), before["0.base_layer.weight"] + deltas["0"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        model[0].weight.detach(), before["0.base_layer.weight"] + deltas["0"], atol=1e-5, rtol=1e-5
+    )
     torch.testing.assert_close(model(x), adapted, atol=1e-4, rtol=1e-4)
 
 
@@ -174,7 +197,9 @@ def test_sharded_hugging_face_folders_load_every_shard(tmp_path, tiny_llama):
     assert (tmp_path / "model.safetensors.index.json").is_file()
     tensors = load_weights(tmp_path)
     ref = tiny_llama.state_dict()
-    assert set(tensors) == {k for k in ref if k != "lm_head.weight" or not tiny_llama.config.tie_word_embeddings}
+    assert set(tensors) == {
+        k for k in ref if k != "lm_head.weight" or not tiny_llama.config.tie_word_embeddings
+    }
     for k, v in tensors.items():
         assert torch.equal(v, ref[k])
     (tmp_path / next(p.name for p in tmp_path.glob("model-0000*.safetensors"))).unlink()
@@ -194,14 +219,21 @@ def test_broken_peft_folders_give_the_same_clear_errors_to_inspect_and_to_load_a
             (d / "adapter_model.safetensors").write_bytes(weights)
         return d
 
-    save_file({"base_model.model.0.lora_A.weight": torch.randn(2, 8), "base_model.model.0.lora_B.weight": torch.randn(3, 2)},
-              tmp_path / "good.safetensors")
+    save_file(
+        {
+            "base_model.model.0.lora_A.weight": torch.randn(2, 8),
+            "base_model.model.0.lora_B.weight": torch.randn(3, 2),
+        },
+        tmp_path / "good.safetensors",
+    )
     good = (tmp_path / "good.safetensors").read_bytes()
     config = json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["0"]})
-    cases = [(folder("junk_config", "{not json", good), ValueError, "not a valid PEFT adapter config"),
-             (folder("list_config", "[1, 2]", good), ValueError, "not a valid PEFT adapter config"),
-             (folder("no_weights", config, None), FileNotFoundError, "no adapter_model.safetensors"),
-             (folder("cut_weights", config, good[: len(good) // 2]), ValueError, "corrupted")]
+    cases = [
+        (folder("junk_config", "{not json", good), ValueError, "not a valid PEFT adapter config"),
+        (folder("list_config", "[1, 2]", good), ValueError, "not a valid PEFT adapter config"),
+        (folder("no_weights", config, None), FileNotFoundError, "no adapter_model.safetensors"),
+        (folder("cut_weights", config, good[: len(good) // 2]), ValueError, "corrupted"),
+    ]
     for path, error, message in cases:
         with pytest.raises(error, match=message):
             load_weights(path)

@@ -1,4 +1,5 @@
 """SpectrumTracker: its records equal a direct SVD, its angles are right, and it never changes training."""
+
 import copy
 import json
 import math
@@ -40,21 +41,29 @@ def test_records_match_a_direct_svd_at_the_recorded_steps():
     checked = 0
     for step in range(1, 7):
         opt.zero_grad()
-        F.cross_entropy(model(torch.randn(8, 64, generator=g)), torch.randint(0, 10, (8,), generator=g)).backward()
+        F.cross_entropy(
+            model(torch.randn(8, 64, generator=g)), torch.randint(0, 10, (8,), generator=g)
+        ).backward()
         opt.step()
         if tracker.step():
             assert step % 3 == 0
             for name, mod in model.named_modules():
                 if not isinstance(mod, nn.Linear):
                     continue
-                refs = {"weight": mod.weight.detach(), "update": mod.weight.detach() - w0[name], "grad": mod.weight.grad}
+                refs = {
+                    "weight": mod.weight.detach(),
+                    "update": mod.weight.detach() - w0[name],
+                    "grad": mod.weight.grad,
+                }
                 for q, M in refs.items():
                     row = [r for r in tracker.rows(q, name) if r["step"] == step][0]
                     s = torch.linalg.svdvals(M.double())
                     assert row["top_singular_values"] == pytest.approx(s[:4].tolist(), rel=1e-4, abs=1e-7)
                     assert row["stable_rank"] == pytest.approx(float((s**2).sum() / s[0] ** 2), rel=1e-4)
                     p = s / s.sum()
-                    assert row["effective_rank"] == pytest.approx(float(torch.exp(-torch.special.xlogy(p, p).sum())), rel=1e-4)
+                    assert row["effective_rank"] == pytest.approx(
+                        float(torch.exp(-torch.special.xlogy(p, p).sum())), rel=1e-4
+                    )
                     cum = torch.cumsum(s**2, 0) / (s**2).sum()
                     assert row["numerical_rank"] == int((cum < 0.99).sum()) + 1
                     assert row["fro_norm"] == pytest.approx(float(M.norm()), rel=1e-5)
@@ -71,7 +80,9 @@ def test_principal_angles_zero_for_the_same_subspace_and_pi_over_2_for_orthogona
     A, B = Q[:, :3], Q[:, 3:]
     mix = torch.randn(3, 3, generator=g, dtype=torch.float64)  # another basis of the same span
     assert principal_angles(A, A @ mix).abs().max() < 1e-7
-    assert torch.allclose(principal_angles(A, B), torch.full((3,), math.pi / 2, dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(
+        principal_angles(A, B), torch.full((3,), math.pi / 2, dtype=torch.float64), atol=1e-12
+    )
 
 
 def test_angle_of_an_unchanged_weight_is_zero_and_of_a_rotated_one_is_the_rotation():
@@ -126,7 +137,11 @@ def test_works_under_no_grad_and_for_conv_embedding_and_factorized_layers():
 
 def test_large_layers_use_a_truncated_svd_with_exact_stable_rank():
     g = torch.Generator().manual_seed(0)
-    M = torch.randn(300, 200, generator=g) @ torch.diag(torch.logspace(0, -3, 200)) @ torch.randn(200, 200, generator=g)
+    M = (
+        torch.randn(300, 200, generator=g)
+        @ torch.diag(torch.logspace(0, -3, 200))
+        @ torch.randn(200, 200, generator=g)
+    )
     rec_full, U, _ = analyse_matrix(M, top_k=20)
     rec_top, U2, _ = analyse_matrix(M, top_k=20, full_spectrum_max=50)
     assert rec_top["spectrum"] == "top-k" and rec_top["effective_rank"] is None
@@ -207,6 +222,7 @@ def test_full_spectrum_max_must_be_a_non_negative_int(value):
 
 def test_tracker_records_gpt2_conv1d_weights_and_gradients(tiny_gpt2):
     import hf_models
+
     model = tiny_gpt2.train()
     tracker = SpectrumTracker(model, every=1, targets=r".*c_attn")
     ids = hf_models.example_inputs("gpt2")["input_ids"]
@@ -224,10 +240,13 @@ def test_tracker_records_gpt2_conv1d_weights_and_gradients(tiny_gpt2):
 def test_tracker_lists_each_weight_once_like_spectrum_tied_aliases_included(name):
     pytest.importorskip("transformers")
     import hf_models
+
     model = hf_models.build(name)
     tracker = SpectrumTracker(model, track=("weight",))
     layers = [row["layer"] for row in tracker.history]
     assert layers == [r.name for r in tlr.spectrum(model)]
     assert len(layers) == len({id(model.get_submodule(n).weight) for n in layers})
     weights = {id(p) for n, p in model.named_parameters() if p.dim() >= 2}
-    assert len(layers) == len(weights)  # every matrix / kernel once (these models have no other such parameters)
+    assert len(layers) == len(
+        weights
+    )  # every matrix / kernel once (these models have no other such parameters)

@@ -1,12 +1,13 @@
 """torch.distributed (DDP, 2 gloo processes on CPU): results equal one process on the same global batch."""
+
 import pytest
 import torch
 import torch.distributed as dist
 from torch import nn
 
 import torchlowrank as tlr
-from torchlowrank import distributed as tlr_dist
 from ddp import run_ddp
+from torchlowrank import distributed as tlr_dist
 
 pytestmark = pytest.mark.ddp
 
@@ -55,7 +56,7 @@ def _ddp_lowrank_worker(rank, world, out):
     model = _model()
     ddp = nn.parallel.DistributedDataParallel(model)
     opt = torch.optim.AdamW(ddp.parameters(), lr=1e-2)
-    _train(ddp, xs[:, rank * half:(rank + 1) * half], ys[:, rank * half:(rank + 1) * half], opt)
+    _train(ddp, xs[:, rank * half : (rank + 1) * half], ys[:, rank * half : (rank + 1) * half], opt)
     torch.save(model.state_dict(), out / f"rank{rank}.pt")
 
 
@@ -112,7 +113,7 @@ def _tracker_worker(rank, world, out):
     tracker = tlr.SpectrumTracker(model, every=2)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
     tracker.attach(opt)
-    _train(ddp, xs[:, rank * half:(rank + 1) * half], ys[:, rank * half:(rank + 1) * half], opt)
+    _train(ddp, xs[:, rank * half : (rank + 1) * half], ys[:, rank * half : (rank + 1) * half], opt)
     tracker.save(out / "history.json")
     (out / f"rows{rank}.txt").write_text(str(len(tracker.history)))
 
@@ -153,11 +154,11 @@ def _deep_lora_worker(rank, world, out):
     half = BATCH // world
     model = _deep_lora_setup()
     gen = torch.Generator().manual_seed(100 + rank)  # different draws per rank: rank 0's must win
-    x, y = xs[0, rank * half:(rank + 1) * half], ys[0, rank * half:(rank + 1) * half]
+    x, y = xs[0, rank * half : (rank + 1) * half], ys[0, rank * half : (rank + 1) * half]
     tlr.init_compressed(model, None, loss_fn=_deep_lora_loss(x, y), generator=gen)
     ddp = nn.parallel.DistributedDataParallel(model)
     opt = torch.optim.AdamW(tlr.adapter_param_groups(model, lr=1e-2))
-    _train(ddp, xs[1:, rank * half:(rank + 1) * half], ys[1:, rank * half:(rank + 1) * half], opt)
+    _train(ddp, xs[1:, rank * half : (rank + 1) * half], ys[1:, rank * half : (rank + 1) * half], opt)
     tlr.save_adapter(model, out / "adapter")
     tlr.export_peft(model, out / "peft")
     torch.save({k: v for k, v in model.state_dict().items() if "lora" in k}, out / f"deep{rank}.pt")
@@ -166,7 +167,9 @@ def _deep_lora_worker(rank, world, out):
 def test_compressed_deep_lora_init_and_training_under_ddp_equal_one_process(ddp_out):
     xs, ys = _data()
     model = _deep_lora_setup()
-    tlr.init_compressed(model, None, loss_fn=_deep_lora_loss(xs[0], ys[0]), generator=torch.Generator().manual_seed(100))
+    tlr.init_compressed(
+        model, None, loss_fn=_deep_lora_loss(xs[0], ys[0]), generator=torch.Generator().manual_seed(100)
+    )
     opt = torch.optim.AdamW(tlr.adapter_param_groups(model, lr=1e-2))
     _train(model, xs[1:], ys[1:], opt)
     ref = {k: v for k, v in model.state_dict().items() if "lora" in k}
@@ -185,7 +188,9 @@ def test_compressed_deep_lora_init_and_training_under_ddp_equal_one_process(ddp_
 def _optim_q3r_setup():
     torch.manual_seed(2)
     # float64: Adam's division by sqrt(v) amplifies float32 rounding of the two half-batch means
-    model = nn.Sequential(tlr.LowRankLinear(20, 32, 6), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 5)).double()
+    model = nn.Sequential(
+        tlr.LowRankLinear(20, 32, 6), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 5)
+    ).double()
     opt = tlr.optim.LowRankAdam(model, lr=1e-2)
     reg = tlr.Q3R(model, target_rank=3, lam=0.01, period=2, targets=["2"])
     return model, opt, reg
@@ -196,7 +201,7 @@ def _optim_q3r_worker(rank, world, out):
     half = BATCH // world
     model, opt, reg = _optim_q3r_setup()
     ddp = nn.parallel.DistributedDataParallel(model)
-    for x, y in zip(xs[:, rank * half:(rank + 1) * half], ys[:, rank * half:(rank + 1) * half]):
+    for x, y in zip(xs[:, rank * half : (rank + 1) * half], ys[:, rank * half : (rank + 1) * half]):
         opt.zero_grad()
         nn.functional.cross_entropy(ddp(x.double()), y).backward()
         reg.step()
@@ -226,12 +231,16 @@ ADAPTIVE_STEPS = 8
 
 def _adaptive_data():
     g = torch.Generator().manual_seed(3)
-    return (torch.randn(ADAPTIVE_STEPS, BATCH, 20, generator=g, dtype=torch.float64),
-            torch.randint(0, 5, (ADAPTIVE_STEPS, BATCH), generator=g))
+    return (
+        torch.randn(ADAPTIVE_STEPS, BATCH, 20, generator=g, dtype=torch.float64),
+        torch.randint(0, 5, (ADAPTIVE_STEPS, BATCH), generator=g),
+    )
 
 
-ADAPTIVE = {"adam": lambda m: tlr.optim.LowRankAdam(m, lr=0.2, tau=0.3),  # ranks 6, 5, 5, 4, ...
-            "sgd": lambda m: tlr.optim.LowRankSGD(m, lr=1.0, tau=0.3)}  # 6, 6, 6, 6, 5, ...
+ADAPTIVE = {
+    "adam": lambda m: tlr.optim.LowRankAdam(m, lr=0.2, tau=0.3),  # ranks 6, 5, 5, 4, ...
+    "sgd": lambda m: tlr.optim.LowRankSGD(m, lr=1.0, tau=0.3),
+}  # 6, 6, 6, 6, 5, ...
 
 
 def _adaptive_setup(kind="adam"):
@@ -251,7 +260,7 @@ def _rank_adaptive_run(rank, world, out, kind):
     model, opt = _adaptive_setup(kind)
     ddp = nn.parallel.DistributedDataParallel(model)
     ranks = []
-    for x, y in zip(xs[:, rank * half:(rank + 1) * half], ys[:, rank * half:(rank + 1) * half]):
+    for x, y in zip(xs[:, rank * half : (rank + 1) * half], ys[:, rank * half : (rank + 1) * half]):
         opt.zero_grad()
         nn.functional.cross_entropy(ddp(x), y).backward()
         opt.step()
@@ -286,7 +295,9 @@ def _stale_wrapper_worker(rank, world, out):
     model, opt = _adaptive_setup()
     ddp = nn.parallel.DistributedDataParallel(model)
     message, changed_at, before = "", None, None
-    for i, (x, y) in enumerate(zip(xs[:, rank * half:(rank + 1) * half], ys[:, rank * half:(rank + 1) * half])):
+    for i, (x, y) in enumerate(
+        zip(xs[:, rank * half : (rank + 1) * half], ys[:, rank * half : (rank + 1) * half])
+    ):
         opt.zero_grad()
         nn.functional.cross_entropy(ddp(x), y).backward()  # the wrapper is never rebuilt
         before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -311,7 +322,9 @@ def test_a_stale_ddp_wrapper_after_a_rank_change_is_refused_with_what_to_do(ddp_
 
 def _galore_setup():
     torch.manual_seed(4)
-    model = nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 5)).double()
+    model = nn.Sequential(
+        nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 5)
+    ).double()
     return model, tlr.optim.GaLoreAdamW(model.parameters(), lr=1e-2, rank=4, update_gap=2)
 
 
@@ -320,7 +333,7 @@ def _galore_worker(rank, world, out):
     half = BATCH // world
     model, opt = _galore_setup()
     ddp = nn.parallel.DistributedDataParallel(model)
-    for x, y in zip(xs[:, rank * half:(rank + 1) * half], ys[:, rank * half:(rank + 1) * half]):
+    for x, y in zip(xs[:, rank * half : (rank + 1) * half], ys[:, rank * half : (rank + 1) * half]):
         opt.zero_grad()
         nn.functional.cross_entropy(ddp(x.double()), y).backward()
         opt.step()
@@ -356,8 +369,15 @@ def test_rank_decisions_are_rank_0s_on_every_process(ddp_out):
 
 def _q3r_setup(shard):
     torch.manual_seed(5)
-    model = nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 24),
-                          nn.ReLU(), nn.Linear(24, 5)).double()
+    model = nn.Sequential(
+        nn.Linear(20, 32),
+        nn.ReLU(),
+        nn.Linear(32, 32),
+        nn.ReLU(),
+        nn.Linear(32, 24),
+        nn.ReLU(),
+        nn.Linear(24, 5),
+    ).double()
     reg = tlr.Q3R(model, target_rank=3, lam=0.05, period=2, targets=["0", "2", "4"], shard_reweighting=shard)
     return model, torch.optim.SGD(model.parameters(), lr=0.1), reg
 
@@ -381,17 +401,27 @@ def _sharded_q3r_worker(rank, world, out):
         def wrapped(*args, **kwargs):
             calls[name] += 1
             return originals[name](*args, **kwargs)
+
         return wrapped
 
     ddp = nn.parallel.DistributedDataParallel(model)
     for name in calls:  # count the regularizer's own collectives (DDP's all-reduce runs in C++)
         setattr(dist, name, counting(name))
     try:
-        _q3r_train(model, opt, reg, xs[:, rank * half:(rank + 1) * half], ys[:, rank * half:(rank + 1) * half], ddp)
+        _q3r_train(
+            model,
+            opt,
+            reg,
+            xs[:, rank * half : (rank + 1) * half],
+            ys[:, rank * half : (rank + 1) * half],
+            ddp,
+        )
     finally:
         for name, f in originals.items():
             setattr(dist, name, f)
-    torch.save({"state": model.state_dict(), "reg": reg.state_dict(), "calls": calls}, out / f"q3r_shard{rank}.pt")
+    torch.save(
+        {"state": model.state_dict(), "reg": reg.state_dict(), "calls": calls}, out / f"q3r_shard{rank}.pt"
+    )
 
 
 def test_sharded_q3r_reweighting_under_ddp_equals_one_process_with_the_stated_collectives(ddp_out):
@@ -404,8 +434,12 @@ def test_sharded_q3r_reweighting_under_ddp_equals_one_process_with_the_stated_co
             torch.testing.assert_close(g["state"][k], v, atol=1e-10, rtol=1e-8)
         for a, b in zip(g["reg"]["blocks"], reg.state_dict()["blocks"]):  # the same U, V, s, eps everywhere
             assert a["eps"] == pytest.approx(b["eps"], rel=1e-10)
-            torch.testing.assert_close(a["U"] @ torch.diag(a["s"]) @ a["V"].T, b["U"] @ torch.diag(b["s"]) @ b["V"].T,
-                                       atol=1e-10, rtol=1e-8)
+            torch.testing.assert_close(
+                a["U"] @ torch.diag(a["s"]) @ a["V"].T,
+                b["U"] @ torch.diag(b["s"]) @ b["V"].T,
+                atol=1e-10,
+                rtol=1e-8,
+            )
     for k in model.state_dict():
         assert torch.equal(got[0]["state"][k], got[1]["state"][k])
     # STEPS = 4, period 2: two reweightings, each 2 all-reduces and one broadcast per block (3 blocks)

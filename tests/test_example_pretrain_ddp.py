@@ -1,4 +1,5 @@
 """The rank-adaptive DDP example, as a user runs it: one process and torchrun with 2 processes."""
+
 import json
 import os
 import subprocess
@@ -15,9 +16,21 @@ ARGS = ["--steps", "40", "--train-size", "4000", "--test-size", "1000", "--lr", 
 def _run(out, nproc):
     pytest.importorskip("safetensors")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src"), "TLR_PROGRESS": "0"}
-    cmd = [sys.executable, str(EXAMPLE)] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(EXAMPLE)]
-    r = subprocess.run(cmd + ARGS + ["--out", str(out)], capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    cmd = (
+        [sys.executable, str(EXAMPLE)]
+        if nproc == 1
+        else [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            str(EXAMPLE),
+        ]
+    )
+    r = subprocess.run(
+        cmd + ARGS + ["--out", str(out)], capture_output=True, text=True, env=env, timeout=300, cwd=ROOT
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
     assert (out / "model.safetensors").is_file()
     return json.loads((out / "result.json").read_text())
@@ -28,7 +41,9 @@ def test_rank_adaptive_example_under_torchrun_rewraps_ddp_and_matches_one_proces
     one = _run(tmp_path / "one", 1)
     two = _run(tmp_path / "two", 2)
     assert one["world_size"] == 1 and two["world_size"] == 2
-    assert two["rank_changes"] >= 1 and two["ddp_rewraps"] == two["rank_changes"]  # re-wrapped after each change
+    assert (
+        two["rank_changes"] >= 1 and two["ddp_rewraps"] == two["rank_changes"]
+    )  # re-wrapped after each change
     assert two["max_abs_weight_diff_between_ranks"] == 0.0  # the replicas never drift apart
     assert all(r < r0 for r, r0 in zip(two["final_ranks"], two["initial_ranks"]))
     # the same global batches: the same run up to float32 rounding of the gradient mean

@@ -1,4 +1,5 @@
 """Quick run of the geometric-ablation experiment (LowRankAdam vs factorized Adam, one factor at a time)."""
+
 from __future__ import annotations
 
 import math
@@ -20,8 +21,15 @@ def test_every_arm_is_reported_by_name(quick):
     assert [s.key for s in ga.QUICK.settings] == ["digits"]
     for arm in ga.QUICK.arms:
         p = f"digits.{arm.key}"
-        for field in ("lr", "val_accuracy", "test_accuracy_mean", "test_accuracy_std", "train_loss_mean",
-                      "train_loss_std", "first_loss"):
+        for field in (
+            "lr",
+            "val_accuracy",
+            "test_accuracy_mean",
+            "test_accuracy_std",
+            "train_loss_mean",
+            "train_loss_std",
+            "first_loss",
+        ):
             assert math.isfinite(quick.metrics[f"{p}.{field}"]), (p, field)
         assert 0.0 <= quick.metrics[f"{p}.test_accuracy_mean"] <= 1.0
         if arm.kind == "dense":
@@ -30,8 +38,16 @@ def test_every_arm_is_reported_by_name(quick):
             assert 0.0 < quick.metrics[f"{p}.off_core_ratio"] < math.inf, p
     # the baselines and every factor the issue names are present
     factors = {a.factor for a in ga.QUICK.arms}
-    assert {"reference", "baseline", "second moment", "basis step", "S init", "weight decay", "augment_every",
-            "warm-up"} <= factors
+    assert {
+        "reference",
+        "baseline",
+        "second moment",
+        "basis step",
+        "S init",
+        "weight decay",
+        "augment_every",
+        "warm-up",
+    } <= factors
     kinds = {a.key: a.kind for a in ga.QUICK.arms}
     assert kinds["factorized_adam"] == "factorized" and kinds["dense_adam"] == "dense"
     moments = {a.second_moment for a in ga.QUICK.arms if a.kind == "lowrank"}
@@ -51,11 +67,15 @@ def test_learning_rate_is_the_validation_choice_from_the_grid(quick):
         assert set(cfg.lr_grid) <= tried  # the whole grid was run for every arm
         assert tried - set(cfg.lr_grid) <= allowed
         if tried != set(cfg.lr_grid):  # an extension only when the grid's best lay at its edge
-            best_in_grid = max((r for r in rows if r[col["lr"]] in cfg.lr_grid),
-                               key=lambda r: (r[col["val acc"]], -r[col["val loss"]]))
+            best_in_grid = max(
+                (r for r in rows if r[col["lr"]] in cfg.lr_grid),
+                key=lambda r: (r[col["val acc"]], -r[col["val loss"]]),
+            )
             assert best_in_grid[col["lr"]] in (cfg.lr_grid[0], cfg.lr_grid[-1])
             side = cfg.lr_below if best_in_grid[col["lr"]] == cfg.lr_grid[0] else cfg.lr_above
-            assert tried - set(cfg.lr_grid) == set(side[:len(tried) - len(cfg.lr_grid)])  # in order, one side
+            assert tried - set(cfg.lr_grid) == set(
+                side[: len(tried) - len(cfg.lr_grid)]
+            )  # in order, one side
         best = max(rows, key=lambda r: (r[col["val acc"]], -r[col["val loss"]]))
         assert best[col["lr"]] == lr  # chosen on the validation split, by the stated rule
         assert quick.metrics[f"digits.{arm.key}.val_accuracy"] == best[col["val acc"]]

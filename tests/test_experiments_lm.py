@@ -1,4 +1,5 @@
 """Quick run of the lowrank-lm reproduction (byte-level Llama at a parameter budget)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -81,8 +82,15 @@ def test_quick_run_records_learning_rates(lm):
 
 
 def test_learning_rate_is_tuned_on_validation_and_reused_for_other_seeds():
-    cfg = dataclasses.replace(lowrank_lm.QUICK, fixed_lr={}, lr_grid=(1e-5, 3e-3), fractions=(), steps=20,
-                              eval_every=10, seeds=(0, 1))
+    cfg = dataclasses.replace(
+        lowrank_lm.QUICK,
+        fixed_lr={},
+        lr_grid=(1e-5, 3e-3),
+        fractions=(),
+        steps=20,
+        eval_every=10,
+        seeds=(0, 1),
+    )
     result = lowrank_lm.lm_study("lowrank-lm-tuning", cfg, quick=True, progress=False)
     tuning = result.history["tuning"]
     assert [r["lr"] for r in tuning] == [1e-5, 3e-3]
@@ -104,8 +112,9 @@ def test_quick_report_writes(lm, tmp_path):
 
 
 def test_a_diverged_run_is_recorded_not_raised():
-    cfg = dataclasses.replace(lowrank_lm.QUICK, fixed_lr={m: 50.0 for m in lowrank_lm.METHODS}, steps=12,
-                              eval_every=4)
+    cfg = dataclasses.replace(
+        lowrank_lm.QUICK, fixed_lr={m: 50.0 for m in lowrank_lm.METHODS}, steps=12, eval_every=4
+    )
     result = lowrank_lm.lm_study("lowrank-lm-diverged", cfg, quick=True, progress=False)
     for r in result.history["runs"]:
         assert r["val"][-1] == math.inf and len(r["val"]) == len(r["step"]) == len(r["seconds"]), r["method"]

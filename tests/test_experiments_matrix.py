@@ -1,5 +1,6 @@
 """The matrix reproductions: unknown-rank (quick) runs, is registered, scopes its thread count, and
 its oracle baseline is exact; movielens runs without scikit-surprise and says so."""
+
 import builtins
 import math
 
@@ -17,8 +18,13 @@ def test_unknown_rank_quick_runs_restores_threads_and_its_als_oracle_is_exact():
     cols = table.columns
     assert row[cols.index("ALS true rank: error")] < 1e-6  # the oracle (rank given) recovers
     assert math.isfinite(row[cols.index("ours: error")]) and row[cols.index("ours: error")] < 1.0
-    assert row[cols.index("ours: status")] in ("converged", "early_stopped", "not_converged", "stalled_at_init",
-                                               "diverged")
+    assert row[cols.index("ours: status")] in (
+        "converged",
+        "early_stopped",
+        "not_converged",
+        "stalled_at_init",
+        "diverged",
+    )
     assert "reproduce unknown-rank" in res.notes
 
 
@@ -48,5 +54,7 @@ def test_depth_width_quick_depth_3_over_parameterized_recovers_where_depth_2_ove
         r = get_experiment("depth-width").run(quick=True, progress=False)
     rows = {(row[0], row[1]): row for row in r.tables[0].rows}
     assert rows[(3, 100)][3] < 1e-4 < 0.05 < rows[(2, 100)][3]
-    for row in r.tables[0].rows:  # a stop declared "converged" is a real recovery (no saddle taken for the optimum)
+    for row in r.tables[
+        0
+    ].rows:  # a stop declared "converged" is a real recovery (no saddle taken for the optimum)
         assert row[-1] != "converged" or row[3] < 1e-6, row

@@ -1,4 +1,5 @@
 """Quick runs of the geometry-toy and lowrank-pretrain reproductions (and their demo sections)."""
+
 from __future__ import annotations
 
 import pytest
@@ -23,7 +24,9 @@ def test_geometry_toy_geometric_step_is_insensitive_to_conditioning(geometry, tm
     for kappa in ("1e+01", "1e+05"):
         assert _final(geometry, "approx", kappa, "LowRankSGD") < 1e-10
     # the factor methods stop far short of that in the same number of steps
-    assert _final(geometry, "approx", "1e+05", "heavy ball on factors") > 1e3 * _final(geometry, "approx", "1e+05", "LowRankSGD")
+    assert _final(geometry, "approx", "1e+05", "heavy ball on factors") > 1e3 * _final(
+        geometry, "approx", "1e+05", "LowRankSGD"
+    )
     assert geometry.config["command"].startswith("torchlowrank reproduce geometry-toy")
     paths = write_report(geometry, tmp_path)
     assert paths["md"].exists() and any(k.startswith("png:") for k in paths)

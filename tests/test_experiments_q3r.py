@@ -1,4 +1,5 @@
 """Q3R reproductions: q3r-truncation (quick), the q3r demo section, and the q3r-finetune export path."""
+
 import copy
 
 import pytest
@@ -11,7 +12,9 @@ def test_q3r_experiments_and_demo_are_registered():
     names = {e.name for e in list_experiments()}
     assert {"q3r-truncation", "q3r-finetune"} <= names
     orders = [s.order for s in demo_sections()]
-    assert "q3r" in [s.name for s in demo_sections()] and len(set(orders)) == len(orders)  # a well-defined order
+    assert "q3r" in [s.name for s in demo_sections()] and len(set(orders)) == len(
+        orders
+    )  # a well-defined order
 
 
 def test_q3r_truncation_quick_reports_every_method_and_fraction():
@@ -50,7 +53,7 @@ def test_update_turned_into_a_lora_adapter_is_served_identically_by_peft(tmp_pat
     with torch.no_grad():  # an exactly rank-2 update of every targeted matrix, and a new head
         for layer in _targeted(tuned).values():
             m, n = layer.weight.shape
-            layer.weight.add_(0.05 * torch.randn(m, 2, generator=g) @ torch.randn(2, n, generator=g) / n ** 0.5)
+            layer.weight.add_(0.05 * torch.randn(m, 2, generator=g) @ torch.randn(2, n, generator=g) / n**0.5)
         tuned.classifier.weight.add_(0.1 * torch.randn(tuned.classifier.weight.shape, generator=g))
     enc = tokenizer(["a gorgeous, witty film", "tedious and flat"], padding=True, return_tensors="pt")
     with torch.no_grad():
@@ -66,7 +69,13 @@ def test_q3r_finetune_quick_runs_end_to_end():
     pytest.importorskip("peft")
     result = get_experiment("q3r-finetune").run(quick=True)
     m = result.metrics
-    for key in ("full_accuracy", "q3r_accuracy", "lora_accuracy", "full_adapter_accuracy", "q3r_adapter_accuracy"):
+    for key in (
+        "full_accuracy",
+        "q3r_accuracy",
+        "lora_accuracy",
+        "full_adapter_accuracy",
+        "q3r_adapter_accuracy",
+    ):
         assert 0.0 <= m[key] <= 1.0
     # the adapter served by peft is the same model as tlr's adapted copy
     assert m["full_adapter_accuracy"] == m["full_adapter_accuracy_tlr"]

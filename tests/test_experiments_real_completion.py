@@ -1,5 +1,6 @@
 """real-completion (issue 21): registered, runs in quick mode on real data (diabetes, flower.jpg,
 MovieLens-100K), and every default estimator is no worse than the mean on held-out entries."""
+
 import torch
 
 from torchlowrank.experiments import get_experiment
@@ -15,7 +16,9 @@ def test_temporal_split_holds_out_each_users_latest_ratings():
     last_train = {}
     for a, b in zip(case.train[0].tolist(), case.train[1].tolist()):
         last_train[a] = max(last_train.get(a, -1), key[(a, b)])
-    assert all(key[(a, b)] >= last_train.get(a, -1) for a, b in zip(case.test[0].tolist(), case.test[1].tolist()))
+    assert all(
+        key[(a, b)] >= last_train.get(a, -1) for a, b in zip(case.test[0].tolist(), case.test[1].tolist())
+    )
     assert 0.08 < len(case.test[2]) / len(r) < 0.12
 
 

@@ -1,4 +1,5 @@
 """FactorizedLinear / FactorizedConv2d (W = A B^T) and factorize_ab."""
+
 from __future__ import annotations
 
 import pytest
@@ -50,7 +51,9 @@ def test_gradients_match_autograd_on_the_dense_weight():
 def test_factorize_ab_replaces_targets_and_counts_parameters():
     model = tlr.models.LeNet5()
     factorize_ab(model, 0.2, targets=["features.0", "features.3", "classifier.1", "classifier.3"])
-    assert isinstance(model.features[0], FactorizedConv2d) and isinstance(model.classifier[1], FactorizedLinear)
+    assert isinstance(model.features[0], FactorizedConv2d) and isinstance(
+        model.classifier[1], FactorizedLinear
+    )
     assert isinstance(model.classifier[5], nn.Linear)
     lin = model.classifier[1]
     assert lin.rank == int(0.2 * 120 * 400 / 520)

@@ -1,6 +1,7 @@
 """Hugging Face Trainer integration: our optimizers and callbacks inside Trainer.train() give what a
 manual loop gives; gradient checkpointing keeps adapter gradients; the MiniLM example runs end to
 end (1 and 2 processes) and its adapter loads in peft."""
+
 import copy
 import json
 import os
@@ -12,14 +13,18 @@ import pytest
 import torch
 from torch import nn
 
-import torchlowrank as tlr
 import hf_models
+import torchlowrank as tlr
 
 transformers = pytest.importorskip("transformers")
 from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
-from torchlowrank.integrations.hf import (RegularizerCallback, SpectrumTrackerCallback, TruncateCallback,  # noqa: E402
-                                          enable_gradient_checkpointing)
+from torchlowrank.integrations.hf import (  # noqa: E402
+    RegularizerCallback,
+    SpectrumTrackerCallback,
+    TruncateCallback,  # noqa: E402
+    enable_gradient_checkpointing,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 N, SEQ = 8, 10
@@ -37,9 +42,19 @@ def _batch(ds):
 
 def _args(tmp_path, steps, batch=N, **kw):
     kw = {"max_grad_norm": 0.0, "lr_scheduler_type": "constant", "warmup_steps": 0, **kw}
-    return TrainingArguments(output_dir=str(tmp_path / "trainer"), max_steps=steps, per_device_train_batch_size=batch,
-                             use_cpu=True, report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True,
-                             dataloader_num_workers=0, seed=0, **kw)
+    return TrainingArguments(
+        output_dir=str(tmp_path / "trainer"),
+        max_steps=steps,
+        per_device_train_batch_size=batch,
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        seed=0,
+        **kw,
+    )
 
 
 def _manual(model, ds, opt, steps, after_backward=None):
@@ -80,8 +95,10 @@ def test_trainer_with_adapter_param_groups_equals_a_manual_loop_and_keeps_deep_l
     assert {g["name"]: g["lr"] for g in opt.param_groups} == {"adapter": lr, "adapter_outer": lr * 0.01}
     _manual(ref, ds, torch.optim.AdamW(tlr.adapter_param_groups(ref, lr)), 3)
     _assert_same(_trainable(model), _trainable(ref))
-    assert not torch.equal(_trainable(model)["model.layers.0.self_attn.q_proj.lora_factors.1"],
-                           _trainable(_deep_lora_llama(ds))["model.layers.0.self_attn.q_proj.lora_factors.1"])
+    assert not torch.equal(
+        _trainable(model)["model.layers.0.self_attn.q_proj.lora_factors.1"],
+        _trainable(_deep_lora_llama(ds))["model.layers.0.self_attn.q_proj.lora_factors.1"],
+    )
 
 
 def test_the_trainers_default_scheduler_keeps_deep_loras_outer_to_inner_learning_rate_ratio(tmp_path):
@@ -94,8 +111,13 @@ def test_the_trainers_default_scheduler_keeps_deep_loras_outer_to_inner_learning
         def on_optimizer_step(self, args, state, control, **kwargs):
             seen.append({g["name"]: g["lr"] for g in opt.param_groups})
 
-    Trainer(model=model, args=_args(tmp_path, 3, lr_scheduler_type="linear", warmup_steps=1), train_dataset=ds,
-            optimizers=(opt, None), callbacks=[Lrs()]).train()
+    Trainer(
+        model=model,
+        args=_args(tmp_path, 3, lr_scheduler_type="linear", warmup_steps=1),
+        train_dataset=ds,
+        optimizers=(opt, None),
+        callbacks=[Lrs()],
+    ).train()
     assert len({s["adapter"] for s in seen}) == 3  # the schedule did change the lr ...
     for s in seen:  # ... by the same factor in both groups
         assert s["adapter_outer"] == pytest.approx(0.01 * s["adapter"], rel=1e-12)
@@ -132,8 +154,13 @@ def test_regularizer_callback_adds_its_gradient_once_per_optimizer_step_like_a_m
 
     reg = reg_for(model)
     opt = torch.optim.SGD(tlr.adapter_param_groups(model, 0.1))
-    trainer = Trainer(model=model, args=_args(tmp_path, steps, batch=N // 2, gradient_accumulation_steps=2),
-                      train_dataset=ds, optimizers=(opt, None), callbacks=[RegularizerCallback(reg)])
+    trainer = Trainer(
+        model=model,
+        args=_args(tmp_path, steps, batch=N // 2, gradient_accumulation_steps=2),
+        train_dataset=ds,
+        optimizers=(opt, None),
+        callbacks=[RegularizerCallback(reg)],
+    )
     trainer.train()
     assert reg.calls == steps  # once per optimizer step, not per micro-batch
     ref_reg = reg_for(ref)
@@ -155,8 +182,13 @@ def test_q3r_through_the_regularizer_callback_equals_a_manual_loop(tmp_path):
 
     reg = reg_for(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    Trainer(model=model, args=_args(tmp_path, steps), train_dataset=ds, optimizers=(opt, None),
-            callbacks=[RegularizerCallback(reg)]).train()
+    Trainer(
+        model=model,
+        args=_args(tmp_path, steps),
+        train_dataset=ds,
+        optimizers=(opt, None),
+        callbacks=[RegularizerCallback(reg)],
+    ).train()
     ref_reg = reg_for(ref)
     _manual(ref, ds, torch.optim.SGD(ref.parameters(), lr=0.05), steps, after_backward=ref_reg.step)
     _assert_same(_trainable(model), _trainable(ref), atol=1e-6)
@@ -175,13 +207,17 @@ def test_spectrum_tracker_callback_records_the_gradients_of_each_step_like_attac
     kw = {"every": 1, "track": ("weight", "grad"), "targets": ["q_proj", "down_proj"]}
     cb = SpectrumTrackerCallback(**kw)
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    Trainer(model=model, args=_args(tmp_path, 3), train_dataset=ds, optimizers=(opt, None), callbacks=[cb]).train()
+    Trainer(
+        model=model, args=_args(tmp_path, 3), train_dataset=ds, optimizers=(opt, None), callbacks=[cb]
+    ).train()
     ref_opt = torch.optim.SGD(ref.parameters(), lr=0.5)
     ref_tracker = tlr.SpectrumTracker(ref, **kw).attach(ref_opt)
     _manual(ref, ds, ref_opt, 3)
     got, want = cb.tracker.history, ref_tracker.history
     assert len(got) == len(want) > 0
-    assert [(r["step"], r["layer"], r["quantity"]) for r in got] == [(r["step"], r["layer"], r["quantity"]) for r in want]
+    assert [(r["step"], r["layer"], r["quantity"]) for r in got] == [
+        (r["step"], r["layer"], r["quantity"]) for r in want
+    ]
     grads = [r for r in got if r["quantity"] == "grad"]
     assert {r["step"] for r in grads} == {1, 2, 3} and all(r["fro_norm"] > 0 for r in grads)
     for a, b in zip(got, want):
@@ -201,7 +237,9 @@ def test_spectrum_tracker_callback_takes_a_tracker_or_its_arguments_not_both():
 
 class _Snapshot(TrainerCallback):
     def on_train_end(self, args, state, control, model=None, **kwargs):
-        self.weights = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+        self.weights = {
+            n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, nn.Linear)
+        }
 
 
 def test_truncate_callback_leaves_the_best_rank_k_approximation_of_the_trained_weights(tmp_path):
@@ -209,8 +247,9 @@ def test_truncate_callback_leaves_the_best_rank_k_approximation_of_the_trained_w
     model = hf_models.tiny_llama()
     snap, cut = _Snapshot(), TruncateCallback(0.5, targets=["q_proj", "up_proj"])
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    trainer = Trainer(model=model, args=_args(tmp_path, 2), train_dataset=ds, optimizers=(opt, None),
-                      callbacks=[snap, cut])
+    trainer = Trainer(
+        model=model, args=_args(tmp_path, 2), train_dataset=ds, optimizers=(opt, None), callbacks=[snap, cut]
+    )
     trainer.train()
     names = [n for n in snap.weights if n.endswith(("q_proj", "up_proj"))]
     assert len(names) == 4 and set(cut.report.ranks) == set(names)
@@ -234,8 +273,13 @@ def test_truncate_callback_fails_before_training_when_a_layer_would_get_rank_0(t
     model = hf_models.tiny_llama()
     before = copy.deepcopy(model.state_dict())
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    trainer = Trainer(model=model, args=_args(tmp_path, 2), train_dataset=ds, optimizers=(opt, None),
-                      callbacks=[TruncateCallback(0.01, targets=["q_proj"])])
+    trainer = Trainer(
+        model=model,
+        args=_args(tmp_path, 2),
+        train_dataset=ds,
+        optimizers=(opt, None),
+        callbacks=[TruncateCallback(0.01, targets=["q_proj"])],
+    )
     with pytest.raises(ValueError, match="rank 0"):
         trainer.train()
     assert trainer.state.global_step == 0
@@ -249,6 +293,7 @@ def _adapter_grads(name, checkpointing=None):
     model = hf_models.build(name)
     tlr.adapt(model, tlr.LoRAConfig(r=4, target_modules=["q_proj", "v_proj"]))
     from conftest import randomize_trainable
+
     randomize_trainable(model)
     model.train()
     if checkpointing is not None:
@@ -270,8 +315,11 @@ def test_gradient_checkpointing_gives_the_adapters_the_same_gradients(name, use_
 
 
 # transformers 5 renamed TrainingArguments.gradient_checkpointing to activation_checkpointing
-GC_ARG = "activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__ \
+GC_ARG = (
+    "activation_checkpointing"
+    if "activation_checkpointing" in TrainingArguments.__dataclass_fields__
     else "gradient_checkpointing"
+)
 
 
 def test_trainer_with_gradient_checkpointing_trains_adapters_like_without(tmp_path):
@@ -280,32 +328,59 @@ def test_trainer_with_gradient_checkpointing_trains_adapters_like_without(tmp_pa
     for gc in (False, True):
         model = _deep_lora_llama(ds)
         opt = torch.optim.AdamW(tlr.adapter_param_groups(model, 1e-2))
-        Trainer(model=model, args=_args(tmp_path / str(gc), 2, **{GC_ARG: gc}), train_dataset=ds,
-                optimizers=(opt, None)).train()
+        Trainer(
+            model=model,
+            args=_args(tmp_path / str(gc), 2, **{GC_ARG: gc}),
+            train_dataset=ds,
+            optimizers=(opt, None),
+        ).train()
         runs.append(_trainable(model))
     _assert_same(runs[1], runs[0])
 
 
 def _python(code, **env):
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PYTHONPATH": str(ROOT / "src"), **env})
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "src"), **env},
+    )
 
 
 def test_import_torchlowrank_does_not_import_transformers_and_a_missing_transformers_names_the_extra():
-    r = _python("import sys, torchlowrank as tlr; print('transformers' in sys.modules)\n"
-                "print(tlr.integrations.hf.TruncateCallback.__name__, 'transformers' in sys.modules)")
+    r = _python(
+        "import sys, torchlowrank as tlr; print('transformers' in sys.modules)\n"
+        "print(tlr.integrations.hf.TruncateCallback.__name__, 'transformers' in sys.modules)"
+    )
     assert r.returncode == 0 and r.stdout.split() == ["False", "TruncateCallback", "True"], r.stderr
-    r = _python("import sys; sys.modules['transformers'] = None\n"
-                "try:\n    import torchlowrank.integrations.hf\nexcept ImportError as e:\n    print(e)")
+    r = _python(
+        "import sys; sys.modules['transformers'] = None\n"
+        "try:\n    import torchlowrank.integrations.hf\nexcept ImportError as e:\n    print(e)"
+    )
     assert r.returncode == 0 and "pip install 'torchlowrank[hf]'" in r.stdout, r.stderr
 
 
 # --- the example script, as a user runs it ------------------------------------------------------------
 
 EXAMPLE = ROOT / "examples" / "finetune_minilm_trainer.py"
-EXAMPLE_ARGS = ["--steps", "3", "--train-size", "32", "--eval-size", "32", "--max-length", "24", "--batch-size", "4",
-                # a larger eps and lr than the defaults so that 3 steps move the logits measurably
-                "--init-scale", "0.3", "--lr", "1e-2"]
+EXAMPLE_ARGS = [
+    "--steps",
+    "3",
+    "--train-size",
+    "32",
+    "--eval-size",
+    "32",
+    "--max-length",
+    "24",
+    "--batch-size",
+    "4",
+    # a larger eps and lr than the defaults so that 3 steps move the logits measurably
+    "--init-scale",
+    "0.3",
+    "--lr",
+    "1e-2",
+]
 
 
 def _run_example(out, nproc):
@@ -313,10 +388,22 @@ def _run_example(out, nproc):
     if nproc == 1:
         cmd = [sys.executable, str(EXAMPLE)]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               str(EXAMPLE)]
-    r = subprocess.run(cmd + EXAMPLE_ARGS + ["--out", str(out)], capture_output=True, text=True, env=env,
-                       timeout=300, cwd=ROOT)
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            str(EXAMPLE),
+        ]
+    r = subprocess.run(
+        cmd + EXAMPLE_ARGS + ["--out", str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        cwd=ROOT,
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
     return json.loads((out / "result.json").read_text())
 
@@ -327,8 +414,9 @@ def _check_example(res, out, nproc):
     assert res["peft_max_abs_logit_diff"] <= 1e-5  # ... and peft, loading the export, gives our logits
     assert 0.0 <= res["accuracy"] <= 1.0 and res["eval_examples"] == 32
     assert 0.5 <= res["majority_class_accuracy"] <= 1.0  # 3 steps need not beat it; the status says so
-    assert res["status"] == ("ok" if res["accuracy"] > res["majority_class_accuracy"]
-                             else "no better than the majority class")
+    assert res["status"] == (
+        "ok" if res["accuracy"] > res["majority_class_accuracy"] else "no better than the majority class"
+    )
     assert (out / "peft" / "adapter_config.json").is_file()
     assert res["trainable_params"] < res["total_params"] / 10
 

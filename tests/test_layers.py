@@ -122,6 +122,7 @@ def test_init_forms_no_dense_matrix_and_runs_no_svd(monkeypatch):
 
     def no_svd(*a, **k):
         raise AssertionError("reset_parameters must not compute an SVD")
+
     monkeypatch.setattr(layers, "truncated_svd", no_svd)
     layer = tlr.LowRankLinear(4096, 4096, 16)
     conv = tlr.LowRankConv2d(64, 64, 3, rank=8)
@@ -149,7 +150,7 @@ def test_from_linear_constructs_subclasses_through_their_init():
 
 
 def test_from_linear_accepts_a_hugging_face_conv1d():
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     from transformers.pytorch_utils import Conv1D
 
     conv = Conv1D(nf=12, nx=20).double()

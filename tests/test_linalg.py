@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import torchlowrank as tlr
-from torchlowrank.linalg import robust_svd
 from conftest import decaying_matrix
+from torchlowrank.linalg import robust_svd
 
 
 def test_full_truncated_svd_matches_float64_reference():
@@ -97,7 +97,9 @@ def test_orthogonal_init_has_all_singular_values_equal_to_scale():
     for rows, cols in [(20, 7), (7, 20), (9, 9)]:
         W = tlr.orthogonal_init(rows, cols, scale=1e-3, dtype=torch.float64)
         assert W.shape == (rows, cols)
-        torch.testing.assert_close(torch.linalg.svdvals(W), torch.full((min(rows, cols),), 1e-3, dtype=torch.float64))
+        torch.testing.assert_close(
+            torch.linalg.svdvals(W), torch.full((min(rows, cols),), 1e-3, dtype=torch.float64)
+        )
 
 
 def test_principal_angles_zero_for_same_subspace_and_right_angle_for_orthogonal():
@@ -144,5 +146,5 @@ def test_hashed_sketch_is_the_same_numbers_in_every_dtype_and_a_full_rank_unifor
     b = tlr.linalg.hashed_sketch(500, 40, seed=3, dtype=torch.float64)
     assert torch.equal(a.double(), b)  # 24 random bits: exact in float32
     assert not torch.equal(a, tlr.linalg.hashed_sketch(500, 40, seed=4))
-    assert a.min() >= -1 and a.max() < 1 and abs(a.mean()) < 0.05 and abs(a.std() - 3 ** -0.5) < 0.02
+    assert a.min() >= -1 and a.max() < 1 and abs(a.mean()) < 0.05 and abs(a.std() - 3**-0.5) < 0.02
     assert torch.linalg.matrix_rank(b) == 40

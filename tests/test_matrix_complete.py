@@ -1,5 +1,6 @@
 """complete(): the one-call API, its input validation, divergence detection, early stopping, and
 the soft-impute baseline."""
+
 import math
 import warnings
 
@@ -7,7 +8,16 @@ import pytest
 import torch
 
 import torchlowrank as tlr
-from torchlowrank.matrix import Completion, CompressedFactorization, complete, low_rank_target, random_mask, soft_impute, svt, train_gd
+from torchlowrank.matrix import (
+    Completion,
+    CompressedFactorization,
+    complete,
+    low_rank_target,
+    random_mask,
+    soft_impute,
+    svt,
+    train_gd,
+)
 
 
 def _data(d=40, r=2, frac=0.5, seed=11, shape=None):
@@ -20,8 +30,17 @@ def _data(d=40, r=2, frac=0.5, seed=11, shape=None):
 def test_complete_recovers_a_rectangular_low_rank_matrix():
     M, mask = _data(shape=(40, 30), frac=0.6)
     observed = torch.where(mask, M, torch.full_like(M, float("nan")))  # NaN off the mask is fine
-    res = complete(observed, mask, depth=3, rank=2, init_scale=1e-2, truth=M, target_error=1e-6, max_iters=10_000,
-                   polish=False)  # the descent alone (the polish would finish first, by tol)
+    res = complete(
+        observed,
+        mask,
+        depth=3,
+        rank=2,
+        init_scale=1e-2,
+        truth=M,
+        target_error=1e-6,
+        max_iters=10_000,
+        polish=False,
+    )  # the descent alone (the polish would finish first, by tol)
     assert res.matrix.shape == (40, 30)
     assert res.history.status == "converged" and res.history.reason == "target_error", res.history.message
     assert float(torch.linalg.matrix_norm(res.matrix - M) / torch.linalg.matrix_norm(M)) <= 1e-6
@@ -38,11 +57,14 @@ def test_uncompressed_complete_matches_history_fields():
     assert h.status in ("stalled_at_init", "not_converged") and h.train_loss[-1] <= h.train_loss[0]
 
 
-@pytest.mark.parametrize("make,match", [
-    (lambda M, mk: (M, mk[:, :-1]), "same shape"),
-    (lambda M, mk: (M, torch.zeros_like(mk)), "no entries"),
-    (lambda M, mk: (torch.where(mk, torch.full_like(M, float("nan")), M), mk), "NaN"),
-])
+@pytest.mark.parametrize(
+    "make,match",
+    [
+        (lambda M, mk: (M, mk[:, :-1]), "same shape"),
+        (lambda M, mk: (M, torch.zeros_like(mk)), "no entries"),
+        (lambda M, mk: (torch.where(mk, torch.full_like(M, float("nan")), M), mk), "NaN"),
+    ],
+)
 def test_bad_inputs_raise_value_errors_that_say_what_to_do(make, match):
     M, mask = _data(d=12)
     observed, mk = make(M, mask)
@@ -73,8 +95,16 @@ def test_early_stopping_restores_the_best_validation_parameters():
     noisy = M + 0.3 * torch.randn(M.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     val_mask = random_mask(M.shape, 0.2, generator=torch.Generator().manual_seed(1)) & ~mask
     r, c = val_mask.nonzero(as_tuple=True)
-    res = complete(noisy, mask, rank=5, validation=(r, c, M[r, c]), patience=3, eval_every=20, max_iters=6000,
-                   init_scale=1e-2)
+    res = complete(
+        noisy,
+        mask,
+        rank=5,
+        validation=(r, c, M[r, c]),
+        patience=3,
+        eval_every=20,
+        max_iters=6000,
+        init_scale=1e-2,
+    )
     h = res.history
     assert h.best_iteration is not None and h.status == "early_stopped", h.message
     val_now = float((res.matrix[r, c] - M[r, c]).square().mean().sqrt())  # in the data's units

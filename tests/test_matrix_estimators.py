@@ -1,6 +1,7 @@
 """Issue 21: held-out validation by default (never worse than the mean model, honest warnings),
 ALS / soft-impute that work by default on real noisy data, sparse observed-entry arithmetic
 (checked against dense float64), time limits honoured, and one estimator interface."""
+
 import time
 import warnings
 
@@ -8,8 +9,18 @@ import numpy as np
 import pytest
 import torch
 
-from torchlowrank.matrix import (ALSCompleter, DeepMatrixCompleter, MeanModel, SoftImputeCompleter, als, complete,
-                                 low_rank_target, random_mask, relative_error, soft_impute_path)
+from torchlowrank.matrix import (
+    ALSCompleter,
+    DeepMatrixCompleter,
+    MeanModel,
+    SoftImputeCompleter,
+    als,
+    complete,
+    low_rank_target,
+    random_mask,
+    relative_error,
+    soft_impute_path,
+)
 from torchlowrank.matrix.sparse import Entries, entry_dots, ridge_rows, row_grams, sparse_top_svd
 
 
@@ -114,8 +125,11 @@ def _sparse_problem(m=37, n=29, N=300, q=4, seed=0):
     keep = rows != 0  # row 0 has no observed entry
     rows, cols = rows[keep], cols[keep]
     vals = torch.randn(rows.numel(), generator=g, dtype=torch.float64)
-    return Entries(rows, cols, vals, (m, n)), torch.randn(n, q, generator=g, dtype=torch.float64), \
-        torch.randn(m, q, generator=g, dtype=torch.float64)
+    return (
+        Entries(rows, cols, vals, (m, n)),
+        torch.randn(n, q, generator=g, dtype=torch.float64),
+        torch.randn(m, q, generator=g, dtype=torch.float64),
+    )
 
 
 def test_sparse_grams_products_and_solves_equal_their_dense_float64_definitions():
@@ -181,7 +195,9 @@ def test_als_sparse_and_dense_inputs_agree_and_float32_is_close():
 @pytest.mark.parametrize("method", ["als", "complete"])
 def test_time_limits_are_honoured_by_als_and_complete(limit, method):
     g = torch.Generator().manual_seed(0)
-    M = low_rank_target((600, 400), 8, generator=g) + 0.1 * torch.randn(600, 400, generator=g, dtype=torch.float64)
+    M = low_rank_target((600, 400), 8, generator=g) + 0.1 * torch.randn(
+        600, 400, generator=g, dtype=torch.float64
+    )
     mask = random_mask((600, 400), 0.3, generator=g)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
@@ -197,8 +213,15 @@ def test_time_limits_are_honoured_by_als_and_complete(limit, method):
     assert wall <= 1.1 * limit + 0.25, wall  # within 10% (plus the final bookkeeping on a shared machine)
 
 
-@pytest.mark.parametrize("make", [lambda: DeepMatrixCompleter(max_iters=2000), lambda: ALSCompleter(rank=3),
-                                  lambda: SoftImputeCompleter(), lambda: MeanModel()])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: DeepMatrixCompleter(max_iters=2000),
+        lambda: ALSCompleter(rank=3),
+        lambda: SoftImputeCompleter(),
+        lambda: MeanModel(),
+    ],
+)
 def test_every_estimator_has_one_interface(make):
     M, mask, hide = _diabetes()
     est = make()
@@ -229,7 +252,11 @@ def test_als_and_the_estimators_allocate_on_the_inputs_device_and_leave_the_glob
         est = ALSCompleter(rank=2).fit(M, mask)
         mm = MeanModel().fit(M, mask)
     assert torch.equal(torch.random.get_rng_state(), state)
-    assert res.U.device.type == "cpu" and est.completed_.device.type == "cpu" and mm.completed_.device.type == "cpu"
+    assert (
+        res.U.device.type == "cpu"
+        and est.completed_.device.type == "cpu"
+        and mm.completed_.device.type == "cpu"
+    )
     assert relative_error(res.matrix, M) < 1e-8
 
 
@@ -240,8 +267,12 @@ def test_train_gd_options_are_one_validated_config():
     g = torch.Generator().manual_seed(0)
     M = low_rank_target((20, 16), 2, generator=g)
     pr = Completion(M, random_mask((20, 16), 0.6, generator=g))
+
     def make():
-        return CompressedFactorization.from_problem(pr, 2, init_scale=1e-2, generator=torch.Generator().manual_seed(0))
+        return CompressedFactorization.from_problem(
+            pr, 2, init_scale=1e-2, generator=torch.Generator().manual_seed(0)
+        )
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         a = train_gd(make(), pr, 1.0, max_iters=200, adaptive=True)
@@ -253,8 +284,12 @@ def test_train_gd_options_are_one_validated_config():
         train_gd(make(), pr, 1.0, config=GDConfig(), max_iters=5)
     with pytest.raises(ValueError, match="grow"):
         train_gd(make(), pr, 1.0, adaptive=True, grow=0.5)
-    assert [final_status(r, True) for r in ("blowup", "tol", "patience", "max_iters")] == \
-        ["diverged", "converged", "early_stopped", "not_converged"]
+    assert [final_status(r, True) for r in ("blowup", "tol", "patience", "max_iters")] == [
+        "diverged",
+        "converged",
+        "early_stopped",
+        "not_converged",
+    ]
     assert final_status("time_limit", False) == "stalled_at_init"
 
 

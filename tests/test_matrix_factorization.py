@@ -1,19 +1,29 @@
 """DeepFactorization and the recovery problems: initialisation, shapes, hand-written gradients."""
+
 import math
 
 import pytest
 import torch
 
 import torchlowrank as tlr
-from torchlowrank.matrix import Completion, DeepFactorization, Factorization, Sensing, low_rank_target, random_mask
+from torchlowrank.matrix import (
+    Completion,
+    DeepFactorization,
+    Factorization,
+    Sensing,
+    low_rank_target,
+    random_mask,
+)
 
 
 def _gen(seed=0):
     return torch.Generator().manual_seed(seed)
 
 
-@pytest.mark.parametrize("shape,depth,width", [((12, 12), 3, None), ((10, 7), 3, None), ((6, 9), 4, 5),
-                                               ((8, 5), 1, None), ((8, 5), 2, 3)])
+@pytest.mark.parametrize(
+    "shape,depth,width",
+    [((12, 12), 3, None), ((10, 7), 3, None), ((6, 9), 4, 5), ((8, 5), 1, None), ((8, 5), 2, 3)],
+)
 def test_orthogonal_init_at_scale_eps_and_end_to_end_shape(shape, depth, width):
     eps = 1e-2
     model = DeepFactorization(shape, depth=depth, width=width, init_scale=eps, generator=_gen())
@@ -24,7 +34,7 @@ def test_orthogonal_init_at_scale_eps_and_end_to_end_shape(shape, depth, width):
     assert Phi.shape == shape and Phi.dtype == torch.float64
     if width is None:  # width min(m, n): every singular value of Phi(0) is eps^L
         s = torch.linalg.svdvals(Phi)
-        torch.testing.assert_close(s, torch.full_like(s, eps ** depth), rtol=1e-10, atol=0)
+        torch.testing.assert_close(s, torch.full_like(s, eps**depth), rtol=1e-10, atol=0)
 
 
 def _problems(shape, gen):

@@ -1,13 +1,22 @@
 """complete()'s adaptive step and exact polish (issue 11): the bold-driver step leaves the initial
 plateau sooner and never raises the loss; the polish finishes at the rank the network picked, only
 when the polished solution fits to tol (the trainer re-checks it), and never on noisy data."""
+
 import warnings
 
 import torch
 
 from torchlowrank.experiments.unknown_rank import make_problem
-from torchlowrank.matrix import (Completion, CompressedFactorization, complete, low_rank_target, random_mask,
-                                 relative_error, suggest_lr, train_gd)
+from torchlowrank.matrix import (
+    Completion,
+    CompressedFactorization,
+    complete,
+    low_rank_target,
+    random_mask,
+    relative_error,
+    suggest_lr,
+    train_gd,
+)
 from torchlowrank.matrix.polish import escaped_rank
 
 
@@ -25,7 +34,7 @@ def _data(shape=(40, 30), r=2, frac=0.6, seed=3):
 def test_escaped_rank_counts_the_singular_values_above_the_first_clear_gap():
     assert escaped_rank(torch.tensor([10.0, 5.0, 1.0, 1e-6, 1e-7])) == 3
     assert escaped_rank(torch.tensor([10.0, 1e-5, 1e-8])) == 1
-    assert escaped_rank(torch.tensor([10.0, 5.0, 1.0, 0.5])) is None          # no gap: nothing to trust yet
+    assert escaped_rank(torch.tensor([10.0, 5.0, 1.0, 0.5])) is None  # no gap: nothing to trust yet
     assert escaped_rank(torch.tensor([10.0, 1e-6, 1e-7]), floor=1e-4) == 1
     # a slow decay (no gap) reaching below floor * s_1 is not trusted either
     assert escaped_rank(torch.tensor([10.0, 1.0, 0.1, 1e-2, 1e-3, 1e-4, 1e-12]), floor=1e-4) is None
@@ -59,7 +68,7 @@ def test_the_adaptive_step_escapes_sooner_than_the_fixed_step_and_never_raises_t
 def test_the_trainer_rejects_a_polish_that_does_not_fit_and_descends_on():
     M, mask = _data()
     U, _, Vh = torch.linalg.svd(M, full_matrices=False)
-    M = (U[:, :2] @ Vh[:2]) * 35 ** 0.5  # equal singular values: descent's last phase is fast
+    M = (U[:, :2] @ Vh[:2]) * 35**0.5  # equal singular values: descent's last phase is fast
     problem = Completion(M, mask, truth=M)
 
     class Claims:  # writes a "solution" that fits nothing and says it fits (the first three times)
@@ -73,10 +82,20 @@ def test_the_trainer_rejects_a_polish_that_does_not_fit_and_descends_on():
                 p.zero_()
             return "claims to fit"
 
-    model = CompressedFactorization.from_problem(problem, 2, init_scale=1e-2, generator=torch.Generator().manual_seed(0))
+    model = CompressedFactorization.from_problem(
+        problem, 2, init_scale=1e-2, generator=torch.Generator().manual_seed(0)
+    )
     polish = Claims()
-    h = _quiet(train_gd, model, problem, suggest_lr(problem, 3), max_iters=20_000, tol=1e-6, adaptive=True,
-               polish=polish)
+    h = _quiet(
+        train_gd,
+        model,
+        problem,
+        suggest_lr(problem, 3),
+        max_iters=20_000,
+        tol=1e-6,
+        adaptive=True,
+        polish=polish,
+    )
     assert polish.calls == 3 and h.polished_at is None and "rejected" in h.polish_info
     assert h.status == "converged" and h.reason == "tol"
     assert problem.recovery_error(model.end_to_end()) <= 1e-5
@@ -85,7 +104,9 @@ def test_the_trainer_rejects_a_polish_that_does_not_fit_and_descends_on():
 def _noisy_data():
     """The rank-3 test matrix plus 5% Gaussian noise: no exact low-rank fit exists."""
     M, mask = _data(frac=0.7)
-    return M + 0.05 * M.std() * torch.randn(M.shape, generator=torch.Generator().manual_seed(5), dtype=M.dtype), mask
+    return M + 0.05 * M.std() * torch.randn(
+        M.shape, generator=torch.Generator().manual_seed(5), dtype=M.dtype
+    ), mask
 
 
 def test_noisy_data_is_never_polished():
@@ -102,7 +123,9 @@ def test_the_holdout_check_accepts_the_true_rank_and_refuses_a_spurious_directio
     M, mask = _data(shape=(30, 40), frac=0.5)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        problem = complete(M, mask, rank=4, max_iters=0, holdout=0).problem  # the normalised problem on all entries
+        problem = complete(
+            M, mask, rank=4, max_iters=0, holdout=0
+        ).problem  # the normalised problem on all entries
     pol = RankPolish()
     W, Y = pol._dense_problem(problem)
     b, c = problem.b.clone(), problem.c.clone()

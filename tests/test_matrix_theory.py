@@ -4,14 +4,23 @@ Loss c/2 ||Phi - M||_F^2 + wd/2 sum_l ||W_l||_F^2 (c = 1 for "sum", 1/d^2 for "m
 network from W_l(0) = eps O_l: W_l(t) = U_l diag(W~_l(t), rho(t) I_{d-2r}) V_l^T with U_l, V_l fixed and
 rho(t+1) = rho(t) (1 - lr wd - lr c rho(t)^(2(L-1))), rho(0) = eps.
 """
+
 import pytest
 import torch
 
-from torchlowrank.matrix import DeepFactorization, Factorization, invariant_bases, low_rank_target, rho_trajectory, train_gd
+from torchlowrank.matrix import (
+    DeepFactorization,
+    Factorization,
+    invariant_bases,
+    low_rank_target,
+    rho_trajectory,
+    train_gd,
+)
 
 
-@pytest.mark.parametrize("reduction,depth,eps,wd_sum", [("sum", 3, 0.4, 1.0), ("mean", 3, 0.4, 1.0),
-                                                         ("sum", 4, 0.7, 0.3)])
+@pytest.mark.parametrize(
+    "reduction,depth,eps,wd_sum", [("sum", 3, 0.4, 1.0), ("mean", 3, 0.4, 1.0), ("sum", 4, 0.7, 0.3)]
+)
 def test_complement_singular_values_follow_rho_and_subspaces_stay_fixed(reduction, depth, eps, wd_sum):
     d, r, steps = 16, 2, 150
     gen = torch.Generator().manual_seed(0)
@@ -34,13 +43,18 @@ def test_complement_singular_values_follow_rho_and_subspaces_stay_fixed(reductio
             W = W.detach()
             Up, Vp = Us[l][:, k:], Vs[l][:, k:]
             # W_l maps the fixed complement V_perp onto rho(t) U_perp and nothing else into U_perp
-            worst["block"] = max(worst["block"], float((W @ Vp - rho[t] * Up).abs().max() / rho[t]),
-                                 float((Up.T @ W - rho[t] * Vp.T).abs().max() / rho[t]))
+            worst["block"] = max(
+                worst["block"],
+                float((W @ Vp - rho[t] * Up).abs().max() / rho[t]),
+                float((Up.T @ W - rho[t] * Vp.T).abs().max() / rho[t]),
+            )
             s = torch.linalg.svdvals(W)
             gaps = ((s - rho[t]).abs() / rho[t]).sort().values
             worst["sigma"] = max(worst["sigma"], float(gaps[: d - k].max()))
 
-    train_gd(model, problem, lr, max_iters=steps, weight_decay=wd, eval_every=1, check_every=1, callback=check)
+    train_gd(
+        model, problem, lr, max_iters=steps, weight_decay=wd, eval_every=1, check_every=1, callback=check
+    )
     assert worst["block"] <= 1e-8
     assert worst["sigma"] <= 1e-8  # d - 2r singular values of every factor equal rho(t)
     # and the moving block really learned something (the test is not vacuous)
@@ -52,7 +66,7 @@ def test_rho_recursion_closed_form_without_weight_decay():
     rho = rho_trajectory(0.5, 0.1, 2, 3)
     x = 0.5
     for t in range(1, 4):
-        x = x * (1 - 0.1 * x ** 2)
+        x = x * (1 - 0.1 * x**2)
         assert abs(float(rho[t]) - x) < 1e-16
 
 

@@ -1,6 +1,7 @@
 """complete() on a user's data (issue 11): invariant to units and offset, tall == wide, stops when
 done, honest statuses with warnings, sparse / NumPy inputs, unobserved rows, no side effects, and
 the ALS / soft-impute / mean-model baselines."""
+
 import importlib
 import math
 import warnings
@@ -10,8 +11,17 @@ import pytest
 import torch
 
 import torchlowrank as tlr
-from torchlowrank.matrix import (als, complete, fit_mean_model, low_rank_target, random_mask, relative_error,
-                                 soft_impute, soft_impute_path, train_gd)
+from torchlowrank.matrix import (
+    als,
+    complete,
+    fit_mean_model,
+    low_rank_target,
+    random_mask,
+    relative_error,
+    soft_impute,
+    soft_impute_path,
+    train_gd,
+)
 
 
 def _data(shape=(40, 30), r=2, frac=0.6, seed=3, well_conditioned=False):
@@ -56,7 +66,9 @@ def test_complete_with_default_arguments_recovers_a_mean_shifted_matrix_and_stop
 def test_a_tall_matrix_recovers_exactly_like_its_transpose():
     M, mask = _data(shape=(60, 24), r=2, frac=0.6, seed=7, well_conditioned=True)
     tall = _quiet_complete(M, mask, rank=3, init_scale=1e-2, truth=M, max_iters=30_000, target_error=1e-6)
-    wide = _quiet_complete(M.T, mask.T, rank=3, init_scale=1e-2, truth=M.T, max_iters=30_000, target_error=1e-6)
+    wide = _quiet_complete(
+        M.T, mask.T, rank=3, init_scale=1e-2, truth=M.T, max_iters=30_000, target_error=1e-6
+    )
     assert tall.transposed and not wide.transposed
     assert relative_error(tall.matrix, M) <= 1e-6 and relative_error(wide.matrix, M.T) <= 1e-6
     torch.testing.assert_close(tall.matrix, wide.matrix.T, rtol=0, atol=1e-6 * float(M.abs().max()))
@@ -87,8 +99,19 @@ def test_patience_does_not_fire_during_the_initial_plateau():
     M, mask = _data(frac=0.5, well_conditioned=True)
     val = random_mask(M.shape, 0.2, generator=torch.Generator().manual_seed(1)) & ~mask
     r, c = val.nonzero(as_tuple=True)
-    res = _quiet_complete(M, mask, rank=2, init_scale=1e-2, validation=(r, c, M[r, c]), patience=2, eval_every=20,
-                          max_iters=20_000, truth=M, tol=1e-6, adaptive=False)  # fixed step: a long plateau
+    res = _quiet_complete(
+        M,
+        mask,
+        rank=2,
+        init_scale=1e-2,
+        validation=(r, c, M[r, c]),
+        patience=2,
+        eval_every=20,
+        max_iters=20_000,
+        truth=M,
+        tol=1e-6,
+        adaptive=False,
+    )  # fixed step: a long plateau
     h = res.history
     assert h.escaped_at is not None and h.escaped_at > 100  # a plateau long enough to trip patience=2
     assert relative_error(res.matrix, M) < 1e-3, h.message
@@ -197,13 +220,18 @@ def test_soft_impute_warns_when_it_stops_unconverged_and_the_path_picks_the_best
         warnings.simplefilter("ignore", RuntimeWarning)
         Z, lam, path = soft_impute_path(M, mask, (r, c, M[r, c]), max_iters=100)
     best = min(path, key=lambda d: d["val_rmse"])
-    assert lam == best["lam"] and math.isclose(float((Z[r, c] - M[r, c]).square().mean().sqrt()), best["val_rmse"])
+    assert lam == best["lam"] and math.isclose(
+        float((Z[r, c] - M[r, c]).square().mean().sqrt()), best["val_rmse"]
+    )
     assert [d["lam"] for d in path] == sorted((d["lam"] for d in path), reverse=True)
 
 
 def test_mean_model_recovers_an_additive_matrix_exactly():
     g = torch.Generator().manual_seed(0)
-    b, c = torch.randn(20, generator=g, dtype=torch.float64), torch.randn(15, generator=g, dtype=torch.float64)
+    b, c = (
+        torch.randn(20, generator=g, dtype=torch.float64),
+        torch.randn(15, generator=g, dtype=torch.float64),
+    )
     A = 4.0 + b[:, None] + c[None, :]
     r, cc = torch.ones(20, 15, dtype=torch.bool).nonzero(as_tuple=True)
     mm = fit_mean_model(r, cc, A[r, cc], (20, 15), reg=0.0, sweeps=50)

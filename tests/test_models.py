@@ -6,8 +6,11 @@ from torchlowrank.models import MLP, LeNet5, SmallViT, load_minilm
 
 
 def test_reference_models_produce_logits_and_train():
-    for model, x in [(MLP(64, (32,), 10), torch.randn(4, 1, 8, 8)), (LeNet5(), torch.randn(4, 1, 28, 28)),
-                     (SmallViT(dim=32, depth=2, heads=4), torch.randn(4, 1, 28, 28))]:
+    for model, x in [
+        (MLP(64, (32,), 10), torch.randn(4, 1, 8, 8)),
+        (LeNet5(), torch.randn(4, 1, 28, 28)),
+        (SmallViT(dim=32, depth=2, heads=4), torch.randn(4, 1, 28, 28)),
+    ]:
         out = model(x)
         assert out.shape == (4, 10)
         out.sum().backward()

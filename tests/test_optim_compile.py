@@ -1,6 +1,7 @@
 """torch.compile and the low-rank optimizers: rank changes are explicit events outside ``forward``
 (the compiled model recompiles once for the new shapes), and the optimizer steps compile with graph
 breaks but not as one graph (why: see the tests)."""
+
 import pytest
 import torch
 from torch import nn
@@ -49,11 +50,15 @@ def test_a_compiled_model_recompiles_once_per_rank_change_and_matches_eager():
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=k)
 
 
-@pytest.mark.parametrize("make_opt", [
-    lambda m: tlr.optim.LowRankAdam(m, lr=1e-2),
-    lambda m: tlr.optim.LowRankSGD(m, lr=1e-2),
-    lambda m: tlr.optim.GaLoreAdamW(m.parameters(), lr=1e-2, rank=2, update_gap=2),
-], ids=["LowRankAdam", "LowRankSGD", "GaLoreAdamW"])
+@pytest.mark.parametrize(
+    "make_opt",
+    [
+        lambda m: tlr.optim.LowRankAdam(m, lr=1e-2),
+        lambda m: tlr.optim.LowRankSGD(m, lr=1e-2),
+        lambda m: tlr.optim.GaLoreAdamW(m.parameters(), lr=1e-2, rank=2, update_gap=2),
+    ],
+    ids=["LowRankAdam", "LowRankSGD", "GaLoreAdamW"],
+)
 def test_optimizer_steps_compile_with_graph_breaks_and_equal_eager(make_opt):
     model, xs, ys = _model_and_data()
     eager, _, _ = _model_and_data()
@@ -70,7 +75,10 @@ def test_optimizer_steps_do_not_compile_as_one_graph():
     GaLore's first refresh creates a seeded torch.Generator mid-step. These are the documented
     behaviour; fullgraph=True is refused by dynamo rather than silently changing them."""
     model, xs, ys = _model_and_data()
-    for opt in (tlr.optim.LowRankAdam(model, lr=1e-2), tlr.optim.GaLoreAdamW(model.parameters(), lr=1e-2, rank=2)):
+    for opt in (
+        tlr.optim.LowRankAdam(model, lr=1e-2),
+        tlr.optim.GaLoreAdamW(model.parameters(), lr=1e-2, rank=2),
+    ):
         torch._dynamo.reset()
         opt.zero_grad()
         nn.functional.cross_entropy(model(xs[0]), ys[0]).backward()

@@ -1,13 +1,14 @@
 """GaLoreAdamW against the galore-torch package on the same matrices, and its warm-started refresh."""
+
 from __future__ import annotations
 
 import io
 
 import pytest
 import torch
-from host_syncs import HostSyncCounter
 from torch import nn
 
+from host_syncs import HostSyncCounter
 from torchlowrank.linalg import principal_angles, sign_fixed
 from torchlowrank.optim import GaLoreAdamW
 from torchlowrank.optim import galore as galore_module
@@ -52,11 +53,25 @@ def sign_fixed_package(monkeypatch):
 def _run_both(weight_decay, steps):
     ours_m, ref_m = _model(0), _model(0)
     mats, rest = _groups(ours_m)
-    ours = GaLoreAdamW([{"params": mats}, {"params": rest, "rank": None}], lr=1e-2, rank=4, update_gap=5, scale=0.25,
-                       weight_decay=weight_decay, refresh="svd")
+    ours = GaLoreAdamW(
+        [{"params": mats}, {"params": rest, "rank": None}],
+        lr=1e-2,
+        rank=4,
+        update_gap=5,
+        scale=0.25,
+        weight_decay=weight_decay,
+        refresh="svd",
+    )
     rmats, rrest = _groups(ref_m)
-    ref = galore_torch.GaLoreAdamW([{"params": rmats, "rank": 4, "update_proj_gap": 5, "scale": 0.25, "proj_type": "std"},
-                                    {"params": rrest}], lr=1e-2, weight_decay=weight_decay, no_deprecation_warning=True)
+    ref = galore_torch.GaLoreAdamW(
+        [
+            {"params": rmats, "rank": 4, "update_proj_gap": 5, "scale": 0.25, "proj_type": "std"},
+            {"params": rrest},
+        ],
+        lr=1e-2,
+        weight_decay=weight_decay,
+        no_deprecation_warning=True,
+    )
     g = torch.Generator().manual_seed(0)
     for _ in range(steps):
         x, y = torch.randn(16, 24, generator=g), torch.randn(16, 12, generator=g)
@@ -68,7 +83,9 @@ def _run_both(weight_decay, steps):
 
 
 @pytest.mark.parametrize("weight_decay", [0.0, 0.05])
-def test_update_matches_galore_torch_with_sign_fixed_projectors_over_refreshes(sign_fixed_package, weight_decay):
+def test_update_matches_galore_torch_with_sign_fixed_projectors_over_refreshes(
+    sign_fixed_package, weight_decay
+):
     ours_m, ref_m = _run_both(weight_decay, steps=12)  # refreshes at steps 0, 5, 10
     for a, b in zip(ours_m.parameters(), ref_m.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
@@ -147,17 +164,30 @@ def test_top_eigenvectors_solve_the_eigenproblem_in_descending_order(spectrum):
     # (eigenvalues, the columns whose eigenvalue is simple, tolerance)
     lam, unique, tol = {
         "geometric": (0.9 ** torch.arange(k, dtype=torch.float64), slice(0, r), 1e-12),
-        "harmonic": (1.0 / torch.arange(1, k + 1, dtype=torch.float64), slice(0, r), 1e-12),  # close neighbours
-        "rank_deficient": (torch.cat([torch.linspace(2, 1, 20), torch.zeros(k - 20)]).double(), slice(0, 20), 1e-12),
+        "harmonic": (
+            1.0 / torch.arange(1, k + 1, dtype=torch.float64),
+            slice(0, r),
+            1e-12,
+        ),  # close neighbours
+        "rank_deficient": (
+            torch.cat([torch.linspace(2, 1, 20), torch.zeros(k - 20)]).double(),
+            slice(0, 20),
+            1e-12,
+        ),
         # a repeated top eigenvalue converges linearly, not quadratically
-        "repeated_top": (torch.cat([torch.full((5,), 3.0), torch.linspace(2, 1e-3, k - 5)]).double(), slice(5, r), 1e-3),
+        "repeated_top": (
+            torch.cat([torch.full((5,), 3.0), torch.linspace(2, 1e-3, k - 5)]).double(),
+            slice(5, r),
+            1e-3,
+        ),
     }[spectrum]
     C = (Q * lam) @ Q.T
     X = galore_module._top_eigenvectors(C, r)
     torch.testing.assert_close(X.T @ X, torch.eye(r, dtype=torch.float64), rtol=0, atol=1e-12)
     torch.testing.assert_close(C @ X, X * lam[:r], rtol=0, atol=tol)  # C X = X diag(lam), lam descending
-    torch.testing.assert_close(sign_fixed(X[:, unique])[0], sign_fixed(Q[:, unique])[0],
-                               rtol=0, atol=10 * tol)
+    torch.testing.assert_close(
+        sign_fixed(X[:, unique])[0], sign_fixed(Q[:, unique])[0], rtol=0, atol=10 * tol
+    )
 
 
 def test_warm_refresh_steps_make_no_host_syncs_and_svd_refreshes_one_each():
@@ -179,15 +209,26 @@ def test_warm_refresh_steps_make_no_host_syncs_and_svd_refreshes_one_each():
 def test_state_memory_equals_the_package():
     ours_m, ref_m = _model(0), _model(0)
     ours = GaLoreAdamW([ours_m[0].weight, ours_m[2].weight], lr=1e-2, rank=4, update_gap=5, scale=0.25)
-    ref = galore_torch.GaLoreAdamW([{"params": [ref_m[0].weight, ref_m[2].weight], "rank": 4, "update_proj_gap": 5,
-                                     "scale": 0.25, "proj_type": "std"}], lr=1e-2, no_deprecation_warning=True)
+    ref = galore_torch.GaLoreAdamW(
+        [
+            {
+                "params": [ref_m[0].weight, ref_m[2].weight],
+                "rank": 4,
+                "update_proj_gap": 5,
+                "scale": 0.25,
+                "proj_type": "std",
+            }
+        ],
+        lr=1e-2,
+        no_deprecation_warning=True,
+    )
     x = torch.randn(8, 24)
     for model, opt in ((ours_m, ours), (ref_m, ref)):
         model(x).sum().backward()
         opt.step()
     ref_bytes = 0
     for st in ref.state.values():
-        for k, v in st.items():
+        for v in st.values():
             if torch.is_tensor(v):
                 ref_bytes += v.numel() * v.element_size()
         P = st["projector"].ortho_matrix
@@ -283,7 +324,9 @@ def test_warm_refresh_solves_the_eigenproblems_of_same_rank_matrices_in_one_batc
 
 def test_warm_refresh_of_bf16_conv_kernels_makes_no_host_syncs():
     g = torch.Generator().manual_seed(0)
-    kernel = nn.Parameter(torch.randn(16, 3, 3, 3, generator=g).to(torch.bfloat16))  # projected as (16, 27): left
+    kernel = nn.Parameter(
+        torch.randn(16, 3, 3, 3, generator=g).to(torch.bfloat16)
+    )  # projected as (16, 27): left
     wide = nn.Parameter(torch.randn(6, 30, generator=g).to(torch.bfloat16))
     opt = GaLoreAdamW([kernel, wide], lr=1e-2, rank=4, update_gap=2)
     calls = []

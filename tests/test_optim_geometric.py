@@ -1,4 +1,5 @@
 """LowRankSGD / LowRankAdam (DESIGN §4.5): the geometric step, momentum transport, rank adaptivity, state."""
+
 from __future__ import annotations
 
 import io
@@ -65,7 +66,9 @@ def test_untruncated_step_equals_tangent_space_gradient_step(kind, scale):
     opt.step()
     expected = W - lr * tangent_projection(U, V, G)
     assert layer.rank == 6
-    torch.testing.assert_close(layer.dense_weight(), expected, rtol=1e-10, atol=1e-10 * expected.abs().max().item())
+    torch.testing.assert_close(
+        layer.dense_weight(), expected, rtol=1e-10, atol=1e-10 * expected.abs().max().item()
+    )
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv"])
@@ -113,7 +116,12 @@ def test_momentum_is_transported_exactly_on_augmentation():
 
     loss_backward(layer, x, target)
     opt.step()
-    M1, U1, V1, W1 = momentum_w(), layer.U.detach().clone(), layer.V.detach().clone(), layer.dense_weight().detach().clone()
+    M1, U1, V1, W1 = (
+        momentum_w(),
+        layer.U.detach().clone(),
+        layer.V.detach().clone(),
+        layer.dense_weight().detach().clone(),
+    )
     G2 = dense_gradient(layer, x, target)
     loss_backward(layer, x, target)
     opt.step()
@@ -131,8 +139,14 @@ def test_momentum_is_transported_exactly_on_augmentation():
 def test_factors_stay_orthonormal_after_many_steps(opt_cls, tau):
     """Also: the unit state has the (r, r) shape of the current rank (LowRankAdam: a scalar second moment)."""
     torch.manual_seed(0)
-    model = nn.Sequential(tlr.LowRankConv2d(1, 8, 3, 3), nn.ReLU(), nn.Flatten(), tlr.LowRankLinear(8 * 6 * 6, 20, 5),
-                          nn.ReLU(), nn.Linear(20, 3))
+    model = nn.Sequential(
+        tlr.LowRankConv2d(1, 8, 3, 3),
+        nn.ReLU(),
+        nn.Flatten(),
+        tlr.LowRankLinear(8 * 6 * 6, 20, 5),
+        nn.ReLU(),
+        nn.Linear(20, 3),
+    )
     x, y = torch.randn(32, 1, 8, 8), torch.randint(0, 3, (32,))
     opt = opt_cls(model, lr=0.05 if opt_cls is LowRankSGD else 3e-3, tau=tau)
     for _ in range(300):
@@ -179,15 +193,29 @@ def _train(model, opt, batches):
 
 def _make_model(seed):
     torch.manual_seed(seed)
-    return nn.Sequential(tlr.LowRankConv2d(1, 6, 3, 3), nn.ReLU(), nn.Flatten(), tlr.LowRankLinear(6 * 6 * 6, 16, 8),
-                         nn.ReLU(), nn.Linear(16, 3))
+    return nn.Sequential(
+        tlr.LowRankConv2d(1, 6, 3, 3),
+        nn.ReLU(),
+        nn.Flatten(),
+        tlr.LowRankLinear(6 * 6 * 6, 16, 8),
+        nn.ReLU(),
+        nn.Linear(16, 3),
+    )
 
 
-@pytest.mark.parametrize("opt_cls,kw", [(LowRankAdam, dict(lr=3e-2, tau=0.5)), (LowRankSGD, dict(lr=0.1, tau=0.5)),
-                                        (LowRankAdam, dict(lr=1e-2, tau=0.3, second_moment="elementwise"))])
+@pytest.mark.parametrize(
+    "opt_cls,kw",
+    [
+        (LowRankAdam, dict(lr=3e-2, tau=0.5)),
+        (LowRankSGD, dict(lr=0.1, tau=0.5)),
+        (LowRankAdam, dict(lr=1e-2, tau=0.3, second_moment="elementwise")),
+    ],
+)
 def test_resume_after_rank_changes_equals_uninterrupted_run(opt_cls, kw):
     g = torch.Generator().manual_seed(3)
-    batches = [(torch.randn(16, 1, 8, 8, generator=g), torch.randint(0, 3, (16,), generator=g)) for _ in range(30)]
+    batches = [
+        (torch.randn(16, 1, 8, 8, generator=g), torch.randint(0, 3, (16,), generator=g)) for _ in range(30)
+    ]
     ref = _make_model(0)
     opt = opt_cls(ref, **kw)
     _train(ref, opt, batches[:15])
@@ -213,7 +241,11 @@ def test_optimizer_load_resizes_layers_before_the_model_state():
     ref = _make_model(0)
     opt = LowRankAdam(ref, lr=1e-2, tau=0.3)
     g = torch.Generator().manual_seed(0)
-    _train(ref, opt, [(torch.randn(16, 1, 8, 8, generator=g), torch.randint(0, 3, (16,), generator=g)) for _ in range(10)])
+    _train(
+        ref,
+        opt,
+        [(torch.randn(16, 1, 8, 8, generator=g), torch.randint(0, 3, (16,), generator=g)) for _ in range(10)],
+    )
     fresh = _make_model(0)
     opt2 = LowRankAdam(fresh, lr=1e-2, tau=0.3)
     opt2.load_state_dict(opt.state_dict())
@@ -239,10 +271,16 @@ def test_state_dict_holds_only_tensors_and_plain_values():
 
 
 def test_other_parameters_get_the_ordinary_sgd_and_adamw_updates():
-    for ours, theirs in ((lambda m: LowRankSGD(m, lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01),
-                          lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01)),
-                         (lambda m: LowRankAdam(m, lr=1e-2, weight_decay=0.1),
-                          lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1))):
+    for ours, theirs in (
+        (
+            lambda m: LowRankSGD(m, lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01),
+            lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01),
+        ),
+        (
+            lambda m: LowRankAdam(m, lr=1e-2, weight_decay=0.1),
+            lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1),
+        ),
+    ):
         a, b = _make_model(0), _make_model(0)
         opt_a = ours(a)
         opt_b = theirs([b[5].weight, b[5].bias, b[0].bias, b[3].bias])
@@ -342,7 +380,9 @@ def test_basis_lr_ratio_zero_keeps_the_column_spaces():
 def test_rank_adaptive_tau_shrinks_rank_towards_target_rank():
     """Fit a rank-2 target from rank 6 with tau > 0: the rank drops to 2 and the fit is exact."""
     g = torch.Generator().manual_seed(0)
-    A = torch.randn(20, 2, generator=g, dtype=torch.float64) @ torch.randn(2, 15, generator=g, dtype=torch.float64)
+    A = torch.randn(20, 2, generator=g, dtype=torch.float64) @ torch.randn(
+        2, 15, generator=g, dtype=torch.float64
+    )
     torch.manual_seed(0)
     layer = tlr.LowRankLinear(15, 20, 6, bias=False, dtype=torch.float64)
     opt = LowRankSGD(layer, lr=1.0, momentum=0.0, tau=1e-6)
@@ -393,8 +433,14 @@ def test_lowrank_adam_trains_a_factorized_tiny_llama(tiny_llama):
     assert (layer.U.T @ layer.U - torch.eye(layer.rank)).abs().max() < 1e-5
 
 
-@pytest.mark.parametrize("opt_cls,kw", [(LowRankAdam, dict(lr=1e-2)), (LowRankSGD, dict(lr=0.1, nesterov=True)),
-                                        (LowRankAdam, dict(lr=1e-2, tau=0.2))])
+@pytest.mark.parametrize(
+    "opt_cls,kw",
+    [
+        (LowRankAdam, dict(lr=1e-2)),
+        (LowRankSGD, dict(lr=0.1, nesterov=True)),
+        (LowRankAdam, dict(lr=1e-2, tau=0.2)),
+    ],
+)
 def test_nan_gradient_skips_the_step_on_the_device_by_default(opt_cls, kw):
     """Like torch.amp.GradScaler: factors, moments and the other parameters keep their values, the
     skip is counted in a device tensor, and the next finite step trains as if nothing happened."""
@@ -423,17 +469,31 @@ def _host_reads(calls: list[str]) -> list[str]:
     return [c for c in calls if "svd" not in c]
 
 
-@pytest.mark.parametrize("opt_cls,kw", [(LowRankAdam, {}), (LowRankAdam, dict(second_moment="elementwise")),
-                                        (LowRankSGD, {}), (LowRankAdam, dict(augment_every=3)),
-                                        (LowRankAdam, dict(tau=0.1, rank_every=4))])
+@pytest.mark.parametrize(
+    "opt_cls,kw",
+    [
+        (LowRankAdam, {}),
+        (LowRankAdam, dict(second_moment="elementwise")),
+        (LowRankSGD, {}),
+        (LowRankAdam, dict(augment_every=3)),
+        (LowRankAdam, dict(tau=0.1, rank_every=4)),
+    ],
+)
 def test_a_step_at_fixed_rank_reads_nothing_on_the_host(opt_cls, kw):
     """No .item() / bool() / int() / .tolist() / .cpu() in a fixed-rank step (nor between rank
     decisions); the one decomposition left is a batched r x r SVD per group of same-shape layers."""
     from host_syncs import HostSyncCounter
 
     torch.manual_seed(0)
-    model = nn.Sequential(tlr.LowRankLinear(24, 24, 4), nn.ReLU(), tlr.LowRankLinear(24, 24, 4), nn.ReLU(),
-                          tlr.LowRankLinear(24, 24, 4), nn.ReLU(), tlr.LowRankLinear(24, 10, 3))
+    model = nn.Sequential(
+        tlr.LowRankLinear(24, 24, 4),
+        nn.ReLU(),
+        tlr.LowRankLinear(24, 24, 4),
+        nn.ReLU(),
+        tlr.LowRankLinear(24, 24, 4),
+        nn.ReLU(),
+        tlr.LowRankLinear(24, 10, 3),
+    )
     opt = opt_cls(model, lr=1e-2, **kw)
     x, y = torch.randn(32, 24), torch.randint(0, 10, (32,))
     for step in range(1, 8):

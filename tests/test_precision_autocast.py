@@ -1,20 +1,26 @@
 """bf16 autocast (float32 parameters, bfloat16 matmuls) for adapters and the low-rank optimizers.
 Half-precision *parameters* are tested beside each feature (test_layers, test_adapters_models,
 test_optim_*, test_regularizers_q3r)."""
+
 import copy
 
 import pytest
 import torch
 from torch import nn
 
-import torchlowrank as tlr
 import hf_models
+import torchlowrank as tlr
 from torchlowrank.adapters.model import adapter_layers
 
 
-@pytest.mark.parametrize("config", [
-    tlr.LoRAConfig(r=4, target_modules="all-linear"),
-    tlr.DeepLoRAConfig(r=4, depth=3, compress=True, target_modules="all-linear")], ids=["lora", "deep3-compressed"])
+@pytest.mark.parametrize(
+    "config",
+    [
+        tlr.LoRAConfig(r=4, target_modules="all-linear"),
+        tlr.DeepLoRAConfig(r=4, depth=3, compress=True, target_modules="all-linear"),
+    ],
+    ids=["lora", "deep3-compressed"],
+)
 def test_adapted_llama_under_bf16_autocast_matches_float32_and_gives_float32_gradients(tiny_llama, config):
     model = tlr.adapt(tiny_llama, copy.deepcopy(config))
     ids = hf_models.example_inputs("llama")["input_ids"]
@@ -31,7 +37,9 @@ def test_adapted_llama_under_bf16_autocast_matches_float32_and_gives_float32_gra
     assert abs(out.loss.item() - ref.item()) < 2e-2 * abs(ref.item())
     out.loss.backward()
     factors = [W for _, layer in adapter_layers(model) for W in layer.lora_factors]
-    assert all(W.grad is not None and W.grad.dtype == torch.float32 and torch.isfinite(W.grad).all() for W in factors)
+    assert all(
+        W.grad is not None and W.grad.dtype == torch.float32 and torch.isfinite(W.grad).all() for W in factors
+    )
     assert sum(bool(W.grad.abs().sum() > 0) for W in factors) == len(factors)
 
 
@@ -51,11 +59,15 @@ def _train_small(make_opt, autocast):
     return model, opt, losses
 
 
-@pytest.mark.parametrize("make_opt", [
-    lambda m: tlr.optim.LowRankAdam(m, lr=1e-2, tau=0.1),
-    lambda m: tlr.optim.LowRankSGD(m, lr=5e-2),
-    lambda m: tlr.optim.GaLoreAdamW(m.parameters(), lr=1e-2, rank=2, update_gap=10),
-], ids=["LowRankAdam", "LowRankSGD", "GaLoreAdamW"])
+@pytest.mark.parametrize(
+    "make_opt",
+    [
+        lambda m: tlr.optim.LowRankAdam(m, lr=1e-2, tau=0.1),
+        lambda m: tlr.optim.LowRankSGD(m, lr=5e-2),
+        lambda m: tlr.optim.GaLoreAdamW(m.parameters(), lr=1e-2, rank=2, update_gap=10),
+    ],
+    ids=["LowRankAdam", "LowRankSGD", "GaLoreAdamW"],
+)
 def test_optimizers_train_under_bf16_autocast_like_float32_and_keep_float32_orthonormal_factors(make_opt):
     model, opt, losses = _train_small(make_opt, autocast=True)
     _, _, ref = _train_small(make_opt, autocast=False)

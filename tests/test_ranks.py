@@ -26,7 +26,9 @@ def test_effective_rank_is_exp_entropy_of_normalised_spectrum():
     assert math.isclose(tlr.effective_rank(W), 4.0, rel_tol=1e-10)
     s = torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64)
     p = s / s.sum()
-    assert math.isclose(tlr.effective_rank(diag_matrix([3.0, 2.0, 1.0])), float(torch.exp(-(p * p.log()).sum())), rel_tol=1e-9)
+    assert math.isclose(
+        tlr.effective_rank(diag_matrix([3.0, 2.0, 1.0])), float(torch.exp(-(p * p.log()).sum())), rel_tol=1e-9
+    )
 
 
 def test_numerical_rank_counts_energy():
@@ -51,7 +53,9 @@ def test_rank_measures_reject_nan():
 
 
 def test_spectrum_table_covers_linear_conv_embedding_and_factorized_layers():
-    model = nn.Sequential(nn.Embedding(50, 8), nn.Linear(8, 16), nn.Conv2d(3, 4, 3), tlr.LowRankLinear(16, 12, 2))
+    model = nn.Sequential(
+        nn.Embedding(50, 8), nn.Linear(8, 16), nn.Conv2d(3, 4, 3), tlr.LowRankLinear(16, 12, 2)
+    )
     table = tlr.spectrum(model, top_k=3)
     by_name = {r.name: r for r in table}
     assert set(by_name) == {"0", "1", "2", "3"}
@@ -76,7 +80,9 @@ def test_spectrum_sees_gpt2_conv1d_as_out_by_in_and_lists_tied_weights_once(tiny
     c_attn = "transformer.h.0.attn.c_attn"
     assert by_name[c_attn].kind == "Conv1D" and by_name[c_attn].shape == (96, 32)
     W = tiny_gpt2.get_submodule(c_attn).weight.detach()
-    assert by_name[c_attn].top_singular_values == pytest.approx(torch.linalg.svdvals(W)[:5].tolist(), rel=1e-5)
+    assert by_name[c_attn].top_singular_values == pytest.approx(
+        torch.linalg.svdvals(W)[:5].tolist(), rel=1e-5
+    )
     conv1d = [n for n, m in tiny_gpt2.named_modules() if type(m).__name__ == "Conv1D"]
     assert set(conv1d) <= set(by_name)
     # wte and lm_head share one tensor: one row, not two
@@ -99,7 +105,11 @@ def test_spectrum_of_a_meta_model_is_a_clear_error():
 @pytest.mark.parametrize("scale", [1e-4, 1.0, 1e4])
 def test_rank_measures_are_scale_invariant_and_work_in_half_precision(scale):
     g = torch.Generator().manual_seed(0)
-    W = torch.randn(64, 32, generator=g, dtype=torch.float64) @ torch.diag(0.7 ** torch.arange(32.0, dtype=torch.float64)) @ torch.linalg.qr(torch.randn(32, 32, generator=g, dtype=torch.float64))[0]
+    W = (
+        torch.randn(64, 32, generator=g, dtype=torch.float64)
+        @ torch.diag(0.7 ** torch.arange(32.0, dtype=torch.float64))
+        @ torch.linalg.qr(torch.randn(32, 32, generator=g, dtype=torch.float64))[0]
+    )
     ref = (tlr.stable_rank(W), tlr.effective_rank(W), tlr.numerical_rank(W))
     for dtype, tol in ((torch.float64, 1e-9), (torch.float32, 1e-4), (torch.bfloat16, 3e-2)):
         Ws = (W * scale).to(dtype)

@@ -1,4 +1,5 @@
 """NuclearNorm baseline: sub-gradient, proximal step (singular value thresholding), same interface as Q3R."""
+
 import copy
 
 import pytest
@@ -6,7 +7,6 @@ import torch
 from torch import nn
 
 from conftest import linear_with
-
 from torchlowrank.regularizers import NuclearNorm
 
 
@@ -55,7 +55,9 @@ def test_nuclear_decoupled_equals_coupled_for_sgd_and_prox_reads_optimizer_lr():
     w = b[0].weight.detach().clone()
     rb.prox()  # lr 0.1 from the optimizer
     s = torch.linalg.svdvals(w)
-    torch.testing.assert_close(torch.linalg.svdvals(b[0].weight.detach()), (s - 0.1 * 0.05).clamp_min(0), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(
+        torch.linalg.svdvals(b[0].weight.detach()), (s - 0.1 * 0.05).clamp_min(0), rtol=1e-4, atol=1e-6
+    )
 
 
 def test_nuclear_split_and_conv1d(tiny_gpt2):
@@ -64,12 +66,14 @@ def test_nuclear_split_and_conv1d(tiny_gpt2):
     reg.step()
     W = model.transformer.h[1].attn.c_attn.weight
     for j in range(3):
-        part = W.detach()[:, 32 * j:32 * (j + 1)]
+        part = W.detach()[:, 32 * j : 32 * (j + 1)]
         U, _, Vh = torch.linalg.svd(part, full_matrices=False)
-        torch.testing.assert_close(W.grad[:, 32 * j:32 * (j + 1)], 0.1 * U @ Vh, rtol=1e-8, atol=1e-10)
+        torch.testing.assert_close(W.grad[:, 32 * j : 32 * (j + 1)], 0.1 * U @ Vh, rtol=1e-8, atol=1e-10)
 
 
-@pytest.mark.parametrize("kwargs, match", [(dict(lam=-1.0), "lam"), (dict(lam=0.1, targets=["zzz"]), "matched nothing")])
+@pytest.mark.parametrize(
+    "kwargs, match", [(dict(lam=-1.0), "lam"), (dict(lam=0.1, targets=["zzz"]), "matched nothing")]
+)
 def test_nuclear_bad_input(kwargs, match):
     with pytest.raises(ValueError, match=match):
         NuclearNorm(nn.Sequential(nn.Linear(3, 3)), **kwargs)

@@ -1,4 +1,5 @@
 """Q3R (DESIGN §4.6): the weight operator, the majorization, the reweighting and the training loop."""
+
 import copy
 import math
 
@@ -7,8 +8,8 @@ import torch
 from torch import nn
 
 import torchlowrank as tlr
-from torchlowrank.regularizers import Q3R, q3r_operator, q3r_reweight, smoothed_logdet
 from conftest import decaying_matrix, linear_with
+from torchlowrank.regularizers import Q3R, q3r_operator, q3r_reweight, smoothed_logdet
 
 SCALES = [1e-4, 1e-2, 1.0, 1e2, 1e4]
 
@@ -65,7 +66,9 @@ def test_q3r_gradient_matches_autograd_of_value_with_operator_fixed():
     torch.testing.assert_close(g_step, lin.weight.grad, rtol=1e-10, atol=1e-12)
     PU, PV, _ = reference_operator(W0, 3)
     torch.testing.assert_close(g_step, 2 * 0.7 * PU @ lin.weight.detach() @ PV, rtol=1e-8, atol=1e-10)
-    assert reg.value().detach().item() == pytest.approx(0.7 * float((lin.weight.detach() * (PU @ lin.weight.detach() @ PV)).sum()), rel=1e-8)
+    assert reg.value().detach().item() == pytest.approx(
+        0.7 * float((lin.weight.detach() * (PU @ lin.weight.detach() @ PV)).sum()), rel=1e-8
+    )
 
 
 def test_q3r_operator_is_symmetric_positive_semidefinite():
@@ -73,8 +76,13 @@ def test_q3r_operator_is_symmetric_positive_semidefinite():
     W0 = torch.randn(9, 7, generator=g, dtype=torch.float64)
     U, s, V, eps = q3r_reweight(W0, 2, math.inf, method="full")
     c = eps / s - 1
-    X, Y = torch.randn(9, 7, generator=g, dtype=torch.float64), torch.randn(9, 7, generator=g, dtype=torch.float64)
-    assert float((Y * q3r_operator(X, U, V, c)).sum()) == pytest.approx(float((X * q3r_operator(Y, U, V, c)).sum()), rel=1e-12)
+    X, Y = (
+        torch.randn(9, 7, generator=g, dtype=torch.float64),
+        torch.randn(9, 7, generator=g, dtype=torch.float64),
+    )
+    assert float((Y * q3r_operator(X, U, V, c)).sum()) == pytest.approx(
+        float((X * q3r_operator(Y, U, V, c)).sum()), rel=1e-12
+    )
     assert float((X * q3r_operator(X, U, V, c)).sum()) >= 0
 
 
@@ -85,7 +93,9 @@ def test_quadratic_majorizes_smoothed_logdet_and_touches_at_expansion_point():
         scale = 10 ** float(torch.empty(1).uniform_(-4, 4, generator=g))
         W0 = torch.randn(m, n, generator=g, dtype=torch.float64) * scale
         rank = int(torch.randint(0, min(m, n), (1,), generator=g))
-        eps0 = math.inf if trial % 3 == 0 else float(torch.linalg.svdvals(W0)[rank]) * 0.5  # also a smaller old eps
+        eps0 = (
+            math.inf if trial % 3 == 0 else float(torch.linalg.svdvals(W0)[rank]) * 0.5
+        )  # also a smaller old eps
         U, s, V, eps = q3r_reweight(W0, rank, eps0, method="full")
         c = eps / s - 1
         F0 = smoothed_logdet(torch.linalg.svdvals(W0), eps)
@@ -95,7 +105,9 @@ def test_quadratic_majorizes_smoothed_logdet_and_touches_at_expansion_point():
         smoothed_logdet(torch.linalg.svdvals(W), eps).backward()
         torch.testing.assert_close(W.grad, q3r_operator(W0, U, V, c), rtol=1e-7, atol=1e-9 * scale)
         for _ in range(5):
-            W = W0 + torch.randn(m, n, generator=g, dtype=torch.float64) * scale * 3 * float(torch.rand(1, generator=g))
+            W = W0 + torch.randn(m, n, generator=g, dtype=torch.float64) * scale * 3 * float(
+                torch.rand(1, generator=g)
+            )
             Q = F0 + 0.5 * (float((W * q3r_operator(W, U, V, c)).sum()) - q0)
             F = smoothed_logdet(torch.linalg.svdvals(W), eps)
             assert Q >= F - 1e-9 * abs(F), (trial, float(Q), float(F))
@@ -104,9 +116,11 @@ def test_quadratic_majorizes_smoothed_logdet_and_touches_at_expansion_point():
 def test_smoothed_logdet_is_continuous_at_eps_and_quadratic_below():
     eps = 0.5
     s = torch.tensor([eps * (1 - 1e-9), eps * (1 + 1e-9)], dtype=torch.float64)
-    a, b = (smoothed_logdet(s[i:i + 1], eps) for i in range(2))
+    a, b = (smoothed_logdet(s[i : i + 1], eps) for i in range(2))
     assert float(a) == pytest.approx(float(b), rel=1e-7)
-    assert float(smoothed_logdet(torch.tensor([0.1, 0.2], dtype=torch.float64), eps)) == pytest.approx((0.01 + 0.04) / 2)
+    assert float(smoothed_logdet(torch.tensor([0.1, 0.2], dtype=torch.float64), eps)) == pytest.approx(
+        (0.01 + 0.04) / 2
+    )
     assert float(smoothed_logdet(torch.tensor([2.0], dtype=torch.float64), math.inf)) == 2.0
 
 
@@ -114,21 +128,27 @@ def test_smoothed_logdet_is_continuous_at_eps_and_quadratic_below():
 def test_reweighting_grows_the_svd_until_the_smallest_kept_value_is_below_eps():
     W = decaying_matrix(80, 60, decay=0.95, dtype=torch.float32, seed=2)
     s_full = torch.linalg.svdvals(W.double())
-    small_eps = float(s_full[29] + s_full[30]) / 2  # an earlier, smaller eps: 30 directions are above it, far more than r + 1 = 3
+    small_eps = (
+        float(s_full[29] + s_full[30]) / 2
+    )  # an earlier, smaller eps: 30 directions are above it, far more than r + 1 = 3
     U, s, V, eps = q3r_reweight(W, 2, small_eps, method="randomized", n_iter=4)
     assert eps == small_eps
     assert s.numel() == int((s_full > small_eps).sum())
-    torch.testing.assert_close(s.double(), s_full[:s.numel()], rtol=1e-3, atol=1e-5)
+    torch.testing.assert_close(s.double(), s_full[: s.numel()], rtol=1e-3, atol=1e-5)
     assert U.shape == (80, s.numel()) and V.shape == (60, s.numel())
 
 
 def test_randomized_reweighting_matches_full_svd_on_a_decaying_spectrum():
     W = decaying_matrix(120, 90, decay=0.8, dtype=torch.float32, seed=4)
-    Ur, sr, Vr, er = q3r_reweight(W, 6, math.inf, method="randomized", generator=torch.Generator().manual_seed(0))
+    Ur, sr, Vr, er = q3r_reweight(
+        W, 6, math.inf, method="randomized", generator=torch.Generator().manual_seed(0)
+    )
     Uf, sf, Vf, ef = q3r_reweight(W, 6, math.inf, method="full")
     assert er == pytest.approx(ef, rel=1e-4)
     X = torch.randn(120, 90)
-    torch.testing.assert_close(q3r_operator(X, Ur, Vr, er / sr - 1), q3r_operator(X, Uf, Vf, ef / sf - 1), rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(
+        q3r_operator(X, Ur, Vr, er / sr - 1), q3r_operator(X, Uf, Vf, ef / sf - 1), rtol=1e-3, atol=1e-3
+    )
 
 
 def test_eps_starts_infinite_and_never_increases_during_training():
@@ -228,7 +248,9 @@ def test_resume_equals_uninterrupted(tmp_path):
     reg2 = Q3R(model2, 3, 0.1, period=3, targets=["0", "2"])
     _train(model2, reg2, opt2, 7, x, y)  # stop between two reweightings
     sd = reg2.state_dict()
-    flat = [sd["steps"], sd["reweighted_at"], sd["period"], sd["lam"]] + [v for b in sd["blocks"] for v in b.values()]
+    flat = [sd["steps"], sd["reweighted_at"], sd["period"], sd["lam"]] + [
+        v for b in sd["blocks"] for v in b.values()
+    ]
     assert all(isinstance(v, (torch.Tensor, int, float, str)) for v in flat)
     torch.save({"model": model2.state_dict(), "opt": opt2.state_dict(), "reg": sd}, tmp_path / "ckpt.pt")
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
@@ -281,7 +303,9 @@ def test_digits_mlp_trained_with_q3r_has_little_energy_beyond_target_rank_at_sim
         torch.manual_seed(0)
         model = tlr.models.MLP(64, (128, 128), 10)
         reg = Q3R(model, rank, lam, targets=r"features\..*")
-        fit_classifier(model, x_train, data.y_train, epochs=10, lr=1e-3, after_backward=lambda step: reg.step())
+        fit_classifier(
+            model, x_train, data.y_train, epochs=10, lr=1e-3, after_backward=lambda step, reg=reg: reg.step()
+        )
         tails = []
         for layer in (model.features[0], model.features[2]):
             s2 = torch.linalg.svdvals(layer.weight.detach().double()) ** 2
@@ -314,9 +338,11 @@ def test_split_regularizes_the_q_k_v_slices_of_gpt2_c_attn_separately(tiny_gpt2)
     reg.step()
     W = model.transformer.h[0].attn.c_attn.weight  # (in 32, out 96): q | k | v along the last dim
     for j in range(3):
-        part = W.detach()[:, 32 * j:32 * (j + 1)]
+        part = W.detach()[:, 32 * j : 32 * (j + 1)]
         PU, PV, _ = reference_operator(part, 4)
-        torch.testing.assert_close(W.grad[:, 32 * j:32 * (j + 1)], 2 * 0.2 * PU @ part @ PV, rtol=1e-8, atol=1e-12)
+        torch.testing.assert_close(
+            W.grad[:, 32 * j : 32 * (j + 1)], 2 * 0.2 * PU @ part @ PV, rtol=1e-8, atol=1e-12
+        )
     with pytest.raises(ValueError, match="does not divide"):
         Q3R(model, 4, 0.2, targets=["c_attn", "c_fc"], split=5)
     reg_sizes = Q3R(model, 4, 0.2, targets=["c_attn"], split={"c_attn": [32, 32, 32]})
@@ -328,8 +354,10 @@ def test_split_of_a_fused_linear_slices_rows():
     lin = linear_with(W)
     Q3R(lin, 2, 0.5, split=3, method="full").step()
     for j in range(3):
-        PU, PV, _ = reference_operator(W[6 * j:6 * (j + 1)], 2)
-        torch.testing.assert_close(lin.weight.grad[6 * j:6 * (j + 1)], PU @ W[6 * j:6 * (j + 1)] @ PV, rtol=1e-9, atol=1e-12)
+        PU, PV, _ = reference_operator(W[6 * j : 6 * (j + 1)], 2)
+        torch.testing.assert_close(
+            lin.weight.grad[6 * j : 6 * (j + 1)], PU @ W[6 * j : 6 * (j + 1)] @ PV, rtol=1e-9, atol=1e-12
+        )
 
 
 def test_conv2d_kernel_is_reshaped_to_out_by_in_kh_kw():
@@ -382,18 +410,21 @@ def test_bf16_weights_and_bf16_autocast():
 
 
 # -- bad input ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(target_rank=3, lam=-0.1), "lam"),
-    (dict(target_rank=3, lam=float("nan")), "lam"),
-    (dict(target_rank=0, lam=0.1), "target_rank"),
-    (dict(target_rank=1.5, lam=0.1), "target_rank"),
-    (dict(target_rank=0.0, lam=0.1), "target_rank"),
-    (dict(target_rank=3, lam=0.1, period=0), "period"),
-    (dict(target_rank=3, lam=0.1, targets=["nope"]), "matched nothing"),
-    (dict(target_rank=3, lam=0.1, targets=["norm"]), "no 2-D weight"),
-    (dict(target_rank=3, lam=0.1, split={"0": 7}), "does not divide"),
-    (dict(target_rank=3, lam=0.1, method="qr"), "method"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(target_rank=3, lam=-0.1), "lam"),
+        (dict(target_rank=3, lam=float("nan")), "lam"),
+        (dict(target_rank=0, lam=0.1), "target_rank"),
+        (dict(target_rank=1.5, lam=0.1), "target_rank"),
+        (dict(target_rank=0.0, lam=0.1), "target_rank"),
+        (dict(target_rank=3, lam=0.1, period=0), "period"),
+        (dict(target_rank=3, lam=0.1, targets=["nope"]), "matched nothing"),
+        (dict(target_rank=3, lam=0.1, targets=["norm"]), "no 2-D weight"),
+        (dict(target_rank=3, lam=0.1, split={"0": 7}), "does not divide"),
+        (dict(target_rank=3, lam=0.1, method="qr"), "method"),
+    ],
+)
 def test_bad_input_raises_value_error(kwargs, match):
     model = nn.Sequential(nn.Linear(8, 12), nn.ReLU(), nn.Linear(12, 4))
     model.norm = nn.LayerNorm(4)
@@ -476,8 +507,17 @@ def test_update_mode_regularizes_w_minus_w0():
 # -- GPU layout: no host sync in a step, batched reweighting, fixed slots ---------------------------------------
 def _mixed_mlp():
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(40, 48), nn.ReLU(), nn.Linear(48, 48), nn.ReLU(), nn.Linear(48, 48), nn.ReLU(),
-                         nn.Linear(48, 96), nn.ReLU(), nn.Linear(96, 10))
+    return nn.Sequential(
+        nn.Linear(40, 48),
+        nn.ReLU(),
+        nn.Linear(48, 48),
+        nn.ReLU(),
+        nn.Linear(48, 48),
+        nn.ReLU(),
+        nn.Linear(48, 96),
+        nn.ReLU(),
+        nn.Linear(96, 10),
+    )
 
 
 @pytest.mark.parametrize("decoupled", [False, True], ids=["coupled", "decoupled_tensor_lr"])
@@ -531,8 +571,9 @@ def test_same_shape_layers_reweighted_as_one_batch_match_an_independent_float64_
         W = lin.weight.detach()
         PU, PV, eps = reference_operator(W, 3)
         torch.testing.assert_close(lin.weight.grad, 2 * lam * PU @ W @ PV, rtol=1e-9, atol=1e-12)
-    assert list(reg.eps.values()) == pytest.approx([reference_operator(lin.weight.detach(), 3)[2] for lin in layers],
-                                                   rel=1e-10)
+    assert list(reg.eps.values()) == pytest.approx(
+        [reference_operator(lin.weight.detach(), 3)[2] for lin in layers], rel=1e-10
+    )
 
 
 def test_singular_vectors_are_sign_fixed_largest_entry_positive():
@@ -554,7 +595,7 @@ def reference_operator_at(W: torch.Tensor, eps: float):
     w = torch.clamp(eps / s, max=1.0)
     m, n = W.shape
     du, dv = torch.ones(m, dtype=torch.float64), torch.ones(n, dtype=torch.float64)
-    du[:s.numel()], dv[:s.numel()] = w, w
+    du[: s.numel()], dv[: s.numel()] = w, w
     return U @ torch.diag(du) @ U.T, Vh.T @ torch.diag(dv) @ Vh
 
 
@@ -577,7 +618,9 @@ def test_slots_grow_only_at_a_synchronous_reweighting_which_restores_the_exact_k
     lin.weight.grad = None
     reg.value().backward()
     PU, PV = reference_operator_at(lin.weight.detach(), eps)
-    torch.testing.assert_close(lin.weight.grad, 2 * lam * PU @ lin.weight.detach() @ PV, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(
+        lin.weight.grad, 2 * lam * PU @ lin.weight.detach() @ PV, rtol=1e-9, atol=1e-12
+    )
     reg.step()  # later reweightings keep the grown slots
     assert reg.slots() == {"Linear": 20}
 
@@ -609,8 +652,12 @@ def test_a_checkpoint_that_kept_only_the_directions_above_eps_loads_into_padded_
     assert fresh.kept() == reg.kept() and fresh.slots() == reg.slots()
     for a, b in zip(fresh.blocks, reg.blocks):
         X = torch.randn(*a.shape)
-        torch.testing.assert_close(q3r_operator(X, a.state["U"], a.state["V"], a.state["c"]),
-                                   q3r_operator(X, b.state["U"], b.state["V"], b.state["c"]), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            q3r_operator(X, a.state["U"], a.state["V"], a.state["c"]),
+            q3r_operator(X, b.state["U"], b.state["V"], b.state["c"]),
+            rtol=1e-5,
+            atol=1e-6,
+        )
 
 
 def test_float32_randomized_slots_match_a_float64_svd_on_a_steep_spectrum():

@@ -13,19 +13,32 @@ from torchlowrank.results import Plot, Result, Series, Table
 
 
 def make_result():
-    return Result(name="toy", config={"lr": 0.1}, seeds=[0, 1], metrics={"acc": 0.9, "nan": float("nan")},
-                  history={"loss": [1.0, 0.5]},
-                  tables=[Table("numbers", ["a", "b"], [[1, 2.5], [3, 1e-7]])],
-                  plots=[Plot("curve", "a curve", "line", [Series("loss", [0, 1], [1.0, 0.5])], logy=True),
-                         Plot("heat", "a heatmap", "heatmap", matrix=[[1, 2], [3, 4]], xticks=[0, 1], yticks=["x", "y"]),
-                         Plot("hist", "a histogram", "hist", [Series("r", y=[0, 1, 1, 2])]),
-                         Plot("bars", "bars", "bar", [Series("m", ["a", "b"], [1, 2], err=[0.1, 0.2])])])
+    return Result(
+        name="toy",
+        config={"lr": 0.1},
+        seeds=[0, 1],
+        metrics={"acc": 0.9, "nan": float("nan")},
+        history={"loss": [1.0, 0.5]},
+        tables=[Table("numbers", ["a", "b"], [[1, 2.5], [3, 1e-7]])],
+        plots=[
+            Plot("curve", "a curve", "line", [Series("loss", [0, 1], [1.0, 0.5])], logy=True),
+            Plot("heat", "a heatmap", "heatmap", matrix=[[1, 2], [3, 4]], xticks=[0, 1], yticks=["x", "y"]),
+            Plot("hist", "a histogram", "hist", [Series("r", y=[0, 1, 1, 2])]),
+            Plot("bars", "bars", "bar", [Series("m", ["a", "b"], [1, 2], err=[0.1, 0.2])]),
+        ],
+    )
 
 
 def test_report_writes_json_markdown_and_pngs_and_round_trips(tmp_path):
     paths = tlr.write_report(make_result(), tmp_path)
-    assert {p.name for p in tmp_path.iterdir()} == {"toy.json", "toy.md", "toy_curve.png", "toy_heat.png",
-                                                    "toy_hist.png", "toy_bars.png"}
+    assert {p.name for p in tmp_path.iterdir()} == {
+        "toy.json",
+        "toy.md",
+        "toy_curve.png",
+        "toy_heat.png",
+        "toy_hist.png",
+        "toy_bars.png",
+    }
     assert paths["png:curve"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = paths["md"].read_text()
     assert "| a | b |" in md and "1.000e-07" in md and "![a curve](toy_curve.png)" in md
@@ -66,6 +79,7 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path):
 
 def test_written_files_get_the_usual_mode_and_overwrites_keep_it(tmp_path):
     import os
+
     old = os.umask(0o022)
     try:
         path = atomic_write_text(tmp_path / "a.txt", "x")
@@ -91,22 +105,31 @@ def test_drawing_a_plot_leaves_the_matplotlib_backend_alone(tmp_path):
 # -- reports never show unformatted placeholders ------------------------------------------------------------
 # "{prov['command']}" in a report is a string that lost its f prefix: a Python name in braces, optionally
 # indexed / with an attribute, a conversion or a format spec. Dict reprs ("{'adam': 0.001}") do not match.
-PLACEHOLDER = re.compile(r"\{[A-Za-z_][A-Za-z0-9_]*(\[[^\]{}]*\])*(\.[A-Za-z_][A-Za-z0-9_]*)*(![rsa])?(:[^{}]*)?\}")
+PLACEHOLDER = re.compile(
+    r"\{[A-Za-z_][A-Za-z0-9_]*(\[[^\]{}]*\])*(\.[A-Za-z_][A-Za-z0-9_]*)*(![rsa])?(:[^{}]*)?\}"
+)
 ROOT = Path(__file__).resolve().parent.parent
 COMMITTED = sorted((ROOT / "docs" / "results").glob("*/*.json"))
 
 
 def test_the_placeholder_pattern_finds_a_lost_f_prefix_and_spares_dict_reprs():
     assert PLACEHOLDER.search("Reproduce: `{prov['command']}`.")
-    assert PLACEHOLDER.search("at {kappas[-1]:.0e}") and PLACEHOLDER.search("{name!r}") and PLACEHOLDER.search("{x.y}")
+    assert (
+        PLACEHOLDER.search("at {kappas[-1]:.0e}")
+        and PLACEHOLDER.search("{name!r}")
+        and PLACEHOLDER.search("{x.y}")
+    )
     assert not PLACEHOLDER.search("Learning rates ({'adam': 0.001, 'galore': 0.01})")
     assert not PLACEHOLDER.search("lr_factors={2: 2.0, 3: 6.0}")
 
 
 @pytest.mark.parametrize("path", [p.with_suffix(".md") for p in COMMITTED], ids=lambda p: p.parent.name)
 def test_committed_reports_hold_no_unformatted_placeholders(path):
-    found = [(i + 1, m.group()) for i, line in enumerate(path.read_text().splitlines())
-             for m in PLACEHOLDER.finditer(line)]
+    found = [
+        (i + 1, m.group())
+        for i, line in enumerate(path.read_text().splitlines())
+        for m in PLACEHOLDER.finditer(line)
+    ]
     assert not found, f"{path}: unformatted placeholders (line, text): {found}"
 
 

@@ -1,10 +1,11 @@
 """The ``torchlowrank`` command: demo, reproduce, inspect.
 
-    torchlowrank demo                       # the embedded default, writes torchlowrank-report/
-    torchlowrank reproduce --list           # registered experiments
-    torchlowrank reproduce NAME [--quick]   # run one, write its report
-    torchlowrank inspect PATH               # spectrum table + plot of a checkpoint's weights
+torchlowrank demo                       # the embedded default, writes torchlowrank-report/
+torchlowrank reproduce --list           # registered experiments
+torchlowrank reproduce NAME [--quick]   # run one, write its report
+torchlowrank inspect PATH               # spectrum table + plot of a checkpoint's weights
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,7 +46,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .files import atomic_write_text
 
     atomic_write_text(out / "README.md", "\n".join(index) + "\n")
-    _print(f"\nDemo finished in {time.perf_counter() - t_all:.0f} s; report in {out}/ (start with {out / 'README.md'})")
+    _print(
+        f"\nDemo finished in {time.perf_counter() - t_all:.0f} s; report in {out}/ (start with {out / 'README.md'})"
+    )
     return 0
 
 
@@ -66,8 +69,12 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     commit = git_commit()  # the code that runs: read before the run, the tree may move on during it
     _print(f"Running {exp.name}{' (quick)' if args.quick else ''} with seed {args.seed} ...")
     result = exp.run(quick=args.quick, seed=args.seed, progress=None if not args.quiet else False)
-    result.environment["command"] = " ".join(["torchlowrank reproduce", exp.name] + (["--quick"] if args.quick else [])
-                                             + ([f"--seed {args.seed}"] if args.seed else []) + [f"--out {out}"])
+    result.environment["command"] = " ".join(
+        ["torchlowrank reproduce", exp.name]
+        + (["--quick"] if args.quick else [])
+        + ([f"--seed {args.seed}"] if args.seed else [])
+        + [f"--out {out}"]
+    )
     result.environment["git_commit"] = commit
     paths = write_report(result, out)
     _print(result_markdown(result, heading=2))
@@ -81,7 +88,9 @@ def _check_writable(out: Path) -> None:
     while not probe.exists():
         probe = probe.parent
     if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise ValueError(f"cannot write the report to {out}: {probe} is not a writable folder; pass another --out")
+        raise ValueError(
+            f"cannot write the report to {out}: {probe} is not a writable folder; pass another --out"
+        )
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -114,18 +123,36 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if pattern is not None:
         table.__init__([r for r in table if pattern.search(r.name)])
     if not table:
-        raise ValueError(f"no 2-D (or conv) weights found in {args.path}" + (f" matching {args.targets!r}" if args.targets else ""))
+        raise ValueError(
+            f"no 2-D (or conv) weights found in {args.path}"
+            + (f" matching {args.targets!r}" if args.targets else "")
+        )
     _print(title)
     _print(str(table))
     if args.out:
         from .ranks import singular_values
 
-        series = [Series(r.name, list(range(1, len(sv) + 1)), sv)
-                  for r, sv in ((r, singular_values(weights[r.name]).tolist()) for r in table[: args.max_plot])]
-        result = Result(name="inspect", config={"path": str(args.path), "compare": args.compare},
-                        tables=[Table(title, table.columns, table.rows())],
-                        plots=[Plot("spectra", title[:80], "line", series, xlabel="index i", ylabel="singular value", logy=True)],
-                        environment=environment_info())
+        series = [
+            Series(r.name, list(range(1, len(sv) + 1)), sv)
+            for r, sv in ((r, singular_values(weights[r.name]).tolist()) for r in table[: args.max_plot])
+        ]
+        result = Result(
+            name="inspect",
+            config={"path": str(args.path), "compare": args.compare},
+            tables=[Table(title, table.columns, table.rows())],
+            plots=[
+                Plot(
+                    "spectra",
+                    title[:80],
+                    "line",
+                    series,
+                    xlabel="index i",
+                    ylabel="singular value",
+                    logy=True,
+                )
+            ],
+            environment=environment_info(),
+        )
         paths = write_report(result, args.out)
         _print(f"Report: {paths['md']}")
     return 0
@@ -134,21 +161,28 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    p = argparse.ArgumentParser(prog="torchlowrank", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="torchlowrank", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--version", action="version", version=f"torchlowrank {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
-    d = sub.add_parser("demo", help="run the embedded default demo on real data and write a report",
-                       description="Train on real data bundled with the installed packages, show spectra, "
-                                   "truncate, adapt; writes Markdown + JSON + PNG into --out.")
+    d = sub.add_parser(
+        "demo",
+        help="run the embedded default demo on real data and write a report",
+        description="Train on real data bundled with the installed packages, show spectra, "
+        "truncate, adapt; writes Markdown + JSON + PNG into --out.",
+    )
     d.add_argument("--out", default="torchlowrank-report", help="output folder (default: %(default)s)")
     d.add_argument("--sections", default=None, help="comma-separated subset of demo sections to run")
     d.add_argument("--quiet", action="store_true", help="no progress bars")
     d.set_defaults(func=cmd_demo)
 
-    r = sub.add_parser("reproduce", help="run a registered experiment and write its report",
-                       description="Run a registered reproduction; --list shows them all.")
+    r = sub.add_parser(
+        "reproduce",
+        help="run a registered experiment and write its report",
+        description="Run a registered reproduction; --list shows them all.",
+    )
     r.add_argument("name", nargs="?", help="experiment name (see --list)")
     r.add_argument("--list", action="store_true", help="list registered experiments")
     r.add_argument("--quick", action="store_true", help="small version (minutes, used by the tests)")
@@ -157,10 +191,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--quiet", action="store_true", help="no progress bars")
     r.set_defaults(func=cmd_reproduce)
 
-    i = sub.add_parser("inspect", help="spectrum table (and plot) of the weights in a checkpoint",
-                       description="Spectra and ranks of every matrix in a .safetensors file, a torch checkpoint "
-                                   "(loaded with weights_only=True) or a PEFT adapter folder (B A per module). "
-                                   "With --compare, the spectra of the difference OTHER - PATH (a fine-tuning update).")
+    i = sub.add_parser(
+        "inspect",
+        help="spectrum table (and plot) of the weights in a checkpoint",
+        description="Spectra and ranks of every matrix in a .safetensors file, a torch checkpoint "
+        "(loaded with weights_only=True) or a PEFT adapter folder (B A per module). "
+        "With --compare, the spectra of the difference OTHER - PATH (a fine-tuning update).",
+    )
     i.add_argument("path", help=".safetensors file, torch checkpoint (.pt/.pth/.bin) or PEFT adapter folder")
     i.add_argument("--compare", default=None, metavar="OTHER", help="second checkpoint: inspect OTHER - PATH")
     i.add_argument("--top-k", type=int, default=5, help="top singular values to show (default: %(default)s)")

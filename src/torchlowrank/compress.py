@@ -16,6 +16,7 @@ to another module (GPT-2's ``lm_head`` = ``wte``) and layers inside adapters are
 explicitly and skipped with a warning when ``targets=None``; the new factors keep the original
 weight's ``requires_grad``.
 """
+
 from __future__ import annotations
 
 import math
@@ -32,7 +33,14 @@ from .ranks import singular_values
 from .results import markdown_table
 from .targets import Targets, find_targets, replace_module
 
-__all__ = ["count_parameters", "rank_for_fraction", "factorize", "truncate", "CompressionReport", "LayerCompression"]
+__all__ = [
+    "count_parameters",
+    "rank_for_fraction",
+    "factorize",
+    "truncate",
+    "CompressionReport",
+    "LayerCompression",
+]
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
@@ -67,8 +75,10 @@ def _has_matrix(m: nn.Module) -> bool:
 
 def _unsupported_reason(m: nn.Module) -> str | None:
     if isinstance(m, nn.Conv2d) and (m.groups != 1 or m.padding_mode != "zeros"):
-        return (f"Conv2d with groups={m.groups}, padding_mode={m.padding_mode!r} (LowRankConv2d supports "
-                "groups=1 and zero padding only)")
+        return (
+            f"Conv2d with groups={m.groups}, padding_mode={m.padding_mode!r} (LowRankConv2d supports "
+            "groups=1 and zero padding only)"
+        )
     return None
 
 
@@ -99,11 +109,15 @@ def _select_layers(model: nn.Module, targets: Targets, what: str) -> list[tuple[
         inside = next((w for w in wrappers if name.startswith(w + ".")), None)
         tied = shared_weight_holders(model, module, index)
         if inside is not None:
-            reason = (f"it is the base layer of the adapter {inside!r}: merge the adapters first "
-                      "(tlr.merge(model)) or truncate before adapting")
+            reason = (
+                f"it is the base layer of the adapter {inside!r}: merge the adapters first "
+                "(tlr.merge(model)) or truncate before adapting"
+            )
         elif tied:
-            reason = (f"its weight is tied to {', '.join(tied)}: replacing it would untie them and grow the model. "
-                      "Exclude it, or untie it first (e.g. model.lm_head.weight = nn.Parameter(W.clone()))")
+            reason = (
+                f"its weight is tied to {', '.join(tied)}: replacing it would untie them and grow the model. "
+                "Exclude it, or untie it first (e.g. model.lm_head.weight = nn.Parameter(W.clone()))"
+            )
         else:
             reason = _unsupported_reason(module)
         if reason is None:
@@ -115,7 +129,9 @@ def _select_layers(model: nn.Module, targets: Targets, what: str) -> list[tuple[
     if skipped:
         warnings.warn(f"{what}: skipped {len(skipped)} layer(s): " + "; ".join(skipped), stacklevel=3)
     if not chosen:
-        raise ValueError(f"{what}: no layer left to replace" + (f"; skipped: {'; '.join(skipped)}" if skipped else ""))
+        raise ValueError(
+            f"{what}: no layer left to replace" + (f"; skipped: {'; '.join(skipped)}" if skipped else "")
+        )
     return chosen
 
 
@@ -153,16 +169,28 @@ class CompressionReport:
     columns = ["layer", "shape", "rank", "full rank", "params before", "params after", "energy kept"]
 
     def rows(self) -> list[list]:
-        return [[l.name, "x".join(map(str, l.shape)), l.rank, l.full_rank, l.params_before, l.params_after,
-                 round(l.energy_kept, 4)] for l in self.layers]
+        return [
+            [
+                l.name,
+                "x".join(map(str, l.shape)),
+                l.rank,
+                l.full_rank,
+                l.params_before,
+                l.params_after,
+                round(l.energy_kept, 4),
+            ]
+            for l in self.layers
+        ]
 
     def to_markdown(self) -> str:
         return markdown_table(self.columns, self.rows())
 
     def __str__(self) -> str:
-        lines = [self.to_markdown(),
-                 f"targeted layers: {self.targeted_params_before:,} -> {self.targeted_params_after:,} parameters; "
-                 f"model: {self.model_params_before:,} -> {self.model_params_after:,}"]
+        lines = [
+            self.to_markdown(),
+            f"targeted layers: {self.targeted_params_before:,} -> {self.targeted_params_after:,} parameters; "
+            f"model: {self.model_params_before:,} -> {self.model_params_after:,}",
+        ]
         return "\n".join(lines)
 
 
@@ -176,16 +204,24 @@ def _as_linear(module: nn.Module) -> nn.Linear:
     return lin
 
 
-def _build_factorized(name: str, module: nn.Module, rank: int, parametrization: str = "USV"
-                      ) -> tuple[nn.Module, LayerCompression]:
+def _build_factorized(
+    name: str, module: nn.Module, rank: int, parametrization: str = "USV"
+) -> tuple[nn.Module, LayerCompression]:
     """The factorized replacement of one layer and its report row; touches nothing in the model."""
     W = module.weight
     if is_meta(W):
-        raise ValueError(f"layer {name!r} is on the 'meta' device (no values to decompose); load the real weights first")
+        raise ValueError(
+            f"layer {name!r} is on the 'meta' device (no values to decompose); load the real weights first"
+        )
     try:
         if parametrization == "AB":
-            new = (FactorizedConv2d.from_conv2d(module, rank) if isinstance(module, nn.Conv2d) else
-                   FactorizedLinear.from_linear(_as_linear(module) if is_hf_conv1d(module) else module, rank))
+            new = (
+                FactorizedConv2d.from_conv2d(module, rank)
+                if isinstance(module, nn.Conv2d)
+                else FactorizedLinear.from_linear(
+                    _as_linear(module) if is_hf_conv1d(module) else module, rank
+                )
+            )
         elif isinstance(module, nn.Conv2d):
             new = LowRankConv2d.from_conv2d(module, rank)
         else:
@@ -206,9 +242,13 @@ def _build_factorized(name: str, module: nn.Module, rank: int, parametrization: 
     return new, LayerCompression(name, shape, rank, max_rank(shape), before, after, kept)
 
 
-def _apply(model: nn.Module, plan: list[tuple[str, nn.Module, int]], parametrization: str = "USV") -> CompressionReport:
+def _apply(
+    model: nn.Module, plan: list[tuple[str, nn.Module, int]], parametrization: str = "USV"
+) -> CompressionReport:
     before = count_parameters(model)
-    built = [(name, *_build_factorized(name, module, k, parametrization)) for name, module, k in plan]  # may raise: model untouched
+    built = [
+        (name, *_build_factorized(name, module, k, parametrization)) for name, module, k in plan
+    ]  # may raise: model untouched
     for name, new, _ in built:
         replace_module(model, name, new)
     report = CompressionReport([row for _, _, row in built], before)
@@ -216,8 +256,9 @@ def _apply(model: nn.Module, plan: list[tuple[str, nn.Module, int]], parametriza
     return report
 
 
-def factorize(model: nn.Module, rank: int | float, targets: Targets = None, parametrization: str = "USV"
-              ) -> CompressionReport:
+def factorize(
+    model: nn.Module, rank: int | float, targets: Targets = None, parametrization: str = "USV"
+) -> CompressionReport:
     """Replace targeted nn.Linear / HF Conv1D / nn.Conv2d layers by factorized ones, in place.
 
     rank: an int (the same for every layer, must be <= each layer's full rank) or a float in (0, 1]
@@ -229,7 +270,9 @@ def factorize(model: nn.Module, rank: int | float, targets: Targets = None, para
     split A = U sqrt(S), B = V sqrt(S), for ordinary optimizers.
     """
     if parametrization not in ("USV", "AB"):
-        raise ValueError(f"parametrization must be 'USV' (U diag(S) V^T) or 'AB' (A B^T), got {parametrization!r}")
+        raise ValueError(
+            f"parametrization must be 'USV' (U diag(S) V^T) or 'AB' (A B^T), got {parametrization!r}"
+        )
     found = _select_layers(model, targets, "factorize")
     plan = []
     for name, module in found:
@@ -239,8 +282,10 @@ def factorize(model: nn.Module, rank: int | float, targets: Targets = None, para
             k = max(1, math.floor(rank * full + 1e-9))
         elif isinstance(rank, int) and not isinstance(rank, bool):
             if not 1 <= rank <= full:
-                raise ValueError(f"rank {rank} is outside 1..{full} for layer {name!r} of shape "
-                                 f"{_weight_shape(module)}; pass a fraction (e.g. 0.25) or exclude the layer via targets")
+                raise ValueError(
+                    f"rank {rank} is outside 1..{full} for layer {name!r} of shape "
+                    f"{_weight_shape(module)}; pass a fraction (e.g. 0.25) or exclude the layer via targets"
+                )
             k = rank
         else:
             raise ValueError(f"rank must be an int or a float fraction in (0, 1], got {rank!r}")
@@ -265,8 +310,10 @@ def _energy_allocation(found: list[tuple[str, nn.Module]], budget: float) -> dic
         caps[name] = max(1, min(len(s2), rank_for_fraction(tuple(W.shape), 1.0)))
     used = sum(costs.values())
     if used > budget:
-        raise ValueError(f"param_fraction is too small: even rank 1 for every targeted layer needs {used} "
-                         f"parameters, the budget is {int(budget)}")
+        raise ValueError(
+            f"param_fraction is too small: even rank 1 for every targeted layer needs {used} "
+            f"parameters, the budget is {int(budget)}"
+        )
     while True:
         best, best_gain = None, 0.0
         for name, s2 in spectra.items():
@@ -281,7 +328,9 @@ def _energy_allocation(found: list[tuple[str, nn.Module]], budget: float) -> dic
         used += costs[best]
 
 
-def truncate(model: nn.Module, param_fraction: float, targets: Targets = None, allocation: str = "uniform") -> CompressionReport:
+def truncate(
+    model: nn.Module, param_fraction: float, targets: Targets = None, allocation: str = "uniform"
+) -> CompressionReport:
     """SVD-truncate targeted Linear / HF Conv1D / Conv2d layers to at most ``param_fraction`` of their
     weight parameters, in place, with the exact truncated SVD (best rank-k approximation).
 
@@ -300,13 +349,17 @@ def truncate(model: nn.Module, param_fraction: float, targets: Targets = None, a
         for name, module in found:
             k = rank_for_fraction(_weight_shape(module), param_fraction)
             if k < 1:
-                raise ValueError(f"param_fraction={param_fraction} leaves rank 0 for layer {name!r} of shape "
-                                 f"{_weight_shape(module)}; raise the fraction or use allocation='energy'")
+                raise ValueError(
+                    f"param_fraction={param_fraction} leaves rank 0 for layer {name!r} of shape "
+                    f"{_weight_shape(module)}; raise the fraction or use allocation='energy'"
+                )
             ranks[name] = k
     else:
         for name, module in found:
             if is_meta(module.weight):
-                raise ValueError(f"layer {name!r} is on the 'meta' device (no values to decompose); load the real weights first")
+                raise ValueError(
+                    f"layer {name!r} is on the 'meta' device (no values to decompose); load the real weights first"
+                )
         budget = param_fraction * sum(math.prod(_weight_shape(m)) for _, m in found)
         ranks = _energy_allocation(found, budget)
     return _apply(model, [(n, m, ranks[n]) for n, m in found])

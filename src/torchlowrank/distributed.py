@@ -10,6 +10,7 @@ single-process identity, so library code can call them unconditionally.
 - :func:`broadcast_tensors_`: make tensors (e.g. a basis computed on rank 0) identical on every rank;
 - :func:`all_reduce_mean_`: average tensors over ranks (local gradients -> the global batch's).
 """
+
 from __future__ import annotations
 
 import functools
@@ -19,8 +20,17 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-__all__ = ["is_distributed", "rank", "world_size", "is_main_process", "barrier", "main_process_only",
-           "broadcast_tensors_", "broadcast_object", "all_reduce_mean_"]
+__all__ = [
+    "is_distributed",
+    "rank",
+    "world_size",
+    "is_main_process",
+    "barrier",
+    "main_process_only",
+    "broadcast_tensors_",
+    "broadcast_object",
+    "all_reduce_mean_",
+]
 
 T = TypeVar("T")
 

@@ -7,6 +7,7 @@ Built from a dense layer (``from_linear`` / ``from_conv2d``) the factors are the
 split A = U_r sqrt(S_r), B = V_r sqrt(S_r) (the best rank-r approximation). Unlike LowRankLinear
 there is no orthonormality: heavy ball / Adam update A and B as two ordinary matrices.
 """
+
 from __future__ import annotations
 
 import math
@@ -46,7 +47,9 @@ class _ABFactors(nn.Module):
 class FactorizedLinear(_ABFactors):
     """y = x B A^T + b; A (out, r), B (in, r). Default init: balanced SVD split of nn.Linear's init."""
 
-    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True, device=None, dtype=None) -> None:
+    def __init__(
+        self, in_features: int, out_features: int, rank: int, bias: bool = True, device=None, dtype=None
+    ) -> None:
         super().__init__()
         _check_rank(rank, (out_features, in_features), "FactorizedLinear")
         self.in_features, self.out_features = in_features, out_features
@@ -59,7 +62,7 @@ class FactorizedLinear(_ABFactors):
         return F.linear(F.linear(x, self.B.T), self.A, self.bias)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, rank: int) -> "FactorizedLinear":
+    def from_linear(cls, linear: nn.Linear, rank: int) -> FactorizedLinear:
         """Best rank-``rank`` approximation of ``linear``, split as A = U sqrt(S), B = V sqrt(S)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear expects nn.Linear, got {type(linear).__name__}")
@@ -80,28 +83,54 @@ class FactorizedLinear(_ABFactors):
 class FactorizedConv2d(_ABFactors):
     """Conv2d whose reshaped kernel (out, in*kh*kw) is A B^T; groups=1, zero padding only."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size, rank: int, stride=1, padding=0,
-                 dilation=1, bias: bool = True, device=None, dtype=None) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        rank: int,
+        stride=1,
+        padding=0,
+        dilation=1,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+    ) -> None:
         super().__init__()
-        conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=padding, dilation=dilation,
-                         bias=bias, device=device, dtype=dtype)
+        conv = nn.Conv2d(
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride=stride,
+            padding=padding,
+            dilation=dilation,
+            bias=bias,
+            device=device,
+            dtype=dtype,
+        )
         self._from_conv(conv, rank)
 
     def _from_conv(self, conv: nn.Conv2d, rank: int) -> None:
         if conv.groups != 1 or conv.padding_mode != "zeros":
-            raise ValueError(f"FactorizedConv2d supports groups=1 and padding_mode='zeros'; got groups={conv.groups}, "
-                             f"padding_mode={conv.padding_mode!r}")
+            raise ValueError(
+                f"FactorizedConv2d supports groups=1 and padding_mode='zeros'; got groups={conv.groups}, "
+                f"padding_mode={conv.padding_mode!r}"
+            )
         W = conv.weight
         _check_rank(rank, tuple(W.shape), "FactorizedConv2d")
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
-        self.kernel_size, self.stride, self.dilation = tuple(conv.kernel_size), tuple(conv.stride), tuple(conv.dilation)
+        self.kernel_size, self.stride, self.dilation = (
+            tuple(conv.kernel_size),
+            tuple(conv.stride),
+            tuple(conv.dilation),
+        )
         self.padding = conv.padding if isinstance(conv.padding, str) else _pair(conv.padding)
         self._init_ab(W.shape[0], math.prod(W.shape[1:]), rank, W.device, W.dtype)
         self._ab_from_dense(W.detach())
         self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone())
 
     @classmethod
-    def from_conv2d(cls, conv: nn.Conv2d, rank: int) -> "FactorizedConv2d":
+    def from_conv2d(cls, conv: nn.Conv2d, rank: int) -> FactorizedConv2d:
         """Best rank-``rank`` approximation of the reshaped kernel of ``conv``, balanced split."""
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"from_conv2d expects nn.Conv2d, got {type(conv).__name__}")
@@ -116,12 +145,16 @@ class FactorizedConv2d(_ABFactors):
         return F.conv2d(h, self.A.view(self.out_channels, self.rank, 1, 1), self.bias)
 
     def extra_repr(self) -> str:
-        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, rank={self.rank}, "
-                f"stride={self.stride}, padding={self.padding}, bias={self.bias is not None}")
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, rank={self.rank}, "
+            f"stride={self.stride}, padding={self.padding}, bias={self.bias is not None}"
+        )
 
 
 def _is_target(m: nn.Module) -> bool:
-    return isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.groups == 1 and m.padding_mode == "zeros")
+    return isinstance(m, nn.Linear) or (
+        isinstance(m, nn.Conv2d) and m.groups == 1 and m.padding_mode == "zeros"
+    )
 
 
 def factorize_ab(model: nn.Module, rank: int | float, targets: Targets = None) -> nn.Module:
@@ -132,7 +165,12 @@ def factorize_ab(model: nn.Module, rank: int | float, targets: Targets = None) -
     selection (see ``torchlowrank.targets``). Validates every layer before replacing any.
     Returns ``model``.
     """
-    if isinstance(rank, bool) or not isinstance(rank, (int, float)) or rank <= 0 or (isinstance(rank, float) and rank >= 1):
+    if (
+        isinstance(rank, bool)
+        or not isinstance(rank, (int, float))
+        or rank <= 0
+        or (isinstance(rank, float) and rank >= 1)
+    ):
         raise ValueError(f"rank must be an int >= 1 or a float fraction in (0, 1), got {rank!r}")
     chosen = find_targets(model, targets, _is_target)
     plans = []
@@ -141,6 +179,10 @@ def factorize_ab(model: nn.Module, rank: int | float, targets: Targets = None) -
         k = min(rank, m, n) if isinstance(rank, int) else max(1, math.floor(rank * m * n / (m + n) + 1e-9))
         plans.append((name, mod, min(k, m, n)))
     for name, mod, k in plans:
-        new = FactorizedLinear.from_linear(mod, k) if isinstance(mod, nn.Linear) else FactorizedConv2d.from_conv2d(mod, k)
+        new = (
+            FactorizedLinear.from_linear(mod, k)
+            if isinstance(mod, nn.Linear)
+            else FactorizedConv2d.from_conv2d(mod, k)
+        )
         replace_module(model, name, new)
     return model

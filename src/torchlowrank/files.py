@@ -1,4 +1,5 @@
 """Atomic file writes: a crash or a full disk never leaves a half-written file behind."""
+
 from __future__ import annotations
 
 import contextlib
@@ -77,4 +78,6 @@ def read_json(path: str | os.PathLike, what: str, hint: str = "") -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not a valid {what} (corrupted? {e})" + (f"; {hint}" if hint else "")) from e
+        raise ValueError(
+            f"{path} is not a valid {what} (corrupted? {e})" + (f"; {hint}" if hint else "")
+        ) from e

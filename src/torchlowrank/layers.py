@@ -7,6 +7,7 @@ per token instead of in * out.
 with r output channels (the V factor) followed by a 1x1 conv (U), S folded into the smaller factor.
 The U, S, V parametrisation is the one the geometric optimizers (DESIGN §4.5) update.
 """
+
 from __future__ import annotations
 
 import math
@@ -29,7 +30,9 @@ def max_rank(shape: tuple[int, ...]) -> int:
 def _check_rank(rank: int, shape: tuple[int, ...], what: str) -> None:
     full = max_rank(shape)
     if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= full:
-        raise ValueError(f"rank for {what} with weight shape {tuple(shape)} must be an int in 1..{full}, got {rank!r}")
+        raise ValueError(
+            f"rank for {what} with weight shape {tuple(shape)} must be an int in 1..{full}, got {rank!r}"
+        )
 
 
 def marchenko_pastur_top_singular_values(m: int, n: int, k: int, variance: float) -> torch.Tensor:
@@ -47,7 +50,9 @@ def marchenko_pastur_top_singular_values(m: int, n: int, k: int, variance: float
     theta = torch.linspace(0.0, math.pi, 4097, dtype=torch.float64)
     x = lo + (hi - lo) * (1 - torch.cos(theta)) / 2
     dens = torch.sqrt(((hi - x) * (x - lo)).clamp_min(0)) / (2 * math.pi * variance * q * x.clamp_min(1e-300))
-    cdf = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum((dens[1:] + dens[:-1]) / 2 * x.diff(), 0)])
+    cdf = torch.cat(
+        [torch.zeros(1, dtype=torch.float64), torch.cumsum((dens[1:] + dens[:-1]) / 2 * x.diff(), 0)]
+    )
     cdf = cdf / cdf[-1]
     tail = 1 - (torch.arange(k, dtype=torch.float64) + 0.5) / small  # CDF level of the i-th largest
     j = torch.searchsorted(cdf, tail).clamp(1, len(x) - 1)
@@ -95,7 +100,9 @@ class _LowRankFactors(nn.Module):
         fan_in = self._fan_in()
         s = marchenko_pastur_top_singular_values(m, n, r, 1.0 / (3 * fan_in))
         # orthogonal_init draws from the global torch RNG, as nn.Linear's init does
-        U = orthogonal_init(m, r, dtype=torch.float64)  # cast on copy: float64 layers stay orthonormal to 1e-16
+        U = orthogonal_init(
+            m, r, dtype=torch.float64
+        )  # cast on copy: float64 layers stay orthonormal to 1e-16
         V = orthogonal_init(n, r, dtype=torch.float64)
         with torch.no_grad():
             self.U.copy_(U)
@@ -120,8 +127,10 @@ class _LowRankFactors(nn.Module):
         """
         k = S.shape[0]
         if U.shape != (self.U.shape[0], k) or V.shape != (self.V.shape[0], k) or S.ndim != 1:
-            raise ValueError(f"set_factors expects U ({self.U.shape[0]}, k), S (k,), V ({self.V.shape[0]}, k); "
-                             f"got {tuple(U.shape)}, {tuple(S.shape)}, {tuple(V.shape)}")
+            raise ValueError(
+                f"set_factors expects U ({self.U.shape[0]}, k), S (k,), V ({self.V.shape[0]}, k); "
+                f"got {tuple(U.shape)}, {tuple(S.shape)}, {tuple(V.shape)}"
+            )
         if k == self.rank and self.U.shape[1] == k:
             self.U.copy_(U)
             self.S.copy_(S)
@@ -129,8 +138,14 @@ class _LowRankFactors(nn.Module):
             return
         for name, new in (("U", U), ("S", S), ("V", V)):
             old = getattr(self, name)
-            setattr(self, name, nn.Parameter(new.detach().to(device=old.device, dtype=old.dtype).clone(),
-                                             requires_grad=old.requires_grad))
+            setattr(
+                self,
+                name,
+                nn.Parameter(
+                    new.detach().to(device=old.device, dtype=old.dtype).clone(),
+                    requires_grad=old.requires_grad,
+                ),
+            )
         self.rank = k
 
 
@@ -143,8 +158,9 @@ class LowRankLinear(_LowRankFactors):
     matrix, no SVD; works on ``device="meta"``).
     """
 
-    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True,
-                 device=None, dtype=None) -> None:
+    def __init__(
+        self, in_features: int, out_features: int, rank: int, bias: bool = True, device=None, dtype=None
+    ) -> None:
         super().__init__()
         _check_rank(rank, (out_features, in_features), "LowRankLinear")
         self.in_features = in_features
@@ -167,7 +183,7 @@ class LowRankLinear(_LowRankFactors):
         return self.dense_weight()
 
     @classmethod
-    def from_linear(cls, linear: nn.Module, rank: int, method: str = "full") -> "LowRankLinear":
+    def from_linear(cls, linear: nn.Module, rank: int, method: str = "full") -> LowRankLinear:
         """Best rank-``rank`` approximation of ``linear`` (Eckart-Young), same dtype and device.
 
         linear: ``nn.Linear`` (weight (out, in)) or Hugging Face ``Conv1D`` (weight (in, out), the
@@ -180,7 +196,9 @@ class LowRankLinear(_LowRankFactors):
         elif is_hf_conv1d(linear):
             W, n_in, n_out = linear.weight.T, linear.weight.shape[0], linear.weight.shape[1]
         else:
-            raise TypeError(f"from_linear expects nn.Linear or Hugging Face Conv1D, got {type(linear).__name__}")
+            raise TypeError(
+                f"from_linear expects nn.Linear or Hugging Face Conv1D, got {type(linear).__name__}"
+            )
         _check_rank(rank, tuple(W.shape), "from_linear")
         check_not_meta(W, f"the weight of {type(linear).__name__}")
         layer = cls(n_in, n_out, rank, bias=linear.bias is not None, device=W.device, dtype=W.dtype)
@@ -192,8 +210,13 @@ class LowRankLinear(_LowRankFactors):
 
     def to_linear(self) -> nn.Linear:
         """A dense ``nn.Linear`` with weight U diag(S) V^T (same dtype and device)."""
-        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                        device=self.U.device, dtype=self.U.dtype)
+        lin = nn.Linear(
+            self.in_features,
+            self.out_features,
+            bias=self.bias is not None,
+            device=self.U.device,
+            dtype=self.U.dtype,
+        )
         with torch.no_grad():
             lin.weight.copy_(self.dense_weight())
             if self.bias is not None:
@@ -216,8 +239,19 @@ class LowRankConv2d(_LowRankFactors):
     r (in*kh*kw + out) instead of out*in*kh*kw. Only ``groups=1`` and zero padding are supported.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size, rank: int, stride=1, padding=0,
-                 dilation=1, bias: bool = True, device=None, dtype=None) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        rank: int,
+        stride=1,
+        padding=0,
+        dilation=1,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+    ) -> None:
         super().__init__()
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size = _pair(kernel_size)
@@ -250,19 +284,30 @@ class LowRankConv2d(_LowRankFactors):
         return self.dense_weight().reshape(self.out_channels, self.in_channels, *self.kernel_size)
 
     @classmethod
-    def from_conv2d(cls, conv: nn.Conv2d, rank: int, method: str = "full") -> "LowRankConv2d":
+    def from_conv2d(cls, conv: nn.Conv2d, rank: int, method: str = "full") -> LowRankConv2d:
         """Best rank-``rank`` approximation of the reshaped kernel of ``conv`` (exact with ``method="full"``)."""
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"from_conv2d expects nn.Conv2d, got {type(conv).__name__}")
         if conv.groups != 1 or conv.padding_mode != "zeros":
-            raise ValueError(f"LowRankConv2d supports groups=1 and padding_mode='zeros'; got groups={conv.groups}, "
-                             f"padding_mode={conv.padding_mode!r}")
+            raise ValueError(
+                f"LowRankConv2d supports groups=1 and padding_mode='zeros'; got groups={conv.groups}, "
+                f"padding_mode={conv.padding_mode!r}"
+            )
         W = conv.weight
         _check_rank(rank, tuple(W.shape), "from_conv2d")
         check_not_meta(W, "the kernel of Conv2d")
-        layer = cls(conv.in_channels, conv.out_channels, tuple(conv.kernel_size), rank, stride=tuple(conv.stride),
-                    padding=conv.padding, dilation=tuple(conv.dilation), bias=conv.bias is not None,
-                    device=W.device, dtype=W.dtype)
+        layer = cls(
+            conv.in_channels,
+            conv.out_channels,
+            tuple(conv.kernel_size),
+            rank,
+            stride=tuple(conv.stride),
+            padding=conv.padding,
+            dilation=tuple(conv.dilation),
+            bias=conv.bias is not None,
+            device=W.device,
+            dtype=W.dtype,
+        )
         layer._reset_from_dense(W.detach(), method)
         if conv.bias is not None:
             with torch.no_grad():
@@ -270,8 +315,15 @@ class LowRankConv2d(_LowRankFactors):
         return layer
 
     def to_conv2d(self) -> nn.Conv2d:
-        conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, bias=self.bias is not None,
-                         device=self.U.device, dtype=self.U.dtype, **self._conv_kwargs())
+        conv = nn.Conv2d(
+            self.in_channels,
+            self.out_channels,
+            self.kernel_size,
+            bias=self.bias is not None,
+            device=self.U.device,
+            dtype=self.U.dtype,
+            **self._conv_kwargs(),
+        )
         with torch.no_grad():
             conv.weight.copy_(self.weight)
             if self.bias is not None:
@@ -279,5 +331,7 @@ class LowRankConv2d(_LowRankFactors):
         return conv
 
     def extra_repr(self) -> str:
-        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, rank={self.rank}, "
-                f"stride={self.stride}, padding={self.padding}, bias={self.bias is not None}")
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, rank={self.rank}, "
+            f"stride={self.stride}, padding={self.padding}, bias={self.bias is not None}"
+        )

@@ -4,6 +4,7 @@ orthogonal initialisation and principal angles.
 Every routine computes in float32 or float64 (never in bf16/fp16 and never under autocast) and
 returns results in the input's dtype, so it can be called on the weights of a mixed-precision model.
 """
+
 from __future__ import annotations
 
 import torch
@@ -78,8 +79,13 @@ def robust_svd(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
         return U.to(work.dtype), S.to(work.dtype), Vh.to(work.dtype)
 
 
-def randomized_svd(A: torch.Tensor, rank: int, oversample: int = 10, n_iter: int = 4,
-                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def randomized_svd(
+    A: torch.Tensor,
+    rank: int,
+    oversample: int = 10,
+    n_iter: int = 4,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Randomized range finder (Halko, Martinsson & Tropp 2011) with power iterations.
 
     Accurate to near the best rank-``rank`` error when the spectrum decays; each power iteration
@@ -109,9 +115,15 @@ def _auto_uses_randomized(m: int, n: int, rank: int, oversample: int) -> bool:
     return min(m, n) >= 256 and (rank + oversample) * 4 <= min(m, n)
 
 
-def truncated_svd(A: torch.Tensor, rank: int, method: str = "auto", *, oversample: int = 10,
-                  n_iter: int = 4, generator: torch.Generator | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def truncated_svd(
+    A: torch.Tensor,
+    rank: int,
+    method: str = "auto",
+    *,
+    oversample: int = 10,
+    n_iter: int = 4,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-``rank`` singular triplets of ``A``: ``A ~= U @ diag(S) @ Vh``.
 
     A: (m, n) -> U: (m, rank), S: (rank,) descending, Vh: (rank, n), all in ``A``'s dtype.
@@ -125,7 +137,9 @@ def truncated_svd(A: torch.Tensor, rank: int, method: str = "auto", *, oversampl
     A = _as_matrix(A)
     m, n = A.shape
     if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= min(m, n):
-        raise ValueError(f"rank must be an int in 1..{min(m, n)} for a matrix of shape {(m, n)}, got {rank!r}")
+        raise ValueError(
+            f"rank must be an int in 1..{min(m, n)} for a matrix of shape {(m, n)}, got {rank!r}"
+        )
     if method not in ("auto", "full", "randomized"):
         raise ValueError(f"method must be 'auto', 'full' or 'randomized', got {method!r}")
     check_finite(A)
@@ -155,8 +169,15 @@ def orthonormal_basis(A: torch.Tensor, rtol: float | None = None) -> torch.Tenso
     return U[:, :keep].to(A.dtype)
 
 
-def orthogonal_init(rows: int, cols: int, scale: float = 1.0, *, generator: torch.Generator | None = None,
-                    dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> torch.Tensor:
+def orthogonal_init(
+    rows: int,
+    cols: int,
+    scale: float = 1.0,
+    *,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
     """A ``(rows, cols)`` matrix with orthonormal columns (rows >= cols) or rows, times ``scale``.
 
     Drawn uniformly (Haar) by QR of a Gaussian matrix with the sign fix of Mezzadri (2007), so every
@@ -183,7 +204,9 @@ def principal_angles(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     A = _as_matrix(A, "A")
     B = _as_matrix(B, "B")
     if A.shape[0] != B.shape[0]:
-        raise ValueError(f"subspaces must live in the same space: A has {A.shape[0]} rows, B has {B.shape[0]}")
+        raise ValueError(
+            f"subspaces must live in the same space: A has {A.shape[0]} rows, B has {B.shape[0]}"
+        )
     dt = torch.promote_types(compute_dtype(A.dtype), compute_dtype(B.dtype))
     Qa = orthonormal_basis(A.to(dt))
     Qb = orthonormal_basis(B.to(dt))
@@ -193,7 +216,7 @@ def principal_angles(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
         Qa, Qb = Qb, Qa
     # arccos of the cosines loses accuracy for small angles (cos ~ 1); there the sines of the
     # residual (I - Qa Qa^T) Qb are accurate (Bjorck & Golub 1973), so use each where it is reliable.
-    cos = torch.linalg.svdvals(Qa.T @ Qb).clamp(0.0, 1.0)               # descending
+    cos = torch.linalg.svdvals(Qa.T @ Qb).clamp(0.0, 1.0)  # descending
     sin = torch.linalg.svdvals(Qb - Qa @ (Qa.T @ Qb)).clamp(0.0, 1.0).flip(0)  # ascending
     angles = torch.where(cos**2 >= 0.5, torch.arcsin(sin), torch.arccos(cos))
     return angles.sort().values
@@ -224,4 +247,3 @@ def sign_fixed(X: torch.Tensor, *partners: torch.Tensor) -> tuple[torch.Tensor, 
     top = torch.gather(X, -2, X.abs().argmax(dim=-2, keepdim=True))
     sign = torch.where(top < 0, -1.0, 1.0).to(X.dtype)
     return (X * sign, *(P * sign for P in partners))
-

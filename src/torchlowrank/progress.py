@@ -1,4 +1,5 @@
 """Progress bars that show on a terminal and stay quiet in logs, CI and tests."""
+
 from __future__ import annotations
 
 import os
@@ -19,8 +20,21 @@ def progress_enabled(enabled: bool | None = None) -> bool:
     return sys.stderr.isatty()
 
 
-def progress_bar(iterable: Iterable | None = None, *, total: int | None = None, desc: str = "",
-                 enabled: bool | None = None, **kwargs: Any) -> tqdm:
+def progress_bar(
+    iterable: Iterable | None = None,
+    *,
+    total: int | None = None,
+    desc: str = "",
+    enabled: bool | None = None,
+    **kwargs: Any,
+) -> tqdm:
     """A ``tqdm`` bar, disabled unless :func:`progress_enabled`."""
-    return tqdm(iterable, total=total, desc=desc, disable=not progress_enabled(enabled),
-                leave=False, dynamic_ncols=True, **kwargs)
+    return tqdm(
+        iterable,
+        total=total,
+        desc=desc,
+        disable=not progress_enabled(enabled),
+        leave=False,
+        dynamic_ncols=True,
+        **kwargs,
+    )

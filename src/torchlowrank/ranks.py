@@ -7,6 +7,7 @@
 All measures accept a matrix, a conv kernel (out, in, kh, kw) reshaped to (out, in*kh*kw), or a
 precomputed vector of singular values (1-D tensor).
 """
+
 from __future__ import annotations
 
 import math
@@ -16,12 +17,23 @@ import torch
 from torch import nn
 
 from .layer_types import check_not_meta, is_hf_conv1d
-from .results import markdown_table
 from .linalg import check_finite, compute_dtype, truncated_svd
+from .results import markdown_table
 from .targets import find_targets
 
-__all__ = ["as_matrix", "singular_values", "stable_rank", "effective_rank", "numerical_rank",
-           "LayerSpectrum", "SpectrumTable", "spectrum", "layer_weight", "check_top_k", "weight_layers"]
+__all__ = [
+    "as_matrix",
+    "singular_values",
+    "stable_rank",
+    "effective_rank",
+    "numerical_rank",
+    "LayerSpectrum",
+    "SpectrumTable",
+    "spectrum",
+    "layer_weight",
+    "check_top_k",
+    "weight_layers",
+]
 
 
 def as_matrix(W: torch.Tensor) -> torch.Tensor:
@@ -113,12 +125,31 @@ class LayerSpectrum:
 class SpectrumTable(list):
     """A list of :class:`LayerSpectrum` that prints as an aligned table (``str``) or Markdown."""
 
-    columns = ["layer", "type", "shape", "full rank", "stable rank", "effective rank", "numerical rank", "top singular values"]
+    columns = [
+        "layer",
+        "type",
+        "shape",
+        "full rank",
+        "stable rank",
+        "effective rank",
+        "numerical rank",
+        "top singular values",
+    ]
 
     def rows(self) -> list[list]:
-        return [[r.name, r.kind, "x".join(map(str, r.shape)), r.full_rank, round(r.stable_rank, 2),
-                 round(r.effective_rank, 2), r.numerical_rank,
-                 ", ".join(f"{v:.3g}" for v in r.top_singular_values)] for r in self]
+        return [
+            [
+                r.name,
+                r.kind,
+                "x".join(map(str, r.shape)),
+                r.full_rank,
+                round(r.stable_rank, 2),
+                round(r.effective_rank, 2),
+                r.numerical_rank,
+                ", ".join(f"{v:.3g}" for v in r.top_singular_values),
+            ]
+            for r in self
+        ]
 
     def to_markdown(self) -> str:
         return markdown_table(self.columns, self.rows())
@@ -134,16 +165,24 @@ def check_top_k(top_k: int) -> None:
         raise ValueError(f"top_k must be a positive int (how many singular values to show), got {top_k!r}")
 
 
-def matrix_spectrum(name: str, kind: str, W: torch.Tensor, top_k: int = 5, energy: float = 0.99) -> LayerSpectrum:
+def matrix_spectrum(
+    name: str, kind: str, W: torch.Tensor, top_k: int = 5, energy: float = 0.99
+) -> LayerSpectrum:
     """Spectrum summary of one weight (matrix or conv kernel)."""
     check_top_k(top_k)
     try:
         s = singular_values(W)
     except ValueError as e:
         raise ValueError(f"layer {name!r}: {e}") from e
-    return LayerSpectrum(name=name, kind=kind, shape=tuple(W.shape), stable_rank=stable_rank(s),
-                         effective_rank=effective_rank(s), numerical_rank=numerical_rank(s, energy),
-                         top_singular_values=[float(v) for v in s[:top_k]])
+    return LayerSpectrum(
+        name=name,
+        kind=kind,
+        shape=tuple(W.shape),
+        stable_rank=stable_rank(s),
+        effective_rank=effective_rank(s),
+        numerical_rank=numerical_rank(s, energy),
+        top_singular_values=[float(v) for v in s[:top_k]],
+    )
 
 
 def spectrum(model: nn.Module, top_k: int = 5, targets=None, energy: float = 0.99) -> SpectrumTable:
@@ -173,7 +212,11 @@ def weight_layers(model: nn.Module, targets=None) -> list[tuple[str, nn.Module]]
     out, seen = [], set()
     for name, module in found:
         base = getattr(module, "weight", None)
-        key = id(base) if isinstance(base, torch.Tensor) and not callable(getattr(module, "dense_weight", None)) else id(module)
+        key = (
+            id(base)
+            if isinstance(base, torch.Tensor) and not callable(getattr(module, "dense_weight", None))
+            else id(module)
+        )
         if key not in seen:
             seen.add(key)
             out.append((name, module))

@@ -4,12 +4,12 @@
 ``load_result``), ``<name>.md`` (metrics, tables, notes, links to the plots) and one
 ``<name>_<plot>.png`` per plot. Every file is written atomically.
 """
+
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
-from typing import Any
 
 from .files import atomic_path, atomic_write_text, read_json
 from .results import Plot, Result, format_cell, markdown_table
@@ -29,9 +29,14 @@ def result_markdown(result: Result, image_names: dict[str, str] | None = None, h
         if image_names and p.name in image_names:
             lines += [f"![{p.title}]({image_names[p.name]})", ""]
     cfg = ", ".join(f"{k}={format_cell(v)}" for k, v in result.config.items())
-    lines += [f"Config: {cfg}", "", f"Seeds: {result.seeds}; wall time {result.wall_time_s:.1f} s; "
-              f"torch {result.environment.get('torch', '?')}, {result.environment.get('cpu_count', '?')} CPUs"
-              + (f", {result.environment['cuda']}" if result.environment.get("cuda") else ""), ""]
+    lines += [
+        f"Config: {cfg}",
+        "",
+        f"Seeds: {result.seeds}; wall time {result.wall_time_s:.1f} s; "
+        f"torch {result.environment.get('torch', '?')}, {result.environment.get('cpu_count', '?')} CPUs"
+        + (f", {result.environment['cuda']}" if result.environment.get("cuda") else ""),
+        "",
+    ]
     provenance = []
     if result.environment.get("command"):
         provenance.append(f"produced by `{result.environment['command']}`")
@@ -60,8 +65,13 @@ def draw_plot(plot: Plot, path: str | os.PathLike) -> Path:
             fig.colorbar(im, ax=ax)
             if plot.xticks is not None:
                 step = max(1, len(plot.xticks) // 12)
-                ax.set_xticks(range(0, len(plot.xticks), step), [str(t) for t in plot.xticks[::step]],
-                              rotation=45, ha="right", fontsize=7)
+                ax.set_xticks(
+                    range(0, len(plot.xticks), step),
+                    [str(t) for t in plot.xticks[::step]],
+                    rotation=45,
+                    ha="right",
+                    fontsize=7,
+                )
             if plot.yticks is not None:
                 ax.set_yticks(range(len(plot.yticks)), [str(t) for t in plot.yticks], fontsize=7)
         elif plot.kind == "hist":
@@ -115,8 +125,9 @@ def write_report(result: Result, out_dir: str | os.PathLike) -> dict[str, Path]:
         fname = f"{result.name}_{plot.name}.png"
         paths[f"png:{plot.name}"] = draw_plot(plot, out / fname)
         images[plot.name] = fname
-    paths["json"] = atomic_write_text(out / f"{result.name}.json",
-                                      json.dumps(result.to_dict(), indent=1, allow_nan=False))
+    paths["json"] = atomic_write_text(
+        out / f"{result.name}.json", json.dumps(result.to_dict(), indent=1, allow_nan=False)
+    )
     paths["md"] = atomic_write_text(out / f"{result.name}.md", result_markdown(result, images, heading=1))
     return paths
 

@@ -4,6 +4,7 @@ A :class:`Result` holds only JSON-serialisable values (numbers, strings, lists, 
 report can be re-plotted or compared without re-running anything. Plots are *described* here
 (:class:`Plot`) and drawn by :mod:`torchlowrank.report`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -101,7 +102,7 @@ class Result:
         return _jsonable(dataclasses.asdict(self))
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Result":
+    def from_dict(cls, d: dict[str, Any]) -> Result:
         d = dict(d)
         d["tables"] = [Table(**t) for t in d.get("tables", [])]
         plots = []

@@ -5,6 +5,7 @@ dLoss/dW at W = W0), SVD G = U_G S V_G^T, half = r / 2, Q (m, n) random semi-ort
 right = orth([V_G[:, :half], Q^T U_G[:, :half]]) (n, r), left = Q right (m, r); factors
 W_1 = eps right^T, inner eps I_r, W_L = eps left, so Delta W(0) = eps^L left right^T.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
@@ -18,11 +19,18 @@ from ..linalg import truncated_svd
 from .config import DeepLoRAConfig
 from .model import adapter_layers, adapter_state, parameter_holders, shared_weight_holders
 
-__all__ = ["init_compressed", "compressed_factors", "end_to_end_gradients", "default_loss", "random_semi_orthogonal"]
+__all__ = [
+    "init_compressed",
+    "compressed_factors",
+    "end_to_end_gradients",
+    "default_loss",
+    "random_semi_orthogonal",
+]
 
 
-def random_semi_orthogonal(m: int, n: int, generator: torch.Generator | None = None,
-                           dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
+def random_semi_orthogonal(
+    m: int, n: int, generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32, device=None
+) -> torch.Tensor:
     """A Haar-random (m, n) matrix with orthonormal columns (m >= n) or rows (m < n): QR of a
     Gaussian matrix with the sign fix of Mezzadri (2007), computed in ``dtype``."""
     big, small = max(m, n), min(m, n)
@@ -36,8 +44,10 @@ def random_semi_orthogonal(m: int, n: int, generator: torch.Generator | None = N
 def default_loss(model: nn.Module, batch: Any) -> torch.Tensor:
     """``model(**batch).loss`` for a dict batch with labels (Hugging Face models)."""
     if not isinstance(batch, Mapping):
-        raise ValueError("without loss_fn the batch must be a dict of model inputs including labels "
-                         "(Hugging Face style); pass loss_fn(model, batch) -> scalar loss otherwise")
+        raise ValueError(
+            "without loss_fn the batch must be a dict of model inputs including labels "
+            "(Hugging Face style); pass loss_fn(model, batch) -> scalar loss otherwise"
+        )
     out = model(**batch)
     loss = out["loss"] if isinstance(out, Mapping) else getattr(out, "loss", None)
     if loss is None:
@@ -45,8 +55,9 @@ def default_loss(model: nn.Module, batch: Any) -> torch.Tensor:
     return loss
 
 
-def end_to_end_gradients(model: nn.Module, batch: Any,
-                         loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+def end_to_end_gradients(
+    model: nn.Module, batch: Any, loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
     """G = dLoss/dDeltaW at Delta W = 0 for every adapter layer, as (m, n) matrices in float32/64.
 
     The adapters are bypassed for this pass, so the gradient is the base model's dLoss/dW0; no
@@ -61,8 +72,11 @@ def end_to_end_gradients(model: nn.Module, batch: Any,
     # A weight shared with another module (GPT-2's wte / lm_head) gets a private copy for this pass,
     # so G is the gradient through this layer's use of it only (the adapter changes only this layer).
     index = parameter_holders(model)
-    tied = {name: layer.base_layer.weight for name, layer in layers
-            if shared_weight_holders(model, layer.base_layer, index)}
+    tied = {
+        name: layer.base_layer.weight
+        for name, layer in layers
+        if shared_weight_holders(model, layer.base_layer, index)
+    }
     for name, layer in layers:
         if name in tied:
             layer.base_layer.weight = nn.Parameter(tied[name].detach().clone(), requires_grad=False)
@@ -79,9 +93,11 @@ def end_to_end_gradients(model: nn.Module, batch: Any,
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             raise ValueError("loss_fn must return a scalar tensor")
         if loss.grad_fn is None:
-            raise ValueError("the loss has no autograd graph (it was computed under torch.inference_mode, detached, "
-                             "or does not depend on the model); compute it from the model's output with gradients "
-                             "enabled inside loss_fn(model, batch)")
+            raise ValueError(
+                "the loss has no autograd graph (it was computed under torch.inference_mode, detached, "
+                "or does not depend on the model); compute it from the model's output with gradients "
+                "enabled inside loss_fn(model, batch)"
+            )
         grads = torch.autograd.grad(loss, weights, allow_unused=True)
     finally:
         for (name, layer), w, f in zip(layers, weights, flags):
@@ -108,8 +124,9 @@ def _distinct_buffers(model: nn.Module) -> list[torch.Tensor]:
     return out
 
 
-def compressed_factors(G: torch.Tensor, r: int, generator: torch.Generator | None = None
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def compressed_factors(
+    G: torch.Tensor, r: int, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(left (m, r), right (n, r), Q (m, n)) of the compressed construction for the gradient G (m, n).
 
     Q is drawn with ``random_semi_orthogonal(m, n, generator)`` (orthonormal columns if m >= n,
@@ -131,8 +148,12 @@ def compressed_factors(G: torch.Tensor, r: int, generator: torch.Generator | Non
     return left, right, Q
 
 
-def init_compressed(model: nn.Module, batch: Any, loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
-                    generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+def init_compressed(
+    model: nn.Module,
+    batch: Any,
+    loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
+    generator: torch.Generator | None = None,
+) -> dict[str, torch.Tensor]:
     """Build compressed Deep LoRA factors from one batch (DESIGN §4.3); returns the gradients G by layer.
 
     ``loss_fn(model, batch) -> scalar`` (default: ``model(**batch).loss``). Layers are processed in
@@ -148,8 +169,10 @@ def init_compressed(model: nn.Module, batch: Any, loss_fn: Callable[[nn.Module, 
         raise ValueError("init_compressed needs a model adapted with tlr.DeepLoRAConfig (compress=True)")
     cfg = state.config
     if not cfg.compress:
-        raise ValueError("this model was adapted with DeepLoRAConfig(compress=False); the compressed init "
-                         "applies to compress=True")
+        raise ValueError(
+            "this model was adapted with DeepLoRAConfig(compress=False); the compressed init "
+            "applies to compress=True"
+        )
     grads = end_to_end_gradients(model, batch, loss_fn)
     distributed.all_reduce_mean_(grads.values())
     for name, layer in adapter_layers(model):

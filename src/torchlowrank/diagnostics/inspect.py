@@ -12,6 +12,7 @@
 - :func:`compare_weights`: the differences b - a of two checkpoints' shared matrices.
 - :func:`weights_spectrum`: a :class:`~torchlowrank.ranks.SpectrumTable` of a dict of tensors.
 """
+
 from __future__ import annotations
 
 import math
@@ -25,7 +26,14 @@ import torch
 from ..files import read_json
 from ..ranks import SpectrumTable, matrix_spectrum
 
-__all__ = ["load_weights", "load_peft_adapter", "load_torchlowrank_adapter", "compare_weights", "weights_spectrum", "WeightDiff"]
+__all__ = [
+    "load_weights",
+    "load_peft_adapter",
+    "load_torchlowrank_adapter",
+    "compare_weights",
+    "weights_spectrum",
+    "WeightDiff",
+]
 
 _MODEL_FILES = ("model.safetensors", "adapter_model.safetensors", "pytorch_model.bin", "adapter_model.bin")
 _INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -33,9 +41,11 @@ _LORA_KEY = re.compile(r"(.+)\.lora_(A|B|embedding_A|embedding_B|magnitude_vecto
 
 
 def _corrupted(path: Path, what: str, err: Exception) -> ValueError:
-    return ValueError(f"{path} could not be read as {what}: the file is corrupted, truncated or of another "
-                      f"format ({type(err).__name__}: {err}). Re-save it (safetensors.torch.save_file or "
-                      "torch.save(model.state_dict(), path)) and try again.")
+    return ValueError(
+        f"{path} could not be read as {what}: the file is corrupted, truncated or of another "
+        f"format ({type(err).__name__}: {err}). Re-save it (safetensors.torch.save_file or "
+        "torch.save(model.state_dict(), path)) and try again."
+    )
 
 
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -55,8 +65,10 @@ def _unwrap(obj: Any, path: Path) -> dict[str, torch.Tensor]:
         tensors = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
         if tensors:
             return tensors
-    raise ValueError(f"{path} holds no tensors at the top level nor under 'state_dict' / 'model' "
-                     f"(got {type(obj).__name__}); save a state dict: torch.save(model.state_dict(), path)")
+    raise ValueError(
+        f"{path} holds no tensors at the top level nor under 'state_dict' / 'model' "
+        f"(got {type(obj).__name__}); save a state dict: torch.save(model.state_dict(), path)"
+    )
 
 
 def _load_torch(path: Path) -> dict[str, torch.Tensor]:
@@ -66,8 +78,10 @@ def _load_torch(path: Path) -> dict[str, torch.Tensor]:
         raise
     except Exception as e:  # junk bytes surface as RuntimeError, UnpicklingError, KeyError, struct.error, ...
         if "weights_only" in str(e) and "Unsupported global" in str(e):
-            raise ValueError(f"{path} pickles Python objects (not just tensors), which are not loaded for safety; "
-                             "save model.state_dict() instead of the model") from e
+            raise ValueError(
+                f"{path} pickles Python objects (not just tensors), which are not loaded for safety; "
+                "save model.state_dict() instead of the model"
+            ) from e
         raise _corrupted(path, "a torch checkpoint", e) from e
     return _unwrap(obj, path)
 
@@ -80,28 +94,42 @@ def _peft_scaling(config: dict[str, Any], module: str, r: int) -> float:
     return alpha / math.sqrt(r) if config.get("use_rslora", False) else alpha / r
 
 
-def _dora_update(name: str, delta: torch.Tensor, magnitude: torch.Tensor, base: dict[str, torch.Tensor] | None,
-                 folder: Path, fan_in_fan_out: bool) -> torch.Tensor:
+def _dora_update(
+    name: str,
+    delta: torch.Tensor,
+    magnitude: torch.Tensor,
+    base: dict[str, torch.Tensor] | None,
+    folder: Path,
+    fan_in_fan_out: bool,
+) -> torch.Tensor:
     """W' - W0 for DoRA: W' = magnitude * (W0 + Delta W) / ||W0 + Delta W|| (norm of each output row)."""
     if base is None:
-        raise ValueError(f"{folder} is a DoRA adapter: its update of {name!r} depends on the base weights (W' = m * "
-                         "(W0 + s B A) / ||W0 + s B A||), so it cannot be inspected from the adapter alone. Pass the "
-                         "base weights: load_peft_adapter(folder, base=load_weights(base_checkpoint)), or compare the "
-                         "merged model with the base: torchlowrank inspect base --compare merged")
+        raise ValueError(
+            f"{folder} is a DoRA adapter: its update of {name!r} depends on the base weights (W' = m * "
+            "(W0 + s B A) / ||W0 + s B A||), so it cannot be inspected from the adapter alone. Pass the "
+            "base weights: load_peft_adapter(folder, base=load_weights(base_checkpoint)), or compare the "
+            "merged model with the base: torchlowrank inspect base --compare merged"
+        )
     key = next((k for k in (f"{name}.weight", f"{name}.base_layer.weight") if k in base), None)
     if key is None:
-        raise ValueError(f"{folder}: DoRA module {name!r} has no weight {name}.weight in the base weights given")
+        raise ValueError(
+            f"{folder}: DoRA module {name!r} has no weight {name}.weight in the base weights given"
+        )
     W0 = base[key].detach().float()
     W0 = W0.T if fan_in_fan_out else W0
     W0 = W0.reshape(W0.shape[0], -1)
     if W0.shape != delta.shape:
-        raise ValueError(f"{folder}: base weight {key} has shape {tuple(W0.shape)}, the adapter's update {tuple(delta.shape)}")
+        raise ValueError(
+            f"{folder}: base weight {key} has shape {tuple(W0.shape)}, the adapter's update {tuple(delta.shape)}"
+        )
     merged = W0 + delta
     norm = merged.norm(dim=1, keepdim=True).clamp_min(1e-30)
     return magnitude.float().reshape(-1, 1) * merged / norm - W0
 
 
-def load_peft_adapter(folder: str | os.PathLike, base: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+def load_peft_adapter(
+    folder: str | os.PathLike, base: dict[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
     """Per adapted module, the update (out, in) float32 a PEFT LoRA adapter folder applies.
 
     LoRA: Delta W = scaling * B @ A; embeddings (``lora_embedding_A`` (r, num_embeddings),
@@ -116,7 +144,9 @@ def load_peft_adapter(folder: str | os.PathLike, base: dict[str, torch.Tensor] |
     folder = Path(folder)
     config, tensors, _ = read_peft_folder(folder)
     if str(config.get("peft_type", "LORA")).upper() != "LORA":
-        raise ValueError(f"{folder} holds a {config.get('peft_type')} adapter; only LoRA (and DoRA) adapters are supported")
+        raise ValueError(
+            f"{folder} holds a {config.get('peft_type')} adapter; only LoRA (and DoRA) adapters are supported"
+        )
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
         m = _LORA_KEY.fullmatch(key)
@@ -130,17 +160,23 @@ def load_peft_adapter(folder: str | os.PathLike, base: dict[str, torch.Tensor] |
         embedding = "embedding_A" in ab or "embedding_B" in ab
         a_key, b_key = ("embedding_A", "embedding_B") if embedding else ("A", "B")
         if a_key not in ab or b_key not in ab:
-            raise ValueError(f"{folder}: module {name!r} has {sorted('lora_' + k for k in ab)} but not both "
-                             f"lora_{a_key} and lora_{b_key}")
+            raise ValueError(
+                f"{folder}: module {name!r} has {sorted('lora_' + k for k in ab)} but not both "
+                f"lora_{a_key} and lora_{b_key}"
+            )
         A = ab[a_key].float().reshape(ab[a_key].shape[0], -1)
         B = ab[b_key].float().reshape(ab[b_key].shape[0], -1)
         if B.shape[1] != A.shape[0]:
-            raise ValueError(f"{folder}: {name}: lora_{b_key} {tuple(B.shape)} and lora_{a_key} {tuple(A.shape)} do not chain")
+            raise ValueError(
+                f"{folder}: {name}: lora_{b_key} {tuple(B.shape)} and lora_{a_key} {tuple(A.shape)} do not chain"
+            )
         delta = _peft_scaling(config, name, A.shape[0]) * (B @ A)
         if embedding:
             delta = delta.T
         if "magnitude_vector" in ab:
-            delta = _dora_update(name, delta, ab["magnitude_vector"], base, folder, bool(config.get("fan_in_fan_out")))
+            delta = _dora_update(
+                name, delta, ab["magnitude_vector"], base, folder, bool(config.get("fan_in_fan_out"))
+            )
         deltas[name] = delta
     return deltas
 
@@ -152,9 +188,16 @@ def load_torchlowrank_adapter(folder: str | os.PathLike) -> dict[str, torch.Tens
     from safetensors.torch import load
 
     folder = Path(folder)
-    meta = read_json(folder / "torchlowrank_adapter.json", "torchlowrank adapter config",
-                     "save the adapter again with tlr.save_adapter")
-    wpath = folder / str(meta.get("weights_file", "torchlowrank_adapter.safetensors")) if isinstance(meta, dict) else None
+    meta = read_json(
+        folder / "torchlowrank_adapter.json",
+        "torchlowrank adapter config",
+        "save the adapter again with tlr.save_adapter",
+    )
+    wpath = (
+        folder / str(meta.get("weights_file", "torchlowrank_adapter.safetensors"))
+        if isinstance(meta, dict)
+        else None
+    )
     if wpath is None or not wpath.is_file():
         raise FileNotFoundError(f"{folder} has torchlowrank_adapter.json but no adapter tensor file")
     try:
@@ -218,9 +261,11 @@ def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         for name in _INDEX_FILES:
             if (path / name).is_file():
                 return _load_sharded(path / name)
-        raise ValueError(f"{path} is a folder with neither adapter_config.json (PEFT adapter), "
-                         f"torchlowrank_adapter.json, nor one of {', '.join(_MODEL_FILES + _INDEX_FILES)}; "
-                         "pass a weights file instead")
+        raise ValueError(
+            f"{path} is a folder with neither adapter_config.json (PEFT adapter), "
+            f"torchlowrank_adapter.json, nor one of {', '.join(_MODEL_FILES + _INDEX_FILES)}; "
+            "pass a weights file instead"
+        )
     if path.name.endswith(".index.json"):
         return _load_sharded(path)
     if path.suffix == ".safetensors":
@@ -245,8 +290,10 @@ class WeightDiff(dict):
         """One line: counts of compared, mismatched and unshared matrices."""
         parts = [f"{len(self)} shared matrices compared"]
         if self.shape_mismatches:
-            parts.append("shape mismatches: " + ", ".join(f"{k} {tuple(a)} vs {tuple(b)}"
-                                                          for k, (a, b) in self.shape_mismatches.items()))
+            parts.append(
+                "shape mismatches: "
+                + ", ".join(f"{k} {tuple(a)} vs {tuple(b)}" for k, (a, b) in self.shape_mismatches.items())
+            )
         if self.only_a:
             parts.append(f"{len(self.only_a)} only in the first")
         if self.only_b:
@@ -258,8 +305,9 @@ def _as_tensors(x: dict[str, torch.Tensor] | str | os.PathLike) -> dict[str, tor
     return x if isinstance(x, dict) else load_weights(x)
 
 
-def compare_weights(a: dict[str, torch.Tensor] | str | os.PathLike,
-                    b: dict[str, torch.Tensor] | str | os.PathLike) -> WeightDiff:
+def compare_weights(
+    a: dict[str, torch.Tensor] | str | os.PathLike, b: dict[str, torch.Tensor] | str | os.PathLike
+) -> WeightDiff:
     """Differences ``b[k] - a[k]`` (float32, or float64 if either is) for shared 2-D+ floating tensors.
 
     ``a`` and ``b`` are dicts of tensors or paths for :func:`load_weights`. The spectrum of the
@@ -283,8 +331,9 @@ def compare_weights(a: dict[str, torch.Tensor] | str | os.PathLike,
     return diff
 
 
-def weights_spectrum(tensors: dict[str, torch.Tensor], top_k: int = 5, energy: float = 0.99,
-                     kind: str = "tensor") -> SpectrumTable:
+def weights_spectrum(
+    tensors: dict[str, torch.Tensor], top_k: int = 5, energy: float = 0.99, kind: str = "tensor"
+) -> SpectrumTable:
     """Spectrum table (stable / effective / numerical rank, top singular values) of every 2-D+
     floating tensor in ``tensors`` (conv kernels reshaped to out x in*k*k); 1-D tensors are skipped."""
     table = SpectrumTable()

@@ -35,6 +35,7 @@ The tracker never changes training: it reads detached copies under ``torch.no_gr
 to parameters or gradients, and draws no numbers from the global random generators (the randomized
 SVD uses its own seeded generator).
 """
+
 from __future__ import annotations
 
 import csv
@@ -52,33 +53,69 @@ from torch import nn
 
 from .. import distributed
 from ..files import atomic_write_text, read_json
-from ..linalg import compute_dtype, robust_svd, truncated_svd
 from ..layer_types import check_not_meta, is_hf_conv1d
+from ..linalg import compute_dtype, robust_svd, truncated_svd
 from ..ranks import as_matrix, layer_weight, weight_layers
 from ..results import Plot, Table, _jsonable
 from ..targets import Targets
 
-__all__ = ["SpectrumTracker", "QUANTITIES", "HISTORY_COLUMNS", "analyse_matrix", "max_principal_angle", "load_history"]
+__all__ = [
+    "SpectrumTracker",
+    "QUANTITIES",
+    "HISTORY_COLUMNS",
+    "analyse_matrix",
+    "max_principal_angle",
+    "load_history",
+]
 
 QUANTITIES = ("weight", "update", "grad")
-HISTORY_COLUMNS = ["step", "layer", "quantity", "rows", "cols", "full_rank", "spectrum", "fro_norm",
-                   "spectral_norm", "stable_rank", "effective_rank", "numerical_rank", "angle_left",
-                   "angle_right", "top_singular_values"]
+HISTORY_COLUMNS = [
+    "step",
+    "layer",
+    "quantity",
+    "rows",
+    "cols",
+    "full_rank",
+    "spectrum",
+    "fro_norm",
+    "spectral_norm",
+    "stable_rank",
+    "effective_rank",
+    "numerical_rank",
+    "angle_left",
+    "angle_right",
+    "top_singular_values",
+]
 
 
 def _nan_record() -> dict[str, Any]:  # diverged training: record NaNs rather than crash the loop
     nan = float("nan")
-    return {"spectrum": "full", "fro_norm": nan, "spectral_norm": nan, "stable_rank": nan, "effective_rank": None,
-            "numerical_rank": None, "top_singular_values": []}
+    return {
+        "spectrum": "full",
+        "fro_norm": nan,
+        "spectral_norm": nan,
+        "stable_rank": nan,
+        "effective_rank": None,
+        "numerical_rank": None,
+        "top_singular_values": [],
+    }
 
 
 def _zero_record(k: int) -> dict[str, Any]:
-    return {"spectrum": "full", "fro_norm": 0.0, "spectral_norm": 0.0, "stable_rank": 0.0, "effective_rank": 0.0,
-            "numerical_rank": 0, "top_singular_values": [0.0] * k}
+    return {
+        "spectrum": "full",
+        "fro_norm": 0.0,
+        "spectral_norm": 0.0,
+        "stable_rank": 0.0,
+        "effective_rank": 0.0,
+        "numerical_rank": 0,
+        "top_singular_values": [0.0] * k,
+    }
 
 
-def analyse_matrix(M: torch.Tensor, top_k: int, energy: float = 0.99, full_spectrum_max: int = 1024
-                   ) -> tuple[dict[str, Any], torch.Tensor | None, torch.Tensor | None]:
+def analyse_matrix(
+    M: torch.Tensor, top_k: int, energy: float = 0.99, full_spectrum_max: int = 1024
+) -> tuple[dict[str, Any], torch.Tensor | None, torch.Tensor | None]:
     """Rank measures of one matrix ``M`` (m, n), plus its top-k singular vectors.
 
     Returns ``(record, U_k (m, k'), V_k (n, k'))`` with k' = the number of the top-k singular values
@@ -93,7 +130,9 @@ def analyse_matrix(M: torch.Tensor, top_k: int, energy: float = 0.99, full_spect
     if full <= full_spectrum_max:
         try:
             U, S, Vh = torch.linalg.svd(M, full_matrices=False)
-        except RuntimeError:  # NaN/Inf, or LAPACK did not converge: the foundation's fallbacks (float64, jitter)
+        except (
+            RuntimeError
+        ):  # NaN/Inf, or LAPACK did not converge: the foundation's fallbacks (float64, jitter)
             if not bool(torch.isfinite(M).all()):
                 return _nan_record(), None, None
             U, S, Vh = robust_svd(M)
@@ -109,7 +148,9 @@ def analyse_matrix(M: torch.Tensor, top_k: int, energy: float = 0.99, full_spect
         p = s[s > 0] / s.sum()
         eff: float | None = float(np.exp(-(p * np.log(p)).sum()))  # = ranks.effective_rank(S)
         cum = np.cumsum(s2)
-        num: int | None = min(int((cum < energy * fro2 * (1 - 1e-12)).sum()) + 1, len(s))  # = ranks.numerical_rank
+        num: int | None = min(
+            int((cum < energy * fro2 * (1 - 1e-12)).sum()) + 1, len(s)
+        )  # = ranks.numerical_rank
         top = s[:k].tolist()
     else:
         if not bool(torch.isfinite(M).all()):
@@ -126,9 +167,15 @@ def analyse_matrix(M: torch.Tensor, top_k: int, energy: float = 0.99, full_spect
         num = int(reached[0]) + 1 if len(reached) else None
     s1 = top[0]
     keep = sum(v > 1e-6 * s1 for v in top)
-    record = {"spectrum": kind, "fro_norm": math.sqrt(fro2), "spectral_norm": s1,
-              "stable_rank": fro2 / s1**2 if s1 > 0 else 0.0, "effective_rank": eff,
-              "numerical_rank": num, "top_singular_values": top}
+    record = {
+        "spectrum": kind,
+        "fro_norm": math.sqrt(fro2),
+        "spectral_norm": s1,
+        "stable_rank": fro2 / s1**2 if s1 > 0 else 0.0,
+        "effective_rank": eff,
+        "numerical_rank": num,
+        "top_singular_values": top,
+    }
     return record, U[:, :keep], Vh[:keep].T
 
 
@@ -170,9 +217,16 @@ class SpectrumTracker:
     ``save(path)`` writes it as ``.json`` or ``.csv`` atomically; ``plots()`` describes figures.
     """
 
-    def __init__(self, model: nn.Module, every: int = 50, track: Sequence[str] = QUANTITIES,
-                 targets: Targets = None, top_k: int = 8, energy: float = 0.99,
-                 full_spectrum_max: int = 1024) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        every: int = 50,
+        track: Sequence[str] = QUANTITIES,
+        targets: Targets = None,
+        top_k: int = 8,
+        energy: float = 0.99,
+        full_spectrum_max: int = 1024,
+    ) -> None:
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be a positive int (record every N optimizer steps), got {every!r}")
         if isinstance(track, str):
@@ -184,9 +238,15 @@ class SpectrumTracker:
             raise ValueError(f"top_k must be a positive int, got {top_k!r}")
         if not 0.0 < energy <= 1.0:
             raise ValueError(f"energy must be in (0, 1], got {energy}")
-        if isinstance(full_spectrum_max, bool) or not isinstance(full_spectrum_max, int) or full_spectrum_max < 0:
-            raise ValueError("full_spectrum_max must be an int >= 0 (layers whose smaller side is at most this get "
-                             f"a full SVD; 0 = always top-k only), got {full_spectrum_max!r}")
+        if (
+            isinstance(full_spectrum_max, bool)
+            or not isinstance(full_spectrum_max, int)
+            or full_spectrum_max < 0
+        ):
+            raise ValueError(
+                "full_spectrum_max must be an int >= 0 (layers whose smaller side is at most this get "
+                f"a full SVD; 0 = always top-k only), got {full_spectrum_max!r}"
+            )
         self.model = model
         self.every = every
         self.track = tuple(q for q in QUANTITIES if q in track)
@@ -204,7 +264,9 @@ class SpectrumTracker:
         if "update" in self.track and distributed.is_main_process():
             with torch.no_grad():
                 for name, module in self.layers:
-                    self._w0[name] = as_matrix(layer_weight(module)).to(compute_dtype(layer_weight(module).dtype)).clone()
+                    self._w0[name] = (
+                        as_matrix(layer_weight(module)).to(compute_dtype(layer_weight(module).dtype)).clone()
+                    )
         self.record()
 
     # -- training-loop API -------------------------------------------------------------------
@@ -216,7 +278,7 @@ class SpectrumTracker:
             return True
         return False
 
-    def attach(self, optimizer: torch.optim.Optimizer) -> "SpectrumTracker":
+    def attach(self, optimizer: torch.optim.Optimizer) -> SpectrumTracker:
         """Call :meth:`step` automatically after every ``optimizer.step()`` (a step post-hook)."""
         if self._hook is not None:
             raise ValueError("this tracker is already attached to an optimizer; call detach() first")
@@ -265,17 +327,28 @@ class SpectrumTracker:
             if key not in self._ref and Uk is not None:
                 self._ref[key] = (Uk.clone(), Vk.clone())
             ref_u, ref_v = self._ref.get(key, (None, None))
-            row = {"step": self.steps, "layer": name, "quantity": quantity, "rows": M.shape[0],
-                   "cols": M.shape[1], "full_rank": min(M.shape), **rec,
-                   "angle_left": max_principal_angle(Uk, ref_u), "angle_right": max_principal_angle(Vk, ref_v)}
+            row = {
+                "step": self.steps,
+                "layer": name,
+                "quantity": quantity,
+                "rows": M.shape[0],
+                "cols": M.shape[1],
+                "full_rank": min(M.shape),
+                **rec,
+                "angle_left": max_principal_angle(Uk, ref_u),
+                "angle_right": max_principal_angle(Vk, ref_v),
+            }
             rows.append({c: row[c] for c in HISTORY_COLUMNS})
         return rows
 
     # -- outputs -------------------------------------------------------------------------------
     def rows(self, quantity: str | None = None, layer: str | None = None) -> list[dict[str, Any]]:
         """History rows, optionally filtered by quantity and / or layer name."""
-        return [r for r in self.history if (quantity is None or r["quantity"] == quantity)
-                and (layer is None or r["layer"] == layer)]
+        return [
+            r
+            for r in self.history
+            if (quantity is None or r["quantity"] == quantity) and (layer is None or r["layer"] == layer)
+        ]
 
     def series(self, layer: str, quantity: str, column: str = "stable_rank") -> tuple[list[int], list]:
         """(steps, values of ``column``) for one layer and quantity."""
@@ -288,13 +361,39 @@ class SpectrumTracker:
         if step is None and rs:
             step = rs[-1]["step"]
         rs = [r for r in rs if step is None or r["step"] == step]
-        cols = ["step", "layer", "quantity", "shape", "full rank", "stable rank", "effective rank",
-                "numerical rank", "angle left", "angle right", "top singular values"]
-        return Table(f"spectra at step {step}" + (f" ({quantity})" if quantity else ""), cols,
-                     [[r["step"], r["layer"], r["quantity"], f"{r['rows']}x{r['cols']}", r["full_rank"],
-                       r["stable_rank"], r["effective_rank"], r["numerical_rank"], r["angle_left"],
-                       r["angle_right"], ", ".join(f"{v:.3g}" for v in r["top_singular_values"][:4])]
-                      for r in rs])
+        cols = [
+            "step",
+            "layer",
+            "quantity",
+            "shape",
+            "full rank",
+            "stable rank",
+            "effective rank",
+            "numerical rank",
+            "angle left",
+            "angle right",
+            "top singular values",
+        ]
+        return Table(
+            f"spectra at step {step}" + (f" ({quantity})" if quantity else ""),
+            cols,
+            [
+                [
+                    r["step"],
+                    r["layer"],
+                    r["quantity"],
+                    f"{r['rows']}x{r['cols']}",
+                    r["full_rank"],
+                    r["stable_rank"],
+                    r["effective_rank"],
+                    r["numerical_rank"],
+                    r["angle_left"],
+                    r["angle_right"],
+                    ", ".join(f"{v:.3g}" for v in r["top_singular_values"][:4]),
+                ]
+                for r in rs
+            ],
+        )
 
     def to_csv(self) -> str:
         """The history as CSV text (singular values joined by ';', missing values empty)."""
@@ -302,8 +401,16 @@ class SpectrumTracker:
         w = csv.writer(buf)
         w.writerow(HISTORY_COLUMNS)
         for r in self.history:
-            w.writerow(["" if r[c] is None else ";".join(f"{v:.9g}" for v in r[c]) if isinstance(r[c], list)
-                        else r[c] for c in HISTORY_COLUMNS])
+            w.writerow(
+                [
+                    ""
+                    if r[c] is None
+                    else ";".join(f"{v:.9g}" for v in r[c])
+                    if isinstance(r[c], list)
+                    else r[c]
+                    for c in HISTORY_COLUMNS
+                ]
+            )
         return buf.getvalue()
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -315,21 +422,35 @@ class SpectrumTracker:
         path = Path(path)
         if path.suffix.lower() == ".csv":
             return atomic_write_text(path, self.to_csv())
-        config = {"every": self.every, "track": list(self.track), "top_k": self.top_k, "energy": self.energy,
-                  "full_spectrum_max": self.full_spectrum_max, "layers": [n for n, _ in self.layers]}
+        config = {
+            "every": self.every,
+            "track": list(self.track),
+            "top_k": self.top_k,
+            "energy": self.energy,
+            "full_spectrum_max": self.full_spectrum_max,
+            "layers": [n for n, _ in self.layers],
+        }
         data = _jsonable({"config": config, "history": self.history})  # NaN -> "nan": strict JSON
         return atomic_write_text(path, json.dumps(data, indent=1, allow_nan=False))
 
-    def plots(self, quantities: Sequence[str] | None = None, measure: str = "stable_rank",
-              layers: Sequence[str] | None = None) -> list[Plot]:
+    def plots(
+        self,
+        quantities: Sequence[str] | None = None,
+        measure: str = "stable_rank",
+        layers: Sequence[str] | None = None,
+    ) -> list[Plot]:
         """Standard figures (see :func:`torchlowrank.diagnostics.plots.tracker_plots`)."""
         from .plots import tracker_plots
 
-        return tracker_plots(self.history, quantities=quantities or self.track, measure=measure, layers=layers)
+        return tracker_plots(
+            self.history, quantities=quantities or self.track, measure=measure, layers=layers
+        )
 
     def __repr__(self) -> str:
-        return (f"SpectrumTracker({len(self.layers)} layers, every={self.every}, track={self.track}, "
-                f"steps={self.steps}, rows={len(self.history)})")
+        return (
+            f"SpectrumTracker({len(self.layers)} layers, every={self.every}, track={self.track}, "
+            f"steps={self.steps}, rows={len(self.history)})"
+        )
 
 
 _INT_COLUMNS = ("step", "rows", "cols", "full_rank", "numerical_rank")
@@ -343,8 +464,10 @@ def _history_from_csv(path: Path) -> list[dict[str, Any]]:
         raise ValueError(f"{path} is not a tracker history CSV ({e})") from e
     reader = csv.DictReader(io.StringIO(text))
     if reader.fieldnames is None or list(reader.fieldnames) != HISTORY_COLUMNS:
-        raise ValueError(f"{path} is not a tracker history CSV written by SpectrumTracker.save: expected the columns "
-                         f"{', '.join(HISTORY_COLUMNS)}, got {reader.fieldnames}")
+        raise ValueError(
+            f"{path} is not a tracker history CSV written by SpectrumTracker.save: expected the columns "
+            f"{', '.join(HISTORY_COLUMNS)}, got {reader.fieldnames}"
+        )
     rows = []
     try:
         for raw in reader:

@@ -1,6 +1,7 @@
 """compressed-completion: original (width d) vs compressed (2 r_hat wide) deep factorization on
 matrix completion, d = 1000 (quick: 250), r = 5, 20% observed, L = 3, eps = 1e-3, gamma = 0.01,
 plus the gamma = 0 ablation (frozen outer factors)."""
+
 from __future__ import annotations
 
 import time
@@ -25,10 +26,22 @@ def _problem(d: int, r: int, frac: float, seed: int):
     return Completion(M, mask, truth=M)
 
 
-def run_pair(d: int, r: int = 5, frac: float = 0.2, depth: int = 3, eps: float = 1e-3, gamma: float = 0.01,
-             seed: int = 0, which=("compressed", "original"), target: float = 1e-10, max_iters: int = 30_000,
-             eval_every: int = 50, original_target: float | None = None, original_time_limit: float | None = None,
-             progress=None) -> dict:
+def run_pair(
+    d: int,
+    r: int = 5,
+    frac: float = 0.2,
+    depth: int = 3,
+    eps: float = 1e-3,
+    gamma: float = 0.01,
+    seed: int = 0,
+    which=("compressed", "original"),
+    target: float = 1e-10,
+    max_iters: int = 30_000,
+    eval_every: int = 50,
+    original_target: float | None = None,
+    original_time_limit: float | None = None,
+    progress=None,
+) -> dict:
     """Run the requested variants on one problem; returns {variant: (History, setup seconds)}."""
     from ..matrix import CompressedFactorization, DeepFactorization, reference_lr, train_gd
 
@@ -42,18 +55,30 @@ def run_pair(d: int, r: int = 5, frac: float = 0.2, depth: int = 3, eps: float =
             model = DeepFactorization((d, d), depth=depth, init_scale=eps, generator=gen)
         else:
             g = 0.0 if v == "compressed, gamma=0" else gamma
-            model = CompressedFactorization.from_problem(pr, r, depth=depth, init_scale=eps, gamma=g, generator=gen)
+            model = CompressedFactorization.from_problem(
+                pr, r, depth=depth, init_scale=eps, gamma=g, generator=gen
+            )
         setup = time.perf_counter() - t0
         tgt = original_target if (v == "original" and original_target is not None) else target
         lim = original_time_limit if v == "original" else None
-        h = train_gd(model, pr, lr, max_iters=max_iters, target_error=tgt, eval_every=eval_every,
-                     time_limit=lim, progress=progress)
+        h = train_gd(
+            model,
+            pr,
+            lr,
+            max_iters=max_iters,
+            target_error=tgt,
+            eval_every=eval_every,
+            time_limit=lim,
+            progress=progress,
+        )
         out[v] = (h, setup)
     return {"runs": out, "lr": lr}
 
 
-@register_experiment("compressed-completion",
-                     "Deep matrix completion: original vs compressed dynamics (time to 1e-6, gamma ablation)")
+@register_experiment(
+    "compressed-completion",
+    "Deep matrix completion: original vs compressed dynamics (time to 1e-6, gamma ablation)",
+)
 def run(quick: bool = False, seed: int = 0, progress: bool | None = None) -> Result:
     with one_thread():  # small products: one thread is fastest on a shared machine (restored after)
         return _run(quick, seed, progress)
@@ -67,19 +92,44 @@ def _run(quick: bool, seed: int, progress: bool | None) -> Result:
         plan = [(250, ("original", "compressed", "compressed, gamma=0"), 20_000, None)]
     else:
         # the original at d = 1000 costs ~0.4 s per iteration here (~1.5 h to 1e-6): run at 250 and 500
-        plan = [(250, ("original", "compressed"), 30_000, None),
-                (500, ("original", "compressed"), 30_000, 1e-6),
-                (1000, ("compressed", "compressed, gamma=0"), 30_000, None)]
+        plan = [
+            (250, ("original", "compressed"), 30_000, None),
+            (500, ("original", "compressed"), 30_000, 1e-6),
+            (1000, ("compressed", "compressed, gamma=0"), 30_000, None),
+        ]
     rows, speed_rows, series_it, series_t = [], [], [], []
     hist_all = {}
     for d, which, max_iters, orig_target in plan:
-        res = run_pair(d, r, frac, depth, eps, gamma, seed, which, max_iters=max_iters,
-                       original_target=orig_target, progress=progress)
+        res = run_pair(
+            d,
+            r,
+            frac,
+            depth,
+            eps,
+            gamma,
+            seed,
+            which,
+            max_iters=max_iters,
+            original_target=orig_target,
+            progress=progress,
+        )
         for v, (h, setup) in res["runs"].items():
             label = f"{v}, d={d}"
             per_it = h.train_time / max(h.n_iters, 1)
-            rows.append([d, v, f"{res['lr']:.4g}", h.n_iters, h.iterations_to(1e-6), h.time_to(1e-6),
-                         min(h.recovery_error), per_it * 1e3, setup, h.status])
+            rows.append(
+                [
+                    d,
+                    v,
+                    f"{res['lr']:.4g}",
+                    h.n_iters,
+                    h.iterations_to(1e-6),
+                    h.time_to(1e-6),
+                    min(h.recovery_error),
+                    per_it * 1e3,
+                    setup,
+                    h.status,
+                ]
+            )
             series_it.append(Series(label, h.iterations, h.recovery_error))
             series_t.append(Series(label, h.wall_time, h.recovery_error))
             hist_all[f"{label}/iterations"] = h.iterations
@@ -110,18 +160,84 @@ def _run(quick: bool, seed: int, progress: bool | None) -> Result:
         "with other jobs; with 2 threads every small parallel operation waits for a free core). "
         "The original at d = 1000 was not run: at ~0.4 s per iteration here it would take over an hour to reach "
         "1e-6; its per-iteration time is in the benchmark (benchmarks/bench_matrix.py)."
-        if not quick else "Quick mode: d = 250 only.")
-    tables = [Table("Runs", ["d", "variant", "lr", "iterations", "iterations to 1e-6", "time to 1e-6 (s)",
-                             "best rel. error", "ms / iteration", "setup (s)", "status"], rows),
-              Table("Speedup of the compressed network (same problem, same step)",
-                    ["d", "original: time to 1e-6 (s)", "compressed: time to 1e-6 (s)", "speedup",
-                     "original ms/it", "compressed ms/it", "per-iteration speedup"], speed_rows)]
-    plots = [Plot("error_vs_iteration", "Recovery error vs iteration", "line", series_it, "iteration",
-                  "||X - M||_F / ||M||_F", logy=True, hlines={"1e-6": 1e-6}),
-             Plot("error_vs_time", "Recovery error vs wall time", "line", series_t, "seconds (training)",
-                  "||X - M||_F / ||M||_F", logy=True, logx=True, hlines={"1e-6": 1e-6})]
-    config = {"r": r, "observed_fraction": frac, "depth": depth, "init_scale": eps, "gamma": gamma,
-              "sizes": [p[0] for p in plan], "lr_rule": f"{LR_FACTOR:g} * 5e3 * (d/1000)^(4/3) * p",
-              "loss": "mean over observed entries", "threads": 1, "quick": quick}
-    return Result("compressed-completion", config, [seed], metrics, hist_all, tables, plots, notes,
-                  time.perf_counter() - t_start, environment_info())
+        if not quick
+        else "Quick mode: d = 250 only."
+    )
+    tables = [
+        Table(
+            "Runs",
+            [
+                "d",
+                "variant",
+                "lr",
+                "iterations",
+                "iterations to 1e-6",
+                "time to 1e-6 (s)",
+                "best rel. error",
+                "ms / iteration",
+                "setup (s)",
+                "status",
+            ],
+            rows,
+        ),
+        Table(
+            "Speedup of the compressed network (same problem, same step)",
+            [
+                "d",
+                "original: time to 1e-6 (s)",
+                "compressed: time to 1e-6 (s)",
+                "speedup",
+                "original ms/it",
+                "compressed ms/it",
+                "per-iteration speedup",
+            ],
+            speed_rows,
+        ),
+    ]
+    plots = [
+        Plot(
+            "error_vs_iteration",
+            "Recovery error vs iteration",
+            "line",
+            series_it,
+            "iteration",
+            "||X - M||_F / ||M||_F",
+            logy=True,
+            hlines={"1e-6": 1e-6},
+        ),
+        Plot(
+            "error_vs_time",
+            "Recovery error vs wall time",
+            "line",
+            series_t,
+            "seconds (training)",
+            "||X - M||_F / ||M||_F",
+            logy=True,
+            logx=True,
+            hlines={"1e-6": 1e-6},
+        ),
+    ]
+    config = {
+        "r": r,
+        "observed_fraction": frac,
+        "depth": depth,
+        "init_scale": eps,
+        "gamma": gamma,
+        "sizes": [p[0] for p in plan],
+        "lr_rule": f"{LR_FACTOR:g} * 5e3 * (d/1000)^(4/3) * p",
+        "loss": "mean over observed entries",
+        "threads": 1,
+        "quick": quick,
+    }
+    return Result(
+        "compressed-completion",
+        config,
+        [seed],
+        metrics,
+        hist_all,
+        tables,
+        plots,
+        notes,
+        time.perf_counter() - t_start,
+        environment_info(),
+    )

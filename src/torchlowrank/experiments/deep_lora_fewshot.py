@@ -10,6 +10,7 @@ a head-only reference (no adapter). Rank sweep r in {8, 16, 32, 64} at n = 16 fo
 compressed Deep LoRA. Histogram of the numerical ranks (99% energy) of the learned updates.
 The published claim tested: Deep LoRA beats LoRA with few examples and does not degrade as r grows.
 """
+
 from __future__ import annotations
 
 import copy
@@ -36,10 +37,24 @@ METHODS = {
 
 # Learning rates per method were set from a one-seed pilot at n = 16 (each method must fit its 16
 # examples within the step budget); the head's learning rate is shared by every method.
-FULL = dict(ns=[16, 64, 256], seeds=[0, 1, 2], rank=8, sweep_ranks=[8, 16, 32, 64], sweep_n=16,
-            sweep_methods=["LoRA", "Deep LoRA (compressed)"], steps=60, batch_size=16, max_length=32,
-            n_test=500, lr={"lora": 1e-3, "narrow": 3e-3, "compressed": 3e-2}, head_lr=3e-3, depth=3,
-            init_scale=1e-3, gamma=0.01, energy=0.99)
+FULL = dict(
+    ns=[16, 64, 256],
+    seeds=[0, 1, 2],
+    rank=8,
+    sweep_ranks=[8, 16, 32, 64],
+    sweep_n=16,
+    sweep_methods=["LoRA", "Deep LoRA (compressed)"],
+    steps=60,
+    batch_size=16,
+    max_length=32,
+    n_test=500,
+    lr={"lora": 1e-3, "narrow": 3e-3, "compressed": 3e-2},
+    head_lr=3e-3,
+    depth=3,
+    init_scale=1e-3,
+    gamma=0.01,
+    energy=0.99,
+)
 QUICK = dict(FULL, ns=[16], seeds=[0], sweep_ranks=[8, 32], steps=8, n_test=100)
 
 
@@ -55,18 +70,23 @@ class _Task:
         self.tokenizer, self.base = load_minilm(num_labels=2, seed=0)
         n_test = min(cfg["n_test"], len(self.data.test_texts))
         texts, labels = self.data.test_texts[:n_test], self.data.test_labels[:n_test]
-        lens = [len(self.tokenizer(t, truncation=True, max_length=cfg["max_length"])["input_ids"]) for t in texts]
+        lens = [
+            len(self.tokenizer(t, truncation=True, max_length=cfg["max_length"])["input_ids"]) for t in texts
+        ]
         order = sorted(range(n_test), key=lambda i: lens[i])  # length-sorted batches: little padding
         self.majority = max(float(labels.float().mean()), 1.0 - float(labels.float().mean()))
         self.test_batches = []
         for i in range(0, n_test, 100):
-            idx = order[i:i + 100]
+            idx = order[i : i + 100]
             enc = self._encode([texts[j] for j in idx])
             self.test_batches.append((enc, labels[idx]))
 
     def _encode(self, texts: list[str]) -> dict:
-        return dict(self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True,
-                                   max_length=self.cfg["max_length"]))
+        return dict(
+            self.tokenizer(
+                texts, return_tensors="pt", padding=True, truncation=True, max_length=self.cfg["max_length"]
+            )
+        )
 
     def train_subset(self, n: int, seed: int) -> tuple[list[str], torch.Tensor]:
         g = torch.Generator().manual_seed(1000 + seed)
@@ -103,7 +123,7 @@ def _run_one(task: _Task, method: str | None, n: int, r: int, seed: int) -> dict
         while True:
             perm = torch.randperm(n, generator=g).tolist()
             for i in range(0, n - bs + 1, bs):
-                idx = perm[i:i + bs]
+                idx = perm[i : i + bs]
                 enc = task._encode([texts[j] for j in idx])
                 enc["labels"] = labels[idx]
                 yield enc
@@ -120,9 +140,15 @@ def _run_one(task: _Task, method: str | None, n: int, r: int, seed: int) -> dict
         if method == "lora":
             config = A.LoRAConfig(r=r, target_modules=ENCODER_TARGETS, modules_to_save=["classifier"])
         else:
-            config = A.DeepLoRAConfig(r=r, depth=cfg["depth"], init_scale=cfg["init_scale"],
-                                      compress=method == "compressed", gamma=cfg["gamma"],
-                                      target_modules=ENCODER_TARGETS, modules_to_save=["classifier"])
+            config = A.DeepLoRAConfig(
+                r=r,
+                depth=cfg["depth"],
+                init_scale=cfg["init_scale"],
+                compress=method == "compressed",
+                gamma=cfg["gamma"],
+                target_modules=ENCODER_TARGETS,
+                modules_to_save=["classifier"],
+            )
         A.adapt(model, config)
         model.train()
         if method == "compressed":
@@ -147,7 +173,12 @@ def _run_one(task: _Task, method: str | None, n: int, r: int, seed: int) -> dict
             sv = layer.delta_singular_values()  # exact, from the factors (Delta W has rank <= r)
             ranks.append(numerical_rank(sv, cfg["energy"]))
             norms.append(float(sv[0]))
-    return {"accuracy": acc, "loss": losses, "ranks": ranks, "delta_norm": statistics.fmean(norms) if norms else 0.0}
+    return {
+        "accuracy": acc,
+        "loss": losses,
+        "ranks": ranks,
+        "delta_norm": statistics.fmean(norms) if norms else 0.0,
+    }
 
 
 def _mean_std(xs: list[float]) -> tuple[float, float]:
@@ -163,7 +194,9 @@ def _pm(xs: list[float]) -> str:
     return f"{m:.3f} ± {s:.3f}" + (f" ({len(xs)} seeds)" if len(xs) < 3 else "")
 
 
-def run_grid(cfg: dict, progress: bool | None = None, cache: str | None = None, run_missing: bool = True) -> Result:
+def run_grid(
+    cfg: dict, progress: bool | None = None, cache: str | None = None, run_missing: bool = True
+) -> Result:
     """Run every cell; with ``cache`` (a JSON path) finished runs are stored and reused on a restart.
 
     ``run_missing=False`` only reports the cells already in the cache (missing cells show as "not run").
@@ -199,6 +232,7 @@ def run_grid(cfg: dict, progress: bool | None = None, cache: str | None = None, 
             stored[key] = _run_one(task, METHODS[label], n, r, seed)
             if cache:
                 from ..files import atomic_write_text
+
                 atomic_write_text(cache, json.dumps(stored))
         runs[(label, n, r, seed)] = stored[key]
 
@@ -207,17 +241,29 @@ def run_grid(cfg: dict, progress: bool | None = None, cache: str | None = None, 
 
     r0 = cfg["rank"]
     main_rows = [[label] + [_pm(acc(label, n, r0)) for n in cfg["ns"]] for label in METHODS]
-    sweep_rows = [[label] + [_pm(acc(label, cfg["sweep_n"], r)) for r in cfg["sweep_ranks"]]
-                  for label in cfg["sweep_methods"]]
+    sweep_rows = [
+        [label] + [_pm(acc(label, cfg["sweep_n"], r)) for r in cfg["sweep_ranks"]]
+        for label in cfg["sweep_methods"]
+    ]
     rank_rows = []
     for label in [m for m in METHODS if METHODS[m]]:
         for n in cfg["ns"]:
-            rk = [x for s in cfg["seeds"] if (label, n, r0, s) in runs for x in runs[(label, n, r0, s)]["ranks"]]
+            rk = [
+                x for s in cfg["seeds"] if (label, n, r0, s) in runs for x in runs[(label, n, r0, s)]["ranks"]
+            ]
             dn = [runs[(label, n, r0, s)]["delta_norm"] for s in cfg["seeds"] if (label, n, r0, s) in runs]
             if not rk:
                 continue
-            rank_rows.append([label, n, statistics.fmean(rk), statistics.median(rk), max(rk),
-                              f"{statistics.fmean(dn):.3g}"])
+            rank_rows.append(
+                [
+                    label,
+                    n,
+                    statistics.fmean(rk),
+                    statistics.median(rk),
+                    max(rk),
+                    f"{statistics.fmean(dn):.3g}",
+                ]
+            )
     metrics: dict[str, Any] = {}
     for label in METHODS:
         for n in cfg["ns"]:
@@ -228,51 +274,117 @@ def run_grid(cfg: dict, progress: bool | None = None, cache: str | None = None, 
         for r in cfg["sweep_ranks"]:
             metrics[f"sweep_acc/{label}/r={r}"] = _mean_std(acc(label, cfg["sweep_n"], r))[0]
 
-    n_hist = max([n for n in cfg["ns"] if all((m, n, r0, s) in runs for m in METHODS for s in cfg["seeds"])] or [min(cfg["ns"])])
+    n_hist = max(
+        [n for n in cfg["ns"] if all((m, n, r0, s) in runs for m in METHODS for s in cfg["seeds"])]
+        or [min(cfg["ns"])]
+    )
     plots = [
-        Plot("accuracy_vs_n", f"Test accuracy vs training examples (r = {r0}, mean ± std over {len(cfg['seeds'])} seeds)",
-             kind="line", logx=True, xlabel="training examples n", ylabel="test accuracy",
-             series=[Series(label, list(cfg["ns"]), [_mean_std(acc(label, n, r0))[0] for n in cfg["ns"]],
-                            [_mean_std(acc(label, n, r0))[1] for n in cfg["ns"]], "o-") for label in METHODS]),
-        Plot("rank_sweep", f"Test accuracy vs adapter rank r (n = {cfg['sweep_n']})", kind="line", logx=True,
-             xlabel="r", ylabel="test accuracy",
-             series=[Series(label, list(cfg["sweep_ranks"]),
-                            [_mean_std(acc(label, cfg["sweep_n"], r))[0] for r in cfg["sweep_ranks"]],
-                            [_mean_std(acc(label, cfg["sweep_n"], r))[1] for r in cfg["sweep_ranks"]], "o-")
-                     for label in cfg["sweep_methods"]]),
-        Plot("update_ranks", f"Numerical rank ({cfg['energy']:.0%} energy) of learned updates, n = {n_hist}, r = {r0}",
-             kind="hist", xlabel="numerical rank of Delta W", ylabel="layers", bins=list(range(0, r0 + 2)),
-             series=[Series(label, [], [x for s in cfg["seeds"] if (label, n_hist, r0, s) in runs
-                                        for x in runs[(label, n_hist, r0, s)]["ranks"]])
-                     for label in METHODS if METHODS[label]]),
+        Plot(
+            "accuracy_vs_n",
+            f"Test accuracy vs training examples (r = {r0}, mean ± std over {len(cfg['seeds'])} seeds)",
+            kind="line",
+            logx=True,
+            xlabel="training examples n",
+            ylabel="test accuracy",
+            series=[
+                Series(
+                    label,
+                    list(cfg["ns"]),
+                    [_mean_std(acc(label, n, r0))[0] for n in cfg["ns"]],
+                    [_mean_std(acc(label, n, r0))[1] for n in cfg["ns"]],
+                    "o-",
+                )
+                for label in METHODS
+            ],
+        ),
+        Plot(
+            "rank_sweep",
+            f"Test accuracy vs adapter rank r (n = {cfg['sweep_n']})",
+            kind="line",
+            logx=True,
+            xlabel="r",
+            ylabel="test accuracy",
+            series=[
+                Series(
+                    label,
+                    list(cfg["sweep_ranks"]),
+                    [_mean_std(acc(label, cfg["sweep_n"], r))[0] for r in cfg["sweep_ranks"]],
+                    [_mean_std(acc(label, cfg["sweep_n"], r))[1] for r in cfg["sweep_ranks"]],
+                    "o-",
+                )
+                for label in cfg["sweep_methods"]
+            ],
+        ),
+        Plot(
+            "update_ranks",
+            f"Numerical rank ({cfg['energy']:.0%} energy) of learned updates, n = {n_hist}, r = {r0}",
+            kind="hist",
+            xlabel="numerical rank of Delta W",
+            ylabel="layers",
+            bins=list(range(0, r0 + 2)),
+            series=[
+                Series(
+                    label,
+                    [],
+                    [
+                        x
+                        for s in cfg["seeds"]
+                        if (label, n_hist, r0, s) in runs
+                        for x in runs[(label, n_hist, r0, s)]["ranks"]
+                    ],
+                )
+                for label in METHODS
+                if METHODS[label]
+            ],
+        ),
     ]
     tables = [
-        Table(f"Test accuracy (mean ± std over seeds {cfg['seeds']}), r = {r0}, {cfg['n_test']} test examples",
-              ["method"] + [f"n = {n}" for n in cfg["ns"]], main_rows),
-        Table(f"Rank sweep at n = {cfg['sweep_n']}: test accuracy (mean ± std)",
-              ["method"] + [f"r = {r}" for r in cfg["sweep_ranks"]], sweep_rows),
-        Table(f"Numerical rank ({cfg['energy']:.0%} energy) of the learned updates (all adapted layers, all seeds), r = {r0}",
-              ["method", "n", "mean rank", "median rank", "max rank", "mean ||Delta W||_2"], rank_rows),
+        Table(
+            f"Test accuracy (mean ± std over seeds {cfg['seeds']}), r = {r0}, {cfg['n_test']} test examples",
+            ["method"] + [f"n = {n}" for n in cfg["ns"]],
+            main_rows,
+        ),
+        Table(
+            f"Rank sweep at n = {cfg['sweep_n']}: test accuracy (mean ± std)",
+            ["method"] + [f"r = {r}" for r in cfg["sweep_ranks"]],
+            sweep_rows,
+        ),
+        Table(
+            f"Numerical rank ({cfg['energy']:.0%} energy) of the learned updates (all adapted layers, all seeds), r = {r0}",
+            ["method", "n", "mean rank", "median rank", "max rank", "mean ||Delta W||_2"],
+            rank_rows,
+        ),
     ]
     metrics["majority_class_accuracy"] = task.majority
     notes = _notes(cfg, metrics, runs)
     history = {f"loss/{label}/n={n}/r={r}/seed={s}": v["loss"] for (label, n, r, s), v in runs.items()}
-    return Result(name=NAME, config={k: v for k, v in cfg.items()}, seeds=list(cfg["seeds"]), metrics=metrics,
-                  history=history, tables=tables, plots=plots, notes=notes,
-                  wall_time_s=time.perf_counter() - t0, environment=environment_info())
+    return Result(
+        name=NAME,
+        config={k: v for k, v in cfg.items()},
+        seeds=list(cfg["seeds"]),
+        metrics=metrics,
+        history=history,
+        tables=tables,
+        plots=plots,
+        notes=notes,
+        wall_time_s=time.perf_counter() - t0,
+        environment=environment_info(),
+    )
 
 
 def _notes(cfg: dict, metrics: dict, runs: dict) -> str:
-    r0, ns = cfg["rank"], cfg["ns"]
-    lines = [f"Setting: MiniLM-L6 on Rotten Tomatoes, {cfg['steps']} AdamW steps of batch {cfg['batch_size']} "
-             f"(at most n), sequences <= {cfg['max_length']} tokens, lr {cfg['lr']}, head lr {cfg['head_lr']}, "
-             f"Deep LoRA depth {cfg['depth']}, eps {cfg['init_scale']}, gamma {cfg['gamma']}; accuracy on a fixed "
-             f"subset of {cfg['n_test']} test examples. The published setting (BERT-base, GLUE, hundreds of steps) "
-             "is much larger; this is a small-budget check, not a replication. Learning rates per method were "
-             "picked from a one-seed pilot at n = 16 so that each method moves within the step budget "
-             "(compressed Deep LoRA with eps-scaled outer factors at gamma * lr barely moves at the lr of the others).",
-             f"- Majority-class accuracy on this test subset: {metrics['majority_class_accuracy']:.3f} "
-             "(always predicting 'fresh'); cells at this value learned nothing usable."]
+    ns = cfg["ns"]
+    lines = [
+        f"Setting: MiniLM-L6 on Rotten Tomatoes, {cfg['steps']} AdamW steps of batch {cfg['batch_size']} "
+        f"(at most n), sequences <= {cfg['max_length']} tokens, lr {cfg['lr']}, head lr {cfg['head_lr']}, "
+        f"Deep LoRA depth {cfg['depth']}, eps {cfg['init_scale']}, gamma {cfg['gamma']}; accuracy on a fixed "
+        f"subset of {cfg['n_test']} test examples. The published setting (BERT-base, GLUE, hundreds of steps) "
+        "is much larger; this is a small-budget check, not a replication. Learning rates per method were "
+        "picked from a one-seed pilot at n = 16 so that each method moves within the step budget "
+        "(compressed Deep LoRA with eps-scaled outer factors at gamma * lr barely moves at the lr of the others).",
+        f"- Majority-class accuracy on this test subset: {metrics['majority_class_accuracy']:.3f} "
+        "(always predicting 'fresh'); cells at this value learned nothing usable.",
+    ]
     wins = []
     for n in ns:
         for label in ("Deep LoRA (narrow)", "Deep LoRA (compressed)"):
@@ -281,28 +393,40 @@ def _notes(cfg: dict, metrics: dict, runs: dict) -> str:
                 lines.append(f"- n = {n}: {label} vs LoRA not run (CPU budget).")
                 continue
             wins.append(d > 0)
-            lines.append(f"- n = {n}: {label} − LoRA = {d:+.3f} accuracy "
-                         f"(std over seeds {metrics[f'acc_std/{label}/n={n}']:.3f} vs {metrics[f'acc_std/LoRA/n={n}']:.3f}).")
+            lines.append(
+                f"- n = {n}: {label} − LoRA = {d:+.3f} accuracy "
+                f"(std over seeds {metrics[f'acc_std/{label}/n={n}']:.3f} vs {metrics[f'acc_std/LoRA/n={n}']:.3f})."
+            )
     held = "held" if wins and all(wins) else ("held partly" if any(wins) else "did not hold")
-    lines.append(f"- Claim 'Deep LoRA beats LoRA with few examples' {held} here ({sum(wins)}/{len(wins)} cells favour Deep LoRA).")
+    lines.append(
+        f"- Claim 'Deep LoRA beats LoRA with few examples' {held} here ({sum(wins)}/{len(wins)} cells favour Deep LoRA)."
+    )
     sweep = cfg["sweep_ranks"]
     for label in cfg["sweep_methods"]:
         a, b = metrics[f"sweep_acc/{label}/r={sweep[0]}"], metrics[f"sweep_acc/{label}/r={sweep[-1]}"]
-        lines.append(f"- Rank sweep, {label}: r = {sweep[0]} -> {sweep[-1]}: {a:.3f} -> {b:.3f} ({b - a:+.3f}).")
+        lines.append(
+            f"- Rank sweep, {label}: r = {sweep[0]} -> {sweep[-1]}: {a:.3f} -> {b:.3f} ({b - a:+.3f})."
+        )
     dl = cfg["sweep_methods"][-1]
     d_deep = metrics[f"sweep_acc/{dl}/r={sweep[-1]}"] - metrics[f"sweep_acc/{dl}/r={sweep[0]}"]
     if math.isnan(d_deep):
         lines.append("- Claim 'Deep LoRA does not degrade as r grows': not tested (sweep not run).")
     else:
-        lines.append(f"- Claim 'Deep LoRA does not degrade as r grows' {'held' if d_deep >= -0.01 else 'did not hold'} "
-                     f"here (change {d_deep:+.3f}; tolerance 0.01).")
+        lines.append(
+            f"- Claim 'Deep LoRA does not degrade as r grows' {'held' if d_deep >= -0.01 else 'did not hold'} "
+            f"here (change {d_deep:+.3f}; tolerance 0.01)."
+        )
     head = [metrics[f"acc/head only/n={n}"] for n in ns]
-    lines.append(f"- Head-only training (no adapter) reaches {', '.join(f'{h:.3f}' for h in head)} at n = "
-                 f"{', '.join(map(str, ns))}: the adapters' gain over it is what the adapters learned.")
+    lines.append(
+        f"- Head-only training (no adapter) reaches {', '.join(f'{h:.3f}' for h in head)} at n = "
+        f"{', '.join(map(str, ns))}: the adapters' gain over it is what the adapters learned."
+    )
     return "\n".join(lines)
 
 
-@register_experiment(NAME, "Deep LoRA vs LoRA few-shot on MiniLM / Rotten Tomatoes: n sweep, rank sweep, update ranks")
+@register_experiment(
+    NAME, "Deep LoRA vs LoRA few-shot on MiniLM / Rotten Tomatoes: n sweep, rank sweep, update ranks"
+)
 def run(quick: bool = False, seed: int = 0, progress: bool | None = None) -> Result:
     cfg = dict(QUICK if quick else FULL)
     if seed:
@@ -319,12 +443,23 @@ def section(progress: bool | None = None) -> Result:
     rows = []
     for label in ("head only", "LoRA", "Deep LoRA (compressed)"):
         out = _run_one(task, METHODS[label], 16, cfg["rank"], 0)
-        rows.append([label, out["accuracy"], out["loss"][-1],
-                     statistics.median(out["ranks"]) if out["ranks"] else 0])
-    return Result(name="demo-deep-lora", config=cfg, seeds=[0],
-                  metrics={f"acc/{r[0]}": r[1] for r in rows},
-                  tables=[Table("Few-shot sentiment (16 examples, MiniLM, r = 8)",
-                                ["method", "test accuracy", "final train loss", "median update rank"], rows)],
-                  notes="One seed and 30 steps: a smoke test of the API, not evidence; see "
-                        "`torchlowrank reproduce deep-lora-fewshot`.",
-                  wall_time_s=time.perf_counter() - t0, environment=environment_info())
+        rows.append(
+            [label, out["accuracy"], out["loss"][-1], statistics.median(out["ranks"]) if out["ranks"] else 0]
+        )
+    return Result(
+        name="demo-deep-lora",
+        config=cfg,
+        seeds=[0],
+        metrics={f"acc/{r[0]}": r[1] for r in rows},
+        tables=[
+            Table(
+                "Few-shot sentiment (16 examples, MiniLM, r = 8)",
+                ["method", "test accuracy", "final train loss", "median update rank"],
+                rows,
+            )
+        ],
+        notes="One seed and 30 steps: a smoke test of the API, not evidence; see "
+        "`torchlowrank reproduce deep-lora-fewshot`.",
+        wall_time_s=time.perf_counter() - t0,
+        environment=environment_info(),
+    )

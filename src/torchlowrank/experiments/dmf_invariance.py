@@ -6,6 +6,7 @@ recursion rho(t+1) = rho(t) (1 - lr wd - lr rho(t)^4) and its singular subspaces
 block fixed. The same measurements on matrix completion (where the theorem is not claimed) show
 how far it is from exact there.
 """
+
 from __future__ import annotations
 
 import time
@@ -21,7 +22,9 @@ def _measure(problem, d, r, L, eps, lr, wd, steps, seed, U_M, V_M, keep_svals=Tr
     from ..linalg import principal_angles
     from ..matrix import DeepFactorization, invariant_bases, rho_trajectory, train_gd
 
-    model = DeepFactorization((d, d), depth=L, init_scale=eps, generator=torch.Generator().manual_seed(seed + 1))
+    model = DeepFactorization(
+        (d, d), depth=L, init_scale=eps, generator=torch.Generator().manual_seed(seed + 1)
+    )
     Us, Vs, k = invariant_bases(model, U_M, V_M)
     rho = rho_trajectory(eps, lr, L, steps, problem.scale, wd)
     rec = {"t": [], "dev": [], "abs": [], "angle": [], "svals": [], "err": []}
@@ -32,10 +35,16 @@ def _measure(problem, d, r, L, eps, lr, wd, steps, seed, U_M, V_M, keep_svals=Tr
             W = W.detach()
             nrm = max(nrm, float(torch.linalg.matrix_norm(W, ord=2)))
             img = W @ Vs[l][:, k:]
-            dev = max(dev, float((img - rho[t] * Us[l][:, k:]).abs().max()),
-                      float((Us[l][:, k:].T @ W - rho[t] * Vs[l][:, k:].T).abs().max()))
-            ang = max(ang, float(principal_angles(img, Us[l][:, k:]).max()),
-                      float(principal_angles((Us[l][:, k:].T @ W).T, Vs[l][:, k:]).max()))
+            dev = max(
+                dev,
+                float((img - rho[t] * Us[l][:, k:]).abs().max()),
+                float((Us[l][:, k:].T @ W - rho[t] * Vs[l][:, k:].T).abs().max()),
+            )
+            ang = max(
+                ang,
+                float(principal_angles(img, Us[l][:, k:]).max()),
+                float(principal_angles((Us[l][:, k:].T @ W).T, Vs[l][:, k:]).max()),
+            )
         rec["t"].append(t)
         rec["dev"].append(dev / float(rho[t]))
         rec["abs"].append(dev / nrm)
@@ -44,12 +53,15 @@ def _measure(problem, d, r, L, eps, lr, wd, steps, seed, U_M, V_M, keep_svals=Tr
             rec["svals"].append(torch.linalg.svdvals(m.factors[0].detach()).tolist())
         rec["err"].append(problem.recovery_error(m.end_to_end()))
 
-    h = train_gd(model, problem, lr, max_iters=steps, weight_decay=wd, eval_every=1, check_every=1, callback=cb)
+    h = train_gd(
+        model, problem, lr, max_iters=steps, weight_decay=wd, eval_every=1, check_every=1, callback=cb
+    )
     return rec, rho, k, h
 
 
-@register_experiment("dmf-invariance",
-                     "Deep factorization: d - 2r singular values follow rho(t), outer subspaces stay fixed")
+@register_experiment(
+    "dmf-invariance", "Deep factorization: d - 2r singular values follow rho(t), outer subspaces stay fixed"
+)
 def run(quick: bool = False, seed: int = 0, progress: bool | None = None) -> Result:
     from ..matrix import Completion, Factorization, low_rank_target, random_mask
 
@@ -87,24 +99,72 @@ def run(quick: bool = False, seed: int = 0, progress: bool | None = None) -> Res
         "completion_max_angle_rad": max(rec_c["angle"]),
         "rho_final": float(rho[-1]),
     }
-    table = Table("Largest deviation from the theorem over all steps and factors",
-                  ["problem", "steps", "lr", "max deviation / rho (see notes)",
-                   "max deviation / largest factor norm", "max principal angle (rad)", "final recovery error"],
-                  [["factorization (theorem)", steps, lr, max(rec_f["dev"]), max(rec_f["abs"]), max(rec_f["angle"]),
-                    rec_f["err"][-1]],
-                   ["completion, 50% observed", steps, 2 * lr, max(rec_c["dev"]), max(rec_c["abs"]),
-                    max(rec_c["angle"]), rec_c["err"][-1]]])
+    table = Table(
+        "Largest deviation from the theorem over all steps and factors",
+        [
+            "problem",
+            "steps",
+            "lr",
+            "max deviation / rho (see notes)",
+            "max deviation / largest factor norm",
+            "max principal angle (rad)",
+            "final recovery error",
+        ],
+        [
+            [
+                "factorization (theorem)",
+                steps,
+                lr,
+                max(rec_f["dev"]),
+                max(rec_f["abs"]),
+                max(rec_f["angle"]),
+                rec_f["err"][-1],
+            ],
+            [
+                "completion, 50% observed",
+                steps,
+                2 * lr,
+                max(rec_c["dev"]),
+                max(rec_c["abs"]),
+                max(rec_c["angle"]),
+                rec_c["err"][-1],
+            ],
+        ],
+    )
     plots = [
-        Plot("singular_values", f"Singular values of W_1 (d={d}, r={r}, L={L}) and rho(t)", "line", sv_series,
-             "iteration", "singular value", logy=True),
-        Plot("deviation", "Deviation of the complement block from rho(t) U V^T (relative)", "line",
-             [Series("factorization", rec_f["t"], [max(x, 1e-17) for x in rec_f["dev"]]),
-              Series("completion", rec_c["t"], [max(x, 1e-17) for x in rec_c["dev"]])],
-             "iteration", "max entry of W_l V_perp - rho U_perp, / rho", logy=True),
-        Plot("angles", "Largest principal angle: complement subspaces at t vs t = 0", "line",
-             [Series("factorization", rec_f["t"], [max(x, 1e-17) for x in rec_f["angle"]]),
-              Series("completion", rec_c["t"], [max(x, 1e-17) for x in rec_c["angle"]])],
-             "iteration", "radians", logy=True),
+        Plot(
+            "singular_values",
+            f"Singular values of W_1 (d={d}, r={r}, L={L}) and rho(t)",
+            "line",
+            sv_series,
+            "iteration",
+            "singular value",
+            logy=True,
+        ),
+        Plot(
+            "deviation",
+            "Deviation of the complement block from rho(t) U V^T (relative)",
+            "line",
+            [
+                Series("factorization", rec_f["t"], [max(x, 1e-17) for x in rec_f["dev"]]),
+                Series("completion", rec_c["t"], [max(x, 1e-17) for x in rec_c["dev"]]),
+            ],
+            "iteration",
+            "max entry of W_l V_perp - rho U_perp, / rho",
+            logy=True,
+        ),
+        Plot(
+            "angles",
+            "Largest principal angle: complement subspaces at t vs t = 0",
+            "line",
+            [
+                Series("factorization", rec_f["t"], [max(x, 1e-17) for x in rec_f["angle"]]),
+                Series("completion", rec_c["t"], [max(x, 1e-17) for x in rec_c["angle"]]),
+            ],
+            "iteration",
+            "radians",
+            logy=True,
+        ),
     ]
     notes = (
         f"Loss c/2 ||Phi - M||_F^2 + wd/2 sum ||W_l||_F^2 with c = 1 (sum reduction), wd = {wd}, lr = {lr}, "
@@ -115,9 +175,27 @@ def run(quick: bool = False, seed: int = 0, progress: bool | None = None) -> Res
         "principal angle between span(W_l V_perp) and span(U_perp); the deviation is also given relative to the largest factor norm (round-off is absolute, so relative to a shrinking rho it grows). For factorization both stay at float64 "
         "round-off; for completion (not covered by the theorem: the gradient P_Omega(Phi - M) is full rank) "
         "the complement block moves, which is why the compressed network needs trainable outer factors "
-        "(gamma > 0) there.")
-    return Result("dmf-invariance", {"d": d, "r": r, "depth": L, "init_scale": eps, "lr": lr, "weight_decay": wd,
-                                     "steps": steps, "completion_fraction": 0.5, "quick": quick},
-                  [seed], metrics, {"rho": rho.tolist(), "factorization_dev": rec_f["dev"],
-                                    "completion_dev": rec_c["dev"]}, [table], plots, notes,
-                  time.perf_counter() - t0, environment_info())
+        "(gamma > 0) there."
+    )
+    return Result(
+        "dmf-invariance",
+        {
+            "d": d,
+            "r": r,
+            "depth": L,
+            "init_scale": eps,
+            "lr": lr,
+            "weight_decay": wd,
+            "steps": steps,
+            "completion_fraction": 0.5,
+            "quick": quick,
+        },
+        [seed],
+        metrics,
+        {"rho": rho.tolist(), "factorization_dev": rec_f["dev"], "completion_dev": rec_c["dev"]},
+        [table],
+        plots,
+        notes,
+        time.perf_counter() - t0,
+        environment_info(),
+    )

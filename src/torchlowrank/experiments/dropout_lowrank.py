@@ -18,6 +18,7 @@ Three solutions per keep probability: the closed form; deterministic gradient de
 the expected objective; SGD with real dropout masks (full batch, fresh masks every step, learning
 rate decayed over the second half, W averaged over the last 20% of steps).
 """
+
 from __future__ import annotations
 
 import math
@@ -55,8 +56,16 @@ def svt_closed_form(M: torch.Tensor, k: int, lam: float) -> tuple[torch.Tensor, 
     return out, r, kappa
 
 
-def gd_on_regularizer(M: torch.Tensor, k: int, lam: float, lr: float | None = None, max_steps: int = 200_000,
-                      tol: float = 1e-13, init_scale: float = 0.1, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, int]:
+def gd_on_regularizer(
+    M: torch.Tensor,
+    k: int,
+    lam: float,
+    lr: float | None = None,
+    max_steps: int = 200_000,
+    tol: float = 1e-13,
+    init_scale: float = 0.1,
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Deterministic gradient descent (float64) on f(U, V) = ||M - U V^T||_F^2 + lam sum_i ||u_i||^2 ||v_i||^2.
 
     M: (m, n) -> (U (m, k), V (n, k), steps taken); stops when the gradient's norm is below ``tol``.
@@ -79,8 +88,16 @@ def gd_on_regularizer(M: torch.Tensor, k: int, lam: float, lr: float | None = No
     return U, V, step
 
 
-def train_with_dropout(X: torch.Tensor, Y: torch.Tensor, k: int, theta: float, steps: int = 3000, lr: float = 0.05,
-                       seed: int = 0, average_last: float = 0.2) -> tuple[torch.Tensor, list[float]]:
+def train_with_dropout(
+    X: torch.Tensor,
+    Y: torch.Tensor,
+    k: int,
+    theta: float,
+    steps: int = 3000,
+    lr: float = 0.05,
+    seed: int = 0,
+    average_last: float = 0.2,
+) -> tuple[torch.Tensor, list[float]]:
     """SGD with real dropout masks on y_hat = U diag(m / theta) V^T x (full batch, fresh masks each step).
 
     X: (n, d) whitened inputs, Y: (n, p) targets. Learning rate ``lr`` for the first half, then
@@ -128,7 +145,10 @@ def whitened_digits_regression() -> tuple[torch.Tensor, torch.Tensor]:
     return X, Y / Y.std()
 
 
-@register_experiment("dropout-lowrank", "Dropout on a factorized linear model = singular-value thresholding: real masks vs closed form (digits)")
+@register_experiment(
+    "dropout-lowrank",
+    "Dropout on a factorized linear model = singular-value thresholding: real masks vs closed form (digits)",
+)
 def run(quick: bool = False, seed: int = 0, progress: bool | None = None) -> Result:
     with one_thread():
         return _run(quick, seed, progress)
@@ -160,9 +180,21 @@ def _run(quick: bool, seed: int, progress: bool | None) -> Result:
         rank_closed_tol.append(int((s_cf > rank_tol).sum()))
         rank_gd.append(r_gd)
         rank_drop.append(r_drop)
-        rows.append([theta, round(lam, 4), kappa, r_cf, rank_closed_tol[-1], r_gd, r_drop, float((s_gd - s_cf).abs().max()),
-                     float((s_drop - s_cf).abs().max()), float((s_drop - s_cf).norm() / s_cf.norm().clamp_min(1e-30)),
-                     gd_steps])
+        rows.append(
+            [
+                theta,
+                round(lam, 4),
+                kappa,
+                r_cf,
+                rank_closed_tol[-1],
+                r_gd,
+                r_drop,
+                float((s_gd - s_cf).abs().max()),
+                float((s_drop - s_cf).abs().max()),
+                float((s_drop - s_cf).norm() / s_cf.norm().clamp_min(1e-30)),
+                gd_steps,
+            ]
+        )
         curves[theta] = (s_cf, s_drop)
         for i in range(8):
             sv_rows.append([theta, i + 1, float(s_M[i]), float(s_cf[i]), float(s_gd[i]), float(s_drop[i])])
@@ -171,17 +203,32 @@ def _run(quick: bool, seed: int, progress: bool | None) -> Result:
     sv_series = [Series("s_i(M) (no dropout)", idx, s_M.tolist(), style="k-")]
     for t in shown:
         s_cf, s_drop = curves[t]
-        sv_series += [Series(f"closed form, theta={t}", idx, s_cf.tolist(), style="-"),
-                      Series(f"real masks, theta={t}", idx, s_drop.tolist(), style="o")]
+        sv_series += [
+            Series(f"closed form, theta={t}", idx, s_cf.tolist(), style="-"),
+            Series(f"real masks, theta={t}", idx, s_drop.tolist(), style="o"),
+        ]
     plots = [
-        Plot("singular_values", "Singular values of U V^T: closed-form thresholding (lines) vs dropout training (dots)",
-             "line", sv_series, xlabel="index i", ylabel="singular value"),
-        Plot("rank_vs_keep", "Rank of U V^T vs keep probability (k = 16 hidden units)", "line",
-             [Series("closed form (exact)", thetas, rank_closed, style="-"),
-              Series("closed form (s_i > 1% s_1(M))", thetas, rank_closed_tol, style="^:"),
-              Series("GD on the regularizer (s_i > 1% s_1(M))", thetas, rank_gd, style="s--"),
-              Series("dropout, real masks (s_i > 1% s_1(M))", thetas, rank_drop, style="o")],
-             xlabel="keep probability theta", ylabel="rank"),
+        Plot(
+            "singular_values",
+            "Singular values of U V^T: closed-form thresholding (lines) vs dropout training (dots)",
+            "line",
+            sv_series,
+            xlabel="index i",
+            ylabel="singular value",
+        ),
+        Plot(
+            "rank_vs_keep",
+            "Rank of U V^T vs keep probability (k = 16 hidden units)",
+            "line",
+            [
+                Series("closed form (exact)", thetas, rank_closed, style="-"),
+                Series("closed form (s_i > 1% s_1(M))", thetas, rank_closed_tol, style="^:"),
+                Series("GD on the regularizer (s_i > 1% s_1(M))", thetas, rank_gd, style="s--"),
+                Series("dropout, real masks (s_i > 1% s_1(M))", thetas, rank_drop, style="o"),
+            ],
+            xlabel="keep probability theta",
+            ylabel="rank",
+        ),
     ]
     worst = max(r[8] for r in rows)
     worst_gd = max(r[7] for r in rows)
@@ -203,18 +250,56 @@ def _run(quick: bool, seed: int, progress: bool | None) -> Result:
     )
     return Result(
         name="dropout-lowrank",
-        config={"data": "digits (1797), top 4 rows -> bottom 4 rows, whitened", "k": k, "d_in": X.shape[1],
-                "d_out": Y.shape[1], "keep_probabilities": thetas, "sgd_steps": steps, "sgd_lr": 0.05,
-                "rank_threshold": "s_i > 0.01 * s_1(M)"},
+        config={
+            "data": "digits (1797), top 4 rows -> bottom 4 rows, whitened",
+            "k": k,
+            "d_in": X.shape[1],
+            "d_out": Y.shape[1],
+            "keep_probabilities": thetas,
+            "sgd_steps": steps,
+            "sgd_lr": 0.05,
+            "rank_threshold": "s_i > 0.01 * s_1(M)",
+        },
         seeds=[seed],
-        metrics={"max_abs_error_gd_vs_closed_form": worst_gd, "max_abs_error_dropout_vs_closed_form": worst,
-                 "rank_match_dropout_vs_closed_form": f"{match}/{len(thetas)}",
-                 "s1_M": float(s_M[0])},
-        history={"theta": thetas, "rank_closed_form": rank_closed, "rank_closed_form_thresholded": rank_closed_tol, "rank_gd": rank_gd, "rank_dropout": rank_drop},
-        tables=[Table("Closed form vs GD on the regularizer vs dropout with real masks",
-                      ["keep prob theta", "lambda", "kappa", "rank (closed form, exact)", "rank (closed form)",
-                       "rank (GD)", "rank (real masks)",
-                       "max |s_GD - s_cf|", "max |s_drop - s_cf|", "rel. error (drop)", "GD steps"], rows),
-                Table("Top-8 singular values side by side", ["theta", "i", "s_i(M)", "closed form", "GD", "real masks"],
-                      sv_rows)],
-        plots=plots, notes=notes, wall_time_s=time.perf_counter() - t0, environment=environment_info())
+        metrics={
+            "max_abs_error_gd_vs_closed_form": worst_gd,
+            "max_abs_error_dropout_vs_closed_form": worst,
+            "rank_match_dropout_vs_closed_form": f"{match}/{len(thetas)}",
+            "s1_M": float(s_M[0]),
+        },
+        history={
+            "theta": thetas,
+            "rank_closed_form": rank_closed,
+            "rank_closed_form_thresholded": rank_closed_tol,
+            "rank_gd": rank_gd,
+            "rank_dropout": rank_drop,
+        },
+        tables=[
+            Table(
+                "Closed form vs GD on the regularizer vs dropout with real masks",
+                [
+                    "keep prob theta",
+                    "lambda",
+                    "kappa",
+                    "rank (closed form, exact)",
+                    "rank (closed form)",
+                    "rank (GD)",
+                    "rank (real masks)",
+                    "max |s_GD - s_cf|",
+                    "max |s_drop - s_cf|",
+                    "rel. error (drop)",
+                    "GD steps",
+                ],
+                rows,
+            ),
+            Table(
+                "Top-8 singular values side by side",
+                ["theta", "i", "s_i(M)", "closed form", "GD", "real masks"],
+                sv_rows,
+            ),
+        ],
+        plots=plots,
+        notes=notes,
+        wall_time_s=time.perf_counter() - t0,
+        environment=environment_info(),
+    )

@@ -23,6 +23,7 @@ and batch order, shared by all arms). Reported: validation accuracy / loss per g
 accuracy mean and std over seeds, final full-training-set loss, and loss curves.
 The interpretation lives in ``docs/geometric-ablation.md`` (written by hand from these numbers).
 """
+
 from __future__ import annotations
 
 import math
@@ -70,27 +71,68 @@ ARMS: tuple[Arm, ...] = (
     Arm("dense_adam", "dense Adam", "dense", "reference"),
     Arm("factorized_adam", "factorized Adam", "factorized", "baseline"),
     Arm("lowrank_default", "LowRankAdam (default: unit v)", "lowrank", "baseline"),
-    Arm("lowrank_elementwise", "v elementwise (carried)", "lowrank", "second moment", second_moment="elementwise"),
-    Arm("lowrank_elementwise_mean", "v elementwise, new entries at the mean", "lowrank", "second moment",
-        second_moment="elementwise_mean"),
-    Arm("lowrank_elementwise_reset", "v elementwise, reset at augmentation", "lowrank", "second moment",
-        second_moment="elementwise_reset"),
+    Arm(
+        "lowrank_elementwise",
+        "v elementwise (carried)",
+        "lowrank",
+        "second moment",
+        second_moment="elementwise",
+    ),
+    Arm(
+        "lowrank_elementwise_mean",
+        "v elementwise, new entries at the mean",
+        "lowrank",
+        "second moment",
+        second_moment="elementwise_mean",
+    ),
+    Arm(
+        "lowrank_elementwise_reset",
+        "v elementwise, reset at augmentation",
+        "lowrank",
+        "second moment",
+        second_moment="elementwise_reset",
+    ),
     Arm("lowrank_basis_0.3", "basis_lr_ratio 0.3", "lowrank", "basis step", basis_lr_ratio=0.3),
     Arm("lowrank_basis_3", "basis_lr_ratio 3", "lowrank", "basis step", basis_lr_ratio=3.0),
     Arm("lowrank_basis_10", "basis_lr_ratio 10", "lowrank", "basis step", basis_lr_ratio=10.0),
-    Arm("lowrank_init_dense_svd", "S init: best rank-r of a dense init", "lowrank", "S init", init="dense_svd"),
-    Arm("lowrank_init_frobenius", "S init: scaled to the dense Frobenius norm", "lowrank", "S init", init="frobenius"),
-    Arm("factorized_init_frobenius", "factorized Adam, init scaled to the dense Frobenius norm", "factorized",
-        "S init", init="frobenius"),
+    Arm(
+        "lowrank_init_dense_svd", "S init: best rank-r of a dense init", "lowrank", "S init", init="dense_svd"
+    ),
+    Arm(
+        "lowrank_init_frobenius",
+        "S init: scaled to the dense Frobenius norm",
+        "lowrank",
+        "S init",
+        init="frobenius",
+    ),
+    Arm(
+        "factorized_init_frobenius",
+        "factorized Adam, init scaled to the dense Frobenius norm",
+        "factorized",
+        "S init",
+        init="frobenius",
+    ),
     Arm("lowrank_wd", "weight decay 0.1 on S", "lowrank", "weight decay", weight_decay=0.1),
     Arm("lowrank_augment_4", "augment_every 4", "lowrank", "augment_every", augment_every=4),
     Arm("lowrank_augment_8", "augment_every 8", "lowrank", "augment_every", augment_every=8),
     Arm("lowrank_warmup", "LowRankAdam + warm-up", "lowrank", "warm-up", warmup=True),
     Arm("factorized_warmup", "factorized Adam + warm-up", "factorized", "warm-up", warmup=True),
-    Arm("lowrank_elementwise_warmup", "v elementwise + warm-up", "lowrank", "combination",
-        second_moment="elementwise", warmup=True),
-    Arm("lowrank_elementwise_basis_3", "v elementwise + basis_lr_ratio 3", "lowrank", "combination",
-        second_moment="elementwise", basis_lr_ratio=3.0),
+    Arm(
+        "lowrank_elementwise_warmup",
+        "v elementwise + warm-up",
+        "lowrank",
+        "combination",
+        second_moment="elementwise",
+        warmup=True,
+    ),
+    Arm(
+        "lowrank_elementwise_basis_3",
+        "v elementwise + basis_lr_ratio 3",
+        "lowrank",
+        "combination",
+        second_moment="elementwise",
+        basis_lr_ratio=3.0,
+    ),
 )
 
 
@@ -125,14 +167,28 @@ class AblationConfig:
     selection: str = "validation accuracy, then validation loss"
 
 
-FULL = AblationConfig(settings=(
-    Setting("digits", "digits", (128, 128), batch=128, steps=200, n_val=288, ranks=(8, 8)),
-    Setting("fashion", "fashion", (256, 256), batch=128, steps=250, n_val=2000, fraction=0.05,
-            n_train=10000, n_test=2000),
-))
+FULL = AblationConfig(
+    settings=(
+        Setting("digits", "digits", (128, 128), batch=128, steps=200, n_val=288, ranks=(8, 8)),
+        Setting(
+            "fashion",
+            "fashion",
+            (256, 256),
+            batch=128,
+            steps=250,
+            n_val=2000,
+            fraction=0.05,
+            n_train=10000,
+            n_test=2000,
+        ),
+    )
+)
 QUICK = AblationConfig(
     settings=(Setting("digits", "digits", (32, 32), batch=64, steps=12, n_val=200, ranks=(4, 4)),),
-    lr_grid=(3e-3, 3e-2), n_seeds=2, curve_every=2)
+    lr_grid=(3e-3, 3e-2),
+    n_seeds=2,
+    curve_every=2,
+)
 
 
 # ----- data -------------------------------------------------------------------------------------------
@@ -154,7 +210,7 @@ def load_split(setting: Setting, seed: int) -> Split:
         d = load_fashion_mnist(n_train=setting.n_train, n_test=setting.n_test, seed=seed)
     x, x_test = d.flat()
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed + 10_000))
-    val, tr = perm[:setting.n_val], perm[setting.n_val:]
+    val, tr = perm[: setting.n_val], perm[setting.n_val :]
     return Split(x[tr], d.y_train[tr], x[val], d.y_train[val], x_test, d.y_test)
 
 
@@ -213,8 +269,14 @@ def build(setting: Setting, arm: Arm, n_in: int, seed: int) -> nn.Sequential:
 def make_optimizer(model: nn.Module, arm: Arm, lr: float) -> torch.optim.Optimizer:
     if arm.kind != "lowrank":
         return torch.optim.Adam(model.parameters(), lr=lr)
-    opt = LowRankAdam(model, lr=lr, second_moment=arm.second_moment, basis_lr_ratio=arm.basis_lr_ratio,
-                      weight_decay=arm.weight_decay, augment_every=arm.augment_every)
+    opt = LowRankAdam(
+        model,
+        lr=lr,
+        second_moment=arm.second_moment,
+        basis_lr_ratio=arm.basis_lr_ratio,
+        weight_decay=arm.weight_decay,
+        augment_every=arm.augment_every,
+    )
     for group in opt.param_groups:  # weight decay on S only: the biases and the dense head are not decayed
         if group["unit"] is None:
             group["weight_decay"] = 0.0
@@ -255,8 +317,18 @@ def _off_core(before, layer: nn.Module) -> tuple[float, float]:
     return off.item(), core.item()
 
 
-def train(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, steps: int, batch: int,
-          seed: int, warmup_steps: int, bar, ratios: list[float] | None = None) -> list[float]:
+def train(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    steps: int,
+    batch: int,
+    seed: int,
+    warmup_steps: int,
+    bar,
+    ratios: list[float] | None = None,
+) -> list[float]:
     """``steps`` minibatch steps (batch order from ``seed``, the same for every arm); returns the
     minibatch losses (stops early, padding with inf, once the loss is not finite). ``ratios``: if
     given, receives :func:`_off_core` of the first layer at every step."""
@@ -270,7 +342,7 @@ def train(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torc
     for _ in range(steps):
         if pos + batch > len(x):  # drop the last partial batch: every step sees `batch` examples
             perm, pos = torch.randperm(len(x), generator=g), 0
-        idx = perm[pos:pos + batch]
+        idx = perm[pos : pos + batch]
         pos += batch
         opt.zero_grad(set_to_none=True)
         loss = F.cross_entropy(model(x[idx]), y[idx])
@@ -313,15 +385,27 @@ def one_run(setting: Setting, arm: Arm, data: Split, lr: float, seed: int, cfg: 
     opt = make_optimizer(model, arm, lr)
     warm = math.ceil(cfg.warmup_fraction * setting.steps) if arm.warmup else 0
     ratios: list[tuple[float, float]] | None = [] if arm.kind != "dense" else None
-    losses = train(model, opt, data.x_train, data.y_train, setting.steps, setting.batch, seed, warm, bar, ratios)
+    losses = train(
+        model, opt, data.x_train, data.y_train, setting.steps, setting.batch, seed, warm, bar, ratios
+    )
     val_loss, val_acc = evaluate(model, data.x_val, data.y_val)
     _, test_acc = evaluate(model, data.x_test, data.y_test)
     train_loss, _ = evaluate(model, data.x_train, data.y_train)
     k = cfg.curve_every
-    curve = [statistics.fmean(losses[i:i + k]) for i in range(0, len(losses), k)]
-    return Run(setting.key, arm.key, lr, seed, val_loss, val_acc, test_acc, train_loss, time.perf_counter() - t0,
-               [c if math.isfinite(c) else math.inf for c in curve],
-               _ratio(ratios))
+    curve = [statistics.fmean(losses[i : i + k]) for i in range(0, len(losses), k)]
+    return Run(
+        setting.key,
+        arm.key,
+        lr,
+        seed,
+        val_loss,
+        val_acc,
+        test_acc,
+        train_loss,
+        time.perf_counter() - t0,
+        [c if math.isfinite(c) else math.inf for c in curve],
+        _ratio(ratios),
+    )
 
 
 def _ratio(pairs: list[tuple[float, float]] | None) -> float | None:
@@ -374,8 +458,16 @@ def study(cfg: AblationConfig, seed: int, quick: bool, progress: bool | None) ->
 
 
 # ----- write ------------------------------------------------------------------------------------------
-def _result(cfg: AblationConfig, seeds: list[int], runs: list[Run], chosen: dict, extended: dict, prov: dict,
-            quick: bool, wall: float) -> Result:
+def _result(
+    cfg: AblationConfig,
+    seeds: list[int],
+    runs: list[Run],
+    chosen: dict,
+    extended: dict,
+    prov: dict,
+    quick: bool,
+    wall: float,
+) -> Result:
     arms = {a.key: a for a in cfg.arms}
     metrics: dict[str, float] = {}
     summary_rows, grid_rows = [], []
@@ -399,62 +491,147 @@ def _result(cfg: AblationConfig, seeds: list[int], runs: list[Run], chosen: dict
             metrics[f"{prefix}.first_loss"] = at[0].curve[0]
             if at[0].off_core_ratio is not None:
                 metrics[f"{prefix}.off_core_ratio"] = at[0].off_core_ratio
-            summary_rows.append([setting.key, arm.factor, arm.key, lr, extended.get((setting.key, arm.key), "-"),
-                                 at[0].val_acc, statistics.fmean(acc), acc_std, statistics.fmean(loss), loss_std,
-                                 "-" if at[0].off_core_ratio is None else at[0].off_core_ratio,
-                                 statistics.fmean(r.seconds for r in at)])
+            summary_rows.append(
+                [
+                    setting.key,
+                    arm.factor,
+                    arm.key,
+                    lr,
+                    extended.get((setting.key, arm.key), "-"),
+                    at[0].val_acc,
+                    statistics.fmean(acc),
+                    acc_std,
+                    statistics.fmean(loss),
+                    loss_std,
+                    "-" if at[0].off_core_ratio is None else at[0].off_core_ratio,
+                    statistics.fmean(r.seconds for r in at),
+                ]
+            )
             curves[prefix] = at[0].curve
-            for r in sorted((r for r in runs if r.setting == setting.key and r.arm == arm.key and r.seed == seeds[0]),
-                            key=lambda r: r.lr):
-                grid_rows.append([setting.key, arm.key, r.lr, r.val_loss, r.val_acc, r.train_loss,
-                                  "-" if r.off_core_ratio is None else r.off_core_ratio])
+            for r in sorted(
+                (r for r in runs if r.setting == setting.key and r.arm == arm.key and r.seed == seeds[0]),
+                key=lambda r: r.lr,
+            ):
+                grid_rows.append(
+                    [
+                        setting.key,
+                        arm.key,
+                        r.lr,
+                        r.val_loss,
+                        r.val_acc,
+                        r.train_loss,
+                        "-" if r.off_core_ratio is None else r.off_core_ratio,
+                    ]
+                )
     plots = []
     for setting in cfg.settings:
         series = []
-        for key in ("dense_adam", "factorized_adam", "lowrank_default", "lowrank_elementwise",
-                    "lowrank_basis_3", "lowrank_elementwise_basis_3"):
+        for key in (
+            "dense_adam",
+            "factorized_adam",
+            "lowrank_default",
+            "lowrank_elementwise",
+            "lowrank_basis_3",
+            "lowrank_elementwise_basis_3",
+        ):
             if key in arms:
                 c = curves[f"{setting.key}.{key}"]
-                series.append(Series(f"{arms[key].label} (lr {chosen[(setting.key, key)]:g})",
-                                     [cfg.curve_every * (i + 1) for i in range(len(c))], c))
-        plots.append(Plot(f"{setting.key}_loss",
-                          f"{setting.key}: training loss at the validation-chosen lr (seed {seeds[0]})",
-                          "line", series, xlabel="step", ylabel=f"minibatch loss (mean of {cfg.curve_every} steps)",
-                          logy=True))
+                series.append(
+                    Series(
+                        f"{arms[key].label} (lr {chosen[(setting.key, key)]:g})",
+                        [cfg.curve_every * (i + 1) for i in range(len(c))],
+                        c,
+                    )
+                )
+        plots.append(
+            Plot(
+                f"{setting.key}_loss",
+                f"{setting.key}: training loss at the validation-chosen lr (seed {seeds[0]})",
+                "line",
+                series,
+                xlabel="step",
+                ylabel=f"minibatch loss (mean of {cfg.curve_every} steps)",
+                logy=True,
+            )
+        )
         accs = [metrics[f"{setting.key}.{a.key}.test_accuracy_mean"] for a in cfg.arms]
         errs = [metrics[f"{setting.key}.{a.key}.test_accuracy_std"] for a in cfg.arms]
-        plots.append(Plot(f"{setting.key}_test_accuracy", f"{setting.key}: test accuracy at the chosen lr "
-                          f"(mean, std over {len(seeds)} seeds)", "bar",
-                          [Series("test accuracy", [a.key.replace("lowrank_", "") for a in cfg.arms], accs, errs)],
-                          ylabel="test accuracy"))
-    notes = ("Each arm varies one factor of LowRankAdam (or is a baseline). Learning rate: the best of the grid "
-             "on the validation split (rule in the config), seed " + str(seeds[0]) + "; 'extended' names the lr "
-             "added when the best was at the grid's edge. "
-             "'off-core / core step': for the first hidden layer, "
-             "sqrt(sum_k ||dW_k - U U^T dW_k V V^T||^2 / sum_k ||U U^T dW_k V V^T||^2) over the steps k (U, V: the "
-             "bases before step k), the size of the basis update relative to the update inside the current subspaces "
-             "(first seed). Test accuracy and full-training-set loss: mean and std "
-             "over the seeds at the chosen lr. Interpretation: docs/geometric-ablation.md. Reproduce: `"
-             + prov["command"] + "`.")
-    config = {"settings": [asdict(s) for s in cfg.settings], "arms": [asdict(a) for a in cfg.arms],
-              "lr_grid": list(cfg.lr_grid), "lr_below": list(cfg.lr_below), "lr_above": list(cfg.lr_above),
-              "n_seeds": cfg.n_seeds, "warmup_fraction": cfg.warmup_fraction, "selection": cfg.selection,
-              "curve_every": cfg.curve_every, "quick": quick, **prov}
+        plots.append(
+            Plot(
+                f"{setting.key}_test_accuracy",
+                f"{setting.key}: test accuracy at the chosen lr (mean, std over {len(seeds)} seeds)",
+                "bar",
+                [Series("test accuracy", [a.key.replace("lowrank_", "") for a in cfg.arms], accs, errs)],
+                ylabel="test accuracy",
+            )
+        )
+    notes = (
+        "Each arm varies one factor of LowRankAdam (or is a baseline). Learning rate: the best of the grid "
+        "on the validation split (rule in the config), seed " + str(seeds[0]) + "; 'extended' names the lr "
+        "added when the best was at the grid's edge. "
+        "'off-core / core step': for the first hidden layer, "
+        "sqrt(sum_k ||dW_k - U U^T dW_k V V^T||^2 / sum_k ||U U^T dW_k V V^T||^2) over the steps k (U, V: the "
+        "bases before step k), the size of the basis update relative to the update inside the current subspaces "
+        "(first seed). Test accuracy and full-training-set loss: mean and std "
+        "over the seeds at the chosen lr. Interpretation: docs/geometric-ablation.md. Reproduce: `"
+        + prov["command"]
+        + "`."
+    )
+    config = {
+        "settings": [asdict(s) for s in cfg.settings],
+        "arms": [asdict(a) for a in cfg.arms],
+        "lr_grid": list(cfg.lr_grid),
+        "lr_below": list(cfg.lr_below),
+        "lr_above": list(cfg.lr_above),
+        "n_seeds": cfg.n_seeds,
+        "warmup_fraction": cfg.warmup_fraction,
+        "selection": cfg.selection,
+        "curve_every": cfg.curve_every,
+        "quick": quick,
+        **prov,
+    }
     return Result(
-        name=NAME, config=config, seeds=seeds, metrics=metrics,
-        tables=[Table("Chosen learning rate, test accuracy and training loss per arm",
-                      ["setting", "factor", "arm", "lr", "extended", "val acc", "test acc", "std", "train loss",
-                       "loss std", "off-core / core step", "s/run"], summary_rows),
-                Table("Validation results over the learning-rate grid (first seed)",
-                      ["setting", "arm", "lr", "val loss", "val acc", "train loss", "off-core / core step"],
-                      grid_rows)],
+        name=NAME,
+        config=config,
+        seeds=seeds,
+        metrics=metrics,
+        tables=[
+            Table(
+                "Chosen learning rate, test accuracy and training loss per arm",
+                [
+                    "setting",
+                    "factor",
+                    "arm",
+                    "lr",
+                    "extended",
+                    "val acc",
+                    "test acc",
+                    "std",
+                    "train loss",
+                    "loss std",
+                    "off-core / core step",
+                    "s/run",
+                ],
+                summary_rows,
+            ),
+            Table(
+                "Validation results over the learning-rate grid (first seed)",
+                ["setting", "arm", "lr", "val loss", "val acc", "train loss", "off-core / core step"],
+                grid_rows,
+            ),
+        ],
         history={"curves": curves, "runs": [asdict(r) | {"curve": None} for r in runs]},
-        plots=plots, notes=notes, wall_time_s=wall, environment=environment_info())
+        plots=plots,
+        notes=notes,
+        wall_time_s=wall,
+        environment=environment_info(),
+    )
 
 
-@register_experiment(NAME, "LowRankAdam vs factorized Adam, one factor at a time (second moment, basis step, S init, "
-                           "weight decay, augment_every, warm-up), lr tuned on a validation split")
+@register_experiment(
+    NAME,
+    "LowRankAdam vs factorized Adam, one factor at a time (second moment, basis step, S init, "
+    "weight decay, augment_every, warm-up), lr tuned on a validation split",
+)
 def run(quick: bool = False, seed: int = 0, progress: bool | None = None) -> Result:
     return study(QUICK if quick else FULL, seed, quick, progress)
-
-

@@ -22,6 +22,7 @@ chosen runs. Loss = cross-entropy per predicted byte in nats (nats per byte); th
 up linearly and decays by a cosine to ``min_lr_ratio``. Curves: the validation loss on a fixed set
 of windows against steps and against training seconds (evaluation excluded).
 """
+
 from __future__ import annotations
 
 import copy
@@ -78,10 +79,31 @@ class LMConfig:
     device: str = "auto"  # "auto": cuda if available, else cpu
 
 
-QUICK = LMConfig(hidden=32, layers=2, heads=4, intermediate=64, seq_len=32, batch=8, steps=60, warmup=5,
-                 eval_every=20, eval_seqs=32, test_seqs=32, eval_batch=32, fractions=(0.25,), tau=0.3, galore_gap=20,
-                 fixed_lr={"dense AdamW": 3e-3, "factorized AdamW": 1e-2, "LowRankAdam": 1e-2,
-                           "LowRankAdam adaptive": 1e-2, "GaLoreAdamW": 1e-2}, seeds=(0,))
+QUICK = LMConfig(
+    hidden=32,
+    layers=2,
+    heads=4,
+    intermediate=64,
+    seq_len=32,
+    batch=8,
+    steps=60,
+    warmup=5,
+    eval_every=20,
+    eval_seqs=32,
+    test_seqs=32,
+    eval_batch=32,
+    fractions=(0.25,),
+    tau=0.3,
+    galore_gap=20,
+    fixed_lr={
+        "dense AdamW": 3e-3,
+        "factorized AdamW": 1e-2,
+        "LowRankAdam": 1e-2,
+        "LowRankAdam adaptive": 1e-2,
+        "GaLoreAdamW": 1e-2,
+    },
+    seeds=(0,),
+)
 
 METHODS = ("dense AdamW", "factorized AdamW", "LowRankAdam", "LowRankAdam adaptive", "GaLoreAdamW")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -105,9 +127,16 @@ def train_offsets(n_bytes: int, cfg: LMConfig, seed: int) -> torch.Tensor:
 def build_model(cfg: LMConfig, seed: int) -> nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=256, hidden_size=cfg.hidden, intermediate_size=cfg.intermediate,
-                         num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads, num_key_value_heads=cfg.heads,
-                         max_position_embeddings=cfg.seq_len, tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=256,
+        hidden_size=cfg.hidden,
+        intermediate_size=cfg.intermediate,
+        num_hidden_layers=cfg.layers,
+        num_attention_heads=cfg.heads,
+        num_key_value_heads=cfg.heads,
+        max_position_embeddings=cfg.seq_len,
+        tie_word_embeddings=False,
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return LlamaForCausalLM(config)
@@ -115,8 +144,10 @@ def build_model(cfg: LMConfig, seed: int) -> nn.Module:
 
 def budget_ranks(model: nn.Module, fraction: float) -> dict[str, int]:
     """Each targeted projection's rank at the budget: floor(p m n / (m + n + 1))."""
-    return {name: rank_for_fraction(tuple(mod.weight.shape), fraction)
-            for name, mod in find_targets(model, TARGETS, lambda m: isinstance(m, nn.Linear))}
+    return {
+        name: rank_for_fraction(tuple(mod.weight.shape), fraction)
+        for name, mod in find_targets(model, TARGETS, lambda m: isinstance(m, nn.Linear))
+    }
 
 
 def targeted_params(model: nn.Module) -> int:
@@ -173,7 +204,7 @@ def lm_loss(model: nn.Module, xb: torch.Tensor, reduction: str = "mean") -> torc
 def nats_per_byte(model: nn.Module, data: torch.Tensor, batch: int) -> float:
     was_training = model.training
     model.eval()
-    total = sum(lm_loss(model, data[i:i + batch], "sum") for i in range(0, len(data), batch))
+    total = sum(lm_loss(model, data[i : i + batch], "sum") for i in range(0, len(data), batch))
     model.train(was_training)
     return float(total) / (data.shape[0] * (data.shape[1] - 1))
 
@@ -207,8 +238,16 @@ def diverging(loss: torch.Tensor, model: nn.Module) -> bool:
     return not bool(torch.isfinite(loss)) or not all(bool(torch.isfinite(g).all()) for g in grads)
 
 
-def train(model: nn.Module, opts: list, train_bytes: torch.Tensor, offsets: torch.Tensor, val: torch.Tensor,
-          cfg: LMConfig, device: torch.device, bar) -> dict:
+def train(
+    model: nn.Module,
+    opts: list,
+    train_bytes: torch.Tensor,
+    offsets: torch.Tensor,
+    val: torch.Tensor,
+    cfg: LMConfig,
+    device: torch.device,
+    bar,
+) -> dict:
     """Train for cfg.steps steps; the validation curve (nats/byte) against steps and training seconds."""
     scheds = [torch.optim.lr_scheduler.LambdaLR(o, functools.partial(lr_factor, cfg)) for o in opts]
     span = torch.arange(cfg.seq_len + 1, device=device)
@@ -250,23 +289,39 @@ def train(model: nn.Module, opts: list, train_bytes: torch.Tensor, offsets: torc
 
 def state_numbers(opts: list) -> int:
     """Numbers held in the optimizers' state (moments, projectors; step counters excluded)."""
-    return sum(v.numel() for o in opts for st in o.state.values() for k, v in st.items()
-               if isinstance(v, torch.Tensor) and k != "step")
+    return sum(
+        v.numel()
+        for o in opts
+        for st in o.state.values()
+        for k, v in st.items()
+        if isinstance(v, torch.Tensor) and k != "step"
+    )
 
 
-def run_arm(method: str, fraction: float, seed: int, lr: float, cfg: LMConfig, ctx: dict) -> tuple[dict, nn.Module]:
+def run_arm(
+    method: str, fraction: float, seed: int, lr: float, cfg: LMConfig, ctx: dict
+) -> tuple[dict, nn.Module]:
     """One training run: its record (named fields) and the trained model."""
     base = ctx["bases"][seed]
     model, opts = make_arm(method, base, ctx["ranks"][fraction], lr, cfg)
     t0 = time.perf_counter()
     curve = train(model, opts, ctx["train"], ctx["offsets"][seed], ctx["val"], cfg, ctx["device"], ctx["bar"])
     ranks = [getattr(mod, "rank", None) for _, mod in find_targets(model, TARGETS)]
-    record = {"method": method, "fraction": fraction, "seed": seed, "lr": lr, "final_val": curve["val"][-1],
-              "params": count_parameters(model), "targeted_params": targeted_params(model),
-              "min_rank": min(ranks) if None not in ranks else None,
-              "max_rank": max(ranks) if None not in ranks else None,
-              "optimizer_state": state_numbers(opts), "train_s": curve["seconds"][-1],
-              "run_s": time.perf_counter() - t0, **curve}
+    record = {
+        "method": method,
+        "fraction": fraction,
+        "seed": seed,
+        "lr": lr,
+        "final_val": curve["val"][-1],
+        "params": count_parameters(model),
+        "targeted_params": targeted_params(model),
+        "min_rank": min(ranks) if None not in ranks else None,
+        "max_rank": max(ranks) if None not in ranks else None,
+        "optimizer_state": state_numbers(opts),
+        "train_s": curve["seconds"][-1],
+        "run_s": time.perf_counter() - t0,
+        **curve,
+    }
     return record, model
 
 
@@ -291,11 +346,17 @@ def run_all(cfg: LMConfig, ctx: dict) -> tuple[list[dict], list[dict]]:
             if best is None or rec["final_val"] < best[0]["final_val"]:
                 best = (rec, model)
         rec, model = best
-        rec["test"] = nats_per_byte(model, ctx["test"], cfg.eval_batch)  # only the chosen run sees the test split
+        rec["test"] = nats_per_byte(
+            model, ctx["test"], cfg.eval_batch
+        )  # only the chosen run sees the test split
         chosen.append(rec)
     for seed in cfg.seeds[1:]:
         for method, p in arms(cfg):
-            lr = next(r["lr"] for r in chosen if (r["method"], r["fraction"], r["seed"]) == (method, p, cfg.seeds[0]))
+            lr = next(
+                r["lr"]
+                for r in chosen
+                if (r["method"], r["fraction"], r["seed"]) == (method, p, cfg.seeds[0])
+            )
             rec, model = run_arm(method, p, seed, lr, cfg, ctx)
             rec["test"] = nats_per_byte(model, ctx["test"], cfg.eval_batch)
             chosen.append(rec)
@@ -332,12 +393,39 @@ def summarize(cfg: LMConfig, chosen: list[dict], dense_targeted: int) -> tuple[l
         lr = recs[0]["lr"]
         ranks = "-" if recs[0]["min_rank"] is None else f"{recs[0]['min_rank']}..{recs[0]['max_rank']}"
         edge = len(lr_candidates(cfg, method)) > 1 and lr in (min(cfg.lr_grid), max(cfg.lr_grid))
-        rows.append([method, p, BUDGET_KIND.get(method, "parameters"), lr, edge, round(params), round(targeted),
-                     targeted / dense_targeted, ranks, statistics.fmean(r["optimizer_state"] for r in recs),
-                     val, val_sd, test, test_sd, drop, train_s, len(recs)])
-        metrics.update({f"val_{key}": val, f"test_{key}": test, f"params_{key}": params,
-                        f"targeted_params_{key}": targeted, f"kept_{key}": targeted / dense_targeted,
-                        f"train_s_{key}": train_s, f"lr_{key}": lr, f"val_drop_last_fifth_{key}": drop})
+        rows.append(
+            [
+                method,
+                p,
+                BUDGET_KIND.get(method, "parameters"),
+                lr,
+                edge,
+                round(params),
+                round(targeted),
+                targeted / dense_targeted,
+                ranks,
+                statistics.fmean(r["optimizer_state"] for r in recs),
+                val,
+                val_sd,
+                test,
+                test_sd,
+                drop,
+                train_s,
+                len(recs),
+            ]
+        )
+        metrics.update(
+            {
+                f"val_{key}": val,
+                f"test_{key}": test,
+                f"params_{key}": params,
+                f"targeted_params_{key}": targeted,
+                f"kept_{key}": targeted / dense_targeted,
+                f"train_s_{key}": train_s,
+                f"lr_{key}": lr,
+                f"val_drop_last_fifth_{key}": drop,
+            }
+        )
     return rows, metrics
 
 
@@ -357,80 +445,150 @@ def curve_plots(cfg: LMConfig, chosen: list[dict]) -> list[Plot]:
             recs = [r for r in chosen if (r["method"], r["fraction"]) == (method, q)]
             label = f"{method} (lr {recs[0]['lr']:g})"
             val = mean_curve(recs, "val")
-            by_steps.append(Series(label, mean_curve(recs, "step")[:len(val)], val, style=".-"))
-            by_time.append(Series(label, mean_curve(recs, "seconds")[:len(val)], val, style=".-"))
+            by_steps.append(Series(label, mean_curve(recs, "step")[: len(val)], val, style=".-"))
+            by_time.append(Series(label, mean_curve(recs, "seconds")[: len(val)], val, style=".-"))
         tag = f"p{round(100 * p)}"
-        plots.append(Plot(f"val_vs_step_{tag}", f"validation loss vs step, budget {p:g} of the projections' weights",
-                          "line", by_steps, xlabel="step", ylabel="validation nats per byte", logy=True))
-        plots.append(Plot(f"val_vs_time_{tag}", f"validation loss vs training time, budget {p:g}",
-                          "line", by_time, xlabel="training seconds (evaluation excluded)",
-                          ylabel="validation nats per byte", logy=True))
+        plots.append(
+            Plot(
+                f"val_vs_step_{tag}",
+                f"validation loss vs step, budget {p:g} of the projections' weights",
+                "line",
+                by_steps,
+                xlabel="step",
+                ylabel="validation nats per byte",
+                logy=True,
+            )
+        )
+        plots.append(
+            Plot(
+                f"val_vs_time_{tag}",
+                f"validation loss vs training time, budget {p:g}",
+                "line",
+                by_time,
+                xlabel="training seconds (evaluation excluded)",
+                ylabel="validation nats per byte",
+                logy=True,
+            )
+        )
     return plots
 
 
 def tuning_table(tuning: list[dict], chosen: list[dict]) -> Table:
     picked = {(r["method"], r["fraction"], r["lr"]) for r in chosen}
-    return Table("Learning-rate grid (seed 0, final validation loss)",
-                 ["method", "fraction", "lr", "final val nats/byte", "chosen"],
-                 [[r["method"], r["fraction"], r["lr"], r["final_val"], (r["method"], r["fraction"], r["lr"]) in picked]
-                  for r in tuning])
+    return Table(
+        "Learning-rate grid (seed 0, final validation loss)",
+        ["method", "fraction", "lr", "final val nats/byte", "chosen"],
+        [
+            [
+                r["method"],
+                r["fraction"],
+                r["lr"],
+                r["final_val"],
+                (r["method"], r["fraction"], r["lr"]) in picked,
+            ]
+            for r in tuning
+        ],
+    )
 
 
 def lm_study(name: str, cfg: LMConfig, quick: bool, progress: bool | None = None) -> Result:
     t0 = time.perf_counter()
     prov = provenance(name, quick)  # at the start: the commit of the code that runs
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+    device = torch.device(
+        ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    )
     corpus = load_rotten_tomatoes_bytes()  # a fixed split (seed 0) for every seed
     n_runs = sum(len(lr_candidates(cfg, m)) + len(cfg.seeds) - 1 for m, _ in arms(cfg))
     with one_thread():
         bases = {s: build_model(cfg, s).to(device) for s in cfg.seeds}
         ranks = {p: budget_ranks(bases[cfg.seeds[0]], p) for p in cfg.fractions}
         ranks[1.0] = {}
-        ctx = {"bases": bases, "ranks": ranks, "device": device, "train": corpus.train.to(device),
-               "offsets": {s: train_offsets(len(corpus.train), cfg, s).to(device) for s in cfg.seeds},
-               "val": windows(corpus.val, cfg.seq_len, cfg.eval_seqs).to(device),
-               "test": windows(corpus.test, cfg.seq_len, cfg.test_seqs).to(device),
-               "bar": progress_bar(total=n_runs * cfg.steps, desc=name, enabled=progress)}
+        ctx = {
+            "bases": bases,
+            "ranks": ranks,
+            "device": device,
+            "train": corpus.train.to(device),
+            "offsets": {s: train_offsets(len(corpus.train), cfg, s).to(device) for s in cfg.seeds},
+            "val": windows(corpus.val, cfg.seq_len, cfg.eval_seqs).to(device),
+            "test": windows(corpus.test, cfg.seq_len, cfg.test_seqs).to(device),
+            "bar": progress_bar(total=n_runs * cfg.steps, desc=name, enabled=progress),
+        }
         tuning, chosen = run_all(cfg, ctx)
         ctx["bar"].close()
     dense_targeted = targeted_params(bases[cfg.seeds[0]])
     rows, metrics = summarize(cfg, chosen, dense_targeted)
     budget_ranks_table = {str(p): sorted(set(r.values())) for p, r in ranks.items() if r}
     ranks_text = ", ".join(f"p = {p}: " + " / ".join(map(str, r)) for p, r in budget_ranks_table.items())
-    grid_text = "a fixed value per method (quick)" if cfg.fixed_lr else " / ".join(f"{lr:g}" for lr in cfg.lr_grid)
-    notes = (f"Byte-level Llama ({cfg.layers} layers, hidden {cfg.hidden}, MLP {cfg.intermediate}, {cfg.heads} heads, "
-             f"context {cfg.seq_len} bytes) trained from scratch for {cfg.steps} steps of {cfg.batch} windows on the "
-             f"Rotten Tomatoes snippets ({len(corpus.train)} / {len(corpus.val)} / {len(corpus.test)} train / val / test "
-             f"bytes, split by snippet). 'fraction' is the budget p of every attention and MLP projection "
-             f"(rank floor(p m n / (m + n + 1)); ranks per budget: {ranks_text}); 'kept' = the projections' parameters at the end "
-             f"over their {dense_targeted} dense parameters. GaLoreAdamW keeps the dense parameters: its budget is its "
-             f"optimizer state (column 'optimizer state', numbers held). The rank-adaptive arm starts at the budget "
-             f"ranks with max_rank = those ranks and tau = {cfg.tau}. Learning rates: the best final validation loss of "
-             f"seed {cfg.seeds[0]} over {grid_text}; 'at grid "
-             f"edge' marks a choice at the end of the grid. Validation: {cfg.eval_seqs} fixed windows; test: "
-             f"{cfg.test_seqs} windows of the test split, evaluated only on the chosen runs. 'drop, last fifth' = "
-             f"validation loss at step {last_fifth_step(cfg)} minus the final one. Training seconds were measured on {device.type} with torch on one CPU thread, comparable only within "
-             f"this run. Reproduce: `{prov['command']}`.")
-    columns = ["method", "fraction", "budget kind", "lr", "lr at grid edge", "params (total)", "projection params",
-               "kept", "ranks (seed 0)", "optimizer state", "val nats/byte", "val std", "test nats/byte", "test std",
-               "drop, last fifth", "train s", "seeds"]
-    return Result(name=name,
-                  config={**{k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cfg).items()},
-                          "device_used": device.type, "targets": TARGETS, "budget_ranks": budget_ranks_table,
-                          "chosen_lr": {arm_key(m, p): metrics[f"lr_{arm_key(m, p)}"] for m, p in arms(cfg)},
-                          "corpus_bytes": {"train": len(corpus.train), "val": len(corpus.val), "test": len(corpus.test)},
-                          **prov},
-                  seeds=list(cfg.seeds), metrics=metrics,
-                  tables=[Table("Validation / test loss at a parameter budget (mean over seeds)", columns, rows),
-                          tuning_table(tuning, chosen)],
-                  history={"runs": chosen, "tuning": [{k: v for k, v in r.items()} for r in tuning]},
-                  plots=curve_plots(cfg, chosen), notes=notes, wall_time_s=time.perf_counter() - t0,
-                  environment=environment_info())
+    grid_text = (
+        "a fixed value per method (quick)" if cfg.fixed_lr else " / ".join(f"{lr:g}" for lr in cfg.lr_grid)
+    )
+    notes = (
+        f"Byte-level Llama ({cfg.layers} layers, hidden {cfg.hidden}, MLP {cfg.intermediate}, {cfg.heads} heads, "
+        f"context {cfg.seq_len} bytes) trained from scratch for {cfg.steps} steps of {cfg.batch} windows on the "
+        f"Rotten Tomatoes snippets ({len(corpus.train)} / {len(corpus.val)} / {len(corpus.test)} train / val / test "
+        f"bytes, split by snippet). 'fraction' is the budget p of every attention and MLP projection "
+        f"(rank floor(p m n / (m + n + 1)); ranks per budget: {ranks_text}); 'kept' = the projections' parameters at the end "
+        f"over their {dense_targeted} dense parameters. GaLoreAdamW keeps the dense parameters: its budget is its "
+        f"optimizer state (column 'optimizer state', numbers held). The rank-adaptive arm starts at the budget "
+        f"ranks with max_rank = those ranks and tau = {cfg.tau}. Learning rates: the best final validation loss of "
+        f"seed {cfg.seeds[0]} over {grid_text}; 'at grid "
+        f"edge' marks a choice at the end of the grid. Validation: {cfg.eval_seqs} fixed windows; test: "
+        f"{cfg.test_seqs} windows of the test split, evaluated only on the chosen runs. 'drop, last fifth' = "
+        f"validation loss at step {last_fifth_step(cfg)} minus the final one. Training seconds were measured on {device.type} with torch on one CPU thread, comparable only within "
+        f"this run. Reproduce: `{prov['command']}`."
+    )
+    columns = [
+        "method",
+        "fraction",
+        "budget kind",
+        "lr",
+        "lr at grid edge",
+        "params (total)",
+        "projection params",
+        "kept",
+        "ranks (seed 0)",
+        "optimizer state",
+        "val nats/byte",
+        "val std",
+        "test nats/byte",
+        "test std",
+        "drop, last fifth",
+        "train s",
+        "seeds",
+    ]
+    return Result(
+        name=name,
+        config={
+            **{k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cfg).items()},
+            "device_used": device.type,
+            "targets": TARGETS,
+            "budget_ranks": budget_ranks_table,
+            "chosen_lr": {arm_key(m, p): metrics[f"lr_{arm_key(m, p)}"] for m, p in arms(cfg)},
+            "corpus_bytes": {"train": len(corpus.train), "val": len(corpus.val), "test": len(corpus.test)},
+            **prov,
+        },
+        seeds=list(cfg.seeds),
+        metrics=metrics,
+        tables=[
+            Table("Validation / test loss at a parameter budget (mean over seeds)", columns, rows),
+            tuning_table(tuning, chosen),
+        ],
+        history={"runs": chosen, "tuning": [{k: v for k, v in r.items()} for r in tuning]},
+        plots=curve_plots(cfg, chosen),
+        notes=notes,
+        wall_time_s=time.perf_counter() - t0,
+        environment=environment_info(),
+    )
 
 
-@register_experiment("lowrank-lm", "byte-level Llama pre-training on Rotten Tomatoes at 25/50% of the projection "
-                                   "weights: dense / factorized AdamW, LowRankAdam fixed and rank-adaptive, GaLoreAdamW")
+@register_experiment(
+    "lowrank-lm",
+    "byte-level Llama pre-training on Rotten Tomatoes at 25/50% of the projection "
+    "weights: dense / factorized AdamW, LowRankAdam fixed and rank-adaptive, GaLoreAdamW",
+)
 def run(quick: bool = False, seed: int = 0, progress: bool | None = None) -> Result:
     if quick:
-        return lm_study("lowrank-lm", dataclasses.replace(QUICK, seeds=(seed,)), quick=True, progress=progress)
+        return lm_study(
+            "lowrank-lm", dataclasses.replace(QUICK, seeds=(seed,)), quick=True, progress=progress
+        )
     return lm_study("lowrank-lm", LMConfig(seeds=(seed, seed + 1, seed + 2)), quick=False, progress=progress)

@@ -14,6 +14,7 @@ MovieLens in quick mode); tuned ALS (rank from {1, 2, 3, 5, 10, 20} and ridge ch
 validation split carved from the training entries); scikit-surprise with library defaults
 (SVD++ only in the full run).
 """
+
 from __future__ import annotations
 
 import csv
@@ -41,13 +42,26 @@ class Config:
     time_limit: float = 300.0  # per fit of ours (complete / soft-impute path)
     surprise_pp: bool = True
     soft_impute_on_movielens: bool = True  # dense SVDs of 943 x 1682 per iteration: slow
-    cases: tuple[str, ...] = ("diabetes standardized", "diabetes raw", "breast cancer standardized",
-                              "breast cancer raw", "flower.jpg grey", "MovieLens random", "MovieLens temporal")
+    cases: tuple[str, ...] = (
+        "diabetes standardized",
+        "diabetes raw",
+        "breast cancer standardized",
+        "breast cancer raw",
+        "flower.jpg grey",
+        "MovieLens random",
+        "MovieLens temporal",
+    )
 
 
-QUICK = Config(seeds=(0,), image_downsample=4, time_limit=20.0, surprise_pp=False, tuned_ranks=(2, 5, 10),
-               soft_impute_on_movielens=False,
-               cases=("diabetes standardized", "flower.jpg grey", "MovieLens random"))
+QUICK = Config(
+    seeds=(0,),
+    image_downsample=4,
+    time_limit=20.0,
+    surprise_pp=False,
+    tuned_ranks=(2, 5, 10),
+    soft_impute_on_movielens=False,
+    cases=("diabetes standardized", "flower.jpg grey", "MovieLens random"),
+)
 
 
 @dataclass
@@ -76,9 +90,15 @@ def _movielens_entries():
     rows = list(csv.reader(io.StringIO(text), delimiter="\t"))
     header = [h.split(":")[0] for h in rows[0]]
     cu, ci, cr, ct = (header.index(k) for k in ("user_id", "item_id", "rating", "timestamp"))
-    a = np.array([(int(x[cu]), int(x[ci]), float(x[cr]), float(x[ct])) for x in rows[1:] if x], dtype=np.float64)
-    return (torch.from_numpy(a[:, 0]).long() - 1, torch.from_numpy(a[:, 1]).long() - 1,
-            torch.from_numpy(a[:, 2]), torch.from_numpy(a[:, 3]))
+    a = np.array(
+        [(int(x[cu]), int(x[ci]), float(x[cr]), float(x[ct])) for x in rows[1:] if x], dtype=np.float64
+    )
+    return (
+        torch.from_numpy(a[:, 0]).long() - 1,
+        torch.from_numpy(a[:, 1]).long() - 1,
+        torch.from_numpy(a[:, 2]),
+        torch.from_numpy(a[:, 3]),
+    )
 
 
 def make_case(name: str, cfg: Config, seed: int) -> Case:
@@ -176,8 +196,15 @@ def _run_method(method: str, case: Case, cfg: Config, seed: int):
         for k in cfg.tuned_ranks:
             if k > min(case.shape):
                 continue
-            res = als(M, W, k, validation=(val[0], val[1], val[2].double()), time_limit=cfg.time_limit, seed=seed,
-                      warn=False)
+            res = als(
+                M,
+                W,
+                k,
+                validation=(val[0], val[1], val[2].double()),
+                time_limit=cfg.time_limit,
+                seed=seed,
+                warn=False,
+            )
             e = float((res.predict(val[0], val[1]) - val[2].double()).square().mean().sqrt())
             if e < best[0]:
                 best = (e, k, res.reg)
@@ -192,11 +219,15 @@ def _run_method(method: str, case: Case, cfg: Config, seed: int):
         lo, hi = float(v.min()), float(v.max())
         df = pd.DataFrame({"u": r.tolist(), "i": c.tolist(), "r": v.double().tolist()})
         ts = Dataset.load_from_df(df, Reader(rating_scale=(lo, hi))).build_full_trainset()
-        algo = {"surprise BaselineOnly": lambda: BaselineOnly(verbose=False),
-                "surprise SVD": lambda: SVD(random_state=seed),
-                "surprise SVD++": lambda: SVDpp(random_state=seed)}[method]()
+        algo = {
+            "surprise BaselineOnly": lambda: BaselineOnly(verbose=False),
+            "surprise SVD": lambda: SVD(random_state=seed),
+            "surprise SVD++": lambda: SVDpp(random_state=seed),
+        }[method]()
         algo.fit(ts)
-        pred = torch.tensor([algo.predict(a, b).est for a, b in zip(tr.tolist(), tc.tolist())], dtype=torch.float64)
+        pred = torch.tensor(
+            [algo.predict(a, b).est for a, b in zip(tr.tolist(), tc.tolist())], dtype=torch.float64
+        )
         return pred, "library defaults"
     raise ValueError(method)
 
@@ -213,8 +244,11 @@ def methods(cfg: Config, case_name: str) -> list[str]:
     return out
 
 
-@register_experiment("real-completion", "Every completion estimator with defaults on real noisy matrices (sklearn "
-                     "tables, flower.jpg, MovieLens-100K random / temporal) vs mean, tuned ALS and scikit-surprise")
+@register_experiment(
+    "real-completion",
+    "Every completion estimator with defaults on real noisy matrices (sklearn "
+    "tables, flower.jpg, MovieLens-100K random / temporal) vs mean, tuned ALS and scikit-surprise",
+)
 def run(quick: bool = False, seed: int = 0, progress: bool | None = None) -> Result:
     cfg = QUICK if quick else Config()
     if seed:
@@ -243,16 +277,42 @@ def _run(cfg: Config, quick: bool) -> Result:
             rm = [x[0] for x in runs]
             rl = [x[1] for x in runs]
             wt = [x[2] for x in runs]
-            rows.append([name, meth, float(np.mean(rm)), float(np.std(rm)), float(np.mean(rl)), float(np.median(wt)),
-                         "; ".join(sorted({x[3] for x in runs})), sum(x[4] for x in runs)])
+            rows.append(
+                [
+                    name,
+                    meth,
+                    float(np.mean(rm)),
+                    float(np.std(rm)),
+                    float(np.mean(rl)),
+                    float(np.median(wt)),
+                    "; ".join(sorted({x[3] for x in runs})),
+                    sum(x[4] for x in runs),
+                ]
+            )
             metrics[f"rmse[{name}][{meth}]"] = float(np.mean(rm))
             metrics[f"time[{name}][{meth}]"] = float(np.median(wt))
     commit = git_commit()
-    cmd = "torchlowrank reproduce real-completion --out docs/results/real-completion" + (" --quick" if quick else "")
-    table = Table("Held-out error of each estimator with its defaults (mean over seeds), wall time (median, s)",
-                  ["case", "method", "RMSE", "RMSE std", "relative error", "time (s)", "status", "RuntimeWarnings"],
-                  rows)
-    notes = (f"Command: `{cmd}` (git commit {commit}); seeds {list(cfg.seeds)}; one CPU thread on a shared machine "
-             "(wall times are noisy; compare within a case). Interpretation: docs/matrix.md.")
-    return Result("real-completion", {**asdict(cfg), "quick": quick, "command": cmd, "git_commit": commit},
-                  list(cfg.seeds), metrics, {}, [table], [], notes, time.perf_counter() - t_start, environment_info())
+    cmd = "torchlowrank reproduce real-completion --out docs/results/real-completion" + (
+        " --quick" if quick else ""
+    )
+    table = Table(
+        "Held-out error of each estimator with its defaults (mean over seeds), wall time (median, s)",
+        ["case", "method", "RMSE", "RMSE std", "relative error", "time (s)", "status", "RuntimeWarnings"],
+        rows,
+    )
+    notes = (
+        f"Command: `{cmd}` (git commit {commit}); seeds {list(cfg.seeds)}; one CPU thread on a shared machine "
+        "(wall times are noisy; compare within a case). Interpretation: docs/matrix.md."
+    )
+    return Result(
+        "real-completion",
+        {**asdict(cfg), "quick": quick, "command": cmd, "git_commit": commit},
+        list(cfg.seeds),
+        metrics,
+        {},
+        [table],
+        [],
+        notes,
+        time.perf_counter() - t_start,
+        environment_info(),
+    )

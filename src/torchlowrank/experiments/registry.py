@@ -7,6 +7,7 @@ section is ``section(progress: bool | None = None) -> Result`` registered with
 Modules in this package are imported lazily by :func:`load_all`, so heavy imports (transformers)
 belong inside the functions.
 """
+
 from __future__ import annotations
 
 import importlib

@@ -1,4 +1,5 @@
 """A small, readable supervised training loop shared by the experiments and the demo."""
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -17,16 +18,26 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     model.eval()
     correct = 0
     for i in range(0, len(x), batch_size):
-        correct += int((model(x[i:i + batch_size]).argmax(-1) == y[i:i + batch_size]).sum())
+        correct += int((model(x[i : i + batch_size]).argmax(-1) == y[i : i + batch_size]).sum())
     model.train(was_training)
     return correct / max(1, len(x))
 
 
-def fit_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int = 10, lr: float = 1e-3,
-                   batch_size: int = 64, weight_decay: float = 0.0, seed: int = 0,
-                   optimizer: torch.optim.Optimizer | None = None,
-                   after_backward: Callable[[int], None] | None = None,
-                   progress: bool | None = None, desc: str = "train") -> dict[str, list[float]]:
+def fit_classifier(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    epochs: int = 10,
+    lr: float = 1e-3,
+    batch_size: int = 64,
+    weight_decay: float = 0.0,
+    seed: int = 0,
+    optimizer: torch.optim.Optimizer | None = None,
+    after_backward: Callable[[int], None] | None = None,
+    progress: bool | None = None,
+    desc: str = "train",
+) -> dict[str, list[float]]:
     """Minibatch cross-entropy training with AdamW (unless ``optimizer`` is given).
 
     x: (N, ...) inputs, y: (N,) int64 labels. ``after_backward(step)`` runs after each backward,
@@ -36,8 +47,9 @@ def fit_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs
     if len(x) != len(y) or len(x) == 0:
         raise ValueError(f"x and y must be non-empty with equal length, got {len(x)} and {len(y)}")
     g = torch.Generator().manual_seed(seed)
-    opt = optimizer or torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
-                                         weight_decay=weight_decay)
+    opt = optimizer or torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay
+    )
     steps_per_epoch = (len(x) + batch_size - 1) // batch_size
     history: dict[str, list[float]] = {"step": [], "loss": []}
     model.train()
@@ -46,7 +58,7 @@ def fit_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs
     for _ in range(epochs):
         perm = torch.randperm(len(x), generator=g)
         for i in range(0, len(x), batch_size):
-            idx = perm[i:i + batch_size]
+            idx = perm[i : i + batch_size]
             loss = F.cross_entropy(model(x[idx]), y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -16,6 +16,7 @@ Recovery error ||X - M||_F / ||M||_F over all entries and wall time (one thread,
 compare times within a row only). The claim tested (the seed paper's): depth gives an implicit
 low-rank bias that makes an over-estimated width harmless, where shallow methods over-fit.
 """
+
 from __future__ import annotations
 
 import statistics
@@ -40,7 +41,11 @@ def make_problem(shape, rank, frac, scale, offset, spectrum, seed):
     m, n = shape
     U = torch.linalg.qr(torch.randn(m, rank, generator=g, dtype=torch.float64))[0]
     V = torch.linalg.qr(torch.randn(n, rank, generator=g, dtype=torch.float64))[0]
-    s = torch.ones(rank, dtype=torch.float64) if spectrum == "flat" else torch.linspace(10, 1, rank, dtype=torch.float64)
+    s = (
+        torch.ones(rank, dtype=torch.float64)
+        if spectrum == "flat"
+        else torch.linspace(10, 1, rank, dtype=torch.float64)
+    )
     M = (U * s) @ V.T
     M = scale * (M / M.square().mean().sqrt() + offset)
     mask = torch.rand(shape, generator=g, dtype=torch.float64) < frac
@@ -51,11 +56,13 @@ def _err(X, M):
     return float(torch.linalg.matrix_norm(X - M) / torch.linalg.matrix_norm(M))
 
 
-@register_experiment("unknown-rank", "Completion with the rank unknown: compressed deep net (default r_hat) vs ALS "
-                     "(true / over-estimated rank) vs validated soft-impute, across scale, shape, fraction, conditioning")
+@register_experiment(
+    "unknown-rank",
+    "Completion with the rank unknown: compressed deep net (default r_hat) vs ALS "
+    "(true / over-estimated rank) vs validated soft-impute, across scale, shape, fraction, conditioning",
+)
 def run(quick: bool = False, seed: int = 0, progress: bool | None = None) -> Result:
-    from ..matrix import als, complete, default_rank, soft_impute, soft_impute_path
-    from ..matrix.problems import Completion
+    from ..matrix import als, complete, soft_impute, soft_impute_path
 
     t_start = time.perf_counter()
     seed_everything(seed)
@@ -63,11 +70,13 @@ def run(quick: bool = False, seed: int = 0, progress: bool | None = None) -> Res
         cases = [((50, 40), 2, 0.5, 1e3, 3.0, "flat")]
         max_iters = 6000
     else:
-        cases = [((120, 120), 3, 0.3, 1.0, 0.0, "flat"),
-                 ((200, 80), 3, 0.4, 1e-3, 2.0, "flat"),
-                 ((80, 200), 3, 0.4, 1e3, 0.0, "flat"),
-                 ((120, 120), 5, 0.5, 1.0, 3.0, "decay"),
-                 ((150, 100), 3, 0.2, 1e2, 0.0, "flat")]
+        cases = [
+            ((120, 120), 3, 0.3, 1.0, 0.0, "flat"),
+            ((200, 80), 3, 0.4, 1e-3, 2.0, "flat"),
+            ((80, 200), 3, 0.4, 1e3, 0.0, "flat"),
+            ((120, 120), 5, 0.5, 1.0, 3.0, "decay"),
+            ((150, 100), 3, 0.2, 1e2, 0.0, "flat"),
+        ]
         max_iters = 20_000
     rows, metrics = [], {}
     with one_thread():
@@ -85,8 +94,11 @@ def run(quick: bool = False, seed: int = 0, progress: bool | None = None) -> Res
             e_ours = _err(res.matrix, M)
             r_hat = res.rank
             X, Bt = res.model.factor_pair()
-            rank_found = int(torch.linalg.matrix_rank(X @ Bt.T, rtol=1e-8)) if res.history.polished_at is not None \
+            rank_found = (
+                int(torch.linalg.matrix_rank(X @ Bt.T, rtol=1e-8))
+                if res.history.polished_at is not None
                 else None
+            )
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)
                 r_true = r + (offset != 0)  # the offset adds a rank-one term: M has rank r + 1
@@ -111,10 +123,25 @@ def run(quick: bool = False, seed: int = 0, progress: bool | None = None) -> Res
                 Z = soft_impute(M, mask, lam, max_rank=60, max_iters=500, warn=False)
                 t_si = time.perf_counter() - t0
             failures = [str(w.message)[:80] for w in caught if issubclass(w.category, RuntimeWarning)]
-            rows.append([name, r_hat, e_ours, res.status, res.history.n_iters,
-                         "-" if rank_found is None else f"{rank_found} (iteration {res.history.polished_at})", t_ours,
-                         _err(a_true.matrix, M), t_als, t_ours / t_als, _err(a_over.matrix, M), t_over, _err(Z, M),
-                         f"{lam:.3g}", t_si])
+            rows.append(
+                [
+                    name,
+                    r_hat,
+                    e_ours,
+                    res.status,
+                    res.history.n_iters,
+                    "-" if rank_found is None else f"{rank_found} (iteration {res.history.polished_at})",
+                    t_ours,
+                    _err(a_true.matrix, M),
+                    t_als,
+                    t_ours / t_als,
+                    _err(a_over.matrix, M),
+                    t_over,
+                    _err(Z, M),
+                    f"{lam:.3g}",
+                    t_si,
+                ]
+            )
             metrics[f"time_ratio_ours_to_als_true[{name}]"] = t_ours / t_als
             metrics[f"error_ours[{name}]"] = e_ours
             metrics[f"error_als_over[{name}]"] = _err(a_over.matrix, M)
@@ -125,7 +152,9 @@ def run(quick: bool = False, seed: int = 0, progress: bool | None = None) -> Res
     metrics["cases_ours_better_than_als_over"] = f"{sum(1 for x in rows if x[2] < x[10])}/{len(rows)}"
     metrics["max_time_ratio_ours_to_als_true"] = max(x[9] for x in rows)
     commit = git_commit()
-    cmd = "torchlowrank reproduce unknown-rank --out docs/results/unknown-rank" + (" --quick" if quick else "")
+    cmd = "torchlowrank reproduce unknown-rank --out docs/results/unknown-rank" + (
+        " --quick" if quick else ""
+    )
     notes = (
         f"Command: `{cmd}` (git commit {commit}). One seed ({seed}); one CPU thread; the machine is shared by "
         f"several jobs, so wall times are noisy: compare them within a row (ours and ALS at the true rank: median of "
@@ -136,12 +165,44 @@ def run(quick: bool = False, seed: int = 0, progress: bool | None = None) -> Res
         "'rank polished at' is the rank of the polished solution and the iteration of the polish). ALS (ridge 1e-10 x ||P(M)||_2) at the true rank of M (r, or r + 1 with an offset) is an oracle; ALS at r_hat uses the same "
         "over-estimated rank as ours. Soft-impute: lam from a warm-started path (0.5 .. 0.001 x ||P(M)||_2) chosen "
         "on 10% of the observed entries, then refitted on all of them (at most 60 singular triplets, 200 iterations per "
-        "lam on the path, 500 for the refit). Error: relative Frobenius error over all entries.")
-    table = Table("Recovery error (relative Frobenius, all entries) and wall time (s) with the rank unknown",
-                  ["problem", "r_hat (ours)", "ours: error", "ours: status", "ours: iterations",
-                   "ours: rank polished at", "ours: time (s)", "ALS true rank: error", "ALS true rank: time",
-                   "time ratio ours / ALS true rank", "ALS at r_hat: error", "ALS at r_hat: time",
-                   "soft-impute (validated): error", "soft-impute lam", "soft-impute: time"], rows)
-    return Result("unknown-rank", {"quick": quick, "cases": [list(map(str, c)) for c in cases], "max_iters": max_iters,
-                                   "command": cmd, "git_commit": commit},
-                  [seed], metrics, {}, [table], [], notes, time.perf_counter() - t_start, environment_info())
+        "lam on the path, 500 for the refit). Error: relative Frobenius error over all entries."
+    )
+    table = Table(
+        "Recovery error (relative Frobenius, all entries) and wall time (s) with the rank unknown",
+        [
+            "problem",
+            "r_hat (ours)",
+            "ours: error",
+            "ours: status",
+            "ours: iterations",
+            "ours: rank polished at",
+            "ours: time (s)",
+            "ALS true rank: error",
+            "ALS true rank: time",
+            "time ratio ours / ALS true rank",
+            "ALS at r_hat: error",
+            "ALS at r_hat: time",
+            "soft-impute (validated): error",
+            "soft-impute lam",
+            "soft-impute: time",
+        ],
+        rows,
+    )
+    return Result(
+        "unknown-rank",
+        {
+            "quick": quick,
+            "cases": [list(map(str, c)) for c in cases],
+            "max_iters": max_iters,
+            "command": cmd,
+            "git_commit": commit,
+        },
+        [seed],
+        metrics,
+        {},
+        [table],
+        [],
+        notes,
+        time.perf_counter() - t_start,
+        environment_info(),
+    )

@@ -4,6 +4,7 @@
   regularizer / Q3R, end-of-training truncation) and gradient checkpointing for adapted models.
   Needs ``pip install 'torchlowrank[hf]'``.
 """
+
 import importlib
 
 __all__ = ["hf"]

@@ -30,6 +30,7 @@ the report.
 
 This module imports ``transformers``; install it with ``pip install 'torchlowrank[hf]'``.
 """
+
 from __future__ import annotations
 
 import json
@@ -44,17 +45,31 @@ from torch import nn
 try:
     from transformers import TrainerCallback
 except ImportError as e:  # pragma: no cover - exercised only without transformers
-    raise ImportError("torchlowrank.integrations.hf needs transformers (and accelerate for the Trainer): "
-                      "pip install 'torchlowrank[hf]'") from e
+    raise ImportError(
+        "torchlowrank.integrations.hf needs transformers (and accelerate for the Trainer): "
+        "pip install 'torchlowrank[hf]'"
+    ) from e
 
 from .. import distributed
-from ..compress import CompressionReport, _check_fraction, _select_layers, _weight_shape, rank_for_fraction, truncate
+from ..compress import (
+    CompressionReport,
+    _check_fraction,
+    _select_layers,
+    _weight_shape,
+    rank_for_fraction,
+    truncate,
+)
 from ..diagnostics import SpectrumTracker
 from ..files import atomic_write_text
 from ..targets import Targets
 
-__all__ = ["SpectrumTrackerCallback", "RegularizerCallback", "TruncateCallback", "enable_gradient_checkpointing",
-           "Regularizer"]
+__all__ = [
+    "SpectrumTrackerCallback",
+    "RegularizerCallback",
+    "TruncateCallback",
+    "enable_gradient_checkpointing",
+    "Regularizer",
+]
 
 
 class Regularizer(Protocol):
@@ -75,8 +90,10 @@ def _output_path(args, path: str | os.PathLike | None) -> Path | None:
 def _model(kwargs: dict, what: str) -> nn.Module:
     model = kwargs.get("model")
     if model is None:
-        raise ValueError(f"{what}: the Trainer passed no model to the callback; add it to a transformers.Trainer "
-                         "(callbacks=[...]) rather than calling it by hand")
+        raise ValueError(
+            f"{what}: the Trainer passed no model to the callback; add it to a transformers.Trainer "
+            "(callbacks=[...]) rather than calling it by hand"
+        )
     return model
 
 
@@ -91,11 +108,17 @@ class SpectrumTrackerCallback(TrainerCallback):
     rank 0 only under DDP). The tracker is ``callback.tracker``.
     """
 
-    def __init__(self, tracker: SpectrumTracker | None = None, save_to: str | os.PathLike | None = "spectrum_history.json",
-                 **tracker_kwargs: Any) -> None:
+    def __init__(
+        self,
+        tracker: SpectrumTracker | None = None,
+        save_to: str | os.PathLike | None = "spectrum_history.json",
+        **tracker_kwargs: Any,
+    ) -> None:
         if tracker is not None and tracker_kwargs:
-            raise ValueError("give a SpectrumTracker or the keyword arguments to build one, not both "
-                             f"(got tracker and {sorted(tracker_kwargs)})")
+            raise ValueError(
+                "give a SpectrumTracker or the keyword arguments to build one, not both "
+                f"(got tracker and {sorted(tracker_kwargs)})"
+            )
         if tracker is not None and not isinstance(tracker, SpectrumTracker):
             raise ValueError(f"tracker must be a torchlowrank.SpectrumTracker, got {type(tracker).__name__}")
         self.tracker = tracker
@@ -128,8 +151,10 @@ class RegularizerCallback(TrainerCallback):
 
     def __init__(self, reg: Regularizer, log_key: str = "regularizer") -> None:
         if not callable(getattr(reg, "step", None)):
-            raise ValueError(f"reg must have a step() method that adds its gradient to the weights' .grad "
-                             f"(e.g. tlr.Q3R), got {type(reg).__name__}")
+            raise ValueError(
+                f"reg must have a step() method that adds its gradient to the weights' .grad "
+                f"(e.g. tlr.Q3R), got {type(reg).__name__}"
+            )
         self.reg = reg
         self.log_key = log_key
         self.steps = 0
@@ -137,10 +162,12 @@ class RegularizerCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         if getattr(args, "fp16", False) and not args.max_grad_norm:
             # only the clipping path unscales the gradients before on_pre_optimizer_step
-            warnings.warn("RegularizerCallback with fp16=True and max_grad_norm=0: the gradients are still "
-                          "multiplied by the loss scale when reg.step() adds its gradient, so the regularizer's "
-                          "weight is divided by the scale; use bf16, or max_grad_norm > 0 (which unscales first)",
-                          stacklevel=2)
+            warnings.warn(
+                "RegularizerCallback with fp16=True and max_grad_norm=0: the gradients are still "
+                "multiplied by the loss scale when reg.step() adds its gradient, so the regularizer's "
+                "weight is divided by the scale; use bf16, or max_grad_norm > 0 (which unscales first)",
+                stacklevel=2,
+            )
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         self.reg.step()
@@ -173,8 +200,13 @@ class TruncateCallback(TrainerCallback):
     of the original architecture. An adapted model must be merged first (``tlr.merge``).
     """
 
-    def __init__(self, param_fraction: float, targets: Targets = None, allocation: str = "uniform",
-                 save_to: str | os.PathLike | None = "truncation.json") -> None:
+    def __init__(
+        self,
+        param_fraction: float,
+        targets: Targets = None,
+        allocation: str = "uniform",
+        save_to: str | os.PathLike | None = "truncation.json",
+    ) -> None:
         _check_fraction(param_fraction, "param_fraction")
         if allocation not in ("uniform", "energy"):
             raise ValueError(f"allocation must be 'uniform' or 'energy', got {allocation!r}")
@@ -190,21 +222,27 @@ class TruncateCallback(TrainerCallback):
         if self.allocation == "uniform":
             for name, module in found:
                 if rank_for_fraction(_weight_shape(module), self.param_fraction) < 1:
-                    raise ValueError(f"TruncateCallback: param_fraction={self.param_fraction} leaves rank 0 for layer "
-                                     f"{name!r} of shape {_weight_shape(module)}; raise the fraction or use "
-                                     "allocation='energy'")
+                    raise ValueError(
+                        f"TruncateCallback: param_fraction={self.param_fraction} leaves rank 0 for layer "
+                        f"{name!r} of shape {_weight_shape(module)}; raise the fraction or use "
+                        "allocation='energy'"
+                    )
 
     def on_train_end(self, args, state, control, **kwargs):
         model = _model(kwargs, "TruncateCallback")
         self.report = truncate(model, self.param_fraction, self.targets, self.allocation)
-        distributed.broadcast_tensors_(p.data for layer in self.report.layers
-                                       for p in model.get_submodule(layer.name).parameters())
-        summary = {"param_fraction": self.param_fraction, "allocation": self.allocation,
-                   "ranks": self.report.ranks,
-                   "targeted_params_before": self.report.targeted_params_before,
-                   "targeted_params_after": self.report.targeted_params_after,
-                   "model_params_before": self.report.model_params_before,
-                   "model_params_after": self.report.model_params_after}
+        distributed.broadcast_tensors_(
+            p.data for layer in self.report.layers for p in model.get_submodule(layer.name).parameters()
+        )
+        summary = {
+            "param_fraction": self.param_fraction,
+            "allocation": self.allocation,
+            "ranks": self.report.ranks,
+            "targeted_params_before": self.report.targeted_params_before,
+            "targeted_params_after": self.report.targeted_params_after,
+            "model_params_before": self.report.model_params_before,
+            "model_params_after": self.report.model_params_after,
+        }
         state.log_history.append({"truncation": summary, "step": state.global_step})
         path = _output_path(args, self.save_to)
         if path is not None:
@@ -234,8 +272,10 @@ def enable_gradient_checkpointing(model: nn.Module, use_reentrant: bool = False)
     elif hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
     else:
-        raise ValueError(f"{type(model).__name__} has no gradient_checkpointing_enable(): it is not a Hugging Face "
-                         "PreTrainedModel; wrap your blocks in torch.utils.checkpoint.checkpoint yourself")
+        raise ValueError(
+            f"{type(model).__name__} has no gradient_checkpointing_enable(): it is not a Hugging Face "
+            "PreTrainedModel; wrap your blocks in torch.utils.checkpoint.checkpoint yourself"
+        )
     if not hasattr(model, "_require_grads_hook") and hasattr(model, "enable_input_require_grads"):
         try:
             model.enable_input_require_grads()
@@ -253,12 +293,18 @@ def _block_inputs_require_grad(model: nn.Module) -> None:
     try:
         from transformers.modeling_layers import GradientCheckpointingLayer
     except ImportError:  # transformers < 4.52
-        raise ValueError("reentrant checkpointing of a model without input embeddings needs transformers >= 4.52; "
-                         "use enable_gradient_checkpointing(model, use_reentrant=False)") from None
+        raise ValueError(
+            "reentrant checkpointing of a model without input embeddings needs transformers >= 4.52; "
+            "use enable_gradient_checkpointing(model, use_reentrant=False)"
+        ) from None
 
     def hook(module, args, kwargs):
-        args = tuple(a.requires_grad_(True) if isinstance(a, torch.Tensor) and a.is_floating_point()
-                     and not a.requires_grad else a for a in args)
+        args = tuple(
+            a.requires_grad_(True)
+            if isinstance(a, torch.Tensor) and a.is_floating_point() and not a.requires_grad
+            else a
+            for a in args
+        )
         return args, kwargs
 
     for module in model.modules():

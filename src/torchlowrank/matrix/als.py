@@ -22,6 +22,7 @@ a validation set, a refit on all entries at the chosen ``reg``. A result that do
 mean model (``mu + b_i + c_j`` alone) on the held-out entries is replaced by it (status
 "mean_model").
 """
+
 from __future__ import annotations
 
 import math
@@ -32,13 +33,31 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .centering import MeanModel, best_mean_model, fit_mean_model, holdout_split
-from .sparse import Entries, entry_dots, ridge_rows, row_grams, sparse_top_svd
+from .centering import best_mean_model, fit_mean_model, holdout_split
 from .inputs import as_tensor
+from .sparse import Entries, entry_dots, ridge_rows, row_grams, sparse_top_svd
 
 __all__ = ["ALSResult", "als", "REG_GRID", "REG_TO_BIAS", "as_entries"]
 
-REG_GRID = (1.0, 0.5, 0.3, 0.2, 0.12, 0.08, 0.05, 0.03, 0.02, 0.01, 0.005, 0.002, 1e-3, 1e-4, 1e-5, 1e-6, 1e-10)
+REG_GRID = (
+    1.0,
+    0.5,
+    0.3,
+    0.2,
+    0.12,
+    0.08,
+    0.05,
+    0.03,
+    0.02,
+    0.01,
+    0.005,
+    0.002,
+    1e-3,
+    1e-4,
+    1e-5,
+    1e-6,
+    1e-10,
+)
 REG_TO_BIAS = 30.0  # bias ridge (in observed entries) per unit of the relative ridge reg
 
 
@@ -104,7 +123,9 @@ def as_entries(observed, mask=None, dtype: torch.dtype = torch.float64) -> Entri
         raise ValueError("observed must be a 2-D torch tensor or NumPy array (m, n)")
     if observed.layout != torch.strided:
         if mask is not None:
-            raise ValueError("a sparse observed matrix defines its own mask (its stored entries): pass mask=None")
+            raise ValueError(
+                "a sparse observed matrix defines its own mask (its stored entries): pass mask=None"
+            )
         coo = observed.to_sparse_coo().coalesce()
         idx, vals = coo.indices(), coo.values()
         rows, cols = idx[0], idx[1]
@@ -114,8 +135,10 @@ def as_entries(observed, mask=None, dtype: torch.dtype = torch.float64) -> Entri
         if not isinstance(mask, torch.Tensor):
             raise ValueError(f"mask must be a boolean tensor (m, n), got {type(mask).__name__}")
         if mask.shape != observed.shape:
-            raise ValueError(f"mask has shape {tuple(mask.shape)} but observed has {tuple(observed.shape)}; "
-                             "pass a boolean mask of the same shape as the matrix")
+            raise ValueError(
+                f"mask has shape {tuple(mask.shape)} but observed has {tuple(observed.shape)}; "
+                "pass a boolean mask of the same shape as the matrix"
+            )
         mask = mask.to(observed.device)
         rows, cols = mask.to(torch.bool).nonzero(as_tuple=True)
         vals = observed[rows, cols]
@@ -180,7 +203,11 @@ class _Fit:
             self.half(lam, bias_reg, True)
             self.half(lam, bias_reg, False)
             rmse = self.train_rmse(scale)  # one host sync per sweep
-            v = self.val_rmse(val) if val is not None and (record is not None or val_tol is not None) else None
+            v = (
+                self.val_rmse(val)
+                if val is not None and (record is not None or val_tol is not None)
+                else None
+            )
             last = time.perf_counter() - t0
             if record is not None:
                 record["train"].append(rmse)
@@ -232,10 +259,23 @@ def _as_val(validation, dev, dtype):
 
 
 @torch.no_grad()
-def als(observed, mask=None, rank: int = 10, *, reg="auto", bias_reg: float | None = None, max_iters: int = 500,
-        tol: float = 1e-7, validation: tuple | None = None, holdout: float = 0.1, time_limit: float | None = None,
-        seed: int = 0, dtype: torch.dtype = torch.float64, warn: bool = True,
-        init: ALSResult | None = None) -> ALSResult:
+def als(
+    observed,
+    mask=None,
+    rank: int = 10,
+    *,
+    reg="auto",
+    bias_reg: float | None = None,
+    max_iters: int = 500,
+    tol: float = 1e-7,
+    validation: tuple | None = None,
+    holdout: float = 0.1,
+    time_limit: float | None = None,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float64,
+    warn: bool = True,
+    init: ALSResult | None = None,
+) -> ALSResult:
     """Ridge ALS with row / column biases at rank ``rank`` on the observed entries (module
     docstring). observed: (m, n) dense with ``mask`` (None: the non-NaN entries) or a sparse COO /
     CSR tensor. Everything stays on observed's device, in ``dtype`` (float64 or float32).
@@ -289,8 +329,10 @@ def als(observed, mask=None, rank: int = 10, *, reg="auto", bias_reg: float | No
             val = (E_all.rows[pick], E_all.cols[pick], E_all.values[pick])
     if init is not None:
         if init.U.shape != (m, rank) or init.V.shape != (n, rank):
-            raise ValueError(f"init has factors {tuple(init.U.shape)}, {tuple(init.V.shape)}; expected ({m}, {rank}), "
-                             f"({n}, {rank})")
+            raise ValueError(
+                f"init has factors {tuple(init.U.shape)}, {tuple(init.V.shape)}; expected ({m}, {rank}), "
+                f"({n}, {rank})"
+            )
         U, V = init.U.to(dev, dtype).clone(), init.V.to(dev, dtype).clone()
         b = init.row_bias.to(dev, dtype) + (init.mu - mu)  # the same predictions around the new mean
         c = init.col_bias.to(dev, dtype).clone()
@@ -310,28 +352,49 @@ def als(observed, mask=None, rank: int = 10, *, reg="auto", bias_reg: float | No
                 break
             breg = REG_TO_BIAS * rg if bias_reg is None else bias_reg
             # selection: train and held-out RMSE both settled to 1e-4 (exact data keeps improving the held-out one)
-            why, sweeps = fit.run(rg * s1, breg, min(max_iters, 100), max(tol, 1e-4), sel_deadline, val=val,
-                                  val_tol=1e-4)
+            why, sweeps = fit.run(
+                rg * s1, breg, min(max_iters, 100), max(tol, 1e-4), sel_deadline, val=val, val_tol=1e-4
+            )
             v = fit.val_rmse(val)
-            path.append({"reg": rg, "lam": rg * s1, "val_rmse": v, "sweeps": sweeps, "converged": why == "tol"})
+            path.append(
+                {"reg": rg, "lam": rg * s1, "val_rmse": v, "sweeps": sweeps, "converged": why == "tol"}
+            )
             if v < best[0]:
                 best, rises = (v, rg, fit.state(), breg), 0
             elif v > 1.001 * best[0]:
                 rises += 1
                 if rises >= 2:
                     break
-        _, mm_reg, mm_rmse = best_mean_model(E_fit.rows, E_fit.cols, E_fit.values.to(torch.float64), (m, n),
-                                             tuple(x if i < 2 else x.to(torch.float64) for i, x in enumerate(val)))
+        _, mm_reg, mm_rmse = best_mean_model(
+            E_fit.rows,
+            E_fit.cols,
+            E_fit.values.to(torch.float64),
+            (m, n),
+            tuple(x if i < 2 else x.to(torch.float64) for i, x in enumerate(val)),
+        )
         chosen, chosen_breg = best[1], best[3]
         if chosen is None or not best[0] < mm_rmse:
             mean = fit_mean_model(E_all.rows, E_all.cols, E_all.values.to(torch.float64), (m, n), reg=mm_reg)
             z = torch.zeros
-            res = ALSResult(z(m, rank, dtype=dtype, device=dev), z(n, rank, dtype=dtype, device=dev), mean.mu,
-                            mean.row.to(dtype), mean.col.to(dtype), "mean_model", 0, 0.0, reason="validation",
-                            reg_path=path, holdout_rmse=best[0], mean_model_rmse=mm_rmse)
-            res.message = (f"ALS at rank {rank} did not beat the mean model (row / column biases) on the held-out "
-                           f"entries (RMSE {best[0]:.4g} vs {mm_rmse:.4g} at the best ridge): returned the mean model. "
-                           "A smaller rank or more observed entries may help.")
+            res = ALSResult(
+                z(m, rank, dtype=dtype, device=dev),
+                z(n, rank, dtype=dtype, device=dev),
+                mean.mu,
+                mean.row.to(dtype),
+                mean.col.to(dtype),
+                "mean_model",
+                0,
+                0.0,
+                reason="validation",
+                reg_path=path,
+                holdout_rmse=best[0],
+                mean_model_rmse=mm_rmse,
+            )
+            res.message = (
+                f"ALS at rank {rank} did not beat the mean model (row / column biases) on the held-out "
+                f"entries (RMSE {best[0]:.4g} vs {mm_rmse:.4g} at the best ridge): returned the mean model. "
+                "A smaller rank or more observed entries may help."
+            )
             res.wall_time = time.perf_counter() - t_start
             if warn:
                 warnings.warn(res.message, RuntimeWarning, stacklevel=3)
@@ -349,18 +412,45 @@ def als(observed, mask=None, rank: int = 10, *, reg="auto", bias_reg: float | No
     rec = {"train": [], "val": []}
     why, sweeps = fit.run(chosen * s1, chosen_breg, max_iters, tol, deadline, val_rec, rec)
     status = "converged" if why == "tol" else "not_converged"
-    res = ALSResult(fit.U, fit.V, mu, fit.b, fit.c, status, sweeps, chosen * s1, chosen, chosen_breg, why,
-                    rec["train"], rec["val"], path, None if not path else best[0], mm_rmse)
+    res = ALSResult(
+        fit.U,
+        fit.V,
+        mu,
+        fit.b,
+        fit.c,
+        status,
+        sweeps,
+        chosen * s1,
+        chosen,
+        chosen_breg,
+        why,
+        rec["train"],
+        rec["val"],
+        path,
+        None if not path else best[0],
+        mm_rmse,
+    )
     res.wall_time = time.perf_counter() - t_start
     last = rec["train"][-1] if rec["train"] else float("nan")
     if status == "converged":
         res.message = f"converged after {sweeps} sweeps at reg={chosen:g} (train RMSE {last:.4g})"
     else:
-        budget = (f"max_iters={max_iters} sweeps" if why == "max_iters" else
-                  f"the time limit ({time_limit} s) after {sweeps} sweeps" if why == "time_limit" else why)
-        res.message = (f"ALS did not converge: stopped at {budget} (train RMSE {last:.4g}, still changing); raise "
-                       "max_iters / time_limit" + (" (the ridge, chosen on held-out entries, keeps more sweeps from "
-                                                   "fitting noise)" if auto else ""))
+        budget = (
+            f"max_iters={max_iters} sweeps"
+            if why == "max_iters"
+            else f"the time limit ({time_limit} s) after {sweeps} sweeps"
+            if why == "time_limit"
+            else why
+        )
+        res.message = (
+            f"ALS did not converge: stopped at {budget} (train RMSE {last:.4g}, still changing); raise "
+            "max_iters / time_limit"
+            + (
+                " (the ridge, chosen on held-out entries, keeps more sweeps from fitting noise)"
+                if auto
+                else ""
+            )
+        )
         if warn:
             warnings.warn(res.message, RuntimeWarning, stacklevel=3)  # past the no_grad wrapper
     return res

@@ -1,6 +1,7 @@
 """Classical completion baseline: soft-impute (Mazumder, Hastie & Tibshirani 2010), i.e. iterated
 singular value soft-thresholding, the proximal method for nuclear-norm-regularised completion
 ``min_Z 1/2 ||P_Omega(Z - M)||_F^2 + lam ||Z||_*``."""
+
 from __future__ import annotations
 
 import math
@@ -33,16 +34,28 @@ def observed_entries(observed: torch.Tensor, mask: torch.Tensor) -> tuple[torch.
     mask = mask.to(torch.bool)
     if not mask.any():
         raise ValueError("the mask observes no entries")
-    M = torch.where(mask, observed.to(torch.float64), torch.zeros((), dtype=torch.float64, device=observed.device))
+    M = torch.where(
+        mask, observed.to(torch.float64), torch.zeros((), dtype=torch.float64, device=observed.device)
+    )
     if not torch.isfinite(M).all():
         raise ValueError("observed entries contain NaN/Inf; drop them from the mask")
     return mask, M
 
 
 @torch.no_grad()
-def soft_impute(observed: torch.Tensor, mask: torch.Tensor, lam: float, *, max_rank: int | None = 100,
-                max_iters: int = 200, tol: float = 1e-5, init: torch.Tensor | None = None,
-                warn: bool = True, time_limit: float | None = None, info: dict | None = None) -> torch.Tensor:
+def soft_impute(
+    observed: torch.Tensor,
+    mask: torch.Tensor,
+    lam: float,
+    *,
+    max_rank: int | None = 100,
+    max_iters: int = 200,
+    tol: float = 1e-5,
+    init: torch.Tensor | None = None,
+    warn: bool = True,
+    time_limit: float | None = None,
+    info: dict | None = None,
+) -> torch.Tensor:
     """Soft-impute: ``Z <- SVT_lam(P_Omega(M) + P_Omega^perp(Z))`` until the relative change is below
     ``tol``. observed, mask: (m, n). Returns Z (m, n) float64 on observed's device. Warm-start with
     ``init`` to walk a path of decreasing ``lam`` cheaply (:func:`soft_impute_path`). Stopping at
@@ -71,21 +84,37 @@ def soft_impute(observed: torch.Tensor, mask: torch.Tensor, lam: float, *, max_r
             reason = "tol"
             break
     if info is not None:
-        info.update(status="converged" if reason == "tol" else "not_converged", reason=reason, n_iters=it,
-                    change=change)
+        info.update(
+            status="converged" if reason == "tol" else "not_converged",
+            reason=reason,
+            n_iters=it,
+            change=change,
+        )
     if reason != "tol" and warn:
         budget = f"max_iters={max_iters}" if reason == "max_iters" else f"the time limit ({time_limit} s)"
-        warnings.warn(f"soft_impute stopped at {budget} with relative change {change:.3g} > "
-                      f"tol={tol:g}: not converged; raise max_iters / time_limit (or warm-start with init=)",
-                      RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"soft_impute stopped at {budget} with relative change {change:.3g} > "
+            f"tol={tol:g}: not converged; raise max_iters / time_limit (or warm-start with init=)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     return Z
 
 
 @torch.no_grad()
-def soft_impute_path(observed: torch.Tensor, mask: torch.Tensor, validation: tuple | None = None, *,
-                     lams: list[float] | None = None, max_rank: int | None = 100, max_iters: int = 100,
-                     tol: float = 1e-5, time_limit: float | None = None, holdout: float = 0.1,
-                     seed: int = 0) -> tuple[torch.Tensor, float, list[dict]]:
+def soft_impute_path(
+    observed: torch.Tensor,
+    mask: torch.Tensor,
+    validation: tuple | None = None,
+    *,
+    lams: list[float] | None = None,
+    max_rank: int | None = 100,
+    max_iters: int = 100,
+    tol: float = 1e-5,
+    time_limit: float | None = None,
+    holdout: float = 0.1,
+    seed: int = 0,
+) -> tuple[torch.Tensor, float, list[dict]]:
     """Soft-impute on a decreasing path of ``lam`` with warm starts, choosing lam on
     ``validation = (rows, cols, values)`` or, when it is None, on a seeded ``holdout`` fraction of
     the observed entries (then refitted on all entries at the chosen lam, warm-started). ``lams``:
@@ -127,14 +156,31 @@ def soft_impute_path(observed: torch.Tensor, mask: torch.Tensor, validation: tup
         if left is not None and left <= 0 and path:
             break
         info: dict = {}
-        Z = soft_impute(M, fit_mask, lam, max_rank=max_rank, max_iters=max_iters, tol=tol, init=Z, warn=False,
-                        time_limit=None if left is None else max(left, 0.0), info=info)
+        Z = soft_impute(
+            M,
+            fit_mask,
+            lam,
+            max_rank=max_rank,
+            max_iters=max_iters,
+            tol=tol,
+            init=Z,
+            warn=False,
+            time_limit=None if left is None else max(left, 0.0),
+            info=info,
+        )
         ok = info["status"] == "converged"
         if not ok:
             unconverged.append(lam)
         val = float((Z[r, c] - v.to(Z)).square().mean().sqrt())
-        path.append({"lam": lam, "rank": int((torch.linalg.svdvals(Z) > 1e-9 * max(lam, 1e-300)).sum()),
-                     "val_rmse": val, "converged": ok, "n_iters": info["n_iters"]})
+        path.append(
+            {
+                "lam": lam,
+                "rank": int((torch.linalg.svdvals(Z) > 1e-9 * max(lam, 1e-300)).sum()),
+                "val_rmse": val,
+                "converged": ok,
+                "n_iters": info["n_iters"],
+            }
+        )
         if val < best[0]:
             best, rises = (val, lam, Z), 0
         else:
@@ -145,12 +191,25 @@ def soft_impute_path(observed: torch.Tensor, mask: torch.Tensor, validation: tup
     if refit:
         left = None if time_limit is None else max(time_limit - (time.perf_counter() - t_start), 0.0)
         info = {}
-        Zb = soft_impute(M, mask_b, lam_b, max_rank=max_rank, max_iters=max_iters, tol=tol, init=Zb, warn=False,
-                         time_limit=left, info=info)
+        Zb = soft_impute(
+            M,
+            mask_b,
+            lam_b,
+            max_rank=max_rank,
+            max_iters=max_iters,
+            tol=tol,
+            init=Zb,
+            warn=False,
+            time_limit=left,
+            info=info,
+        )
         if info["status"] != "converged":
             unconverged.append(lam_b)
     if unconverged:
-        warnings.warn(f"soft_impute_path: {len(unconverged)} fit(s) stopped unconverged at max_iters={max_iters} "
-                      f"or the time limit (e.g. lam={unconverged[0]:.3g}); raise max_iters / time_limit",
-                      RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"soft_impute_path: {len(unconverged)} fit(s) stopped unconverged at max_iters={max_iters} "
+            f"or the time limit (e.g. lam={unconverged[0]:.3g}); raise max_iters / time_limit",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     return Zb, lam_b, path

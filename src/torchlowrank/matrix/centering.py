@@ -3,6 +3,7 @@ biases) fitted to the observed entries by ridge-regularised alternating least sq
 "baseline" predictor of recommender systems (Koren 2008), used by :func:`complete` to centre the
 data before the low-rank part is fitted, and as the prediction for rows / columns that have no
 observed entry."""
+
 from __future__ import annotations
 
 import math
@@ -33,7 +34,7 @@ class MeanModel:
     reg: float | str = "auto"
     seed: int = 0
 
-    def fit(self, X, mask=None) -> "MeanModel":
+    def fit(self, X, mask=None) -> MeanModel:
         """Fit to the observed entries of X (dense with ``mask`` / NaN, or sparse); returns self."""
         from .als import as_entries
 
@@ -45,15 +46,26 @@ class MeanModel:
             pick = holdout_split(E.rows, E.cols, 0.1, self.seed, E.shape)
             if int(pick.sum()) >= 10:
                 keep = ~pick
-                _, reg, _ = best_mean_model(E.rows[keep], E.cols[keep], E.values[keep], E.shape,
-                                            (E.rows[pick], E.cols[pick], E.values[pick]), self.center)
+                _, reg, _ = best_mean_model(
+                    E.rows[keep],
+                    E.cols[keep],
+                    E.values[keep],
+                    E.shape,
+                    (E.rows[pick], E.cols[pick], E.values[pick]),
+                    self.center,
+                )
             else:
                 reg = 10.0
         elif not (isinstance(reg, (int, float)) and reg >= 0):
             raise ValueError(f"reg must be a number >= 0 or 'auto', got {reg!r}")
         mm = fit_mean_model(E.rows, E.cols, E.values, E.shape, center=self.center, reg=float(reg))
-        self.mu, self.row, self.col, self.row_counts, self.col_counts = mm.mu, mm.row, mm.col, mm.row_counts, \
-            mm.col_counts
+        self.mu, self.row, self.col, self.row_counts, self.col_counts = (
+            mm.mu,
+            mm.row,
+            mm.col,
+            mm.row_counts,
+            mm.col_counts,
+        )
         self.reg_ = float(reg)
         self.n_iter_ = 10
         self.history_ = {}
@@ -82,16 +94,23 @@ class MeanModel:
         """The (m, n) matrix ``mu + row[:, None] + col[None, :]``."""
         return self.mu + self.row[:, None] + self.col[None, :]
 
-    def transpose(self) -> "MeanModel":
+    def transpose(self) -> MeanModel:
         return MeanModel(self.mu, self.col, self.row, self.col_counts, self.row_counts)
 
-    def scaled(self, a: float, shift: float = 0.0) -> "MeanModel":
+    def scaled(self, a: float, shift: float = 0.0) -> MeanModel:
         """The mean model of ``a * M + shift``."""
         return MeanModel(a * self.mu + shift, a * self.row, a * self.col, self.row_counts, self.col_counts)
 
 
-def fit_mean_model(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, shape: tuple[int, int],
-                   center: str = "biases", reg: float = 10.0, sweeps: int = 10) -> MeanModel:
+def fit_mean_model(
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+    values: torch.Tensor,
+    shape: tuple[int, int],
+    center: str = "biases",
+    reg: float = 10.0,
+    sweeps: int = 10,
+) -> MeanModel:
     """Fit ``mu + b_i + c_j`` to ``values`` at ``(rows, cols)`` (1-D, same length).
 
     center: "biases" (global mean plus ridge row / column biases: ``b_i = sum_j (M_ij - mu - c_j)
@@ -123,8 +142,9 @@ def fit_mean_model(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor,
     return MeanModel(mu, b, c, rc, cc)
 
 
-def holdout_split(rows: torch.Tensor, cols: torch.Tensor, fraction: float, seed: int,
-                  shape: tuple[int, int]) -> torch.Tensor:
+def holdout_split(
+    rows: torch.Tensor, cols: torch.Tensor, fraction: float, seed: int, shape: tuple[int, int]
+) -> torch.Tensor:
     """A seeded random boolean pick of about ``fraction`` of the observed entries ``(rows, cols)``
     to hold out, never the last entry of a row or column (an entry whose row and column both keep
     at least one other observed entry). The draw is a function of the entries' positions only
@@ -152,14 +172,21 @@ def _rmse_entries(pred: torch.Tensor, vals: torch.Tensor) -> float:
     return float((pred - vals).square().mean().sqrt())
 
 
-def best_mean_model(rows, cols, vals, shape, val_entries, center: str = "biases",
-                    regs: tuple[float, ...] = (0.0, 1.0, 3.0, 10.0, 30.0)) -> tuple[MeanModel, float, float]:
+def best_mean_model(
+    rows,
+    cols,
+    vals,
+    shape,
+    val_entries,
+    center: str = "biases",
+    regs: tuple[float, ...] = (0.0, 1.0, 3.0, 10.0, 30.0),
+) -> tuple[MeanModel, float, float]:
     """The mean model ``mu + b_i + c_j`` with the bias ridge ``reg`` (in units of observed entries)
     chosen on ``val_entries = (rows, cols, values)`` among ``regs``. Returns (model fitted on the
     given entries, chosen reg, its validation RMSE)."""
     vr, vc, vv = val_entries
     best = (math.inf, None, None)
-    for reg in (regs if center == "biases" else (0.0,)):
+    for reg in regs if center == "biases" else (0.0,):
         mm = fit_mean_model(rows, cols, vals, shape, center=center, reg=reg)
         e = _rmse_entries(mm.predict(vr, vc), vv)
         if e < best[0]:

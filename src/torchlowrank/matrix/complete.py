@@ -42,6 +42,7 @@ How the network is trained (``adaptive``, ``polish``; both on by default):
    before (stationary / budget / early stopping). Because the rank is the smallest that fits, an
    over-estimated r_hat costs nothing.
 """
+
 from __future__ import annotations
 
 import math
@@ -55,14 +56,20 @@ from ..linalg import truncated_svd
 from .centering import MeanModel, best_mean_model, fit_mean_model, holdout_split
 from .compressed import CompressedFactorization, check_rank
 from .factorization import DeepFactorization, as_positive_int
+from .inputs import as_tensor
 from .polish import RankPolish
 from .problems import Completion, relative_error
 from .steps import suggest_lr, suggest_rank
 from .trainer import FAILURE_STATUSES, History, train_gd
-from .inputs import as_tensor
 
-__all__ = ["CompletionResult", "complete", "default_rank", "initial_step_boost", "NORMALIZED_TOP",
-           "MEAN_MODEL_STATUS"]
+__all__ = [
+    "CompletionResult",
+    "complete",
+    "default_rank",
+    "initial_step_boost",
+    "NORMALIZED_TOP",
+    "MEAN_MODEL_STATUS",
+]
 
 NORMALIZED_TOP = 10.0  # top singular value of the (rescaled) residual the network is trained on
 
@@ -104,8 +111,19 @@ class _NormalizedCompletion(Completion):
     network's current predictions f, then the network's loss and gradients on ``y - b - c``
     (block coordinate descent; the biases cost O(|Omega|) per step). Errors in the data's units."""
 
-    def __init__(self, y_matrix, mask, mu: float, unit: float, truth_w, fit_biases: bool, reg: float,
-                 b0: torch.Tensor, c0: torch.Tensor, **kw):
+    def __init__(
+        self,
+        y_matrix,
+        mask,
+        mu: float,
+        unit: float,
+        truth_w,
+        fit_biases: bool,
+        reg: float,
+        b0: torch.Tensor,
+        c0: torch.Tensor,
+        **kw,
+    ):
         super().__init__(y_matrix, mask, **kw)
         self.unit, self.mu = unit, mu
         self.truth = truth_w  # in the data's units and the working orientation
@@ -131,8 +149,14 @@ class _NormalizedCompletion(Completion):
         r = self.y - pred
         m, n = self.shape
         rden, cden = (self._rc + self.reg).clamp_min(1e-300), (self._cc + self.reg).clamp_min(1e-300)
-        self.c = torch.zeros(n, dtype=r.dtype, device=r.device).index_add_(0, self.cols, r - self.b[self.rows]) / cden
-        self.b = torch.zeros(m, dtype=r.dtype, device=r.device).index_add_(0, self.rows, r - self.c[self.cols]) / rden
+        self.c = (
+            torch.zeros(n, dtype=r.dtype, device=r.device).index_add_(0, self.cols, r - self.b[self.rows])
+            / cden
+        )
+        self.b = (
+            torch.zeros(m, dtype=r.dtype, device=r.device).index_add_(0, self.rows, r - self.c[self.cols])
+            / rden
+        )
         self.values = self.y - self.b[self.rows] - self.c[self.cols]
 
     def factored_loss_and_grads(self, X, Bt):
@@ -160,17 +184,23 @@ class _NormalizedCompletion(Completion):
 def _coerce_inputs(observed, mask) -> tuple[torch.Tensor, torch.Tensor]:
     observed, mask = as_tensor(observed), as_tensor(mask)
     if not isinstance(observed, torch.Tensor):
-        raise ValueError(f"observed must be a torch tensor or NumPy array (m, n), got {type(observed).__name__}")
+        raise ValueError(
+            f"observed must be a torch tensor or NumPy array (m, n), got {type(observed).__name__}"
+        )
     if observed.layout != torch.strided:
         if observed.ndim != 2:
             raise ValueError(f"observed must be a 2-D matrix, got shape {tuple(observed.shape)}")
         if mask is not None:
-            raise ValueError("a sparse observed matrix defines its own mask (its stored entries): pass mask=None")
+            raise ValueError(
+                "a sparse observed matrix defines its own mask (its stored entries): pass mask=None"
+            )
         try:
             coo = observed.to_sparse_coo().coalesce()
         except (RuntimeError, TypeError) as exc:
-            raise ValueError(f"cannot read the sparse layout {observed.layout}: convert it with "
-                             f".to_sparse_coo() or .to_dense() and pass a mask ({exc})") from None
+            raise ValueError(
+                f"cannot read the sparse layout {observed.layout}: convert it with "
+                f".to_sparse_coo() or .to_dense() and pass a mask ({exc})"
+            ) from None
         idx = coo.indices()
         dense = torch.zeros(coo.shape, dtype=torch.float64, device=coo.device)
         mask = torch.zeros(coo.shape, dtype=torch.bool, device=coo.device)
@@ -198,7 +228,7 @@ def initial_step_boost(depth: int, init_scale: float) -> float:
     about ``(s / eps^L)^((L-2)/L)`` is stable there (2154 at L = 3, eps = 1e-3); a tenth of it is
     the start, and a step that raises the loss is halved (one iteration each)."""
     L = depth
-    return max(1.0, (NORMALIZED_TOP / init_scale ** L) ** ((L - 2) / L) / 10.0)
+    return max(1.0, (NORMALIZED_TOP / init_scale**L) ** ((L - 2) / L) / 10.0)
 
 
 def default_rank(problem: Completion) -> int:
@@ -209,16 +239,40 @@ def default_rank(problem: Completion) -> int:
     return max(1, min(cap, max(16, 2 * suggest_rank(problem))))
 
 
-def _complete_once(observed, mask, depth: int = 3, rank: int | None = None,
-                   compressed: bool = True, *, width: int | None = None, lr: float | None = None,
-             gamma: float = 0.01, init_scale: float = 1e-3, center: str = "biases", bias_reg: float = 0.0,
-             normalize: bool = True, reduction: str = "mean", max_iters: int = 20_000, tol: float = 1e-9,
-             ftol: float = 1e-10, time_limit: float | None = None, target_error: float | None = None,
-             truth: torch.Tensor | None = None, test: tuple | None = None, validation: tuple | None = None,
-             patience: int | None = None, eval_every: int = 50, weight_decay: float = 0.0,
-             seed: int = 0, progress: bool | None = None, adaptive: bool = True,
-             polish: bool | None = None, warn_empty: bool = True,
-                   hint_from: History | None = None, deadline: float | None = None) -> CompletionResult:
+def _complete_once(
+    observed,
+    mask,
+    depth: int = 3,
+    rank: int | None = None,
+    compressed: bool = True,
+    *,
+    width: int | None = None,
+    lr: float | None = None,
+    gamma: float = 0.01,
+    init_scale: float = 1e-3,
+    center: str = "biases",
+    bias_reg: float = 0.0,
+    normalize: bool = True,
+    reduction: str = "mean",
+    max_iters: int = 20_000,
+    tol: float = 1e-9,
+    ftol: float = 1e-10,
+    time_limit: float | None = None,
+    target_error: float | None = None,
+    truth: torch.Tensor | None = None,
+    test: tuple | None = None,
+    validation: tuple | None = None,
+    patience: int | None = None,
+    eval_every: int = 50,
+    weight_decay: float = 0.0,
+    seed: int = 0,
+    progress: bool | None = None,
+    adaptive: bool = True,
+    polish: bool | None = None,
+    warn_empty: bool = True,
+    hint_from: History | None = None,
+    deadline: float | None = None,
+) -> CompletionResult:
     """One fit of the network on the entries where ``mask`` is True (no held-out selection):
     the arguments, the data handling and the result are :func:`complete`'s (its docstring), plus
     ``hint_from`` (the history whose trend words the not-converged warning) and ``deadline`` (a
@@ -227,16 +281,20 @@ def _complete_once(observed, mask, depth: int = 3, rank: int | None = None,
     if observed.ndim != 2:
         raise ValueError(f"observed must be a 2-D matrix, got shape {tuple(observed.shape)}")
     if mask.shape != observed.shape:
-        raise ValueError(f"mask has shape {tuple(mask.shape)} but observed has shape {tuple(observed.shape)}; "
-                         "pass a boolean mask of the same shape as the matrix")
+        raise ValueError(
+            f"mask has shape {tuple(mask.shape)} but observed has shape {tuple(observed.shape)}; "
+            "pass a boolean mask of the same shape as the matrix"
+        )
     depth = as_positive_int(depth, "depth")
     if width is not None:
         width = as_positive_int(width, "width")
     if rank is not None:
         rank = as_positive_int(rank, "rank (r_hat)")
         if not compressed:
-            raise ValueError("rank is the compressed network's r_hat and is not used with compressed=False: "
-                             "set width= for the uncompressed network's width, or drop compressed=False")
+            raise ValueError(
+                "rank is the compressed network's r_hat and is not used with compressed=False: "
+                "set width= for the uncompressed network's width, or drop compressed=False"
+            )
     if center not in ("biases", "mean", "none"):
         raise ValueError(f"center must be 'biases', 'mean' or 'none', got {center!r}")
     if truth is not None and tuple(truth.shape) != tuple(observed.shape):
@@ -256,8 +314,10 @@ def _complete_once(observed, mask, depth: int = 3, rank: int | None = None,
     vals = O.to(torch.float64)[rows, cols]
     if not torch.isfinite(vals).all():
         bad = int((~torch.isfinite(vals)).sum())
-        raise ValueError(f"{bad} observed entries are NaN/Inf; drop them from the mask "
-                         "(mask &= torch.isfinite(observed)) or fill them")
+        raise ValueError(
+            f"{bad} observed entries are NaN/Inf; drop them from the mask "
+            "(mask &= torch.isfinite(observed)) or fill them"
+        )
     mean = fit_mean_model(rows, cols, vals, (m, n), center=center, reg=bias_reg)
     mu = mean.mu
     resid = vals - mean.predict(rows, cols)
@@ -283,8 +343,19 @@ def _complete_once(observed, mask, depth: int = 3, rank: int | None = None,
     truth_w = None if truth is None else (truth.T if transposed else truth).to(dev, torch.float64)
     Y = torch.zeros((m, n), dtype=torch.float64, device=dev)
     Y[rows, cols] = (vals - mu) / unit
-    problem = _NormalizedCompletion(Y, W, mu, unit, truth_w, center == "biases", bias_reg, mean.row / unit,
-                                    mean.col / unit, reduction=reduction, test=to_work(test))
+    problem = _NormalizedCompletion(
+        Y,
+        W,
+        mu,
+        unit,
+        truth_w,
+        center == "biases",
+        bias_reg,
+        mean.row / unit,
+        mean.col / unit,
+        reduction=reduction,
+        test=to_work(test),
+    )
     del Y
     val_w = to_work(validation)
     row_empty = mean.row_counts == 0
@@ -292,22 +363,27 @@ def _complete_once(observed, mask, depth: int = 3, rank: int | None = None,
     n_re, n_ce = int(row_empty.sum()), int(col_empty.sum())
     if (n_re or n_ce) and warn_empty:
         nr, nc = (n_ce, n_re) if transposed else (n_re, n_ce)  # in the caller's orientation
-        warnings.warn(f"{nr} rows and {nc} columns have no observed entry: they are predicted by the mean model "
-                      "(global mean plus the other side's bias), not by the low-rank part", UserWarning,
-                      stacklevel=2)
+        warnings.warn(
+            f"{nr} rows and {nc} columns have no observed entry: they are predicted by the mean model "
+            "(global mean plus the other side's bias), not by the low-rank part",
+            UserWarning,
+            stacklevel=2,
+        )
     gen = torch.Generator().manual_seed(seed)
     if compressed:
         if rank is None:
             rank = default_rank(problem)
         rank = check_rank(rank, problem.shape)
-        model = CompressedFactorization.from_problem(problem, rank, depth=depth, init_scale=init_scale,
-                                                     gamma=gamma, generator=gen)
+        model = CompressedFactorization.from_problem(
+            problem, rank, depth=depth, init_scale=init_scale, gamma=gamma, generator=gen
+        )
         if n_re or n_ce:  # rows of the outer factors that no gradient reaches: hold them at zero
             model.left.data[row_empty] = 0
             model.right.data[col_empty] = 0
     else:
-        model = DeepFactorization(problem.shape, depth=depth, width=width, init_scale=init_scale, generator=gen,
-                                  device=dev)
+        model = DeepFactorization(
+            problem.shape, depth=depth, width=width, init_scale=init_scale, generator=gen, device=dev
+        )
         if n_re or n_ce:
             model.factors[-1].data[row_empty] = 0
             model.factors[0].data[:, col_empty] = 0
@@ -319,27 +395,48 @@ def _complete_once(observed, mask, depth: int = 3, rank: int | None = None,
     if polish is None:
         polish = compressed and validation is None and tol > 0
     if polish and not compressed:
-        raise ValueError("polish=True needs the compressed network (compressed=True): the polish rewrites its "
-                         "k-wide factors")
+        raise ValueError(
+            "polish=True needs the compressed network (compressed=True): the polish rewrites its "
+            "k-wide factors"
+        )
     polisher = RankPolish() if polish else None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         if deadline is not None:  # the caller's time limit, setup included
             time_limit = max(deadline - time.perf_counter(), 0.0)
-        hist = train_gd(model, problem, lr, max_iters=max_iters, tol=tol, ftol=ftol, target_error=target_error,
-                        eval_every=eval_every, validation=val_w, patience=patience, time_limit=time_limit,
-                        weight_decay=weight_decay, progress=progress, adaptive=adaptive, polish=polisher,
-                        decay_from_escape=True)
+        hist = train_gd(
+            model,
+            problem,
+            lr,
+            max_iters=max_iters,
+            tol=tol,
+            ftol=ftol,
+            target_error=target_error,
+            eval_every=eval_every,
+            validation=val_w,
+            patience=patience,
+            time_limit=time_limit,
+            weight_decay=weight_decay,
+            progress=progress,
+            adaptive=adaptive,
+            polish=polisher,
+            decay_from_escape=True,
+        )
     for w in caught:  # re-issue the trainer's warnings as the caller's, with what complete() can change
         if hist.status in FAILURE_STATUSES and str(w.message) == hist.message:
             continue
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     if hist.status in FAILURE_STATUSES:
-        hint = {"stalled_at_init": " For complete(): raise init_scale (e.g. 1e-2) or max_iters.",
-                "not_converged": _not_converged_hint(hist if hint_from is None else hint_from,
-                                                     val_w is not None or hint_from is not None),
-                "diverged": " For complete(): pass a smaller lr."}[hist.status]
-        if hint_from is not None:  # a refit after a held-out selection: the trainer's no-validation note does not apply
+        hint = {
+            "stalled_at_init": " For complete(): raise init_scale (e.g. 1e-2) or max_iters.",
+            "not_converged": _not_converged_hint(
+                hist if hint_from is None else hint_from, val_w is not None or hint_from is not None
+            ),
+            "diverged": " For complete(): pass a smaller lr.",
+        }[hist.status]
+        if (
+            hint_from is not None
+        ):  # a refit after a held-out selection: the trainer's no-validation note does not apply
             hist.message = hist.message.split(" Raise max_iters / time_limit only")[0]
         hist.message += hint
         warnings.warn(hist.message, RuntimeWarning, stacklevel=3)
@@ -353,8 +450,9 @@ def _complete_once(observed, mask, depth: int = 3, rank: int | None = None,
     return CompletionResult(matrix, hist, model, problem, rank, lr, mean, unit, transposed)
 
 
-def _ridge_polish_candidate(first: CompletionResult, observed, train_mask, val, seed: int,
-                            deadline: float | None):
+def _ridge_polish_candidate(
+    first: CompletionResult, observed, train_mask, val, seed: int, deadline: float | None
+):
     """(rank, held-out RMSE, reg, ALSResult) of the best ridge ALS with biases on ``val``: ranks from the
     one the early-stopped network learnt (its end-to-end singular values above 1e-3 of the
     largest: the directions that left the initialisation), doubled up to the network's width
@@ -384,8 +482,15 @@ def _ridge_polish_candidate(first: CompletionResult, observed, train_mask, val, 
         left = None if deadline is None else deadline - time.perf_counter()
         if left is not None and left <= 0:
             break
-        res = als(observed, train_mask, r, validation=val, time_limit=None if left is None else 0.25 * left, seed=seed,
-                  warn=False)
+        res = als(
+            observed,
+            train_mask,
+            r,
+            validation=val,
+            time_limit=None if left is None else 0.25 * left,
+            seed=seed,
+            warn=False,
+        )
         if res.status == "mean_model" or not res.reg_path:
             continue
         err = float((res.predict(vr, vc).double() - vv).square().mean().sqrt())
@@ -401,29 +506,61 @@ def _ridge_polish_candidate(first: CompletionResult, observed, train_mask, val, 
 def _not_converged_hint(hist: History, validated: bool) -> str:
     """What to change after a run that stopped at its budget: more iterations only when the
     held-out error was still falling."""
-    if validated and hist.best_iteration is not None and hist.n_iters > 0 \
-            and hist.best_iteration < 0.8 * hist.n_iters:
-        return (f" The held-out error stopped improving at iteration {hist.best_iteration}, so more iterations will "
-                "not help: more observed entries, a smaller rank or a larger weight_decay will.")
+    if (
+        validated
+        and hist.best_iteration is not None
+        and hist.n_iters > 0
+        and hist.best_iteration < 0.8 * hist.n_iters
+    ):
+        return (
+            f" The held-out error stopped improving at iteration {hist.best_iteration}, so more iterations will "
+            "not help: more observed entries, a smaller rank or a larger weight_decay will."
+        )
     if validated:
         return " The held-out error was still falling: raise max_iters / time_limit."
-    return (" No entries were held out (validation=None, holdout=0), so nothing separates signal from noise: "
-            "on noisy data keep the default holdout (or pass validation=), which stops before the noise is fitted; "
-            "raise max_iters / time_limit only for data that should be fitted exactly.")
+    return (
+        " No entries were held out (validation=None, holdout=0), so nothing separates signal from noise: "
+        "on noisy data keep the default holdout (or pass validation=), which stops before the noise is fitted; "
+        "raise max_iters / time_limit only for data that should be fitted exactly."
+    )
 
 
 MEAN_MODEL_STATUS = "mean_model"
 
 
-def complete(observed, mask=None, depth: int = 3, rank: int | None = None,
-             compressed: bool = True, *, width: int | None = None, lr: float | None = None,
-             gamma: float = 0.01, init_scale: float = 1e-3, center: str = "biases", bias_reg: float = 0.0,
-             normalize: bool = True, reduction: str = "mean", max_iters: int = 20_000, tol: float = 1e-9,
-             ftol: float = 1e-10, time_limit: float | None = None, target_error: float | None = None,
-             truth: torch.Tensor | None = None, test: tuple | None = None, validation: tuple | None = None,
-             holdout: float = 0.1, patience: int | None = None, eval_every: int = 50, weight_decay: float = 0.0,
-             seed: int = 0, progress: bool | None = None, adaptive: bool = True,
-             polish: bool | None = None, ridge_polish: bool = True) -> CompletionResult:
+def complete(
+    observed,
+    mask=None,
+    depth: int = 3,
+    rank: int | None = None,
+    compressed: bool = True,
+    *,
+    width: int | None = None,
+    lr: float | None = None,
+    gamma: float = 0.01,
+    init_scale: float = 1e-3,
+    center: str = "biases",
+    bias_reg: float = 0.0,
+    normalize: bool = True,
+    reduction: str = "mean",
+    max_iters: int = 20_000,
+    tol: float = 1e-9,
+    ftol: float = 1e-10,
+    time_limit: float | None = None,
+    target_error: float | None = None,
+    truth: torch.Tensor | None = None,
+    test: tuple | None = None,
+    validation: tuple | None = None,
+    holdout: float = 0.1,
+    patience: int | None = None,
+    eval_every: int = 50,
+    weight_decay: float = 0.0,
+    seed: int = 0,
+    progress: bool | None = None,
+    adaptive: bool = True,
+    polish: bool | None = None,
+    ridge_polish: bool = True,
+) -> CompletionResult:
     """Complete ``observed`` (m, n) from the entries where ``mask`` (m, n, bool) is True.
 
     observed: dense tensor / NumPy array (entries off the mask are ignored, NaN allowed; with
@@ -493,15 +630,43 @@ def complete(observed, mask=None, depth: int = 3, rank: int | None = None,
     dl = None if time_limit is None else start + time_limit
     if time_limit is not None and not time_limit >= 0:
         raise ValueError(f"time_limit must be >= 0 seconds or None, got {time_limit!r}")
-    kw = dict(deadline=dl, depth=depth, rank=rank, compressed=compressed, width=width, lr=lr, gamma=gamma,
-              init_scale=init_scale, center=center, bias_reg=bias_reg, normalize=normalize, reduction=reduction,
-              tol=tol, ftol=ftol, target_error=target_error, truth=truth, test=test, eval_every=eval_every,
-              weight_decay=weight_decay, seed=seed, progress=progress, adaptive=adaptive)
+    kw = dict(
+        deadline=dl,
+        depth=depth,
+        rank=rank,
+        compressed=compressed,
+        width=width,
+        lr=lr,
+        gamma=gamma,
+        init_scale=init_scale,
+        center=center,
+        bias_reg=bias_reg,
+        normalize=normalize,
+        reduction=reduction,
+        tol=tol,
+        ftol=ftol,
+        target_error=target_error,
+        truth=truth,
+        test=test,
+        eval_every=eval_every,
+        weight_decay=weight_decay,
+        seed=seed,
+        progress=progress,
+        adaptive=adaptive,
+    )
     if not (isinstance(holdout, (int, float)) and 0 <= holdout <= 0.5):
         raise ValueError(f"holdout must be a fraction in [0, 0.5] of the observed entries, got {holdout!r}")
     if validation is not None or holdout == 0:
-        return _complete_once(observed, mask, max_iters=max_iters, time_limit=time_limit, validation=validation,
-                              patience=patience, polish=polish, **kw)
+        return _complete_once(
+            observed,
+            mask,
+            max_iters=max_iters,
+            time_limit=time_limit,
+            validation=validation,
+            patience=patience,
+            polish=polish,
+            **kw,
+        )
     observed, mask = _coerce_inputs(observed, mask)
     if observed.ndim != 2 or mask.shape != observed.shape:  # _complete_once says what is wrong
         return _complete_once(observed, mask, max_iters=max_iters, time_limit=time_limit, **kw)
@@ -510,8 +675,9 @@ def complete(observed, mask=None, depth: int = 3, rank: int | None = None,
     pick = holdout_split(rows, cols, holdout, seed, tuple(mask.shape))
     n_val = int(pick.sum())
     if n_val < 10:  # too few entries to judge anything on: one fit on all of them
-        return _complete_once(observed, mask, max_iters=max_iters, time_limit=time_limit, patience=patience,
-                              polish=polish, **kw)
+        return _complete_once(
+            observed, mask, max_iters=max_iters, time_limit=time_limit, patience=patience, polish=polish, **kw
+        )
     vr, vc = rows[pick], cols[pick]
     vv = observed[vr, vc].to(torch.float64)
     train_mask = mask.clone()
@@ -520,9 +686,17 @@ def complete(observed, mask=None, depth: int = 3, rank: int | None = None,
         polish = compressed and tol > 0
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        first = _complete_once(observed, train_mask, max_iters=max_iters, time_limit=time_limit,
-                               validation=(vr, vc, vv), patience=10 if patience is None else patience,
-                               polish=polish, warn_empty=False, **kw)
+        first = _complete_once(
+            observed,
+            train_mask,
+            max_iters=max_iters,
+            time_limit=time_limit,
+            validation=(vr, vc, vv),
+            patience=10 if patience is None else patience,
+            polish=polish,
+            warn_empty=False,
+            **kw,
+        )
     h1 = first.history
     tr_rows, tr_cols = rows[~pick], cols[~pick]
     tr_vals = observed[tr_rows, tr_cols].to(torch.float64)
@@ -535,9 +709,12 @@ def complete(observed, mask=None, depth: int = 3, rank: int | None = None,
     empty_rows = int((torch.bincount(rows, minlength=mask.shape[0]) == 0).sum())
     empty_cols = int((torch.bincount(cols, minlength=mask.shape[1]) == 0).sum())
     if empty_rows or empty_cols:
-        warnings.warn(f"{empty_rows} rows and {empty_cols} columns have no observed entry: they are predicted by "
-                      "the mean model (global mean plus the other side's bias), not by the low-rank part",
-                      UserWarning, stacklevel=2)
+        warnings.warn(
+            f"{empty_rows} rows and {empty_cols} columns have no observed entry: they are predicted by "
+            "the mean model (global mean plus the other side's bias), not by the low-rank part",
+            UserWarning,
+            stacklevel=2,
+        )
     failed = h1.status in ("stalled_at_init", "diverged")
     exact = h1.reason in ("tol", "target_error")
     ridge = None  # the ridge polish: ALS from the network's rank up, rank and ridge chosen on the same held-out entries
@@ -551,11 +728,13 @@ def complete(observed, mask=None, depth: int = 3, rank: int | None = None,
         h1.selected = "mean_model"
         if not failed:
             h1.status, h1.reason = MEAN_MODEL_STATUS, "validation"
-            h1.message = (f"the low-rank network did not beat the mean model (row / column biases) on the "
-                          f"{n_val} held-out entries (RMSE {net_rmse:.4g} vs {mm_rmse:.4g}): returned the mean "
-                          "model, refitted on all entries. The data may hold no low-rank structure beyond the "
-                          "means at this sampling; more observed entries, a smaller rank or a larger weight_decay "
-                          "may help; more iterations will not.")
+            h1.message = (
+                f"the low-rank network did not beat the mean model (row / column biases) on the "
+                f"{n_val} held-out entries (RMSE {net_rmse:.4g} vs {mm_rmse:.4g}): returned the mean "
+                "model, refitted on all entries. The data may hold no low-rank structure beyond the "
+                "means at this sampling; more observed entries, a smaller rank or a larger weight_decay "
+                "may help; more iterations will not."
+            )
         else:
             h1.message += " The result is the mean model (row / column biases), refitted on all entries."
         for w in caught:
@@ -577,24 +756,35 @@ def complete(observed, mask=None, depth: int = 3, rank: int | None = None,
 
         r_net, reg = ridge[0], ridge[2]
         left = None if dl is None else max(dl - time.perf_counter(), 0.0)
-        if ridge[3].status == "converged":  # a ridge optimum: refit on all entries, warm from the validated one
+        if (
+            ridge[3].status == "converged"
+        ):  # a ridge optimum: refit on all entries, warm from the validated one
             res = als(observed, mask, r_net, reg=reg, time_limit=left, seed=seed, warn=False, init=ridge[3])
             refit_note = f"ridge ALS on all {rows.numel()} observed entries ({res.n_iters} sweeps)"
         else:  # stopped before its optimum (implicitly early-stopped): the held-out score is of this very state
             res = ridge[3]
-            refit_note = (f"none: the ridge ALS stopped before its optimum ({res.message}); its held-out score is of "
-                          f"that state, so it is kept as fitted without the {n_val} held-out entries")
+            refit_note = (
+                f"none: the ridge ALS stopped before its optimum ({res.message}); its held-out score is of "
+                f"that state, so it is kept as fitted without the {n_val} held-out entries"
+            )
         h1.selected = "ridge_polish"
-        h1.status, h1.reason = ("converged", "ridge_polish") if res.status == "converged" or res is ridge[3] else \
-            ("not_converged", res.reason)
-        h1.polish_info = (f"ridge polish: ALS with biases at rank {r_net} (searched up from the rank the network "
-                          f"learnt), ridge reg={reg:g}, both chosen on the held-out entries; refit: {refit_note} "
-                          f"({res.message})")
+        h1.status, h1.reason = (
+            ("converged", "ridge_polish")
+            if res.status == "converged" or res is ridge[3]
+            else ("not_converged", res.reason)
+        )
+        h1.polish_info = (
+            f"ridge polish: ALS with biases at rank {r_net} (searched up from the rank the network "
+            f"learnt), ridge reg={reg:g}, both chosen on the held-out entries; refit: {refit_note} "
+            f"({res.message})"
+        )
         h1.refit = refit_note
-        h1.message = (f"{'converged' if h1.status == 'converged' else 'not converged'}: the ridge polish (ALS at "
-                      f"rank {r_net}, searched up from the network's) beat the early-stopped network on the {n_val} "
-                      "held-out entries "
-                      f"(RMSE {als_rmse:.4g} vs {net_rmse:.4g}; mean model {mm_rmse:.4g}); refit: {refit_note}")
+        h1.message = (
+            f"{'converged' if h1.status == 'converged' else 'not converged'}: the ridge polish (ALS at "
+            f"rank {r_net}, searched up from the network's) beat the early-stopped network on the {n_val} "
+            "held-out entries "
+            f"(RMSE {als_rmse:.4g} vs {net_rmse:.4g}; mean model {mm_rmse:.4g}); refit: {refit_note}"
+        )
         for w in caught:
             if not issubclass(w.category, RuntimeWarning):
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
@@ -602,28 +792,44 @@ def complete(observed, mask=None, depth: int = 3, rank: int | None = None,
             h1.message += f"; {res.message}"
             warnings.warn(h1.message, RuntimeWarning, stacklevel=2)
         first.matrix = res.matrix.to(torch.float64)
-        first.mean_model = MeanModel(res.mu, res.row_bias.double(), res.col_bias.double(),
-                                     torch.bincount(rows, minlength=mask.shape[0]).double(),
-                                     torch.bincount(cols, minlength=mask.shape[1]).double())
+        first.mean_model = MeanModel(
+            res.mu,
+            res.row_bias.double(),
+            res.col_bias.double(),
+            torch.bincount(rows, minlength=mask.shape[0]).double(),
+            torch.bincount(cols, minlength=mask.shape[1]).double(),
+        )
         first.ridge_result = res
         return first
     h1.selected = "network"
     # refit on all entries for the number of iterations that was best on the held-out entries
-    early = h1.status == "early_stopped" or (h1.best_iteration is not None and h1.best_iteration < 0.8 * h1.n_iters)
+    early = h1.status == "early_stopped" or (
+        h1.best_iteration is not None and h1.best_iteration < 0.8 * h1.n_iters
+    )
     iters = int(h1.best_iteration) if early and h1.best_iteration is not None else max_iters
     spent = time.perf_counter() - start
     per_iter = h1.train_time / max(h1.n_iters, 1)
     left = None if time_limit is None else time_limit - spent
     if left is not None and left < 1.1 * per_iter * iters:
-        h1.refit = (f"none: the time limit leaves {max(left, 0):.3g} s, the refit on all entries needs about "
-                    f"{per_iter * iters:.3g} s; the network was fitted without the {n_val} held-out entries")
+        h1.refit = (
+            f"none: the time limit leaves {max(left, 0):.3g} s, the refit on all entries needs about "
+            f"{per_iter * iters:.3g} s; the network was fitted without the {n_val} held-out entries"
+        )
         for w in caught:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         return first
     with warnings.catch_warnings(record=True) as caught2:
         warnings.simplefilter("always")
-        second = _complete_once(observed, mask, max_iters=iters, time_limit=left, polish=polish, warn_empty=False,
-                                hint_from=h1, **kw)
+        second = _complete_once(
+            observed,
+            mask,
+            max_iters=iters,
+            time_limit=left,
+            polish=polish,
+            warn_empty=False,
+            hint_from=h1,
+            **kw,
+        )
     h2 = second.history
     h2.val_rmse, h2.best_iteration = h1.val_rmse, h1.best_iteration
     h2.holdout_rmse, h2.mean_model_rmse, h2.ridge_polish_rmse = net_rmse, mm_rmse, h1.ridge_polish_rmse
@@ -633,9 +839,11 @@ def complete(observed, mask=None, depth: int = 3, rank: int | None = None,
         pass  # the refit converged on its own: its status stands
     elif early:
         h2.status, h2.reason = "early_stopped", "patience"
-        h2.message = (f"early stopped: the held-out RMSE ({n_val} entries, {net_rmse:.4g}; mean model "
-                      f"{mm_rmse:.4g}) was best at iteration {h1.best_iteration}; refitted on all entries for "
-                      f"{h2.n_iters} iterations")
+        h2.message = (
+            f"early stopped: the held-out RMSE ({n_val} entries, {net_rmse:.4g}; mean model "
+            f"{mm_rmse:.4g}) was best at iteration {h1.best_iteration}; refitted on all entries for "
+            f"{h2.n_iters} iterations"
+        )
         caught2 = [w for w in caught2 if not issubclass(w.category, RuntimeWarning)]
     for w in list(caught) + list(caught2):
         if issubclass(w.category, RuntimeWarning) and w in caught:

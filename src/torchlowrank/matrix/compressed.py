@@ -16,13 +16,20 @@ Without a ``base`` network the original's ``O = Phi(0) / eps^L`` is drawn direct
 ``V_1 = orth([V_f, O^T U_f])`` with ``U_f S V_f^T`` the top-r_hat SVD of ``dLoss/dPhi`` at Phi(0):
 the same span as the formula above for a square original (``G_1 = (W_L..W_2)^T dLoss/dPhi``).
 """
+
 from __future__ import annotations
 
 import torch
 from torch import nn
 
 from ..linalg import orthonormal_basis, truncated_svd
-from .factorization import DeepFactorization, as_positive_int, chain_grads, chain_products, haar_semi_orthogonal
+from .factorization import (
+    DeepFactorization,
+    as_positive_int,
+    chain_grads,
+    chain_products,
+    haar_semi_orthogonal,
+)
 
 __all__ = ["CompressedFactorization", "check_rank", "as_positive_int", "haar_semi_orthogonal"]
 
@@ -31,8 +38,10 @@ def check_rank(rank, shape: tuple[int, int]) -> int:
     """Validate an assumed rank r_hat: an int with ``2 r_hat <= min(shape)``; returns it as an int."""
     rank = as_positive_int(rank, "rank (r_hat)")
     if 2 * rank > min(shape):
-        raise ValueError(f"the compressed network has width 2*rank = {2 * rank} > min(shape) = {min(shape)}; "
-                         f"use rank <= {min(shape) // 2} or compressed=False for this small matrix")
+        raise ValueError(
+            f"the compressed network has width 2*rank = {2 * rank} > min(shape) = {min(shape)}; "
+            f"use rank <= {min(shape) // 2} or compressed=False for this small matrix"
+        )
     return rank
 
 
@@ -44,8 +53,14 @@ class CompressedFactorization(nn.Module):
     ``[V_1^T, C_1, ..., C_L, U_L]``. ``lr_scales()`` gives ``gamma`` for the outer pair, 1 inside.
     """
 
-    def __init__(self, left: torch.Tensor, inner: list[torch.Tensor], right: torch.Tensor, gamma: float = 0.01,
-                 init_scale: float = 1e-3) -> None:
+    def __init__(
+        self,
+        left: torch.Tensor,
+        inner: list[torch.Tensor],
+        right: torch.Tensor,
+        gamma: float = 0.01,
+        init_scale: float = 1e-3,
+    ) -> None:
         super().__init__()
         if left.shape[1] != right.shape[1] or any(C.shape != (left.shape[1],) * 2 for C in inner):
             raise ValueError("left (m, k), inner (k, k) and right (n, k) must share k")
@@ -66,9 +81,17 @@ class CompressedFactorization(nn.Module):
 
     @classmethod
     @torch.no_grad()
-    def from_problem(cls, problem, rank: int, depth: int = 3, init_scale: float = 1e-3, gamma: float = 0.01,
-                     *, base: DeepFactorization | None = None, generator: torch.Generator | None = None
-                     ) -> "CompressedFactorization":
+    def from_problem(
+        cls,
+        problem,
+        rank: int,
+        depth: int = 3,
+        init_scale: float = 1e-3,
+        gamma: float = 0.01,
+        *,
+        base: DeepFactorization | None = None,
+        generator: torch.Generator | None = None,
+    ) -> CompressedFactorization:
         """Compress the original width-min(m, n) depth-``depth`` network for ``problem`` with assumed
         rank ``rank`` (r_hat). ``base``: an existing original network (its init is used exactly);
         otherwise its end-to-end init is drawn with ``generator``."""
@@ -82,10 +105,10 @@ class CompressedFactorization(nn.Module):
             Ws = [W.detach() for W in base.factors]
             Phi0 = chain_products(Ws)
             _, G = problem.loss_and_grad(Phi0)
-            G1 = G if depth == 1 else chain_products(Ws[1:]).T @ G      # dLoss/dW_1 (w, n)
+            G1 = G if depth == 1 else chain_products(Ws[1:]).T @ G  # dLoss/dW_1 (w, n)
             U, _, Vh = truncated_svd(G1, rank)
             V1 = orthonormal_basis(torch.cat([Vh.T, Ws[0].T @ U / eps], dim=1))
-            left = Phi0 @ V1 / eps ** depth
+            left = Phi0 @ V1 / eps**depth
         else:
             depth = as_positive_int(depth, "depth")
             eps = float(init_scale)
@@ -93,7 +116,7 @@ class CompressedFactorization(nn.Module):
             if generator is not None and generator.device.type != "cpu":
                 raise ValueError("pass a CPU torch.Generator (the initialisation is drawn on the CPU)")
             O = haar_semi_orthogonal(m, n, generator).to(dev)
-            _, G = problem.loss_and_grad(eps ** depth * O)
+            _, G = problem.loss_and_grad(eps**depth * O)
             U, _, Vh = truncated_svd(G, rank)
             V1 = orthonormal_basis(torch.cat([Vh.T, O.T @ U], dim=1))
             left = O @ V1

@@ -16,6 +16,7 @@
 Constructor arguments are stored as given (``get_params`` / ``set_params``); fitted results end
 with an underscore. Every estimator holds its own seed (no global RNG is touched).
 """
+
 from __future__ import annotations
 
 import inspect
@@ -32,7 +33,7 @@ class _Completer:
         names = [p for p in inspect.signature(type(self).__init__).parameters if p != "self"]
         return {k: getattr(self, k) for k in names}
 
-    def set_params(self, **params) -> "_Completer":
+    def set_params(self, **params) -> _Completer:
         valid = self.get_params()
         for k, v in params.items():
             if k not in valid:
@@ -59,19 +60,47 @@ class DeepMatrixCompleter(_Completer):
     """:func:`~torchlowrank.matrix.complete` as an estimator (its arguments; ``result_`` is the
     :class:`~torchlowrank.matrix.CompletionResult`)."""
 
-    def __init__(self, depth: int = 3, rank: int | None = None, *, holdout: float = 0.1, max_iters: int = 20_000,
-                 tol: float = 1e-9, time_limit: float | None = None, weight_decay: float = 0.0,
-                 init_scale: float = 1e-3, patience: int | None = None, seed: int = 0):
+    def __init__(
+        self,
+        depth: int = 3,
+        rank: int | None = None,
+        *,
+        holdout: float = 0.1,
+        max_iters: int = 20_000,
+        tol: float = 1e-9,
+        time_limit: float | None = None,
+        weight_decay: float = 0.0,
+        init_scale: float = 1e-3,
+        patience: int | None = None,
+        seed: int = 0,
+    ):
         self.depth, self.rank, self.holdout, self.max_iters, self.tol = depth, rank, holdout, max_iters, tol
-        self.time_limit, self.weight_decay, self.init_scale, self.patience, self.seed = \
-            time_limit, weight_decay, init_scale, patience, seed
+        self.time_limit, self.weight_decay, self.init_scale, self.patience, self.seed = (
+            time_limit,
+            weight_decay,
+            init_scale,
+            patience,
+            seed,
+        )
 
-    def fit(self, X, mask=None, validation: tuple | None = None) -> "DeepMatrixCompleter":
+    def fit(self, X, mask=None, validation: tuple | None = None) -> DeepMatrixCompleter:
         from .complete import complete
 
-        res = complete(X, mask, depth=self.depth, rank=self.rank, holdout=self.holdout, max_iters=self.max_iters,
-                       tol=self.tol, time_limit=self.time_limit, weight_decay=self.weight_decay,
-                       init_scale=self.init_scale, patience=self.patience, seed=self.seed, validation=validation)
+        res = complete(
+            X,
+            mask,
+            depth=self.depth,
+            rank=self.rank,
+            holdout=self.holdout,
+            max_iters=self.max_iters,
+            tol=self.tol,
+            time_limit=self.time_limit,
+            weight_decay=self.weight_decay,
+            init_scale=self.init_scale,
+            patience=self.patience,
+            seed=self.seed,
+            validation=validation,
+        )
         self.result_ = res
         self.status_ = res.status
         self.n_iter_ = res.history.n_iters
@@ -93,18 +122,39 @@ class ALSCompleter(_Completer):
     """:func:`~torchlowrank.matrix.als` as an estimator (``result_`` is the
     :class:`~torchlowrank.matrix.ALSResult`; ``predict`` never forms the matrix)."""
 
-    def __init__(self, rank: int = 10, *, reg="auto", bias_reg: float | None = None, max_iters: int = 500,
-                 tol: float = 1e-7, holdout: float = 0.1, time_limit: float | None = None, seed: int = 0,
-                 dtype: torch.dtype = torch.float64):
+    def __init__(
+        self,
+        rank: int = 10,
+        *,
+        reg="auto",
+        bias_reg: float | None = None,
+        max_iters: int = 500,
+        tol: float = 1e-7,
+        holdout: float = 0.1,
+        time_limit: float | None = None,
+        seed: int = 0,
+        dtype: torch.dtype = torch.float64,
+    ):
         self.rank, self.reg, self.bias_reg, self.max_iters, self.tol = rank, reg, bias_reg, max_iters, tol
         self.holdout, self.time_limit, self.seed, self.dtype = holdout, time_limit, seed, dtype
 
-    def fit(self, X, mask=None, validation: tuple | None = None) -> "ALSCompleter":
+    def fit(self, X, mask=None, validation: tuple | None = None) -> ALSCompleter:
         from .als import als
 
-        res = als(X, mask, self.rank, reg=self.reg, bias_reg=self.bias_reg, max_iters=self.max_iters, tol=self.tol,
-                  holdout=self.holdout, time_limit=self.time_limit, seed=self.seed, dtype=self.dtype,
-                  validation=validation)
+        res = als(
+            X,
+            mask,
+            self.rank,
+            reg=self.reg,
+            bias_reg=self.bias_reg,
+            max_iters=self.max_iters,
+            tol=self.tol,
+            holdout=self.holdout,
+            time_limit=self.time_limit,
+            seed=self.seed,
+            dtype=self.dtype,
+            validation=validation,
+        )
         self.result_ = res
         self.status_ = res.status
         self.n_iter_ = res.n_iters
@@ -128,12 +178,21 @@ class SoftImputeCompleter(_Completer):
     :func:`~torchlowrank.matrix.soft_impute` at it. Dense (m, n) SVDs: for matrices up to a few
     thousand rows and columns."""
 
-    def __init__(self, lam: float | None = None, *, max_rank: int | None = 100, max_iters: int = 100,
-                 tol: float = 1e-5, holdout: float = 0.1, time_limit: float | None = None, seed: int = 0):
+    def __init__(
+        self,
+        lam: float | None = None,
+        *,
+        max_rank: int | None = 100,
+        max_iters: int = 100,
+        tol: float = 1e-5,
+        holdout: float = 0.1,
+        time_limit: float | None = None,
+        seed: int = 0,
+    ):
         self.lam, self.max_rank, self.max_iters, self.tol = lam, max_rank, max_iters, tol
         self.holdout, self.time_limit, self.seed = holdout, time_limit, seed
 
-    def fit(self, X, mask=None, validation: tuple | None = None) -> "SoftImputeCompleter":
+    def fit(self, X, mask=None, validation: tuple | None = None) -> SoftImputeCompleter:
         from .als import as_entries
         from .baselines import soft_impute, soft_impute_path
 
@@ -144,15 +203,31 @@ class SoftImputeCompleter(_Completer):
         W[E.rows, E.cols] = True
         info: dict = {}
         if self.lam is None:
-            Z, lam, path = soft_impute_path(M, W, validation, max_rank=self.max_rank, max_iters=self.max_iters,
-                                            tol=self.tol, time_limit=self.time_limit, holdout=self.holdout,
-                                            seed=self.seed)
+            Z, lam, path = soft_impute_path(
+                M,
+                W,
+                validation,
+                max_rank=self.max_rank,
+                max_iters=self.max_iters,
+                tol=self.tol,
+                time_limit=self.time_limit,
+                holdout=self.holdout,
+                seed=self.seed,
+            )
             self.history_ = {"path": path}
             self.status_ = "converged" if all(p["converged"] for p in path) else "not_converged"
             self.n_iter_ = sum(p["n_iters"] for p in path)
         else:
-            Z = soft_impute(M, W, self.lam, max_rank=self.max_rank, max_iters=self.max_iters, tol=self.tol,
-                            time_limit=self.time_limit, info=info)
+            Z = soft_impute(
+                M,
+                W,
+                self.lam,
+                max_rank=self.max_rank,
+                max_iters=self.max_iters,
+                tol=self.tol,
+                time_limit=self.time_limit,
+                info=info,
+            )
             lam = self.lam
             self.history_ = dict(info)
             self.status_, self.n_iter_ = info["status"], info["n_iters"]

@@ -6,6 +6,7 @@ For a target of shape (m, n) and width w: W_1 is (w, n), inner factors are (w, w
 ``w = min(m, n)``. Gradients are written by hand (``loss_and_grads``), checked against autograd
 in the tests, so the trainer runs without building an autograd graph.
 """
+
 from __future__ import annotations
 
 import operator
@@ -38,8 +39,6 @@ def haar_semi_orthogonal(m: int, n: int, generator: torch.Generator | None = Non
     d = torch.diagonal(R)
     Q = Q * torch.where(d < 0, -1.0, 1.0).to(torch.float64)
     return Q if m >= n else Q.T
-
-
 
 
 def _check_shape(shape) -> tuple[int, int]:
@@ -93,9 +92,17 @@ class DeepFactorization(nn.Module):
     Attributes: ``factors`` (ParameterList, first-applied first: ``factors[0]`` is W_1 (w, n)).
     """
 
-    def __init__(self, shape: tuple[int, int], depth: int = 3, width: int | None = None,
-                 init_scale: float = 1e-3, *, generator: torch.Generator | None = None,
-                 dtype: torch.dtype = torch.float64, device: torch.device | str | None = None) -> None:
+    def __init__(
+        self,
+        shape: tuple[int, int],
+        depth: int = 3,
+        width: int | None = None,
+        init_scale: float = 1e-3,
+        *,
+        generator: torch.Generator | None = None,
+        dtype: torch.dtype = torch.float64,
+        device: torch.device | str | None = None,
+    ) -> None:
         super().__init__()
         m, n = _check_shape(shape)
         depth = as_positive_int(depth, "depth")
@@ -108,10 +115,14 @@ class DeepFactorization(nn.Module):
         self.init_scale = float(init_scale)
         dims = [n] + [width] * (depth - 1) + [m]
         self.factors = nn.ParameterList(
-            nn.Parameter((init_scale * haar_semi_orthogonal(dims[l + 1], dims[l], generator)).to(dtype=dtype,
-                                                                                                   device=device),
-                         requires_grad=False)
-            for l in range(depth))
+            nn.Parameter(
+                (init_scale * haar_semi_orthogonal(dims[l + 1], dims[l], generator)).to(
+                    dtype=dtype, device=device
+                ),
+                requires_grad=False,
+            )
+            for l in range(depth)
+        )
 
     def end_to_end(self) -> torch.Tensor:
         """Phi = W_L ... W_1, shape (m, n)."""

@@ -1,4 +1,5 @@
 """User inputs as tensors: the estimators accept NumPy arrays as well as torch tensors."""
+
 from __future__ import annotations
 
 import torch

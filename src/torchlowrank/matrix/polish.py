@@ -15,6 +15,7 @@ learnt yet are added greedily from the residual (each only past a stalled fit, a
 takes >= 20% of the residual); a fit that needed them must also predict a held-out 5% of the
 observed entries (so an exact fit with a spurious direction is refused).
 """
+
 from __future__ import annotations
 
 import math
@@ -50,15 +51,30 @@ def _solve(Wt: torch.Tensor, T: torch.Tensor, F: torch.Tensor, diag: torch.Tenso
     G = (Wt @ (F[:, :, None] * F[:, None, :]).reshape(F.shape[0], q * q)).reshape(-1, q, q)
     G.diagonal(dim1=1, dim2=2).add_(diag)
     # rows with fewer observations than unknowns and no ridge: a tiny jitter keeps them solvable
-    G.diagonal(dim1=1, dim2=2).add_(1e-13 * G.diagonal(dim1=1, dim2=2).amax(dim=1, keepdim=True).clamp_min(1e-300))
+    G.diagonal(dim1=1, dim2=2).add_(
+        1e-13 * G.diagonal(dim1=1, dim2=2).amax(dim=1, keepdim=True).clamp_min(1e-300)
+    )
     rhs = (Wt * T) @ F
     return torch.linalg.solve(G, rhs.unsqueeze(-1)).squeeze(-1)
 
 
 @torch.no_grad()
-def als_with_biases(W: torch.Tensor, Y: torch.Tensor, U: torch.Tensor, V: torch.Tensor, b: torch.Tensor,
-                    c: torch.Tensor, *, lam: float, bias_reg: float, fit_biases: bool, target_sse: float,
-                    max_sweeps: int = 100, min_gain: float = 0.9, deadline: float | None = None):
+def als_with_biases(
+    W: torch.Tensor,
+    Y: torch.Tensor,
+    U: torch.Tensor,
+    V: torch.Tensor,
+    b: torch.Tensor,
+    c: torch.Tensor,
+    *,
+    lam: float,
+    bias_reg: float,
+    fit_biases: bool,
+    target_sse: float,
+    max_sweeps: int = 100,
+    min_gain: float = 0.9,
+    deadline: float | None = None,
+):
     """ALS for ``Y_ij ~ U_i . V_j + b_i + c_j`` on the entries where ``W`` (m, n; 0/1) is 1:
     ``min sum_W (U V^T + b + c - Y)^2 + lam (||U||^2 + ||V||^2) + bias_reg (||b||^2 + ||c||^2)``,
     each half-sweep the exact joint solve of (U_i, b_i) for every row, then of (V_j, c_j) for every
@@ -97,9 +113,22 @@ def als_with_biases(W: torch.Tensor, Y: torch.Tensor, U: torch.Tensor, V: torch.
 
 
 @torch.no_grad()
-def als_with_biases_entries(E, y: torch.Tensor, U: torch.Tensor, V: torch.Tensor, b: torch.Tensor, c: torch.Tensor,
-                            *, lam: float, bias_reg: float, fit_biases: bool, target_sse: float,
-                            max_sweeps: int = 100, min_gain: float = 0.9, deadline: float | None = None):
+def als_with_biases_entries(
+    E,
+    y: torch.Tensor,
+    U: torch.Tensor,
+    V: torch.Tensor,
+    b: torch.Tensor,
+    c: torch.Tensor,
+    *,
+    lam: float,
+    bias_reg: float,
+    fit_biases: bool,
+    target_sse: float,
+    max_sweeps: int = 100,
+    min_gain: float = 0.9,
+    deadline: float | None = None,
+):
     """:func:`als_with_biases` on the observed entries only: ``E`` an
     :class:`~torchlowrank.matrix.sparse.Entries` of the pattern, ``y`` (N,) the targets at its
     entries. The same least squares, solved row by row from Gram matrices formed as CSR products
@@ -118,8 +147,9 @@ def als_with_biases_entries(E, y: torch.Tensor, U: torch.Tensor, V: torch.Tensor
 
     def solve(G, h, d):
         A = G.clone()
-        A.diagonal(dim1=1, dim2=2).add_(jitter * (A.diagonal(dim1=1, dim2=2) + d).amax(1, keepdim=True)
-                                        .clamp_min(1e-300))
+        A.diagonal(dim1=1, dim2=2).add_(
+            jitter * (A.diagonal(dim1=1, dim2=2) + d).amax(1, keepdim=True).clamp_min(1e-300)
+        )
         return ridge_rows(A, h, d)
 
     for it in range(1, max_sweeps + 1):
@@ -165,8 +195,15 @@ class RankPolish:
     is right, not just enough to fit. ``attempts`` records (iteration, rank, relative residual
     reached, or the held-out error) for every attempt."""
 
-    def __init__(self, gap: float = 1e3, floor: float = 1e-4, max_sweeps: int = 100, ridge: float = 1e-12,
-                 extra: int = 4, holdout_tol: float = 1e-6):
+    def __init__(
+        self,
+        gap: float = 1e3,
+        floor: float = 1e-4,
+        max_sweeps: int = 100,
+        ridge: float = 1e-12,
+        extra: int = 4,
+        holdout_tol: float = 1e-6,
+    ):
         self.gap, self.floor, self.max_sweeps, self.ridge, self.extra = gap, floor, max_sweeps, ridge, extra
         self.holdout_tol = holdout_tol
         self.attempts: list[tuple[int, int, float]] = []
@@ -216,21 +253,36 @@ class RankPolish:
         lam = self.ridge * float(s[0])
         prev_rel = math.inf
         for extra in range(self.extra + 1):
-            if U.shape[1] > min(problem.shape) // 2 or (self.deadline is not None and
-                                                        time.perf_counter() > self.deadline):
+            if U.shape[1] > min(problem.shape) // 2 or (
+                self.deadline is not None and time.perf_counter() > self.deadline
+            ):
                 break
-            if extra:  # one more direction: the top singular pair of the rank-r fit's residual (sparse, seeded)
+            if (
+                extra
+            ):  # one more direction: the top singular pair of the rank-r fit's residual (sparse, seeded)
                 from .sparse import entry_dots, sparse_top_svd
 
                 res = problem.y - entry_dots(U, V, E.rows, E.cols) - b[E.rows] - c[E.cols]
                 p = len(E) / (problem.shape[0] * problem.shape[1])
-                pu, ps, pv = sparse_top_svd(E, res / p, 1, generator=torch.Generator().manual_seed(t),
-                                            power_iters=8)
+                pu, ps, pv = sparse_top_svd(
+                    E, res / p, 1, generator=torch.Generator().manual_seed(t), power_iters=8
+                )
                 g = float(ps[0]) ** 0.5
                 U, V = torch.cat([U, pu[:, :1] * g], 1), torch.cat([V, pv[:, :1] * g], 1)
             U, V, b, c, sse, sweeps = als_with_biases_entries(
-                E, problem.y, U, V, b, c, lam=lam, bias_reg=problem.reg, fit_biases=problem.fit_biases,
-                target_sse=target_sse, max_sweeps=self.max_sweeps, deadline=self.deadline)
+                E,
+                problem.y,
+                U,
+                V,
+                b,
+                c,
+                lam=lam,
+                bias_reg=problem.reg,
+                fit_biases=problem.fit_biases,
+                target_sse=target_sse,
+                max_sweeps=self.max_sweeps,
+                deadline=self.deadline,
+            )
             rel = math.sqrt(max(sse, 0.0) / y2)
             self.attempts.append((t, U.shape[1], rel))
             if sse <= target_sse and extra:
@@ -241,8 +293,11 @@ class RankPolish:
             if sse <= target_sse:
                 self._write(model, U, V)
                 problem.load_trained_state((b, c))
-                how = f"the escaped rank {r}" if not extra else \
-                    f"the escaped rank {r} + {extra} direction(s) from the residual"
+                how = (
+                    f"the escaped rank {r}"
+                    if not extra
+                    else f"the escaped rank {r} + {extra} direction(s) from the residual"
+                )
                 return f"polished by ALS at rank {U.shape[1]} ({how}) after {sweeps} sweeps at iteration {t}"
             # add a direction only past a genuine rank-limited optimum (ALS stalled, not out of sweeps)
             # and, beyond the first, only while the last one took at least a fifth of the residual
@@ -262,10 +317,23 @@ class RankPolish:
         rh, ch, yh = problem.rows[pick], problem.cols[pick], problem.y[pick]
         keep = torch.ones(n_obs, dtype=torch.bool, device=problem.rows.device)
         keep[pick] = False
-        E2 = self._entries_of(problem).subset(keep)  # W, Y (dense, from _dense_problem) are not needed any more
-        U2, V2, b2, c2, _, _ = als_with_biases_entries(E2, problem.y[keep], U, V, b, c, lam=lam, bias_reg=problem.reg,
-                                                       fit_biases=problem.fit_biases, target_sse=0.95 * target_sse,
-                                                       max_sweeps=self.max_sweeps, deadline=self.deadline)
+        E2 = self._entries_of(problem).subset(
+            keep
+        )  # W, Y (dense, from _dense_problem) are not needed any more
+        U2, V2, b2, c2, _, _ = als_with_biases_entries(
+            E2,
+            problem.y[keep],
+            U,
+            V,
+            b,
+            c,
+            lam=lam,
+            bias_reg=problem.reg,
+            fit_biases=problem.fit_biases,
+            target_sse=0.95 * target_sse,
+            max_sweeps=self.max_sweeps,
+            deadline=self.deadline,
+        )
         pred = (U2[rh] * V2[ch]).sum(1) + b2[rh] + c2[ch]
         err = float((pred - yh).norm() / yh.norm().clamp_min(1e-300))
         return err <= self.holdout_tol, err

@@ -10,6 +10,7 @@ Every problem offers ``loss_and_grad(Phi)`` -> (loss, df/dPhi (m, n)) and
 ``factored_loss_and_grads(X, Bt)`` for ``Phi = X @ Bt.T`` -> (loss, df/dX (m, k), df/dBt (n, k));
 completion implements the latter on the observed entries only (never forming an (m, n) matrix).
 """
+
 from __future__ import annotations
 
 import math
@@ -17,8 +18,15 @@ import warnings
 
 import torch
 
-__all__ = ["Problem", "Completion", "Sensing", "Factorization", "low_rank_target", "random_mask",
-           "relative_error"]
+__all__ = [
+    "Problem",
+    "Completion",
+    "Sensing",
+    "Factorization",
+    "low_rank_target",
+    "random_mask",
+    "relative_error",
+]
 
 
 def relative_error(X: torch.Tensor, M: torch.Tensor) -> float:
@@ -26,8 +34,13 @@ def relative_error(X: torch.Tensor, M: torch.Tensor) -> float:
     return float(torch.linalg.matrix_norm(X - M) / torch.linalg.matrix_norm(M))
 
 
-def low_rank_target(shape: tuple[int, int], rank: int, *, generator: torch.Generator | None = None,
-                    dtype: torch.dtype = torch.float64) -> torch.Tensor:
+def low_rank_target(
+    shape: tuple[int, int],
+    rank: int,
+    *,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
     """``U V^T / (m n)^(1/4)`` with U (m, r), V (n, r) i.i.d. N(0, 1): rank r, singular values
     about ``(m n)^(1/4)`` (sqrt(d) for a square d x d target)."""
     m, n = shape
@@ -39,8 +52,9 @@ def low_rank_target(shape: tuple[int, int], rank: int, *, generator: torch.Gener
     return ((U @ V.T) / (m * n) ** 0.25).to(dtype)
 
 
-def random_mask(shape: tuple[int, int], fraction: float, *, generator: torch.Generator | None = None
-                ) -> torch.Tensor:
+def random_mask(
+    shape: tuple[int, int], fraction: float, *, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Boolean (m, n) mask with each entry observed independently with probability ``fraction``."""
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"fraction must be in (0, 1], got {fraction}")
@@ -95,8 +109,9 @@ class Problem:
         """The loss (differentiable by autograd: used by the tests as the reference)."""
         raise NotImplementedError
 
-    def factored_loss_and_grads(self, X: torch.Tensor, Bt: torch.Tensor
-                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def factored_loss_and_grads(
+        self, X: torch.Tensor, Bt: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Loss and gradients for ``Phi = X @ Bt.T``: X (m, k), Bt (n, k) -> (loss, dX, dBt)."""
         loss, G = self.loss_and_grad(X @ Bt.T)
         return loss, G @ Bt, G.T @ X
@@ -137,13 +152,20 @@ class Sensing(Problem):
     operators: (p, m, n) measurement matrices; measurements: (p,); truth: optional (m, n).
     """
 
-    def __init__(self, operators: torch.Tensor, measurements: torch.Tensor, reduction: str = "mean",
-                 truth: torch.Tensor | None = None) -> None:
+    def __init__(
+        self,
+        operators: torch.Tensor,
+        measurements: torch.Tensor,
+        reduction: str = "mean",
+        truth: torch.Tensor | None = None,
+    ) -> None:
         if operators.ndim != 3:
             raise ValueError(f"operators must have shape (p, m, n), got {tuple(operators.shape)}")
         if measurements.shape != operators.shape[:1]:
-            raise ValueError(f"measurements must have shape ({operators.shape[0]},) to match the "
-                             f"operators, got {tuple(measurements.shape)}")
+            raise ValueError(
+                f"measurements must have shape ({operators.shape[0]},) to match the "
+                f"operators, got {tuple(measurements.shape)}"
+            )
         if not (torch.isfinite(operators).all() and torch.isfinite(measurements).all()):
             raise ValueError("operators / measurements contain NaN/Inf; drop those measurements")
         p = operators.shape[0]
@@ -155,14 +177,20 @@ class Sensing(Problem):
         self.truth = None if truth is None else truth.to(torch.float64)
 
     @classmethod
-    def gaussian(cls, truth: torch.Tensor, n_measurements: int, *, generator: torch.Generator | None = None,
-                 reduction: str = "mean") -> "Sensing":
+    def gaussian(
+        cls,
+        truth: torch.Tensor,
+        n_measurements: int,
+        *,
+        generator: torch.Generator | None = None,
+        reduction: str = "mean",
+    ) -> Sensing:
         """Gaussian operators with i.i.d. N(0, 1/p) entries applied to ``truth``."""
         m, n = truth.shape
         dev = "cpu" if generator is None else generator.device
         A = torch.randn(n_measurements, m, n, generator=generator, dtype=torch.float64, device=dev)
         A = A.to(truth.device) / math.sqrt(n_measurements)
-        y = (A.reshape(n_measurements, -1) @ truth.reshape(-1).to(torch.float64))
+        y = A.reshape(n_measurements, -1) @ truth.reshape(-1).to(torch.float64)
         return cls(A, y, reduction=reduction, truth=truth)
 
     def zero_loss(self) -> float:
@@ -188,16 +216,24 @@ class Completion(Problem):
     Everything is allocated on ``observed``'s device.
     """
 
-    def __init__(self, observed: torch.Tensor, mask: torch.Tensor, reduction: str = "mean",
-                 truth: torch.Tensor | None = None, test: tuple | None = None,
-                 sparse_max_width: int | None = None) -> None:
+    def __init__(
+        self,
+        observed: torch.Tensor,
+        mask: torch.Tensor,
+        reduction: str = "mean",
+        truth: torch.Tensor | None = None,
+        test: tuple | None = None,
+        sparse_max_width: int | None = None,
+    ) -> None:
         if not isinstance(observed, torch.Tensor) or not isinstance(mask, torch.Tensor):
             raise ValueError("observed and mask must be torch tensors")
         if observed.ndim != 2:
             raise ValueError(f"observed must be a 2-D matrix, got shape {tuple(observed.shape)}")
         if mask.shape != observed.shape:
-            raise ValueError(f"mask has shape {tuple(mask.shape)} but observed has shape "
-                             f"{tuple(observed.shape)}; pass a boolean mask of the same shape as the matrix")
+            raise ValueError(
+                f"mask has shape {tuple(mask.shape)} but observed has shape "
+                f"{tuple(observed.shape)}; pass a boolean mask of the same shape as the matrix"
+            )
         mask = mask.to(torch.bool)
         idx = mask.nonzero()
         if idx.shape[0] == 0:
@@ -209,8 +245,10 @@ class Completion(Problem):
         self.values = observed.to(torch.float64)[self.rows, self.cols].contiguous()
         if not torch.isfinite(self.values).all():
             bad = int((~torch.isfinite(self.values)).sum())
-            raise ValueError(f"{bad} observed entries are NaN/Inf; drop them from the mask "
-                             "(mask &= torch.isfinite(observed)) or fill them")
+            raise ValueError(
+                f"{bad} observed entries are NaN/Inf; drop them from the mask "
+                "(mask &= torch.isfinite(observed)) or fill them"
+            )
         self.reduction = _check_reduction(reduction)
         self.n_observed = int(self.rows.numel())
         self.scale = 1.0 / self.n_observed if reduction == "mean" else 1.0
@@ -235,8 +273,9 @@ class Completion(Problem):
         self._mask_dense: torch.Tensor | None = None
 
     @classmethod
-    def from_entries(cls, rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor,
-                     shape: tuple[int, int], **kwargs) -> "Completion":
+    def from_entries(
+        cls, rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, shape: tuple[int, int], **kwargs
+    ) -> Completion:
         """Build from index lists (duplicates: the last one wins)."""
         dev = values.device
         M = torch.zeros(shape, dtype=torch.float64, device=dev)
@@ -286,9 +325,17 @@ class Completion(Problem):
         r.mul_(self.scale)
         with warnings.catch_warnings():  # "sparse CSR support is in beta"
             warnings.simplefilter("ignore", UserWarning)
-            S = torch.sparse_csr_tensor(self._crow, self.cols, r, (m, n), check_invariants=False, device=r.device)
-            St = torch.sparse_csr_tensor(self._crow_t, self._col_t, r.index_select(0, self._perm), (n, m),
-                                         check_invariants=False, device=r.device)
+            S = torch.sparse_csr_tensor(
+                self._crow, self.cols, r, (m, n), check_invariants=False, device=r.device
+            )
+            St = torch.sparse_csr_tensor(
+                self._crow_t,
+                self._col_t,
+                r.index_select(0, self._perm),
+                (n, m),
+                check_invariants=False,
+                device=r.device,
+            )
         return loss, S @ Bt, St @ X
 
     _CHUNK = 8192  # entries per gather block: two (chunk, k) float64 buffers stay in cache
@@ -309,8 +356,11 @@ class Completion(Problem):
         key = (k, X.dtype, X.device)
         if getattr(self, "_buf_key", None) != key:
             C = min(self._CHUNK, self.n_observed)
-            self._buf = (torch.empty(C, k, dtype=X.dtype, device=X.device),
-                         torch.empty(C, k, dtype=X.dtype, device=X.device), torch.ones(k, dtype=X.dtype, device=X.device))
+            self._buf = (
+                torch.empty(C, k, dtype=X.dtype, device=X.device),
+                torch.empty(C, k, dtype=X.dtype, device=X.device),
+                torch.ones(k, dtype=X.dtype, device=X.device),
+            )
             self._blocks = [(s, min(s + C, self.n_observed)) for s in range(0, self.n_observed, C)]
             self._buf_key = key
         b1, b2, ones = self._buf
@@ -341,7 +391,9 @@ class Completion(Problem):
             torch.take(X[s:e] @ BtT, local, out=out[a:b])
         return out.sub_(self.values)
 
-    def predict(self, X: torch.Tensor, Bt: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    def predict(
+        self, X: torch.Tensor, Bt: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor
+    ) -> torch.Tensor:
         """Entries ``(X Bt^T)[rows, cols]`` without forming the matrix."""
         return (X.index_select(0, rows) * Bt.index_select(0, cols)).sum(1)
 

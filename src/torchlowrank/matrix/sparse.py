@@ -9,6 +9,7 @@
   fallback to LU for a numerically singular row).
 - :func:`sparse_top_svd`: a seeded randomized SVD of ``P_Omega(R)`` from CSR products.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -16,6 +17,7 @@ import warnings
 import torch
 
 __all__ = ["Entries", "row_grams", "ridge_rows", "sparse_top_svd", "entry_dots"]
+
 
 class Entries:
     """Observed entries of an (m, n) matrix: ``rows``, ``cols`` (int64) and ``values`` (float) of
@@ -44,10 +46,10 @@ class Entries:
     def __len__(self) -> int:
         return int(self.rows.numel())
 
-    def subset(self, keep: torch.Tensor) -> "Entries":
+    def subset(self, keep: torch.Tensor) -> Entries:
         return Entries(self.rows[keep], self.cols[keep], self.values[keep], self.shape)
 
-    def transpose(self) -> "Entries":
+    def transpose(self) -> Entries:
         return Entries(self.cols, self.rows, self.values, (self.shape[1], self.shape[0]))
 
     def _csr(self, r: torch.Tensor, transpose: bool) -> torch.Tensor:
@@ -55,10 +57,17 @@ class Entries:
         with warnings.catch_warnings():  # "sparse CSR support is in beta" (locally, no global filter)
             warnings.simplefilter("ignore", UserWarning)
             if transpose:
-                return torch.sparse_csr_tensor(self._crow_t, self._row_sorted, r[self._order_t], (n, m),
-                                               check_invariants=False, device=r.device)
-            return torch.sparse_csr_tensor(self._crow, self._col_sorted, r[self._order], (m, n),
-                                           check_invariants=False, device=r.device)
+                return torch.sparse_csr_tensor(
+                    self._crow_t,
+                    self._row_sorted,
+                    r[self._order_t],
+                    (n, m),
+                    check_invariants=False,
+                    device=r.device,
+                )
+            return torch.sparse_csr_tensor(
+                self._crow, self._col_sorted, r[self._order], (m, n), check_invariants=False, device=r.device
+            )
 
     def matmul(self, r: torch.Tensor, F: torch.Tensor) -> torch.Tensor:
         """``P_Omega(R) @ F`` (m, q) for R given at the entries as ``r`` (N,), F (n, q)."""
@@ -69,8 +78,9 @@ class Entries:
         return self._csr(r.to(F.dtype), True) @ F
 
 
-def entry_dots(A: torch.Tensor, B: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
-               chunk: int = 1 << 16) -> torch.Tensor:
+def entry_dots(
+    A: torch.Tensor, B: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, chunk: int = 1 << 16
+) -> torch.Tensor:
     """``(A B^T)[rows, cols]`` without forming the matrix: A (m, q), B (n, q) -> (N,), in chunks
     (no (N, q) temporary beyond ``chunk`` rows)."""
     N = rows.numel()
@@ -81,8 +91,9 @@ def entry_dots(A: torch.Tensor, B: torch.Tensor, rows: torch.Tensor, cols: torch
     return out
 
 
-def row_grams(E: Entries, F: torch.Tensor, target: torch.Tensor | None = None, transpose: bool = False
-              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+def row_grams(
+    E: Entries, F: torch.Tensor, target: torch.Tensor | None = None, transpose: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """For every row i of the pattern of ``E`` (of its transpose with ``transpose=True``):
     ``G_i = sum_{j in Omega_i} F_j F_j^T`` (q x q) and, with ``target`` (N,) given at the entries,
     ``h_i = sum_{j in Omega_i} target_ij F_j``. Both are CSR products, ``P_Omega(1) @ (F (x) F)`` and
@@ -106,14 +117,23 @@ def ridge_rows(G: torch.Tensor, h: torch.Tensor, diag: torch.Tensor) -> torch.Te
     bad = info != 0
     if bool(bad.any()):  # one host sync per solve: rows that are not positive definite
         Ab = A[bad]
-        Ab.diagonal(dim1=1, dim2=2).add_(1e-12 * Ab.diagonal(dim1=1, dim2=2).abs().amax(1, keepdim=True)
-                                         .clamp_min(1e-300))
+        Ab.diagonal(dim1=1, dim2=2).add_(
+            1e-12 * Ab.diagonal(dim1=1, dim2=2).abs().amax(1, keepdim=True).clamp_min(1e-300)
+        )
         x[bad] = torch.linalg.lstsq(Ab, h[bad].unsqueeze(-1)).solution.squeeze(-1)
     return x
 
 
-def sparse_top_svd(E: Entries, r: torch.Tensor, k: int, *, generator: torch.Generator | None = None,
-                   oversample: int = 8, power_iters: int = 4, dtype: torch.dtype = torch.float64):
+def sparse_top_svd(
+    E: Entries,
+    r: torch.Tensor,
+    k: int,
+    *,
+    generator: torch.Generator | None = None,
+    oversample: int = 8,
+    power_iters: int = 4,
+    dtype: torch.dtype = torch.float64,
+):
     """Top-``k`` SVD ``U (m, k), S (k,), V (n, k)`` of the sparse matrix ``P_Omega(R)`` (R given at
     the entries as ``r``): randomized range finder with ``power_iters`` power iterations, its
     Gaussian test matrix drawn from ``generator`` (on the CPU, then moved: results do not depend

@@ -1,4 +1,5 @@
 """Heuristics for the one-call API: a stable gradient-descent step and an assumed rank r_hat."""
+
 from __future__ import annotations
 
 import torch

@@ -14,6 +14,7 @@ with fixed orthonormal bases: ``V_1 = [orth([V_M, O^T U_M]), complement]`` (O = 
 (c = 1 for reduction "sum", 1/d^2 for "mean"): on the complement, Phi = rho^L (times an isometry),
 M = 0, so dLoss/dW_l = c rho^(2L-1) + weight_decay rho there.
 """
+
 from __future__ import annotations
 
 import torch
@@ -24,8 +25,9 @@ from .factorization import DeepFactorization, chain_products
 __all__ = ["rho_trajectory", "invariant_bases"]
 
 
-def rho_trajectory(eps: float, lr: float, depth: int, steps: int, scale: float = 1.0,
-                   weight_decay: float = 0.0) -> torch.Tensor:
+def rho_trajectory(
+    eps: float, lr: float, depth: int, steps: int, scale: float = 1.0, weight_decay: float = 0.0
+) -> torch.Tensor:
     """rho(0..steps) (float64) from the scalar recursion above."""
     rho = [float(eps)]
     for _ in range(steps):
@@ -35,8 +37,9 @@ def rho_trajectory(eps: float, lr: float, depth: int, steps: int, scale: float =
 
 
 @torch.no_grad()
-def invariant_bases(model: DeepFactorization, U_M: torch.Tensor, V_M: torch.Tensor
-                    ) -> tuple[list[torch.Tensor], list[torch.Tensor], int]:
+def invariant_bases(
+    model: DeepFactorization, U_M: torch.Tensor, V_M: torch.Tensor
+) -> tuple[list[torch.Tensor], list[torch.Tensor], int]:
     """(U_ls, V_ls, k) for a freshly initialised square width-d ``model`` and the target's singular
     vectors U_M, V_M (d, r): full d x d orthonormal bases whose first k (= 2r generically) columns
     span the moving block; columns k: are the fixed complement."""
@@ -49,8 +52,9 @@ def invariant_bases(model: DeepFactorization, U_M: torch.Tensor, V_M: torch.Tens
     block = orthonormal_basis(torch.cat([V_M.to(O.dtype), O.T @ U_M.to(O.dtype)], dim=1))
     k = block.shape[1]
     # complete to a full basis: the left singular vectors of I - block block^T beyond k
-    Q, _ = torch.linalg.qr(torch.cat([block, torch.randn(n, n, dtype=O.dtype,
-                                                         generator=torch.Generator().manual_seed(0))], 1))
+    Q, _ = torch.linalg.qr(
+        torch.cat([block, torch.randn(n, n, dtype=O.dtype, generator=torch.Generator().manual_seed(0))], 1)
+    )
     V1 = torch.cat([block, Q[:, k:n]], dim=1)
     Vs, Us = [], []
     V = V1

@@ -31,6 +31,7 @@ iteration, rejected or not. The loss is then monotone, and the step follows the 
 on the initial plateau of a small initialisation (curvature ~ init scale) it grows by orders of
 magnitude, which is where fixed-step GD spends most of its iterations.
 """
+
 from __future__ import annotations
 
 import math
@@ -146,16 +147,21 @@ class GDConfig:
 
     def validate(self, lr, problem) -> None:
         """ValueError for a bad option (or an lr / problem that cannot go with them)."""
-        if self.num_threads is not None and (isinstance(self.num_threads, bool) or not isinstance(self.num_threads, int)
-                                             or self.num_threads < 1):
+        if self.num_threads is not None and (
+            isinstance(self.num_threads, bool)
+            or not isinstance(self.num_threads, int)
+            or self.num_threads < 1
+        ):
             raise ValueError(f"num_threads must be a positive int or None, got {self.num_threads!r}")
         if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
             raise ValueError(f"lr must be a positive finite number, got {lr!r}")
         if self.eval_every < 1 or self.check_every < 1 or self.window < 1:
             raise ValueError("eval_every, check_every and window must be >= 1")
         if not (self.tol >= 0 and self.ftol >= 0 and 0 < self.escape < 1):
-            raise ValueError(f"need tol >= 0, ftol >= 0 and 0 < escape < 1, got {self.tol!r}, {self.ftol!r}, "
-                             f"{self.escape!r}")
+            raise ValueError(
+                f"need tol >= 0, ftol >= 0 and 0 < escape < 1, got {self.tol!r}, {self.ftol!r}, "
+                f"{self.escape!r}"
+            )
         if self.adaptive and not (self.grow >= 1 and math.isfinite(self.grow)):
             raise ValueError(f"grow must be a finite number >= 1, got {self.grow!r}")
         if self.polish is not None and not callable(self.polish):
@@ -224,23 +230,63 @@ def train_gd(model, problem, lr: float, *, config: GDConfig | None = None, **opt
             return train_gd(model, problem, lr, config=replace(cfg, num_threads=None))
         finally:
             torch.set_num_threads(saved)
-    (max_iters, tol, ftol, window, target_error, weight_decay, eval_every, check_every, blowup, escape, validation,
-     patience, time_limit, callback, progress, adaptive, grow, polish, decay_from_escape) = (
-        cfg.max_iters, cfg.tol, cfg.ftol, cfg.window, cfg.target_error, cfg.weight_decay, cfg.eval_every,
-        cfg.check_every, cfg.blowup, cfg.escape, cfg.validation, cfg.patience, cfg.time_limit, cfg.callback,
-        cfg.progress, cfg.adaptive, cfg.grow, cfg.polish, cfg.decay_from_escape)
+    (
+        max_iters,
+        tol,
+        ftol,
+        window,
+        target_error,
+        weight_decay,
+        eval_every,
+        check_every,
+        blowup,
+        escape,
+        validation,
+        patience,
+        time_limit,
+        callback,
+        progress,
+        adaptive,
+        grow,
+        polish,
+        decay_from_escape,
+    ) = (
+        cfg.max_iters,
+        cfg.tol,
+        cfg.ftol,
+        cfg.window,
+        cfg.target_error,
+        cfg.weight_decay,
+        cfg.eval_every,
+        cfg.check_every,
+        cfg.blowup,
+        cfg.escape,
+        cfg.validation,
+        cfg.patience,
+        cfg.time_limit,
+        cfg.callback,
+        cfg.progress,
+        cfg.adaptive,
+        cfg.grow,
+        cfg.polish,
+        cfg.decay_from_escape,
+    )
     unit = float(problem.unit)
     params = list(model.factor_parameters())
     scales = model.lr_scales()
     eta = float(lr)
     has_state = problem.trained_state() is not None
-    accepted = None  # adaptive: (objective, grads, params copy, problem state, loss) at the last accepted point
+    accepted = (
+        None  # adaptive: (objective, grads, params copy, problem state, loss) at the last accepted point
+    )
     n_rejected = 0
     last_trial_finite = True
     wd_prev = weight_decay if not decay_from_escape else 0.0
     hist = History()
 
-    def objective(loss, wd) -> float:  # what adaptive GD descends: loss + wd / 2 * sum ||p||^2 (trained factors)
+    def objective(
+        loss, wd
+    ) -> float:  # what adaptive GD descends: loss + wd / 2 * sum ||p||^2 (trained factors)
         out = float(loss)
         if wd:
             out += 0.5 * wd * sum(float(p.square().sum()) for p, sc in zip(params, scales) if sc)
@@ -297,20 +343,30 @@ def train_gd(model, problem, lr: float, *, config: GDConfig | None = None, **opt
             if adaptive:
                 lt = objective(loss, wd)
                 # the last step raised the loss (beyond its rounding error, ~eps * ||residual|| * ||target||): undo it
-                if accepted is not None and not (lt <= accepted[0] + 1e-13 * math.sqrt(max(accepted[0], 0.0) * zero_loss)):
+                if accepted is not None and not (
+                    lt <= accepted[0] + 1e-13 * math.sqrt(max(accepted[0], 0.0) * zero_loss)
+                ):
                     last_trial_finite = math.isfinite(lt)
                     for p, q in zip(params, accepted[2]):
                         p.copy_(q)
                     if accepted[3] is not None:
                         problem.load_trained_state(accepted[3])
-                    loss, grads = accepted[4], accepted[1]  # the accepted point's loss (without the decay term)
+                    loss, grads = (
+                        accepted[4],
+                        accepted[1],
+                    )  # the accepted point's loss (without the decay term)
                     eta *= 0.5
                     n_rejected += 1
                 else:
                     if accepted is not None:
                         eta *= grow
-                    accepted = (lt, grads, [p.detach().clone() for p in params],
-                                problem.trained_state() if has_state else None, loss)
+                    accepted = (
+                        lt,
+                        grads,
+                        [p.detach().clone() for p in params],
+                        problem.trained_state() if has_state else None,
+                        loss,
+                    )
             train_time += time.perf_counter() - t0
             checked = t % check_every == 0 or t == max_iters
             if checked:
@@ -319,22 +375,28 @@ def train_gd(model, problem, lr: float, *, config: GDConfig | None = None, **opt
                     if last_trial_finite:  # no step decreases the loss: a (numerically) stationary point
                         reason = "stationary"
                         rel_now = math.sqrt(max(lv, 0.0) / zero_loss)
-                        hist.message = (f"converged: no step decreased the train loss any more (the adaptive step fell "
-                                        f"to {eta:.3g} from lr={lr:g}) at iteration {t}, relative train residual "
-                                        f"{rel_now:.3g}: a numerically stationary point")
+                        hist.message = (
+                            f"converged: no step decreased the train loss any more (the adaptive step fell "
+                            f"to {eta:.3g} from lr={lr:g}) at iteration {t}, relative train residual "
+                            f"{rel_now:.3g}: a numerically stationary point"
+                        )
                     else:
                         reason = "blowup"
-                        hist.message = (f"gradient descent made no progress at iteration {t}: every step, down to "
-                                        f"{eta:.3g} (from lr={lr:g}), gave a non-finite loss; the problem's gradients "
-                                        "may be wrong or not finite")
+                        hist.message = (
+                            f"gradient descent made no progress at iteration {t}: every step, down to "
+                            f"{eta:.3g} (from lr={lr:g}), gave a non-finite loss; the problem's gradients "
+                            "may be wrong or not finite"
+                        )
                     break
                 if loss0 is None:
                     loss0 = max(lv, 1e-300)
                 if not math.isfinite(lv) or lv > blowup * loss0:
                     reason = "blowup"
-                    hist.message = (f"gradient descent diverged at iteration {t} (train loss {lv:.3g}, initial "
-                                    f"{loss0:.3g}); the step lr={lr:g} is too large for this problem: retry with "
-                                    f"a smaller step, e.g. lr={lr / 4:g}")
+                    hist.message = (
+                        f"gradient descent diverged at iteration {t} (train loss {lv:.3g}, initial "
+                        f"{loss0:.3g}); the step lr={lr:g} is too large for this problem: retry with "
+                        f"a smaller step, e.g. lr={lr / 4:g}"
+                    )
                     break
                 if hist.escaped_at is None and lv <= (1 - escape) * loss0:
                     hist.escaped_at = t
@@ -346,11 +408,15 @@ def train_gd(model, problem, lr: float, *, config: GDConfig | None = None, **opt
                     t1 = time.perf_counter()
                     saved = [p.detach().clone() for p in params]
                     saved_state = problem.trained_state() if has_state else None
-                    if time_limit is not None and hasattr(polish, "deadline"):  # the polish keeps the time limit too
+                    if time_limit is not None and hasattr(
+                        polish, "deadline"
+                    ):  # the polish keeps the time limit too
                         polish.deadline = wall0 + time_limit
                     msg = polish(t, model, problem, tol * tol * zero_loss)
                     if getattr(polish, "attempts", None):
-                        hist.polish_info = f"polish attempts (iteration, rank, relative residual): {polish.attempts}"
+                        hist.polish_info = (
+                            f"polish attempts (iteration, rank, relative residual): {polish.attempts}"
+                        )
                     if msg:
                         loss, grads = model.loss_and_grads(problem)  # the trainer's own check of the polish
                         lp = float(loss)
@@ -364,11 +430,17 @@ def train_gd(model, problem, lr: float, *, config: GDConfig | None = None, **opt
                             if saved_state is not None:
                                 problem.load_trained_state(saved_state)
                             loss, grads = model.loss_and_grads(problem)
-                            hist.polish_info = (f"{msg}; rejected: the trainer's loss {lp:.3g} > "
-                                                f"{tol * tol * zero_loss:.3g}")
+                            hist.polish_info = (
+                                f"{msg}; rejected: the trainer's loss {lp:.3g} > {tol * tol * zero_loss:.3g}"
+                            )
                             if adaptive:  # the restored point is the reference again
-                                accepted = (objective(loss, wd), grads, [p.detach().clone() for p in params],
-                                            problem.trained_state() if has_state else None, loss)
+                                accepted = (
+                                    objective(loss, wd),
+                                    grads,
+                                    [p.detach().clone() for p in params],
+                                    problem.trained_state() if has_state else None,
+                                    loss,
+                                )
                     train_time += time.perf_counter() - t1
                 elif hist.escaped_at is not None and ftol > 0 and t - hist.escaped_at >= window:
                     j = len(checks) - 1 - window // check_every
@@ -415,37 +487,49 @@ def train_gd(model, problem, lr: float, *, config: GDConfig | None = None, **opt
     hist.n_iters = t
     hist.train_time = train_time
     hist.final_lr = eta
-    budget = f"the iteration budget (max_iters={max_iters})" if reason == "max_iters" else \
-        f"the time limit ({time_limit} s) after {t} iterations"
+    budget = (
+        f"the iteration budget (max_iters={max_iters})"
+        if reason == "max_iters"
+        else f"the time limit ({time_limit} s) after {t} iterations"
+    )
     rel = math.sqrt(max(hist.train_loss[-1], 0.0) / zero_loss) if hist.train_loss else float("nan")
     if not hist.message:
         hist.message = {
             "target_error": f"converged: recovery error <= {target_error} at iteration {t}",
             "tol": f"converged: relative train residual {rel:.3g} <= tol={tol:g} at iteration {t}"
-                   + (f" ({hist.polish_info})" if hist.polished_at is not None else ""),
+            + (f" ({hist.polish_info})" if hist.polished_at is not None else ""),
             "stationary": f"converged: the train loss fell by less than a fraction ftol={ftol:g} over the last "
-                          f"{window} iterations (iteration {t}, relative train residual {rel:.3g})",
+            f"{window} iterations (iteration {t}, relative train residual {rel:.3g})",
             "patience": f"early stopped: validation RMSE did not improve for {patience} evaluations after the "
-                        f"escape at iteration {hist.escaped_at}; restored the parameters of iteration "
-                        f"{hist.best_iteration}",
+            f"escape at iteration {hist.escaped_at}; restored the parameters of iteration "
+            f"{hist.best_iteration}",
         }.get(reason, "")
         if status == "not_converged":
-            hist.message = (f"not converged: stopped at {budget} while the train loss was still falling "
-                            f"(relative train residual {rel:.3g}, tol={tol:g}).")
+            hist.message = (
+                f"not converged: stopped at {budget} while the train loss was still falling "
+                f"(relative train residual {rel:.3g}, tol={tol:g})."
+            )
             if validation is None:
-                hist.message += (" Raise max_iters / time_limit only if the data should be fitted exactly: on noisy "
-                                 "data more iterations fit the noise (early stopping on a validation set tells when "
-                                 "to stop).")
+                hist.message += (
+                    " Raise max_iters / time_limit only if the data should be fitted exactly: on noisy "
+                    "data more iterations fit the noise (early stopping on a validation set tells when "
+                    "to stop)."
+                )
         elif status == "stalled_at_init":
-            hist.message = (f"stalled at init: stopped at {budget} before the train loss fell by {escape:.0%} "
-                            f"from its initial value ({rel:.3g} relative residual): the network never left "
-                            f"its small initialisation; raise init_scale, the step lr={lr:g} or max_iters "
-                            f"(or normalise the data: tlr.matrix.complete does)")
+            hist.message = (
+                f"stalled at init: stopped at {budget} before the train loss fell by {escape:.0%} "
+                f"from its initial value ({rel:.3g} relative residual): the network never left "
+                f"its small initialisation; raise init_scale, the step lr={lr:g} or max_iters "
+                f"(or normalise the data: tlr.matrix.complete does)"
+            )
     if reason == "stationary" and rel > 1e-6:
-        warnings.warn(f"{hist.message}. The loss is flat but the fit is not exact: this is the optimum of noisy "
-                      "data, or a saddle between two learning stages of the deep factorization (they look alike). "
-                      "If the data should be fitted exactly, pass ftol=0 to run on to tol / max_iters.",
-                      RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"{hist.message}. The loss is flat but the fit is not exact: this is the optimum of noisy "
+            "data, or a saddle between two learning stages of the deep factorization (they look alike). "
+            "If the data should be fitted exactly, pass ftol=0 to run on to tol / max_iters.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     if status in FAILURE_STATUSES:
         warnings.warn(hist.message, RuntimeWarning, stacklevel=3)  # past the no_grad wrapper
     return hist

@@ -1,4 +1,5 @@
 """Small reference networks and the offline MiniLM loader."""
+
 from .lenet import LeNet5
 from .minilm import load_minilm, minilm_path
 from .mlp import MLP

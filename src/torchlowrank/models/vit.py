@@ -1,5 +1,6 @@
 """A small Vision Transformer with separate q / k / v projections (so each can be adapted,
 factorized or regularized on its own)."""
+
 from __future__ import annotations
 
 import torch
@@ -34,7 +35,9 @@ class Block(nn.Module):
         self.attn = Attention(dim, heads, dropout)
         self.norm2 = nn.LayerNorm(dim)
         hidden = int(dim * mlp_ratio)
-        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, dim))
+        self.mlp = nn.Sequential(
+            nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, dim)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.norm1(x))
@@ -45,8 +48,18 @@ class SmallViT(nn.Module):
     """x (N, C, H, W) -> logits (N, num_classes). Patch embedding (a Conv2d with stride = patch),
     a class token, learned position embeddings, ``depth`` pre-norm blocks, a linear head."""
 
-    def __init__(self, image_size: int = 28, patch_size: int = 7, in_channels: int = 1, num_classes: int = 10,
-                 dim: int = 64, depth: int = 4, heads: int = 4, mlp_ratio: float = 2.0, dropout: float = 0.0) -> None:
+    def __init__(
+        self,
+        image_size: int = 28,
+        patch_size: int = 7,
+        in_channels: int = 1,
+        num_classes: int = 10,
+        dim: int = 64,
+        depth: int = 4,
+        heads: int = 4,
+        mlp_ratio: float = 2.0,
+        dropout: float = 0.0,
+    ) -> None:
         super().__init__()
         if image_size % patch_size:
             raise ValueError(f"image_size ({image_size}) must be divisible by patch_size ({patch_size})")
@@ -61,7 +74,9 @@ class SmallViT(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-2:] != (self.image_size, self.image_size):
-            raise ValueError(f"SmallViT built for {self.image_size}x{self.image_size} images, got {tuple(x.shape[-2:])}")
+            raise ValueError(
+                f"SmallViT built for {self.image_size}x{self.image_size} images, got {tuple(x.shape[-2:])}"
+            )
         x = self.patch_embed(x).flatten(2).transpose(1, 2)  # (N, patches, dim)
         x = torch.cat([self.cls_token.expand(len(x), -1, -1), x], dim=1) + self.pos_embed
         for blk in self.blocks:

@@ -4,7 +4,15 @@
 LowRankLinear / LowRankConv2d layers, rank adaptive with ``tau > 0``. ``GaLoreAdamW``: the GaLore
 baseline (gradient projection), matching the ``galore-torch`` package's update.
 """
+
 from .galore import GaLoreAdamW
 from .geometric import LowRankAdam, LowRankSGD, NonFiniteStepError, lowrank_units, resize_to_state_dict
 
-__all__ = ["LowRankSGD", "LowRankAdam", "NonFiniteStepError", "GaLoreAdamW", "resize_to_state_dict", "lowrank_units"]
+__all__ = [
+    "LowRankSGD",
+    "LowRankAdam",
+    "NonFiniteStepError",
+    "GaLoreAdamW",
+    "resize_to_state_dict",
+    "lowrank_units",
+]

@@ -27,6 +27,7 @@ Host synchronisation (DESIGN §7): none in a step with ``refresh="warm"``, refre
 not ``eigh`` / ``svd``, which check their status). ``refresh="svd"``: one per refresh and matrix,
 ``torch.linalg.svd``'s status check.
 """
+
 from __future__ import annotations
 
 import math
@@ -40,7 +41,9 @@ from ..linalg import sign_fixed
 __all__ = ["GaLoreAdamW"]
 
 
-def _top_eigenvectors(C: torch.Tensor, rank: int, power_iters: int = 8, jacobi_iters: int = 12) -> torch.Tensor:
+def _top_eigenvectors(
+    C: torch.Tensor, rank: int, power_iters: int = 8, jacobi_iters: int = 12
+) -> torch.Tensor:
     """Top-``rank`` eigenvectors of a symmetric PSD C (..., k, k) -> (..., k, rank), eigenvalues descending.
 
     ``torch.linalg.eigh`` / ``svd`` check their status (a host synchronisation on CUDA); this uses QR
@@ -67,8 +70,14 @@ def _top_eigenvectors(C: torch.Tensor, rank: int, power_iters: int = 8, jacobi_i
     return X.gather(-1, order.unsqueeze(-2).expand(*X.shape[:-1], rank))
 
 
-def _subspace_basis(G: torch.Tensor, rank: int, start: torch.Tensor | None, iters: int, oversample: int,
-                    generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def _subspace_basis(
+    G: torch.Tensor,
+    rank: int,
+    start: torch.Tensor | None,
+    iters: int,
+    oversample: int,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Subspace iteration for the top right singular vectors of G (m, n): an orthonormal basis
     Q (n, k), k = rank + oversample, and the float64 Gram matrix C = (G Q)^T (G Q) (k, k) of its
     Rayleigh-Ritz step. No host synchronisation.
@@ -88,8 +97,14 @@ def _subspace_basis(G: torch.Tensor, rank: int, start: torch.Tensor | None, iter
     return Q, B.mT @ B
 
 
-def _top_subspace(G: torch.Tensor, rank: int, start: torch.Tensor | None, iters: int, oversample: int,
-                  generator: torch.Generator) -> torch.Tensor:
+def _top_subspace(
+    G: torch.Tensor,
+    rank: int,
+    start: torch.Tensor | None,
+    iters: int,
+    oversample: int,
+    generator: torch.Generator,
+) -> torch.Tensor:
     """Approximate top-``rank`` right singular vectors of G (m, n) -> (n, rank), sign-fixed
     (:func:`~torchlowrank.linalg.sign_fixed`): subspace iteration, then Rayleigh-Ritz. No host synchronisation."""
     Q, C = _subspace_basis(G, rank, start, iters, oversample, generator)
@@ -111,9 +126,20 @@ class GaLoreAdamW(Optimizer):
     ((m, r) or (r, n)) and ``ortho`` (the projector: P (r, n) or Q (m, r)) — tensors only.
     """
 
-    def __init__(self, params: Iterable, lr: float = 1e-3, rank: int = 128, update_gap: int = 200,
-                 scale: float = 0.25, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
-                 weight_decay: float = 0.0, refresh: str = "warm", power_iters: int = 2, oversample: int = 8) -> None:
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        rank: int = 128,
+        update_gap: int = 200,
+        scale: float = 0.25,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        refresh: str = "warm",
+        power_iters: int = 2,
+        oversample: int = 8,
+    ) -> None:
         if not lr > 0:
             raise ValueError(f"lr must be > 0, got {lr!r}")
         if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
@@ -126,8 +152,18 @@ class GaLoreAdamW(Optimizer):
             raise ValueError(f"betas must be in [0, 1), got {betas!r}")
         if power_iters < 1:
             raise ValueError(f"power_iters must be >= 1, got {power_iters!r}")
-        defaults = dict(lr=lr, rank=rank, update_gap=update_gap, scale=scale, betas=tuple(betas), eps=eps,
-                        weight_decay=weight_decay, refresh=refresh, power_iters=power_iters, oversample=oversample)
+        defaults = dict(
+            lr=lr,
+            rank=rank,
+            update_gap=update_gap,
+            scale=scale,
+            betas=tuple(betas),
+            eps=eps,
+            weight_decay=weight_decay,
+            refresh=refresh,
+            power_iters=power_iters,
+            oversample=oversample,
+        )
         super().__init__(params, defaults)
 
     @staticmethod
@@ -204,7 +240,7 @@ class GaLoreAdamW(Optimizer):
                 exp_avg.mul_(b1).add_(grad, alpha=1 - b1)
                 exp_avg_sq.mul_(b2).addcmul_(grad, grad, value=1 - b2)
                 denom = exp_avg_sq.sqrt().add_(group["eps"])
-                step_size = group["lr"] * math.sqrt(1 - b2 ** t) / (1 - b1 ** t)
+                step_size = group["lr"] * math.sqrt(1 - b2**t) / (1 - b1**t)
                 direction = exp_avg / denom
                 if project:
                     P = state["ortho"]
@@ -216,5 +252,9 @@ class GaLoreAdamW(Optimizer):
 
     def state_bytes(self) -> int:
         """Bytes held in optimizer state tensors (exact count)."""
-        return sum(v.numel() * v.element_size() for st in self.state.values() for v in st.values()
-                   if torch.is_tensor(v))
+        return sum(
+            v.numel() * v.element_size()
+            for st in self.state.values()
+            for v in st.values()
+            if torch.is_tensor(v)
+        )

@@ -37,6 +37,7 @@ Every other trainable parameter gets ordinary heavy ball (PyTorch SGD convention
 same optimizer. U and V get no weight decay and hold no state of their own; the unit's state
 (``rank``, ``step``, the (r, r) moments in the compute dtype) is stored under its U parameter.
 """
+
 from __future__ import annotations
 
 import math
@@ -63,9 +64,14 @@ class NonFiniteStepError(ValueError):
 
 def lowrank_units(model: nn.Module) -> list[tuple[str, _LowRankFactors]]:
     """``(name, layer)`` for every LowRankLinear / LowRankConv2d of ``model`` with trainable U, S, V."""
-    return [(n, m) for n, m in model.named_modules()
-            if isinstance(m, (LowRankLinear, LowRankConv2d)) and m.U.requires_grad and m.S.requires_grad
-            and m.V.requires_grad]
+    return [
+        (n, m)
+        for n, m in model.named_modules()
+        if isinstance(m, (LowRankLinear, LowRankConv2d))
+        and m.U.requires_grad
+        and m.S.requires_grad
+        and m.V.requires_grad
+    ]
 
 
 @torch.no_grad()
@@ -80,8 +86,11 @@ def resize_to_state_dict(model: nn.Module, state_dict: dict) -> None:
             key = f"{name}.S" if name else "S"
             if key in state_dict and state_dict[key].shape[0] != layer.rank:
                 k = state_dict[key].shape[0]
-                layer.set_factors(layer.U.new_zeros(layer.U.shape[0], k), layer.S.new_zeros(k),
-                                  layer.V.new_zeros(layer.V.shape[0], k))
+                layer.set_factors(
+                    layer.U.new_zeros(layer.U.shape[0], k),
+                    layer.S.new_zeros(k),
+                    layer.V.new_zeros(layer.V.shape[0], k),
+                )
 
 
 def _collect(model_or_params) -> tuple[list[tuple[str, _LowRankFactors]], list[tuple[str, nn.Parameter]]]:
@@ -103,24 +112,39 @@ def _collect(model_or_params) -> tuple[list[tuple[str, _LowRankFactors]], list[t
                 seen.add(id(item))
                 others.append((f"param[{j}]", item))
         else:
-            raise ValueError(f"model_or_params must be an nn.Module or an iterable of modules / parameters, got "
-                             f"an item of type {type(item).__name__}")
+            raise ValueError(
+                f"model_or_params must be an nn.Module or an iterable of modules / parameters, got "
+                f"an item of type {type(item).__name__}"
+            )
     if not units:
-        raise ValueError("no trainable LowRankLinear / LowRankConv2d layers found: the geometric optimizers update "
-                         "U diag(S) V^T factors. Convert the model first (tlr.factorize(model, ...)) or use "
-                         "torch.optim.AdamW / SGD for a dense model.")
+        raise ValueError(
+            "no trainable LowRankLinear / LowRankConv2d layers found: the geometric optimizers update "
+            "U diag(S) V^T factors. Convert the model first (tlr.factorize(model, ...)) or use "
+            "torch.optim.AdamW / SGD for a dense model."
+        )
     return units, others
 
 
-def _check_common(lr: float, weight_decay: float, tau: float, max_rank: int | None, min_rank: int,
-                  augment_every: int, sync_ranks: bool | None, rank_every: int, nonfinite: str) -> None:
+def _check_common(
+    lr: float,
+    weight_decay: float,
+    tau: float,
+    max_rank: int | None,
+    min_rank: int,
+    augment_every: int,
+    sync_ranks: bool | None,
+    rank_every: int,
+    nonfinite: str,
+) -> None:
     if sync_ranks not in (None, True, False):
         raise ValueError(f"sync_ranks must be None (automatic), True or False, got {sync_ranks!r}")
     for name, k in (("augment_every", augment_every), ("rank_every", rank_every)):
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"{name} must be an int >= 1, got {k!r}")
     if nonfinite not in ("skip", "raise"):
-        raise ValueError(f"nonfinite must be 'skip' (mask the step on the device) or 'raise', got {nonfinite!r}")
+        raise ValueError(
+            f"nonfinite must be 'skip' (mask the step on the device) or 'raise', got {nonfinite!r}"
+        )
     if not isinstance(lr, (int, float)) or not lr > 0 or not math.isfinite(lr):
         raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
     if not weight_decay >= 0:
@@ -129,7 +153,9 @@ def _check_common(lr: float, weight_decay: float, tau: float, max_rank: int | No
         raise ValueError(f"tau must be in [0, 1) (0 keeps the rank fixed), got {tau!r}")
     if isinstance(min_rank, bool) or not isinstance(min_rank, int) or min_rank < 1:
         raise ValueError(f"min_rank must be an int >= 1, got {min_rank!r}")
-    if max_rank is not None and (isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank < min_rank):
+    if max_rank is not None and (
+        isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank < min_rank
+    ):
         raise ValueError(f"max_rank must be None or an int >= min_rank ({min_rank}), got {max_rank!r}")
 
 
@@ -193,8 +219,10 @@ class _GeometricOptimizer(Optimizer):
         units, others = _collect(model_or_params)
         for name, m in units:
             if defaults["max_rank"] is not None and defaults["max_rank"] < m.rank:
-                raise ValueError(f"max_rank={defaults['max_rank']} is below the current rank {m.rank} of layer "
-                                 f"{name!r}; pass max_rank >= {max(u.rank for _, u in units)} or None")
+                raise ValueError(
+                    f"max_rank={defaults['max_rank']} is below the current rank {m.rank} of layer "
+                    f"{name!r}; pass max_rank >= {max(u.rank for _, u in units)} or None"
+                )
             if defaults["min_rank"] > min(m.U.shape[0], m.V.shape[0]):
                 raise ValueError(f"min_rank={defaults['min_rank']} exceeds the full rank of layer {name!r}")
         groups = [{"params": [m.U, m.S, m.V], "unit": name} for name, m in units]
@@ -252,8 +280,12 @@ class _GeometricOptimizer(Optimizer):
         from one float64 sum per stacked unit batch and per other parameter (NaN / Inf propagate
         into a sum). With ``nonfinite="raise"`` a non-finite gradient raises here instead (one sync)."""
         sums = [t.sum(dtype=torch.float64) for g in gathered for t in (g["A"], g["B"])]
-        sums += [p.grad.sum(dtype=torch.float64) for group in self.param_groups for p in group["params"]
-                 if p.grad is not None and (group["unit"] is None or p is group["params"][1])]
+        sums += [
+            p.grad.sum(dtype=torch.float64)
+            for group in self.param_groups
+            for p in group["params"]
+            if p.grad is not None and (group["unit"] is None or p is group["params"][1])
+        ]
         if not sums:
             return None
         finite = torch.stack(sums).isfinite().all()
@@ -271,8 +303,10 @@ class _GeometricOptimizer(Optimizer):
                         where = f"layer {group['unit']!r} (factor {which})"
                     else:
                         where = f"parameter {self._param_names.get(id(p), '?')!r}"
-                    raise NonFiniteStepError(f"non-finite gradient in {where}: step refused, no weight was changed. "
-                                     "Lower the learning rate, check the loss, or use gradient clipping.")
+                    raise NonFiniteStepError(
+                        f"non-finite gradient in {where}: step refused, no weight was changed. "
+                        "Lower the learning rate, check the loss, or use gradient clipping."
+                    )
 
     # ----- the common geometric step ----------------------------------------------------------
     def _batches(self) -> list[list[dict]]:
@@ -287,8 +321,14 @@ class _GeometricOptimizer(Optimizer):
             if layer.U.grad is None and name not in self._probes:
                 continue
             hyper = tuple((k, v) for k, v in sorted(group.items()) if k not in ("params", "unit"))
-            key = (tuple(layer.U.shape), tuple(layer.V.shape), layer.U.dtype, layer.U.device,
-                   self.state[layer.U].get("step", 0), hyper)
+            key = (
+                tuple(layer.U.shape),
+                tuple(layer.V.shape),
+                layer.U.dtype,
+                layer.U.device,
+                self.state[layer.U].get("step", 0),
+                hyper,
+            )
             out.setdefault(key, []).append(group)
         return list(out.values())
 
@@ -303,11 +343,16 @@ class _GeometricOptimizer(Optimizer):
         if not have:
             return None
         groups, layers, grads = [groups[i] for i in have], [layers[i] for i in have], [grads[i] for i in have]
-        return dict(groups=groups, layers=layers, cd=cd,
-                    A=torch.stack([a for a, _ in grads]), B=torch.stack([b for _, b in grads]),
-                    U=torch.stack([layer.U.detach() for layer in layers]).to(cd),
-                    V=torch.stack([layer.V.detach() for layer in layers]).to(cd),
-                    s=torch.stack([layer.S.detach() for layer in layers]).to(cd))
+        return dict(
+            groups=groups,
+            layers=layers,
+            cd=cd,
+            A=torch.stack([a for a, _ in grads]),
+            B=torch.stack([b for _, b in grads]),
+            U=torch.stack([layer.U.detach() for layer in layers]).to(cd),
+            V=torch.stack([layer.V.detach() for layer in layers]).to(cd),
+            s=torch.stack([layer.S.detach() for layer in layers]).to(cd),
+        )
 
     @torch.no_grad()
     def _stepped_batch(self, batch: dict, finite: torch.Tensor | None) -> dict:
@@ -337,12 +382,16 @@ class _GeometricOptimizer(Optimizer):
         # a step so large that the core overflows is refused like a non-finite gradient
         ok = torch.isfinite(S_hat).all()
         if self.defaults["nonfinite"] == "raise" and not bool(ok):
-            raise NonFiniteStepError(f"the stepped core of layer(s) {[g['unit'] for g in groups]} is not finite: the step "
-                             f"overflowed (lr {group['lr']:g} too large?). Step refused, no weight was changed.")
+            raise NonFiniteStepError(
+                f"the stepped core of layer(s) {[g['unit'] for g in groups]} is not finite: the step "
+                f"overflowed (lr {group['lr']:g} too large?). Step refused, no weight was changed."
+            )
         ok = ok if finite is None else ok & finite
         S_hat = torch.where(ok, S_hat, unstepped)
         ranks = None
-        if group["tau"] > 0 and step % group["rank_every"] == 0:  # the whole spectrum: the rank may grow to 2r
+        if (
+            group["tau"] > 0 and step % group["rank_every"] == 0
+        ):  # the whole spectrum: the rank may grow to 2r
             Pm, d, Qh = torch.linalg.svd(S_hat)
             P, Q = sign_fixed(Pm, Qh.mT)
             full = min(U.shape[1], V.shape[1])
@@ -351,8 +400,28 @@ class _GeometricOptimizer(Optimizer):
             ranks = torch.where(ok, ranks, torch.full_like(ranks, r))  # a skipped step keeps its rank
         else:
             P, d, Q = top_subspace(S_hat, r)
-        return dict(groups=groups, layers=layers, states=states, U=U, V=V, U1=U1, V1=V1, TU=TU, TV=TV, EU=EU, EV=EV,
-                    P=P, d=d, Q=Q, s=s, moments=moments, ranks=ranks, r=r, step=step, ok=ok)
+        return dict(
+            groups=groups,
+            layers=layers,
+            states=states,
+            U=U,
+            V=V,
+            U1=U1,
+            V1=V1,
+            TU=TU,
+            TV=TV,
+            EU=EU,
+            EV=EV,
+            P=P,
+            d=d,
+            Q=Q,
+            s=s,
+            moments=moments,
+            ranks=ranks,
+            r=r,
+            step=step,
+            ok=ok,
+        )
 
     @torch.no_grad()
     def _apply_batch(self, core: dict, ranks: list[int] | None) -> None:
@@ -383,12 +452,12 @@ class _GeometricOptimizer(Optimizer):
             return
         for i, (group, layer, state) in enumerate(zip(core["groups"], core["layers"], states)):
             r1 = ranks[i]  # a rank decision step: ranks differ per layer (ok False keeps r)
-            P1, Q1 = P[i:i + 1, :, :r1], Q[i:i + 1, :, :r1]
+            P1, Q1 = P[i : i + 1, :, :r1], Q[i : i + 1, :, :r1]
             U_new, V_new = self._new_bases(core, P1, Q1, r, i)
             if core["step"] % 8 == 0:
                 U_new, V_new = _reorthonormalize(U_new), _reorthonormalize(V_new)
             for key, (M, kind) in core["moments"].items():
-                state[key] = self._transported(M[i:i + 1], kind, P1, Q1)[0]
+                state[key] = self._transported(M[i : i + 1], kind, P1, Q1)[0]
             state["rank"], state["step"] = r1, core["step"]
             layer.set_factors(U_new[0], d[i, :r1], V_new[0])
             if r1 != r:
@@ -398,18 +467,25 @@ class _GeometricOptimizer(Optimizer):
                 self._update_probe(group["unit"])
 
     @staticmethod
-    def _new_bases(core: dict, P: torch.Tensor, Q: torch.Tensor, r: int, i: int | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _new_bases(
+        core: dict, P: torch.Tensor, Q: torch.Tensor, r: int, i: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """[U, U1] P and [V, V1] Q for a stack (or unit ``i``), with U1 = Q1 T - U E (the complement
         basis): U (P_top - E P_bottom) + Q1 (T P_bottom), no pass over a formed U1."""
-        pick = (lambda t: t) if i is None else (lambda t: t[i:i + 1])
+        pick = (lambda t: t) if i is None else (lambda t: t[i : i + 1])
         U, V = pick(core["U"]), pick(core["V"])
         if core["U1"] is None:
             return U @ P, V @ Q
-        U_new = torch.baddbmm(pick(core["U1"]) @ (pick(core["TU"]) @ P[:, r:]), U,
-                              torch.baddbmm(P[:, :r], pick(core["EU"]), P[:, r:], alpha=-1))
-        V_new = torch.baddbmm(pick(core["V1"]) @ (pick(core["TV"]) @ Q[:, r:]), V,
-                              torch.baddbmm(Q[:, :r], pick(core["EV"]), Q[:, r:], alpha=-1))
+        U_new = torch.baddbmm(
+            pick(core["U1"]) @ (pick(core["TU"]) @ P[:, r:]),
+            U,
+            torch.baddbmm(P[:, :r], pick(core["EU"]), P[:, r:], alpha=-1),
+        )
+        V_new = torch.baddbmm(
+            pick(core["V1"]) @ (pick(core["TV"]) @ Q[:, r:]),
+            V,
+            torch.baddbmm(Q[:, :r], pick(core["EV"]), Q[:, r:], alpha=-1),
+        )
         return U_new, V_new
 
     @staticmethod
@@ -449,15 +525,16 @@ class _GeometricOptimizer(Optimizer):
             values = self._agree_on_ranks(torch.cat([c["ranks"] for c in decided]))
             for j, c in enumerate(cores):
                 if c["ranks"] is not None:
-                    ranks[j], values = values[:len(c["groups"])], values[len(c["groups"]):]
+                    ranks[j], values = values[: len(c["groups"])], values[len(c["groups"]) :]
         self.ranks_changed = False
         for core, rk in zip(cores, ranks):
             self._apply_batch(core, rk)
         return loss, [g for g in self.param_groups if g["unit"] is None], finite
 
     @staticmethod
-    def _stack_moment(states: list[dict], key: str, shape: tuple[int, int], r: int, like: torch.Tensor
-                      ) -> torch.Tensor:
+    def _stack_moment(
+        states: list[dict], key: str, shape: tuple[int, int], r: int, like: torch.Tensor
+    ) -> torch.Tensor:
         """The units' (r, r) moments in the augmented basis [U, U1] x [V, V1]: zero padding (b, p, q)."""
         out = torch.zeros((len(states), *shape), dtype=like.dtype, device=like.device)
         if key in states[0]:
@@ -467,7 +544,9 @@ class _GeometricOptimizer(Optimizer):
     def _syncs_ranks(self) -> bool:
         return self.defaults["sync_ranks"] is not False and tlr_dist.is_distributed()
 
-    def _agree_on_ranks(self, proposed: torch.Tensor | list[int], device: torch.device | None = None) -> list[int]:
+    def _agree_on_ranks(
+        self, proposed: torch.Tensor | list[int], device: torch.device | None = None
+    ) -> list[int]:
         """The proposed ranks as Python ints: the one synchronisation of a rank decision step.
         Under DDP rank 0's decisions (one broadcast): the gradients DDP all-reduces are the same on
         every rank, so the decisions already agree up to each process's rounding; the broadcast makes
@@ -497,8 +576,17 @@ class _GeometricOptimizer(Optimizer):
         self._resized = set()
         if not names:
             return
-        sums = torch.stack([torch.stack([p.grad.detach().double().sum() for p in
-                                         (self._units[n].U, self._units[n].S, self._units[n].V)]) for n in names])
+        sums = torch.stack(
+            [
+                torch.stack(
+                    [
+                        p.grad.detach().double().sum()
+                        for p in (self._units[n].U, self._units[n].S, self._units[n].V)
+                    ]
+                )
+                for n in names
+            ]
+        )
         lo, hi = sums.clone(), sums.clone()
         dist.all_reduce(lo, op=dist.ReduceOp.MIN)
         dist.all_reduce(hi, op=dist.ReduceOp.MAX)
@@ -508,7 +596,8 @@ class _GeometricOptimizer(Optimizer):
                 "DistributedDataParallel wrapper was built before the change and does not all-reduce the new "
                 "factors. After a step with `optimizer.ranks_changed`, wrap the model again "
                 "(`ddp = DistributedDataParallel(model, ...)`) before the next forward. Step refused, no "
-                "weight was changed.")
+                "weight was changed."
+            )
 
     # ----- state I/O -------------------------------------------------------------------------------
     def load_state_dict(self, state_dict: dict) -> None:
@@ -519,7 +608,8 @@ class _GeometricOptimizer(Optimizer):
         """
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups) or any(
-                len(a["params"]) != len(b["params"]) for a, b in zip(saved_groups, self.param_groups)):
+            len(a["params"]) != len(b["params"]) for a, b in zip(saved_groups, self.param_groups)
+        ):
             raise ValueError("state_dict does not match this optimizer's parameter groups (different model?)")
         saved_state = state_dict["state"]
         with torch.no_grad():
@@ -530,8 +620,11 @@ class _GeometricOptimizer(Optimizer):
                 layer = self._units[group["unit"]]
                 if st is not None and st["rank"] != layer.rank:
                     k = st["rank"]
-                    layer.set_factors(layer.U.new_zeros(layer.U.shape[0], k), layer.S.new_zeros(k),
-                                      layer.V.new_zeros(layer.V.shape[0], k))
+                    layer.set_factors(
+                        layer.U.new_zeros(layer.U.shape[0], k),
+                        layer.S.new_zeros(k),
+                        layer.V.new_zeros(layer.V.shape[0], k),
+                    )
                 if group["params"][0] is not layer.U:  # resized here or by resize_to_state_dict
                     self._rebind(group, layer)
         super().load_state_dict(state_dict)
@@ -542,15 +635,21 @@ class _GeometricOptimizer(Optimizer):
             st = saved_state.get(saved["params"][0])
             if st is not None:  # keep the moments in the compute dtype (the base class casts to U's dtype)
                 cd = compute_dtype(U.dtype)
-                self.state[U] = {k: (v.detach().to(device=U.device, dtype=cd).clone() if torch.is_tensor(v) else v)
-                                 for k, v in st.items()}
+                self.state[U] = {
+                    k: (v.detach().to(device=U.device, dtype=cd).clone() if torch.is_tensor(v) else v)
+                    for k, v in st.items()
+                }
         for name in self._units:
             self._update_probe(name)
 
     def state_bytes(self) -> int:
         """Bytes held in optimizer state tensors (exact count, not process memory)."""
-        return sum(v.numel() * v.element_size() for st in self.state.values() for v in st.values()
-                   if torch.is_tensor(v))
+        return sum(
+            v.numel() * v.element_size()
+            for st in self.state.values()
+            for v in st.values()
+            if torch.is_tensor(v)
+        )
 
     def remove_hooks(self) -> None:
         """Detach the probes' hooks from the model (call when the optimizer is discarded)."""
@@ -608,19 +707,44 @@ class LowRankSGD(_GeometricOptimizer):
     Momentum lives in coefficient space (r, r per layer): W-space momentum U C V^T.
     """
 
-    def __init__(self, model_or_params, lr: float, momentum: float = 0.9, nesterov: bool = False, tau: float = 0.0,
-                 max_rank: int | None = None, min_rank: int = 1, weight_decay: float = 0.0,
-                 augment_every: int = 1, rank_every: int = 1, nonfinite: str = "skip",
-                 sync_ranks: bool | None = None) -> None:
-        _check_common(lr, weight_decay, tau, max_rank, min_rank, augment_every, sync_ranks, rank_every, nonfinite)
+    def __init__(
+        self,
+        model_or_params,
+        lr: float,
+        momentum: float = 0.9,
+        nesterov: bool = False,
+        tau: float = 0.0,
+        max_rank: int | None = None,
+        min_rank: int = 1,
+        weight_decay: float = 0.0,
+        augment_every: int = 1,
+        rank_every: int = 1,
+        nonfinite: str = "skip",
+        sync_ranks: bool | None = None,
+    ) -> None:
+        _check_common(
+            lr, weight_decay, tau, max_rank, min_rank, augment_every, sync_ranks, rank_every, nonfinite
+        )
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
         if nesterov and momentum == 0:
             raise ValueError("nesterov=True needs momentum > 0")
-        super().__init__(model_or_params, dict(lr=lr, momentum=momentum, nesterov=nesterov, tau=tau,
-                                               max_rank=max_rank, min_rank=min_rank, weight_decay=weight_decay,
-                                               augment_every=augment_every, rank_every=rank_every,
-                                               nonfinite=nonfinite, sync_ranks=sync_ranks))
+        super().__init__(
+            model_or_params,
+            dict(
+                lr=lr,
+                momentum=momentum,
+                nesterov=nesterov,
+                tau=tau,
+                max_rank=max_rank,
+                min_rank=min_rank,
+                weight_decay=weight_decay,
+                augment_every=augment_every,
+                rank_every=rank_every,
+                nonfinite=nonfinite,
+                sync_ranks=sync_ranks,
+            ),
+        )
 
     def _direction(self, group, states, G_hat, S_hat, r, free, step):
         """S^ - lr * heavy-ball direction, for stacks G_hat, S_hat (b, p, q)."""
@@ -649,10 +773,14 @@ class LowRankSGD(_GeometricOptimizer):
                 if group["momentum"]:
                     st = self.state[p]
                     if "momentum_buffer" not in st:
-                        st["momentum_buffer"] = torch.zeros_like(p) if finite is not None else g.detach().clone()
+                        st["momentum_buffer"] = (
+                            torch.zeros_like(p) if finite is not None else g.detach().clone()
+                        )
                         _masked_copy_(finite, st["momentum_buffer"], g)
                     else:
-                        _masked_copy_(finite, st["momentum_buffer"], st["momentum_buffer"] * group["momentum"] + g)
+                        _masked_copy_(
+                            finite, st["momentum_buffer"], st["momentum_buffer"] * group["momentum"] + g
+                        )
                     buf = st["momentum_buffer"]
                     g = g.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
                 _masked_copy_(finite, p, p - group["lr"] * g)
@@ -690,24 +818,54 @@ class LowRankAdam(_GeometricOptimizer):
     Fashion-MNIST (0.808 vs 0.805) and beats it on digits (0.951 vs 0.926) at equal parameters.
     """
 
-    def __init__(self, model_or_params, lr: float = 3e-2, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.0, tau: float = 0.0, max_rank: int | None = None,
-                 min_rank: int = 1, second_moment: str = "unit", augment_every: int = 1, rank_every: int = 1,
-                 basis_lr_ratio: float = 3.0, nonfinite: str = "skip", sync_ranks: bool | None = None) -> None:
-        _check_common(lr, weight_decay, tau, max_rank, min_rank, augment_every, sync_ranks, rank_every, nonfinite)
+    def __init__(
+        self,
+        model_or_params,
+        lr: float = 3e-2,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        tau: float = 0.0,
+        max_rank: int | None = None,
+        min_rank: int = 1,
+        second_moment: str = "unit",
+        augment_every: int = 1,
+        rank_every: int = 1,
+        basis_lr_ratio: float = 3.0,
+        nonfinite: str = "skip",
+        sync_ranks: bool | None = None,
+    ) -> None:
+        _check_common(
+            lr, weight_decay, tau, max_rank, min_rank, augment_every, sync_ranks, rank_every, nonfinite
+        )
         if second_moment not in SECOND_MOMENTS:
             raise ValueError(f"second_moment must be one of {SECOND_MOMENTS}, got {second_moment!r}")
-        if not (isinstance(basis_lr_ratio, (int, float)) and basis_lr_ratio >= 0 and math.isfinite(basis_lr_ratio)):
+        if not (
+            isinstance(basis_lr_ratio, (int, float)) and basis_lr_ratio >= 0 and math.isfinite(basis_lr_ratio)
+        ):
             raise ValueError(f"basis_lr_ratio must be a finite number >= 0, got {basis_lr_ratio!r}")
         if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
             raise ValueError(f"betas must be in [0, 1), got {betas!r}")
         if not eps >= 0:
             raise ValueError(f"eps must be >= 0, got {eps!r}")
-        super().__init__(model_or_params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, tau=tau,
-                                               max_rank=max_rank, min_rank=min_rank, second_moment=second_moment,
-                                               augment_every=augment_every, rank_every=rank_every,
-                                               basis_lr_ratio=basis_lr_ratio, nonfinite=nonfinite,
-                                               sync_ranks=sync_ranks))
+        super().__init__(
+            model_or_params,
+            dict(
+                lr=lr,
+                betas=tuple(betas),
+                eps=eps,
+                weight_decay=weight_decay,
+                tau=tau,
+                max_rank=max_rank,
+                min_rank=min_rank,
+                second_moment=second_moment,
+                augment_every=augment_every,
+                rank_every=rank_every,
+                basis_lr_ratio=basis_lr_ratio,
+                nonfinite=nonfinite,
+                sync_ranks=sync_ranks,
+            ),
+        )
 
     def _direction(self, group, states, G_hat, S_hat, r, free, step):
         """S^ (1 - lr wd) - lr * Adam direction, for stacks G_hat, S_hat (b, p, q); ``free`` (b, p, q)
@@ -729,7 +887,7 @@ class LowRankAdam(_GeometricOptimizer):
             # restarted from this gradient alone: v = G^ * G^ is its own bias-corrected estimate
             v = G_hat * G_hat
             moments = {"exp_avg": (m, "linear"), "exp_avg_sq": (v, "sqrt")}
-            v = v * (1 - b2 ** t)  # so that the common bias correction below leaves it as it is
+            v = v * (1 - b2**t)  # so that the common bias correction below leaves it as it is
         else:
             v = self._stack_moment(states, "exp_avg_sq", shape, r, G_hat)
             if kind == "elementwise_mean" and augmented and "exp_avg_sq" in states[0]:
@@ -739,8 +897,8 @@ class LowRankAdam(_GeometricOptimizer):
                 v = v + mean * new_entries * free
             v = v.mul_(b2).addcmul_(G_hat, G_hat, value=1 - b2)
             moments = {"exp_avg": (m, "linear"), "exp_avg_sq": (v, "sqrt")}
-        denom = (v / (1 - b2 ** t)).sqrt().add(group["eps"])
-        D = (m / (1 - b1 ** t)) / denom
+        denom = (v / (1 - b2**t)).sqrt().add(group["eps"])
+        D = (m / (1 - b1**t)) / denom
         if augmented and group["basis_lr_ratio"] != 1.0:
             D = _scale_basis_blocks(D, r, group["basis_lr_ratio"])
         S_hat = S_hat * (1 - group["lr"] * group["weight_decay"]) - group["lr"] * D
@@ -763,8 +921,10 @@ class LowRankAdam(_GeometricOptimizer):
                 t = st["step"]
                 m = st["exp_avg"].lerp(p.grad, 1 - b1)
                 v = st["exp_avg_sq"] * b2 + (1 - b2) * p.grad * p.grad
-                denom = (v / (1 - b2 ** t)).sqrt_().add_(group["eps"])
-                new = (p * (1 - group["lr"] * group["weight_decay"])).addcdiv_(m, denom, value=-group["lr"] / (1 - b1 ** t))
+                denom = (v / (1 - b2**t)).sqrt_().add_(group["eps"])
+                new = (p * (1 - group["lr"] * group["weight_decay"])).addcdiv_(
+                    m, denom, value=-group["lr"] / (1 - b1**t)
+                )
                 _masked_copy_(finite, st["exp_avg"], m)
                 _masked_copy_(finite, st["exp_avg_sq"], v)
                 _masked_copy_(finite, p, new)

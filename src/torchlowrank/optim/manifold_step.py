@@ -8,6 +8,7 @@ SVD of the r x r Rayleigh-Ritz matrix after a warm-started subspace iteration on
 
 Shapes: U (b, m, r), V (b, n, r) orthonormal; s (b, r); A = G V (b, m, r), B = G^T U (b, n, r).
 """
+
 from __future__ import annotations
 
 import torch
@@ -31,8 +32,9 @@ def _inverse_cholesky(G: torch.Tensor, shift: torch.Tensor | float = 0.0) -> tor
     return torch.linalg.solve_triangular(L, eye.expand_as(G), upper=False)
 
 
-def complement_basis(U: torch.Tensor, A: torch.Tensor, C: torch.Tensor
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def complement_basis(
+    U: torch.Tensor, A: torch.Tensor, C: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """New orthonormal directions U1 (b, m, r), orthogonal to U, with span([U, U1]) containing
     span(A), as U1 = Q1 T - U E: returns Q1 (b, m, r), T (b, r, r), E (b, r, r), R = U1^T A
     (b, r, r) and keep (b, r): 1 for a direction of U1, 0 for a dropped one. ``C``: U^T A.
@@ -66,9 +68,14 @@ def complement_basis(U: torch.Tensor, A: torch.Tensor, C: torch.Tensor
     # to the previous ones (~1 for a direction of K, ~0 for one below the shift or inside span(U)).
     # Those under 1/2 are dropped, and the kept ones orthonormalised without them: pivots of a
     # subset only grow, so the kept factor is well conditioned and the basis orthonormal to rounding.
-    pivots = torch.diagonal(torch.linalg.cholesky_ex(G1 + _SHIFT * eps * torch.eye(r, dtype=G1.dtype,
-                                                                                  device=G1.device)).L,
-                            dim1=-2, dim2=-1) ** 2
+    pivots = (
+        torch.diagonal(
+            torch.linalg.cholesky_ex(G1 + _SHIFT * eps * torch.eye(r, dtype=G1.dtype, device=G1.device)).L,
+            dim1=-2,
+            dim2=-1,
+        )
+        ** 2
+    )
     keep = (pivots > 0.5).to(A.dtype)  # (b, r)
     G1 = G1 * keep[:, :, None] * keep[:, None, :] + torch.diag_embed(1.0 - keep)
     T = keep[:, :, None] * _inverse_cholesky(G1).mT * keep[:, None, :]  # L2^{-T}, dropped directions zeroed
@@ -100,7 +107,10 @@ def _cholesky_orth(X: torch.Tensor) -> torch.Tensor:
     """X (b, p, k) with nearly orthonormal columns spanning span(X): shifted Cholesky QR, one pass
     (enough inside an iteration; the last basis is orthonormalised by Householder QR)."""
     G = X.mT @ X
-    shift = 30 * torch.finfo(X.dtype).eps * torch.diagonal(G, dim1=-2, dim2=-1).sum(-1) + torch.finfo(X.dtype).tiny
+    shift = (
+        30 * torch.finfo(X.dtype).eps * torch.diagonal(G, dim1=-2, dim2=-1).sum(-1)
+        + torch.finfo(X.dtype).tiny
+    )
     return X @ _inverse_cholesky(G, shift).mT
 
 
@@ -113,8 +123,9 @@ def subspace_iterations(dtype: torch.dtype) -> int:
     return 24 if dtype == torch.float64 else 4
 
 
-def top_subspace(S: torch.Tensor, r: int, iters: int | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def top_subspace(
+    S: torch.Tensor, r: int, iters: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-r singular triplets of the stepped cores S (b, p, q), p, q >= r: P (b, p, r), d (b, r)
     descending, Q (b, q, r), sign-fixed.
 
@@ -145,5 +156,7 @@ def tail_ranks(d: torch.Tensor, tau: float, lo: int, hi: torch.Tensor | int) -> 
     sq = d.double() ** 2
     tail = torch.flip(torch.cumsum(torch.flip(sq, [-1]), -1), [-1]).sqrt()  # tail[:, k] = ||d[k:]||
     ok = tail <= tau * tail[:, :1]
-    k = torch.where(ok.any(-1), ok.to(torch.int64).argmax(-1), torch.full_like(ok[:, 0], d.shape[-1], dtype=torch.int64))
+    k = torch.where(
+        ok.any(-1), ok.to(torch.int64).argmax(-1), torch.full_like(ok[:, 0], d.shape[-1], dtype=torch.int64)
+    )
     return k.clamp(min=lo).clamp(max=hi)

@@ -3,6 +3,7 @@
 Both take a model (layers chosen by ``targets``, PEFT semantics) and are used as
 ``loss.backward(); reg.step(); optimizer.step()``; ``reg.value()`` is the differentiable penalty.
 """
+
 from .nuclear import NuclearNorm
 from .q3r import Q3R, q3r_operator, q3r_reweight, smoothed_logdet
 

@@ -11,6 +11,7 @@ A *block* is one regularized matrix: a whole weight, or one slice of a fused pro
   gradient, so regularizing the stored layout is regularizing ``W.T``. Fused slices are taken along
   the output dimension, which is the *last* dimension of a Conv1D weight.
 """
+
 from __future__ import annotations
 
 import math
@@ -20,10 +21,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..layer_types import is_hf_conv1d
 from ..layers import LowRankConv2d, LowRankLinear
 from ..linalg import compute_dtype
 from ..targets import Targets, find_targets, name_matches
-from ..layer_types import is_hf_conv1d
 
 __all__ = ["Block", "MatrixRegularizer", "is_hf_conv1d", "supported_module"]
 
@@ -39,8 +40,11 @@ def supported_module(module: nn.Module) -> bool:
 
 def _candidate(module: nn.Module) -> bool:
     # wider than supported_module so that an explicitly named unsupported layer gets a clear error
-    return (supported_module(module) or isinstance(module, (LowRankLinear, LowRankConv2d, nn.Conv2d))
-            or isinstance(getattr(module, "weight", None), torch.Tensor))
+    return (
+        supported_module(module)
+        or isinstance(module, (LowRankLinear, LowRankConv2d, nn.Conv2d))
+        or isinstance(getattr(module, "weight", None), torch.Tensor)
+    )
 
 
 @dataclass
@@ -60,7 +64,7 @@ class Block:
         if t.ndim == 2 and self.start == 0 and self.stop == t.shape[self.split_dim]:
             return t
         mat = t.reshape(t.shape[0], -1)
-        return mat[self.start:self.stop] if self.split_dim == 0 else mat[:, self.start:self.stop]
+        return mat[self.start : self.stop] if self.split_dim == 0 else mat[:, self.start : self.stop]
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -77,13 +81,21 @@ def _split_sizes(spec, length: int, name: str) -> list[int]:
         raise ValueError(f"split for {name!r} must be an int or a list of sizes, got {spec!r}")
     if isinstance(spec, int):
         if spec < 1 or length % spec:
-            raise ValueError(f"split={spec} does not divide the output dimension {length} of {name!r}; pass the "
-                             "slice sizes explicitly (e.g. split={'c_attn': [q, k, v]}) or exclude the layer")
+            raise ValueError(
+                f"split={spec} does not divide the output dimension {length} of {name!r}; pass the "
+                "slice sizes explicitly (e.g. split={'c_attn': [q, k, v]}) or exclude the layer"
+            )
         return [length // spec] * spec
     sizes = list(spec)
-    if not sizes or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in sizes) or sum(sizes) != length:
-        raise ValueError(f"split sizes {sizes!r} for {name!r} must be positive ints summing to its output "
-                         f"dimension {length}")
+    if (
+        not sizes
+        or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in sizes)
+        or sum(sizes) != length
+    ):
+        raise ValueError(
+            f"split sizes {sizes!r} for {name!r} must be positive ints summing to its output "
+            f"dimension {length}"
+        )
     return sizes
 
 
@@ -100,14 +112,18 @@ def _lookup(mapping: Mapping[str, object] | None, name: str):
 def resolve_rank(target_rank, full_rank: int, name: str) -> int:
     """An int target rank (>= 1) as is, or a float in (0, 1] as max(1, floor(fraction * min(m, n)))."""
     if isinstance(target_rank, bool) or not isinstance(target_rank, (int, float)):
-        raise ValueError(f"target_rank for {name!r} must be an int >= 1 or a fraction in (0, 1], got {target_rank!r}")
+        raise ValueError(
+            f"target_rank for {name!r} must be an int >= 1 or a fraction in (0, 1], got {target_rank!r}"
+        )
     if isinstance(target_rank, int):
         if target_rank < 1:
             raise ValueError(f"target_rank for {name!r} must be >= 1, got {target_rank}")
         return target_rank
     if not (0.0 < target_rank <= 1.0):
-        raise ValueError(f"target_rank fraction for {name!r} must be in (0, 1] (of min(m, n) = {full_rank}), "
-                         f"got {target_rank!r}")
+        raise ValueError(
+            f"target_rank fraction for {name!r} must be in (0, 1] (of min(m, n) = {full_rank}), "
+            f"got {target_rank!r}"
+        )
     return max(1, math.floor(target_rank * full_rank + 1e-9))
 
 
@@ -124,9 +140,19 @@ class MatrixRegularizer:
     block's matrix, in the compute dtype) or override ``_gradients()`` to batch blocks.
     """
 
-    def __init__(self, model_or_modules, lam: float, targets: Targets = None, *, exclude: Targets = None,
-                 split: Split = None, target_rank=None, rank_overrides: Mapping[str, int | float] | None = None,
-                 decoupled: bool = False, optimizer: torch.optim.Optimizer | None = None) -> None:
+    def __init__(
+        self,
+        model_or_modules,
+        lam: float,
+        targets: Targets = None,
+        *,
+        exclude: Targets = None,
+        split: Split = None,
+        target_rank=None,
+        rank_overrides: Mapping[str, int | float] | None = None,
+        decoupled: bool = False,
+        optimizer: torch.optim.Optimizer | None = None,
+    ) -> None:
         self.lam = check_lam(lam)
         self.decoupled = bool(decoupled)
         self.optimizer = optimizer
@@ -134,7 +160,9 @@ class MatrixRegularizer:
         if split is not None and not isinstance(split, (int, Mapping)) or isinstance(split, bool):
             raise ValueError(f"split must be None, an int, or a dict {{name: int or sizes}}, got {split!r}")
         if rank_overrides is not None and not isinstance(rank_overrides, Mapping):
-            raise ValueError(f"rank_overrides must be a dict {{name or suffix: rank}}, got {rank_overrides!r}")
+            raise ValueError(
+                f"rank_overrides must be a dict {{name or suffix: rank}}, got {rank_overrides!r}"
+            )
         self.blocks: list[Block] = []
         seen: dict[int, str] = {}
         for name, module in modules:
@@ -159,8 +187,10 @@ class MatrixRegularizer:
         if self.decoupled and optimizer is not None:
             missing = [b.name for b in self.blocks if self._group_of(b.param) is None]
             if missing:
-                raise ValueError(f"decoupled=True with optimizer=...: the weights of {missing} are not in the "
-                                 "optimizer's param_groups; add them or pass lr to step() instead")
+                raise ValueError(
+                    f"decoupled=True with optimizer=...: the weights of {missing} are not in the "
+                    "optimizer's param_groups; add them or pass lr to step() instead"
+                )
 
     # -- target selection ------------------------------------------------------------------------------
     @staticmethod
@@ -169,12 +199,18 @@ class MatrixRegularizer:
             has_children = any(True for _ in model_or_modules.children())
             if not has_children and _candidate(model_or_modules):
                 if targets is not None:
-                    raise ValueError("targets selects submodules by name; a single layer has none. Pass the layer "
-                                     "without targets, or pass the model that contains it")
+                    raise ValueError(
+                        "targets selects submodules by name; a single layer has none. Pass the layer "
+                        "without targets, or pass the model that contains it"
+                    )
                 return [(type(model_or_modules).__name__, model_or_modules)]
             explicit = targets is not None
-            found = find_targets(model_or_modules, targets, predicate=_candidate if explicit else supported_module,
-                                 exclude=exclude)
+            found = find_targets(
+                model_or_modules,
+                targets,
+                predicate=_candidate if explicit else supported_module,
+                exclude=exclude,
+            )
             return found
         if isinstance(model_or_modules, Mapping):
             items = list(model_or_modules.items())
@@ -182,14 +218,18 @@ class MatrixRegularizer:
             try:
                 items = list(model_or_modules)
             except TypeError:
-                raise ValueError(f"model_or_modules must be an nn.Module, a list of modules or of (name, module) "
-                                 f"pairs, or a dict, got {type(model_or_modules).__name__}") from None
+                raise ValueError(
+                    f"model_or_modules must be an nn.Module, a list of modules or of (name, module) "
+                    f"pairs, or a dict, got {type(model_or_modules).__name__}"
+                ) from None
             items = [it if isinstance(it, tuple) else (f"modules[{i}]", it) for i, it in enumerate(items)]
         if not items:
             raise ValueError("model_or_modules is empty: pass a model or the layers to regularize")
         if targets is not None or exclude is not None:
-            raise ValueError("targets / exclude select submodules of a model; with an explicit list of modules "
-                             "leave them None")
+            raise ValueError(
+                "targets / exclude select submodules of a model; with an explicit list of modules "
+                "leave them None"
+            )
         for name, module in items:
             if not isinstance(module, nn.Module):
                 raise ValueError(f"{name!r} is a {type(module).__name__}, not an nn.Module")
@@ -198,20 +238,28 @@ class MatrixRegularizer:
     @staticmethod
     def _check_module(name: str, module: nn.Module) -> None:
         if isinstance(module, (LowRankLinear, LowRankConv2d)):
-            raise ValueError(f"layer {name!r} is a {type(module).__name__}: it is already low-rank (rank "
-                             f"{module.rank}); regularize the dense model before tlr.factorize/truncate, or exclude "
-                             "it via targets/exclude")
+            raise ValueError(
+                f"layer {name!r} is a {type(module).__name__}: it is already low-rank (rank "
+                f"{module.rank}); regularize the dense model before tlr.factorize/truncate, or exclude "
+                "it via targets/exclude"
+            )
         if isinstance(module, nn.Conv2d) and module.groups != 1:
-            raise ValueError(f"layer {name!r} is a grouped Conv2d (groups={module.groups}): its kernel is not one "
-                             "matrix; exclude it via targets/exclude")
+            raise ValueError(
+                f"layer {name!r} is a grouped Conv2d (groups={module.groups}): its kernel is not one "
+                "matrix; exclude it via targets/exclude"
+            )
         w = getattr(module, "weight", None)
         if not isinstance(w, torch.Tensor) or w.ndim < 2:
             shape = None if not isinstance(w, torch.Tensor) else tuple(w.shape)
-            raise ValueError(f"layer {name!r} ({type(module).__name__}) has no 2-D weight (weight shape {shape}); "
-                             "choose Linear / Conv2d / Conv1D layers via targets")
+            raise ValueError(
+                f"layer {name!r} ({type(module).__name__}) has no 2-D weight (weight shape {shape}); "
+                "choose Linear / Conv2d / Conv1D layers via targets"
+            )
         if not supported_module(module):
-            raise ValueError(f"layer {name!r} is a {type(module).__name__}; supported: nn.Linear, nn.Conv2d "
-                             "(groups=1), transformers Conv1D. Exclude it via targets/exclude")
+            raise ValueError(
+                f"layer {name!r} is a {type(module).__name__}; supported: nn.Linear, nn.Conv2d "
+                "(groups=1), transformers Conv1D. Exclude it via targets/exclude"
+            )
         if not w.is_floating_point():
             raise ValueError(f"layer {name!r} has a {w.dtype} weight; a floating-point weight is needed")
 
@@ -241,8 +289,10 @@ class MatrixRegularizer:
                 raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
             return [float(lr)] * len(self.blocks)
         if self.optimizer is None:
-            raise ValueError("decoupled=True needs a learning rate: construct with optimizer=opt (its param groups' "
-                             "lr is used, schedulers included) or call step(lr=...)")
+            raise ValueError(
+                "decoupled=True needs a learning rate: construct with optimizer=opt (its param groups' "
+                "lr is used, schedulers included) or call step(lr=...)"
+            )
         return [self._param_lr(b.param) for b in self.blocks]
 
     def _block_gradient(self, block: Block, W: torch.Tensor) -> torch.Tensor:
@@ -252,8 +302,10 @@ class MatrixRegularizer:
 
     def _gradients(self) -> list[torch.Tensor]:
         """d(regularizer / lam)/dW / gradient_factor for every block, in the compute dtype (override to batch blocks)."""
-        return [self._block_gradient(b, b.matrix(b.param.detach()).to(compute_dtype(b.param.dtype)))
-                for b in self.blocks]
+        return [
+            self._block_gradient(b, b.matrix(b.param.detach()).to(compute_dtype(b.param.dtype)))
+            for b in self.blocks
+        ]
 
     def _apply(self, lr: float | None) -> None:
         """Coupled: ``.grad += lam * dR/dW``; decoupled: ``W -= lr * lam * dR/dW`` (AdamW's convention)."""
@@ -272,7 +324,9 @@ class MatrixRegularizer:
                     _write_block(b, b.param.grad, g, scale)
 
 
-def _write_block(b: Block, target: torch.Tensor, delta: torch.Tensor, alpha: float | torch.Tensor = 1.0) -> None:
+def _write_block(
+    b: Block, target: torch.Tensor, delta: torch.Tensor, alpha: float | torch.Tensor = 1.0
+) -> None:
     """target[block] += alpha * delta (delta: the block's (p, q) matrix), in place, whatever target's strides.
     ``alpha`` may be a 0-d tensor (a tensor learning rate): it is multiplied in, never read back."""
     if isinstance(alpha, torch.Tensor):
@@ -283,9 +337,9 @@ def _write_block(b: Block, target: torch.Tensor, delta: torch.Tensor, alpha: flo
         return
     full = torch.zeros(target.shape[0], math.prod(target.shape[1:]), dtype=delta.dtype, device=delta.device)
     if b.split_dim == 0:
-        full[b.start:b.stop] = alpha * delta
+        full[b.start : b.stop] = alpha * delta
     else:
-        full[:, b.start:b.stop] = alpha * delta
+        full[:, b.start : b.stop] = alpha * delta
     target.add_(full.reshape(target.shape).to(target.dtype))
 
 

@@ -7,6 +7,7 @@ full SVD of every block at every step (float32, no autograd). :meth:`NuclearNorm
 proximal alternative: call it after ``optimizer.step()`` to soft-threshold every block's singular
 values by ``lr * lam`` (singular value thresholding), which sets small singular values exactly to 0.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -30,16 +31,33 @@ class NuclearNorm(MatrixRegularizer):
     ``loss.backward(); optimizer.step(); reg.prox()`` (proximal gradient).
     """
 
-    def __init__(self, model_or_modules: nn.Module | Any, lam: float, targets: Targets = None, *,
-                 exclude: Targets = None, decoupled: bool = False, optimizer: torch.optim.Optimizer | None = None,
-                 split: Split = None) -> None:
-        super().__init__(model_or_modules, lam, targets, exclude=exclude, split=split, decoupled=decoupled,
-                         optimizer=optimizer)
+    def __init__(
+        self,
+        model_or_modules: nn.Module | Any,
+        lam: float,
+        targets: Targets = None,
+        *,
+        exclude: Targets = None,
+        decoupled: bool = False,
+        optimizer: torch.optim.Optimizer | None = None,
+        split: Split = None,
+    ) -> None:
+        super().__init__(
+            model_or_modules,
+            lam,
+            targets,
+            exclude=exclude,
+            split=split,
+            decoupled=decoupled,
+            optimizer=optimizer,
+        )
         self.steps = 0
 
     def _svd(self, block: Block, W: torch.Tensor):
         if not torch.isfinite(W).all():
-            raise ValueError(f"weight of {block.name!r} contains NaN/Inf at step {self.steps}; training diverged")
+            raise ValueError(
+                f"weight of {block.name!r} contains NaN/Inf at step {self.steps}; training diverged"
+            )
         return robust_svd(W)
 
     def _block_gradient(self, block: Block, W: torch.Tensor) -> torch.Tensor:

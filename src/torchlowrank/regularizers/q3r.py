@@ -34,6 +34,7 @@ of the batched small SVD on a reweighting step (see :class:`Q3R`). Same-shape ma
 reweighted and regularized together as one batch. Per step the cost is ~4 K m n multiply-adds per matrix; the
 reweighting is amortised over ``period`` steps.
 """
+
 from __future__ import annotations
 
 import math
@@ -98,8 +99,12 @@ def _small_svd(mats: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tenso
         by_key.setdefault((M.dtype, M.device), []).append(i)
     for idx in by_key.values():
         Lmax = max(mats[i].shape[-1] for i in idx)
-        stacked = torch.cat([nn.functional.pad(mats[i], (0, Lmax - mats[i].shape[-1], 0, Lmax - mats[i].shape[-1]))
-                             for i in idx])
+        stacked = torch.cat(
+            [
+                nn.functional.pad(mats[i], (0, Lmax - mats[i].shape[-1], 0, Lmax - mats[i].shape[-1]))
+                for i in idx
+            ]
+        )
         try:
             Ub, s, Vh = torch.linalg.svd(stacked)
         except RuntimeError:  # LAPACK did not converge (rare): once more in float64
@@ -107,12 +112,18 @@ def _small_svd(mats: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tenso
         start = 0
         for i in idx:
             B, L = mats[i].shape[0], mats[i].shape[-1]
-            out[i] = (Ub[start:start + B, :L, :L], s[start:start + B, :L], Vh[start:start + B, :L, :L].mT)
+            out[i] = (
+                Ub[start : start + B, :L, :L],
+                s[start : start + B, :L],
+                Vh[start : start + B, :L, :L].mT,
+            )
             start += B
     return out
 
 
-def _range_finder(W: torch.Tensor, omega: torch.Tensor, n_iter: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _range_finder(
+    W: torch.Tensor, omega: torch.Tensor, n_iter: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Randomized range finder (Halko, Martinsson & Tropp 2011) on a batch, rescaled after every product.
 
     W: (B, m, n), omega: (B, n, L) with L <= min(m, n). Returns Q (B, m, L), Qz (B, n, L) orthonormal
@@ -139,9 +150,10 @@ def _rescaled_basis(Y: torch.Tensor) -> torch.Tensor:
     G = Y.mT @ Y
     L = G.shape[-1]
     finfo = torch.finfo(Y.dtype)
-    shift = L * finfo.eps * G.diagonal(dim1=-2, dim2=-1).sum(-1) + finfo.tiny ** 0.5
-    R, info = torch.linalg.cholesky_ex(G + shift[:, None, None] * torch.eye(L, dtype=G.dtype, device=G.device),
-                                       upper=True)
+    shift = L * finfo.eps * G.diagonal(dim1=-2, dim2=-1).sum(-1) + finfo.tiny**0.5
+    R, info = torch.linalg.cholesky_ex(
+        G + shift[:, None, None] * torch.eye(L, dtype=G.dtype, device=G.device), upper=True
+    )
     Q = torch.linalg.solve_triangular(R, Y, upper=True, left=False)
     scaled = Y / (Y.norm(dim=-2, keepdim=True) + finfo.tiny)
     return torch.where((info == 0)[:, None, None], Q, scaled)
@@ -152,8 +164,9 @@ def _uses_full(method: str, m: int, n: int, L: int) -> bool:
     return method == "full" or (method == "auto" and not (min(m, n) >= 256 and 4 * L <= min(m, n)))
 
 
-def _top_triplets(W: torch.Tensor, L: int, full: bool, n_iter: int, omega: torch.Tensor | None
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _top_triplets(
+    W: torch.Tensor, L: int, full: bool, n_iter: int, omega: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-L triplets of a batch W (B, m, n): U (B, m, L), s (B, L) descending, V (B, n, L), sign-fixed.
     ``full``: one batched thin SVD (a host sync); else the range finder with sketch omega (B, n, L)."""
     if full:
@@ -170,9 +183,17 @@ def _top_triplets(W: torch.Tensor, L: int, full: bool, n_iter: int, omega: torch
     return U, s, V
 
 
-def q3r_reweight(W: torch.Tensor, rank: int, eps: float, *, method: str = "randomized", k_start: int = 0,
-                 oversample: int = 8, n_iter: int = 2, generator: torch.Generator | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+def q3r_reweight(
+    W: torch.Tensor,
+    rank: int,
+    eps: float,
+    *,
+    method: str = "randomized",
+    k_start: int = 0,
+    oversample: int = 8,
+    n_iter: int = 2,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
     """One reweighting of one matrix, with the kept set exactly {s > eps'}: (U (m, k), s (k,), V (n, k),
     eps') with eps' = min(eps, s_{rank+1}(W)).
 
@@ -195,7 +216,11 @@ def q3r_reweight(W: torch.Tensor, rank: int, eps: float, *, method: str = "rando
         while True:
             L = min(full, k + oversample)
             use_full = _uses_full(method, m, n, L)
-            omega = None if use_full else torch.randn(n, L, generator=generator, device=W.device, dtype=W.dtype)[None]
+            omega = (
+                None
+                if use_full
+                else torch.randn(n, L, generator=generator, device=W.device, dtype=W.dtype)[None]
+            )
             U, S, V = (t[0, ..., :k] for t in _top_triplets(W.detach()[None], L, use_full, n_iter, omega))
             sr = float(S[rank])
             # a zero s_{r+1} (rank <= r, e.g. an update W - W0 at its start) carries no scale: keep eps
@@ -306,12 +331,26 @@ class Q3R(MatrixRegularizer):
     ``reweight(sync=True)`` raises ``ValueError`` naming the layer instead, changing nothing.
     """
 
-    def __init__(self, model_or_modules: nn.Module | Any, target_rank: int | float, lam: float, period: int = 5,
-                 targets: Targets = None, *, exclude: Targets = None, decoupled: bool = False,
-                 optimizer: torch.optim.Optimizer | None = None, split: Split = None,
-                 rank_overrides: Mapping[str, int | float] | None = None, method: str = "randomized",
-                 oversample: int = 8, n_iter: int = 2, update: bool = False, seed: int = 0,
-                 shard_reweighting: bool = False) -> None:
+    def __init__(
+        self,
+        model_or_modules: nn.Module | Any,
+        target_rank: int | float,
+        lam: float,
+        period: int = 5,
+        targets: Targets = None,
+        *,
+        exclude: Targets = None,
+        decoupled: bool = False,
+        optimizer: torch.optim.Optimizer | None = None,
+        split: Split = None,
+        rank_overrides: Mapping[str, int | float] | None = None,
+        method: str = "randomized",
+        oversample: int = 8,
+        n_iter: int = 2,
+        update: bool = False,
+        seed: int = 0,
+        shard_reweighting: bool = False,
+    ) -> None:
         if isinstance(period, bool) or not isinstance(period, int) or period < 1:
             raise ValueError(f"period must be an int >= 1, got {period!r}")
         if method not in ("randomized", "full", "auto"):
@@ -324,8 +363,17 @@ class Q3R(MatrixRegularizer):
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
                 raise ValueError(f"{what} must be an int >= {low}, got {v!r}")
         self.shard_reweighting = shard_reweighting
-        super().__init__(model_or_modules, lam, targets, exclude=exclude, split=split, target_rank=target_rank,
-                         rank_overrides=rank_overrides, decoupled=decoupled, optimizer=optimizer)
+        super().__init__(
+            model_or_modules,
+            lam,
+            targets,
+            exclude=exclude,
+            split=split,
+            target_rank=target_rank,
+            rank_overrides=rank_overrides,
+            decoupled=decoupled,
+            optimizer=optimizer,
+        )
         self.period = period
         self.method, self.oversample, self.n_iter, self.seed = method, oversample, n_iter, int(seed)
         self.steps = 0
@@ -347,11 +395,22 @@ class Q3R(MatrixRegularizer):
             K = 0 if not any(active) else full_rank if use_full else K
             z = dict(dtype=dtype, device=device)
             B, (m, n) = len(idx), shape
-            self._groups.append(_Group(
-                idx, shape, use_full, K, torch.tensor([min(r, max(K - 1, 0)) for r in ranks], device=device),
-                torch.tensor(active, device=device), torch.zeros(B, m, K, **z), torch.zeros(B, n, K, **z),
-                torch.zeros(B, K, **z), torch.full((B,), math.inf, **z), torch.zeros(B, K, **z),
-                torch.zeros(B, dtype=torch.bool, device=device)))
+            self._groups.append(
+                _Group(
+                    idx,
+                    shape,
+                    use_full,
+                    K,
+                    torch.tensor([min(r, max(K - 1, 0)) for r in ranks], device=device),
+                    torch.tensor(active, device=device),
+                    torch.zeros(B, m, K, **z),
+                    torch.zeros(B, n, K, **z),
+                    torch.zeros(B, K, **z),
+                    torch.full((B,), math.inf, **z),
+                    torch.zeros(B, K, **z),
+                    torch.zeros(B, dtype=torch.bool, device=device),
+                )
+            )
             self._expose(self._groups[-1])
 
     def _expose(self, g: _Group) -> None:
@@ -370,7 +429,9 @@ class Q3R(MatrixRegularizer):
 
     def _sketch(self, i: int, n: int, K: int, like: torch.Tensor) -> torch.Tensor:
         # the same numbers on every device and in every dtype: a float32 GPU run follows float64 on the CPU
-        return hashed_sketch(n, K, (self.seed * 1_000_003 + self.steps * 7919 + i) % (2**61), like.device, like.dtype)
+        return hashed_sketch(
+            n, K, (self.seed * 1_000_003 + self.steps * 7919 + i) % (2**61), like.device, like.dtype
+        )
 
     @torch.no_grad()
     def reweight(self, sync: bool = False) -> None:
@@ -389,8 +450,10 @@ class Q3R(MatrixRegularizer):
             bad = torch.stack([~torch.isfinite(W).all() for W in mats]).tolist()
             if any(bad):
                 name = self.blocks[bad.index(True)].name
-                raise ValueError(f"weight of {name!r} contains NaN/Inf at step {self.steps}: training diverged "
-                                 "(lower the learning rate or lam); the regularizer was left unchanged")
+                raise ValueError(
+                    f"weight of {name!r} contains NaN/Inf at step {self.steps}: training diverged "
+                    "(lower the learning rate or lam); the regularizer was left unchanged"
+                )
         world, me = tlr_dist.world_size(), tlr_dist.rank()
         shard = self.shard_reweighting and world > 1
         groups = self._slotted()
@@ -398,8 +461,12 @@ class Q3R(MatrixRegularizer):
         with torch.autocast(device_type=mats[0].device.type, enabled=False):
             new = self._compute(groups, Ks, mats, shard, world, me)
             while sync:
-                grow = [g for g in groups if Ks[id(g)] < min(g.shape)
-                        and bool((g.active & (new[id(g)][2][:, -1] > new[id(g)][3])).any())]
+                grow = [
+                    g
+                    for g in groups
+                    if Ks[id(g)] < min(g.shape)
+                    and bool((g.active & (new[id(g)][2][:, -1] > new[id(g)][3])).any())
+                ]
                 if not grow:
                     break
                 for g in grow:
@@ -414,8 +481,15 @@ class Q3R(MatrixRegularizer):
     def _slotted(self) -> list[_Group]:
         return [g for g in self._groups if g.K > 0]
 
-    def _compute(self, groups: list[_Group], Ks: dict[int, int], mats: list[torch.Tensor], shard: bool, world: int,
-                 me: int) -> dict[int, tuple]:
+    def _compute(
+        self,
+        groups: list[_Group],
+        Ks: dict[int, int],
+        mats: list[torch.Tensor],
+        shard: bool,
+        world: int,
+        me: int,
+    ) -> dict[int, tuple]:
         """New (U, V, s, eps, skipped) of every group in ``groups`` (K = Ks[id(group)]), nothing committed."""
         pending, done = [], {}
         for g in groups:
@@ -453,8 +527,13 @@ class Q3R(MatrixRegularizer):
             # a zero s_{r+1} (rank <= r, e.g. an update W - W0 at its start) carries no scale: keep eps
             eps = torch.where(active & (sr > 0), torch.minimum(eps0, sr), eps0)
             keep = finite[:, None, None]  # a non-finite weight keeps its previous operator
-            new = (torch.where(keep, U, U0), torch.where(keep, V, V0), torch.where(keep[:, 0], s, s0),
-                   torch.where(finite, eps, eps0), ~finite)
+            new = (
+                torch.where(keep, U, U0),
+                torch.where(keep, V, V0),
+                torch.where(keep[:, 0], s, s0),
+                torch.where(finite, eps, eps0),
+                ~finite,
+            )
             if whole:
                 out[key] = new
                 continue
@@ -466,17 +545,29 @@ class Q3R(MatrixRegularizer):
             out = self._share_reweighting(groups, out, world)
         return out
 
-    def _share_reweighting(self, groups: list[_Group], part: dict[int, tuple], world: int) -> dict[int, tuple]:
+    def _share_reweighting(
+        self, groups: list[_Group], part: dict[int, tuple], world: int
+    ) -> dict[int, tuple]:
         """Give every process every block's (U, V, s, eps); block i was computed by process i % world.
         Two all-reduces (the eps's and the non-finite flags, every block's entry non-zero on its owner
         only), then one broadcast per block of its packed [U; V; s^T] (m + n + 1, K) from its owner."""
         me = tlr_dist.rank()
         dev = part[id(groups[0])][0].device
         order = [(g, j, i) for g in groups for j, i in enumerate(g.idx)]
-        eps = torch.stack([part[id(g)][3][j] if i % world == me else torch.zeros((), device=dev, dtype=part[id(g)][3].dtype)
-                           for g, j, i in order]).double()
-        skipped = torch.stack([part[id(g)][4][j] if i % world == me else torch.zeros((), dtype=torch.bool, device=dev)
-                               for g, j, i in order]).to(torch.int64)
+        eps = torch.stack(
+            [
+                part[id(g)][3][j]
+                if i % world == me
+                else torch.zeros((), device=dev, dtype=part[id(g)][3].dtype)
+                for g, j, i in order
+            ]
+        ).double()
+        skipped = torch.stack(
+            [
+                part[id(g)][4][j] if i % world == me else torch.zeros((), dtype=torch.bool, device=dev)
+                for g, j, i in order
+            ]
+        ).to(torch.int64)
         dist.all_reduce(eps, op=dist.ReduceOp.SUM)  # (eps > 0, or +inf: inf + 0 = inf)
         dist.all_reduce(skipped, op=dist.ReduceOp.SUM)
         out = {}
@@ -490,10 +581,10 @@ class Q3R(MatrixRegularizer):
                 if packed.shape[-1]:
                     dist.broadcast(packed, src=i % world)
                 Us.append(packed[:m])
-                Vs.append(packed[m:m + n])
+                Vs.append(packed[m : m + n])
                 ss.append(packed[m + n])
-            e = eps[pos:pos + len(g.idx)].to(s.dtype)
-            sk = skipped[pos:pos + len(g.idx)] > 0
+            e = eps[pos : pos + len(g.idx)].to(s.dtype)
+            sk = skipped[pos : pos + len(g.idx)] > 0
             pos += len(g.idx)
             s_all = torch.stack(ss)
             out[id(g)] = (torch.stack(Us), torch.stack(Vs), s_all, e, sk)
@@ -504,8 +595,12 @@ class Q3R(MatrixRegularizer):
     def _gradients(self) -> list[torch.Tensor]:
         out: list[torch.Tensor | None] = [None] * len(self.blocks)
         for g in self._groups:
-            W = torch.stack([self._current(self.blocks[i], self.blocks[i].matrix(self.blocks[i].param.detach()))
-                             for i in g.idx])
+            W = torch.stack(
+                [
+                    self._current(self.blocks[i], self.blocks[i].matrix(self.blocks[i].param.detach()))
+                    for i in g.idx
+                ]
+            )
             R = q3r_operator(W, g.U, g.V, g.c) if g.K else W
             for j, i in enumerate(g.idx):
                 out[i] = R[j]
@@ -571,8 +666,13 @@ class Q3R(MatrixRegularizer):
     def saturated(self) -> list[str]:
         """Blocks whose smallest slot has s > eps at the last reweighting: more directions than slots may
         be above eps; ``reweight(sync=True)`` grows their slots."""
-        return [self.blocks[i].name for g in self._slotted() if g.K < min(g.shape)
-                for i, sat in zip(g.idx, (g.active & (g.s[:, -1] > g.eps)).tolist()) if sat]
+        return [
+            self.blocks[i].name
+            for g in self._slotted()
+            if g.K < min(g.shape)
+            for i, sat in zip(g.idx, (g.active & (g.s[:, -1] > g.eps)).tolist())
+            if sat
+        ]
 
     def skipped(self) -> list[str]:
         """Blocks whose weight held NaN/Inf at the last reweighting (their previous operator was kept)."""
@@ -582,10 +682,22 @@ class Q3R(MatrixRegularizer):
     def state_dict(self) -> dict[str, Any]:
         """Tensors and plain values only: step count, and per block name, rank, eps, U, V, s (every slot)."""
         return {
-            "steps": self.steps, "reweighted_at": self._reweighted_at, "period": self.period, "lam": self.lam,
-            "blocks": [{"name": b.name, "rank": b.rank, "eps": float(b.state["eps"]), "U": b.state["U"].clone(),
-                        "V": b.state["V"].clone(), "s": b.state["s"].clone(),
-                        **({"anchor": b.state["anchor"].clone()} if self.update else {})} for b in self.blocks],
+            "steps": self.steps,
+            "reweighted_at": self._reweighted_at,
+            "period": self.period,
+            "lam": self.lam,
+            "blocks": [
+                {
+                    "name": b.name,
+                    "rank": b.rank,
+                    "eps": float(b.state["eps"]),
+                    "U": b.state["U"].clone(),
+                    "V": b.state["V"].clone(),
+                    "s": b.state["s"].clone(),
+                    **({"anchor": b.state["anchor"].clone()} if self.update else {}),
+                }
+                for b in self.blocks
+            ],
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -595,22 +707,38 @@ class Q3R(MatrixRegularizer):
         Raises ``ValueError`` (changing nothing) if the blocks (names, ranks, shapes) differ."""
         blocks = state.get("blocks") if isinstance(state, Mapping) else None
         if not isinstance(blocks, list) or len(blocks) != len(self.blocks):
-            raise ValueError(f"state has {None if blocks is None else len(blocks)} blocks, this Q3R has "
-                             f"{len(self.blocks)}: build the regularizer with the same model, targets and split")
+            raise ValueError(
+                f"state has {None if blocks is None else len(blocks)} blocks, this Q3R has "
+                f"{len(self.blocks)}: build the regularizer with the same model, targets and split"
+            )
         for b, sb in zip(self.blocks, blocks):
             m, n = b.shape
             k = sb["s"].numel()
-            if sb["name"] != b.name or sb["rank"] != b.rank or tuple(sb["U"].shape) != (m, k) \
-                    or tuple(sb["V"].shape) != (n, k) or k > min(m, n) or ("anchor" in sb) != self.update:
-                raise ValueError(f"state block {sb['name']!r} (rank {sb['rank']}, U {tuple(sb['U'].shape)}) does not "
-                                 f"match {b.name!r} (rank {b.rank}, shape {(m, n)})")
+            if (
+                sb["name"] != b.name
+                or sb["rank"] != b.rank
+                or tuple(sb["U"].shape) != (m, k)
+                or tuple(sb["V"].shape) != (n, k)
+                or k > min(m, n)
+                or ("anchor" in sb) != self.update
+            ):
+                raise ValueError(
+                    f"state block {sb['name']!r} (rank {sb['rank']}, U {tuple(sb['U'].shape)}) does not "
+                    f"match {b.name!r} (rank {b.rank}, shape {(m, n)})"
+                )
         for g in self._groups:
             dtype, dev = g.U.dtype, g.U.device
             K = max([g.K] + [blocks[i]["s"].numel() for i in g.idx])
             pad = nn.functional.pad
-            g.U = torch.stack([pad(blocks[i]["U"].to(dev, dtype), (0, K - blocks[i]["s"].numel())) for i in g.idx])
-            g.V = torch.stack([pad(blocks[i]["V"].to(dev, dtype), (0, K - blocks[i]["s"].numel())) for i in g.idx])
-            g.s = torch.stack([pad(blocks[i]["s"].to(dev, dtype), (0, K - blocks[i]["s"].numel())) for i in g.idx])
+            g.U = torch.stack(
+                [pad(blocks[i]["U"].to(dev, dtype), (0, K - blocks[i]["s"].numel())) for i in g.idx]
+            )
+            g.V = torch.stack(
+                [pad(blocks[i]["V"].to(dev, dtype), (0, K - blocks[i]["s"].numel())) for i in g.idx]
+            )
+            g.s = torch.stack(
+                [pad(blocks[i]["s"].to(dev, dtype), (0, K - blocks[i]["s"].numel())) for i in g.idx]
+            )
             g.eps = torch.tensor([float(blocks[i]["eps"]) for i in g.idx], dtype=dtype, device=dev)
             g.c, g.K = _weights(g.s, g.eps), K
             g.skipped = torch.zeros_like(g.skipped)
@@ -622,5 +750,7 @@ class Q3R(MatrixRegularizer):
         self._reweighted_at = int(state["reweighted_at"])
 
     def __repr__(self) -> str:
-        return (f"Q3R({len(self.blocks)} matrices, lam={self.lam}, period={self.period}, "
-                f"decoupled={self.decoupled}, steps={self.steps})")
+        return (
+            f"Q3R({len(self.blocks)} matrices, lam={self.lam}, period={self.period}, "
+            f"decoupled={self.decoupled}, steps={self.steps})"
+        )
