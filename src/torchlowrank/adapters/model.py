@@ -551,7 +551,7 @@ def resize_token_embeddings(model: nn.Module, new_num_tokens: int | None = None,
         for _, mod, _, put in wrapped:  # put the adapters (on the old bases) back
             put(mod)
         raise
-    for _which, mod, get, _put in wrapped:
+    for _which, mod, get, put in wrapped:
         new_base = get()
         mod.base_layer = new_base
         m, n = mod.matrix_shape()
