@@ -74,7 +74,11 @@ def test_bad_arguments():
         FactorizedLinear(4, 4, 5)
 
 
-def test_bf16_layer_runs():
+def test_a_bf16_layer_computes_the_float64_product_to_bf16_precision():
     f = FactorizedLinear(16, 8, 4, dtype=torch.bfloat16)
-    y = f(torch.randn(3, 16, dtype=torch.bfloat16))
-    assert y.dtype == torch.bfloat16 and torch.isfinite(y.float()).all()
+    x = torch.randn(3, 16, dtype=torch.bfloat16)
+    y = f(x)
+    ref = f.to(torch.float64)(x.double())
+    assert y.dtype == torch.bfloat16
+    # two bf16 GEMMs with a rounding between them: a few units of bf16's 2^-8 relative precision
+    torch.testing.assert_close(y.double(), ref, rtol=0, atol=3 * 2**-8 * ref.abs().max().item())

@@ -375,15 +375,24 @@ def test_tied_weights_are_regularized_once():
     assert reg.names == ["a"]
 
 
-def test_every_tiny_hf_model_trains_with_q3r(tiny_hf_model):
+def test_on_every_tiny_hf_model_the_added_gradient_is_twice_the_penalty_along_the_weights(tiny_hf_model):
+    """The penalty is lam <W, R(W)> and step() adds 2 lam R(W): so sum_W <W, added grad> = 2 * value().
+
+    This holds whatever the layer kinds, orientations (GPT-2's transposed Conv1D, fused c_attn split in
+    three) and ties are, and fails if a block's gradient lands transposed, on the wrong rows or twice.
+    """
     name, model, inputs = tiny_hf_model
     model.train()
     reg = Q3R(model, 0.25, 0.1, split={"c_attn": 3} if name == "gpt2" else None)
     out = model(**inputs).logits
     out.float().pow(2).mean().backward()
+    params = {id(b.param): b.param for b in reg.blocks}
+    before = {k: p.grad.detach().double().clone() for k, p in params.items()}
     reg.step()
-    assert all(torch.isfinite(b.param.grad).all() for b in reg.blocks)
-    assert torch.isfinite(reg.value())
+    along = sum((p.detach().double() * (p.grad.double() - before[k])).sum() for k, p in params.items())
+    value = reg.value().double()
+    assert value > 0
+    torch.testing.assert_close(along, 2 * value, rtol=1e-4, atol=0)
 
 
 def test_bf16_weights_and_bf16_autocast():
