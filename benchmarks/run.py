@@ -51,7 +51,10 @@ def update_machine_file(path: Path, results: dict) -> dict:
 
 def machine_markdown(data: dict) -> str:
     """The generated block of the benchmarks page: every benchmark's tables, with its command and commit."""
-    from torchlowrank.results import Table, markdown_table
+    from torchlowrank.results import Table, format_cell, markdown_table
+
+    def cells(values):  # a "|" inside a cell (e.g. ||P(M)||_2) would split it: escape it
+        return [format_cell(v).replace("|", "\\|") for v in values]
 
     lines = [
         f"### All benchmark tables on {data['machine']}",
@@ -70,7 +73,8 @@ def machine_markdown(data: dict) -> str:
         lines.append("")
         for t in res.get("tables", []):
             table = Table(**t)
-            lines += [f"*{table.title}*", "", markdown_table(table.columns, table.rows), ""]
+            rows = [cells(row) for row in table.rows]
+            lines += [f"*{table.title}*", "", markdown_table(cells(table.columns), rows), ""]
     return "\n".join(lines).rstrip() + "\n"
 
 

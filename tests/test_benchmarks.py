@@ -62,3 +62,10 @@ def test_machine_file_merges_runs_and_the_page_block_is_replaced_in_place(tmp_pa
 def test_machine_name_is_a_safe_file_name():
     name = _harness().machine_name()
     assert name and all(c.isalnum() or c in "-_." for c in name)
+
+
+def test_a_pipe_inside_a_cell_is_escaped_in_the_generated_block():
+    run = _harness()
+    table = {"title": "t", "columns": ["method", "error"], "rows": [["lam = 1e-3 ||P(M)||_2", 0.5]]}
+    text = run.machine_markdown({"machine": "m", "benchmarks": {"x": {"tables": [table]}}})
+    assert "| lam = 1e-3 \\|\\|P(M)\\|\\|_2 | 0.5 |" in text
