@@ -30,8 +30,8 @@ def test_mkdocs_build_strict(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     site = tmp_path / "site"
-    assert (site / "index.html").is_file() and (site / "benchmarks" / "index.html").is_file()
-    api = (site / "api" / "optim" / "index.html").read_text(encoding="utf-8")
+    assert (site / "index.html").is_file() and (site / "benchmarks.html").is_file()
+    api = (site / "api" / "optim.html").read_text(encoding="utf-8")
     assert "LowRankAdam" in api and "basis_lr_ratio" in api  # the signature was rendered
 
 
