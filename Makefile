@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint bench data clean
+.PHONY: demo test lint bench data docs clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,8 +29,13 @@ lint: $(STAMP)
 test: $(STAMP) data lint
 	$(BIN)/python -m pytest -q
 
+# the documentation site (MkDocs + Material + mkdocstrings) into site/; --strict: a broken link or
+# a docstring that fails to render is an error
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/python -m mkdocs build --strict --site-dir site
+
 bench: $(STAMP) data
 	$(BIN)/python benchmarks/run.py
 
 clean:
-	rm -rf $(VENV) torchlowrank-report .pytest_cache
+	rm -rf $(VENV) torchlowrank-report .pytest_cache site

@@ -4,10 +4,10 @@ Discovers ``benchmarks/bench_*.py``; each module defines ``run(quick: bool = Fal
 whose tables report medians over repeats and ratios against a baseline measured in the same run.
 Writes ``benchmarks/results/<name>.json`` and ``.md`` (plus plots) and prints the tables; then
 ``benchmarks/results/<machine>.json`` (every benchmark's tables from this machine, merged with
-earlier runs of the other benchmarks there) and the README's generated performance tables (between
-``<!-- bench:begin <machine> -->`` and ``<!-- bench:end <machine> -->``) from that file. ``--quick``
-(a smoke test) writes to ``benchmarks/results/quick/`` (git-ignored) and never touches the committed
-results or the README.
+earlier runs of the other benchmarks there) and the generated performance tables of the documentation's
+benchmarks page, ``docs/benchmarks.md`` (between ``<!-- bench:begin <machine> -->`` and
+``<!-- bench:end <machine> -->``), from that file. ``--quick`` (a smoke test) writes to
+``benchmarks/results/quick/`` (git-ignored) and never touches the committed results or the docs.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-README = HERE.parent / "README.md"
+BENCHMARKS_PAGE = HERE.parent / "docs" / "benchmarks.md"
 
 
 def machine_name() -> str:
@@ -50,8 +50,11 @@ def update_machine_file(path: Path, results: dict) -> dict:
 
 
 def machine_markdown(data: dict) -> str:
-    """The generated README block: every benchmark's tables, with its command and commit."""
-    from torchlowrank.results import Table, markdown_table
+    """The generated block of the benchmarks page: every benchmark's tables, with its command and commit."""
+    from torchlowrank.results import Table, format_cell, markdown_table
+
+    def cells(values):  # a "|" inside a cell (e.g. ||P(M)||_2) would split it: escape it
+        return [format_cell(v).replace("|", "\\|") for v in values]
 
     lines = [
         f"### All benchmark tables on {data['machine']}",
@@ -70,26 +73,26 @@ def machine_markdown(data: dict) -> str:
         lines.append("")
         for t in res.get("tables", []):
             table = Table(**t)
-            lines += [f"*{table.title}*", "", markdown_table(table.columns, table.rows), ""]
+            rows = [cells(row) for row in table.rows]
+            lines += [f"*{table.title}*", "", markdown_table(cells(table.columns), rows), ""]
     return "\n".join(lines).rstrip() + "\n"
 
 
-def update_readme(data: dict, readme: Path = README) -> bool:
-    """Replace (or append to the Benchmarks section) the machine's generated block; True if written."""
+def update_benchmarks_page(data: dict, page: Path = BENCHMARKS_PAGE) -> bool:
+    """Replace the machine's generated block in the benchmarks page (``docs/benchmarks.md``) in place,
+    or append it at the end of the page for a new machine; True if written."""
     from torchlowrank.files import atomic_write_text
 
-    if not readme.is_file():
+    if not page.is_file():
         return False
-    text = readme.read_text(encoding="utf-8")
+    text = page.read_text(encoding="utf-8")
     begin, end = f"<!-- bench:begin {data['machine']} -->", f"<!-- bench:end {data['machine']} -->"
     block = f"{begin}\n{machine_markdown(data)}{end}"
     if begin in text and end in text:
         text = text[: text.index(begin)] + block + text[text.index(end) + len(end) :]
     else:
-        anchor = "\n## Layout"
-        i = text.find(anchor)
-        text = (text[:i] + "\n" + block + "\n" + text[i:]) if i >= 0 else text + "\n" + block + "\n"
-    atomic_write_text(readme, text)
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    atomic_write_text(page, text)
     return True
 
 
@@ -138,8 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"-> {paths['md']} ({time.perf_counter() - t0:.0f} s)\n", flush=True)
     if not args.quick and args.out is None:
         data = update_machine_file(HERE / "results" / f"{machine_name()}.json", done)
-        if update_readme(data):
-            print(f"README performance tables for {data['machine']} regenerated", flush=True)
+        if update_benchmarks_page(data):
+            print(f"{BENCHMARKS_PAGE.name} tables for {data['machine']} regenerated", flush=True)
     return 0
 
 

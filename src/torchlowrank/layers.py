@@ -188,7 +188,7 @@ class LowRankLinear(_LowRankFactors):
 
         linear: ``nn.Linear`` (weight (out, in)) or Hugging Face ``Conv1D`` (weight (in, out), the
         matrix applied is its transpose). ``method="full"`` (default) is exact to float precision;
-        ``"randomized"`` is faster on big layers but only near-optimal (see the README's numbers).
+        ``"randomized"`` is faster on big layers but only near-optimal (numbers in docs/layers.md).
         Built through ``cls.__init__``, so subclasses get their own construction.
         """
         if isinstance(linear, nn.Linear):
