@@ -176,10 +176,10 @@ class _GaLoreNet(nn.Module):
         self.head = nn.Linear(7, 3)
 
     def forward(self, x):
-        h = torch.relu(self.conv(x)).flatten(1)
-        h = torch.relu(self.low(torch.relu(self.up(h))))
-        h = torch.relu(self.proj(torch.relu(self.mid(h))))
-        return self.head(torch.relu(self.down(h)))
+        h = torch.tanh(self.conv(x)).flatten(1)
+        h = torch.tanh(self.low(torch.tanh(self.up(h))))
+        h = torch.tanh(self.proj(torch.tanh(self.mid(h))))
+        return self.head(torch.tanh(self.down(h)))
 
 
 def _galore_model():
@@ -190,7 +190,9 @@ def _galore_model():
 def _galore_opt(model, kind="galore"):
     if kind == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
-    return GaLoreAdamW(model.parameters(), lr=1e-2, rank=3, update_gap=2, scale=0.5, weight_decay=0.1)
+    return GaLoreAdamW(
+        model.parameters(), lr=1e-2, rank=3, update_gap=2, scale=0.5, weight_decay=0.1, oversample=2
+    )
 
 
 def _galore_worker(rank, world, out):
@@ -317,12 +319,83 @@ def test_dcp_checkpoints_resume_across_world_sizes_as_an_uninterrupted_run(fsdp_
     _assert_states_equal(resumed.state_dict(), want)
 
 
+# -- Q3R -----------------------------------------------------------------------------------------
+def _q3r_model():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(2, 6, 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(6 * 16, 20),
+        nn.ReLU(),
+        nn.Linear(20, 7),  # 7 rows: 4 + 3
+        nn.ReLU(),
+        nn.Linear(7, 3),  # 3 rows, K = 3 slots: 2 + 1 rows, fewer than K on each rank
+    ).double()
+
+
+def _q3r_setup(model):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    reg = tlr.Q3R(model, target_rank=2, lam=0.05, period=2, method="randomized", oversample=2, seed=3)
+    return opt, reg
+
+
+def _q3r_train(model, opt, reg, xs, ys):
+    for x, y in zip(xs, ys):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        reg.step()
+        opt.step()
+
+
+def _q3r_worker(rank, world, out):
+    model = _q3r_model()
+    fully_shard(model)
+    opt, reg = _q3r_setup(model)
+    xs, ys = _layers_data()
+    _q3r_train(model, opt, reg, _local(xs, rank, world), _local(ys, rank, world))
+    blocks = reg.state_dict()["blocks"]
+    reg_state = {f"{b['name']}.{k}": _full(b[k]) for b in blocks for k in ("U", "V", "s")}
+    reg_state.update({f"{b['name']}.eps": torch.tensor(b["eps"]) for b in blocks})
+    errors = []
+    for make in (
+        lambda: reg.value(),
+        lambda: tlr.Q3R(model, target_rank=2, lam=0.1, method="full"),
+        lambda: tlr.Q3R(model, target_rank=2, lam=0.1, shard_reweighting=True),
+    ):
+        try:
+            make()
+            errors.append("")
+        except ValueError as e:
+            errors.append(str(e))
+    torch.save({"state": _full_state(model), "reg": reg_state, "errors": errors}, out / f"q3r{rank}.pt")
+
+
+def test_q3r_on_sharded_weights_equals_one_process(fsdp_out):
+    """Reweightings at steps 0 and 2 from the row shards (range finder: all-reduced products, TSQR,
+    sign fix over the ranks) and the gradient term each step: weights, U, V, s and eps equal one process."""
+    model = _q3r_model()
+    opt, reg = _q3r_setup(model)
+    xs, ys = _layers_data()
+    _q3r_train(model, opt, reg, xs, ys)
+    assert all(float(reg.state_dict()["blocks"][i]["eps"]) < float("inf") for i in range(4))
+    want = {f"{b['name']}.{k}": b[k] for b in reg.state_dict()["blocks"] for k in ("U", "V", "s")}
+    want.update({f"{b['name']}.eps": torch.tensor(b["eps"]) for b in reg.state_dict()["blocks"]})
+    for rank in range(WORLD):
+        got = torch.load(fsdp_out / f"q3r{rank}.pt", weights_only=True)
+        _assert_states_equal(got["state"], model.state_dict())
+        _assert_states_equal(got["reg"], want)
+        value, full, shard = got["errors"]
+        assert "reg.step()" in value and "method='randomized'" in full and "leave it False" in shard
+
+
 # -- the launch ----------------------------------------------------------------------------------
 def _worker(rank, world, out, ckpt_dir):
     _layers_worker(rank, world, out)
     _adapter_worker(rank, world, out)
     _galore_worker(rank, world, out)
     _dcp_worker(rank, world, out, ckpt_dir)
+    _q3r_worker(rank, world, out)
 
 
 @pytest.fixture(scope="module")

@@ -26,6 +26,8 @@ __all__ = [
     "gather_rows",
     "reduce_scatter_rows",
     "is_sharded_module",
+    "qr_rows",
+    "sign_fixed_rows",
 ]
 
 
@@ -136,3 +138,44 @@ def reduce_scatter_rows(partial: torch.Tensor, mesh) -> torch.Tensor:
 def is_sharded_module(module: torch.nn.Module) -> bool:
     """True when some parameter of ``module`` is a DTensor (e.g. after ``fully_shard``)."""
     return any(is_dtensor(p) for p in module.parameters())
+
+
+def _all_gather_stack(t: torch.Tensor, mesh) -> torch.Tensor:
+    """(world, *t.shape): every rank's ``t`` (same shape on all ranks), in rank order."""
+    parts = [torch.empty_like(t) for _ in range(mesh.size())]
+    dist.all_gather(parts, t.contiguous(), group=mesh.get_group())
+    return torch.stack(parts)
+
+
+def qr_rows(Y_local: torch.Tensor, mesh) -> torch.Tensor:
+    """An orthonormal basis Q (..., m, L) of the span of a row-sharded Y (..., m, L) (m >= L), returned
+    as this rank's rows (..., m_loc, L): TSQR (a Householder QR of the local rows, one of the stacked
+    (world L, L) R factors, all-gathered), as stable as a QR of the whole Y. ``torch.linalg.qr(Y).Q``
+    when mesh is None. The basis may differ from Y's own QR by an orthogonal (L, L) factor."""
+    if mesh is None:
+        return torch.linalg.qr(Y_local).Q
+    L = Y_local.shape[-1]
+    Ql, Rl = torch.linalg.qr(Y_local)  # (..., m_loc, j), (..., j, L), j = min(m_loc, L)
+    j = Rl.shape[-2]
+    Rl = torch.nn.functional.pad(Rl, (0, 0, 0, L - j))  # zero rows: (..., L, L)
+    Ql = torch.nn.functional.pad(Ql, (0, L - j))  # zero columns: (..., m_loc, L)
+    stacked = _all_gather_stack(Rl, mesh)  # (world, ..., L, L)
+    stacked = stacked.movedim(0, -3).flatten(-3, -2)  # (..., world L, L)
+    Qs = torch.linalg.qr(stacked).Q
+    me = mesh.get_local_rank()
+    return Ql @ Qs[..., me * L : (me + 1) * L, :]
+
+
+def sign_fixed_rows(X_local: torch.Tensor, mesh, *partners: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """:func:`torchlowrank.linalg.sign_fixed` for a row-sharded X (..., m, k) given as this rank's rows:
+    each column flipped so that its largest-|entry| component (over all ranks; ties: the first row)
+    is positive, the partners' (replicated) columns with it. One all-gather of (..., 1, k); the same
+    as ``sign_fixed`` when mesh is None."""
+    if X_local.shape[-2]:
+        top = torch.gather(X_local, -2, X_local.abs().argmax(dim=-2, keepdim=True))
+    else:  # no rows here: a zero never wins against a row of another rank
+        top = X_local.new_zeros(*X_local.shape[:-2], 1, X_local.shape[-1])
+    tops = top[None] if mesh is None else _all_gather_stack(top, mesh)  # (world, ..., 1, k)
+    top = torch.gather(tops, 0, tops.abs().argmax(dim=0, keepdim=True))[0]
+    sign = torch.where(top < 0, -1.0, 1.0).to(X_local.dtype)
+    return (X_local * sign, *(P * sign for P in partners))
