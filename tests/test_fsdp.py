@@ -389,6 +389,22 @@ def test_q3r_on_sharded_weights_equals_one_process(fsdp_out):
         assert "reg.step()" in value and "method='randomized'" in full and "leave it False" in shard
 
 
+def test_bench_fsdp_quick_runs_and_reports_every_arm(monkeypatch):
+    """The benchmark's smoke test (its own launches, 1 and 2 processes); an arm whose optimizer does
+    not support FSDP2 is a row marked unsupported, not a failure."""
+    import importlib
+    from pathlib import Path
+
+    # by name from sys.path, as benchmarks/run.py loads it: the spawned processes import it again
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    bench = importlib.import_module("bench_fsdp")
+    (table,) = bench.run(quick=True).tables
+    assert [row[0] for row in table.rows] == [1] * 4 + [2] * 4
+    status = {(row[0], row[1]): row[-1] for row in table.rows}
+    assert all(v == "ok" for (_, name), v in status.items() if "LowRankAdam" not in name)
+    assert all(v == "ok" or v.startswith("unsupported (") for v in status.values())
+
+
 # -- the launch ----------------------------------------------------------------------------------
 def _worker(rank, world, out, ckpt_dir):
     _layers_worker(rank, world, out)
