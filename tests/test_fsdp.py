@@ -99,7 +99,21 @@ def _layers_worker(rank, world, out):
     # fully_shard skip the first gradient reduction, with nn.Linear as with these layers)
     with torch.no_grad():
         logits = model(_local(xs, rank, world)[0])
-    torch.save({"logits": logits.detach(), "state": _full_state(model)}, out / f"layers{rank}.pt")
+    errors = []
+    for replace in (
+        lambda: tlr.factorize(model, 2, targets=["head"]),
+        lambda: tlr.truncate(model, 0.5, targets=["head"]),
+        lambda: tlr.factorize_ab(model, 2, targets=["head"]),
+        lambda: tlr.adapt(model, tlr.LoRAConfig(r=2, target_modules=["head"])),
+    ):
+        try:
+            replace()
+            errors.append("")
+        except ValueError as e:
+            errors.append(str(e))
+    torch.save(
+        {"logits": logits.detach(), "state": _full_state(model), "errors": errors}, out / f"layers{rank}.pt"
+    )
 
 
 def test_lowrank_layers_under_fully_shard_train_as_one_process(fsdp_out):
@@ -113,6 +127,8 @@ def test_lowrank_layers_under_fully_shard_train_as_one_process(fsdp_out):
         got = torch.load(fsdp_out / f"layers{rank}.pt", weights_only=True)
         torch.testing.assert_close(got["logits"], _local(logits[None], rank, WORLD)[0].detach(), **TOL)
         _assert_states_equal(got["state"], model.state_dict())
+        # layer replacements after fully_shard are refused, naming the order that works
+        assert all("fully_shard" in e and "then fully_shard" in e for e in got["errors"]), got["errors"]
 
 
 # -- adapters ------------------------------------------------------------------------------------
@@ -357,6 +373,18 @@ def _q3r_worker(rank, world, out):
     blocks = reg.state_dict()["blocks"]
     reg_state = {f"{b['name']}.{k}": _full(b[k]) for b in blocks for k in ("U", "V", "s")}
     reg_state.update({f"{b['name']}.eps": torch.tensor(b["eps"]) for b in blocks})
+    # a resumed regularizer: from its own (row-sharded) state and from whole tensors (one process's)
+    whole = {**reg.state_dict(), "blocks": [{**b, "U": _full(b["U"])} for b in blocks]}
+    resumed = []
+    for state in (reg.state_dict(), whole):
+        again = tlr.Q3R(model, target_rank=2, lam=0.05, period=2, method="randomized", oversample=2, seed=3)
+        again.load_state_dict(state)
+        resumed.append(
+            all(
+                torch.equal(_full(a["U"]), _full(b["U"]))
+                for a, b in zip(again.state_dict()["blocks"], blocks)
+            )
+        )
     errors = []
     for make in (
         lambda: reg.value(),
@@ -368,7 +396,10 @@ def _q3r_worker(rank, world, out):
             errors.append("")
         except ValueError as e:
             errors.append(str(e))
-    torch.save({"state": _full_state(model), "reg": reg_state, "errors": errors}, out / f"q3r{rank}.pt")
+    torch.save(
+        {"state": _full_state(model), "reg": reg_state, "errors": errors, "resumed": resumed},
+        out / f"q3r{rank}.pt",
+    )
 
 
 def test_q3r_on_sharded_weights_equals_one_process(fsdp_out):
@@ -385,6 +416,7 @@ def test_q3r_on_sharded_weights_equals_one_process(fsdp_out):
         got = torch.load(fsdp_out / f"q3r{rank}.pt", weights_only=True)
         _assert_states_equal(got["state"], model.state_dict())
         _assert_states_equal(got["reg"], want)
+        assert got["resumed"] == [True, True]
         value, full, shard = got["errors"]
         assert "reg.step()" in value and "method='randomized'" in full and "leave it False" in shard
 
