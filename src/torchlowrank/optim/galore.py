@@ -22,6 +22,20 @@ refresh paths. The package keeps LAPACK's signs, which differ between devices an
 the moments are kept across a refresh they change the update after the second refresh (with the
 package's projector sign-fixed the updates are equal, ``tests/test_optim_galore.py``).
 
+FSDP2 (``fully_shard``: parameters and gradients are DTensors split by rows over a 1-D mesh): the
+step equals the single-process one on the global batch without forming any full gradient. For a
+gradient G (m, n) whose rows are split, the subspace iteration of a right projection (m >= n) keeps
+its (n, k) basis replicated and all-reduces G_loc^T (G_loc Q) and the (k, k) Gram; a left projection
+(m < n: the basis lives on the m side, the smaller one) keeps an (m, k) basis, all-reduces
+G_loc^T Q_loc (n, k) and all-gathers the (m, k) rows of G (G^T Q). The sketch comes from the same
+seeded generator on every rank, so every rank computes the same projector. State is sharded like
+the parameter: right, the moments (m, r) by rows and P (r, n) replicated; left, Q (m, r) by rows and
+the moments (r, n) by rows of r (R = Q^T G is reduce-scattered, the direction all-gathered). Other
+placements (``Shard(1)``, 2-D meshes) and ``refresh="svd"`` raise ``ValueError``. Build the
+optimizer after ``fully_shard`` (it holds the sharded parameters). Its state goes through
+``torch.distributed.checkpoint`` (``get_state_dict`` / ``set_state_dict``) and resumes on another
+world size.
+
 Host synchronisation (DESIGN §7): none in a step with ``refresh="warm"``, refresh steps included
 (QR and matrix products only; the Rayleigh-Ritz eigenproblem is solved by :func:`_top_eigenvectors`,
 not ``eigh`` / ``svd``, which check their status). ``refresh="svd"``: one per refresh and matrix,

@@ -337,6 +337,15 @@ class Q3R(MatrixRegularizer):
             every process reweights every block from its identical weights, with no collective.
             No effect without a process group.
 
+    FSDP2 (weights sharded by rows by ``fully_shard``; build the regularizer after sharding): every
+    rank keeps its rows of U, V and s replicated, and the result equals one process's. The reweighting's
+    range finder multiplies the local rows and all-reduces the (B, n, L) products and (B, L, L) Grams,
+    its final basis is a TSQR (all-gathered (L, L) factors), the small SVD runs on every rank, the
+    sign fix takes each column's largest entry over the ranks; the per-step term R(W) is computed on
+    the local rows with one all-reduce of U^T W (B, K, n) per group, and added to the local gradient.
+    Not supported there (``ValueError``): ``method="full"`` (or ``"auto"`` choosing it),
+    ``shard_reweighting``, ``split`` slices, ``value()`` and ``surrogate()``.
+
     A weight holding NaN/Inf at a reweighting inside ``step()`` keeps that matrix's previous operator
     (and eps) -- nothing is read back to raise -- and is listed by ``skipped()``;
     ``reweight(sync=True)`` raises ``ValueError`` naming the layer instead, changing nothing.
