@@ -21,6 +21,7 @@ from torch.distributed.tensor import DTensor
 
 import torchlowrank as tlr
 from ddp import run_ddp
+from host_syncs import HostSyncCounter
 from torchlowrank.optim import GaLoreAdamW
 
 pytestmark = [pytest.mark.ddp, pytest.mark.filterwarnings("ignore:torch.distributed is disabled")]
@@ -216,7 +217,13 @@ def _galore_worker(rank, world, out):
     fully_shard(model)
     opt = _galore_opt(model)
     xs, ys = _layers_data()
-    _train(model, opt, _local(xs, rank, world), _local(ys, rank, world))
+    syncs = []
+    for x, y in zip(_local(xs, rank, world), _local(ys, rank, world)):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        with HostSyncCounter() as counter:
+            opt.step()
+        syncs.append(counter.calls)
     layout = {
         f"{name}.{k}": str(tuple(v.placements)) if isinstance(v, DTensor) else type(v).__name__
         for name, p in model.named_parameters()
@@ -226,7 +233,13 @@ def _galore_worker(rank, world, out):
         name: _full(opt.state[p]["ortho"]) for name, p in model.named_parameters() if "ortho" in opt.state[p]
     }
     torch.save(
-        {"state": _full_state(model), "orthos": orthos, "layout": layout, "bytes": opt.state_bytes()},
+        {
+            "state": _full_state(model),
+            "orthos": orthos,
+            "layout": layout,
+            "bytes": opt.state_bytes(),
+            "syncs": syncs,
+        },
         out / f"galore{rank}.pt",
     )
     try:
@@ -267,6 +280,7 @@ def test_galore_under_fully_shard_equals_one_process(fsdp_out):
         assert layout[f"{name}.ortho"] == "(Replicate(),)"
         assert layout[f"{name}.exp_avg"] == layout[f"{name}.exp_avg_sq"] == "(Shard(dim=0),)"
     assert layout["head.bias.exp_avg"] == "(Shard(dim=0),)" and layout["head.bias.step"] == "int"
+    assert got[0]["syncs"] == got[1]["syncs"] == [[]] * STEPS  # refresh steps (0, 2) included
     assert sum(g["bytes"] for g in got) < 2 * opt.state_bytes()  # only the (r, n) projectors are replicated
 
 
@@ -357,11 +371,15 @@ def _q3r_setup(model):
 
 
 def _q3r_train(model, opt, reg, xs, ys):
+    syncs = []
     for x, y in zip(xs, ys):
         opt.zero_grad()
         nn.functional.cross_entropy(model(x), y).backward()
-        reg.step()
+        with HostSyncCounter() as counter:
+            reg.step()
+        syncs.append(counter.calls)
         opt.step()
+    return syncs
 
 
 def _q3r_worker(rank, world, out):
@@ -369,7 +387,7 @@ def _q3r_worker(rank, world, out):
     fully_shard(model)
     opt, reg = _q3r_setup(model)
     xs, ys = _layers_data()
-    _q3r_train(model, opt, reg, _local(xs, rank, world), _local(ys, rank, world))
+    syncs = _q3r_train(model, opt, reg, _local(xs, rank, world), _local(ys, rank, world))
     blocks = reg.state_dict()["blocks"]
     reg_state = {f"{b['name']}.{k}": _full(b[k]) for b in blocks for k in ("U", "V", "s")}
     reg_state.update({f"{b['name']}.eps": torch.tensor(b["eps"]) for b in blocks})
@@ -397,7 +415,7 @@ def _q3r_worker(rank, world, out):
         except ValueError as e:
             errors.append(str(e))
     torch.save(
-        {"state": _full_state(model), "reg": reg_state, "errors": errors, "resumed": resumed},
+        {"state": _full_state(model), "reg": reg_state, "errors": errors, "resumed": resumed, "syncs": syncs},
         out / f"q3r{rank}.pt",
     )
 
@@ -417,6 +435,8 @@ def test_q3r_on_sharded_weights_equals_one_process(fsdp_out):
         _assert_states_equal(got["state"], model.state_dict())
         _assert_states_equal(got["reg"], want)
         assert got["resumed"] == [True, True]
+        # as in one process: the batched small SVD's status check on reweighting steps (0, 2) only
+        assert got["syncs"] == [["linalg_svd"], [], ["linalg_svd"], []], got["syncs"]
         value, full, shard = got["errors"]
         assert "reg.step()" in value and "method='randomized'" in full and "leave it False" in shard
 
