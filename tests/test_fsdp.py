@@ -364,9 +364,19 @@ def _q3r_model():
     ).double()
 
 
-def _q3r_setup(model):
+def _q3r_setup(model, decoupled=False):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    reg = tlr.Q3R(model, target_rank=2, lam=0.05, period=2, method="randomized", oversample=2, seed=3)
+    reg = tlr.Q3R(
+        model,
+        target_rank=2,
+        lam=0.05,
+        period=2,
+        method="randomized",
+        oversample=2,
+        seed=3,
+        decoupled=decoupled,
+        optimizer=opt if decoupled else None,
+    )
     return opt, reg
 
 
@@ -414,8 +424,20 @@ def _q3r_worker(rank, world, out):
             errors.append("")
         except ValueError as e:
             errors.append(str(e))
+    coupled = _full_state(model)
+    model = _q3r_model()  # decoupled: the weights' local rows are updated in place
+    fully_shard(model)
+    opt, reg = _q3r_setup(model, decoupled=True)
+    _q3r_train(model, opt, reg, _local(xs, rank, world), _local(ys, rank, world))
     torch.save(
-        {"state": _full_state(model), "reg": reg_state, "errors": errors, "resumed": resumed, "syncs": syncs},
+        {
+            "state": coupled,
+            "reg": reg_state,
+            "errors": errors,
+            "resumed": resumed,
+            "syncs": syncs,
+            "decoupled": _full_state(model),
+        },
         out / f"q3r{rank}.pt",
     )
 
@@ -439,6 +461,13 @@ def test_q3r_on_sharded_weights_equals_one_process(fsdp_out):
         assert got["syncs"] == [["linalg_svd"], [], ["linalg_svd"], []], got["syncs"]
         value, full, shard = got["errors"]
         assert "reg.step()" in value and "method='randomized'" in full and "leave it False" in shard
+    model = _q3r_model()
+    opt, reg = _q3r_setup(model, decoupled=True)
+    _q3r_train(model, opt, reg, xs, ys)
+    for rank in range(WORLD):
+        _assert_states_equal(
+            torch.load(fsdp_out / f"q3r{rank}.pt", weights_only=True)["decoupled"], model.state_dict()
+        )
 
 
 def test_bench_fsdp_quick_runs_and_reports_every_arm(monkeypatch):
