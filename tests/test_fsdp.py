@@ -62,6 +62,25 @@ def _assert_states_equal(got: dict, want: dict) -> None:
         torch.testing.assert_close(got[k], v, **TOL, msg=lambda m, k=k: f"{k}: {m}")
 
 
+def test_sharded_helpers_are_the_plain_operations_without_a_mesh():
+    """One process (mesh None): the same numbers as the unsharded code paths, bit for bit."""
+    from torchlowrank import sharded
+    from torchlowrank.linalg import sign_fixed
+
+    g = torch.Generator().manual_seed(0)
+    X, P = (
+        torch.randn(9, 4, generator=g, dtype=torch.float64),
+        torch.randn(5, 4, generator=g, dtype=torch.float64),
+    )
+    for got, want in zip(sharded.sign_fixed_rows(X, None, P), sign_fixed(X, P)):
+        assert torch.equal(got, want)
+    assert torch.equal(sharded.qr_rows(X, None), torch.linalg.qr(X).Q)
+    assert torch.equal(sharded.gram(X, None), X.mT @ X)
+    for f in (sharded.shard_rows, sharded.replicated, sharded.reduce_scatter_rows):
+        assert f(X, None) is X
+    assert sharded.gather_rows(X, None, 9) is X and sharded.local(X) is X and sharded.row_mesh(X, "x") is None
+
+
 # -- layers --------------------------------------------------------------------------------------
 class _LowRankNet(nn.Module):
     """Every factorized layer type, with odd sizes: FSDP2's row shards are uneven (S (3,) splits 2 + 1)."""
