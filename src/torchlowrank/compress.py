@@ -31,6 +31,7 @@ from .layer_types import is_hf_conv1d, is_meta, parameter_holders, shared_weight
 from .layers import LowRankConv2d, LowRankLinear, max_rank
 from .ranks import singular_values
 from .results import markdown_table
+from .sharded import is_sharded_module
 from .targets import Targets, find_targets, replace_module
 
 __all__ = [
@@ -101,6 +102,12 @@ def _select_layers(model: nn.Module, targets: Targets, what: str) -> list[tuple[
     """Targeted Linear / Conv1D / Conv2d layers that can be replaced. Layers inside an adapter raise;
     tied or unsupported layers raise when targeted explicitly and are skipped with a warning when
     ``targets=None``."""
+    if is_sharded_module(model):
+        raise ValueError(
+            f"{what} replaces layers, which a model sharded by fully_shard (FSDP2) does not allow (the "
+            f"new layers would be unsharded, outside the sharding hooks): {what} the unsharded model, "
+            "then fully_shard it"
+        )
     found = find_targets(model, targets, predicate=_has_matrix)
     index = parameter_holders(model)
     wrappers = _adapter_wrappers(model)

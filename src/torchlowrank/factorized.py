@@ -18,6 +18,7 @@ from torch import nn
 
 from .layers import _check_rank, _pair
 from .linalg import truncated_svd
+from .sharded import is_sharded_module
 from .targets import Targets, find_targets, replace_module
 
 __all__ = ["FactorizedLinear", "FactorizedConv2d", "factorize_ab"]
@@ -172,6 +173,12 @@ def factorize_ab(model: nn.Module, rank: int | float, targets: Targets = None) -
         or (isinstance(rank, float) and rank >= 1)
     ):
         raise ValueError(f"rank must be an int >= 1 or a float fraction in (0, 1), got {rank!r}")
+    if is_sharded_module(model):
+        raise ValueError(
+            "factorize_ab replaces layers, which a model sharded by fully_shard (FSDP2) does not allow (the "
+            "new layers would be unsharded, outside the sharding hooks): factorize_ab the unsharded model, "
+            "then fully_shard it"
+        )
     chosen = find_targets(model, targets, _is_target)
     plans = []
     for name, mod in chosen:

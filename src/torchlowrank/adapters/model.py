@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..layer_types import parameter_holders, shared_weight_holders  # re-exported
+from ..sharded import is_sharded_module
 from ..targets import find_targets, name_matches
 from .config import ALL_LINEAR, AdapterConfig, DeepLoRAConfig, LoRAConfig
 from .layers import SUPPORTED, AdapterLayer, is_hf_conv1d, supported_layer, unsupported_reason, wrap_layer
@@ -190,6 +191,11 @@ def adapt(model: nn.Module, config: AdapterConfig) -> nn.Module:
     """
     if not isinstance(config, (LoRAConfig, DeepLoRAConfig)):
         raise ValueError(f"config must be a LoRAConfig or DeepLoRAConfig, got {type(config).__name__}")
+    if is_sharded_module(model):
+        raise ValueError(
+            "tlr.adapt must run before fully_shard (FSDP2): the adapter factors it adds would not be "
+            "sharded, and the wrapped layers would lose their sharding hooks; adapt the unsharded model, then fully_shard it"
+        )
     if adapter_state(model) is not None or adapter_layers(model):
         raise ValueError(
             "this model already carries adapters; call tlr.merge(model) first (stacking adapters "
@@ -412,6 +418,15 @@ def merge(model: nn.Module) -> nn.Module:
     """
     state = _require_state(model, "merge")
     check_adapters_in_place(model, "merge")
+    if is_sharded_module(model):
+        # fully_shard's hooks belong to the adapter modules merge would remove: the merged layers'
+        # weights would stay sharded outside any hook
+        raise ValueError(
+            "merge cannot restructure a model sharded by fully_shard (FSDP2). Gather its full state on "
+            "every rank, sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True)) "
+            "(torch.distributed.checkpoint.state_dict), load it into an unsharded copy adapted the same "
+            "way (copy.load_state_dict(sd)), tlr.merge(copy), and fully_shard the merged copy to train on"
+        )
     _stop_watch(model)
     untied, groups = [], {}
     index = parameter_holders(model)

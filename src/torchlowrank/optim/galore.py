@@ -22,6 +22,20 @@ refresh paths. The package keeps LAPACK's signs, which differ between devices an
 the moments are kept across a refresh they change the update after the second refresh (with the
 package's projector sign-fixed the updates are equal, ``tests/test_optim_galore.py``).
 
+FSDP2 (``fully_shard``: parameters and gradients are DTensors split by rows over a 1-D mesh): the
+step equals the single-process one on the global batch without forming any full gradient. For a
+gradient G (m, n) whose rows are split, the subspace iteration of a right projection (m >= n) keeps
+its (n, k) basis replicated and all-reduces G_loc^T (G_loc Q) and the (k, k) Gram; a left projection
+(m < n: the basis lives on the m side, the smaller one) keeps an (m, k) basis, all-reduces
+G_loc^T Q_loc (n, k) and all-gathers the (m, k) rows of G (G^T Q). The sketch comes from the same
+seeded generator on every rank, so every rank computes the same projector. State is sharded like
+the parameter: right, the moments (m, r) by rows and P (r, n) replicated; left, Q (m, r) by rows and
+the moments (r, n) by rows of r (R = Q^T G is reduce-scattered, the direction all-gathered). Other
+placements (``Shard(1)``, 2-D meshes) and ``refresh="svd"`` raise ``ValueError``. Build the
+optimizer after ``fully_shard`` (it holds the sharded parameters). Its state goes through
+``torch.distributed.checkpoint`` (``get_state_dict`` / ``set_state_dict``) and resumes on another
+world size.
+
 Host synchronisation (DESIGN §7): none in a step with ``refresh="warm"``, refresh steps included
 (QR and matrix products only; the Rayleigh-Ritz eigenproblem is solved by :func:`_top_eigenvectors`,
 not ``eigh`` / ``svd``, which check their status). ``refresh="svd"``: one per refresh and matrix,
@@ -36,6 +50,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch.optim import Optimizer
 
+from .. import sharded
 from ..linalg import sign_fixed
 
 __all__ = ["GaLoreAdamW"]
@@ -71,30 +86,67 @@ def _top_eigenvectors(
 
 
 def _subspace_basis(
-    G: torch.Tensor,
+    A: torch.Tensor,
     rank: int,
     start: torch.Tensor | None,
     iters: int,
     oversample: int,
     generator: torch.Generator,
+    ops: _Ops | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Subspace iteration for the top right singular vectors of G (m, n): an orthonormal basis
-    Q (n, k), k = rank + oversample, and the float64 Gram matrix C = (G Q)^T (G Q) (k, k) of its
+    """Subspace iteration for the top right singular vectors of A (m, n): an orthonormal basis
+    Q (n, k), k = rank + oversample, and the float64 Gram matrix C = (A Q)^T (A Q) (k, k) of its
     Rayleigh-Ritz step. No host synchronisation.
+
+    ``ops``: A's products when A is sharded (:class:`_Ops`; then ``A`` only gives n, dtype and
+    device); the basis and C come out the same on every rank, as one process computes them.
 
     The sketch is drawn on the CPU from ``generator`` (the same numbers on every device and dtype)
     and copied with ``non_blocking=True`` (a blocking host-to-device copy waits for the device's queue)."""
-    n = G.shape[1]
-    # float32 draws whatever G's dtype (randn in float64 draws other numbers): float32 runs follow float64 ones
+    ops = ops or _Ops.dense(A)
+    n = ops.n
+    # float32 draws whatever A's dtype (randn in float64 draws other numbers): float32 runs follow float64 ones
     extra = torch.randn(n, oversample if start is not None else rank + oversample, generator=generator)
-    extra = extra.to(G.device, G.dtype, non_blocking=True) if extra.device != G.device else extra.to(G.dtype)
+    extra = extra.to(A.device, A.dtype, non_blocking=True) if extra.device != A.device else extra.to(A.dtype)
     Q = extra if start is None else torch.cat([start, extra], 1)
     Q = torch.linalg.qr(Q).Q
     for _ in range(iters):
-        Q = torch.linalg.qr(G.T @ (G @ Q)).Q
+        Q = torch.linalg.qr(ops.back(ops.fwd(Q))).Q
     # float64: forming B^T B squares the condition number
-    B = (G @ Q).double()
-    return Q, B.mT @ B
+    return Q, ops.gram(ops.fwd(Q).double())
+
+
+class _Ops:
+    """The products subspace iteration needs of a matrix A (m, n): ``fwd(Q)`` = A Q (maybe only this
+    rank's rows of it), ``back(B)`` = A^T (A Q) from ``fwd``'s output (full, replicated) and
+    ``gram(B)`` = (A Q)^T (A Q) (full, replicated)."""
+
+    def __init__(self, n: int, fwd: Callable, back: Callable, gram: Callable) -> None:
+        self.n, self.fwd, self.back, self.gram = n, fwd, back, gram
+
+    @staticmethod
+    def dense(A: torch.Tensor) -> _Ops:
+        return _Ops(A.shape[1], lambda Q: A @ Q, lambda B: A.T @ B, lambda B: B.mT @ B)
+
+    @staticmethod
+    def row_sharded(G_loc: torch.Tensor, m: int, right: bool, mesh) -> _Ops:
+        """For G (m, n) with rows split over ``mesh`` (G_loc: this rank's rows), A = G (``right``,
+        the basis lives on the n side, replicated) or A = G^T (the basis lives on the m side, the
+        smaller one; replicated (m, k), each rank multiplying its rows of it). Collectives: all-reduces
+        of (n, k) and (k, k), and for A = G^T an all-gather of (m, k); no (m, n) matrix is formed."""
+        if right:
+            return _Ops(
+                G_loc.shape[1],
+                lambda Q: G_loc @ Q,  # this rank's rows of G Q
+                lambda B: sharded.all_reduce_sum(G_loc.T @ B, mesh),
+                lambda B: sharded.gram(B, mesh),
+            )
+        return _Ops(
+            m,
+            lambda Q: sharded.all_reduce_sum(G_loc.T @ sharded.shard_rows(Q, mesh).to_local(), mesh),
+            lambda B: sharded.gather_rows(G_loc @ B, mesh, m),
+            lambda B: B.mT @ B,
+        )
 
 
 def _top_subspace(
@@ -169,7 +221,11 @@ class GaLoreAdamW(Optimizer):
     @staticmethod
     def _projected(p: torch.Tensor, group: dict) -> bool:
         # conv kernels (out, in, kh, kw) are projected as (out, in*kh*kw) matrices (the package only takes 2-D)
-        return group["rank"] is not None and p.ndim >= 2 and min(p.shape[0], p[0].numel()) > group["rank"]
+        return (
+            group["rank"] is not None
+            and p.ndim >= 2
+            and min(p.shape[0], math.prod(p.shape[1:])) > group["rank"]
+        )
 
     @torch.no_grad()
     def _refresh_due(self) -> None:
@@ -187,10 +243,17 @@ class GaLoreAdamW(Optimizer):
                 step = state.get("step", 0)
                 if "ortho" in state and step % group["update_gap"] != 0:
                     continue
-                G = p.grad.reshape(p.shape[0], -1)
+                mesh = sharded.row_mesh(p.grad, "GaLoreAdamW")
+                m, n = p.shape[0], math.prod(p.shape[1:])
+                G = sharded.local(p.grad).reshape(-1, n)  # this rank's rows (all of them in one process)
                 r = group["rank"]
-                right = G.shape[0] >= G.shape[1]
+                right = m >= n
                 M = G.float() if G.dtype != torch.float64 else G
+                if mesh is not None and group["refresh"] == "svd":
+                    raise ValueError(
+                        "GaLoreAdamW(refresh='svd') needs each full gradient on one rank; with parameters "
+                        "sharded by fully_shard use refresh='warm' (its products are all-reduced, no full matrix)"
+                    )
                 if group["refresh"] == "svd":
                     U, _, Vh = torch.linalg.svd(M, full_matrices=False)  # checks its status: one host sync
                     ortho = sign_fixed(Vh[:r].T)[0].T if right else sign_fixed(U[:, :r])[0]
@@ -199,15 +262,22 @@ class GaLoreAdamW(Optimizer):
                 gen = torch.Generator().manual_seed(1000003 * index + step)
                 A = M if right else M.T
                 prev = state.get("ortho")
+                if prev is not None and sharded.is_dtensor(prev):
+                    prev = (
+                        prev.to_local() if right else prev.full_tensor()
+                    )  # (r, n) replicated; (m, r) gathered
                 start = None if prev is None else (prev.T if right else prev).to(A.dtype)
                 iters = group["power_iters"] if start is None else max(1, group["power_iters"] - 1)
-                Q, C = _subspace_basis(A, r, start, iters, group["oversample"], gen)
-                pending.setdefault((r, C.shape[-1], C.device), []).append((state, right, G.dtype, Q, C))
+                ops = None if mesh is None else _Ops.row_sharded(M, m, right, mesh)
+                Q, C = _subspace_basis(A, r, start, iters, group["oversample"], gen, ops)
+                pending.setdefault((r, C.shape[-1], C.device), []).append((state, right, G.dtype, Q, C, mesh))
         for (r, _, _), items in pending.items():
-            W = _top_eigenvectors(torch.stack([C for *_, C in items]), r)
-            for (state, right, dtype, Q, _), w in zip(items, W):
+            W = _top_eigenvectors(torch.stack([item[4] for item in items]), r)
+            for (state, right, dtype, Q, _, mesh), w in zip(items, W):
                 P = sign_fixed(Q @ w.to(Q.dtype))[0]
-                state["ortho"] = (P.T if right else P).to(dtype).contiguous()
+                ortho = (P.T if right else P).to(dtype).contiguous()
+                # sharded like the parameter: P (r, n) is small (replicated), Q (m, r) is split by rows
+                state["ortho"] = sharded.replicated(ortho, mesh) if right else sharded.shard_rows(ortho, mesh)
 
     @torch.no_grad()
     def step(self, closure: Callable | None = None):
@@ -221,20 +291,34 @@ class GaLoreAdamW(Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                grad = p.grad
                 state = self.state[p]
                 if "step" not in state:
                     state["step"] = 0
                 project = self._projected(p, group)
+                # under fully_shard the algebra runs on this rank's rows (local shards share storage
+                # with the DTensors, so the in-place updates below update them)
+                grad = sharded.local(p.grad)
                 if project:
-                    grad = grad.reshape(p.shape[0], -1)
-                    right = grad.shape[0] >= grad.shape[1]
-                    P = state["ortho"]
-                    grad = grad @ P.T if right else P.T @ grad
+                    mesh = sharded.row_mesh(p.grad, "GaLoreAdamW")
+                    n = math.prod(p.shape[1:])
+                    grad = grad.reshape(-1, n)
+                    right = p.shape[0] >= n
+                    P = sharded.local(state["ortho"])  # (r, n) replicated, or this rank's rows of (m, r)
+                    if right:
+                        grad = grad @ P.T  # this rank's rows of R = G P^T (m, r)
+                    else:
+                        grad = P.T @ grad  # this rank's share of R = Q^T G (r, n): a sum over ranks
+                        if mesh is not None:
+                            grad = sharded.reduce_scatter_rows(grad, mesh).to_local()
                 if "exp_avg" not in state:
-                    state["exp_avg"] = torch.zeros_like(grad)
-                    state["exp_avg_sq"] = torch.zeros_like(grad)
-                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+                    if project and mesh is not None:
+                        rows = p.shape[0] if right else group["rank"]
+                        state["exp_avg"] = sharded.from_rows(torch.zeros_like(grad), mesh, rows)
+                        state["exp_avg_sq"] = sharded.from_rows(torch.zeros_like(grad), mesh, rows)
+                    else:
+                        state["exp_avg"] = torch.zeros_like(p.grad if not project else grad)
+                        state["exp_avg_sq"] = torch.zeros_like(p.grad if not project else grad)
+                exp_avg, exp_avg_sq = sharded.local(state["exp_avg"]), sharded.local(state["exp_avg_sq"])
                 state["step"] += 1
                 t = state["step"]
                 exp_avg.mul_(b1).add_(grad, alpha=1 - b1)
@@ -242,18 +326,22 @@ class GaLoreAdamW(Optimizer):
                 denom = exp_avg_sq.sqrt().add_(group["eps"])
                 step_size = group["lr"] * math.sqrt(1 - b2**t) / (1 - b1**t)
                 direction = exp_avg / denom
+                p_local = sharded.local(p)
                 if project:
-                    P = state["ortho"]
-                    direction = ((direction @ P if right else P @ direction) * group["scale"]).view(p.shape)
-                p.add_(direction, alpha=-step_size)
+                    if not right:
+                        direction = sharded.gather_rows(direction, mesh, group["rank"])  # (r, n)
+                    direction = ((direction @ P if right else P @ direction) * group["scale"]).view(
+                        p_local.shape
+                    )
+                p_local.add_(direction, alpha=-step_size)
                 if group["weight_decay"] > 0:
-                    p.add_(p, alpha=-group["lr"] * group["weight_decay"])
+                    p_local.add_(p_local, alpha=-group["lr"] * group["weight_decay"])
         return loss
 
     def state_bytes(self) -> int:
-        """Bytes held in optimizer state tensors (exact count)."""
+        """Bytes held in optimizer state tensors on this rank (exact count; a sharded state counts its local shard)."""
         return sum(
-            v.numel() * v.element_size()
+            sharded.local(v).numel() * v.element_size()
             for st in self.state.values()
             for v in st.values()
             if torch.is_tensor(v)

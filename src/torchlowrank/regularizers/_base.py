@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .. import sharded
 from ..layer_types import is_hf_conv1d
 from ..layers import LowRankConv2d, LowRankLinear
 from ..linalg import compute_dtype
@@ -317,11 +318,11 @@ class MatrixRegularizer:
             scale = self.lam * self.gradient_factor
             for i, (b, g) in enumerate(zip(self.blocks, grads)):
                 if self.decoupled:
-                    _write_block(b, b.param.data, g, -lrs[i] * scale)
+                    _write_block(b, sharded.local(b.param.data), g, -lrs[i] * scale)
                 else:
                     if b.param.grad is None:
                         b.param.grad = torch.zeros_like(b.param)
-                    _write_block(b, b.param.grad, g, scale)
+                    _write_block(b, sharded.local(b.param.grad), g, scale)  # FSDP2: this rank's rows
 
 
 def _write_block(

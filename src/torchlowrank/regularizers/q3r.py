@@ -47,6 +47,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .. import distributed as tlr_dist
+from .. import sharded
 from ..linalg import compute_dtype, hashed_sketch, sign_fixed
 from ..targets import Targets
 from ._base import MatrixRegularizer, Split
@@ -64,18 +65,22 @@ def smoothed_logdet(s: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.where(big, eps**2 * torch.log(safe / eps) + eps**2 / 2, s * s / 2).sum()
 
 
-def q3r_operator(X: torch.Tensor, U: torch.Tensor, V: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+def q3r_operator(
+    X: torch.Tensor, U: torch.Tensor, V: torch.Tensor, c: torch.Tensor, *, mesh=None
+) -> torch.Tensor:
     """R(X) = (I + U diag(c) U^T) X (I + V diag(c) V^T).
 
     X: (..., m, n), U: (..., m, k), V: (..., n, k), c: (..., k) = eps / s - 1 on the kept directions and
     0 on the others (a zero weight is the identity there). Cost 4 k m n (two passes of 2 k m n).
+    ``mesh``: X's and U's rows are split over it (FSDP2; X, U are this rank's rows, V replicated):
+    the result is this rank's rows of R(X), at the cost of one all-reduce of U^T X (..., k, n).
     """
     if c.shape[-1] == 0:
         return X.clone()
     if X.ndim == 3:  # a batch of same-shape blocks: two fused multiply-adds
-        A = torch.baddbmm(X, U, c[:, :, None] * (U.mT @ X))
+        A = torch.baddbmm(X, U, c[:, :, None] * sharded.all_reduce_sum(U.mT @ X, mesh))
         return torch.baddbmm(A, (A @ V) * c[:, None, :], V.mT)
-    A = X + U @ (c[..., :, None] * (U.mT @ X))
+    A = X + U @ (c[..., :, None] * sharded.all_reduce_sum(U.mT @ X, mesh))
     return A + ((A @ V) * c[..., None, :]) @ V.mT
 
 
@@ -122,7 +127,7 @@ def _small_svd(mats: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tenso
 
 
 def _range_finder(
-    W: torch.Tensor, omega: torch.Tensor, n_iter: int
+    W: torch.Tensor, omega: torch.Tensor, n_iter: int, mesh=None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Randomized range finder (Halko, Martinsson & Tropp 2011) on a batch, rescaled after every product.
 
@@ -130,24 +135,29 @@ def _range_finder(
     and T (B, L, L) with Q^T W = T Qz^T, so the SVD T = Ub diag(s) Vb^T gives W's approximate top
     triplets U = Q Ub, V = Qz Vb. The power iterations rescale with a shifted Cholesky QR, the two
     final bases are Householder QRs; neither checks errors (no host sync).
+
+    ``mesh``: W's rows are split over it (FSDP2; W is this rank's rows (B, m_loc, n)); then Q is this
+    rank's rows too, Qz and T are replicated, and every product over the rows is all-reduced
+    ((B, L, L) Grams, (B, n, L) products) -- no full W is formed. Q is then a TSQR basis: another
+    basis of the same span, so the triplets are the same.
     """
     Y = W @ omega
     for _ in range(n_iter):
-        Y = W @ _rescaled_basis(W.mT @ _rescaled_basis(Y))
-    Q = torch.linalg.qr(Y).Q
-    Qz, Rz = torch.linalg.qr(W.mT @ Q)  # W^T Q = Qz Rz  ->  Q^T W = Rz^T Qz^T
+        Y = W @ _rescaled_basis(sharded.all_reduce_sum(W.mT @ _rescaled_basis(Y, mesh), mesh))
+    Q = sharded.qr_rows(Y, mesh)
+    Qz, Rz = torch.linalg.qr(sharded.all_reduce_sum(W.mT @ Q, mesh))  # W^T Q = Qz Rz  ->  Q^T W = Rz^T Qz^T
     return Q, Qz, Rz.mT
 
 
-def _rescaled_basis(Y: torch.Tensor) -> torch.Tensor:
+def _rescaled_basis(Y: torch.Tensor, mesh=None) -> torch.Tensor:
     """A basis of Y's column span (B, p, L) with columns of comparable scale, from a shifted Cholesky
     QR: Y R^{-1} with R^T R = Y^T Y + shift I, shift = L u trace(Y^T Y) (u: the dtype's epsilon). R is
     invertible, so the span is Y's exactly; only orthonormality is approximate, which the power
     iterations do not need (on decaying spectra the top singular values come out as accurate as with
     a Householder QR). One batched Gram product, ``cholesky_ex`` and ``solve_triangular``: no error
     check, no host sync, and no per-matrix solver calls. Where the Cholesky factorisation fails
-    anyway, the columns are just normalised."""
-    G = Y.mT @ Y
+    anyway, the columns are just normalised. ``mesh``: Y's rows are split over it (the Gram all-reduced)."""
+    G = sharded.gram(Y, mesh)
     L = G.shape[-1]
     finfo = torch.finfo(Y.dtype)
     shift = L * finfo.eps * G.diagonal(dim1=-2, dim2=-1).sum(-1) + finfo.tiny**0.5
@@ -155,7 +165,8 @@ def _rescaled_basis(Y: torch.Tensor) -> torch.Tensor:
         G + shift[:, None, None] * torch.eye(L, dtype=G.dtype, device=G.device), upper=True
     )
     Q = torch.linalg.solve_triangular(R, Y, upper=True, left=False)
-    scaled = Y / (Y.norm(dim=-2, keepdim=True) + finfo.tiny)
+    norm = Y.norm(dim=-2, keepdim=True) if mesh is None else G.diagonal(dim1=-2, dim2=-1).sqrt()[..., None, :]
+    scaled = Y / (norm + finfo.tiny)
     return torch.where((info == 0)[:, None, None], Q, scaled)
 
 
@@ -326,6 +337,15 @@ class Q3R(MatrixRegularizer):
             every process reweights every block from its identical weights, with no collective.
             No effect without a process group.
 
+    FSDP2 (weights sharded by rows by ``fully_shard``; build the regularizer after sharding): every
+    rank keeps its rows of U, V and s replicated, and the result equals one process's. The reweighting's
+    range finder multiplies the local rows and all-reduces the (B, n, L) products and (B, L, L) Grams,
+    its final basis is a TSQR (all-gathered (L, L) factors), the small SVD runs on every rank, the
+    sign fix takes each column's largest entry over the ranks; the per-step term R(W) is computed on
+    the local rows with one all-reduce of U^T W (B, K, n) per group, and added to the local gradient.
+    Not supported there (``ValueError``): ``method="full"`` (or ``"auto"`` choosing it),
+    ``shard_reweighting``, ``split`` slices, ``value()`` and ``surrogate()``.
+
     A weight holding NaN/Inf at a reweighting inside ``step()`` keeps that matrix's previous operator
     (and eps) -- nothing is read back to raise -- and is listed by ``skipped()``;
     ``reweight(sync=True)`` raises ``ValueError`` naming the layer instead, changing nothing.
@@ -374,6 +394,7 @@ class Q3R(MatrixRegularizer):
             decoupled=decoupled,
             optimizer=optimizer,
         )
+        self._mesh = self._row_mesh(shard_reweighting)
         self.period = period
         self.method, self.oversample, self.n_iter, self.seed = method, oversample, n_iter, int(seed)
         self.steps = 0
@@ -381,7 +402,7 @@ class Q3R(MatrixRegularizer):
         self.update = bool(update)
         if self.update:
             for b in self.blocks:
-                b.state["anchor"] = b.matrix(b.param.detach()).to(compute_dtype(b.param.dtype)).clone()
+                b.state["anchor"] = self._matrix(b).to(compute_dtype(b.param.dtype)).clone()
         by_key: dict[tuple, list[int]] = {}
         for i, b in enumerate(self.blocks):
             by_key.setdefault((b.shape, compute_dtype(b.param.dtype), b.param.device), []).append(i)
@@ -395,6 +416,13 @@ class Q3R(MatrixRegularizer):
             K = 0 if not any(active) else full_rank if use_full else K
             z = dict(dtype=dtype, device=device)
             B, (m, n) = len(idx), shape
+            if self._mesh is not None:
+                if use_full and K:
+                    raise ValueError(
+                        f"Q3R(method={method!r}) takes a thin SVD of whole {m}x{n} matrices; with weights "
+                        "sharded by fully_shard use method='randomized' (its products are all-reduced)"
+                    )
+                m = sharded.local(self.blocks[idx[0]].param).shape[0]  # U holds this rank's rows
             self._groups.append(
                 _Group(
                     idx,
@@ -417,6 +445,41 @@ class Q3R(MatrixRegularizer):
         """Per-block views of the group's state (``block.state["U"]`` etc.)."""
         for j, i in enumerate(g.idx):
             self.blocks[i].state.update(U=g.U[j], V=g.V[j], s=g.s[j], eps=g.eps[j], c=g.c[j])
+
+    def _row_mesh(self, shard_reweighting: bool):
+        """The mesh the weights' rows are split over (FSDP2), or None; ValueError for what the
+        sharded algebra does not cover."""
+        meshes = [sharded.row_mesh(b.param, f"Q3R on {b.name!r}") for b in self.blocks]
+        if all(mesh is None for mesh in meshes):
+            return None
+        if any(mesh is None or mesh != meshes[0] for mesh in meshes):
+            raise ValueError(
+                "Q3R: some regularized weights are sharded by fully_shard and others are not (or on "
+                "another mesh); shard every regularized layer over one mesh, or none"
+            )
+        if shard_reweighting:
+            raise ValueError(
+                "Q3R(shard_reweighting=True) splits the reweighting of whole matrices over DDP processes; "
+                "under fully_shard each rank already works on its rows: leave it False"
+            )
+        for b in self.blocks:
+            if b.start != 0 or b.stop != (b.param.shape[-1] if b.split_dim else b.param.shape[0]):
+                raise ValueError(
+                    f"Q3R: split slices ({b.name!r}) of a weight sharded by fully_shard are not supported "
+                    "(a slice's rows do not follow the shards); regularize the whole matrix or do not shard it"
+                )
+        return meshes[0]
+
+    def _matrix(self, b) -> torch.Tensor:
+        """Block ``b``'s matrix (detached): this rank's rows of it under fully_shard."""
+        return b.matrix(sharded.local(b.param.detach()))
+
+    def _check_unsharded(self, what: str) -> None:
+        if self._mesh is not None:
+            raise ValueError(
+                f"Q3R.{what}() needs whole weights; with weights sharded by fully_shard use reg.step() "
+                "(the regularizer's gradient is added to the sharded .grad)"
+            )
 
     # -- the algorithm ---------------------------------------------------------------------------------
     def _current(self, b, W: torch.Tensor) -> torch.Tensor:
@@ -445,9 +508,10 @@ class Q3R(MatrixRegularizer):
         smallest slot still has s > eps, so that every direction with s > eps is weighted. K stays
         grown for the later reweightings.
         """
-        mats = [self._current(b, b.matrix(b.param.detach())) for b in self.blocks]
+        mats = [self._current(b, self._matrix(b)) for b in self.blocks]
         if sync:
-            bad = torch.stack([~torch.isfinite(W).all() for W in mats]).tolist()
+            bad = torch.stack([~torch.isfinite(W).all() for W in mats]).int()
+            bad = (sharded.all_reduce_sum(bad, self._mesh) > 0).tolist()
             if any(bad):
                 name = self.blocks[bad.index(True)].name
                 raise ValueError(
@@ -500,14 +564,16 @@ class Q3R(MatrixRegularizer):
                 continue
             W = torch.stack([mats[g.idx[j]] for j in own])
             finite = torch.isfinite(W).flatten(1).all(1)
+            if self._mesh is not None:  # a non-finite row on any rank
+                finite = sharded.all_reduce_sum((~finite).int(), self._mesh) == 0
             W = torch.where(finite[:, None, None], W, 0.0)
             if g.full:
                 done[id(g)] = (g, own, (*_top_triplets(W, K, True, 0, None), finite))
             else:
                 omega = torch.stack([self._sketch(g.idx[j], g.shape[1], K, W) for j in own])
-                pending.append((g, own, finite, *_range_finder(W, omega, self.n_iter)))
+                pending.append((g, own, finite, *_range_finder(W, omega, self.n_iter, self._mesh)))
         for (g, own, finite, Q, Qz, _), (Ub, s, Vb) in zip(pending, _small_svd([p[-1] for p in pending])):
-            U, V = sign_fixed(Q @ Ub, Qz @ Vb)
+            U, V = sharded.sign_fixed_rows(Q @ Ub, self._mesh, Qz @ Vb)
             done[id(g)] = (g, own, (U, s, V, finite))
         out = {}
         for key, (g, own, res) in done.items():
@@ -595,13 +661,8 @@ class Q3R(MatrixRegularizer):
     def _gradients(self) -> list[torch.Tensor]:
         out: list[torch.Tensor | None] = [None] * len(self.blocks)
         for g in self._groups:
-            W = torch.stack(
-                [
-                    self._current(self.blocks[i], self.blocks[i].matrix(self.blocks[i].param.detach()))
-                    for i in g.idx
-                ]
-            )
-            R = q3r_operator(W, g.U, g.V, g.c) if g.K else W
+            W = torch.stack([self._current(self.blocks[i], self._matrix(self.blocks[i])) for i in g.idx])
+            R = q3r_operator(W, g.U, g.V, g.c, mesh=self._mesh) if g.K else W
             for j, i in enumerate(g.idx):
                 out[i] = R[j]
         return out
@@ -623,6 +684,7 @@ class Q3R(MatrixRegularizer):
     def value(self) -> torch.Tensor:
         """``lam * sum_blocks <W, R(W)>`` (float32 scalar), differentiable wrt the weights with U, V, eps
         held fixed: its gradient is the ``2 lam R(W)`` that :meth:`step` adds. Reweights first if due."""
+        self._check_unsharded("value")
         if self._due():
             self.reweight()
         dev = self.blocks[0].param.device
@@ -638,6 +700,7 @@ class Q3R(MatrixRegularizer):
     @torch.no_grad()
     def surrogate(self) -> torch.Tensor:
         """``sum_blocks F_eps(W)`` at the current eps (full singular values, float64; for logging)."""
+        self._check_unsharded("surrogate")
         total = torch.zeros((), dtype=torch.float64)
         for b in self.blocks:
             s = torch.linalg.svdvals(self._current(b, b.matrix(b.param.detach())).double().cpu())
@@ -680,7 +743,9 @@ class Q3R(MatrixRegularizer):
 
     # -- checkpointing -----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Tensors and plain values only: step count, and per block name, rank, eps, U, V, s (every slot)."""
+        """Tensors and plain values only: step count, and per block name, rank, eps, U, V, s (every slot).
+        Under fully_shard, U (and the anchor) are DTensors sharded by rows like the weight."""
+        rows = lambda b, t: sharded.from_rows(t.clone(), self._mesh, b.shape[0])  # noqa: E731
         return {
             "steps": self.steps,
             "reweighted_at": self._reweighted_at,
@@ -691,10 +756,10 @@ class Q3R(MatrixRegularizer):
                     "name": b.name,
                     "rank": b.rank,
                     "eps": float(b.state["eps"]),
-                    "U": b.state["U"].clone(),
+                    "U": rows(b, b.state["U"]),
                     "V": b.state["V"].clone(),
                     "s": b.state["s"].clone(),
-                    **({"anchor": b.state["anchor"].clone()} if self.update else {}),
+                    **({"anchor": rows(b, b.state["anchor"])} if self.update else {}),
                 }
                 for b in self.blocks
             ],
@@ -704,7 +769,8 @@ class Q3R(MatrixRegularizer):
         """Restore :meth:`state_dict` output; a resumed run continues exactly like an uninterrupted one.
 
         Also reads checkpoints that kept only the directions with s > eps (padded with identity slots).
-        Raises ``ValueError`` (changing nothing) if the blocks (names, ranks, shapes) differ."""
+        Raises ``ValueError`` (changing nothing) if the blocks (names, ranks, shapes) differ. Under
+        fully_shard, U and the anchor may be whole tensors or DTensors (e.g. loaded by DCP)."""
         blocks = state.get("blocks") if isinstance(state, Mapping) else None
         if not isinstance(blocks, list) or len(blocks) != len(self.blocks):
             raise ValueError(
@@ -717,7 +783,7 @@ class Q3R(MatrixRegularizer):
             if (
                 sb["name"] != b.name
                 or sb["rank"] != b.rank
-                or tuple(sb["U"].shape) != (m, k)
+                or tuple(sb["U"].shape) != (m, k)  # (a DTensor's shape is the whole one)
                 or tuple(sb["V"].shape) != (n, k)
                 or k > min(m, n)
                 or ("anchor" in sb) != self.update
@@ -726,6 +792,9 @@ class Q3R(MatrixRegularizer):
                     f"state block {sb['name']!r} (rank {sb['rank']}, U {tuple(sb['U'].shape)}) does not "
                     f"match {b.name!r} (rank {b.rank}, shape {(m, n)})"
                 )
+        blocks = [
+            {k: self._local_rows(v) if k in ("U", "anchor") else v for k, v in sb.items()} for sb in blocks
+        ]
         for g in self._groups:
             dtype, dev = g.U.dtype, g.U.device
             K = max([g.K] + [blocks[i]["s"].numel() for i in g.idx])
@@ -748,6 +817,14 @@ class Q3R(MatrixRegularizer):
                 b.state["anchor"] = sb["anchor"].to(b.state["anchor"].device).clone()
         self.steps = int(state["steps"])
         self._reweighted_at = int(state["reweighted_at"])
+
+    def _local_rows(self, t: torch.Tensor) -> torch.Tensor:
+        """This rank's rows of a whole tensor or a DTensor sharded by rows; ``t`` itself unsharded."""
+        if sharded.is_dtensor(t):
+            return (
+                sharded.shard_rows(t.full_tensor(), self._mesh).to_local() if self._mesh else t.full_tensor()
+            )
+        return sharded.shard_rows(t, self._mesh).to_local() if self._mesh is not None else t
 
     def __repr__(self) -> str:
         return (
