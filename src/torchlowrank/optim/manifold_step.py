@@ -11,9 +11,15 @@ Shapes: U (b, m, r), V (b, n, r) orthonormal; s (b, r); A = G V (b, m, r), B = G
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from ..linalg import sign_fixed
+
+#: Sums a product of row blocks over the processes holding the other rows (FSDP: an all-reduce);
+#: None: the rows are all here.
+RowSum = Callable[[torch.Tensor], torch.Tensor] | None
 
 __all__ = ["complement_basis", "galerkin_core", "top_subspace", "subspace_iterations", "tail_ranks"]
 
@@ -33,7 +39,7 @@ def _inverse_cholesky(G: torch.Tensor, shift: torch.Tensor | float = 0.0) -> tor
 
 
 def complement_basis(
-    U: torch.Tensor, A: torch.Tensor, C: torch.Tensor
+    U: torch.Tensor, A: torch.Tensor, C: torch.Tensor, row_sum: RowSum = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """New orthonormal directions U1 (b, m, r), orthogonal to U, with span([U, U1]) containing
     span(A), as U1 = Q1 T - U E: returns Q1 (b, m, r), T (b, r, r), E (b, r, r), R = U1^T A
@@ -48,20 +54,31 @@ def complement_basis(
     span(A) lies inside span(U); the r - (m - r) beyond a full basis when m < 2r) cannot be
     orthonormalised stably: they get a zero column in U1 and a zero row in R, i.e. the augmented
     basis simply has fewer directions.
+
+    ``row_sum``: for U, A holding only some rows (FSDP shards, DESIGN of ``sharded_factors``), the
+    all-reduce of a product of row blocks; every sum over rows (column norms, K^T K, Q1^T [Q1, K, U])
+    goes through it, three collectives, and the r x r algebra after it is the same on every process.
     """
     eps = torch.finfo(A.dtype).eps
     K = A - U @ C
     # Columns in order of decreasing norm (a pivoting decided on the device): a weak column that is
     # only a rounding-level copy of a stronger one must come after it, or the Gram-Schmidt order
     # would drop both as dependent on each other.
-    order = torch.argsort(K.pow(2).sum(-2), dim=-1, descending=True)  # (b, r)
+    norms = K.pow(2).sum(-2)
+    order = torch.argsort(norms if row_sum is None else row_sum(norms), dim=-1, descending=True)  # (b, r)
     K = torch.gather(K, -1, order[:, None, :].expand_as(K))
     KtK = K.mT @ K
+    if row_sum is not None:
+        KtK = row_sum(KtK)
     trace = torch.diagonal(KtK, dim1=-2, dim2=-1).sum(-1)
     Q1 = K @ _inverse_cholesky(KtK, _SHIFT * eps * trace + torch.finfo(A.dtype).tiny).mT
-    G1K = Q1.mT @ torch.cat([Q1, K], -1)  # [Q1^T Q1, Q1^T K] in one GEMM
     r = K.shape[-1]
-    F = U.mT @ Q1  # what of Q1 still lies in span(U): rounding of K, amplified by the solve
+    if row_sum is None:
+        G1K = Q1.mT @ torch.cat([Q1, K], -1)  # [Q1^T Q1, Q1^T K] in one GEMM
+        F = U.mT @ Q1  # what of Q1 still lies in span(U): rounding of K, amplified by the solve
+    else:  # the three products in one GEMM and one all-reduce
+        G1KU = row_sum(Q1.mT @ torch.cat([Q1, K, U], -1))
+        G1K, F = G1KU[..., : 2 * r], G1KU[..., 2 * r :].mT
     # second pass on Q1 - U F (Gram G1 - F^T F, from small matrices): orthonormal and orthogonal to U
     G1 = G1K[..., :r] - F.mT @ F
     # Rank detection: the pivots of the Gram's Cholesky are the norms^2 of what each direction adds
