@@ -14,6 +14,7 @@ fsdp = pytest.importorskip("torch.distributed.fsdp")
 
 STEPS, BATCH, TOL = 9, 8, dict(atol=1e-10, rtol=1e-10)  # 9 steps: the step-8 re-orthonormalisation too
 
+WRAPS = ("per_layer", "whole", "hsdp")
 OPTS = {
     "adam": lambda m: tlr.optim.LowRankAdam(m),  # default settings
     "sgd": lambda m: tlr.optim.LowRankSGD(m, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3),
@@ -47,8 +48,16 @@ def _model():
 
 
 def _shard(model, wrap):
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    if wrap == "hsdp":  # a 2-D mesh, placements (Replicate(), Shard(0)): rows sharded over mesh dim 1
+        mesh = init_device_mesh("cpu", (1, dist.get_world_size()), mesh_dim_names=("replicate", "shard"))
+        for i in (0, 2, 4):
+            fully_shard(model[i], mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        return model
     if wrap == "per_layer":
         for i in (0, 2, 4):
             fully_shard(model[i])
@@ -89,8 +98,8 @@ def _local_batches(rank, world, steps=STEPS):
 
 # ----- the 2-process jobs, in one launch ------------------------------------------------------------
 def _worker(rank, world, out):
-    for wrap in ("per_layer", "whole"):
-        for kind in OPTS:
+    for wrap in WRAPS:
+        for kind in OPTS if wrap != "hsdp" else ["adam"]:
             model = _shard(_model(), wrap)
             opt = OPTS[kind](model)
             _train(model, opt, *_local_batches(rank, world))
@@ -205,9 +214,12 @@ def _reference(kind, steps=STEPS):
     return model, opt
 
 
-@pytest.mark.parametrize("wrap", ["per_layer", "whole"])
-@pytest.mark.parametrize("kind", list(OPTS))
+@pytest.mark.parametrize(
+    "wrap, kind", [(w, k) for w in ("per_layer", "whole") for k in OPTS] + [("hsdp", "adam")]
+)
 def test_sharded_geometric_steps_equal_one_process_on_the_global_batch(fsdp_out, wrap, kind):
+    """Per-layer + root wrapping, root only, and HSDP's 2-D mesh; Adam's defaults, SGD with
+    (Nesterov) momentum and weight decay, elementwise Adam with augmentation every other step."""
     model, opt = _reference(kind)
     got = [torch.load(fsdp_out / f"{wrap}_{kind}{r}.pt", weights_only=True) for r in range(2)]
     for k, v in model.state_dict().items():
