@@ -33,6 +33,14 @@ a probe: forward / tensor hooks record the layer's input and output gradient, an
 G V and G^T U are computed from them exactly (a forward + weight backward of that layer with
 S = 1). Layers with well-defined s pay nothing.
 
+Distributed: under DDP every process takes the same step from the all-reduced gradients (no
+collective at a fixed rank; rank changes: see ``sync_ranks``). Under FSDP2 (``fully_shard``, build the
+optimizer afterwards) U and V are DTensors sharded by rows: the step works on this process's rows and
+all-reduces the r x r sums over rows it needs (``sharded_factors``: Cholesky QR with all-reduced
+Gram matrices); the 2r x 2r core is replicated, the moments are r x r per layer. Fixed rank only
+(tau > 0 on sharded layers raises a ValueError); checkpoints through ``torch.distributed.checkpoint``
+(``get_state_dict`` / ``set_state_dict``) load on any number of processes.
+
 Every other trainable parameter gets ordinary heavy ball (PyTorch SGD conventions) or AdamW in the
 same optimizer. U and V get no weight decay and hold no state of their own; the unit's state
 (``rank``, ``step``, the (r, r) moments in the compute dtype) is stored under its U parameter.
@@ -839,7 +847,10 @@ class LowRankSGD(_GeometricOptimizer):
             rank change replaces the layer's Parameters: when ``optimizer.ranks_changed`` is True
             after ``step()``, wrap the model in DistributedDataParallel again before the next
             forward (the next step raises a RuntimeError if the gradients of a resized layer were
-            not all-reduced). With tau = 0 the optimizers add no collective.
+            not all-reduced). With tau = 0 the optimizers add no collective under DDP.
+            FSDP2 (``fully_shard``-ed layers, the optimizer built after wrapping): fixed rank only;
+            each step all-reduces a few r x r (to r x 3r) sums over the sharded rows per group of
+            same-shape layers, and its result equals one process on the global batch.
 
     Momentum lives in coefficient space (r, r per layer): W-space momentum U C V^T.
     """
