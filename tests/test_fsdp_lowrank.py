@@ -106,6 +106,7 @@ def _worker(rank, world, out):
             torch.save({"model": _full(model), "units": _unit_state(opt)}, out / f"{wrap}_{kind}{rank}.pt")
     _host_sync_worker(rank, world, out)
     _refusals_worker(rank, world, out)
+    _nonfinite_worker(rank, world, out)
     _checkpoint_save(rank, world, out, "ckpt_2")
 
 
@@ -152,6 +153,28 @@ def _refusals_worker(rank, world, out):
     nn.functional.cross_entropy(late(x), y).backward()
     refused(opt.step)
     (out / f"refusals{rank}.txt").write_text("|".join(messages))
+
+
+def _nonfinite_worker(rank, world, out):
+    """A NaN in one entry of process 1's shard of a U gradient: every process skips the step (or
+    raises), none changes a weight."""
+    results = []
+    for mode in ("skip", "raise"):
+        model = _shard(_model(), "per_layer")
+        opt = tlr.optim.LowRankAdam(model, nonfinite=mode)
+        x, y = (t[0] for t in _local_batches(rank, world, 1))
+        nn.functional.cross_entropy(model(x), y).backward()
+        if rank == 1:
+            model[2].U.grad.to_local()[0, 0] = float("nan")
+        before = _full(model)
+        try:
+            opt.step()
+            outcome = f"skipped {int(opt.nonfinite_steps)}"
+        except tlr.optim.NonFiniteStepError as e:
+            outcome = str(e)
+        after = _full(model)
+        results.append(f"{outcome} / unchanged {all(torch.equal(before[k], after[k]) for k in before)}")
+    (out / f"nonfinite{rank}.txt").write_text("|".join(results))
 
 
 # ----- distributed checkpoints ---------------------------------------------------------------------
@@ -247,6 +270,14 @@ def test_layouts_the_sharded_step_cannot_take_are_refused_with_what_to_do(fsdp_o
         assert "plain tensors" in mixed and "fully_shard" in mixed
         assert "Shard(dim=1)" in rank_sharded and "rows" in rank_sharded
         assert "after fully_shard" in late
+
+
+def test_a_nonfinite_gradient_in_one_shard_stops_the_step_on_every_process(fsdp_out):
+    for r in range(2):
+        skip, raised = (fsdp_out / f"nonfinite{r}.txt").read_text().split("|")
+        assert skip == "skipped 1 / unchanged True"
+        assert raised.endswith("/ unchanged True") and "step refused" in raised
+        assert ("layer '2' (factor U)" if r == 1 else "another process's shard") in raised
 
 
 @pytest.mark.parametrize("saved, resumed", [("ckpt_2", 1), ("ckpt_1", 2)])

@@ -336,13 +336,14 @@ class _GeometricOptimizer(Optimizer):
             for p in group["params"]
             if p.grad is not None and (group["unit"] is None or p is group["params"][1])
         ]
-        if self._sharded:  # each process sums its shards: all processes must skip together
+        if self._sharded:  # each process sums its shards: all processes must skip (or raise) together
             total = torch.stack(sums) if sums else self.nonfinite_steps.new_zeros(1, dtype=torch.float64)
             dist.all_reduce(total)
-            return total.isfinite().all()
-        if not sums:
+            finite = total.isfinite().all()
+        elif not sums:
             return None
-        finite = torch.stack(sums).isfinite().all()
+        else:
+            finite = torch.stack(sums).isfinite().all()
         if self.defaults["nonfinite"] == "raise" and not bool(finite):
             self._raise_nonfinite()
         return finite
@@ -361,11 +362,11 @@ class _GeometricOptimizer(Optimizer):
                         f"non-finite gradient in {where}: step refused, no weight was changed. "
                         "Lower the learning rate, check the loss, or use gradient clipping."
                     )
-        # sharded: the non-finite entries are in another process's shard
-        raise NonFiniteStepError(
-            "non-finite gradient in another process's shard: step refused, no weight was changed. "
-            "Lower the learning rate, check the loss, or use gradient clipping."
-        )
+        if self._sharded:  # the non-finite entries are in another process's shard
+            raise NonFiniteStepError(
+                "non-finite gradient in another process's shard: step refused, no weight was changed. "
+                "Lower the learning rate, check the loss, or use gradient clipping."
+            )
 
     # ----- the common geometric step ----------------------------------------------------------
     def _batches(self) -> list[list[dict]]:
