@@ -104,10 +104,34 @@ def _worker(rank, world, out):
             opt = OPTS[kind](model)
             _train(model, opt, *_local_batches(rank, world))
             torch.save({"model": _full(model), "units": _unit_state(opt)}, out / f"{wrap}_{kind}{rank}.pt")
+    _conv_worker(rank, world, out)
     _host_sync_worker(rank, world, out)
     _refusals_worker(rank, world, out)
     _nonfinite_worker(rank, world, out)
     _checkpoint_save(rank, world, out, "ckpt_2")
+
+
+def _conv_model():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        tlr.LowRankConv2d(3, 7, 3, 3), nn.Tanh(), nn.Flatten(), tlr.LowRankLinear(7 * 4 * 4, 4, 3)
+    ).double()
+
+
+def _conv_data(rank, world):
+    g = torch.Generator().manual_seed(1)
+    xs = torch.randn(4, BATCH, 3, 6, 6, generator=g, dtype=torch.float64)
+    ys = torch.randint(0, 4, (4, BATCH), generator=g)
+    half = BATCH // world
+    return xs[:, rank * half : (rank + 1) * half], ys[:, rank * half : (rank + 1) * half]
+
+
+def _conv_worker(rank, world, out):
+    """LowRankConv2d: V (in * k * k, r) sharded by rows like a linear layer's."""
+    model = _shard(_conv_model(), "whole")
+    opt = tlr.optim.LowRankAdam(model)
+    _train(model, opt, *_conv_data(rank, world))
+    torch.save(_full(model), out / f"conv{rank}.pt")
 
 
 def _host_sync_worker(rank, world, out):
@@ -254,6 +278,15 @@ def test_sharded_geometric_steps_equal_one_process_on_the_global_batch(fsdp_out,
             assert torch.equal(got[0]["units"][name][key], got[1]["units"][name][key]), (name, key)
             torch.testing.assert_close(got[0]["units"][name][key], v, **TOL, msg=f"{name} {key}")
     assert not torch.equal(model[0].U, _model()[0].U.double())  # the run did move the factors
+
+
+def test_sharded_conv_layers_equal_one_process(fsdp_out):
+    model = _conv_model()
+    _train(model, tlr.optim.LowRankAdam(model), *_conv_data(0, 1))
+    got = [torch.load(fsdp_out / f"conv{r}.pt", weights_only=True) for r in range(2)]
+    for k, v in model.state_dict().items():
+        assert torch.equal(got[0][k], got[1][k]), k
+        torch.testing.assert_close(got[0][k], v, **TOL, msg=k)
 
 
 def test_a_sharded_fixed_rank_step_reads_nothing_on_the_host(fsdp_out):
