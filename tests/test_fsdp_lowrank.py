@@ -237,6 +237,21 @@ def _checkpoint_resume(rank, world, out, name):
     )
 
 
+def _resume_without_process_group(path):
+    """The sharded checkpoint loaded by a plain model and optimizer (no process group, no FSDP)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model = _model()
+    opt = tlr.optim.LowRankAdam(model)
+    msd, osd = get_state_dict(model, opt)
+    dcp.load({"model": msd, "optim": osd}, checkpoint_id=path)
+    set_state_dict(model, opt, model_state_dict=msd, optim_state_dict=osd)
+    xs, ys = _data(2 * CKPT_STEPS)
+    _train(model, opt, xs[CKPT_STEPS:], ys[CKPT_STEPS:])
+    return model, opt
+
+
 def _one_process_worker(rank, world, out):
     _checkpoint_resume(rank, world, out, "ckpt_2")  # 2 -> 1
     _checkpoint_save(rank, world, out, "ckpt_1")
@@ -311,6 +326,18 @@ def test_a_nonfinite_gradient_in_one_shard_stops_the_step_on_every_process(fsdp_
         assert skip == "skipped 1 / unchanged True"
         assert raised.endswith("/ unchanged True") and "step refused" in raised
         assert ("layer '2' (factor U)" if r == 1 else "another process's shard") in raised
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_a_sharded_checkpoint_resumes_in_a_plain_process_as_an_uninterrupted_run(fsdp_out):
+    model, opt = _reference("adam", 2 * CKPT_STEPS)
+    got, got_opt = _resume_without_process_group(fsdp_out / "ckpt_2")
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(got.state_dict()[k], v, **TOL, msg=k)
+    ref, state = _unit_state(opt), _unit_state(got_opt)
+    for name, moments in ref.items():
+        for key, v in moments.items():
+            torch.testing.assert_close(state[name][key], v, **TOL, msg=f"{name} {key}")
 
 
 @pytest.mark.parametrize("saved, resumed", [("ckpt_2", 1), ("ckpt_1", 2)])
