@@ -61,7 +61,14 @@ from .. import distributed as tlr_dist
 from ..layers import LowRankConv2d, LowRankLinear, _LowRankFactors
 from ..linalg import compute_dtype, sign_fixed
 from . import sharded_factors as shf
-from .manifold_step import RowSum, complement_basis, galerkin_core, tail_ranks, top_subspace
+from .manifold_step import (
+    RowSum,
+    complement_basis,
+    complement_basis_pair,
+    galerkin_core,
+    tail_ranks,
+    top_subspace,
+)
 
 __all__ = ["LowRankSGD", "LowRankAdam", "NonFiniteStepError", "resize_to_state_dict", "lowrank_units"]
 
@@ -467,8 +474,13 @@ class _GeometricOptimizer(Optimizer):
         if row_sum is not None:
             C = row_sum(C)
         if augment:
-            U1, TU, EU, RU, keep_u = complement_basis(U, A, C, row_sum)
-            V1, TV, EV, RV, keep_v = complement_basis(V, B, C.mT, row_sum)
+            if row_sum is None:
+                U1, TU, EU, RU, keep_u = complement_basis(U, A, C)
+                V1, TV, EV, RV, keep_v = complement_basis(V, B, C.mT)
+            else:  # both sides in one stack: two all-reduces instead of four
+                (U1, TU, EU, RU, keep_u), (V1, TV, EV, RV, keep_v) = complement_basis_pair(
+                    U, A, V, B, C, row_sum
+                )
             G_hat = galerkin_core(C, RU, RV)
             S_hat = torch.diag_embed(torch.cat([s, torch.zeros_like(s)], -1))
             ones = torch.ones_like(keep_u)

@@ -7,7 +7,11 @@ gradients, reduce-scattered: the global batch's mean) and a slice of s (r,). The
 
 - row-local products: K = A - U C, Q1 = K L^{-T}, the new bases U (X) + Q1 (Y);
 - sums over rows: the small Gram / projection matrices U^T A, K^T K, Q1^T [Q1, K, U] (r x r to
-  r x 3r per unit).
+  r x 3r per unit), and X^T X of the every-8-steps re-orthonormalisation.
+
+Per group of same-shape layers and step: one all-reduce of U^T A (b, r, r), two for the new
+directions of both sides (2b, r, r) and (2b, r, 3r) (``complement_basis_pair``), one to gather s
+(b, r); one per step for the finiteness flag.
 
 So the sharded step computes the row-local products on its own rows and all-reduces the small
 sums (:class:`RowSharding.row_sum`, one collective per Gram, batched over the units of a batch):
