@@ -9,15 +9,15 @@ gradients, reduce-scattered: the global batch's mean) and a slice of s (r,). The
 - sums over rows: the small Gram / projection matrices U^T A, K^T K, Q1^T [Q1, K, U] (r x r to
   r x 3r per unit), and X^T X of the every-8-steps re-orthonormalisation.
 
-Per group of same-shape layers and step: one all-reduce of U^T A (b, r, r), two for the new
-directions of both sides (2b, r, r) and (2b, r, 3r) (``complement_basis_pair``), one to gather s
-(b, r); one per step for the finiteness flag.
-
 So the sharded step computes the row-local products on its own rows and all-reduces the small
-sums (:class:`RowSharding.row_sum`, one collective per Gram, batched over the units of a batch):
+sums (:meth:`RowSharding.row_sum`, batched over the units of a batch):
 Cholesky QR with all-reduced Gram matrices. Everything on the 2r x 2r core is then replicated: every
 process computes it from the same all-reduced numbers (an all-reduce returns the same value on every
 process), so the bases stay consistent and the rank decisions agree. Nothing is read on the host.
+
+Per group of same-shape layers and step: one all-reduce of U^T A (b, r, r), two for the new
+directions of both sides (2b, r, r) and (2b, r, 3r) (``complement_basis_pair``), one to gather s
+(b, r); one per step for the finiteness flag.
 
 Supported: U, V sharded on dim 0 (``Shard(0)``) or replicated over each mesh dimension, with at
 most one sharded dimension (FSDP, or HSDP's (Replicate, Shard(0))), on one mesh for U, S, V; s may
