@@ -33,6 +33,14 @@ a probe: forward / tensor hooks record the layer's input and output gradient, an
 G V and G^T U are computed from them exactly (a forward + weight backward of that layer with
 S = 1). Layers with well-defined s pay nothing.
 
+Distributed: under DDP every process takes the same step from the all-reduced gradients (no
+collective at a fixed rank; rank changes: see ``sync_ranks``). Under FSDP2 (``fully_shard``, build the
+optimizer afterwards) U and V are DTensors sharded by rows: the step works on this process's rows and
+all-reduces the r x r sums over rows it needs (``sharded_factors``: Cholesky QR with all-reduced
+Gram matrices); the 2r x 2r core is replicated, the moments are r x r per layer. Fixed rank only
+(tau > 0 on sharded layers raises a ValueError); checkpoints through ``torch.distributed.checkpoint``
+(``get_state_dict`` / ``set_state_dict``) load on any number of processes.
+
 Every other trainable parameter gets ordinary heavy ball (PyTorch SGD conventions) or AdamW in the
 same optimizer. U and V get no weight decay and hold no state of their own; the unit's state
 (``rank``, ``step``, the (r, r) moments in the compute dtype) is stored under its U parameter.
@@ -52,7 +60,15 @@ from torch.optim import Optimizer
 from .. import distributed as tlr_dist
 from ..layers import LowRankConv2d, LowRankLinear, _LowRankFactors
 from ..linalg import compute_dtype, sign_fixed
-from .manifold_step import complement_basis, galerkin_core, tail_ranks, top_subspace
+from . import sharded_factors as shf
+from .manifold_step import (
+    RowSum,
+    complement_basis,
+    complement_basis_pair,
+    galerkin_core,
+    tail_ranks,
+    top_subspace,
+)
 
 __all__ = ["LowRankSGD", "LowRankAdam", "NonFiniteStepError", "resize_to_state_dict", "lowrank_units"]
 
@@ -159,10 +175,12 @@ def _check_common(
         raise ValueError(f"max_rank must be None or an int >= min_rank ({min_rank}), got {max_rank!r}")
 
 
-def _reorthonormalize(X: torch.Tensor) -> torch.Tensor:
+def _reorthonormalize(X: torch.Tensor, row_sum: RowSum = None) -> torch.Tensor:
     """One Newton-Schulz step towards the polar factor: X (I + (I - X^T X) / 2), for X (..., m, k)
-    with X^T X = I + E, ||E|| << 1. Leaves an error O(||E||^2): rounding no longer accumulates over steps."""
-    E = torch.eye(X.shape[-1], dtype=X.dtype, device=X.device) - X.mT @ X
+    with X^T X = I + E, ||E|| << 1. Leaves an error O(||E||^2): rounding no longer accumulates over steps.
+    ``row_sum``: X holds some rows only (FSDP), X^T X is all-reduced."""
+    XtX = X.mT @ X
+    E = torch.eye(X.shape[-1], dtype=X.dtype, device=X.device) - (XtX if row_sum is None else row_sum(XtX))
     return X + X @ (E * 0.5)
 
 
@@ -230,6 +248,11 @@ class _GeometricOptimizer(Optimizer):
             groups.append({"params": [p for _, p in others], "unit": None})
         super().__init__(groups, defaults)
         self._units: dict[str, _LowRankFactors] = {name: m for name, m in units}
+        #: per unit, how FSDP2 shards its factors by rows (None: plain tensors)
+        self._sharding: dict[str, shf.RowSharding | None] = {
+            name: shf.row_sharding(name, m.U, m.S, m.V) for name, m in units
+        }
+        self._check_sharding(defaults)
         self._param_names = {id(p): n for n, p in others}
         self._probes: dict[str, _Probe] = {}
         self._resized: set[str] = set()  # units whose rank changed at the last step (DDP check)
@@ -241,15 +264,49 @@ class _GeometricOptimizer(Optimizer):
         for name in self._units:
             self._update_probe(name)
 
+    # ----- FSDP2 ---------------------------------------------------------------------------
+    @property
+    def _sharded(self) -> bool:
+        """Some unit's factors are sharded DTensors (the step all-reduces its sums over rows)."""
+        return any(sh is not None for sh in self._sharding.values())
+
+    def _check_sharding(self, defaults: dict) -> None:
+        sharded = [n for n, sh in self._sharding.items() if sh is not None]
+        if not sharded:
+            return
+        plain = [n for n, sh in self._sharding.items() if sh is None]
+        if plain:
+            raise ValueError(
+                f"layer(s) {plain} hold plain tensors while {sharded} are sharded (fully_shard): their "
+                "gradients would not be reduced over the processes. Apply fully_shard to every low-rank "
+                "layer or to a module containing them all (e.g. the root model)"
+            )
+        if defaults["tau"] > 0:
+            raise ValueError(
+                "rank-adaptive steps (tau > 0) are not supported on fully_shard-ed layers: a rank change "
+                "replaces the layer's Parameters, which FSDP2 holds in its own sharded storage. Train "
+                "with tau = 0 under FSDP2; for rank-adaptive training use DistributedDataParallel (wrap "
+                "again after a step with optimizer.ranks_changed) or one process"
+            )
+
     # ----- probes for near-zero s -----------------------------------------------------------
     @staticmethod
     def _needs_probe(layer: _LowRankFactors) -> bool:
         thresh = torch.finfo(layer.S.dtype).tiny ** 0.5
-        return bool((layer.S.detach().abs() < thresh).any())
+        S = layer.S.detach()
+        if shf.is_dtensor(S):
+            S = S.full_tensor()
+        return bool((S.abs() < thresh).any())
 
     def _update_probe(self, name: str) -> None:
         layer = self._units[name]
         need = self._needs_probe(layer)
+        if need and self._sharding.get(name) is not None:
+            raise ValueError(
+                f"layer {name!r} has singular values below sqrt(tiny) of its dtype (zero?): G V cannot be "
+                "recovered from dL/dU = G V diag(s), and the exact probe is not supported on fully_shard-ed "
+                "layers. Re-initialise S (e.g. the layer's reset_parameters) before sharding"
+            )
         if need and name not in self._probes:
             self._probes[name] = _Probe(layer)
         elif not need and name in self._probes:
@@ -281,14 +338,19 @@ class _GeometricOptimizer(Optimizer):
         into a sum). With ``nonfinite="raise"`` a non-finite gradient raises here instead (one sync)."""
         sums = [t.sum(dtype=torch.float64) for g in gathered for t in (g["A"], g["B"])]
         sums += [
-            p.grad.sum(dtype=torch.float64)
+            shf.local(p.grad).sum(dtype=torch.float64)
             for group in self.param_groups
             for p in group["params"]
             if p.grad is not None and (group["unit"] is None or p is group["params"][1])
         ]
-        if not sums:
+        if self._sharded:  # each process sums its shards: all processes must skip (or raise) together
+            total = torch.stack(sums) if sums else self.nonfinite_steps.new_zeros(1, dtype=torch.float64)
+            dist.all_reduce(total)
+            finite = total.isfinite().all()
+        elif not sums:
             return None
-        finite = torch.stack(sums).isfinite().all()
+        else:
+            finite = torch.stack(sums).isfinite().all()
         if self.defaults["nonfinite"] == "raise" and not bool(finite):
             self._raise_nonfinite()
         return finite
@@ -296,7 +358,7 @@ class _GeometricOptimizer(Optimizer):
     def _raise_nonfinite(self) -> None:
         for group in self.param_groups:
             for p in group["params"]:
-                if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
+                if p.grad is not None and not bool(torch.isfinite(shf.local(p.grad)).all()):
                     if group["unit"] is not None:
                         layer = self._units[group["unit"]]
                         which = {id(layer.U): "U", id(layer.S): "S", id(layer.V): "V"}[id(p)]
@@ -307,6 +369,11 @@ class _GeometricOptimizer(Optimizer):
                         f"non-finite gradient in {where}: step refused, no weight was changed. "
                         "Lower the learning rate, check the loss, or use gradient clipping."
                     )
+        if self._sharded:  # the non-finite entries are in another process's shard
+            raise NonFiniteStepError(
+                "non-finite gradient in another process's shard: step refused, no weight was changed. "
+                "Lower the learning rate, check the loss, or use gradient clipping."
+            )
 
     # ----- the common geometric step ----------------------------------------------------------
     def _batches(self) -> list[list[dict]]:
@@ -321,7 +388,9 @@ class _GeometricOptimizer(Optimizer):
             if layer.U.grad is None and name not in self._probes:
                 continue
             hyper = tuple((k, v) for k, v in sorted(group.items()) if k not in ("params", "unit"))
+            sh = self._sharding.get(name)
             key = (
+                None if sh is None else sh.key(),
                 tuple(layer.U.shape),
                 tuple(layer.V.shape),
                 layer.U.dtype,
@@ -338,6 +407,9 @@ class _GeometricOptimizer(Optimizer):
         gradient): U (b, m, r), V (b, n, r), s (b, r), A = G V (b, m, r), B = G^T U (b, n, r)."""
         layers = [self._units[g["unit"]] for g in groups]
         cd = compute_dtype(layers[0].U.dtype)
+        sh = self._sharding.get(groups[0]["unit"])
+        if sh is not None:
+            return self._gather_sharded(groups, layers, cd, sh)
         grads = [self._unit_gradients(g["unit"], layer, cd) for g, layer in zip(groups, layers)]
         have = [i for i, gr in enumerate(grads) if gr is not None]
         if not have:
@@ -352,6 +424,38 @@ class _GeometricOptimizer(Optimizer):
             U=torch.stack([layer.U.detach() for layer in layers]).to(cd),
             V=torch.stack([layer.V.detach() for layer in layers]).to(cd),
             s=torch.stack([layer.S.detach() for layer in layers]).to(cd),
+            row_sum=None,
+            sharding=None,
+        )
+
+    @torch.no_grad()
+    def _gather_sharded(
+        self, groups: list[dict], layers: list, cd: torch.dtype, sh: shf.RowSharding
+    ) -> dict | None:
+        """:meth:`_gather` for row-sharded factors: U (b, m_local, r), V (b, n_local, r), A, B this
+        process's rows (of the reduce-scattered, global-batch gradients), s (b, r) whole (gathered,
+        one collective). No probe here (refused for sharded layers)."""
+        have = [i for i, layer in enumerate(layers) if layer.U.grad is not None and layer.V.grad is not None]
+        if not have:
+            return None
+        groups, layers = [groups[i] for i in have], [layers[i] for i in have]
+        s = shf.gather_vector([layer.S.detach() for layer in layers], cd)  # (b, r)
+        tiny = torch.finfo(layers[0].S.dtype).tiny ** 0.5
+        safe = s.abs() >= tiny
+        inv = torch.where(safe, 1.0 / torch.where(safe, s, torch.ones_like(s)), torch.zeros_like(s))[
+            :, None, :
+        ]
+        return dict(
+            groups=groups,
+            layers=layers,
+            cd=cd,
+            A=torch.stack([shf.local(layer.U.grad).to(cd) for layer in layers]) * inv,
+            B=torch.stack([shf.local(layer.V.grad).to(cd) for layer in layers]) * inv,
+            U=torch.stack([shf.local(layer.U.detach()) for layer in layers]).to(cd),
+            V=torch.stack([shf.local(layer.V.detach()) for layer in layers]).to(cd),
+            s=s,
+            row_sum=sh.row_sum,
+            sharding=sh,
         )
 
     @torch.no_grad()
@@ -365,10 +469,18 @@ class _GeometricOptimizer(Optimizer):
         step, r = states[0].get("step", 0) + 1, U.shape[-1]  # written to the states when applied
         # augment at steps 1, 1 + k, 1 + 2k, ...; in between a Galerkin step in the current basis (S-step)
         augment = (step - 1) % group["augment_every"] == 0
+        row_sum = batch["row_sum"]  # FSDP: the sums over rows are all-reduced, the rest is replicated
         C = U.mT @ A  # U^T G V (b, r, r)
+        if row_sum is not None:
+            C = row_sum(C)
         if augment:
-            U1, TU, EU, RU, keep_u = complement_basis(U, A, C)
-            V1, TV, EV, RV, keep_v = complement_basis(V, B, C.mT)
+            if row_sum is None:
+                U1, TU, EU, RU, keep_u = complement_basis(U, A, C)
+                V1, TV, EV, RV, keep_v = complement_basis(V, B, C.mT)
+            else:  # both sides in one stack: two all-reduces instead of four
+                (U1, TU, EU, RU, keep_u), (V1, TV, EV, RV, keep_v) = complement_basis_pair(
+                    U, A, V, B, C, row_sum
+                )
             G_hat = galerkin_core(C, RU, RV)
             S_hat = torch.diag_embed(torch.cat([s, torch.zeros_like(s)], -1))
             ones = torch.ones_like(keep_u)
@@ -421,6 +533,8 @@ class _GeometricOptimizer(Optimizer):
             r=r,
             step=step,
             ok=ok,
+            row_sum=row_sum,
+            sharding=batch["sharding"],
         )
 
     @torch.no_grad()
@@ -438,8 +552,8 @@ class _GeometricOptimizer(Optimizer):
             d = torch.where(ok, d, core["s"])
             U_new, V_new = self._new_bases(core, P, Q, r)
             if core["step"] % 8 == 0:  # rounding drift is ~eps per step: correct it now and then
-                U_new = torch.where(ok, _reorthonormalize(U_new), U_new)
-                V_new = torch.where(ok, _reorthonormalize(V_new), V_new)
+                U_new = torch.where(ok, _reorthonormalize(U_new, core["row_sum"]), U_new)
+                V_new = torch.where(ok, _reorthonormalize(V_new, core["row_sum"]), V_new)
             moments = {key: self._transported(M, kind, P, Q) for key, (M, kind) in core["moments"].items()}
             for key, new in moments.items():
                 if key in states[0] and states[0][key].shape == new.shape[1:]:
@@ -448,23 +562,53 @@ class _GeometricOptimizer(Optimizer):
                 state["rank"], state["step"] = r, core["step"]
                 for key, new in moments.items():
                     state[key] = new[i]
-                layer.set_factors(U_new[i], d[i], V_new[i])
+                self._empty_factor_states(layer)
+                self._write_factors(layer, core["sharding"], U_new[i], d[i], V_new[i])
             return
         for i, (group, layer, state) in enumerate(zip(core["groups"], core["layers"], states)):
             r1 = ranks[i]  # a rank decision step: ranks differ per layer (ok False keeps r)
             P1, Q1 = P[i : i + 1, :, :r1], Q[i : i + 1, :, :r1]
             U_new, V_new = self._new_bases(core, P1, Q1, r, i)
             if core["step"] % 8 == 0:
-                U_new, V_new = _reorthonormalize(U_new), _reorthonormalize(V_new)
+                U_new = _reorthonormalize(U_new, core["row_sum"])
+                V_new = _reorthonormalize(V_new, core["row_sum"])
             for key, (M, kind) in core["moments"].items():
                 state[key] = self._transported(M[i : i + 1], kind, P1, Q1)[0]
             state["rank"], state["step"] = r1, core["step"]
-            layer.set_factors(U_new[0], d[i, :r1], V_new[0])
+            self._write_factors(layer, core["sharding"], U_new[0], d[i, :r1], V_new[0])
+            self._empty_factor_states(layer)
             if r1 != r:
                 self.ranks_changed = True
                 self._resized.add(group["unit"])
                 self._rebind(group, layer)
                 self._update_probe(group["unit"])
+
+    def _empty_factor_states(self, layer: _LowRankFactors) -> None:
+        """An empty state under S and V (the unit's state lives under U): distributed checkpoints
+        (``torch.distributed.checkpoint.state_dict``, strict by default) expect a state entry for
+        every trainable parameter once the optimizer has stepped."""
+        for p in (layer.S, layer.V):
+            if p not in self.state:
+                self.state[p] = {}
+
+    @staticmethod
+    def _write_factors(
+        layer: _LowRankFactors,
+        sharding: shf.RowSharding | None,
+        U: torch.Tensor,
+        s: torch.Tensor,
+        V: torch.Tensor,
+    ) -> None:
+        """The new factors into the layer: U (m, k), s (k,), V (n, k); sharded (FSDP2): U, V this
+        process's rows, s whole, written into the local shards in place (same rank only)."""
+        if sharding is None:
+            layer.set_factors(U, s, V)
+            return
+        if s.shape[0] != layer.S.shape[0]:  # unreachable: tau > 0 is refused for sharded layers
+            raise ValueError("a rank change of a fully_shard-ed layer is not supported")
+        shf.local(layer.U).copy_(U)
+        shf.write_vector_(layer.S, s)
+        shf.local(layer.V).copy_(V)
 
     @staticmethod
     def _new_bases(
@@ -511,7 +655,14 @@ class _GeometricOptimizer(Optimizer):
                 loss = closure()
         for group in self.param_groups:
             if group["unit"] is not None:
-                self._rebind(group, self._units[group["unit"]])
+                layer = self._units[group["unit"]]
+                if shf.is_dtensor(layer.U) != (self._sharding[group["unit"]] is not None):
+                    raise ValueError(
+                        f"layer {group['unit']!r} was sharded (fully_shard) or unsharded after the optimizer "
+                        "was built: its Parameters are new objects. Build the optimizer after fully_shard, "
+                        "as for any torch optimizer"
+                    )
+                self._rebind(group, layer)
         gathered = [g for g in (self._gather(b) for b in self._batches()) if g is not None]
         finite = self._finite(gathered)
         if finite is not None:
@@ -561,10 +712,11 @@ class _GeometricOptimizer(Optimizer):
         old_U = group["params"][0]
         if old_U is layer.U:
             return
+        old_S, old_V = group["params"][1:]
         group["params"] = [layer.U, layer.S, layer.V]
-        for old in (old_U,):
+        for old, new in ((old_U, layer.U), (old_S, layer.S), (old_V, layer.V)):
             if old in self.state:
-                self.state[layer.U] = self.state.pop(old)
+                self.state[new] = self.state.pop(old)
 
     def _check_replicas_after_rank_change(self) -> None:
         """After a rank change under DDP, the layer holds new Parameters that an existing DDP wrapper
@@ -619,6 +771,12 @@ class _GeometricOptimizer(Optimizer):
                 st = saved_state.get(saved["params"][0])
                 layer = self._units[group["unit"]]
                 if st is not None and st["rank"] != layer.rank:
+                    if self._sharding.get(group["unit"]) is not None:
+                        raise ValueError(
+                            f"the state holds rank {st['rank']} for layer {group['unit']!r}, rank "
+                            f"{layer.rank} here, and a fully_shard-ed layer cannot be resized: build "
+                            "the model at the saved ranks (resize_to_state_dict) before fully_shard"
+                        )
                     k = st["rank"]
                     layer.set_factors(
                         layer.U.new_zeros(layer.U.shape[0], k),
@@ -702,7 +860,10 @@ class LowRankSGD(_GeometricOptimizer):
             rank change replaces the layer's Parameters: when ``optimizer.ranks_changed`` is True
             after ``step()``, wrap the model in DistributedDataParallel again before the next
             forward (the next step raises a RuntimeError if the gradients of a resized layer were
-            not all-reduced). With tau = 0 the optimizers add no collective.
+            not all-reduced). With tau = 0 the optimizers add no collective under DDP.
+            FSDP2 (``fully_shard``-ed layers, the optimizer built after wrapping): fixed rank only;
+            each step all-reduces a few r x r (to r x 3r) sums over the sharded rows per group of
+            same-shape layers, and its result equals one process on the global batch.
 
     Momentum lives in coefficient space (r, r per layer): W-space momentum U C V^T.
     """

@@ -11,11 +11,24 @@ Shapes: U (b, m, r), V (b, n, r) orthonormal; s (b, r); A = G V (b, m, r), B = G
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from ..linalg import sign_fixed
 
-__all__ = ["complement_basis", "galerkin_core", "top_subspace", "subspace_iterations", "tail_ranks"]
+#: Sums a product of row blocks over the processes holding the other rows (FSDP: an all-reduce);
+#: None: the rows are all here.
+RowSum = Callable[[torch.Tensor], torch.Tensor] | None
+
+__all__ = [
+    "complement_basis",
+    "complement_basis_pair",
+    "galerkin_core",
+    "top_subspace",
+    "subspace_iterations",
+    "tail_ranks",
+]
 
 # Shift of the shifted Cholesky QR, relative to eps * ||K||_F^2: it caps the condition number the
 # first pass sees at ~1 / sqrt(SHIFT * eps), so the second pass gets a basis it can orthonormalise.
@@ -33,7 +46,7 @@ def _inverse_cholesky(G: torch.Tensor, shift: torch.Tensor | float = 0.0) -> tor
 
 
 def complement_basis(
-    U: torch.Tensor, A: torch.Tensor, C: torch.Tensor
+    U: torch.Tensor, A: torch.Tensor, C: torch.Tensor, row_sum: RowSum = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """New orthonormal directions U1 (b, m, r), orthogonal to U, with span([U, U1]) containing
     span(A), as U1 = Q1 T - U E: returns Q1 (b, m, r), T (b, r, r), E (b, r, r), R = U1^T A
@@ -48,20 +61,35 @@ def complement_basis(
     span(A) lies inside span(U); the r - (m - r) beyond a full basis when m < 2r) cannot be
     orthonormalised stably: they get a zero column in U1 and a zero row in R, i.e. the augmented
     basis simply has fewer directions.
+
+    ``row_sum``: for U, A holding only some rows (FSDP shards, see ``sharded_factors``), the
+    all-reduce of a product of row blocks; the sums over rows (K^T K, whose diagonal gives the column
+    norms, and Q1^T [Q1, K, U]) go through it, two collectives, and the r x r algebra after them is
+    the same on every process.
     """
     eps = torch.finfo(A.dtype).eps
     K = A - U @ C
     # Columns in order of decreasing norm (a pivoting decided on the device): a weak column that is
     # only a rounding-level copy of a stronger one must come after it, or the Gram-Schmidt order
     # would drop both as dependent on each other.
-    order = torch.argsort(K.pow(2).sum(-2), dim=-1, descending=True)  # (b, r)
-    K = torch.gather(K, -1, order[:, None, :].expand_as(K))
-    KtK = K.mT @ K
+    if row_sum is None:
+        order = torch.argsort(K.pow(2).sum(-2), dim=-1, descending=True)  # (b, r)
+        K = torch.gather(K, -1, order[:, None, :].expand_as(K))
+        KtK = K.mT @ K
+    else:  # one all-reduce: the Gram matrix, whose diagonal gives the norms, permuted afterwards
+        KtK = row_sum(K.mT @ K)
+        order = torch.argsort(torch.diagonal(KtK, dim1=-2, dim2=-1), dim=-1, descending=True)
+        K = torch.gather(K, -1, order[:, None, :].expand_as(K))
+        KtK = KtK.gather(-1, order[:, None, :].expand_as(KtK)).gather(-2, order[:, :, None].expand_as(KtK))
     trace = torch.diagonal(KtK, dim1=-2, dim2=-1).sum(-1)
     Q1 = K @ _inverse_cholesky(KtK, _SHIFT * eps * trace + torch.finfo(A.dtype).tiny).mT
-    G1K = Q1.mT @ torch.cat([Q1, K], -1)  # [Q1^T Q1, Q1^T K] in one GEMM
     r = K.shape[-1]
-    F = U.mT @ Q1  # what of Q1 still lies in span(U): rounding of K, amplified by the solve
+    if row_sum is None:
+        G1K = Q1.mT @ torch.cat([Q1, K], -1)  # [Q1^T Q1, Q1^T K] in one GEMM
+        F = U.mT @ Q1  # what of Q1 still lies in span(U): rounding of K, amplified by the solve
+    else:  # the three products in one GEMM and one all-reduce
+        G1KU = row_sum(Q1.mT @ torch.cat([Q1, K, U], -1))
+        G1K, F = G1KU[..., : 2 * r], G1KU[..., 2 * r :].mT
     # second pass on Q1 - U F (Gram G1 - F^T F, from small matrices): orthonormal and orthogonal to U
     G1 = G1K[..., :r] - F.mT @ F
     # Rank detection: the pivots of the Gram's Cholesky are the norms^2 of what each direction adds
@@ -86,6 +114,25 @@ def complement_basis(
     R = torch.triu(T.mT @ G1K[..., r:])  # the columns of K in the pivoted order
     R = torch.empty_like(R).scatter_(-1, order[:, None, :].expand_as(R), R)  # back to A's columns
     return Q1, T, F @ T, R, keep
+
+
+def complement_basis_pair(
+    U: torch.Tensor, A: torch.Tensor, V: torch.Tensor, B: torch.Tensor, C: torch.Tensor, row_sum: RowSum
+) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    """:func:`complement_basis` of both sides, (U, A, C) and (V, B, C^T), as one stack of 2b: the
+    row blocks zero-padded to one height (zero rows add exact zeros to every sum over rows), so the
+    two sides share their collectives under ``row_sum``. Returns the two 5-tuples, U1's Q1
+    (b, m, r) and V1's (b, n, r) cut back to their own rows."""
+    b, m, n = U.shape[0], U.shape[1], V.shape[1]
+    h = max(m, n)
+
+    def pad(X: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.pad(X, (0, 0, 0, h - X.shape[1]))
+
+    Q1, T, E, R, keep = complement_basis(
+        torch.cat([pad(U), pad(V)]), torch.cat([pad(A), pad(B)]), torch.cat([C, C.mT]), row_sum
+    )
+    return (Q1[:b, :m], T[:b], E[:b], R[:b], keep[:b]), (Q1[b:, :n], T[b:], E[b:], R[b:], keep[b:])
 
 
 def galerkin_core(C: torch.Tensor, RU: torch.Tensor | None, RV: torch.Tensor | None) -> torch.Tensor:
