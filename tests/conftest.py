@@ -9,6 +9,29 @@ os.environ.setdefault("TLR_PROGRESS", "0")
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 
+# Files whose tests train on real data, load pretrained models, run reproductions or spawn processes:
+# `pytest -m "not slow"` leaves them out (the fast inner loop); `make test` runs everything.
+SLOW_FILES = {
+    "test_benchmarks.py",
+    "test_cli.py",
+    "test_data.py",
+    "test_diagnostics_experiments.py",
+    "test_docs.py",
+    "test_experiments_ablation.py",
+    "test_experiments_lm.py",
+    "test_experiments_matrix.py",
+    "test_experiments_optim.py",
+    "test_experiments_q3r.py",
+    "test_experiments_real_completion.py",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name in SLOW_FILES or item.get_closest_marker("ddp") is not None:
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

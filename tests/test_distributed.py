@@ -212,7 +212,7 @@ def _optim_q3r_worker(rank, world, out):
 def test_lowrank_adam_and_q3r_under_ddp_equal_one_process(ddp_out):
     """Fixed rank: every rank takes the same geometric step and the same Q3R reweighting from the
     all-reduced gradients, so no extra collective is needed (rank-adaptive tau > 0 replaces
-    parameters, which DDP's reducer cannot follow: not supported under DDP yet)."""
+    parameters: DDP is wrapped again after such a step, tested below)."""
     xs, ys = _data()
     model, opt, reg = _optim_q3r_setup()
     for x, y in zip(xs, ys):
