@@ -16,23 +16,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layer_types import check_not_meta, is_hf_conv1d
+from .layer_types import check_not_meta, check_rank, is_hf_conv1d, max_rank, pair, plain_conv_reason
 from .linalg import orthogonal_init, truncated_svd
 
-__all__ = ["LowRankLinear", "LowRankConv2d", "max_rank", "marchenko_pastur_top_singular_values"]
-
-
-def max_rank(shape: tuple[int, ...]) -> int:
-    """Full rank of a weight: min(out, in * prod(kernel))."""
-    return min(shape[0], math.prod(shape[1:]))
-
-
-def _check_rank(rank: int, shape: tuple[int, ...], what: str) -> None:
-    full = max_rank(shape)
-    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= full:
-        raise ValueError(
-            f"rank for {what} with weight shape {tuple(shape)} must be an int in 1..{full}, got {rank!r}"
-        )
+__all__ = [
+    "LowRankLinear",
+    "LowRankConv2d",
+    "LowRankFactors",
+    "max_rank",
+    "marchenko_pastur_top_singular_values",
+]
 
 
 def marchenko_pastur_top_singular_values(m: int, n: int, k: int, variance: float) -> torch.Tensor:
@@ -61,7 +54,7 @@ def marchenko_pastur_top_singular_values(m: int, n: int, k: int, variance: float
     return torch.sqrt(N * eig)
 
 
-class _LowRankFactors(nn.Module):
+class LowRankFactors(nn.Module):
     """Shared parameters and algebra of the factorized layers: U (m, r), S (r,), V (n, r)."""
 
     U: nn.Parameter
@@ -149,7 +142,7 @@ class _LowRankFactors(nn.Module):
         self.rank = k
 
 
-class LowRankLinear(_LowRankFactors):
+class LowRankLinear(LowRankFactors):
     """A linear layer of rank ``rank``: y = x V diag(S) U^T + b.
 
     Shapes: x (..., in_features) -> y (..., out_features); U (out, r), S (r,), V (in, r).
@@ -162,7 +155,7 @@ class LowRankLinear(_LowRankFactors):
         self, in_features: int, out_features: int, rank: int, bias: bool = True, device=None, dtype=None
     ) -> None:
         super().__init__()
-        _check_rank(rank, (out_features, in_features), "LowRankLinear")
+        check_rank(rank, (out_features, in_features), "LowRankLinear")
         self.in_features = in_features
         self.out_features = out_features
         self._init_factors(out_features, in_features, rank, device, dtype)
@@ -199,7 +192,7 @@ class LowRankLinear(_LowRankFactors):
             raise TypeError(
                 f"from_linear expects nn.Linear or Hugging Face Conv1D, got {type(linear).__name__}"
             )
-        _check_rank(rank, tuple(W.shape), "from_linear")
+        check_rank(rank, tuple(W.shape), "from_linear")
         check_not_meta(W, f"the weight of {type(linear).__name__}")
         layer = cls(n_in, n_out, rank, bias=linear.bias is not None, device=W.device, dtype=W.dtype)
         layer._reset_from_dense(W.detach(), method)
@@ -227,11 +220,7 @@ class LowRankLinear(_LowRankFactors):
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, bias={self.bias is not None}"
 
 
-def _pair(v) -> tuple[int, int]:
-    return (v, v) if isinstance(v, int) else tuple(v)
-
-
-class LowRankConv2d(_LowRankFactors):
+class LowRankConv2d(LowRankFactors):
     """A 2-D convolution whose kernel, reshaped to (out, in*kh*kw), has rank ``rank``.
 
     Forward: conv with the r filters V^T reshaped to (r, in, kh, kw) (stride, padding, dilation of
@@ -254,11 +243,11 @@ class LowRankConv2d(_LowRankFactors):
     ) -> None:
         super().__init__()
         self.in_channels, self.out_channels = in_channels, out_channels
-        self.kernel_size = _pair(kernel_size)
-        self.stride, self.dilation = _pair(stride), _pair(dilation)
-        self.padding = padding if isinstance(padding, str) else _pair(padding)
+        self.kernel_size = pair(kernel_size)
+        self.stride, self.dilation = pair(stride), pair(dilation)
+        self.padding = padding if isinstance(padding, str) else pair(padding)
         shape = (out_channels, in_channels, *self.kernel_size)
-        _check_rank(rank, shape, "LowRankConv2d")
+        check_rank(rank, shape, "LowRankConv2d")
         self._init_factors(out_channels, in_channels * math.prod(self.kernel_size), rank, device, dtype)
         self.bias = nn.Parameter(torch.empty(out_channels, device=device, dtype=dtype)) if bias else None
         self.reset_parameters()
@@ -288,13 +277,11 @@ class LowRankConv2d(_LowRankFactors):
         """Best rank-``rank`` approximation of the reshaped kernel of ``conv`` (exact with ``method="full"``)."""
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"from_conv2d expects nn.Conv2d, got {type(conv).__name__}")
-        if conv.groups != 1 or conv.padding_mode != "zeros":
-            raise ValueError(
-                f"LowRankConv2d supports groups=1 and padding_mode='zeros'; got groups={conv.groups}, "
-                f"padding_mode={conv.padding_mode!r}"
-            )
+        reason = plain_conv_reason(conv, "LowRankConv2d")
+        if reason:
+            raise ValueError(reason)
         W = conv.weight
-        _check_rank(rank, tuple(W.shape), "from_conv2d")
+        check_rank(rank, tuple(W.shape), "from_conv2d")
         check_not_meta(W, "the kernel of Conv2d")
         layer = cls(
             conv.in_channels,
@@ -335,3 +322,7 @@ class LowRankConv2d(_LowRankFactors):
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, rank={self.rank}, "
             f"stride={self.stride}, padding={self.padding}, bias={self.bias is not None}"
         )
+
+
+# the old private name, for code written against it (torchlowrank.optim binds it locally)
+_LowRankFactors = LowRankFactors

@@ -50,7 +50,8 @@ from torch import nn
 from torch.optim import Optimizer
 
 from .. import distributed as tlr_dist
-from ..layers import LowRankConv2d, LowRankLinear, _LowRankFactors
+from ..layers import LowRankConv2d, LowRankLinear
+from ..layers import LowRankFactors as _LowRankFactors
 from ..linalg import compute_dtype, sign_fixed
 from .manifold_step import complement_basis, galerkin_core, tail_ranks, top_subspace
 
