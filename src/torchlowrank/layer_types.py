@@ -139,6 +139,7 @@ class DenseKind:
     the output head it is usually tied to)."""
 
     kind: str
+    label: str  # for messages, e.g. "nn.Conv2d (groups=1)"
     matches: Callable[[nn.Module], bool]
     from_layout: Callable[[torch.Tensor, nn.Module], torch.Tensor]
     to_layout: Callable[[torch.Tensor, nn.Module], torch.Tensor]
@@ -152,11 +153,14 @@ def _plain_conv(cls: type[nn.Module]) -> Callable[[nn.Module], bool]:
 
 # The layer types the library knows, first match wins. A new type is a new entry.
 DENSE_KINDS: list[DenseKind] = [
-    DenseKind("linear", lambda m: isinstance(m, nn.Linear), _identity, _identity),
-    DenseKind("hf_conv1d", is_hf_conv1d, _transpose, _transpose, transposed=True),
-    DenseKind("conv2d", _plain_conv(nn.Conv2d), _flatten, _unflatten, listed_as_stored=True),
+    DenseKind("linear", "nn.Linear", lambda m: isinstance(m, nn.Linear), _identity, _identity),
+    DenseKind("hf_conv1d", "HF Conv1D", is_hf_conv1d, _transpose, _transpose, transposed=True),
+    DenseKind(
+        "conv2d", "nn.Conv2d (groups=1)", _plain_conv(nn.Conv2d), _flatten, _unflatten, listed_as_stored=True
+    ),
     DenseKind(
         "embedding",
+        "nn.Embedding",
         lambda m: isinstance(m, nn.Embedding),
         _transpose,
         _transpose,
@@ -165,11 +169,14 @@ DENSE_KINDS: list[DenseKind] = [
     ),
 ]
 
-MATRIX_LAYERS = "nn.Linear, HF Conv1D, nn.Conv2d (groups=1), nn.Embedding and layers with dense_weight()"
+# for messages: the layer types above, and the computed kinds
+MATRIX_LAYERS = ", ".join(k.label for k in DENSE_KINDS) + " and layers with dense_weight()"
 
 _KINDS = {k.kind: k for k in DENSE_KINDS}
 # kernel views (exact=False): reshaped like a conv, listed in spectra, not one applied matrix
-_KERNEL = DenseKind("conv_kernel", lambda m: False, _flatten, _unflatten, listed_as_stored=True)
+_KERNEL = DenseKind(
+    "conv_kernel", "convolution kernel", lambda m: False, _flatten, _unflatten, listed_as_stored=True
+)
 _KINDS[_KERNEL.kind] = _KERNEL
 
 

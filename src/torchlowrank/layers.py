@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layer_types import check_not_meta, check_rank, is_hf_conv1d, max_rank, pair, plain_conv_reason
+from .layer_types import check_not_meta, check_rank, matrix_view, max_rank, pair, plain_conv_reason
 from .linalg import orthogonal_init, truncated_svd
 
 __all__ = [
@@ -184,14 +184,12 @@ class LowRankLinear(LowRankFactors):
         ``"randomized"`` is faster on big layers but only near-optimal (see the README's numbers).
         Built through ``cls.__init__``, so subclasses get their own construction.
         """
-        if isinstance(linear, nn.Linear):
-            W, n_in, n_out = linear.weight, linear.in_features, linear.out_features
-        elif is_hf_conv1d(linear):
-            W, n_in, n_out = linear.weight.T, linear.weight.shape[0], linear.weight.shape[1]
-        else:
+        view = matrix_view(linear)
+        if view is None or view.kind not in ("linear", "hf_conv1d"):
             raise TypeError(
                 f"from_linear expects nn.Linear or Hugging Face Conv1D, got {type(linear).__name__}"
             )
+        W, (n_out, n_in) = view.read(), view.shape
         check_rank(rank, tuple(W.shape), "from_linear")
         check_not_meta(W, f"the weight of {type(linear).__name__}")
         layer = cls(n_in, n_out, rank, bias=linear.bias is not None, device=W.device, dtype=W.dtype)
