@@ -233,3 +233,75 @@ def test_gpt2_projections_view_matches_their_forward(tiny_gpt2):
         view = matrix_view(layer)
         assert view.kind == "hf_conv1d"
         _check_linear_forward(layer, view.shape[1])
+
+
+# -- a new layer type through layer_types.py alone: nn.Conv1d ------------------------------------------------
+def _conv1d_apply(W: torch.Tensor, b: torch.Tensor | None, conv: nn.Conv1d, x: torch.Tensor) -> torch.Tensor:
+    """A 1-D convolution as W (out, in*k) applied to the unfolded patches of x (a (k, 1) 2-D unfold)."""
+    (k,), (d,), (p,), (s,) = conv.kernel_size, conv.dilation, conv.padding, conv.stride
+    cols = F.unfold(x[..., None], (k, 1), dilation=(d, 1), padding=(p, 0), stride=(s, 1))
+    out = W @ cols
+    return out if b is None else out + b[:, None]
+
+
+def _conv1d_model() -> nn.Module:
+    return nn.Sequential(nn.Conv1d(3, 6, 4, padding=1, dtype=DT), nn.Flatten(), nn.Linear(6 * 9, 5, dtype=DT))
+
+
+@pytest.mark.parametrize(
+    "kwargs", [dict(), dict(stride=2, padding=1), dict(padding=3, dilation=2, bias=False)], ids=str
+)
+def test_conv1d_view_is_the_kernel_as_out_by_in_k_applied_to_unfolded_patches(kwargs):
+    conv = nn.Conv1d(3, 5, 4, dtype=DT, **kwargs)
+    view = matrix_view(conv)
+    assert (view.kind, view.shape, view.exact, view.out_dim) == ("conv1d", (5, 12), True, 0)
+    assert is_matrix_layer(conv) and why_not_matrix(conv) is None
+    x = torch.randn(2, 3, 11, dtype=DT)
+    torch.testing.assert_close(
+        _conv1d_apply(view.read(), conv.bias, conv, x), conv(x), rtol=1e-12, atol=1e-12
+    )
+    W = torch.randn(5, 12, dtype=DT)
+    view.write(W)
+    torch.testing.assert_close(view.read(), W, rtol=0, atol=0)
+    torch.testing.assert_close(_conv1d_apply(W, conv.bias, conv, x), conv(x), rtol=1e-12, atol=1e-12)
+
+
+def test_conv1d_in_spectrum_and_the_tracker():
+    model = _conv1d_model()
+    W = matrix_view(model[0]).read().detach()
+    row = {r.name: r for r in tlr.spectrum(model, top_k=3)}["0"]
+    assert row.shape == (6, 3, 4) and row.full_rank == 6
+    assert row.top_singular_values == pytest.approx(torch.linalg.svdvals(W)[:3].tolist(), rel=1e-12)
+    tracker = tlr.SpectrumTracker(model, every=1, top_k=3)
+    model(torch.randn(2, 3, 10, dtype=DT)).square().sum().backward()
+    tracker.step()
+    rows = {(r["layer"], r["quantity"]): r for r in tracker.history if r["step"] == 1}
+    assert (rows["0", "weight"]["rows"], rows["0", "weight"]["cols"]) == (6, 12)
+    G = model[0].weight.grad.reshape(6, 12)
+    assert rows["0", "grad"]["top_singular_values"] == pytest.approx(
+        torch.linalg.svdvals(G)[:3].tolist(), rel=1e-10
+    )
+
+
+def test_q3r_on_conv1d_is_q3r_on_the_linear_layer_of_its_matrix_view():
+    conv = nn.Conv1d(3, 6, 4, dtype=DT)
+    lin = nn.Linear(12, 6, dtype=DT)
+    with torch.no_grad():
+        lin.weight.copy_(matrix_view(conv).read())
+    for layer in (conv, lin):
+        tlr.Q3R(layer, 2, 0.3, method="full").step()
+    torch.testing.assert_close(
+        matrix_view(conv).from_layout(conv.weight.grad), lin.weight.grad, rtol=1e-12, atol=1e-14
+    )
+    assert tlr.Q3R(_conv1d_model(), 2, 0.1).names == ["0", "2"]  # selected by default
+
+
+def test_conv1d_has_no_factorized_or_adapter_layer_so_compress_and_adapt_refuse_it():
+    # a replacement needs a per-kind construction (a LowRankConv1d, a Conv1d adapter) that does not exist
+    model = _conv1d_model()
+    with pytest.raises(ValueError, match="unsupported types: 0 \\(Conv1d\\)"):
+        tlr.truncate(model, 0.5, targets=["0"])
+    report = tlr.truncate(model, 0.5)
+    assert list(report.ranks) == ["2"] and isinstance(model[0], nn.Conv1d)
+    with pytest.raises(ValueError, match="Conv1d is not a supported layer type"):
+        tlr.adapt(_conv1d_model(), tlr.LoRAConfig(r=2, target_modules=["0"]))

@@ -13,6 +13,7 @@ has no (exact) matrix view, for error messages. Kinds:
   nothing here imports ``transformers``;
 - ``"conv2d"``: ``nn.Conv2d`` with ``groups=1``, kernel (out, in, kh, kw) viewed as (out, in*kh*kw),
   the matrix applied to each unfolded input patch (the padding mode changes the patches, not W);
+- ``"conv1d"``: ``nn.Conv1d`` with ``groups=1``, kernel (out, in, k) viewed as (out, in*k);
 - ``"embedding"``: ``nn.Embedding``, table (num, dim) stored transposed: the (dim, num) map from one-hot
   codes;
 - ``"factorized"``: the library's ``LowRank*`` / ``Factorized*`` layers and anything else with a
@@ -20,7 +21,7 @@ has no (exact) matrix view, for error messages. Kinds:
 - ``"adapted"``: an adapter wrapper (``dense_weight()`` and a ``base_layer``): W0 + Delta W, oriented as
   its base layer's view.
 
-Any other convolution (``nn.Conv1d`` / ``nn.Conv3d``, grouped, transposed) gets a *kernel* view,
+Any other convolution (``nn.Conv3d``, grouped, transposed) gets a *kernel* view,
 ``exact=False``: the kernel reshaped to (first dim, rest), which spectra list, but which is not the
 one matrix the layer applies (``note`` says why). Teaching the library a new layer type is adding a
 rule to :data:`DENSE_KINDS` here.
@@ -157,6 +158,9 @@ DENSE_KINDS: list[DenseKind] = [
     DenseKind("hf_conv1d", "HF Conv1D", is_hf_conv1d, _transpose, _transpose, transposed=True),
     DenseKind(
         "conv2d", "nn.Conv2d (groups=1)", _plain_conv(nn.Conv2d), _flatten, _unflatten, listed_as_stored=True
+    ),
+    DenseKind(
+        "conv1d", "nn.Conv1d (groups=1)", _plain_conv(nn.Conv1d), _flatten, _unflatten, listed_as_stored=True
     ),
     DenseKind(
         "embedding",
