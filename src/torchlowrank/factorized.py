@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layer_types import check_rank, matrix_view, pair, plain_conv_reason
+from .layer_types import check_rank, matrix_view, plain_conv_reason
+from .layers import conv_geometry, factored_conv2d
 from .linalg import truncated_svd
 from .targets import Targets, find_targets, replace_module
 
@@ -117,12 +118,9 @@ class FactorizedConv2d(_ABFactors):
         W = conv.weight
         check_rank(rank, tuple(W.shape), "FactorizedConv2d")
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
-        self.kernel_size, self.stride, self.dilation = (
-            tuple(conv.kernel_size),
-            tuple(conv.stride),
-            tuple(conv.dilation),
+        self.kernel_size, self.stride, self.padding, self.dilation = conv_geometry(
+            conv.kernel_size, conv.stride, conv.padding, conv.dilation
         )
-        self.padding = conv.padding if isinstance(conv.padding, str) else pair(conv.padding)
         self._init_ab(W.shape[0], math.prod(W.shape[1:]), rank, W.device, W.dtype)
         self._ab_from_dense(W.detach())
         self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone())
@@ -138,9 +136,17 @@ class FactorizedConv2d(_ABFactors):
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        first = self.B.T.reshape(self.rank, self.in_channels, *self.kernel_size)
-        h = F.conv2d(x, first, None, stride=self.stride, padding=self.padding, dilation=self.dilation)
-        return F.conv2d(h, self.A.view(self.out_channels, self.rank, 1, 1), self.bias)
+        return factored_conv2d(
+            x,
+            self.A,
+            self.B,
+            self.in_channels,
+            self.kernel_size,
+            self.bias,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+        )
 
     def extra_repr(self) -> str:
         return (

@@ -23,6 +23,8 @@ __all__ = [
     "LowRankLinear",
     "LowRankConv2d",
     "LowRankFactors",
+    "conv_geometry",
+    "factored_conv2d",
     "max_rank",
     "marchenko_pastur_top_singular_values",
 ]
@@ -218,6 +220,37 @@ class LowRankLinear(LowRankFactors):
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, bias={self.bias is not None}"
 
 
+def conv_geometry(kernel_size, stride, padding, dilation) -> tuple:
+    """(kernel_size, stride, padding, dilation) of a 2-D convolution as pairs (a string padding such as
+    ``"same"`` stays a string): the hyper-parameters the factorized conv layers keep."""
+    return (
+        pair(kernel_size),
+        pair(stride),
+        padding if isinstance(padding, str) else pair(padding),
+        pair(dilation),
+    )
+
+
+def factored_conv2d(
+    x: torch.Tensor,
+    left: torch.Tensor,
+    right: torch.Tensor,
+    in_channels: int,
+    kernel_size: tuple[int, int],
+    bias: torch.Tensor | None = None,
+    stride=1,
+    padding=0,
+    dilation=1,
+) -> torch.Tensor:
+    """conv2d of x (batch, in, h, w) with the kernel whose (out, in*kh*kw) matrix is left (out, r) @
+    right (in*kh*kw, r)^T, never formed: a conv with the r filters right^T reshaped to (r, in, kh, kw),
+    then a 1x1 conv with left. Cost per output pixel r (in*kh*kw + out) instead of out*in*kh*kw."""
+    r = right.shape[1]
+    first = right.T.reshape(r, in_channels, *kernel_size)
+    h = F.conv2d(x, first, None, stride=stride, padding=padding, dilation=dilation)
+    return F.conv2d(h, left.reshape(left.shape[0], r, 1, 1), bias)
+
+
 class LowRankConv2d(LowRankFactors):
     """A 2-D convolution whose kernel, reshaped to (out, in*kh*kw), has rank ``rank``.
 
@@ -241,9 +274,9 @@ class LowRankConv2d(LowRankFactors):
     ) -> None:
         super().__init__()
         self.in_channels, self.out_channels = in_channels, out_channels
-        self.kernel_size = pair(kernel_size)
-        self.stride, self.dilation = pair(stride), pair(dilation)
-        self.padding = padding if isinstance(padding, str) else pair(padding)
+        self.kernel_size, self.stride, self.padding, self.dilation = conv_geometry(
+            kernel_size, stride, padding, dilation
+        )
         shape = (out_channels, in_channels, *self.kernel_size)
         check_rank(rank, shape, "LowRankConv2d")
         self._init_factors(out_channels, in_channels * math.prod(self.kernel_size), rank, device, dtype)
@@ -261,9 +294,7 @@ class LowRankConv2d(LowRankFactors):
             V = V * self.S
         else:
             U = U * self.S
-        first = V.T.reshape(self.rank, self.in_channels, *self.kernel_size)
-        h = F.conv2d(x, first, None, **self._conv_kwargs())
-        return F.conv2d(h, U.view(self.out_channels, self.rank, 1, 1), self.bias)
+        return factored_conv2d(x, U, V, self.in_channels, self.kernel_size, self.bias, **self._conv_kwargs())
 
     @property
     def weight(self) -> torch.Tensor:
