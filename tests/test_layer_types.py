@@ -305,3 +305,11 @@ def test_conv1d_has_no_factorized_or_adapter_layer_so_compress_and_adapt_refuse_
     assert list(report.ranks) == ["2"] and isinstance(model[0], nn.Conv1d)
     with pytest.raises(ValueError, match="Conv1d is not a supported layer type"):
         tlr.adapt(_conv1d_model(), tlr.LoRAConfig(r=2, target_modules=["0"]))
+
+
+def test_a_lazy_layer_is_a_matrix_layer_once_its_weight_exists():
+    layer = nn.LazyLinear(3, dtype=DT)
+    assert matrix_view(layer) is None and "lazy" in why_not_matrix(layer)
+    layer(torch.randn(2, 5, dtype=DT))
+    assert matrix_view(layer).shape == (3, 5)
+    _check_linear_forward(layer, 5)

@@ -31,10 +31,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.nn.parameter import is_lazy
 
 __all__ = [
     "MatrixView",
@@ -176,12 +177,10 @@ DENSE_KINDS: list[DenseKind] = [
 # for messages: the layer types above, and the computed kinds
 MATRIX_LAYERS = ", ".join(k.label for k in DENSE_KINDS) + " and layers with dense_weight()"
 
-_KINDS = {k.kind: k for k in DENSE_KINDS}
 # kernel views (exact=False): reshaped like a conv, listed in spectra, not one applied matrix
 _KERNEL = DenseKind(
     "conv_kernel", "convolution kernel", lambda m: False, _flatten, _unflatten, listed_as_stored=True
 )
-_KINDS[_KERNEL.kind] = _KERNEL
 
 
 def _has_dense_weight(module: nn.Module) -> bool:
@@ -206,6 +205,7 @@ class MatrixView:
     shape: tuple[int, int]
     exact: bool = True
     note: str = ""
+    layout: DenseKind | None = field(default=None, repr=False)  # the stored weight's (adapted: its base's)
 
     # -- storage ---------------------------------------------------------------------------------
     @property
@@ -221,30 +221,23 @@ class MatrixView:
     @property
     def transposed(self) -> bool:
         """True when the stored weight is (in, out) (HF Conv1D, nn.Embedding; adapters: their base's)."""
-        return self._dense.transposed if self._dense is not None else False
+        return self.layout.transposed if self.layout is not None else False
 
     @property
     def out_dim(self) -> int:
         """The dimension of the stored weight that indexes outputs (0, or 1 for a transposed layout)."""
         return 1 if self.transposed else 0
 
-    @property
-    def _dense(self) -> DenseKind | None:
-        if self.kind == "adapted":
-            base = matrix_view(self.module.base_layer)
-            return None if base is None else base._dense
-        return _KINDS.get(self.kind)
-
     def from_layout(self, T: torch.Tensor) -> torch.Tensor:
         """A tensor in the stored weight's layout (the weight, its gradient) as the (out, in) matrix."""
-        d = self._dense
+        d = self.layout
         if d is None:
             return T.reshape(T.shape[0], -1)
         return d.from_layout(T, self._storage_module)
 
     def to_layout(self, M: torch.Tensor) -> torch.Tensor:
         """An (out, in) matrix in the stored weight's layout."""
-        d = self._dense
+        d = self.layout
         if d is None:
             raise TypeError(f"{type(self.module).__name__} stores no dense weight to lay a matrix out in")
         return d.to_layout(M, self._storage_module)
@@ -284,8 +277,7 @@ class MatrixView:
         (num, dim); a computed matrix as its ``dense_weight()`` gives it."""
         if self.computed:
             return self.module.dense_weight()
-        d = self._dense
-        return self.module.weight if d.listed_as_stored else self.read()
+        return self.module.weight if self.layout.listed_as_stored else self.read()
 
     @property
     def tensor_shape(self) -> tuple[int, ...]:
@@ -293,7 +285,7 @@ class MatrixView:
         if self.computed:
             return tuple(self.tensor().shape)
         w = self.module.weight
-        return tuple(w.shape) if self._dense.listed_as_stored else self.shape
+        return tuple(w.shape) if self.layout.listed_as_stored else self.shape
 
     def tensor_grad(self) -> torch.Tensor | None:
         """The gradient of the stored weight, oriented as :meth:`tensor`; None when there is none
@@ -301,7 +293,7 @@ class MatrixView:
         if self.computed:
             return None
         g = self.module.weight.grad
-        if g is None or self._dense.listed_as_stored:
+        if g is None or self.layout.listed_as_stored:
             return g
         return self.from_layout(g)
 
@@ -332,15 +324,19 @@ def matrix_view(module: nn.Module) -> MatrixView | None:
     if _is_adapted(module):
         base = matrix_view(module.base_layer)
         if base is not None:
-            return MatrixView(module, "adapted", base.shape, base.exact, base.note)
+            return MatrixView(module, "adapted", base.shape, base.exact, base.note, base.layout)
         return MatrixView(module, "factorized", _computed_shape(module))
     if _has_dense_weight(module):
         return MatrixView(module, "factorized", _computed_shape(module))
+    if is_lazy(getattr(module, "weight", None)):
+        return None  # no shape yet (nn.LazyLinear before its first forward)
     for kind in DENSE_KINDS:
         if kind.matches(module):
-            return MatrixView(module, kind.kind, _shape_of(module, kind))
+            return MatrixView(module, kind.kind, _shape_of(module, kind), layout=kind)
     if isinstance(module, nn.modules.conv._ConvNd):
-        return MatrixView(module, _KERNEL.kind, _shape_of(module, _KERNEL), False, _kernel_note(module))
+        return MatrixView(
+            module, _KERNEL.kind, _shape_of(module, _KERNEL), False, _kernel_note(module), _KERNEL
+        )
     return None
 
 
@@ -365,6 +361,8 @@ def why_not_matrix(module: nn.Module) -> str | None:
     if view is not None:
         return None if view.exact else view.note
     w = getattr(module, "weight", None)
+    if is_lazy(w):
+        return f"{type(module).__name__}'s weight is not initialised yet (a lazy module): run a forward first"
     if isinstance(w, torch.Tensor):
         return (
             f"{type(module).__name__} has a weight of shape {tuple(w.shape)} but is not a matrix layer "
