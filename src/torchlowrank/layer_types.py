@@ -24,7 +24,9 @@ has no (exact) matrix view, for error messages. Kinds:
 Any other convolution (``nn.Conv3d``, grouped, transposed) gets a *kernel* view,
 ``exact=False``: the kernel reshaped to (first dim, rest), which spectra list, but which is not the
 one matrix the layer applies (``note`` says why). Teaching the library a new layer type is adding a
-rule to :data:`DENSE_KINDS` here.
+rule to :data:`DENSE_KINDS` here: spectra, the tracker and the regularizers then take it as it is.
+What a feature must *build* for a kind stays with the feature, keyed by ``kind``: a factorized
+replacement (``compress.REPLACEABLE``), an adapter wrapper (``adapters.layers.ADAPTER_CLASSES``).
 """
 
 from __future__ import annotations
