@@ -27,8 +27,15 @@ import torch
 from torch import nn
 
 from .factorized import FactorizedConv2d, FactorizedLinear
-from .layer_types import is_hf_conv1d, is_meta, parameter_holders, shared_weight_holders
-from .layers import LowRankConv2d, LowRankLinear, max_rank
+from .layer_types import (
+    is_meta,
+    matrix_view,
+    max_rank,
+    parameter_holders,
+    plain_conv_reason,
+    shared_weight_holders,
+)
+from .layers import LowRankConv2d, LowRankLinear
 from .ranks import singular_values
 from .results import markdown_table
 from .sharded import is_sharded_module
@@ -60,22 +67,29 @@ def rank_for_fraction(shape: tuple[int, ...], param_fraction: float) -> int:
     """k = floor(p * m * n / (m + n + 1)) for a weight (m, n) (conv kernels: n = in * kh * kw): the
     largest rank whose factors U (m, k), S (k,), V (n, k) hold at most p * m * n numbers, so that a
     truncated layer never has more parameters than the fraction asked for (p = 1 never grows it)."""
-    _check_fraction(param_fraction, "param_fraction")
+    check_fraction(param_fraction, "param_fraction")
     m, n = shape[0], math.prod(shape[1:])
     return math.floor(param_fraction * m * n / (m + n + 1) + 1e-9)
 
 
-def _check_fraction(p: float, what: str) -> None:
+def check_fraction(p: float, what: str) -> None:
+    """``ValueError`` unless ``p`` is a number in (0, 1]."""
     if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 < p <= 1.0:
         raise ValueError(f"{what} must be a number in (0, 1], got {p!r}")
 
 
-def _has_matrix(m: nn.Module) -> bool:
-    return isinstance(m, (nn.Linear, nn.Conv2d)) or is_hf_conv1d(m)
+# the kinds of matrix view (torchlowrank.layer_types) that have a factorized replacement here
+REPLACEABLE = ("linear", "hf_conv1d", "conv2d")
+
+
+def _replaceable(m: nn.Module) -> bool:
+    view = matrix_view(m)
+    # grouped Conv2d (a kernel view) is a candidate so that it is skipped or refused with its reason
+    return view is not None and (view.kind in REPLACEABLE or isinstance(m, nn.Conv2d))
 
 
 def _unsupported_reason(m: nn.Module) -> str | None:
-    if isinstance(m, nn.Conv2d) and (m.groups != 1 or m.padding_mode != "zeros"):
+    if isinstance(m, nn.Conv2d) and plain_conv_reason(m, "LowRankConv2d"):
         return (
             f"Conv2d with groups={m.groups}, padding_mode={m.padding_mode!r} (LowRankConv2d supports "
             "groups=1 and zero padding only)"
@@ -84,13 +98,13 @@ def _unsupported_reason(m: nn.Module) -> str | None:
 
 
 def _matrix(module: nn.Module) -> torch.Tensor:
-    """The (out, in) matrix a layer applies (HF Conv1D stores its transpose; conv kernels reshaped)."""
-    W = module.weight.T if is_hf_conv1d(module) else module.weight
-    return W.detach().reshape(W.shape[0], -1)
+    """The (out, in) matrix a layer applies (detached)."""
+    return matrix_view(module).read().detach()
 
 
-def _weight_shape(module: nn.Module) -> tuple[int, ...]:
-    return tuple(module.weight.T.shape) if is_hf_conv1d(module) else tuple(module.weight.shape)
+def weight_shape(module: nn.Module) -> tuple[int, ...]:
+    """The weight's shape as reports list it: (out, in), conv kernels (out, in, kh, kw)."""
+    return matrix_view(module).tensor_shape
 
 
 def _adapter_wrappers(model: nn.Module) -> list[str]:
@@ -98,7 +112,7 @@ def _adapter_wrappers(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(getattr(m, "base_layer", None), nn.Module)]
 
 
-def _select_layers(model: nn.Module, targets: Targets, what: str) -> list[tuple[str, nn.Module]]:
+def select_layers(model: nn.Module, targets: Targets, what: str) -> list[tuple[str, nn.Module]]:
     """Targeted Linear / Conv1D / Conv2d layers that can be replaced. Layers inside an adapter raise;
     tied or unsupported layers raise when targeted explicitly and are skipped with a warning when
     ``targets=None``."""
@@ -108,7 +122,7 @@ def _select_layers(model: nn.Module, targets: Targets, what: str) -> list[tuple[
             f"new layers would be unsharded, outside the sharding hooks): {what} the unsharded model, "
             "then fully_shard it"
         )
-    found = find_targets(model, targets, predicate=_has_matrix)
+    found = find_targets(model, targets, predicate=_replaceable)
     index = parameter_holders(model)
     wrappers = _adapter_wrappers(model)
     chosen, skipped = [], []
@@ -221,15 +235,15 @@ def _build_factorized(
             f"layer {name!r} is on the 'meta' device (no values to decompose); load the real weights first"
         )
     try:
+        kind = matrix_view(module).kind
         if parametrization == "AB":
-            new = (
-                FactorizedConv2d.from_conv2d(module, rank)
-                if isinstance(module, nn.Conv2d)
-                else FactorizedLinear.from_linear(
-                    _as_linear(module) if is_hf_conv1d(module) else module, rank
+            if kind == "conv2d":
+                new = FactorizedConv2d.from_conv2d(module, rank)
+            else:  # FactorizedLinear is built from an nn.Linear
+                new = FactorizedLinear.from_linear(
+                    _as_linear(module) if kind == "hf_conv1d" else module, rank
                 )
-            )
-        elif isinstance(module, nn.Conv2d):
+        elif kind == "conv2d":
             new = LowRankConv2d.from_conv2d(module, rank)
         else:
             new = LowRankLinear.from_linear(module, rank)
@@ -245,7 +259,7 @@ def _build_factorized(
     before = sum(p.numel() for p in module.parameters())
     after = sum(p.numel() for p in new.parameters())
     kept = float(s2[:rank].sum() / s2.sum()) if float(s2.sum()) > 0 else 1.0
-    shape = _weight_shape(module)
+    shape = weight_shape(module)
     return new, LayerCompression(name, shape, rank, max_rank(shape), before, after, kept)
 
 
@@ -280,18 +294,18 @@ def factorize(
         raise ValueError(
             f"parametrization must be 'USV' (U diag(S) V^T) or 'AB' (A B^T), got {parametrization!r}"
         )
-    found = _select_layers(model, targets, "factorize")
+    found = select_layers(model, targets, "factorize")
     plan = []
     for name, module in found:
-        full = max_rank(_weight_shape(module))
+        full = max_rank(weight_shape(module))
         if isinstance(rank, float):
-            _check_fraction(rank, "rank (as a fraction of full rank)")
+            check_fraction(rank, "rank (as a fraction of full rank)")
             k = max(1, math.floor(rank * full + 1e-9))
         elif isinstance(rank, int) and not isinstance(rank, bool):
             if not 1 <= rank <= full:
                 raise ValueError(
                     f"rank {rank} is outside 1..{full} for layer {name!r} of shape "
-                    f"{_weight_shape(module)}; pass a fraction (e.g. 0.25) or exclude the layer via targets"
+                    f"{weight_shape(module)}; pass a fraction (e.g. 0.25) or exclude the layer via targets"
                 )
             k = rank
         else:
@@ -347,18 +361,18 @@ def truncate(
     energy (greedy; at least rank 1 each). Raises ``ValueError`` if a layer would get rank 0, naming
     it; on any error the model is left unchanged.
     """
-    _check_fraction(param_fraction, "param_fraction")
+    check_fraction(param_fraction, "param_fraction")
     if allocation not in ("uniform", "energy"):
         raise ValueError(f"allocation must be 'uniform' or 'energy', got {allocation!r}")
-    found = _select_layers(model, targets, "truncate")
+    found = select_layers(model, targets, "truncate")
     if allocation == "uniform":
         ranks = {}
         for name, module in found:
-            k = rank_for_fraction(_weight_shape(module), param_fraction)
+            k = rank_for_fraction(weight_shape(module), param_fraction)
             if k < 1:
                 raise ValueError(
                     f"param_fraction={param_fraction} leaves rank 0 for layer {name!r} of shape "
-                    f"{_weight_shape(module)}; raise the fraction or use allocation='energy'"
+                    f"{weight_shape(module)}; raise the fraction or use allocation='energy'"
                 )
             ranks[name] = k
     else:
@@ -367,6 +381,6 @@ def truncate(
                 raise ValueError(
                     f"layer {name!r} is on the 'meta' device (no values to decompose); load the real weights first"
                 )
-        budget = param_fraction * sum(math.prod(_weight_shape(m)) for _, m in found)
+        budget = param_fraction * sum(math.prod(weight_shape(m)) for _, m in found)
         ranks = _energy_allocation(found, budget)
     return _apply(model, [(n, m, ranks[n]) for n, m in found])

@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import _check_rank, _pair
+from .layer_types import check_rank, matrix_view, plain_conv_reason
+from .layers import conv_geometry, factored_conv2d
 from .linalg import truncated_svd
 from .sharded import is_sharded_module
 from .targets import Targets, find_targets, replace_module
@@ -52,7 +53,7 @@ class FactorizedLinear(_ABFactors):
         self, in_features: int, out_features: int, rank: int, bias: bool = True, device=None, dtype=None
     ) -> None:
         super().__init__()
-        _check_rank(rank, (out_features, in_features), "FactorizedLinear")
+        check_rank(rank, (out_features, in_features), "FactorizedLinear")
         self.in_features, self.out_features = in_features, out_features
         self._init_ab(out_features, in_features, rank, device, dtype)
         dense = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
@@ -68,7 +69,7 @@ class FactorizedLinear(_ABFactors):
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear expects nn.Linear, got {type(linear).__name__}")
         W = linear.weight
-        _check_rank(rank, tuple(W.shape), "FactorizedLinear.from_linear")
+        check_rank(rank, tuple(W.shape), "FactorizedLinear.from_linear")
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         layer.in_features, layer.out_features = linear.in_features, linear.out_features
@@ -112,20 +113,15 @@ class FactorizedConv2d(_ABFactors):
         self._from_conv(conv, rank)
 
     def _from_conv(self, conv: nn.Conv2d, rank: int) -> None:
-        if conv.groups != 1 or conv.padding_mode != "zeros":
-            raise ValueError(
-                f"FactorizedConv2d supports groups=1 and padding_mode='zeros'; got groups={conv.groups}, "
-                f"padding_mode={conv.padding_mode!r}"
-            )
+        reason = plain_conv_reason(conv, "FactorizedConv2d")
+        if reason:
+            raise ValueError(reason)
         W = conv.weight
-        _check_rank(rank, tuple(W.shape), "FactorizedConv2d")
+        check_rank(rank, tuple(W.shape), "FactorizedConv2d")
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
-        self.kernel_size, self.stride, self.dilation = (
-            tuple(conv.kernel_size),
-            tuple(conv.stride),
-            tuple(conv.dilation),
+        self.kernel_size, self.stride, self.padding, self.dilation = conv_geometry(
+            conv.kernel_size, conv.stride, conv.padding, conv.dilation
         )
-        self.padding = conv.padding if isinstance(conv.padding, str) else _pair(conv.padding)
         self._init_ab(W.shape[0], math.prod(W.shape[1:]), rank, W.device, W.dtype)
         self._ab_from_dense(W.detach())
         self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone())
@@ -141,9 +137,17 @@ class FactorizedConv2d(_ABFactors):
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        first = self.B.T.reshape(self.rank, self.in_channels, *self.kernel_size)
-        h = F.conv2d(x, first, None, stride=self.stride, padding=self.padding, dilation=self.dilation)
-        return F.conv2d(h, self.A.view(self.out_channels, self.rank, 1, 1), self.bias)
+        return factored_conv2d(
+            x,
+            self.A,
+            self.B,
+            self.in_channels,
+            self.kernel_size,
+            self.bias,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+        )
 
     def extra_repr(self) -> str:
         return (
@@ -153,8 +157,11 @@ class FactorizedConv2d(_ABFactors):
 
 
 def _is_target(m: nn.Module) -> bool:
-    return isinstance(m, nn.Linear) or (
-        isinstance(m, nn.Conv2d) and m.groups == 1 and m.padding_mode == "zeros"
+    view = matrix_view(m)
+    if view is None:
+        return False
+    return view.kind == "linear" or (
+        view.kind == "conv2d" and plain_conv_reason(m, "FactorizedConv2d") is None
     )
 
 
@@ -188,7 +195,7 @@ def factorize_ab(model: nn.Module, rank: int | float, targets: Targets = None) -
     for name, mod, k in plans:
         new = (
             FactorizedLinear.from_linear(mod, k)
-            if isinstance(mod, nn.Linear)
+            if matrix_view(mod).kind == "linear"
             else FactorizedConv2d.from_conv2d(mod, k)
         )
         replace_module(model, name, new)

@@ -16,23 +16,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layer_types import check_not_meta, is_hf_conv1d
+from .layer_types import check_not_meta, check_rank, matrix_view, max_rank, pair, plain_conv_reason
 from .linalg import orthogonal_init, truncated_svd
 
-__all__ = ["LowRankLinear", "LowRankConv2d", "max_rank", "marchenko_pastur_top_singular_values"]
-
-
-def max_rank(shape: tuple[int, ...]) -> int:
-    """Full rank of a weight: min(out, in * prod(kernel))."""
-    return min(shape[0], math.prod(shape[1:]))
-
-
-def _check_rank(rank: int, shape: tuple[int, ...], what: str) -> None:
-    full = max_rank(shape)
-    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= full:
-        raise ValueError(
-            f"rank for {what} with weight shape {tuple(shape)} must be an int in 1..{full}, got {rank!r}"
-        )
+__all__ = [
+    "LowRankLinear",
+    "LowRankConv2d",
+    "LowRankFactors",
+    "conv_geometry",
+    "factored_conv2d",
+    "max_rank",
+    "marchenko_pastur_top_singular_values",
+]
 
 
 def marchenko_pastur_top_singular_values(m: int, n: int, k: int, variance: float) -> torch.Tensor:
@@ -61,7 +56,7 @@ def marchenko_pastur_top_singular_values(m: int, n: int, k: int, variance: float
     return torch.sqrt(N * eig)
 
 
-class _LowRankFactors(nn.Module):
+class LowRankFactors(nn.Module):
     """Shared parameters and algebra of the factorized layers: U (m, r), S (r,), V (n, r)."""
 
     U: nn.Parameter
@@ -149,7 +144,7 @@ class _LowRankFactors(nn.Module):
         self.rank = k
 
 
-class LowRankLinear(_LowRankFactors):
+class LowRankLinear(LowRankFactors):
     """A linear layer of rank ``rank``: y = x V diag(S) U^T + b.
 
     Shapes: x (..., in_features) -> y (..., out_features); U (out, r), S (r,), V (in, r).
@@ -162,7 +157,7 @@ class LowRankLinear(_LowRankFactors):
         self, in_features: int, out_features: int, rank: int, bias: bool = True, device=None, dtype=None
     ) -> None:
         super().__init__()
-        _check_rank(rank, (out_features, in_features), "LowRankLinear")
+        check_rank(rank, (out_features, in_features), "LowRankLinear")
         self.in_features = in_features
         self.out_features = out_features
         self._init_factors(out_features, in_features, rank, device, dtype)
@@ -191,15 +186,13 @@ class LowRankLinear(_LowRankFactors):
         ``"randomized"`` is faster on big layers but only near-optimal (numbers in docs/layers.md).
         Built through ``cls.__init__``, so subclasses get their own construction.
         """
-        if isinstance(linear, nn.Linear):
-            W, n_in, n_out = linear.weight, linear.in_features, linear.out_features
-        elif is_hf_conv1d(linear):
-            W, n_in, n_out = linear.weight.T, linear.weight.shape[0], linear.weight.shape[1]
-        else:
+        view = matrix_view(linear)
+        if view is None or view.kind not in ("linear", "hf_conv1d"):
             raise TypeError(
                 f"from_linear expects nn.Linear or Hugging Face Conv1D, got {type(linear).__name__}"
             )
-        _check_rank(rank, tuple(W.shape), "from_linear")
+        W, (n_out, n_in) = view.read(), view.shape
+        check_rank(rank, tuple(W.shape), "from_linear")
         check_not_meta(W, f"the weight of {type(linear).__name__}")
         layer = cls(n_in, n_out, rank, bias=linear.bias is not None, device=W.device, dtype=W.dtype)
         layer._reset_from_dense(W.detach(), method)
@@ -227,11 +220,38 @@ class LowRankLinear(_LowRankFactors):
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, bias={self.bias is not None}"
 
 
-def _pair(v) -> tuple[int, int]:
-    return (v, v) if isinstance(v, int) else tuple(v)
+def conv_geometry(kernel_size, stride, padding, dilation) -> tuple:
+    """(kernel_size, stride, padding, dilation) of a 2-D convolution as pairs (a string padding such as
+    ``"same"`` stays a string): the hyper-parameters the factorized conv layers keep."""
+    return (
+        pair(kernel_size),
+        pair(stride),
+        padding if isinstance(padding, str) else pair(padding),
+        pair(dilation),
+    )
 
 
-class LowRankConv2d(_LowRankFactors):
+def factored_conv2d(
+    x: torch.Tensor,
+    left: torch.Tensor,
+    right: torch.Tensor,
+    in_channels: int,
+    kernel_size: tuple[int, int],
+    bias: torch.Tensor | None = None,
+    stride=1,
+    padding=0,
+    dilation=1,
+) -> torch.Tensor:
+    """conv2d of x (batch, in, h, w) with the kernel whose (out, in*kh*kw) matrix is left (out, r) @
+    right (in*kh*kw, r)^T, never formed: a conv with the r filters right^T reshaped to (r, in, kh, kw),
+    then a 1x1 conv with left. Cost per output pixel r (in*kh*kw + out) instead of out*in*kh*kw."""
+    r = right.shape[1]
+    first = right.T.reshape(r, in_channels, *kernel_size)
+    h = F.conv2d(x, first, None, stride=stride, padding=padding, dilation=dilation)
+    return F.conv2d(h, left.reshape(left.shape[0], r, 1, 1), bias)
+
+
+class LowRankConv2d(LowRankFactors):
     """A 2-D convolution whose kernel, reshaped to (out, in*kh*kw), has rank ``rank``.
 
     Forward: conv with the r filters V^T reshaped to (r, in, kh, kw) (stride, padding, dilation of
@@ -254,11 +274,11 @@ class LowRankConv2d(_LowRankFactors):
     ) -> None:
         super().__init__()
         self.in_channels, self.out_channels = in_channels, out_channels
-        self.kernel_size = _pair(kernel_size)
-        self.stride, self.dilation = _pair(stride), _pair(dilation)
-        self.padding = padding if isinstance(padding, str) else _pair(padding)
+        self.kernel_size, self.stride, self.padding, self.dilation = conv_geometry(
+            kernel_size, stride, padding, dilation
+        )
         shape = (out_channels, in_channels, *self.kernel_size)
-        _check_rank(rank, shape, "LowRankConv2d")
+        check_rank(rank, shape, "LowRankConv2d")
         self._init_factors(out_channels, in_channels * math.prod(self.kernel_size), rank, device, dtype)
         self.bias = nn.Parameter(torch.empty(out_channels, device=device, dtype=dtype)) if bias else None
         self.reset_parameters()
@@ -274,9 +294,7 @@ class LowRankConv2d(_LowRankFactors):
             V = V * self.S
         else:
             U = U * self.S
-        first = V.T.reshape(self.rank, self.in_channels, *self.kernel_size)
-        h = F.conv2d(x, first, None, **self._conv_kwargs())
-        return F.conv2d(h, U.view(self.out_channels, self.rank, 1, 1), self.bias)
+        return factored_conv2d(x, U, V, self.in_channels, self.kernel_size, self.bias, **self._conv_kwargs())
 
     @property
     def weight(self) -> torch.Tensor:
@@ -288,13 +306,11 @@ class LowRankConv2d(_LowRankFactors):
         """Best rank-``rank`` approximation of the reshaped kernel of ``conv`` (exact with ``method="full"``)."""
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"from_conv2d expects nn.Conv2d, got {type(conv).__name__}")
-        if conv.groups != 1 or conv.padding_mode != "zeros":
-            raise ValueError(
-                f"LowRankConv2d supports groups=1 and padding_mode='zeros'; got groups={conv.groups}, "
-                f"padding_mode={conv.padding_mode!r}"
-            )
+        reason = plain_conv_reason(conv, "LowRankConv2d")
+        if reason:
+            raise ValueError(reason)
         W = conv.weight
-        _check_rank(rank, tuple(W.shape), "from_conv2d")
+        check_rank(rank, tuple(W.shape), "from_conv2d")
         check_not_meta(W, "the kernel of Conv2d")
         layer = cls(
             conv.in_channels,
@@ -335,3 +351,7 @@ class LowRankConv2d(_LowRankFactors):
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, rank={self.rank}, "
             f"stride={self.stride}, padding={self.padding}, bias={self.bias is not None}"
         )
+
+
+# the old private name, for code written against it (torchlowrank.optim binds it locally)
+_LowRankFactors = LowRankFactors

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .layer_types import check_not_meta, is_hf_conv1d
+from .layer_types import check_not_meta, matrix_view
 from .linalg import check_finite, compute_dtype, truncated_svd
 from .results import markdown_table
 from .targets import find_targets
@@ -92,19 +92,16 @@ def numerical_rank(W: torch.Tensor, energy: float = 0.99) -> int:
 
 
 def layer_weight(module: nn.Module) -> torch.Tensor | None:
-    """The dense weight matrix a layer applies, or None if it has none.
+    """The weight matrix of a layer as spectra list it, or None if it has none
+    (``torchlowrank.layer_types.MatrixView.tensor``).
 
-    nn.Linear, nn.Embedding and conv layers give ``.weight``; Hugging Face ``Conv1D`` (GPT-2) gives
-    ``weight.T``, the (out, in) matrix it applies; factorized or adapted layers expose the weight they
-    apply through a ``dense_weight()`` method (see ``LowRankLinear``).
+    nn.Linear gives ``.weight``; Hugging Face ``Conv1D`` (GPT-2) gives ``weight.T``, the (out, in)
+    matrix it applies; conv layers their kernel (out, in, *kernel); nn.Embedding its table
+    (num, dim); factorized or adapted layers the weight they apply through a ``dense_weight()``
+    method (see ``LowRankLinear``).
     """
-    if hasattr(module, "dense_weight") and callable(module.dense_weight):
-        return module.dense_weight()
-    if is_hf_conv1d(module):
-        return module.weight.T
-    if isinstance(module, (nn.Linear, nn.Embedding, nn.modules.conv._ConvNd)):
-        return module.weight
-    return None
+    view = matrix_view(module)
+    return None if view is None else view.tensor()
 
 
 @dataclass
@@ -208,15 +205,11 @@ def weight_layers(model: nn.Module, targets=None) -> list[tuple[str, nn.Module]]
     name only. A factorized or adapted layer (one with ``dense_weight()``) is its own entry, as the
     matrix it applies differs from its base weight's other holders. The one rule for
     :func:`spectrum` and ``diagnostics.SpectrumTracker``."""
-    found = find_targets(model, targets, predicate=lambda m: layer_weight(m) is not None)
+    found = find_targets(model, targets, predicate=lambda m: matrix_view(m) is not None)
     out, seen = [], set()
     for name, module in found:
-        base = getattr(module, "weight", None)
-        key = (
-            id(base)
-            if isinstance(base, torch.Tensor) and not callable(getattr(module, "dense_weight", None))
-            else id(module)
-        )
+        view = matrix_view(module)
+        key = id(module) if view.computed else id(view.param)
         if key not in seen:
             seen.add(key)
             out.append((name, module))

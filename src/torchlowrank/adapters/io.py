@@ -29,6 +29,7 @@ from torch import nn
 
 from ..distributed import main_process_only
 from ..files import atomic_write_bytes, atomic_write_text
+from ..layer_types import matrix_view
 from .config import AdapterConfig, LoRAConfig, config_from_dict
 from .layers import supported_layer
 from .model import (
@@ -450,13 +451,7 @@ def _expected_shapes(model: nn.Module, meta: dict, config: AdapterConfig) -> dic
                 f"{'lacks' if module is None else 'has as an unsupported ' + type(module).__name__}; "
                 f"first mismatching key: {name}.lora_factors.0"
             )
-        w = module.weight
-        if isinstance(module, nn.Linear):
-            m, n = w.shape
-        elif isinstance(module, nn.Conv2d):
-            m, n = w.shape[0], w[0].numel()
-        else:  # Embedding and HF Conv1D store (n, m)
-            n, m = w.shape
+        m, n = matrix_view(module).shape
         r, L = config.r, config.depth
         dims = [(r, n)] + [(r, r)] * (L - 2) + [(m, r)]
         for i, s in enumerate(dims):

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layer_types import is_hf_conv1d
+from ..layer_types import is_hf_conv1d, matrix_view
 from ..linalg import orthogonal_init, truncated_svd
 
 __all__ = [
@@ -72,15 +72,19 @@ BASE_ATTRIBUTES = frozenset(
 )
 
 
+def _grouped(module: nn.Module) -> bool:
+    view = matrix_view(module)
+    return view is not None and not view.exact and getattr(module, "groups", 1) != 1
+
+
 def unsupported_reason(module: nn.Module) -> str | None:
     """None if ``module`` can carry an adapter, else why not (for error messages)."""
     if isinstance(module, AdapterLayer):
         return "it already is an adapter"
-    if isinstance(module, nn.Conv2d):
-        if module.groups != 1:
-            return f"grouped convolutions (groups={module.groups}) are not supported"
-        return None
-    if isinstance(module, (nn.Linear, nn.Embedding)) or is_hf_conv1d(module):
+    if _grouped(module):
+        return f"grouped convolutions (groups={module.groups}) are not supported"
+    view = matrix_view(module)
+    if view is not None and view.kind in ADAPTER_CLASSES:
         return None
     return f"{type(module).__name__} is not a supported layer type (adapters support {SUPPORTED})"
 
@@ -166,22 +170,22 @@ class AdapterLayer(nn.Module):
         else:
             super().__setattr__(name, value)
 
-    # -- the matrix view of the base weight -------------------------------------------------------
+    # -- the matrix view of the base weight (torchlowrank.layer_types) -----------------------------
     def matrix_shape(self) -> tuple[int, int]:
-        w = self.base_matrix()
-        return int(w.shape[0]), int(w.shape[1])
+        """(m, n) = (out, in-flat) of the base weight's matrix view."""
+        return matrix_view(self.base_layer).shape
 
     def base_matrix(self) -> torch.Tensor:
         """W0 as an (out, in-flat) matrix (a view of the base weight)."""
-        return self.base_layer.weight
+        return matrix_view(self.base_layer).read()
 
     def to_layout(self, M: torch.Tensor) -> torch.Tensor:
         """An (m, n) matrix in the base weight's own layout."""
-        return M
+        return matrix_view(self.base_layer).to_layout(M)
 
     def from_layout(self, T: torch.Tensor) -> torch.Tensor:
         """A tensor in the base weight's layout (e.g. its gradient) as the (m, n) matrix view."""
-        return T
+        return matrix_view(self.base_layer).from_layout(T)
 
     # -- factors -------------------------------------------------------------------------------
     @property
@@ -310,8 +314,7 @@ class AdapterLayer(nn.Module):
         self.compressed = True
 
     def _set_base_matrix(self, M: torch.Tensor) -> None:
-        with torch.no_grad():
-            self.base_layer.weight.copy_(self.to_layout(M).to(self.base_layer.weight.dtype))
+        matrix_view(self.base_layer).write(M)
 
     # -- forward ------------------------------------------------------------------------------------
     def _first(self, x: torch.Tensor) -> torch.Tensor:
@@ -357,36 +360,13 @@ class LinearAdapter(AdapterLayer):
     """Adapter on ``nn.Linear`` (weight (out, in)): y = base(x) + scaling * x W_1^T ... W_L^T."""
 
 
-class _TransposedLayout:
-    """For base layers that store the transpose of the (out, in) matrix they apply."""
-
-    def base_matrix(self) -> torch.Tensor:
-        return self.base_layer.weight.T
-
-    def to_layout(self, M: torch.Tensor) -> torch.Tensor:
-        return M.T
-
-    def from_layout(self, T: torch.Tensor) -> torch.Tensor:
-        return T.T
-
-
-class Conv1DAdapter(_TransposedLayout, AdapterLayer):
+class Conv1DAdapter(AdapterLayer):
     """Adapter on HF ``Conv1D`` (weight (in, out), y = x W + b); the matrix view is W^T."""
 
 
 class Conv2dAdapter(AdapterLayer):
     """Adapter on ``nn.Conv2d``: W_1 is a conv with r filters (the base's kernel, stride, padding,
     dilation), the other factors are 1x1 convs; the matrix view is the kernel as (out, in*kh*kw)."""
-
-    def base_matrix(self) -> torch.Tensor:
-        w = self.base_layer.weight
-        return w.reshape(w.shape[0], -1)
-
-    def to_layout(self, M: torch.Tensor) -> torch.Tensor:
-        return M.reshape(self.base_layer.weight.shape)
-
-    def from_layout(self, T: torch.Tensor) -> torch.Tensor:
-        return T.reshape(T.shape[0], -1)
 
     def _first(self, x: torch.Tensor) -> torch.Tensor:
         conv = self.base_layer
@@ -402,7 +382,7 @@ class Conv2dAdapter(AdapterLayer):
         return h.movedim(-1, 1)
 
 
-class EmbeddingAdapter(_TransposedLayout, AdapterLayer):
+class EmbeddingAdapter(AdapterLayer):
     """Adapter on ``nn.Embedding`` (weight (num, dim)); the matrix view is the (dim, num) map from
     one-hot codes, so W_1 is (r, num) and W_1 applied to token ids is a lookup of its columns.
     ``init="default"`` follows PEFT for embeddings: first factor zero, last factor Gaussian.
@@ -449,17 +429,11 @@ def wrap_layer(
     float32 on a half-precision base when ``autocast_adapter_dtype``."""
     if isinstance(module, AdapterLayer):
         raise ValueError(f"{name} already is an adapter; merge it first")
-    if isinstance(module, nn.Linear):
-        cls = LinearAdapter
-    elif is_hf_conv1d(module):
-        cls = Conv1DAdapter
-    elif isinstance(module, nn.Conv2d):
-        if module.groups != 1:
-            raise ValueError(f"{name}: grouped convolutions (groups={module.groups}) cannot carry an adapter")
-        cls = Conv2dAdapter
-    elif isinstance(module, nn.Embedding):
-        cls = EmbeddingAdapter
-    else:
+    if _grouped(module):
+        raise ValueError(f"{name}: grouped convolutions (groups={module.groups}) cannot carry an adapter")
+    view = matrix_view(module)
+    cls = ADAPTER_CLASSES.get(view.kind) if view is not None else None
+    if cls is None:
         raise ValueError(
             f"{name} is a {type(module).__name__}; adapters support nn.Linear, nn.Conv2d, "
             "nn.Embedding and HF Conv1D"
@@ -473,3 +447,12 @@ def wrap_layer(
         name=name,
         factor_dtype=adapter_dtype(module.weight, autocast_adapter_dtype),
     )
+
+
+# the adapter wrapper of each kind of matrix view (torchlowrank.layer_types) that has one
+ADAPTER_CLASSES: dict[str, type[AdapterLayer]] = {
+    "linear": LinearAdapter,
+    "hf_conv1d": Conv1DAdapter,
+    "conv2d": Conv2dAdapter,
+    "embedding": EmbeddingAdapter,
+}

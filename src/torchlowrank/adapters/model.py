@@ -24,11 +24,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..layer_types import parameter_holders, shared_weight_holders  # re-exported
+from ..layer_types import matrix_view, parameter_holders, shared_weight_holders  # re-exported
 from ..sharded import is_sharded_module
-from ..targets import find_targets, name_matches
+from ..targets import find_targets, name_matches, replace_module
 from .config import ALL_LINEAR, AdapterConfig, DeepLoRAConfig, LoRAConfig
-from .layers import SUPPORTED, AdapterLayer, is_hf_conv1d, supported_layer, unsupported_reason, wrap_layer
+from .layers import SUPPORTED, AdapterLayer, supported_layer, unsupported_reason, wrap_layer
 
 __all__ = [
     "AdapterState",
@@ -112,6 +112,12 @@ def resolve_modules_to_save(model: nn.Module, modules_to_save) -> list[str]:
     return outer
 
 
+def _is_linear(module: nn.Module) -> bool:
+    """nn.Linear or HF Conv1D: what PEFT's ``"all-linear"`` targets."""
+    view = matrix_view(module)
+    return view is not None and view.kind in ("linear", "hf_conv1d")
+
+
 def resolve_targets(model: nn.Module, config: AdapterConfig, saved: list[str]) -> list[str]:
     """Names of the layers ``config`` adapts (ValueError listing candidates when nothing matches)."""
 
@@ -119,7 +125,7 @@ def resolve_targets(model: nn.Module, config: AdapterConfig, saved: list[str]) -
         return any(name == s or name.startswith(s + ".") for s in saved)
 
     if config.target_modules == ALL_LINEAR:
-        linear = [n for n, m in model.named_modules() if n and (isinstance(m, nn.Linear) or is_hf_conv1d(m))]
+        linear = [n for n, m in model.named_modules() if n and _is_linear(m)]
         if not linear:
             raise ValueError("target_modules='all-linear' found no nn.Linear / Conv1D layer in the model")
         heads = _output_head_names(model, linear)
@@ -265,7 +271,7 @@ def adapt(model: nn.Module, config: AdapterConfig) -> nn.Module:
             wrapper.weight_is_dense = True  # MHA's forward reads out_proj.weight / .bias directly
         if residuals.get(name) is not None:
             wrapper._set_base_matrix(residuals[name])
-        setattr(parent, child, wrapper)
+        replace_module(model, name, wrapper)
         for p in wrapper.lora_factors:
             p.requires_grad_(True)
     for name in saved:
@@ -438,9 +444,7 @@ def merge(model: nn.Module) -> nn.Module:
             groups[id(w)] = w
             layer.base_layer.weight = nn.Parameter(w.detach().clone(), requires_grad=w.requires_grad)
             untied.append((name, holders))
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, layer.merged_base())
+        replace_module(model, name, layer.merged_base())
     _restore_requires_grad(model, state)
     if untied:
         split = _untie_holders(model, groups)
@@ -510,9 +514,7 @@ def unadapt(model: nn.Module) -> nn.Module:
     check_adapters_in_place(model, "unadapt")
     _stop_watch(model)
     for name, layer in adapter_layers(model):
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, layer.base_layer)
+        replace_module(model, name, layer.base_layer)
     _restore_requires_grad(model, state)
     del model.tlr_adapter
     return model

@@ -31,8 +31,9 @@ from torch import nn
 
 from ..distributed import main_process_only
 from ..files import atomic_write_bytes, atomic_write_text
+from ..layer_types import matrix_view
 from .io import warn_unsaved_norm_buffers
-from .layers import Conv1DAdapter, Conv2dAdapter, EmbeddingAdapter
+from .layers import AdapterLayer, Conv1DAdapter, Conv2dAdapter, EmbeddingAdapter
 from .model import adapter_layers, adapter_state, check_adapters_in_place
 
 __all__ = ["export_peft", "peft_state_dict", "peft_unsupported", "peft_modules_to_save_matches"]
@@ -51,8 +52,9 @@ def peft_unsupported(name: str, layer: nn.Module, in_mha: bool = False) -> str |
             "LoRA Linear there is ignored (peft 0.21 serves the base model's outputs); PEFT adapts MHA only "
             "by targeting the MultiheadAttention module itself"
         )
-    conv = layer.base_layer if isinstance(layer, Conv2dAdapter) else layer
-    if isinstance(conv, nn.Conv2d):
+    conv = layer.base_layer if isinstance(layer, AdapterLayer) else layer
+    view = matrix_view(conv)
+    if view is not None and view.kind == "conv2d":
         if tuple(conv.dilation) != (1,) * len(conv.dilation):
             return (
                 f"{name}: Conv2d with dilation={tuple(conv.dilation)}; PEFT's LoRA Conv2d ignores dilation "

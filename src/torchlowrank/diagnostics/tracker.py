@@ -53,10 +53,10 @@ from torch import nn
 
 from .. import distributed
 from ..files import atomic_write_text, read_json
-from ..layer_types import check_not_meta, is_hf_conv1d
+from ..layer_types import check_not_meta, matrix_view
 from ..linalg import compute_dtype, robust_svd, truncated_svd
 from ..ranks import as_matrix, layer_weight, weight_layers
-from ..results import Plot, Table, _jsonable
+from ..results import Plot, Table, jsonable
 from ..targets import Targets
 
 __all__ = [
@@ -194,14 +194,6 @@ def max_principal_angle(A: torch.Tensor | None, B: torch.Tensor | None) -> float
     return math.acos(min(1.0, max(0.0, cos)))
 
 
-def _layer_grad(module: nn.Module, W: torch.Tensor) -> torch.Tensor | None:
-    """dLoss/dW in the (out, in) orientation of :func:`layer_weight` (HF Conv1D stores it transposed)."""
-    if is_hf_conv1d(module):
-        g = module.weight.grad
-        return None if g is None else g.T
-    return W.grad if isinstance(W, nn.Parameter) else None
-
-
 class SpectrumTracker:
     """Record spectra and ranks of weights, updates W - W0 and gradients every ``every`` steps.
 
@@ -299,7 +291,7 @@ class SpectrumTracker:
             Wm = as_matrix(W)
             yield "update", Wm.to(self._w0[name].dtype) - self._w0[name]
         if "grad" in self.track:
-            G = _layer_grad(module, W)
+            G = matrix_view(module).tensor_grad()
             if G is not None:
                 yield "grad", as_matrix(G)
 
@@ -430,7 +422,7 @@ class SpectrumTracker:
             "full_spectrum_max": self.full_spectrum_max,
             "layers": [n for n, _ in self.layers],
         }
-        data = _jsonable({"config": config, "history": self.history})  # NaN -> "nan": strict JSON
+        data = jsonable({"config": config, "history": self.history})  # NaN -> "nan": strict JSON
         return atomic_write_text(path, json.dumps(data, indent=1, allow_nan=False))
 
     def plots(

@@ -53,11 +53,11 @@ except ImportError as e:  # pragma: no cover - exercised only without transforme
 from .. import distributed
 from ..compress import (
     CompressionReport,
-    _check_fraction,
-    _select_layers,
-    _weight_shape,
+    check_fraction,
     rank_for_fraction,
+    select_layers,
     truncate,
+    weight_shape,
 )
 from ..diagnostics import SpectrumTracker
 from ..files import atomic_write_text
@@ -207,7 +207,7 @@ class TruncateCallback(TrainerCallback):
         allocation: str = "uniform",
         save_to: str | os.PathLike | None = "truncation.json",
     ) -> None:
-        _check_fraction(param_fraction, "param_fraction")
+        check_fraction(param_fraction, "param_fraction")
         if allocation not in ("uniform", "energy"):
             raise ValueError(f"allocation must be 'uniform' or 'energy', got {allocation!r}")
         self.param_fraction = param_fraction
@@ -218,13 +218,13 @@ class TruncateCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         model = _model(kwargs, "TruncateCallback")
-        found = _select_layers(model, self.targets, "TruncateCallback")
+        found = select_layers(model, self.targets, "TruncateCallback")
         if self.allocation == "uniform":
             for name, module in found:
-                if rank_for_fraction(_weight_shape(module), self.param_fraction) < 1:
+                if rank_for_fraction(weight_shape(module), self.param_fraction) < 1:
                     raise ValueError(
                         f"TruncateCallback: param_fraction={self.param_fraction} leaves rank 0 for layer "
-                        f"{name!r} of shape {_weight_shape(module)}; raise the fraction or use "
+                        f"{name!r} of shape {weight_shape(module)}; raise the fraction or use "
                         "allocation='energy'"
                     )
 

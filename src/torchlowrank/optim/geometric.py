@@ -58,7 +58,8 @@ from torch import nn
 from torch.optim import Optimizer
 
 from .. import distributed as tlr_dist
-from ..layers import LowRankConv2d, LowRankLinear, _LowRankFactors
+from ..layers import LowRankConv2d, LowRankLinear
+from ..layers import LowRankFactors
 from ..linalg import compute_dtype, sign_fixed
 from . import sharded_factors as shf
 from .manifold_step import (
@@ -78,7 +79,7 @@ class NonFiniteStepError(ValueError):
     is not finite; nothing was changed."""
 
 
-def lowrank_units(model: nn.Module) -> list[tuple[str, _LowRankFactors]]:
+def lowrank_units(model: nn.Module) -> list[tuple[str, LowRankFactors]]:
     """``(name, layer)`` for every LowRankLinear / LowRankConv2d of ``model`` with trainable U, S, V."""
     return [
         (n, m)
@@ -98,7 +99,7 @@ def resize_to_state_dict(model: nn.Module, state_dict: dict) -> None:
     optimizer changed ranks (the layers get zero factors of the saved shapes; loading fills them).
     """
     for name, layer in model.named_modules():
-        if isinstance(layer, _LowRankFactors):
+        if isinstance(layer, LowRankFactors):
             key = f"{name}.S" if name else "S"
             if key in state_dict and state_dict[key].shape[0] != layer.rank:
                 k = state_dict[key].shape[0]
@@ -109,7 +110,7 @@ def resize_to_state_dict(model: nn.Module, state_dict: dict) -> None:
                 )
 
 
-def _collect(model_or_params) -> tuple[list[tuple[str, _LowRankFactors]], list[tuple[str, nn.Parameter]]]:
+def _collect(model_or_params) -> tuple[list[tuple[str, LowRankFactors]], list[tuple[str, nn.Parameter]]]:
     items = [model_or_params] if isinstance(model_or_params, nn.Module) else list(model_or_params)
     units, others, seen = [], [], set()
     for j, item in enumerate(items):
@@ -187,7 +188,7 @@ def _reorthonormalize(X: torch.Tensor, row_sum: RowSum = None) -> torch.Tensor:
 class _Probe:
     """Records (input, output gradient) of a layer whose s has entries too small to divide by."""
 
-    def __init__(self, module: _LowRankFactors) -> None:
+    def __init__(self, module: LowRankFactors) -> None:
         self.module = module
         self.records: list[list[torch.Tensor]] = []
         self.handle = module.register_forward_hook(self._forward_hook)
@@ -247,7 +248,7 @@ class _GeometricOptimizer(Optimizer):
         if others:
             groups.append({"params": [p for _, p in others], "unit": None})
         super().__init__(groups, defaults)
-        self._units: dict[str, _LowRankFactors] = {name: m for name, m in units}
+        self._units: dict[str, LowRankFactors] = {name: m for name, m in units}
         #: per unit, how FSDP2 shards its factors by rows (None: plain tensors)
         self._sharding: dict[str, shf.RowSharding | None] = {
             name: shf.row_sharding(name, m.U, m.S, m.V) for name, m in units
@@ -291,7 +292,7 @@ class _GeometricOptimizer(Optimizer):
 
     # ----- probes for near-zero s -----------------------------------------------------------
     @staticmethod
-    def _needs_probe(layer: _LowRankFactors) -> bool:
+    def _needs_probe(layer: LowRankFactors) -> bool:
         thresh = torch.finfo(layer.S.dtype).tiny ** 0.5
         S = layer.S.detach()
         if shf.is_dtensor(S):
@@ -312,7 +313,7 @@ class _GeometricOptimizer(Optimizer):
         elif not need and name in self._probes:
             self._probes.pop(name).remove()
 
-    def _unit_gradients(self, name: str, layer: _LowRankFactors, cd: torch.dtype):
+    def _unit_gradients(self, name: str, layer: LowRankFactors, cd: torch.dtype):
         """(G V (m, r), G^T U (n, r)) in the compute dtype, or None when the layer got no gradient.
 
         Columns whose s_i is too small to divide by get 0, without a host check: the probe (armed
@@ -583,7 +584,7 @@ class _GeometricOptimizer(Optimizer):
                 self._rebind(group, layer)
                 self._update_probe(group["unit"])
 
-    def _empty_factor_states(self, layer: _LowRankFactors) -> None:
+    def _empty_factor_states(self, layer: LowRankFactors) -> None:
         """An empty state under S and V (the unit's state lives under U): distributed checkpoints
         (``torch.distributed.checkpoint.state_dict``, strict by default) expect a state entry for
         every trainable parameter once the optimizer has stepped."""
@@ -593,7 +594,7 @@ class _GeometricOptimizer(Optimizer):
 
     @staticmethod
     def _write_factors(
-        layer: _LowRankFactors,
+        layer: LowRankFactors,
         sharding: shf.RowSharding | None,
         U: torch.Tensor,
         s: torch.Tensor,
@@ -707,7 +708,7 @@ class _GeometricOptimizer(Optimizer):
             tlr_dist.broadcast_tensors_([t])
         return t.tolist()
 
-    def _rebind(self, group: dict, layer: _LowRankFactors) -> None:
+    def _rebind(self, group: dict, layer: LowRankFactors) -> None:
         """After a rank change the layer holds new Parameter objects: point the group and state at them."""
         old_U = group["params"][0]
         if old_U is layer.U:

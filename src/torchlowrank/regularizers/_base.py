@@ -2,9 +2,11 @@
 projections included), and adding a gradient to ``.grad`` or applying it to the weight (decoupled).
 
 A *block* is one regularized matrix: a whole weight, or one slice of a fused projection
-(``split``). Matrix views:
+(``split``). Which layers have a matrix, and where its output dimension lies, is
+``torchlowrank.layer_types.matrix_view``'s answer; a block is taken from the stored weight flattened
+after its first dimension:
 - ``nn.Linear``: the weight (out, in) as is;
-- ``nn.Conv2d`` (groups=1): the kernel reshaped to (out, in * kh * kw);
+- convolutions (``nn.Conv2d``, groups=1): the kernel reshaped to (out, in * kh * kw);
 - Hugging Face ``Conv1D`` (GPT-2): the stored weight (in, out) as is. It is the transpose of the
   (out, in) matrix the layer applies; the singular values, and hence every regularizer here, are the
   same for a matrix and its transpose, and the gradient of the transpose is the transpose of the
@@ -22,8 +24,7 @@ import torch
 from torch import nn
 
 from .. import sharded
-from ..layer_types import is_hf_conv1d
-from ..layers import LowRankConv2d, LowRankLinear
+from ..layer_types import DENSE_KINDS, is_hf_conv1d, matrix_view
 from ..linalg import compute_dtype
 from ..targets import Targets, find_targets, name_matches
 
@@ -32,20 +33,20 @@ __all__ = ["Block", "MatrixRegularizer", "is_hf_conv1d", "supported_module"]
 Split = int | Mapping[str, int | Iterable[int]] | None
 
 
+REGULARIZED = ", ".join(k.label for k in DENSE_KINDS if k.kind != "embedding")
+
+
 def supported_module(module: nn.Module) -> bool:
-    """nn.Linear, nn.Conv2d with groups=1, HF Conv1D."""
-    if isinstance(module, nn.Conv2d):
-        return module.groups == 1
-    return isinstance(module, nn.Linear) or is_hf_conv1d(module)
+    """Layers with an exact, stored matrix view (``torchlowrank.layer_types``: nn.Linear, nn.Conv2d
+    with groups=1, HF Conv1D, ...). Embeddings are left out: a table tied to an output head is regularized
+    once, as the head."""
+    view = matrix_view(module)
+    return view is not None and view.exact and not view.computed and view.kind != "embedding"
 
 
 def _candidate(module: nn.Module) -> bool:
     # wider than supported_module so that an explicitly named unsupported layer gets a clear error
-    return (
-        supported_module(module)
-        or isinstance(module, (LowRankLinear, LowRankConv2d, nn.Conv2d))
-        or isinstance(getattr(module, "weight", None), torch.Tensor)
-    )
+    return matrix_view(module) is not None or isinstance(getattr(module, "weight", None), torch.Tensor)
 
 
 @dataclass
@@ -172,7 +173,7 @@ class MatrixRegularizer:
             if id(w) in seen:  # tied weights (e.g. GPT-2's lm_head and wte): regularize the matrix once
                 continue
             seen[id(w)] = name
-            split_dim = 1 if is_hf_conv1d(module) else 0
+            split_dim = matrix_view(module).out_dim
             length = w.shape[-1] if split_dim == 1 else w.shape[0]
             spec = split if isinstance(split, int) else _lookup(split, name)
             sizes = [length] if spec is None else _split_sizes(spec, length, name)
@@ -238,17 +239,15 @@ class MatrixRegularizer:
 
     @staticmethod
     def _check_module(name: str, module: nn.Module) -> None:
-        if isinstance(module, (LowRankLinear, LowRankConv2d)):
+        view = matrix_view(module)
+        if view is not None and view.kind == "factorized":
             raise ValueError(
                 f"layer {name!r} is a {type(module).__name__}: it is already low-rank (rank "
-                f"{module.rank}); regularize the dense model before tlr.factorize/truncate, or exclude "
-                "it via targets/exclude"
+                f"{getattr(module, 'rank', '?')}); regularize the dense model before tlr.factorize/truncate, "
+                "or exclude it via targets/exclude"
             )
-        if isinstance(module, nn.Conv2d) and module.groups != 1:
-            raise ValueError(
-                f"layer {name!r} is a grouped Conv2d (groups={module.groups}): its kernel is not one "
-                "matrix; exclude it via targets/exclude"
-            )
+        if view is not None and not view.exact:
+            raise ValueError(f"layer {name!r}: {view.note}; exclude it via targets/exclude")
         w = getattr(module, "weight", None)
         if not isinstance(w, torch.Tensor) or w.ndim < 2:
             shape = None if not isinstance(w, torch.Tensor) else tuple(w.shape)
@@ -258,8 +257,8 @@ class MatrixRegularizer:
             )
         if not supported_module(module):
             raise ValueError(
-                f"layer {name!r} is a {type(module).__name__}; supported: nn.Linear, nn.Conv2d "
-                "(groups=1), transformers Conv1D. Exclude it via targets/exclude"
+                f"layer {name!r} is a {type(module).__name__}; supported: {REGULARIZED}. Exclude it "
+                "via targets/exclude"
             )
         if not w.is_floating_point():
             raise ValueError(f"layer {name!r} has a {w.dtype} weight; a floating-point weight is needed")
