@@ -351,7 +351,3 @@ class LowRankConv2d(LowRankFactors):
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, rank={self.rank}, "
             f"stride={self.stride}, padding={self.padding}, bias={self.bias is not None}"
         )
-
-
-# the old private name, for code written against it (torchlowrank.optim binds it locally)
-_LowRankFactors = LowRankFactors

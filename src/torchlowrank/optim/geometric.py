@@ -58,8 +58,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from .. import distributed as tlr_dist
-from ..layers import LowRankConv2d, LowRankLinear
-from ..layers import LowRankFactors
+from ..layers import LowRankConv2d, LowRankFactors, LowRankLinear
 from ..linalg import compute_dtype, sign_fixed
 from . import sharded_factors as shf
 from .manifold_step import (
