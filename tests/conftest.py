@@ -9,9 +9,12 @@ os.environ.setdefault("TLR_PROGRESS", "0")
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 
-# Files whose tests train on real data, load pretrained models, run reproductions or spawn processes:
+# Files whose tests train on real data, load pretrained models, run reproductions, compile with
+# inductor or spawn processes:
 # `pytest -m "not slow"` leaves them out (the fast inner loop); `make test` runs everything.
 SLOW_FILES = {
+    "test_adapters_batchnorm.py",
+    "test_adapters_compile.py",
     "test_benchmarks.py",
     "test_cli.py",
     "test_data.py",
@@ -23,6 +26,7 @@ SLOW_FILES = {
     "test_experiments_optim.py",
     "test_experiments_q3r.py",
     "test_experiments_real_completion.py",
+    "test_optim_compile.py",
 }
 
 

@@ -348,6 +348,7 @@ def _python(code, **env):
     )
 
 
+@pytest.mark.slow
 def test_import_torchlowrank_does_not_import_transformers_and_a_missing_transformers_names_the_extra():
     r = _python(
         "import sys, torchlowrank as tlr; print('transformers' in sys.modules)\n"
@@ -421,6 +422,7 @@ def _check_example(res, out, nproc):
     assert res["trainable_params"] < res["total_params"] / 10
 
 
+@pytest.mark.slow
 def test_minilm_trainer_example_runs_offline_in_one_process_and_exports_a_peft_adapter(tmp_path):
     _check_example(_run_example(tmp_path, 1), tmp_path, 1)
 

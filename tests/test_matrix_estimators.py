@@ -49,6 +49,7 @@ def _column_means(M, mask):
     return torch.where(mask, M, torch.nan).nanmean(0).expand_as(M)
 
 
+@pytest.mark.slow
 def test_default_complete_on_a_real_noisy_table_beats_column_means_and_the_unvalidated_run():
     M, mask, hide = _diabetes()
     with warnings.catch_warnings(record=True) as caught:
@@ -157,6 +158,7 @@ def test_sparse_grams_products_and_solves_equal_their_dense_float64_definitions(
     torch.testing.assert_close(S, torch.linalg.svdvals(R)[:3], rtol=1e-6, atol=0)
 
 
+@pytest.mark.slow
 def test_als_on_a_sparse_matrix_far_too_large_to_densify_recovers_it():
     # 200,000 x 100,000 (dense: 160 GB): only the 60,000 observed entries and (m + n) x r factors are stored
     m, n, r, N = 200_000, 100_000, 2, 60_000
