@@ -1,39 +1,18 @@
 """The rank-adaptive DDP example, as a user runs it: one process and torchrun with 2 processes."""
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-EXAMPLE = ROOT / "examples" / "pretrain_lowrank_ddp.py"
+from example_runs import run_example
+
+EXAMPLE = "pretrain_lowrank_ddp.py"
 ARGS = ["--steps", "40", "--train-size", "4000", "--test-size", "1000", "--lr", "1e-2", "--tau", "0.15"]
 
 
 def _run(out, nproc):
     pytest.importorskip("safetensors")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src"), "TLR_PROGRESS": "0"}
-    cmd = (
-        [sys.executable, str(EXAMPLE)]
-        if nproc == 1
-        else [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc_per_node={nproc}",
-            str(EXAMPLE),
-        ]
-    )
-    r = subprocess.run(
-        cmd + ARGS + ["--out", str(out)], capture_output=True, text=True, env=env, timeout=300, cwd=ROOT
-    )
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    result, _ = run_example(EXAMPLE, ARGS, out, nproc)
     assert (out / "model.safetensors").is_file()
-    return json.loads((out / "result.json").read_text())
+    return result
 
 
 @pytest.mark.ddp

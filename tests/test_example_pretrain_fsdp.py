@@ -1,35 +1,20 @@
 """The FSDP2 example, as a user runs it: one process and torchrun with 2 processes (gloo on CPU)."""
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-EXAMPLE = ROOT / "examples" / "pretrain_fsdp.py"
+from example_runs import run_example
+
+EXAMPLE = "pretrain_fsdp.py"
 ARGS = ["--steps", "3", "--batch-size", "4", "--seq-len", "16", "--hidden", "32", "--intermediate", "64"]
 ARGS += ["--rank", "4"]
 
 
 def _run(out, nproc):
     pytest.importorskip("transformers")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src"), "TLR_PROGRESS": "0"}
-    launch = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] if nproc > 1 else []
-    r = subprocess.run(
-        [sys.executable, *launch, str(EXAMPLE), *ARGS, "--out", str(out)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-        cwd=ROOT,
-    )
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
-    assert r.stdout.count("loss") == 3  # printed once per step, by rank 0 only
+    result, stdout = run_example(EXAMPLE, ARGS, out, nproc)
+    assert stdout.count("loss") == 3  # printed once per step, by rank 0 only
     assert (out / "checkpoint" / ".metadata").is_file()
-    return json.loads((out / "result.json").read_text())
+    return result
 
 
 @pytest.mark.ddp

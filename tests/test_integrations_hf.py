@@ -15,6 +15,7 @@ from torch import nn
 
 import hf_models
 import torchlowrank as tlr
+from example_runs import run_example
 
 transformers = pytest.importorskip("transformers")
 from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
@@ -364,7 +365,7 @@ def test_import_torchlowrank_does_not_import_transformers_and_a_missing_transfor
 
 # --- the example script, as a user runs it ------------------------------------------------------------
 
-EXAMPLE = ROOT / "examples" / "finetune_minilm_trainer.py"
+EXAMPLE = "finetune_minilm_trainer.py"
 EXAMPLE_ARGS = [
     "--steps",
     "3",
@@ -385,28 +386,7 @@ EXAMPLE_ARGS = [
 
 
 def _run_example(out, nproc):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src"), "TLR_PROGRESS": "0"}
-    if nproc == 1:
-        cmd = [sys.executable, str(EXAMPLE)]
-    else:
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc_per_node={nproc}",
-            str(EXAMPLE),
-        ]
-    r = subprocess.run(
-        cmd + EXAMPLE_ARGS + ["--out", str(out)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-        cwd=ROOT,
-    )
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
-    return json.loads((out / "result.json").read_text())
+    return run_example(EXAMPLE, EXAMPLE_ARGS, out, nproc)[0]
 
 
 def _check_example(res, out, nproc):
