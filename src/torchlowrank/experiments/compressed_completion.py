@@ -10,7 +10,8 @@ import torch
 
 from ..reproducibility import environment_info, one_thread, seed_everything
 from ..results import Plot, Result, Series, Table
-from .registry import register_experiment
+
+DESCRIPTION = "Deep matrix completion: original vs compressed dynamics (time to 1e-6, gamma ablation)"
 
 # Step: 4x the authors' rule 5e3 (d/1000)^(4/3) (converted to our mean over observed entries): on our
 # targets (singular values ~ sqrt(d)) 1x takes > 30k iterations, 4x ~ 11k, 16x diverges.
@@ -75,10 +76,6 @@ def run_pair(
     return {"runs": out, "lr": lr}
 
 
-@register_experiment(
-    "compressed-completion",
-    "Deep matrix completion: original vs compressed dynamics (time to 1e-6, gamma ablation)",
-)
 def run(quick: bool = False, seed: int = 0, progress: bool | None = None) -> Result:
     with one_thread():  # small products: one thread is fastest on a shared machine (restored after)
         return _run(quick, seed, progress)

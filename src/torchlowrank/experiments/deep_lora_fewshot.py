@@ -24,7 +24,8 @@ import torch
 from ..progress import progress_bar
 from ..reproducibility import environment_info, seed_everything
 from ..results import Plot, Result, Series, Table
-from .registry import register_demo_section, register_experiment
+
+DESCRIPTION = "Deep LoRA vs LoRA few-shot on MiniLM / Rotten Tomatoes: n sweep, rank sweep, update ranks"
 
 NAME = "deep-lora-fewshot"
 ENCODER_TARGETS = r".*encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense|intermediate\.dense|output\.dense)"
@@ -424,9 +425,6 @@ def _notes(cfg: dict, metrics: dict, runs: dict) -> str:
     return "\n".join(lines)
 
 
-@register_experiment(
-    NAME, "Deep LoRA vs LoRA few-shot on MiniLM / Rotten Tomatoes: n sweep, rank sweep, update ranks"
-)
 def run(quick: bool = False, seed: int = 0, progress: bool | None = None) -> Result:
     cfg = dict(QUICK if quick else FULL)
     if seed:
@@ -434,7 +432,6 @@ def run(quick: bool = False, seed: int = 0, progress: bool | None = None) -> Res
     return run_grid(cfg, progress=progress)
 
 
-@register_demo_section("deep-lora", order=20)
 def section(progress: bool | None = None) -> Result:
     """About a minute on 2 cores: LoRA vs compressed Deep LoRA at n = 16, one seed."""
     cfg = dict(FULL, ns=[16], seeds=[0], sweep_ranks=[8], steps=30, n_test=300)

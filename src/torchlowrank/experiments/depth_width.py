@@ -9,14 +9,14 @@ import torch
 
 from ..reproducibility import environment_info, one_thread, seed_everything
 from ..results import Plot, Result, Series, Table
-from .registry import register_experiment
+
+DESCRIPTION = "Deep matrix completion: recovery error vs width for depth 2 and 3"
 
 # step = LR_FACTORS[depth] x p x suggest_lr(problem, depth): the run in docs/results/depth-width used these
 # multiples of suggest_lr's earlier p-free form (lr = 186.9 for depth 2, 149.4 for depth 3)
 LR_FACTORS = {2: 2.0, 3: 6.0}
 
 
-@register_experiment("depth-width", "Deep matrix completion: recovery error vs width for depth 2 and 3")
 def run(quick: bool = False, seed: int = 0, progress: bool | None = None) -> Result:
     with one_thread():  # small products: one thread is fastest on a shared machine (restored after)
         return _run(quick, seed, progress)

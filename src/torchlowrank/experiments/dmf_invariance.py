@@ -15,7 +15,8 @@ import torch
 
 from ..reproducibility import environment_info, seed_everything
 from ..results import Plot, Result, Series, Table
-from .registry import register_experiment
+
+DESCRIPTION = "Deep factorization: d - 2r singular values follow rho(t), outer subspaces stay fixed"
 
 
 def _measure(problem, d, r, L, eps, lr, wd, steps, seed, U_M, V_M, keep_svals=True):
@@ -59,9 +60,6 @@ def _measure(problem, d, r, L, eps, lr, wd, steps, seed, U_M, V_M, keep_svals=Tr
     return rec, rho, k, h
 
 
-@register_experiment(
-    "dmf-invariance", "Deep factorization: d - 2r singular values follow rho(t), outer subspaces stay fixed"
-)
 def run(quick: bool = False, seed: int = 0, progress: bool | None = None) -> Result:
     from ..matrix import Completion, Factorization, low_rank_target, random_mask
 

@@ -30,7 +30,10 @@ from ..data import load_digits
 from ..progress import progress_bar
 from ..reproducibility import environment_info, one_thread, seed_everything
 from ..results import Plot, Result, Series, Table
-from .registry import register_experiment
+
+DESCRIPTION = (
+    "Dropout on a factorized linear model = singular-value thresholding: real masks vs closed form (digits)"
+)
 
 __all__ = ["svt_closed_form", "gd_on_regularizer", "train_with_dropout", "whitened_digits_regression", "run"]
 
@@ -145,10 +148,6 @@ def whitened_digits_regression() -> tuple[torch.Tensor, torch.Tensor]:
     return X, Y / Y.std()
 
 
-@register_experiment(
-    "dropout-lowrank",
-    "Dropout on a factorized linear model = singular-value thresholding: real masks vs closed form (digits)",
-)
 def run(quick: bool = False, seed: int = 0, progress: bool | None = None) -> Result:
     with one_thread():
         return _run(quick, seed, progress)

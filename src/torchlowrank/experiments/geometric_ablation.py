@@ -44,7 +44,11 @@ from ..progress import progress_bar
 from ..reproducibility import environment_info, one_thread
 from ..results import Plot, Result, Series, Table
 from .geometry_toy import provenance
-from .registry import register_experiment
+
+DESCRIPTION = (
+    "LowRankAdam vs factorized Adam, one factor at a time (second moment, basis step, S init, "
+    "weight decay, augment_every, warm-up), lr tuned on a validation split"
+)
 
 NAME = "geometric-ablation"
 
@@ -628,10 +632,5 @@ def _result(
     )
 
 
-@register_experiment(
-    NAME,
-    "LowRankAdam vs factorized Adam, one factor at a time (second moment, basis step, S init, "
-    "weight decay, augment_every, warm-up), lr tuned on a validation split",
-)
 def run(quick: bool = False, seed: int = 0, progress: bool | None = None) -> Result:
     return study(QUICK if quick else FULL, seed, quick, progress)

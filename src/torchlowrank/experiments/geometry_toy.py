@@ -22,7 +22,8 @@ from ..layers import LowRankLinear
 from ..optim import LowRankAdam, LowRankSGD
 from ..reproducibility import environment_info, git_commit, one_thread
 from ..results import Plot, Result, Series, Table
-from .registry import register_demo_section, register_experiment
+
+DESCRIPTION = "Ill-conditioned low-rank targets: heavy ball / Adam on factors vs LowRankSGD / LowRankAdam"
 
 METHODS = (
     "heavy ball on factors",
@@ -258,10 +259,6 @@ def geometry_study(
     )
 
 
-@register_experiment(
-    "geometry-toy",
-    "Ill-conditioned low-rank targets: heavy ball / Adam on factors vs LowRankSGD / LowRankAdam",
-)
 def run(quick: bool = False, seed: int = 0, progress: bool | None = None) -> Result:
     if quick:
         return geometry_study(
@@ -272,7 +269,6 @@ def run(quick: bool = False, seed: int = 0, progress: bool | None = None) -> Res
     )
 
 
-@register_demo_section("geometry", order=30)
 def demo_geometry(progress: bool | None = None) -> Result:
     """Rank-3 targets of condition number 10 and 1e5: factor optimizers vs the geometric ones (~10 s)."""
     return geometry_study(

@@ -19,8 +19,9 @@ from ..diagnostics import SpectrumTracker, rank_curves, rank_heatmap
 from ..models import MLP, SmallViT
 from ..reproducibility import environment_info, one_thread, seed_everything
 from ..results import Result, Table
-from .registry import register_demo_section, register_experiment
 from .training import accuracy, fit_classifier
+
+DESCRIPTION = "Stable rank of gradients and of W - W0 while training an MLP and a small ViT on Fashion-MNIST"
 
 
 def _median(xs: list) -> float:
@@ -88,10 +89,6 @@ def _layer_rows(tag: str, tracker: SpectrumTracker, batch_size: int, tokens: int
     return rows
 
 
-@register_experiment(
-    "gradient-rank",
-    "Stable rank of gradients and of W - W0 while training an MLP and a small ViT on Fashion-MNIST",
-)
 def run(quick: bool = False, seed: int = 0, progress: bool | None = None) -> Result:
     with one_thread():  # small models: one thread is faster and steadier on a loaded 2-core machine
         return _run(quick, seed, progress)
@@ -242,7 +239,6 @@ def _run(quick: bool, seed: int, progress: bool | None) -> Result:
     )
 
 
-@register_demo_section("tracker", order=10)
 def demo_tracker(progress: bool | None = None) -> Result:
     """Digits: train an MLP with a SpectrumTracker attached; ranks of weights, updates and gradients over training."""
     with one_thread():

@@ -45,7 +45,11 @@ from ..reproducibility import environment_info, one_thread
 from ..results import Plot, Result, Series, Table
 from ..targets import find_targets
 from .geometry_toy import provenance
-from .registry import register_experiment
+
+DESCRIPTION = (
+    "byte-level Llama pre-training on Rotten Tomatoes at 25/50% of the projection "
+    "weights: dense / factorized AdamW, LowRankAdam fixed and rank-adaptive, GaLoreAdamW"
+)
 
 
 @dataclass
@@ -581,11 +585,6 @@ def lm_study(name: str, cfg: LMConfig, quick: bool, progress: bool | None = None
     )
 
 
-@register_experiment(
-    "lowrank-lm",
-    "byte-level Llama pre-training on Rotten Tomatoes at 25/50% of the projection "
-    "weights: dense / factorized AdamW, LowRankAdam fixed and rank-adaptive, GaLoreAdamW",
-)
 def run(quick: bool = False, seed: int = 0, progress: bool | None = None) -> Result:
     if quick:
         return lm_study(

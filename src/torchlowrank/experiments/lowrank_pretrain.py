@@ -35,8 +35,12 @@ from ..reproducibility import environment_info, one_thread
 from ..results import Plot, Result, Series, Table
 from ..targets import find_targets, replace_module
 from .geometry_toy import provenance
-from .registry import register_demo_section, register_experiment
 from .training import accuracy
+
+DESCRIPTION = (
+    "MLP / LeNet-5 from scratch at 5-20% of the parameters: dense, factorized Adam, "
+    "GaLore, LowRankAdam fixed and rank-adaptive"
+)
 
 TARGETS = {"mlp": ["features.0", "features.2"], "lenet5": ["features.3", "classifier.1", "classifier.3"]}
 
@@ -296,11 +300,6 @@ def pretrain_study(
 LRS = {"adam": 1e-3, "factorized": 3e-3, "galore": 1e-2, "lowrank": 3e-2}
 
 
-@register_experiment(
-    "lowrank-pretrain",
-    "MLP / LeNet-5 from scratch at 5-20% of the parameters: dense, factorized Adam, "
-    "GaLore, LowRankAdam fixed and rank-adaptive",
-)
 def run(quick: bool = False, seed: int = 0, progress: bool | None = None) -> Result:
     if quick:
         d = load_mnist_5k(seed=seed)
@@ -338,7 +337,6 @@ def run(quick: bool = False, seed: int = 0, progress: bool | None = None) -> Res
     )
 
 
-@register_demo_section("lowrank-pretrain", order=31)
 def demo_pretrain(progress: bool | None = None) -> Result:
     """MNIST-5k MLP at 10% of the hidden-layer parameters: factorized Adam vs GaLore vs LowRankAdam (~15 s)."""
     data = load_mnist_5k(seed=0)

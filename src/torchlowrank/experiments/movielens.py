@@ -16,7 +16,11 @@ import torch
 
 from ..reproducibility import environment_info, git_commit, one_thread, seed_everything
 from ..results import Plot, Result, Series, Table
-from .registry import register_experiment
+
+DESCRIPTION = (
+    "MovieLens 100K: complete() with biases vs compressed / shallow factorization vs "
+    "soft-impute vs ALS vs scikit-surprise (BaselineOnly, SVD, SVD++)"
+)
 
 EPS, LR = 1e-2, 60.0  # see the notes: at eps = 1e-3 nothing escapes the origin within the budget
 
@@ -88,11 +92,6 @@ def _surprise_rows(train, val, test, quick: bool, seed: int, full=None) -> tuple
     return rows, note
 
 
-@register_experiment(
-    "movielens",
-    "MovieLens 100K: complete() with biases vs compressed / shallow factorization vs "
-    "soft-impute vs ALS vs scikit-surprise (BaselineOnly, SVD, SVD++)",
-)
 def run(quick: bool = False, seed: int = 0, progress: bool | None = None) -> Result:
     with one_thread():
         return _run(quick, seed, progress)

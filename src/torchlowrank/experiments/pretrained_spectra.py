@@ -17,7 +17,8 @@ from ..models import load_minilm
 from ..ranks import effective_rank, numerical_rank, singular_values, stable_rank
 from ..reproducibility import environment_info, one_thread, seed_everything
 from ..results import Plot, Result, Series, Table
-from .registry import register_experiment
+
+DESCRIPTION = "Spectra and ranks of MiniLM-L6's pretrained weights per layer type vs random matrices"
 
 TYPES = [
     ("query", r".*attention\.self\.query\.weight"),
@@ -51,10 +52,6 @@ def _measures(s: torch.Tensor) -> dict[str, float]:
     }
 
 
-@register_experiment(
-    "pretrained-spectra",
-    "Spectra and ranks of MiniLM-L6's pretrained weights per layer type vs random matrices",
-)
 def run(quick: bool = False, seed: int = 0, progress: bool | None = None) -> Result:
     with one_thread():  # SVDs of 384-wide matrices: one thread avoids oversubscription on 2 shared cores
         return _run(quick, seed)

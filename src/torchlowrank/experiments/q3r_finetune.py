@@ -32,7 +32,11 @@ from ..models import load_minilm
 from ..regularizers import Q3R
 from ..reproducibility import environment_info, git_commit, one_thread
 from ..results import Plot, Result, Series, Table
-from .registry import register_experiment
+
+DESCRIPTION = (
+    "MiniLM on Rotten Tomatoes: Q3R on the full fine-tuning update, exported as "
+    "a rank-r PEFT LoRA adapter, vs full fine-tuning and LoRA (peft)"
+)
 
 TARGETS = ["query", "key", "value", "attention.output.dense"]
 
@@ -293,11 +297,6 @@ def q3r_finetune_study(
     )
 
 
-@register_experiment(
-    "q3r-finetune",
-    "MiniLM on Rotten Tomatoes: Q3R on the full fine-tuning update, exported as "
-    "a rank-r PEFT LoRA adapter, vs full fine-tuning and LoRA (peft)",
-)
 def run(quick: bool = False, seed: int = 0, progress: bool | None = None) -> Result:
     if quick:
         return q3r_finetune_study(

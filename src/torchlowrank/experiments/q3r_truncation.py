@@ -27,8 +27,12 @@ from ..models import MLP, SmallViT
 from ..regularizers import Q3R, NuclearNorm
 from ..reproducibility import environment_info, git_commit, one_thread, seed_everything
 from ..results import Plot, Result, Series, Table
-from .registry import register_demo_section, register_experiment
 from .training import accuracy, fit_classifier
+
+DESCRIPTION = (
+    "SmallViT on Fashion-MNIST: Q3R vs dense / nuclear norm / factorized, "
+    "accuracy after SVD truncation to 10%..100% of the parameters"
+)
 
 VIT_TARGETS = r"blocks\.\d+\.(attn\.(q|k|v|proj)|mlp\.(0|3))"
 METHODS = ("dense", "q3r", "nuclear", "factorized")
@@ -335,11 +339,6 @@ def q3r_truncation_study(
     )
 
 
-@register_experiment(
-    "q3r-truncation",
-    "SmallViT on Fashion-MNIST: Q3R vs dense / nuclear norm / factorized, "
-    "accuracy after SVD truncation to 10%..100% of the parameters",
-)
 def run(quick: bool = False, seed: int = 0, progress: bool | None = None) -> Result:
     fractions = [round(0.1 * i, 1) for i in range(1, 11)]
     if quick:
@@ -370,7 +369,6 @@ def run(quick: bool = False, seed: int = 0, progress: bool | None = None) -> Res
 
 
 # -- demo section ----------------------------------------------------------------------------------------------
-@register_demo_section("q3r", order=40)
 def demo_q3r(progress: bool | None = None) -> Result:
     """Digits MLP trained with and without Q3R (rank 8): spectra, then truncation to 10%..50%."""
     t0 = time.perf_counter()

@@ -28,7 +28,11 @@ import torch
 
 from ..reproducibility import environment_info, git_commit, one_thread
 from ..results import Result, Table
-from .registry import register_experiment
+
+DESCRIPTION = (
+    "Every completion estimator with defaults on real noisy matrices (sklearn "
+    "tables, flower.jpg, MovieLens-100K random / temporal) vs mean, tuned ALS and scikit-surprise"
+)
 
 
 @dataclass
@@ -244,11 +248,6 @@ def methods(cfg: Config, case_name: str) -> list[str]:
     return out
 
 
-@register_experiment(
-    "real-completion",
-    "Every completion estimator with defaults on real noisy matrices (sklearn "
-    "tables, flower.jpg, MovieLens-100K random / temporal) vs mean, tuned ALS and scikit-surprise",
-)
 def run(quick: bool = False, seed: int = 0, progress: bool | None = None) -> Result:
     cfg = QUICK if quick else Config()
     if seed:

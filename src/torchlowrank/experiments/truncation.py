@@ -19,8 +19,9 @@ from ..models import MLP
 from ..ranks import singular_values, spectrum
 from ..reproducibility import environment_info, seed_everything
 from ..results import Plot, Result, Series, Table
-from .registry import register_demo_section, register_experiment
 from .training import accuracy, fit_classifier
+
+DESCRIPTION = "Fashion-MNIST MLP: accuracy vs kept parameter fraction, uniform vs energy rank allocation"
 
 
 def truncation_study(
@@ -146,7 +147,6 @@ def truncation_study(
     )
 
 
-@register_demo_section("truncation", order=0)
 def demo_truncation(progress: bool | None = None) -> Result:
     """Digits: train an MLP, show its spectra, truncate to 50% and 25% of the parameters."""
     return truncation_study(
@@ -160,10 +160,6 @@ def demo_truncation(progress: bool | None = None) -> Result:
     )
 
 
-@register_experiment(
-    "truncation-sweep",
-    "Fashion-MNIST MLP: accuracy vs kept parameter fraction, uniform vs energy rank allocation",
-)
 def run(quick: bool = False, seed: int = 0, progress: bool | None = None) -> Result:
     if quick:
         return truncation_study(

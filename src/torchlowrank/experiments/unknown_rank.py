@@ -27,7 +27,11 @@ import torch
 
 from ..reproducibility import environment_info, git_commit, one_thread, seed_everything
 from ..results import Result, Table
-from .registry import register_experiment
+
+DESCRIPTION = (
+    "Completion with the rank unknown: compressed deep net (default r_hat) vs ALS "
+    "(true / over-estimated rank) vs validated soft-impute, across scale, shape, fraction, conditioning"
+)
 
 __all__ = ["run", "make_problem"]
 
@@ -56,11 +60,6 @@ def _err(X, M):
     return float(torch.linalg.matrix_norm(X - M) / torch.linalg.matrix_norm(M))
 
 
-@register_experiment(
-    "unknown-rank",
-    "Completion with the rank unknown: compressed deep net (default r_hat) vs ALS "
-    "(true / over-estimated rank) vs validated soft-impute, across scale, shape, fraction, conditioning",
-)
 def run(quick: bool = False, seed: int = 0, progress: bool | None = None) -> Result:
     from ..matrix import als, complete, soft_impute, soft_impute_path
 
