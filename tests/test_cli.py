@@ -28,6 +28,32 @@ def test_reproduce_list_names_the_registered_experiments(capsys):
     assert "truncation-sweep" in capsys.readouterr().out
 
 
+def test_the_registry_is_the_explicit_dict_and_takes_extra_experiments(monkeypatch):
+    from torchlowrank.experiments import registry
+    from torchlowrank.results import Result
+
+    names = [e.name for e in registry.list_experiments()]
+    assert names == sorted(registry.EXPERIMENTS)  # every built-in experiment, nothing discovered
+    for e in registry.list_experiments():
+        assert e.run.__module__ == f"torchlowrank.experiments.{registry.EXPERIMENTS[e.name]}"
+        assert e.description
+    sections = registry.demo_sections()
+    assert [s.name for s in sections] == sorted(
+        registry.DEMO_SECTIONS, key=lambda n: registry.DEMO_SECTIONS[n][2]
+    )
+
+    monkeypatch.setattr(registry, "_EXTRA_EXPERIMENTS", {})
+
+    @registry.register_experiment("my-experiment", "an experiment defined elsewhere")
+    def run(quick=False, seed=0, progress=None):
+        return Result("my-experiment")
+
+    assert registry.get_experiment("my-experiment").run is run
+    assert "my-experiment" in [e.name for e in registry.list_experiments()]
+    with pytest.raises(ValueError, match="registered twice"):
+        registry.register_experiment("movielens", "a second movielens")(run)
+
+
 def test_unknown_experiment_is_a_clear_error(capsys):
     assert main(["reproduce", "no-such-thing"]) == 2
     assert "unknown experiment 'no-such-thing'; available:" in capsys.readouterr().err

@@ -38,9 +38,11 @@ def test_gradient_rank_quick_gradients_are_far_below_full_rank():
 def test_pretrained_spectra_quick_trained_weights_have_lower_stable_rank_than_random():
     pytest.importorskip("transformers")
     r = get_experiment("pretrained-spectra").run(quick=True)
-    rows = {row[0]: row for row in r.tables[0].rows}
+    table = r.tables[0]
+    rows = {row[0]: dict(zip(table.columns, row)) for row in table.rows}
     for t in ("query", "key", "value", "attn-out", "ffn-in", "ffn-out"):
-        assert rows[t][4] < 0.6 * rows[t][5], t  # stable rank: pretrained vs Gaussian of the same shape
+        # stable rank: pretrained vs Gaussian of the same shape
+        assert rows[t]["stable rank"] < 0.6 * rows[t]["stable (random)"], t
 
 
 def test_tracker_demo_section_records_ranks_over_training():

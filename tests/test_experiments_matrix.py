@@ -52,9 +52,9 @@ def test_depth_width_quick_depth_3_over_parameterized_recovers_where_depth_2_ove
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # the budget-limited runs warn, as they should
         r = get_experiment("depth-width").run(quick=True, progress=False)
-    rows = {(row[0], row[1]): row for row in r.tables[0].rows}
-    assert rows[(3, 100)][3] < 1e-4 < 0.05 < rows[(2, 100)][3]
-    for row in r.tables[
-        0
-    ].rows:  # a stop declared "converged" is a real recovery (no saddle taken for the optimum)
-        assert row[-1] != "converged" or row[3] < 1e-6, row
+    table = r.tables[0]
+    rows = {(row[0], row[1]): dict(zip(table.columns, row)) for row in table.rows}
+    assert rows[(3, 100)]["final rel. error"] < 1e-4 < 0.05 < rows[(2, 100)]["final rel. error"]
+    # a stop declared "converged" is a real recovery (no saddle taken for the optimum)
+    for row in rows.values():
+        assert row["status"] != "converged" or row["final rel. error"] < 1e-6, row

@@ -4,17 +4,56 @@ plus the gamma = 0 ablation (frozen outer factors)."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from dataclasses import dataclass, field
 
 import torch
 
 from ..reproducibility import environment_info, one_thread, seed_everything
 from ..results import Plot, Result, Series, Table
-from .registry import register_experiment
+
+DESCRIPTION = "Deep matrix completion: original vs compressed dynamics (time to 1e-6, gamma ablation)"
 
 # Step: 4x the authors' rule 5e3 (d/1000)^(4/3) (converted to our mean over observed entries): on our
 # targets (singular values ~ sqrt(d)) 1x takes > 30k iterations, 4x ~ 11k, 16x diverges.
 LR_FACTOR = 4.0
+
+
+# --------------------------------------------------------------------------------------- config
+
+
+@dataclass(frozen=True)
+class Config:
+    quick: bool = False
+    seed: int = 0
+    r: int = 5
+    frac: float = 0.2
+    depth: int = 3
+    eps: float = 1e-3
+    gamma: float = 0.01
+    # (d, variants, max_iters, the original's target error or None): the original at d = 1000 costs
+    # ~0.4 s per iteration here (~1.5 h to 1e-6), so it runs at 250 and 500 only
+    plan: list = field(
+        default_factory=lambda: [
+            (250, ("original", "compressed"), 30_000, None),
+            (500, ("original", "compressed"), 30_000, 1e-6),
+            (1000, ("compressed", "compressed, gamma=0"), 30_000, None),
+        ]
+    )
+
+    @classmethod
+    def make(cls, quick: bool, seed: int) -> Config:
+        if quick:
+            return cls(
+                quick=True,
+                seed=seed,
+                plan=[(250, ("original", "compressed", "compressed, gamma=0"), 20_000, None)],
+            )
+        return cls(seed=seed)
+
+
+# ----------------------------------------------------------------------------------- data, train
 
 
 def _problem(d: int, r: int, frac: float, seed: int):
@@ -75,126 +114,85 @@ def run_pair(
     return {"runs": out, "lr": lr}
 
 
-@register_experiment(
-    "compressed-completion",
-    "Deep matrix completion: original vs compressed dynamics (time to 1e-6, gamma ablation)",
-)
-def run(quick: bool = False, seed: int = 0, progress: bool | None = None) -> Result:
-    with one_thread():  # small products: one thread is fastest on a shared machine (restored after)
-        return _run(quick, seed, progress)
+# -------------------------------------------------------------------------------------- evaluate
 
 
-def _run(quick: bool, seed: int, progress: bool | None) -> Result:
-    t_start = time.perf_counter()
-    seed_everything(seed)
-    r, frac, depth, eps, gamma = 5, 0.2, 3, 1e-3, 0.01
-    if quick:
-        plan = [(250, ("original", "compressed", "compressed, gamma=0"), 20_000, None)]
-    else:
-        # the original at d = 1000 costs ~0.4 s per iteration here (~1.5 h to 1e-6): run at 250 and 500
-        plan = [
-            (250, ("original", "compressed"), 30_000, None),
-            (500, ("original", "compressed"), 30_000, 1e-6),
-            (1000, ("compressed", "compressed, gamma=0"), 30_000, None),
-        ]
-    rows, speed_rows, series_it, series_t = [], [], [], []
-    hist_all = {}
-    for d, which, max_iters, orig_target in plan:
-        res = run_pair(
-            d,
-            r,
-            frac,
-            depth,
-            eps,
-            gamma,
-            seed,
-            which,
-            max_iters=max_iters,
-            original_target=orig_target,
-            progress=progress,
-        )
-        for v, (h, setup) in res["runs"].items():
-            label = f"{v}, d={d}"
-            per_it = h.train_time / max(h.n_iters, 1)
-            rows.append(
-                [
-                    d,
-                    v,
-                    f"{res['lr']:.4g}",
-                    h.n_iters,
-                    h.iterations_to(1e-6),
-                    h.time_to(1e-6),
-                    min(h.recovery_error),
-                    per_it * 1e3,
-                    setup,
-                    h.status,
-                ]
-            )
-            series_it.append(Series(label, h.iterations, h.recovery_error))
-            series_t.append(Series(label, h.wall_time, h.recovery_error))
-            hist_all[f"{label}/iterations"] = h.iterations
-            hist_all[f"{label}/recovery_error"] = h.recovery_error
-            hist_all[f"{label}/wall_time"] = h.wall_time
-        runs = res["runs"]
-        if "original" in runs and "compressed" in runs:
-            ho, hc = runs["original"][0], runs["compressed"][0]
-            to, tc = ho.time_to(1e-6), hc.time_to(1e-6)
-            po, pc = ho.train_time / max(ho.n_iters, 1), hc.train_time / max(hc.n_iters, 1)
-            speed_rows.append([d, to, tc, (to / tc) if (to and tc) else None, po * 1e3, pc * 1e3, po / pc])
+@dataclass
+class VariantRun:
+    """One variant at one size: one row of the 'Runs' table."""
+
+    d: int
+    variant: str
+    lr: str
+    iterations: int
+    iterations_to_1e6: int | None
+    time_to_1e6: float | None
+    best_error: float
+    ms_per_iteration: float
+    setup_s: float
+    status: str
+
+
+@dataclass
+class Speedup:
+    """Original vs compressed at one size: one row of the speedup table."""
+
+    d: int
+    original_time: float | None
+    compressed_time: float | None
+    speedup: float | None
+    original_ms_per_it: float
+    compressed_ms_per_it: float
+    per_iteration_speedup: float
+
+
+def speedup(d: int, ho, hc) -> Speedup:
+    to, tc = ho.time_to(1e-6), hc.time_to(1e-6)
+    po, pc = ho.train_time / max(ho.n_iters, 1), hc.train_time / max(hc.n_iters, 1)
+    return Speedup(d, to, tc, (to / tc) if (to and tc) else None, po * 1e3, pc * 1e3, po / pc)
+
+
+def metrics_of(runs: list[VariantRun], speedups: list[Speedup]) -> dict:
     metrics = {}
-    for row in speed_rows:
-        metrics[f"speedup_to_1e-6_d{row[0]}"] = row[3]
-        metrics[f"per_iteration_speedup_d{row[0]}"] = row[6]
-    for row in rows:
-        if row[1] == "compressed":
-            metrics[f"compressed_time_to_1e-6_d{row[0]}_s"] = row[5]
-            metrics[f"compressed_best_error_d{row[0]}"] = row[6]
-        if row[1] == "compressed, gamma=0":
-            metrics[f"gamma0_best_error_d{row[0]}"] = row[6]
-    notes = (
-        "Relative recovery error ||X - M||_F / ||M||_F over all entries, recorded every 50 iterations "
-        "(the time to evaluate it is excluded from the wall time). Targets M = U V^T / sqrt(d) with Gaussian "
-        "U, V (singular values ~ sqrt(d)); mean-reduced loss over the observed entries; full-batch GD with step "
-        f"{LR_FACTOR:g} x 5e3 (d/1000)^(4/3) x p (4x the authors' rule converted to our loss: 1x needs > 30k "
-        "iterations on these targets, 16x diverges). Both networks run on one CPU thread (the machine is shared "
-        "with other jobs; with 2 threads every small parallel operation waits for a free core). "
-        "The original at d = 1000 was not run: at ~0.4 s per iteration here it would take over an hour to reach "
-        "1e-6; its per-iteration time is in the benchmark (benchmarks/bench_matrix.py)."
-        if not quick
-        else "Quick mode: d = 250 only."
-    )
-    tables = [
-        Table(
-            "Runs",
-            [
-                "d",
-                "variant",
-                "lr",
-                "iterations",
-                "iterations to 1e-6",
-                "time to 1e-6 (s)",
-                "best rel. error",
-                "ms / iteration",
-                "setup (s)",
-                "status",
-            ],
-            rows,
-        ),
-        Table(
-            "Speedup of the compressed network (same problem, same step)",
-            [
-                "d",
-                "original: time to 1e-6 (s)",
-                "compressed: time to 1e-6 (s)",
-                "speedup",
-                "original ms/it",
-                "compressed ms/it",
-                "per-iteration speedup",
-            ],
-            speed_rows,
-        ),
-    ]
-    plots = [
+    for s in speedups:
+        metrics[f"speedup_to_1e-6_d{s.d}"] = s.speedup
+        metrics[f"per_iteration_speedup_d{s.d}"] = s.per_iteration_speedup
+    for r in runs:
+        if r.variant == "compressed":
+            metrics[f"compressed_time_to_1e-6_d{r.d}_s"] = r.time_to_1e6
+            metrics[f"compressed_best_error_d{r.d}"] = r.best_error
+        if r.variant == "compressed, gamma=0":
+            metrics[f"gamma0_best_error_d{r.d}"] = r.best_error
+    return metrics
+
+
+# ----------------------------------------------------------------------------------------- write
+
+RUN_COLUMNS = [
+    "d",
+    "variant",
+    "lr",
+    "iterations",
+    "iterations to 1e-6",
+    "time to 1e-6 (s)",
+    "best rel. error",
+    "ms / iteration",
+    "setup (s)",
+    "status",
+]
+SPEEDUP_COLUMNS = [
+    "d",
+    "original: time to 1e-6 (s)",
+    "compressed: time to 1e-6 (s)",
+    "speedup",
+    "original ms/it",
+    "compressed ms/it",
+    "per-iteration speedup",
+]
+
+
+def plots_of(series_it: list[Series], series_t: list[Series]) -> list[Plot]:
+    return [
         Plot(
             "error_vs_iteration",
             "Recovery error vs iteration",
@@ -217,27 +215,99 @@ def _run(quick: bool, seed: int, progress: bool | None) -> Result:
             hlines={"1e-6": 1e-6},
         ),
     ]
-    config = {
-        "r": r,
-        "observed_fraction": frac,
-        "depth": depth,
-        "init_scale": eps,
-        "gamma": gamma,
-        "sizes": [p[0] for p in plan],
+
+
+def setting_notes(cfg: Config) -> str:
+    if cfg.quick:
+        return "Quick mode: d = 250 only."
+    return (
+        "Relative recovery error ||X - M||_F / ||M||_F over all entries, recorded every 50 iterations "
+        "(the time to evaluate it is excluded from the wall time). Targets M = U V^T / sqrt(d) with Gaussian "
+        "U, V (singular values ~ sqrt(d)); mean-reduced loss over the observed entries; full-batch GD with step "
+        f"{LR_FACTOR:g} x 5e3 (d/1000)^(4/3) x p (4x the authors' rule converted to our loss: 1x needs > 30k "
+        "iterations on these targets, 16x diverges). Both networks run on one CPU thread (the machine is shared "
+        "with other jobs; with 2 threads every small parallel operation waits for a free core). "
+        "The original at d = 1000 was not run: at ~0.4 s per iteration here it would take over an hour to reach "
+        "1e-6; its per-iteration time is in the benchmark (benchmarks/bench_matrix.py)."
+    )
+
+
+def config_of(cfg: Config) -> dict:
+    return {
+        "r": cfg.r,
+        "observed_fraction": cfg.frac,
+        "depth": cfg.depth,
+        "init_scale": cfg.eps,
+        "gamma": cfg.gamma,
+        "sizes": [p[0] for p in cfg.plan],
         "lr_rule": f"{LR_FACTOR:g} * 5e3 * (d/1000)^(4/3) * p",
         "loss": "mean over observed entries",
         "threads": 1,
-        "quick": quick,
+        "quick": cfg.quick,
     }
-    return Result(
-        "compressed-completion",
-        config,
-        [seed],
-        metrics,
-        hist_all,
-        tables,
-        plots,
-        notes,
-        time.perf_counter() - t_start,
-        environment_info(),
-    )
+
+
+def run(quick: bool = False, seed: int = 0, progress: bool | None = None) -> Result:
+    cfg = Config.make(quick, seed)
+    with one_thread():  # small products: one thread is fastest on a shared machine (restored after)
+        t_start = time.perf_counter()
+        seed_everything(seed)
+        runs, speedups, series_it, series_t, hist_all = [], [], [], [], {}
+        for d, which, max_iters, orig_target in cfg.plan:
+            res = run_pair(
+                d,
+                cfg.r,
+                cfg.frac,
+                cfg.depth,
+                cfg.eps,
+                cfg.gamma,
+                seed,
+                which,
+                max_iters=max_iters,
+                original_target=orig_target,
+                progress=progress,
+            )
+            for v, (h, setup) in res["runs"].items():
+                label = f"{v}, d={d}"
+                per_it = h.train_time / max(h.n_iters, 1)
+                runs.append(
+                    VariantRun(
+                        d,
+                        v,
+                        f"{res['lr']:.4g}",
+                        h.n_iters,
+                        h.iterations_to(1e-6),
+                        h.time_to(1e-6),
+                        min(h.recovery_error),
+                        per_it * 1e3,
+                        setup,
+                        h.status,
+                    )
+                )
+                series_it.append(Series(label, h.iterations, h.recovery_error))
+                series_t.append(Series(label, h.wall_time, h.recovery_error))
+                hist_all[f"{label}/iterations"] = h.iterations
+                hist_all[f"{label}/recovery_error"] = h.recovery_error
+                hist_all[f"{label}/wall_time"] = h.wall_time
+            if "original" in res["runs"] and "compressed" in res["runs"]:
+                speedups.append(speedup(d, res["runs"]["original"][0], res["runs"]["compressed"][0]))
+        tables = [
+            Table("Runs", RUN_COLUMNS, [list(dataclasses.astuple(r)) for r in runs]),
+            Table(
+                "Speedup of the compressed network (same problem, same step)",
+                SPEEDUP_COLUMNS,
+                [list(dataclasses.astuple(s)) for s in speedups],
+            ),
+        ]
+        return Result(
+            "compressed-completion",
+            config_of(cfg),
+            [seed],
+            metrics_of(runs, speedups),
+            hist_all,
+            tables,
+            plots_of(series_it, series_t),
+            setting_notes(cfg),
+            time.perf_counter() - t_start,
+            environment_info(),
+        )

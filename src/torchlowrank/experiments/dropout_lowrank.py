@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -30,9 +31,34 @@ from ..data import load_digits
 from ..progress import progress_bar
 from ..reproducibility import environment_info, one_thread, seed_everything
 from ..results import Plot, Result, Series, Table
-from .registry import register_experiment
+
+DESCRIPTION = (
+    "Dropout on a factorized linear model = singular-value thresholding: real masks vs closed form (digits)"
+)
 
 __all__ = ["svt_closed_form", "gd_on_regularizer", "train_with_dropout", "whitened_digits_regression", "run"]
+
+# --------------------------------------------------------------------------------------- config
+
+
+@dataclass(frozen=True)
+class Config:
+    quick: bool = False
+    seed: int = 0
+    k: int = 16  # hidden units
+    thetas: tuple[float, ...] = (0.95, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1)  # keep probabilities
+    sgd_steps: int = 3000
+    sgd_lr: float = 0.05
+    rank_threshold: float = 0.01  # a singular value counts toward the rank above this fraction of s_1(M)
+
+    @classmethod
+    def make(cls, quick: bool, seed: int) -> Config:
+        if quick:
+            return cls(quick=True, seed=seed, thetas=(0.9, 0.5, 0.2), sgd_steps=1000)
+        return cls(seed=seed)
+
+
+# ------------------------------------------------------------------------------ model and solvers
 
 
 def svt_closed_form(M: torch.Tensor, k: int, lam: float) -> tuple[torch.Tensor, int, float]:
@@ -145,69 +171,90 @@ def whitened_digits_regression() -> tuple[torch.Tensor, torch.Tensor]:
     return X, Y / Y.std()
 
 
-@register_experiment(
-    "dropout-lowrank",
-    "Dropout on a factorized linear model = singular-value thresholding: real masks vs closed form (digits)",
-)
-def run(quick: bool = False, seed: int = 0, progress: bool | None = None) -> Result:
-    with one_thread():
-        return _run(quick, seed, progress)
+# -------------------------------------------------------------------------------------- evaluate
 
 
-def _run(quick: bool, seed: int, progress: bool | None) -> Result:
-    t0 = time.perf_counter()
-    seed_everything(seed)
-    X, Y = whitened_digits_regression()
-    n = len(X)
-    M = Y.T @ X / n
-    s_M = torch.linalg.svdvals(M)
-    k = 16
-    thetas = [0.9, 0.5, 0.2] if quick else [0.95, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1]
-    steps = 1000 if quick else 3000
-    rank_tol = 0.01 * float(s_M[0])
-    rows, sv_rows, curves = [], [], {}
-    rank_closed, rank_closed_tol, rank_gd, rank_drop = [], [], [], []
-    for theta in progress_bar(thetas, desc="keep probabilities", enabled=progress):
-        lam = (1 - theta) / theta
-        s_cf, r_cf, kappa = svt_closed_form(M, k, lam)
-        U, V, gd_steps = gd_on_regularizer(M, k, lam, seed=seed)
-        s_gd = torch.linalg.svdvals(U @ V.T)
-        W_drop, losses = train_with_dropout(X, Y, k, theta, steps=steps, seed=seed)
-        s_drop = torch.linalg.svdvals(W_drop)
-        r_gd = int((s_gd > rank_tol).sum())
-        r_drop = int((s_drop > rank_tol).sum())
-        rank_closed.append(r_cf)
-        rank_closed_tol.append(int((s_cf > rank_tol).sum()))
-        rank_gd.append(r_gd)
-        rank_drop.append(r_drop)
-        rows.append(
-            [
-                theta,
-                round(lam, 4),
-                kappa,
-                r_cf,
-                rank_closed_tol[-1],
-                r_gd,
-                r_drop,
-                float((s_gd - s_cf).abs().max()),
-                float((s_drop - s_cf).abs().max()),
-                float((s_drop - s_cf).norm() / s_cf.norm().clamp_min(1e-30)),
-                gd_steps,
-            ]
-        )
-        curves[theta] = (s_cf, s_drop)
-        for i in range(8):
-            sv_rows.append([theta, i + 1, float(s_M[i]), float(s_cf[i]), float(s_gd[i]), float(s_drop[i])])
-    shown = [t for t in thetas if t in (0.9, 0.5, 0.2)] or thetas[:3]
+@dataclass
+class KeepResult:
+    """The three solutions at one keep probability: one row of the first table."""
+
+    theta: float
+    lam: float
+    kappa: float
+    rank_exact: int  # closed form, every positive (s_i(M) - kappa)_+
+    rank_closed: int  # closed form, s_i above the rank threshold
+    rank_gd: int
+    rank_dropout: int
+    max_error_gd: float  # max |s_GD - s_cf|
+    max_error_dropout: float  # max |s_drop - s_cf|
+    rel_error_dropout: float
+    gd_steps: int
+    s_closed: torch.Tensor
+    s_gd: torch.Tensor
+    s_dropout: torch.Tensor
+
+    def cells(self) -> list:
+        return [
+            self.theta,
+            self.lam,
+            self.kappa,
+            self.rank_exact,
+            self.rank_closed,
+            self.rank_gd,
+            self.rank_dropout,
+            self.max_error_gd,
+            self.max_error_dropout,
+            self.rel_error_dropout,
+            self.gd_steps,
+        ]
+
+
+def solve(theta: float, M, X, Y, cfg: Config, rank_tol: float) -> KeepResult:
+    """Closed form, GD on the expected objective and SGD with real masks at keep probability theta."""
+    lam = (1 - theta) / theta
+    s_cf, r_cf, kappa = svt_closed_form(M, cfg.k, lam)
+    U, V, gd_steps = gd_on_regularizer(M, cfg.k, lam, seed=cfg.seed)
+    s_gd = torch.linalg.svdvals(U @ V.T)
+    W_drop, _ = train_with_dropout(X, Y, cfg.k, theta, steps=cfg.sgd_steps, lr=cfg.sgd_lr, seed=cfg.seed)
+    s_drop = torch.linalg.svdvals(W_drop)
+    return KeepResult(
+        theta=theta,
+        lam=round(lam, 4),
+        kappa=kappa,
+        rank_exact=r_cf,
+        rank_closed=int((s_cf > rank_tol).sum()),
+        rank_gd=int((s_gd > rank_tol).sum()),
+        rank_dropout=int((s_drop > rank_tol).sum()),
+        max_error_gd=float((s_gd - s_cf).abs().max()),
+        max_error_dropout=float((s_drop - s_cf).abs().max()),
+        rel_error_dropout=float((s_drop - s_cf).norm() / s_cf.norm().clamp_min(1e-30)),
+        gd_steps=gd_steps,
+        s_closed=s_cf,
+        s_gd=s_gd,
+        s_dropout=s_drop,
+    )
+
+
+# ----------------------------------------------------------------------------------------- write
+
+
+def plots_of(results: list[KeepResult], s_M: torch.Tensor) -> list[Plot]:
+    thetas = [r.theta for r in results]
+    shown = [r for r in results if r.theta in (0.9, 0.5, 0.2)] or results[:3]
     idx = list(range(1, len(s_M) + 1))
     sv_series = [Series("s_i(M) (no dropout)", idx, s_M.tolist(), style="k-")]
-    for t in shown:
-        s_cf, s_drop = curves[t]
+    for r in shown:
         sv_series += [
-            Series(f"closed form, theta={t}", idx, s_cf.tolist(), style="-"),
-            Series(f"real masks, theta={t}", idx, s_drop.tolist(), style="o"),
+            Series(f"closed form, theta={r.theta}", idx, r.s_closed.tolist(), style="-"),
+            Series(f"real masks, theta={r.theta}", idx, r.s_dropout.tolist(), style="o"),
         ]
-    plots = [
+    ranks = [
+        ("closed form (exact)", [r.rank_exact for r in results], "-"),
+        ("closed form (s_i > 1% s_1(M))", [r.rank_closed for r in results], "^:"),
+        ("GD on the regularizer (s_i > 1% s_1(M))", [r.rank_gd for r in results], "s--"),
+        ("dropout, real masks (s_i > 1% s_1(M))", [r.rank_dropout for r in results], "o"),
+    ]
+    return [
         Plot(
             "singular_values",
             "Singular values of U V^T: closed-form thresholding (lines) vs dropout training (dots)",
@@ -220,86 +267,97 @@ def _run(quick: bool, seed: int, progress: bool | None) -> Result:
             "rank_vs_keep",
             "Rank of U V^T vs keep probability (k = 16 hidden units)",
             "line",
-            [
-                Series("closed form (exact)", thetas, rank_closed, style="-"),
-                Series("closed form (s_i > 1% s_1(M))", thetas, rank_closed_tol, style="^:"),
-                Series("GD on the regularizer (s_i > 1% s_1(M))", thetas, rank_gd, style="s--"),
-                Series("dropout, real masks (s_i > 1% s_1(M))", thetas, rank_drop, style="o"),
-            ],
+            [Series(label, thetas, ys, style=style) for label, ys, style in ranks],
             xlabel="keep probability theta",
             ylabel="rank",
         ),
     ]
-    worst = max(r[8] for r in rows)
-    worst_gd = max(r[7] for r in rows)
-    match = sum(a == b for a, b in zip(rank_drop, rank_closed_tol))
-    notes = (
-        "Dropout with keep probability theta on the k = 16 hidden units of y = U V^T x, inputs PCA-whitened "
-        "(X^T X / n = I, digits top half -> bottom half). The expected loss is ||M - UV^T||_F^2 + "
-        "lambda sum_i ||u_i||^2 ||v_i||^2 (lambda = (1 - theta)/theta, M = Y^T X / n), whose global minimum "
-        "thresholds the singular values of M: s_i = (s_i(M) - kappa)_+, kappa = (lambda/k)||W||_* "
-        "(self-consistent; solved exactly). "
-        f"Deterministic GD on that objective matches the closed form to {worst_gd:.1e} (max abs) at every theta; "
-        f"SGD with real Bernoulli masks matches to {worst:.1e} (max abs over singular values), and its rank "
-        "(singular values above 1% of s_1(M)) equals the closed form's rank under the same threshold "
-        f"at {match}/{len(thetas)} keep probabilities (the exact closed-form rank counts every positive "
-        "(s_i(M) - kappa)_+, including values far below the noise level of SGD). "
-        "Lower keep probability -> larger threshold -> lower rank: dropout is an implicit nuclear-norm-type "
-        "(squared) regulariser. The real-mask solution is noisy at the 1e-3 level (finite steps, mask noise), "
-        "so its small singular values are not exactly 0; the rank uses a 1% threshold for that reason."
-    )
-    return Result(
-        name="dropout-lowrank",
-        config={
-            "data": "digits (1797), top 4 rows -> bottom 4 rows, whitened",
-            "k": k,
-            "d_in": X.shape[1],
-            "d_out": Y.shape[1],
-            "keep_probabilities": thetas,
-            "sgd_steps": steps,
-            "sgd_lr": 0.05,
-            "rank_threshold": "s_i > 0.01 * s_1(M)",
-        },
-        seeds=[seed],
-        metrics={
-            "max_abs_error_gd_vs_closed_form": worst_gd,
-            "max_abs_error_dropout_vs_closed_form": worst,
-            "rank_match_dropout_vs_closed_form": f"{match}/{len(thetas)}",
-            "s1_M": float(s_M[0]),
-        },
-        history={
-            "theta": thetas,
-            "rank_closed_form": rank_closed,
-            "rank_closed_form_thresholded": rank_closed_tol,
-            "rank_gd": rank_gd,
-            "rank_dropout": rank_drop,
-        },
-        tables=[
-            Table(
-                "Closed form vs GD on the regularizer vs dropout with real masks",
-                [
-                    "keep prob theta",
-                    "lambda",
-                    "kappa",
-                    "rank (closed form, exact)",
-                    "rank (closed form)",
-                    "rank (GD)",
-                    "rank (real masks)",
-                    "max |s_GD - s_cf|",
-                    "max |s_drop - s_cf|",
-                    "rel. error (drop)",
-                    "GD steps",
-                ],
-                rows,
-            ),
-            Table(
-                "Top-8 singular values side by side",
-                ["theta", "i", "s_i(M)", "closed form", "GD", "real masks"],
-                sv_rows,
-            ),
-        ],
-        plots=plots,
-        notes=notes,
-        wall_time_s=time.perf_counter() - t0,
-        environment=environment_info(),
-    )
+
+
+COLUMNS = [
+    "keep prob theta",
+    "lambda",
+    "kappa",
+    "rank (closed form, exact)",
+    "rank (closed form)",
+    "rank (GD)",
+    "rank (real masks)",
+    "max |s_GD - s_cf|",
+    "max |s_drop - s_cf|",
+    "rel. error (drop)",
+    "GD steps",
+]
+
+NOTES = (
+    "Dropout with keep probability theta on the k = 16 hidden units of y = U V^T x, inputs PCA-whitened "
+    "(X^T X / n = I, digits top half -> bottom half). The expected loss is ||M - UV^T||_F^2 + "
+    "lambda sum_i ||u_i||^2 ||v_i||^2 (lambda = (1 - theta)/theta, M = Y^T X / n), whose global minimum "
+    "thresholds the singular values of M: s_i = (s_i(M) - kappa)_+, kappa = (lambda/k)||W||_* "
+    "(self-consistent; solved exactly). Ranks other than the exact closed-form one count the singular values "
+    "above 1% of s_1(M); the exact closed-form rank counts every positive (s_i(M) - kappa)_+."
+)
+
+
+def run(quick: bool = False, seed: int = 0, progress: bool | None = None) -> Result:
+    cfg = Config.make(quick, seed)
+    with one_thread():
+        t0 = time.perf_counter()
+        seed_everything(seed)
+        X, Y = whitened_digits_regression()
+        M = Y.T @ X / len(X)
+        s_M = torch.linalg.svdvals(M)
+        rank_tol = cfg.rank_threshold * float(s_M[0])
+        thetas = list(cfg.thetas)
+        results = [
+            solve(theta, M, X, Y, cfg, rank_tol)
+            for theta in progress_bar(thetas, desc="keep probabilities", enabled=progress)
+        ]
+        sv_rows = [
+            [r.theta, i + 1, float(s_M[i]), float(r.s_closed[i]), float(r.s_gd[i]), float(r.s_dropout[i])]
+            for r in results
+            for i in range(8)
+        ]
+        match = sum(r.rank_dropout == r.rank_closed for r in results)
+        return Result(
+            name="dropout-lowrank",
+            config={
+                "data": "digits (1797), top 4 rows -> bottom 4 rows, whitened",
+                "k": cfg.k,
+                "d_in": X.shape[1],
+                "d_out": Y.shape[1],
+                "keep_probabilities": thetas,
+                "sgd_steps": cfg.sgd_steps,
+                "sgd_lr": cfg.sgd_lr,
+                "rank_threshold": "s_i > 0.01 * s_1(M)",
+            },
+            seeds=[seed],
+            metrics={
+                "max_abs_error_gd_vs_closed_form": max(r.max_error_gd for r in results),
+                "max_abs_error_dropout_vs_closed_form": max(r.max_error_dropout for r in results),
+                "rank_match_dropout_vs_closed_form": f"{match}/{len(thetas)}",
+                "s1_M": float(s_M[0]),
+            },
+            history={
+                "theta": thetas,
+                "rank_closed_form": [r.rank_exact for r in results],
+                "rank_closed_form_thresholded": [r.rank_closed for r in results],
+                "rank_gd": [r.rank_gd for r in results],
+                "rank_dropout": [r.rank_dropout for r in results],
+            },
+            tables=[
+                Table(
+                    "Closed form vs GD on the regularizer vs dropout with real masks",
+                    COLUMNS,
+                    [r.cells() for r in results],
+                ),
+                Table(
+                    "Top-8 singular values side by side",
+                    ["theta", "i", "s_i(M)", "closed form", "GD", "real masks"],
+                    sv_rows,
+                ),
+            ],
+            plots=plots_of(results, s_M),
+            notes=NOTES,
+            wall_time_s=time.perf_counter() - t0,
+            environment=environment_info(),
+        )

@@ -44,7 +44,11 @@ from ..progress import progress_bar
 from ..reproducibility import environment_info, one_thread
 from ..results import Plot, Result, Series, Table
 from .geometry_toy import provenance
-from .registry import register_experiment
+
+DESCRIPTION = (
+    "LowRankAdam vs factorized Adam, one factor at a time (second moment, basis step, S init, "
+    "weight decay, augment_every, warm-up), lr tuned on a validation split"
+)
 
 NAME = "geometric-ablation"
 
@@ -458,126 +462,152 @@ def study(cfg: AblationConfig, seed: int, quick: bool, progress: bool | None) ->
 
 
 # ----- write ------------------------------------------------------------------------------------------
-def _result(
-    cfg: AblationConfig,
-    seeds: list[int],
-    runs: list[Run],
-    chosen: dict,
-    extended: dict,
-    prov: dict,
-    quick: bool,
-    wall: float,
-) -> Result:
+@dataclass
+class ArmSummary:
+    """One (setting, arm) at its chosen lr over the seeds: one row of the first table."""
+
+    setting: str
+    factor: str
+    arm: str
+    lr: float
+    extended: str
+    val_acc: float
+    test_acc: float
+    test_acc_std: float
+    train_loss: float
+    train_loss_std: float
+    off_core_ratio: float | str
+    seconds: float
+
+
+def summarize_arm(setting: Setting, arm: Arm, runs: list[Run], lr: float, extended: str, seeds) -> ArmSummary:
+    at = [r for r in runs if r.setting == setting.key and r.arm == arm.key and r.lr == lr]
+    at = [next(r for r in at if r.seed == s) for s in seeds]
+    acc, loss = [r.test_acc for r in at], [r.train_loss for r in at]
+    return ArmSummary(
+        setting.key,
+        arm.factor,
+        arm.key,
+        lr,
+        extended,
+        at[0].val_acc,
+        statistics.fmean(acc),
+        statistics.stdev(acc) if len(acc) > 1 else 0.0,
+        statistics.fmean(loss),
+        statistics.stdev(loss) if len(loss) > 1 else 0.0,
+        "-" if at[0].off_core_ratio is None else at[0].off_core_ratio,
+        statistics.fmean(r.seconds for r in at),
+    )
+
+
+def arm_metrics(s: ArmSummary, first: Run) -> dict[str, float]:
+    prefix = f"{s.setting}.{s.arm}"
+    metrics = {
+        f"{prefix}.lr": s.lr,
+        f"{prefix}.val_accuracy": s.val_acc,
+        f"{prefix}.test_accuracy_mean": s.test_acc,
+        f"{prefix}.test_accuracy_std": s.test_acc_std,
+        f"{prefix}.train_loss_mean": s.train_loss,
+        f"{prefix}.train_loss_std": s.train_loss_std,
+        f"{prefix}.first_loss": first.curve[0],
+    }
+    if first.off_core_ratio is not None:
+        metrics[f"{prefix}.off_core_ratio"] = first.off_core_ratio
+    return metrics
+
+
+def grid_rows(setting: Setting, arm: Arm, runs: list[Run], seed: int) -> list[list]:
+    """The lr grid of one (setting, arm) on the first seed, by increasing lr."""
+    mine = [r for r in runs if r.setting == setting.key and r.arm == arm.key and r.seed == seed]
+    return [
+        [setting.key, arm.key, r.lr, r.val_loss, r.val_acc, r.train_loss]
+        + ["-" if r.off_core_ratio is None else r.off_core_ratio]
+        for r in sorted(mine, key=lambda r: r.lr)
+    ]
+
+
+PLOTTED_ARMS = (
+    "dense_adam",
+    "factorized_adam",
+    "lowrank_default",
+    "lowrank_elementwise",
+    "lowrank_basis_3",
+    "lowrank_elementwise_basis_3",
+)
+
+
+def setting_plots(setting: Setting, cfg: AblationConfig, summaries, curves, chosen, seeds) -> list[Plot]:
     arms = {a.key: a for a in cfg.arms}
-    metrics: dict[str, float] = {}
-    summary_rows, grid_rows = [], []
-    curves: dict[str, list[float]] = {}
-    for setting in cfg.settings:
-        for arm in cfg.arms:
-            lr = chosen[(setting.key, arm.key)]
-            at = [r for r in runs if r.setting == setting.key and r.arm == arm.key and r.lr == lr]
-            at = [next(r for r in at if r.seed == s) for s in seeds]
-            acc = [r.test_acc for r in at]
-            loss = [r.train_loss for r in at]
-            acc_std = statistics.stdev(acc) if len(acc) > 1 else 0.0
-            loss_std = statistics.stdev(loss) if len(loss) > 1 else 0.0
-            prefix = f"{setting.key}.{arm.key}"
-            metrics[f"{prefix}.lr"] = lr
-            metrics[f"{prefix}.val_accuracy"] = at[0].val_acc
-            metrics[f"{prefix}.test_accuracy_mean"] = statistics.fmean(acc)
-            metrics[f"{prefix}.test_accuracy_std"] = acc_std
-            metrics[f"{prefix}.train_loss_mean"] = statistics.fmean(loss)
-            metrics[f"{prefix}.train_loss_std"] = loss_std
-            metrics[f"{prefix}.first_loss"] = at[0].curve[0]
-            if at[0].off_core_ratio is not None:
-                metrics[f"{prefix}.off_core_ratio"] = at[0].off_core_ratio
-            summary_rows.append(
-                [
-                    setting.key,
-                    arm.factor,
-                    arm.key,
-                    lr,
-                    extended.get((setting.key, arm.key), "-"),
-                    at[0].val_acc,
-                    statistics.fmean(acc),
-                    acc_std,
-                    statistics.fmean(loss),
-                    loss_std,
-                    "-" if at[0].off_core_ratio is None else at[0].off_core_ratio,
-                    statistics.fmean(r.seconds for r in at),
-                ]
-            )
-            curves[prefix] = at[0].curve
-            for r in sorted(
-                (r for r in runs if r.setting == setting.key and r.arm == arm.key and r.seed == seeds[0]),
-                key=lambda r: r.lr,
-            ):
-                grid_rows.append(
-                    [
-                        setting.key,
-                        arm.key,
-                        r.lr,
-                        r.val_loss,
-                        r.val_acc,
-                        r.train_loss,
-                        "-" if r.off_core_ratio is None else r.off_core_ratio,
-                    ]
-                )
-    plots = []
-    for setting in cfg.settings:
-        series = []
-        for key in (
-            "dense_adam",
-            "factorized_adam",
-            "lowrank_default",
-            "lowrank_elementwise",
-            "lowrank_basis_3",
-            "lowrank_elementwise_basis_3",
-        ):
-            if key in arms:
-                c = curves[f"{setting.key}.{key}"]
-                series.append(
-                    Series(
-                        f"{arms[key].label} (lr {chosen[(setting.key, key)]:g})",
-                        [cfg.curve_every * (i + 1) for i in range(len(c))],
-                        c,
-                    )
-                )
-        plots.append(
-            Plot(
-                f"{setting.key}_loss",
-                f"{setting.key}: training loss at the validation-chosen lr (seed {seeds[0]})",
-                "line",
-                series,
-                xlabel="step",
-                ylabel=f"minibatch loss (mean of {cfg.curve_every} steps)",
-                logy=True,
-            )
+    series = [
+        Series(
+            f"{arms[key].label} (lr {chosen[(setting.key, key)]:g})",
+            [cfg.curve_every * (i + 1) for i in range(len(curves[f"{setting.key}.{key}"]))],
+            curves[f"{setting.key}.{key}"],
         )
-        accs = [metrics[f"{setting.key}.{a.key}.test_accuracy_mean"] for a in cfg.arms]
-        errs = [metrics[f"{setting.key}.{a.key}.test_accuracy_std"] for a in cfg.arms]
-        plots.append(
-            Plot(
-                f"{setting.key}_test_accuracy",
-                f"{setting.key}: test accuracy at the chosen lr (mean, std over {len(seeds)} seeds)",
-                "bar",
-                [Series("test accuracy", [a.key.replace("lowrank_", "") for a in cfg.arms], accs, errs)],
-                ylabel="test accuracy",
-            )
-        )
-    notes = (
+        for key in PLOTTED_ARMS
+        if key in arms
+    ]
+    mine = [summaries[(setting.key, a.key)] for a in cfg.arms]
+    bars = Series(
+        "test accuracy",
+        [a.key.replace("lowrank_", "") for a in cfg.arms],
+        [s.test_acc for s in mine],
+        [s.test_acc_std for s in mine],
+    )
+    return [
+        Plot(
+            f"{setting.key}_loss",
+            f"{setting.key}: training loss at the validation-chosen lr (seed {seeds[0]})",
+            "line",
+            series,
+            xlabel="step",
+            ylabel=f"minibatch loss (mean of {cfg.curve_every} steps)",
+            logy=True,
+        ),
+        Plot(
+            f"{setting.key}_test_accuracy",
+            f"{setting.key}: test accuracy at the chosen lr (mean, std over {len(seeds)} seeds)",
+            "bar",
+            [bars],
+            ylabel="test accuracy",
+        ),
+    ]
+
+
+SUMMARY_COLUMNS = [
+    "setting",
+    "factor",
+    "arm",
+    "lr",
+    "extended",
+    "val acc",
+    "test acc",
+    "std",
+    "train loss",
+    "loss std",
+    "off-core / core step",
+    "s/run",
+]
+GRID_COLUMNS = ["setting", "arm", "lr", "val loss", "val acc", "train loss", "off-core / core step"]
+
+
+def setting_notes(seed: int, command: str) -> str:
+    return (
         "Each arm varies one factor of LowRankAdam (or is a baseline). Learning rate: the best of the grid "
-        "on the validation split (rule in the config), seed " + str(seeds[0]) + "; 'extended' names the lr "
+        "on the validation split (rule in the config), seed " + str(seed) + "; 'extended' names the lr "
         "added when the best was at the grid's edge. "
         "'off-core / core step': for the first hidden layer, "
         "sqrt(sum_k ||dW_k - U U^T dW_k V V^T||^2 / sum_k ||U U^T dW_k V V^T||^2) over the steps k (U, V: the "
         "bases before step k), the size of the basis update relative to the update inside the current subspaces "
         "(first seed). Test accuracy and full-training-set loss: mean and std "
         "over the seeds at the chosen lr. Interpretation: docs/geometric-ablation.md. Reproduce: `"
-        + prov["command"]
+        + command
         + "`."
     )
-    config = {
+
+
+def config_of(cfg: AblationConfig, quick: bool, prov: dict) -> dict:
+    return {
         "settings": [asdict(s) for s in cfg.settings],
         "arms": [asdict(a) for a in cfg.arms],
         "lr_grid": list(cfg.lr_grid),
@@ -590,48 +620,52 @@ def _result(
         "quick": quick,
         **prov,
     }
+
+
+def _result(
+    cfg: AblationConfig,
+    seeds: list[int],
+    runs: list[Run],
+    chosen: dict,
+    extended: dict,
+    prov: dict,
+    quick: bool,
+    wall: float,
+) -> Result:
+    metrics: dict[str, float] = {}
+    summaries: dict[tuple[str, str], ArmSummary] = {}
+    grid: list[list] = []
+    curves: dict[str, list[float]] = {}
+    for setting in cfg.settings:
+        for arm in cfg.arms:
+            key, lr = (setting.key, arm.key), chosen[(setting.key, arm.key)]
+            s = summarize_arm(setting, arm, runs, lr, extended.get(key, "-"), seeds)
+            first = next(r for r in runs if (r.setting, r.arm, r.lr, r.seed) == (*key, lr, seeds[0]))
+            summaries[key] = s
+            metrics.update(arm_metrics(s, first))
+            curves[f"{setting.key}.{arm.key}"] = first.curve
+            grid += grid_rows(setting, arm, runs, seeds[0])
+    plots = [p for st in cfg.settings for p in setting_plots(st, cfg, summaries, curves, chosen, seeds)]
     return Result(
         name=NAME,
-        config=config,
+        config=config_of(cfg, quick, prov),
         seeds=seeds,
         metrics=metrics,
         tables=[
             Table(
                 "Chosen learning rate, test accuracy and training loss per arm",
-                [
-                    "setting",
-                    "factor",
-                    "arm",
-                    "lr",
-                    "extended",
-                    "val acc",
-                    "test acc",
-                    "std",
-                    "train loss",
-                    "loss std",
-                    "off-core / core step",
-                    "s/run",
-                ],
-                summary_rows,
+                SUMMARY_COLUMNS,
+                [list(vars(s).values()) for s in summaries.values()],
             ),
-            Table(
-                "Validation results over the learning-rate grid (first seed)",
-                ["setting", "arm", "lr", "val loss", "val acc", "train loss", "off-core / core step"],
-                grid_rows,
-            ),
+            Table("Validation results over the learning-rate grid (first seed)", GRID_COLUMNS, grid),
         ],
         history={"curves": curves, "runs": [asdict(r) | {"curve": None} for r in runs]},
         plots=plots,
-        notes=notes,
+        notes=setting_notes(seeds[0], prov["command"]),
         wall_time_s=wall,
         environment=environment_info(),
     )
 
 
-@register_experiment(
-    NAME,
-    "LowRankAdam vs factorized Adam, one factor at a time (second moment, basis step, S init, "
-    "weight decay, augment_every, warm-up), lr tuned on a validation split",
-)
 def run(quick: bool = False, seed: int = 0, progress: bool | None = None) -> Result:
     return study(QUICK if quick else FULL, seed, quick, progress)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass, field
 
 import torch
 
@@ -22,7 +23,8 @@ from ..layers import LowRankLinear
 from ..optim import LowRankAdam, LowRankSGD
 from ..reproducibility import environment_info, git_commit, one_thread
 from ..results import Plot, Result, Series, Table
-from .registry import register_demo_section, register_experiment
+
+DESCRIPTION = "Ill-conditioned low-rank targets: heavy ball / Adam on factors vs LowRankSGD / LowRankAdam"
 
 METHODS = (
     "heavy ball on factors",
@@ -47,6 +49,30 @@ QUICK_GRID = {
     "LowRankAdam (elementwise v)": [(1e-2, None), (3e-2, None)],
 }
 THRESHOLD = 1e-6
+PROBLEMS = ("approx", "regression")
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str = "geometry-toy"
+    quick: bool = False
+    seed: int = 0
+    kappas: list[float] = field(default_factory=lambda: [1e1, 1e3, 1e5])  # condition numbers of the target
+    steps: int = 200
+    m: int = 50
+    n: int = 40
+    r: int = 5
+    n_samples: int = 200  # rows of X in the regression problem
+
+    @classmethod
+    def make(cls, quick: bool, seed: int) -> Config:
+        if quick:
+            return cls(quick=True, seed=seed, kappas=[1e1, 1e5], steps=40, m=20, n=16, r=3, n_samples=60)
+        return cls(seed=seed)
+
+    @property
+    def grid(self) -> dict:
+        return QUICK_GRID if self.quick else GRID
 
 
 def provenance(name: str, quick: bool) -> dict[str, str]:
@@ -125,156 +151,169 @@ def run_one(
     return errors
 
 
-def geometry_study(
-    name: str, kappas: list[float], steps: int, m: int, n: int, r: int, n_samples: int, seed: int, quick: bool
-) -> Result:
-    grid = QUICK_GRID if quick else GRID
-    prov = provenance(name, quick)  # at the start: the commit of the code that runs
-    t0 = time.perf_counter()
-    rows, curves, final = [], {}, {}
-    with one_thread():
-        for problem in ("approx", "regression"):
-            for kappa in kappas:
-                g = torch.Generator().manual_seed(seed)
-                T = make_target(m, n, r, kappa, g)
-                X = (
-                    torch.randn(n_samples, n, generator=g, dtype=torch.float64)
-                    if problem == "regression"
-                    else None
-                )
-                init = _initial_layers(m, n, r, g)
-                for method in METHODS:
-                    best = None
-                    for lr, mom in grid[method]:
-                        errs = run_one(method, lr, mom, problem, T, X, init, steps)
-                        if best is None or errs[-1] < best[2][-1]:
-                            best = (lr, mom, errs)
-                    lr, mom, errs = best
-                    curves[(problem, kappa, method)] = errs
-                    final[(problem, kappa, method)] = errs[-1]
-                    hit = next((k for k, e in enumerate(errs) if e <= THRESHOLD), None)
-                    rows.append(
-                        [
-                            problem,
-                            f"{kappa:.0e}",
-                            method,
-                            lr,
-                            "-" if mom is None else mom,
-                            errs[-1],
-                            hit if hit is not None else f"> {steps}",
-                        ]
-                    )
-    plots = []
-    for problem in ("approx", "regression"):
+@dataclass
+class Cell:
+    """One (problem, kappa, method) at the best (lr, momentum) of its grid: one row of the table."""
+
+    problem: str
+    kappa: float
+    method: str
+    lr: float
+    momentum: float | None
+    errors: list[float]  # relative error at steps 0..steps
+
+    @property
+    def final(self) -> float:
+        return self.errors[-1]
+
+    def cells(self, steps: int) -> list:
+        hit = next((k for k, e in enumerate(self.errors) if e <= THRESHOLD), None)
+        momentum = "-" if self.momentum is None else self.momentum
+        return [self.problem, f"{self.kappa:.0e}", self.method, self.lr, momentum, self.final] + [
+            hit if hit is not None else f"> {steps}"
+        ]
+
+
+def best_of_grid(method: str, problem: str, kappa: float, T, X, init, cfg: Config) -> Cell:
+    best = None
+    for lr, mom in cfg.grid[method]:
+        errs = run_one(method, lr, mom, problem, T, X, init, cfg.steps)
+        if best is None or errs[-1] < best.final:
+            best = Cell(problem, kappa, method, lr, mom, errs)
+    return best
+
+
+def train_all(cfg: Config) -> dict[tuple, Cell]:
+    """(problem, kappa, method) -> the best run; every method of a (problem, kappa) from the same start."""
+    cells = {}
+    for problem in PROBLEMS:
+        for kappa in cfg.kappas:
+            g = torch.Generator().manual_seed(cfg.seed)
+            T = make_target(cfg.m, cfg.n, cfg.r, kappa, g)
+            X = (
+                torch.randn(cfg.n_samples, cfg.n, generator=g, dtype=torch.float64)
+                if problem == "regression"
+                else None
+            )
+            init = _initial_layers(cfg.m, cfg.n, cfg.r, g)
+            for method in METHODS:
+                cells[(problem, kappa, method)] = best_of_grid(method, problem, kappa, T, X, init, cfg)
+    return cells
+
+
+def plots_of(cfg: Config, cells: dict[tuple, Cell]) -> list[Plot]:
+    plots, kappas, kmax = [], cfg.kappas, cfg.kappas[-1]
+    for problem in PROBLEMS:
+        final = [
+            Series(meth, kappas, [max(cells[(problem, k, meth)].final, 1e-16) for k in kappas], style="o-")
+            for meth in METHODS
+        ]
         plots.append(
             Plot(
                 f"{problem}_final_error",
-                f"{problem}: relative error after {steps} steps (best lr) vs condition number",
+                f"{problem}: relative error after {cfg.steps} steps (best lr) vs condition number",
                 "line",
-                [
-                    Series(meth, kappas, [max(final[(problem, k, meth)], 1e-16) for k in kappas], style="o-")
-                    for meth in METHODS
-                ],
+                final,
                 xlabel="condition number of the target",
                 ylabel="||W - T|| / ||T||",
                 logx=True,
                 logy=True,
             )
         )
-        kmax = kappas[-1]
+        curves = [
+            Series(
+                meth,
+                list(range(cfg.steps + 1)),
+                [max(e, 1e-16) if math.isfinite(e) else None for e in cells[(problem, kmax, meth)].errors],
+            )
+            for meth in METHODS
+        ]
         plots.append(
             Plot(
                 f"{problem}_error_vs_step",
                 f"{problem}, kappa = {kmax:.0e}: relative error vs step (best lr)",
                 "line",
-                [
-                    Series(
-                        meth,
-                        list(range(steps + 1)),
-                        [max(e, 1e-16) if math.isfinite(e) else None for e in curves[(problem, kmax, meth)]],
-                    )
-                    for meth in METHODS
-                ],
+                curves,
                 xlabel="step",
                 ylabel="||W - T|| / ||T||",
                 logy=True,
             )
         )
+    return plots
+
+
+def setting_notes(cfg: Config, command: str) -> str:
+    """The setting, as run (no reading of the numbers: that is in docs/)."""
+    return (
+        f"Rank-{cfg.r} targets ({cfg.m} x {cfg.n}) with singular values log-spaced from 1 to 1/kappa; {cfg.steps} "
+        "steps from the same random rank-r start (singular values 1e-2); for each method, problem and kappa the "
+        "learning rate is the best of the grid (lowest final error); heavy ball and LowRankSGD choose momentum 0 or "
+        f"0.9 as well. 'steps to {THRESHOLD:g}' is the first step with relative error <= {THRESHOLD:g} (for kappa = "
+        "1e5 this needs the smallest singular value 1e-5 of the target to be found). "
+        f"Reproduce: `{command}`."
+    )
+
+
+COLUMNS = ["problem", "kappa", "method", "best lr", "momentum", "final error", f"steps to {THRESHOLD:g}"]
+
+
+def geometry_study(cfg: Config) -> Result:
+    prov = provenance(cfg.name, cfg.quick)  # at the start: the commit of the code that runs
+    t0 = time.perf_counter()
+    with one_thread():
+        cells = train_all(cfg)
+    kappas = cfg.kappas
     metrics = {
-        f"final_error_{p}_kappa{k:.0e}_{meth.replace(' ', '_')}": final[(p, k, meth)]
-        for p in ("approx", "regression")
+        f"final_error_{p}_kappa{k:.0e}_{meth.replace(' ', '_')}": cells[(p, k, meth)].final
+        for p in PROBLEMS
         for k in (kappas[0], kappas[-1])
         for meth in METHODS
     }
-    geo_worst = max(
-        final[(p, kappas[-1], meth)]
-        for p in ("approx", "regression")
-        for meth in ("LowRankSGD", "LowRankAdam")
-    )
-    fac_best = min(final[(p, kappas[-1], meth)] for p in ("approx", "regression") for meth in METHODS[:2])
-    notes = (
-        f"Rank-{r} targets ({m} x {n}) with singular values log-spaced from 1 to 1/kappa; {steps} steps from the "
-        "same random rank-r start (singular values 1e-2); for each method, problem and kappa the learning rate is "
-        "the best of the grid (lowest final error); heavy ball and LowRankSGD choose momentum 0 or 0.9 as well. "
-        f"At kappa = {kappas[-1]:.0e} the worst final error of the geometric optimizers is {geo_worst:.2e}; the best "
-        f"of the two factor methods is {fac_best:.2e}. 'steps to {THRESHOLD:g}' is the first step with relative error <= {THRESHOLD:g} (for kappa = 1e5 this "
-        "needs the smallest singular value 1e-5 of the target to be found). "
-        f"Reproduce: `{prov['command']}`."
-    )
     return Result(
-        name=name,
+        name=cfg.name,
         config={
-            "m": m,
-            "n": n,
-            "rank": r,
+            "m": cfg.m,
+            "n": cfg.n,
+            "rank": cfg.r,
             "kappas": kappas,
-            "steps": steps,
-            "n_samples": n_samples,
-            "grid": {k: [list(map(str, c)) for c in v] for k, v in grid.items()},
+            "steps": cfg.steps,
+            "n_samples": cfg.n_samples,
+            "grid": {k: [list(map(str, c)) for c in v] for k, v in cfg.grid.items()},
             "dtype": "float64",
             **prov,
         },
-        seeds=[seed],
+        seeds=[cfg.seed],
         metrics=metrics,
         tables=[
             Table(
                 "Final relative error with the best learning rate of the grid",
-                [
-                    "problem",
-                    "kappa",
-                    "method",
-                    "best lr",
-                    "momentum",
-                    "final error",
-                    f"steps to {THRESHOLD:g}",
-                ],
-                rows,
+                COLUMNS,
+                [c.cells(cfg.steps) for c in cells.values()],
             )
         ],
-        plots=plots,
-        notes=notes,
+        plots=plots_of(cfg, cells),
+        notes=setting_notes(cfg, prov["command"]),
         wall_time_s=time.perf_counter() - t0,
         environment=environment_info(),
     )
 
 
-@register_experiment(
-    "geometry-toy",
-    "Ill-conditioned low-rank targets: heavy ball / Adam on factors vs LowRankSGD / LowRankAdam",
-)
 def run(quick: bool = False, seed: int = 0, progress: bool | None = None) -> Result:
-    if quick:
-        return geometry_study(
-            "geometry-toy", [1e1, 1e5], steps=40, m=20, n=16, r=3, n_samples=60, seed=seed, quick=True
-        )
-    return geometry_study(
-        "geometry-toy", [1e1, 1e3, 1e5], steps=200, m=50, n=40, r=5, n_samples=200, seed=seed, quick=False
-    )
+    return geometry_study(Config.make(quick, seed))
 
 
-@register_demo_section("geometry", order=30)
 def demo_geometry(progress: bool | None = None) -> Result:
     """Rank-3 targets of condition number 10 and 1e5: factor optimizers vs the geometric ones (~10 s)."""
     return geometry_study(
-        "demo-geometry", [1e1, 1e5], steps=40, m=20, n=16, r=3, n_samples=60, seed=0, quick=True
+        Config(
+            name="demo-geometry",
+            quick=True,
+            seed=0,
+            kappas=[1e1, 1e5],
+            steps=40,
+            m=20,
+            n=16,
+            r=3,
+            n_samples=60,
+        )
     )

@@ -45,7 +45,11 @@ from ..reproducibility import environment_info, one_thread
 from ..results import Plot, Result, Series, Table
 from ..targets import find_targets
 from .geometry_toy import provenance
-from .registry import register_experiment
+
+DESCRIPTION = (
+    "byte-level Llama pre-training on Rotten Tomatoes at 25/50% of the projection "
+    "weights: dense / factorized AdamW, LowRankAdam fixed and rank-adaptive, GaLoreAdamW"
+)
 
 
 @dataclass
@@ -491,13 +495,51 @@ def tuning_table(tuning: list[dict], chosen: list[dict]) -> Table:
     )
 
 
-def lm_study(name: str, cfg: LMConfig, quick: bool, progress: bool | None = None) -> Result:
-    t0 = time.perf_counter()
-    prov = provenance(name, quick)  # at the start: the commit of the code that runs
-    device = torch.device(
-        ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+COLUMNS = [
+    "method",
+    "fraction",
+    "budget kind",
+    "lr",
+    "lr at grid edge",
+    "params (total)",
+    "projection params",
+    "kept",
+    "ranks (seed 0)",
+    "optimizer state",
+    "val nats/byte",
+    "val std",
+    "test nats/byte",
+    "test std",
+    "drop, last fifth",
+    "train s",
+    "seeds",
+]
+
+
+def setting_notes(cfg: LMConfig, corpus, ranks_text: str, dense_targeted: int, device, command: str) -> str:
+    """The setting, as run (no reading of the numbers: that is in docs/)."""
+    grid_text = (
+        "a fixed value per method (quick)" if cfg.fixed_lr else " / ".join(f"{lr:g}" for lr in cfg.lr_grid)
     )
-    corpus = load_rotten_tomatoes_bytes()  # a fixed split (seed 0) for every seed
+    return (
+        f"Byte-level Llama ({cfg.layers} layers, hidden {cfg.hidden}, MLP {cfg.intermediate}, {cfg.heads} heads, "
+        f"context {cfg.seq_len} bytes) trained from scratch for {cfg.steps} steps of {cfg.batch} windows on the "
+        f"Rotten Tomatoes snippets ({len(corpus.train)} / {len(corpus.val)} / {len(corpus.test)} train / val / test "
+        f"bytes, split by snippet). 'fraction' is the budget p of every attention and MLP projection "
+        f"(rank floor(p m n / (m + n + 1)); ranks per budget: {ranks_text}); 'kept' = the projections' parameters at the end "
+        f"over their {dense_targeted} dense parameters. GaLoreAdamW keeps the dense parameters: its budget is its "
+        f"optimizer state (column 'optimizer state', numbers held). The rank-adaptive arm starts at the budget "
+        f"ranks with max_rank = those ranks and tau = {cfg.tau}. Learning rates: the best final validation loss of "
+        f"seed {cfg.seeds[0]} over {grid_text}; 'at grid "
+        f"edge' marks a choice at the end of the grid. Validation: {cfg.eval_seqs} fixed windows; test: "
+        f"{cfg.test_seqs} windows of the test split, evaluated only on the chosen runs. 'drop, last fifth' = "
+        f"validation loss at step {last_fifth_step(cfg)} minus the final one. Training seconds were measured on {device.type} with torch on one CPU thread, comparable only within "
+        f"this run. Reproduce: `{command}`."
+    )
+
+
+def train_study(cfg: LMConfig, corpus, device, name: str, progress: bool | None):
+    """Every arm trained (lr tuned on the first seed); (bases, budget ranks, tuning runs, chosen runs)."""
     n_runs = sum(len(lr_candidates(cfg, m)) + len(cfg.seeds) - 1 for m, _ in arms(cfg))
     with one_thread():
         bases = {s: build_model(cfg, s).to(device) for s in cfg.seeds}
@@ -515,47 +557,21 @@ def lm_study(name: str, cfg: LMConfig, quick: bool, progress: bool | None = None
         }
         tuning, chosen = run_all(cfg, ctx)
         ctx["bar"].close()
+    return bases, ranks, tuning, chosen
+
+
+def lm_study(name: str, cfg: LMConfig, quick: bool, progress: bool | None = None) -> Result:
+    t0 = time.perf_counter()
+    prov = provenance(name, quick)  # at the start: the commit of the code that runs
+    device = torch.device(
+        ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    )
+    corpus = load_rotten_tomatoes_bytes()  # a fixed split (seed 0) for every seed
+    bases, ranks, tuning, chosen = train_study(cfg, corpus, device, name, progress)
     dense_targeted = targeted_params(bases[cfg.seeds[0]])
     rows, metrics = summarize(cfg, chosen, dense_targeted)
     budget_ranks_table = {str(p): sorted(set(r.values())) for p, r in ranks.items() if r}
     ranks_text = ", ".join(f"p = {p}: " + " / ".join(map(str, r)) for p, r in budget_ranks_table.items())
-    grid_text = (
-        "a fixed value per method (quick)" if cfg.fixed_lr else " / ".join(f"{lr:g}" for lr in cfg.lr_grid)
-    )
-    notes = (
-        f"Byte-level Llama ({cfg.layers} layers, hidden {cfg.hidden}, MLP {cfg.intermediate}, {cfg.heads} heads, "
-        f"context {cfg.seq_len} bytes) trained from scratch for {cfg.steps} steps of {cfg.batch} windows on the "
-        f"Rotten Tomatoes snippets ({len(corpus.train)} / {len(corpus.val)} / {len(corpus.test)} train / val / test "
-        f"bytes, split by snippet). 'fraction' is the budget p of every attention and MLP projection "
-        f"(rank floor(p m n / (m + n + 1)); ranks per budget: {ranks_text}); 'kept' = the projections' parameters at the end "
-        f"over their {dense_targeted} dense parameters. GaLoreAdamW keeps the dense parameters: its budget is its "
-        f"optimizer state (column 'optimizer state', numbers held). The rank-adaptive arm starts at the budget "
-        f"ranks with max_rank = those ranks and tau = {cfg.tau}. Learning rates: the best final validation loss of "
-        f"seed {cfg.seeds[0]} over {grid_text}; 'at grid "
-        f"edge' marks a choice at the end of the grid. Validation: {cfg.eval_seqs} fixed windows; test: "
-        f"{cfg.test_seqs} windows of the test split, evaluated only on the chosen runs. 'drop, last fifth' = "
-        f"validation loss at step {last_fifth_step(cfg)} minus the final one. Training seconds were measured on {device.type} with torch on one CPU thread, comparable only within "
-        f"this run. Reproduce: `{prov['command']}`."
-    )
-    columns = [
-        "method",
-        "fraction",
-        "budget kind",
-        "lr",
-        "lr at grid edge",
-        "params (total)",
-        "projection params",
-        "kept",
-        "ranks (seed 0)",
-        "optimizer state",
-        "val nats/byte",
-        "val std",
-        "test nats/byte",
-        "test std",
-        "drop, last fifth",
-        "train s",
-        "seeds",
-    ]
     return Result(
         name=name,
         config={
@@ -570,22 +586,17 @@ def lm_study(name: str, cfg: LMConfig, quick: bool, progress: bool | None = None
         seeds=list(cfg.seeds),
         metrics=metrics,
         tables=[
-            Table("Validation / test loss at a parameter budget (mean over seeds)", columns, rows),
+            Table("Validation / test loss at a parameter budget (mean over seeds)", COLUMNS, rows),
             tuning_table(tuning, chosen),
         ],
         history={"runs": chosen, "tuning": [{k: v for k, v in r.items()} for r in tuning]},
         plots=curve_plots(cfg, chosen),
-        notes=notes,
+        notes=setting_notes(cfg, corpus, ranks_text, dense_targeted, device, prov["command"]),
         wall_time_s=time.perf_counter() - t0,
         environment=environment_info(),
     )
 
 
-@register_experiment(
-    "lowrank-lm",
-    "byte-level Llama pre-training on Rotten Tomatoes at 25/50% of the projection "
-    "weights: dense / factorized AdamW, LowRankAdam fixed and rank-adaptive, GaLoreAdamW",
-)
 def run(quick: bool = False, seed: int = 0, progress: bool | None = None) -> Result:
     if quick:
         return lm_study(

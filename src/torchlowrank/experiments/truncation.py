@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import time
+from dataclasses import dataclass, field
 
 from ..compress import count_parameters, truncate
 from ..data import ImageData, load_digits, load_fashion_mnist
@@ -19,73 +20,122 @@ from ..models import MLP
 from ..ranks import singular_values, spectrum
 from ..reproducibility import environment_info, seed_everything
 from ..results import Plot, Result, Series, Table
-from .registry import register_demo_section, register_experiment
 from .training import accuracy, fit_classifier
 
+DESCRIPTION = "Fashion-MNIST MLP: accuracy vs kept parameter fraction, uniform vs energy rank allocation"
 
-def truncation_study(
-    name: str,
-    data: ImageData,
-    hidden: tuple[int, ...],
-    epochs: int,
-    fractions: list[float],
-    seed: int,
-    lr: float = 1e-3,
-    finetune_epochs: int = 1,
-    progress: bool | None = None,
-) -> Result:
-    t0 = time.perf_counter()
-    seed_everything(seed)
-    x_train, x_test = data.flat()
-    model = MLP(x_train.shape[1], hidden, data.num_classes)
-    fit_classifier(
-        model, x_train, data.y_train, epochs=epochs, lr=lr, seed=seed, progress=progress, desc="dense"
-    )
-    dense_acc = accuracy(model, x_test, data.y_test)
-    dense_params = count_parameters(model)
-    table = spectrum(model, top_k=5)
 
-    rows, acc_by = [], {"uniform": [], "energy": []}
-    for p in fractions:
-        for allocation in ("uniform", "energy"):
+# --------------------------------------------------------------------------------------- config
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str = "truncation-sweep"
+    dataset: str = "fashion-mnist"  # or "digits"
+    n_train: int = 20000  # Fashion-MNIST training images
+    hidden: tuple[int, ...] = (512, 256)
+    epochs: int = 8
+    fractions: list[float] = field(default_factory=lambda: [0.5, 0.25, 0.1, 0.05, 0.02])  # kept parameters
+    seed: int = 0
+    lr: float = 1e-3
+    finetune_epochs: int = 1  # at lr / 10, after truncation
+
+    @classmethod
+    def make(cls, quick: bool, seed: int) -> Config:
+        if quick:
+            return cls(dataset="digits", hidden=(256, 256), epochs=15, fractions=[0.5, 0.25, 0.1], seed=seed)
+        return cls(seed=seed)
+
+    @classmethod
+    def demo(cls) -> Config:
+        return cls(
+            name="demo-truncation", dataset="digits", hidden=(256, 256), epochs=30, fractions=[0.5, 0.25]
+        )
+
+
+ALLOCATIONS = ("uniform", "energy")
+TARGETS = r"features\..*"
+
+
+def load_data(cfg: Config, demo: bool = False) -> ImageData:
+    if cfg.dataset == "digits":
+        return load_digits() if demo else load_digits(seed=cfg.seed)
+    return load_fashion_mnist(n_train=cfg.n_train, seed=cfg.seed)
+
+
+# ----------------------------------------------------------------------------------- train, truncate
+
+
+@dataclass
+class Truncated:
+    """The dense model truncated to one kept fraction with one rank allocation: one table row."""
+
+    fraction: float
+    allocation: str
+    ranks: str  # per targeted layer, " / "-separated
+    params_after: int
+    actual_fraction: float
+    accuracy: float  # right after truncation
+    accuracy_finetuned: float  # after the short fine-tuning
+
+
+def truncate_and_finetune(model, x_train, x_test, data: ImageData, cfg: Config, progress) -> list[Truncated]:
+    out = []
+    for p in cfg.fractions:
+        for allocation in ALLOCATIONS:
             m = copy.deepcopy(model)
-            report = truncate(m, p, targets=r"features\..*", allocation=allocation)
+            report = truncate(m, p, targets=TARGETS, allocation=allocation)
             acc_trunc = accuracy(m, x_test, data.y_test)
             fit_classifier(
                 m,
                 x_train,
                 data.y_train,
-                epochs=finetune_epochs,
-                lr=lr / 10,
-                seed=seed,
+                epochs=cfg.finetune_epochs,
+                lr=cfg.lr / 10,
+                seed=cfg.seed,
                 progress=progress,
                 desc=f"finetune {p:g} {allocation}",
             )
             acc_ft = accuracy(m, x_test, data.y_test)
-            acc_by[allocation].append(acc_trunc)
-            rows.append(
-                [
-                    p,
-                    allocation,
-                    " / ".join(str(r) for r in report.ranks.values()),
-                    report.targeted_params_after,
-                    round(report.targeted_params_after / report.targeted_params_before, 4),
-                    acc_trunc,
-                    acc_ft,
-                ]
-            )
+            ranks = " / ".join(str(r) for r in report.ranks.values())
+            kept = round(report.targeted_params_after / report.targeted_params_before, 4)
+            out.append(Truncated(p, allocation, ranks, report.targeted_params_after, kept, acc_trunc, acc_ft))
+    return out
 
-    plots = [
+
+# ----------------------------------------------------------------------------------------- write
+
+COLUMNS = [
+    "kept fraction",
+    "allocation",
+    "ranks per layer",
+    "params after",
+    "actual fraction",
+    "accuracy (truncated)",
+    "accuracy (+fine-tune)",
+]
+
+
+def plots_of(model, spectra_table, results: list[Truncated], cfg: Config, dense_acc: float) -> list[Plot]:
+    modules = dict(model.named_modules())
+    spectra = [
+        Series(
+            r.name + f" ({'x'.join(map(str, r.shape))})",
+            list(range(1, len(sv) + 1)),
+            sv,
+        )
+        for r, sv in ((r, singular_values(modules[r.name].weight).tolist()) for r in spectra_table)
+    ]
+    acc = [
+        Series(a, cfg.fractions, [t.accuracy for t in results if t.allocation == a], style="o-")
+        for a in ALLOCATIONS
+    ]
+    return [
         Plot(
             "spectra",
             "Singular values of the trained weights",
             "line",
-            [
-                Series(r.name + f" ({'x'.join(map(str, r.shape))})", list(range(1, len(sv) + 1)), sv)
-                for r, sv in (
-                    (r, singular_values(dict(model.named_modules())[r.name].weight).tolist()) for r in table
-                )
-            ],
+            spectra,
             xlabel="index i",
             ylabel="singular value s_i",
             logy=True,
@@ -94,50 +144,58 @@ def truncation_study(
             "accuracy",
             "Test accuracy after SVD truncation (no fine-tuning)",
             "line",
-            [Series(a, fractions, acc_by[a], style="o-") for a in ("uniform", "energy")],
+            acc,
             xlabel="fraction of parameters kept",
             ylabel="test accuracy",
             logx=True,
             hlines={f"dense {dense_acc:.3f}": dense_acc},
         ),
     ]
+
+
+def truncation_study(cfg: Config, data: ImageData, progress: bool | None = None) -> Result:
+    t0 = time.perf_counter()
+    seed_everything(cfg.seed)
+    x_train, x_test = data.flat()
+    model = MLP(x_train.shape[1], cfg.hidden, data.num_classes)
+    fit_classifier(
+        model,
+        x_train,
+        data.y_train,
+        epochs=cfg.epochs,
+        lr=cfg.lr,
+        seed=cfg.seed,
+        progress=progress,
+        desc="dense",
+    )
+    dense_acc = accuracy(model, x_test, data.y_test)
+    dense_params = count_parameters(model)
+    table = spectrum(model, top_k=5)
+    results = truncate_and_finetune(model, x_train, x_test, data, cfg, progress)
+    by = {
+        f"accuracy_{a}_{t.fraction:g}": t.accuracy for a in ALLOCATIONS for t in results if t.allocation == a
+    }
     return Result(
-        name=name,
+        name=cfg.name,
         config={
             "dataset": "digits" if x_train.shape[1] == 64 else "fashion-mnist",
-            "hidden": list(hidden),
-            "epochs": epochs,
-            "lr": lr,
-            "finetune_epochs": finetune_epochs,
-            "finetune_lr": lr / 10,
+            "hidden": list(cfg.hidden),
+            "epochs": cfg.epochs,
+            "lr": cfg.lr,
+            "finetune_epochs": cfg.finetune_epochs,
+            "finetune_lr": cfg.lr / 10,
             "n_train": len(x_train),
             "n_test": len(x_test),
         },
-        seeds=[seed],
-        metrics={
-            "dense_test_accuracy": dense_acc,
-            "dense_parameters": dense_params,
-            **{f"accuracy_{a}_{p:g}": acc_by[a][i] for a in acc_by for i, p in enumerate(fractions)},
-        },
+        seeds=[cfg.seed],
+        metrics={"dense_test_accuracy": dense_acc, "dense_parameters": dense_params, **by},
         tables=[
             Table("Spectra of the trained dense weights", table.columns, table.rows()),
-            Table(
-                "Truncation to a parameter budget",
-                [
-                    "kept fraction",
-                    "allocation",
-                    "ranks per layer",
-                    "params after",
-                    "actual fraction",
-                    "accuracy (truncated)",
-                    "accuracy (+fine-tune)",
-                ],
-                rows,
-            ),
+            Table("Truncation to a parameter budget", COLUMNS, [list(vars(t).values()) for t in results]),
         ],
-        plots=plots,
+        plots=plots_of(model, table, results, cfg, dense_acc),
         notes=(
-            f"A dense MLP {list(hidden)} reaches {dense_acc:.3f} test accuracy. Each targeted layer is "
+            f"A dense MLP {list(cfg.hidden)} reaches {dense_acc:.3f} test accuracy. Each targeted layer is "
             "replaced by its best rank-k approximation (truncated SVD, Eckart-Young); the classifier head "
             "stays dense. 'actual fraction' counts the stored U, S, V and bias against the dense hidden layers."
         ),
@@ -146,42 +204,12 @@ def truncation_study(
     )
 
 
-@register_demo_section("truncation", order=0)
 def demo_truncation(progress: bool | None = None) -> Result:
     """Digits: train an MLP, show its spectra, truncate to 50% and 25% of the parameters."""
-    return truncation_study(
-        "demo-truncation",
-        load_digits(),
-        hidden=(256, 256),
-        epochs=30,
-        fractions=[0.5, 0.25],
-        seed=0,
-        progress=progress,
-    )
+    cfg = Config.demo()
+    return truncation_study(cfg, load_data(cfg, demo=True), progress=progress)
 
 
-@register_experiment(
-    "truncation-sweep",
-    "Fashion-MNIST MLP: accuracy vs kept parameter fraction, uniform vs energy rank allocation",
-)
 def run(quick: bool = False, seed: int = 0, progress: bool | None = None) -> Result:
-    if quick:
-        return truncation_study(
-            "truncation-sweep",
-            load_digits(seed=seed),
-            hidden=(256, 256),
-            epochs=15,
-            fractions=[0.5, 0.25, 0.1],
-            seed=seed,
-            progress=progress,
-        )
-    data = load_fashion_mnist(n_train=20000, seed=seed)
-    return truncation_study(
-        "truncation-sweep",
-        data,
-        hidden=(512, 256),
-        epochs=8,
-        fractions=[0.5, 0.25, 0.1, 0.05, 0.02],
-        seed=seed,
-        progress=progress,
-    )
+    cfg = Config.make(quick, seed)
+    return truncation_study(cfg, load_data(cfg), progress=progress)
