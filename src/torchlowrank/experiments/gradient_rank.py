@@ -299,17 +299,20 @@ def run(quick: bool = False, seed: int = 0, progress: bool | None = None) -> Res
 
 # ------------------------------------------------------------------------------------ demo section
 
-DEMO_COLUMNS = [
-    "layer",
-    "shape",
-    "full rank",
-    "weight stable rank (0)",
-    "weight stable rank ({last})",
-    "update stable rank",
-    "update numerical rank",
-    "grad stable rank (median)",
-    "angle to step-0 top-8 subspace (rad)",
-]
+
+def demo_columns(last: int) -> list[str]:
+    """The demo table's columns; ``last`` is the step of the final record."""
+    return [
+        "layer",
+        "shape",
+        "full rank",
+        "weight stable rank (0)",
+        f"weight stable rank ({last})",
+        "update stable rank",
+        "update numerical rank",
+        "grad stable rank (median)",
+        "angle to step-0 top-8 subspace (rad)",
+    ]
 
 
 def _demo_rows(tracker: SpectrumTracker) -> list[list]:
@@ -372,7 +375,7 @@ def demo_tracker(progress: bool | None = None) -> Result:
         tables=[
             Table(
                 f"Ranks over training (step 0 -> {last})",
-                [c.format(last=last) for c in DEMO_COLUMNS],
+                demo_columns(last),
                 _demo_rows(tracker),
             )
         ],
