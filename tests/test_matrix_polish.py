@@ -4,6 +4,7 @@ when the polished solution fits to tol (the trainer re-checks it), and never on 
 
 import warnings
 
+import pytest
 import torch
 
 from torchlowrank.experiments.unknown_rank import make_problem
@@ -53,6 +54,7 @@ def test_a_decaying_spectrum_recovers_with_default_arguments_long_before_the_bud
     assert torch.linalg.matrix_rank(X @ Bt.T, rtol=1e-8) == 5
 
 
+@pytest.mark.slow
 def test_the_adaptive_step_escapes_sooner_than_the_fixed_step_and_never_raises_the_loss():
     M, mask = _data()
     with warnings.catch_warnings():

@@ -70,6 +70,7 @@ def test_rho_recursion_closed_form_without_weight_decay():
         assert abs(float(rho[t]) - x) < 1e-16
 
 
+@pytest.mark.slow
 def test_dmf_invariance_quick_reproduction_confirms_the_theorem(tmp_path):
     from torchlowrank.experiments import get_experiment
     from torchlowrank.report import write_report

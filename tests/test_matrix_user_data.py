@@ -40,6 +40,7 @@ def _quiet_complete(*args, **kwargs):
 
 
 @pytest.mark.parametrize("offset", [0.0, 3.0])
+@pytest.mark.slow
 def test_complete_gives_the_same_relative_error_at_every_scale_from_1e_minus4_to_1e4(offset):
     M, mask = _data(well_conditioned=True)
     runs = {}
