@@ -176,6 +176,12 @@ def _adaptive_worker(rank, world, out, wrap, kind):
         },
         out / f"{wrap}_{kind}{rank}.pt",
     )
+    if (wrap, kind) == RUNS[0]:  # a distributed checkpoint written after the rank changes
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        msd, osd = get_state_dict(model, opt)
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=out / "ckpt")
 
 
 def _refusals_worker(rank, world, out):
@@ -277,6 +283,31 @@ def test_rank_changes_under_fsdp_equal_one_process_rank_adaptive_run(fsdp_out, w
         for key, v in st.items():
             torch.testing.assert_close(got[0]["others"][name][key], v, **TOL, msg=f"{name} {key}")
     assert got[0]["model"]["calls"] == STEPS_OF.get(kind, STEPS)  # buffers carried over
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_a_checkpoint_written_after_rank_changes_resumes_in_a_model_built_at_the_saved_ranks(fsdp_out):
+    """The saved ranks from the checkpoint's metadata, resize_to_state_dict, then DCP's loading
+    (here in one plain process): the weights and moments of the sharded run."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    meta = dcp.FileSystemReader(fsdp_out / "ckpt").read_metadata().state_dict_metadata
+    model = _model()
+    tlr.optim.resize_to_state_dict(
+        model, {k: torch.empty(meta[f"model.{k}"].size) for k in ("0.S", "2.S", "4.S")}
+    )
+    opt = OPTS["adam"](model)
+    msd, osd = get_state_dict(model, opt)
+    dcp.load({"model": msd, "optim": osd}, checkpoint_id=fsdp_out / "ckpt")
+    set_state_dict(model, opt, model_state_dict=msd, optim_state_dict=osd)
+    got = torch.load(fsdp_out / f"{RUNS[0][0]}_{RUNS[0][1]}0.pt", weights_only=True)
+    assert _ranks(model) == got["ranks"][-1] != _ranks(_model())
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, got["model"][k], atol=0, rtol=0, msg=k)
+    for name, moments in _unit_state(opt).items():
+        for key, v in moments.items():
+            torch.testing.assert_close(v, got["units"][name][key], atol=0, rtol=0, msg=f"{name} {key}")
 
 
 def test_what_the_re_shard_point_cannot_take_is_refused_with_what_to_do(fsdp_out):
