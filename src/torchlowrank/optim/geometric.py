@@ -955,6 +955,10 @@ def reshard_after_rank_change(
     if any(optimizer._units[name] is not layer for name, layer in units):
         raise ValueError("the optimizer was not built on this model (its low-rank layers are other objects)")
     fresh = build()
+    trained = dict(model.named_parameters())
+    for key, p in fresh.named_parameters():  # frozen as in the trained model (FSDP2 keeps the flag)
+        if key in trained:
+            p.requires_grad_(trained[key].requires_grad)
     fresh_units, _ = _collect(fresh)
     if dict(fresh_units).keys() != optimizer._units.keys():
         raise ValueError(
@@ -979,11 +983,13 @@ def reshard_after_rank_change(
     sharded = shard(fresh)
     fresh = fresh if sharded is None else sharded
     # every process writes its own rows: the pending factors of the resized layers, the rest as is
-    source = dict(model.named_parameters())
+    source = {key: p.detach() for key, p in trained.items()}
+    whole = set()  # the resized layers' s (k,): whole, each process writes its slice
     for name, (U, s, V) in optimizer._pending.items():
         prefix = next(n for n, m in model.named_modules() if m is optimizer._units[name])
         prefix = f"{prefix}." if prefix else ""
         source[prefix + "U"], source[prefix + "S"], source[prefix + "V"] = U, s, V
+        whole.add(prefix + "S")
     targets = dict(fresh.named_parameters())
     if targets.keys() != source.keys():
         raise ValueError(
@@ -991,18 +997,17 @@ def reshard_after_rank_change(
             "differ from the trained model's: build the same architecture"
         )
     for key, target in targets.items():
-        src = source[key]
-        if shf.is_dtensor(src) or not shf.is_dtensor(target) or target.ndim != 1 or src.ndim != 1:
-            src_local, dst_local = shf.local(src.detach()), shf.local(target)
-            if src_local.shape != dst_local.shape:
-                raise ValueError(
-                    f"shard(): parameter {key!r} holds a block of {tuple(dst_local.shape)} on this process, "
-                    f"the trained model {tuple(src_local.shape)}: shard the rebuilt model as the original "
-                    "(same fully_shard calls and meshes)"
-                )
-            dst_local.copy_(src_local)
-        else:  # a resized layer's s (k,), whole: this process's slice of it
-            shf.write_vector_(target, src)
+        if key in whole:
+            shf.write_vector_(target, source[key])
+            continue
+        src_local, dst_local = shf.local(source[key]), shf.local(target)
+        if src_local.shape != dst_local.shape:
+            raise ValueError(
+                f"shard(): parameter {key!r} holds a block of {tuple(dst_local.shape)} on this process, "
+                f"the trained model {tuple(src_local.shape)}: shard the rebuilt model as the original "
+                "(same fully_shard calls and meshes)"
+            )
+        dst_local.copy_(src_local)
     buffers = dict(model.named_buffers())
     for key, target in fresh.named_buffers():
         if key not in buffers or buffers[key].shape != target.shape:
