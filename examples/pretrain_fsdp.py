@@ -9,8 +9,10 @@ Every attention and MLP projection is a ``LowRankLinear`` (W = U diag(S) V^T, ``
 each decoder layer and the root model are wrapped in ``fully_shard``, so U and V are sharded by rows
 over the processes. LowRankAdam steps the sharded factors directly: the sums over rows it needs (r x r
 Gram matrices) are all-reduced, the 2r x 2r core is computed identically on every process, and the
-moments are r x r per layer. Ranks are fixed (``tau = 0``): rank-adaptive training runs under DDP
-(examples/pretrain_lowrank_ddp.py) or in one process. ``--batch-size`` is the global batch; each
+moments are r x r per layer. Ranks are fixed by default; ``--tau 0.05 --rank-every 20`` trains rank
+adaptively: FSDP2 cannot resize a sharded parameter, so after a step that changed a rank the loop
+calls the re-shard point ``tlr.optim.reshard_after_rank_change`` (the model rebuilt at the new ranks
+and sharded again; the optimizer, the same object, re-pointed at it). ``--batch-size`` is the global batch; each
 process takes its slice, so the losses equal the one-process run up to rounding. With ``--out``,
 rank 0 writes ``<out>/result.json`` and the model and optimizer state go to ``<out>/checkpoint``
 through ``torch.distributed.checkpoint`` (loadable on any number of processes).
@@ -44,12 +46,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--rank", type=int, default=16, help="rank of every projection")
     p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--tau", type=float, default=0.0, help="> 0: rank adaptive (LowRankAdam's tau)")
+    p.add_argument("--rank-every", type=int, default=20, help="with --tau: steps between rank decisions")
     p.add_argument("--data", choices=["text", "synthetic"], default="text")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
     p.add_argument("--out", type=Path, default=None, help="write result.json and a DCP checkpoint here")
     args = p.parse_args(argv)
-    for name in ("steps", "batch_size", "seq_len", "hidden", "intermediate", "layers", "heads", "rank"):
+    for name in (
+        "steps",
+        "batch_size",
+        "seq_len",
+        "hidden",
+        "intermediate",
+        "layers",
+        "heads",
+        "rank",
+        "rank_every",
+    ):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     return args
@@ -109,14 +123,23 @@ def main(argv=None) -> dict:
     if args.batch_size % world:
         raise SystemExit(f"--batch-size {args.batch_size} must be a multiple of the {world} processes")
     try:
-        model = build_model(args).to(device)
-        if distributed:
-            from torch.distributed.fsdp import fully_shard
 
-            for layer in model.model.layers:  # one all-gather / reduce-scatter per decoder layer
-                fully_shard(layer)
-            fully_shard(model)
-        opt = tlr.optim.LowRankAdam(model, lr=args.lr)  # after fully_shard: it steps the sharded factors
+        def build() -> nn.Module:
+            return build_model(args).to(device)
+
+        def shard(model: nn.Module) -> nn.Module:
+            if distributed:
+                from torch.distributed.fsdp import fully_shard
+
+                for layer in model.model.layers:  # one all-gather / reduce-scatter per decoder layer
+                    fully_shard(layer)
+                fully_shard(model)
+            return model
+
+        model = shard(build())
+        # after fully_shard: it steps the sharded factors; reshard=True: rank changes at the re-shard point
+        opt = tlr.optim.LowRankAdam(model, lr=args.lr, tau=args.tau, rank_every=args.rank_every, reshard=True)
+        rank_changes = 0
         data = batches(
             token_stream(args.data, args.seed), args.steps, args.batch_size, args.seq_len, args.seed
         )
@@ -128,6 +151,9 @@ def main(argv=None) -> dict:
             loss = model(input_ids=ids, labels=ids).loss  # the mean over this process's tokens
             loss.backward()  # FSDP2 reduce-scatters the mean over the processes: the global batch's
             opt.step()
+            if opt.ranks_changed:  # new ranks: rebuild and re-shard (a no-op in one process)
+                model = tlr.optim.reshard_after_rank_change(model, opt, build, shard)
+                rank_changes += 1
             logged = loss.detach().clone()
             if distributed:
                 dist.all_reduce(logged)
@@ -141,6 +167,8 @@ def main(argv=None) -> dict:
             losses=losses,
             seconds=time.perf_counter() - start,
             lowrank_layers=len(tlr.optim.lowrank_units(model)),
+            ranks=[layer.rank for _, layer in tlr.optim.lowrank_units(model)],
+            rank_changes=rank_changes,
             nonfinite_steps=int(opt.nonfinite_steps),
         )
         if args.out is not None:

@@ -6,7 +6,14 @@ baseline (gradient projection), matching the ``galore-torch`` package's update.
 """
 
 from .galore import GaLoreAdamW
-from .geometric import LowRankAdam, LowRankSGD, NonFiniteStepError, lowrank_units, resize_to_state_dict
+from .geometric import (
+    LowRankAdam,
+    LowRankSGD,
+    NonFiniteStepError,
+    lowrank_units,
+    reshard_after_rank_change,
+    resize_to_state_dict,
+)
 
 __all__ = [
     "LowRankSGD",
@@ -15,4 +22,5 @@ __all__ = [
     "GaLoreAdamW",
     "resize_to_state_dict",
     "lowrank_units",
+    "reshard_after_rank_change",
 ]

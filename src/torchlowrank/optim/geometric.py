@@ -37,9 +37,14 @@ Distributed: under DDP every process takes the same step from the all-reduced gr
 collective at a fixed rank; rank changes: see ``sync_ranks``). Under FSDP2 (``fully_shard``, build the
 optimizer afterwards) U and V are DTensors sharded by rows: the step works on this process's rows and
 all-reduces the r x r sums over rows it needs (``sharded_factors``: Cholesky QR with all-reduced
-Gram matrices); the 2r x 2r core is replicated, the moments are r x r per layer. Fixed rank only
-(tau > 0 on sharded layers raises a ValueError); checkpoints through ``torch.distributed.checkpoint``
-(``get_state_dict`` / ``set_state_dict``) load on any number of processes.
+Gram matrices); the 2r x 2r core is replicated, the moments are r x r per layer. Rank changes
+(tau > 0) need ``reshard=True``: the ranks are decided from the replicated core (and rank 0's
+broadcast), identical on every process; FSDP2 cannot resize a sharded parameter, so the resized
+layers' new row blocks wait in the optimizer until the documented re-shard point,
+:func:`reshard_after_rank_change`, rebuilds the model at the new ranks, shards it as before, writes
+every process's own rows into it and re-points the optimizer (same object) at its Parameters.
+Checkpoints through ``torch.distributed.checkpoint`` (``get_state_dict`` / ``set_state_dict``) load
+on any number of processes.
 
 Every other trainable parameter gets ordinary heavy ball (PyTorch SGD conventions) or AdamW in the
 same optimizer. U and V get no weight decay and hold no state of their own; the unit's state
@@ -70,7 +75,14 @@ from .manifold_step import (
     top_subspace,
 )
 
-__all__ = ["LowRankSGD", "LowRankAdam", "NonFiniteStepError", "resize_to_state_dict", "lowrank_units"]
+__all__ = [
+    "LowRankSGD",
+    "LowRankAdam",
+    "NonFiniteStepError",
+    "resize_to_state_dict",
+    "lowrank_units",
+    "reshard_after_rank_change",
+]
 
 
 class NonFiniteStepError(ValueError):
@@ -233,8 +245,15 @@ class _Probe:
 class _GeometricOptimizer(Optimizer):
     """Shared machinery: units (one param group each: [U, S, V]), other params, probes, state I/O."""
 
-    def __init__(self, model_or_params, defaults: dict) -> None:
+    def __init__(self, model_or_params, defaults: dict, reshard: bool = False) -> None:
         units, others = _collect(model_or_params)
+        #: FSDP2 with tau > 0: rank changes wait for :func:`reshard_after_rank_change`
+        self._reshard = bool(reshard)
+        #: built on one nn.Module (the re-shard point finds the layers by name in a rebuilt model)
+        self._from_module = isinstance(model_or_params, nn.Module)
+        #: FSDP2: per resized unit, its new factors awaiting the re-shard point: U, V this process's
+        #: rows (m_local, k), (n_local, k); s (k,) whole
+        self._pending: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         for name, m in units:
             if defaults["max_rank"] is not None and defaults["max_rank"] < m.rank:
                 raise ValueError(
@@ -257,7 +276,8 @@ class _GeometricOptimizer(Optimizer):
         self._probes: dict[str, _Probe] = {}
         self._resized: set[str] = set()  # units whose rank changed at the last step (DDP check)
         #: True when the last ``step()`` changed some layer's rank (new Parameter objects): under DDP,
-        #: wrap the model again before the next forward; a compiled model recompiles once.
+        #: wrap the model again before the next forward; a compiled model recompiles once; under
+        #: FSDP2 (``reshard=True``), call :func:`reshard_after_rank_change` before the next forward.
         self.ranks_changed = False
         #: Steps skipped because a gradient was not finite (a device tensor: read it when logging).
         self.nonfinite_steps = torch.zeros((), dtype=torch.int64, device=units[0][1].U.device)
@@ -281,12 +301,14 @@ class _GeometricOptimizer(Optimizer):
                 "gradients would not be reduced over the processes. Apply fully_shard to every low-rank "
                 "layer or to a module containing them all (e.g. the root model)"
             )
-        if defaults["tau"] > 0:
+        if defaults["tau"] > 0 and not self._reshard:
             raise ValueError(
-                "rank-adaptive steps (tau > 0) are not supported on fully_shard-ed layers: a rank change "
-                "replaces the layer's Parameters, which FSDP2 holds in its own sharded storage. Train "
-                "with tau = 0 under FSDP2; for rank-adaptive training use DistributedDataParallel (wrap "
-                "again after a step with optimizer.ranks_changed) or one process"
+                "rank-adaptive steps (tau > 0) on fully_shard-ed layers need reshard=True: a rank change "
+                "replaces the layer's Parameters, which FSDP2 holds in its own sharded storage, so it is "
+                "applied at a re-shard point: after a step with optimizer.ranks_changed, call "
+                "model = tlr.optim.reshard_after_rank_change(model, optimizer, build, shard) before the "
+                "next forward. Or train with tau = 0 under FSDP2, or rank-adaptively under "
+                "DistributedDataParallel (wrap again after a step with optimizer.ranks_changed) or one process"
             )
 
     # ----- probes for near-zero s -----------------------------------------------------------
@@ -506,7 +528,7 @@ class _GeometricOptimizer(Optimizer):
         ):  # the whole spectrum: the rank may grow to 2r
             Pm, d, Qh = torch.linalg.svd(S_hat)
             P, Q = sign_fixed(Pm, Qh.mT)
-            full = min(U.shape[1], V.shape[1])
+            full = min(layers[0].U.shape[0], layers[0].V.shape[0])  # global rows (U: local ones if sharded)
             hi = min(full, group["max_rank"] if group["max_rank"] is not None else full, d.shape[-1])
             ranks = tail_ranks(d, group["tau"], group["min_rank"], hi)
             ranks = torch.where(ok, ranks, torch.full_like(ranks, r))  # a skipped step keeps its rank
@@ -575,6 +597,11 @@ class _GeometricOptimizer(Optimizer):
             for key, (M, kind) in core["moments"].items():
                 state[key] = self._transported(M[i : i + 1], kind, P1, Q1)[0]
             state["rank"], state["step"] = r1, core["step"]
+            if r1 != r and core["sharding"] is not None:  # FSDP2: applied at the re-shard point
+                self._pending[group["unit"]] = (U_new[0].clone(), d[i, :r1].clone(), V_new[0].clone())
+                self._empty_factor_states(layer)
+                self.ranks_changed = True
+                continue
             self._write_factors(layer, core["sharding"], U_new[0], d[i, :r1], V_new[0])
             self._empty_factor_states(layer)
             if r1 != r:
@@ -604,8 +631,10 @@ class _GeometricOptimizer(Optimizer):
         if sharding is None:
             layer.set_factors(U, s, V)
             return
-        if s.shape[0] != layer.S.shape[0]:  # unreachable: tau > 0 is refused for sharded layers
-            raise ValueError("a rank change of a fully_shard-ed layer is not supported")
+        if s.shape[0] != layer.S.shape[0]:  # unreachable: a sharded rank change waits in _pending
+            raise ValueError(
+                "a rank change of a fully_shard-ed layer is applied by reshard_after_rank_change"
+            )
         shf.local(layer.U).copy_(U)
         shf.write_vector_(layer.S, s)
         shf.local(layer.V).copy_(V)
@@ -649,6 +678,7 @@ class _GeometricOptimizer(Optimizer):
         Host synchronisations: none at a fixed rank (tau = 0, and tau > 0 between rank decisions);
         one on a rank decision step (the new ranks of all units, read together, under DDP after
         rank 0's broadcast); and the check ``nonfinite="raise"`` asks for."""
+        self._check_no_pending("step()")
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -815,6 +845,177 @@ class _GeometricOptimizer(Optimizer):
             probe.remove()
         self._probes = {}
 
+    # ----- FSDP2 rank changes: the re-shard point ------------------------------------------------
+    @property
+    def pending_ranks(self) -> dict[str, int]:
+        """FSDP2 with ``reshard=True``: the new rank of every layer whose rank change awaits
+        :func:`reshard_after_rank_change` (empty otherwise)."""
+        return {name: s.shape[0] for name, (_, s, _) in self._pending.items()}
+
+    def _check_no_pending(self, what: str) -> None:
+        if self._pending:
+            raise ValueError(
+                f"{what} refused: the rank of fully_shard-ed layer(s) {sorted(self._pending)} changed at the "
+                f"last step (new ranks {self.pending_ranks}) and the model still holds the old factors. "
+                "Call model = tlr.optim.reshard_after_rank_change(model, optimizer, build, shard) after a "
+                "step with optimizer.ranks_changed, before the next forward"
+            )
+
+    def state_dict(self) -> dict:
+        """The optimizer's state (``torch.optim.Optimizer.state_dict``); refused while an FSDP2 rank
+        change awaits the re-shard point (its moments would not match the model's factors)."""
+        self._check_no_pending("state_dict()")
+        return super().state_dict()
+
+    @torch.no_grad()
+    def _adopt(self, model: nn.Module) -> None:
+        """Point the parameter groups and the state at ``model``'s Parameters (a rebuilt copy of the
+        model this optimizer was built on: same layer and parameter names, the pending ranks)."""
+        units, others = _collect(model)
+        new_units, new_others = dict(units), dict(others)
+        for group in self.param_groups:
+            if group["unit"] is not None:
+                layer = new_units[group["unit"]]
+                new_params = [layer.U, layer.S, layer.V]
+            else:
+                new_params = [new_others[self._param_names[id(p)]] for p in group["params"]]
+            for old, new in zip(group["params"], new_params):
+                if old not in self.state:
+                    continue
+                st = self.state.pop(old)
+                for k, v in st.items():
+                    if shf.is_dtensor(v) and v.shape == new.shape:  # per-element state: new's layout
+                        moved = torch.zeros_like(new, dtype=v.dtype)
+                        shf.local(moved).copy_(shf.local(v))
+                        st[k] = moved
+                self.state[new] = st
+            group["params"] = new_params
+        self._units = new_units
+        self._sharding = {name: shf.row_sharding(name, m.U, m.S, m.V) for name, m in units}
+        self._check_sharding(self.defaults)
+        self._param_names = {id(p): n for n, p in others}
+        self.remove_hooks()
+        self._pending = {}
+        self._resized = set()
+        for name in self._units:
+            self._update_probe(name)
+
+
+@torch.no_grad()
+def reshard_after_rank_change(
+    model: nn.Module,
+    optimizer: _GeometricOptimizer,
+    build: Callable[[], nn.Module],
+    shard: Callable[[nn.Module], nn.Module | None],
+) -> nn.Module:
+    """The re-shard point of rank-adaptive training under FSDP2: apply the rank changes of the last
+    ``optimizer.step()`` by rebuilding the model. Returns the model to train from now on.
+
+    FSDP2 keeps each parameter in its own sharded storage and a module cannot be ``fully_shard``-ed
+    twice, so a layer whose rank changed cannot be resized in place. With ``reshard=True``, a rank
+    decision step of ``LowRankSGD`` / ``LowRankAdam`` on ``fully_shard``-ed layers decides the new
+    ranks from the replicated core (identical on every process), transports the moments, and keeps
+    the resized layers' new row blocks in the optimizer (``optimizer.pending_ranks``;
+    ``optimizer.ranks_changed`` is True). Call this then, on every process, before the next forward::
+
+        model = shard(build())
+        opt = tlr.optim.LowRankAdam(model, tau=0.05, reshard=True)
+        for x, y in loader:
+            opt.zero_grad()
+            loss_fn(model(x), y).backward()
+            opt.step()
+            if opt.ranks_changed:
+                model = tlr.optim.reshard_after_rank_change(model, opt, build, shard)
+
+    It (1) calls ``build()`` for a fresh, unsharded model of the same architecture (its values and
+    ranks do not matter), (2) resizes its low-rank layers to the current ranks, (3) calls
+    ``shard(model)``, which must apply ``fully_shard`` exactly as for the original (same meshes and
+    wrapping: every parameter keeps its row split, which depends on the rows only, not the rank),
+    (4) copies every process's own rows of every parameter and every buffer from ``model`` (the
+    resized layers from the optimizer: U, V rows and s), and (5) re-points ``optimizer`` (the same
+    object: learning-rate schedulers keep working) at the new Parameters with its state carried
+    over. No collective and no full gather: each process writes only its rows; the result equals
+    the one-process rank-adaptive run. Gradients are not carried (call it after ``step()``).
+
+    Without a pending rank change (unsharded models apply theirs inside ``step()``) it returns
+    ``model`` unchanged. ``ValueError`` when the optimizer was not built on ``model`` (one module),
+    or when the rebuilt model's names or row blocks differ from ``model``'s (another architecture,
+    another wrapping).
+    """
+    if not isinstance(optimizer, _GeometricOptimizer):
+        raise ValueError(f"optimizer must be a LowRankSGD / LowRankAdam, got {type(optimizer).__name__}")
+    if not optimizer._pending:
+        return model
+    units, _ = _collect(model)
+    if not optimizer._from_module or dict(units).keys() != optimizer._units.keys():
+        raise ValueError(
+            "reshard_after_rank_change needs the optimizer built on this model (one nn.Module, the one "
+            "passed here): the rebuilt model's layers are found by name"
+        )
+    if any(optimizer._units[name] is not layer for name, layer in units):
+        raise ValueError("the optimizer was not built on this model (its low-rank layers are other objects)")
+    fresh = build()
+    trained = dict(model.named_parameters())
+    for key, p in fresh.named_parameters():  # frozen as in the trained model (FSDP2 keeps the flag)
+        if key in trained:
+            p.requires_grad_(trained[key].requires_grad)
+    fresh_units, _ = _collect(fresh)
+    if dict(fresh_units).keys() != optimizer._units.keys():
+        raise ValueError(
+            f"build() returned a model with low-rank layers {sorted(dict(fresh_units))}, the optimizer "
+            f"trains {sorted(optimizer._units)}: build the same architecture"
+        )
+    ranks = {name: layer.rank for name, layer in units} | optimizer.pending_ranks
+    for name, layer in fresh_units:
+        old = optimizer._units[name]
+        if (layer.U.shape[0], layer.V.shape[0]) != (old.U.shape[0], old.V.shape[0]):
+            raise ValueError(
+                f"build(): layer {name!r} has factors of {layer.U.shape[0]} x {layer.V.shape[0]} rows, "
+                f"the trained one {old.U.shape[0]} x {old.V.shape[0]}"
+            )
+        k = ranks[name]
+        if layer.rank != k:
+            layer.set_factors(
+                layer.U.new_zeros(layer.U.shape[0], k),
+                layer.S.new_zeros(k),
+                layer.V.new_zeros(layer.V.shape[0], k),
+            )
+    sharded = shard(fresh)
+    fresh = fresh if sharded is None else sharded
+    # every process writes its own rows: the pending factors of the resized layers, the rest as is
+    source = {key: p.detach() for key, p in trained.items()}
+    whole = set()  # the resized layers' s (k,): whole, each process writes its slice
+    for name, (U, s, V) in optimizer._pending.items():
+        prefix = next(n for n, m in model.named_modules() if m is optimizer._units[name])
+        prefix = f"{prefix}." if prefix else ""
+        source[prefix + "U"], source[prefix + "S"], source[prefix + "V"] = U, s, V
+        whole.add(prefix + "S")
+    targets = dict(fresh.named_parameters())
+    if targets.keys() != source.keys():
+        raise ValueError(
+            f"build() / shard(): the rebuilt model's parameters {sorted(targets.keys() ^ source.keys())} "
+            "differ from the trained model's: build the same architecture"
+        )
+    for key, target in targets.items():
+        if key in whole:
+            shf.write_vector_(target, source[key])
+            continue
+        src_local, dst_local = shf.local(source[key]), shf.local(target)
+        if src_local.shape != dst_local.shape:
+            raise ValueError(
+                f"shard(): parameter {key!r} holds a block of {tuple(dst_local.shape)} on this process, "
+                f"the trained model {tuple(src_local.shape)}: shard the rebuilt model as the original "
+                "(same fully_shard calls and meshes)"
+            )
+        dst_local.copy_(src_local)
+    buffers = dict(model.named_buffers())
+    for key, target in fresh.named_buffers():
+        if key not in buffers or buffers[key].shape != target.shape:
+            raise ValueError(f"build(): buffer {key!r} differs from the trained model's")
+        shf.local(target).copy_(shf.local(buffers[key]))
+    optimizer._adopt(fresh)
+    return fresh
+
 
 SECOND_MOMENTS = ("unit", "elementwise", "elementwise_mean", "elementwise_reset")
 
@@ -861,9 +1062,16 @@ class LowRankSGD(_GeometricOptimizer):
             after ``step()``, wrap the model in DistributedDataParallel again before the next
             forward (the next step raises a RuntimeError if the gradients of a resized layer were
             not all-reduced). With tau = 0 the optimizers add no collective under DDP.
-            FSDP2 (``fully_shard``-ed layers, the optimizer built after wrapping): fixed rank only;
-            each step all-reduces a few r x r (to r x 3r) sums over the sharded rows per group of
-            same-shape layers, and its result equals one process on the global batch.
+            FSDP2 (``fully_shard``-ed layers, the optimizer built after wrapping): each step
+            all-reduces a few r x r (to r x 3r) sums over the sharded rows per group of same-shape
+            layers, and its result equals one process on the global batch.
+        reshard: FSDP2 with tau > 0 (refused without it): a rank decision is taken from the
+            replicated core, identical on every process, and applied at a re-shard point: when
+            ``optimizer.ranks_changed`` is True after ``step()`` (``optimizer.pending_ranks``: the
+            new ranks), call ``model = tlr.optim.reshard_after_rank_change(model, optimizer, build,
+            shard)`` before the next forward; it rebuilds and re-shards the model at the new ranks
+            and re-points this optimizer at it. Until then ``step()`` and ``state_dict()`` raise a
+            ValueError. No effect on unsharded layers (their rank changes apply inside ``step()``).
 
     Momentum lives in coefficient space (r, r per layer): W-space momentum U C V^T.
     """
@@ -882,6 +1090,7 @@ class LowRankSGD(_GeometricOptimizer):
         rank_every: int = 1,
         nonfinite: str = "skip",
         sync_ranks: bool | None = None,
+        reshard: bool = False,
     ) -> None:
         _check_common(
             lr, weight_decay, tau, max_rank, min_rank, augment_every, sync_ranks, rank_every, nonfinite
@@ -905,6 +1114,7 @@ class LowRankSGD(_GeometricOptimizer):
                 nonfinite=nonfinite,
                 sync_ranks=sync_ranks,
             ),
+            reshard=reshard,
         )
 
     def _direction(self, group, states, G_hat, S_hat, r, free, step):
@@ -995,6 +1205,7 @@ class LowRankAdam(_GeometricOptimizer):
         basis_lr_ratio: float = 3.0,
         nonfinite: str = "skip",
         sync_ranks: bool | None = None,
+        reshard: bool = False,
     ) -> None:
         _check_common(
             lr, weight_decay, tau, max_rank, min_rank, augment_every, sync_ranks, rank_every, nonfinite
@@ -1026,6 +1237,7 @@ class LowRankAdam(_GeometricOptimizer):
                 nonfinite=nonfinite,
                 sync_ranks=sync_ranks,
             ),
+            reshard=reshard,
         )
 
     def _direction(self, group, states, G_hat, S_hat, r, free, step):
