@@ -175,6 +175,8 @@ def main(argv=None) -> dict:
             save_checkpoint(model, opt, args.out / "checkpoint")
             if rank == 0:
                 (args.out / "result.json").write_text(json.dumps(result, indent=1))
+        if distributed:  # no process leaves while another still has gloo work queued
+            dist.barrier()
         return result
     finally:
         if distributed:

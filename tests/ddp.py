@@ -22,6 +22,7 @@ def _entry(rank: int, world_size: int, init_file: str, out_dir: str, worker, arg
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
         worker(rank, world_size, Path(out_dir), *args)
+        dist.barrier()  # no process tears gloo down while another still has work queued (an abort)
     finally:
         dist.destroy_process_group()
 
