@@ -3,6 +3,9 @@
 PYTHONPATH=src python docs/results/geolora-finetune/variant_side_run.py nobudget|rank_every10
 """
 
+import copy
+import sys
+
 import torchlowrank.experiments.geolora_finetune as gf
 from torchlowrank.reproducibility import one_thread
 
