@@ -9,7 +9,8 @@ tlr.save_adapter(model, "run/adapter"); tlr.export_peft(model, "run/peft"); tlr.
 """
 
 from .compressed import compressed_factors, end_to_end_gradients, init_compressed, random_semi_orthogonal
-from .config import DeepLoRAConfig, LoRAConfig, config_from_dict
+from .config import DeepLoRAConfig, GeoLoRAConfig, LoRAConfig, config_from_dict
+from .geolora import GeoLoRAAdapter, GeoLoRAUnit, adapter_ranks, geolora_optimizer, rebalance_ranks
 from .io import AdapterBaseMismatchWarning, NormBuffersNotSavedWarning, load_adapter, save_adapter
 from .layers import (
     AdapterLayer,
@@ -35,6 +36,12 @@ from .peft_export import export_peft
 __all__ = [
     "LoRAConfig",
     "DeepLoRAConfig",
+    "GeoLoRAConfig",
+    "GeoLoRAAdapter",
+    "GeoLoRAUnit",
+    "geolora_optimizer",
+    "rebalance_ranks",
+    "adapter_ranks",
     "config_from_dict",
     "adapt",
     "merge",

@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["LoRAConfig", "DeepLoRAConfig", "AdapterConfig", "config_from_dict", "ALL_LINEAR"]
+__all__ = ["LoRAConfig", "DeepLoRAConfig", "GeoLoRAConfig", "AdapterConfig", "config_from_dict", "ALL_LINEAR"]
 
 ALL_LINEAR = "all-linear"
 LORA_INITS = ("default", "gaussian", "pissa")
@@ -191,16 +191,106 @@ class DeepLoRAConfig:
         return {"adapter_type": self.adapter_type, **dataclasses.asdict(self)}
 
 
-AdapterConfig = LoRAConfig | DeepLoRAConfig
+@dataclass
+class GeoLoRAConfig:
+    """Geometric low-rank adapter (the GeoLoRA idea, Schotthoefer et al. 2025): Delta W =
+    scaling * U diag(S) V^T with U (out, k), S (k,), V (in, k), trained by :class:`LowRankAdam` on the
+    manifold of rank-k matrices from one backward pass, the rank k adapted during training.
+
+    r: the initial rank. alpha / ``lora_alpha``: scaling = alpha / r with this *initial* r (None:
+    alpha = r, scaling 1); the scaling stays fixed while the rank changes. Init: U, V Haar-orthonormal,
+    S = 0, so Delta W = 0 at the start; the first geometric step still moves, since it augments the
+    bases with the gradient's range (G V, G^T U) and steps the 2r x 2r core.
+    tau: relative truncation of every layer's stepped core at rank decisions (the rank is the
+    smallest k with ||s[k:]|| <= tau ||s||; 0 keeps ranks fixed). min_rank / max_rank: per-layer
+    bounds (max_rank None: the layer's full rank). rank_budget: None, or a cap on the adapter's
+    trainable parameters summed over layers (a rank-k layer holds k (out + in + 1)), enforced by
+    :func:`rebalance_ranks` after each optimizer step by giving every layer a rank cap from a global
+    ranking of the singular values. rank_every: decide ranks at every rank_every-th step.
+    Only nn.Linear and Hugging Face Conv1D layers can carry it. Other fields as in :class:`LoRAConfig`.
+    """
+
+    r: int = 8
+    alpha: float | None = None
+    dropout: float = 0.0
+    target_modules: Targets = ALL_LINEAR
+    modules_to_save: list[str] | None = None
+    exclude_modules: Targets = None
+    autocast_adapter_dtype: bool = True
+    tau: float = 0.1
+    min_rank: int = 1
+    max_rank: int | None = None
+    rank_budget: int | None = None
+    rank_every: int = 1
+    lora_alpha: dataclasses.InitVar[float | None] = None
+    lora_dropout: dataclasses.InitVar[float | None] = None
+
+    adapter_type = "geolora"
+
+    def __post_init__(self, lora_alpha: float | None, lora_dropout: float | None) -> None:
+        if lora_alpha is not None:
+            if self.alpha is not None and self.alpha != lora_alpha:
+                raise ValueError(
+                    f"give alpha or its alias lora_alpha, not both ({self.alpha} vs {lora_alpha})"
+                )
+            self.alpha = lora_alpha
+        if lora_dropout is not None:
+            self.dropout = lora_dropout
+        _check_positive_int(self.r, "GeoLoRAConfig.r")
+        if self.alpha is not None and not (_is_number(self.alpha) and self.alpha > 0):
+            raise ValueError(
+                f"GeoLoRAConfig.alpha must be a positive number (scaling = alpha / r) or None, got {self.alpha!r}"
+            )
+        if not _is_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"GeoLoRAConfig.dropout must be a probability in [0, 1), got {self.dropout!r}")
+        _check_bool(self.autocast_adapter_dtype, "GeoLoRAConfig.autocast_adapter_dtype")
+        if not _is_number(self.tau) or not 0.0 <= self.tau < 1.0:
+            raise ValueError(
+                f"GeoLoRAConfig.tau must be in [0, 1) (relative truncation; 0 keeps ranks fixed), got {self.tau!r}"
+            )
+        _check_positive_int(self.min_rank, "GeoLoRAConfig.min_rank")
+        if self.max_rank is not None:
+            _check_positive_int(self.max_rank, "GeoLoRAConfig.max_rank")
+            if self.max_rank < max(self.r, self.min_rank):
+                raise ValueError(
+                    f"GeoLoRAConfig.max_rank ({self.max_rank}) must be >= r ({self.r}) and min_rank "
+                    f"({self.min_rank}), or None"
+                )
+        if self.min_rank > self.r:
+            raise ValueError(f"GeoLoRAConfig.min_rank ({self.min_rank}) must be <= r ({self.r})")
+        if self.rank_budget is not None:
+            _check_positive_int(self.rank_budget, "GeoLoRAConfig.rank_budget")
+            if self.tau == 0:
+                raise ValueError(
+                    "GeoLoRAConfig.rank_budget needs tau > 0: ranks only change at rank decisions of a "
+                    "rank-adaptive optimizer (e.g. tau=0.01)"
+                )
+        _check_positive_int(self.rank_every, "GeoLoRAConfig.rank_every")
+        _normalise_module_fields(self)
+
+    @property
+    def depth(self) -> int:
+        return 2
+
+    @property
+    def scaling(self) -> float:
+        """alpha / r with the initial r (fixed while the rank changes)."""
+        return (self.r if self.alpha is None else self.alpha) / self.r
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"adapter_type": self.adapter_type, **dataclasses.asdict(self)}
+
+
+AdapterConfig = LoRAConfig | DeepLoRAConfig | GeoLoRAConfig
 
 
 def config_from_dict(d: dict[str, Any]) -> AdapterConfig:
     """Inverse of ``config.to_dict()``; raises ValueError for an unknown adapter type or field."""
     d = dict(d)
     kind = d.pop("adapter_type", None)
-    cls = {"lora": LoRAConfig, "deep_lora": DeepLoRAConfig}.get(kind)
+    cls = {"lora": LoRAConfig, "deep_lora": DeepLoRAConfig, "geolora": GeoLoRAConfig}.get(kind)
     if cls is None:
-        raise ValueError(f"unknown adapter_type {kind!r}; expected 'lora' or 'deep_lora'")
+        raise ValueError(f"unknown adapter_type {kind!r}; expected 'lora', 'deep_lora' or 'geolora'")
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - names)
     if unknown:

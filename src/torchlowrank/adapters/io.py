@@ -30,8 +30,8 @@ from torch import nn
 from ..distributed import main_process_only
 from ..files import atomic_write_bytes, atomic_write_text
 from ..layer_types import matrix_view
-from .config import AdapterConfig, LoRAConfig, config_from_dict
-from .layers import supported_layer
+from .config import AdapterConfig, GeoLoRAConfig, LoRAConfig, config_from_dict
+from .layers import AdapterLayer, supported_layer
 from .model import (
     adapt,
     adapter_layers,
@@ -69,8 +69,8 @@ def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
         raise ValueError("the model carries no adapter; call tlr.adapt(model, config) first")
     out: dict[str, torch.Tensor] = {}
     for name, layer in adapter_layers(model):
-        for i, p in enumerate(layer.lora_factors):
-            out[f"{name}.lora_factors.{i}"] = p
+        for suffix, p in layer.named_factors():
+            out[f"{name}.{suffix}"] = p
     for name in state.modules_to_save:
         for k, v in model.get_submodule(name).state_dict().items():
             out[f"{name}.{k}"] = v
@@ -130,7 +130,7 @@ def base_fingerprint(model: nn.Module) -> dict:
     cls = type(model)
     entries = []
     for k, v in model.state_dict(keep_vars=True).items():
-        if ".lora_factors." in k or k.rpartition(".")[2] in ("pissa_A0", "pissa_B0"):
+        if ".lora_factors." in k or ".lora_unit." in k or k.rpartition(".")[2] in ("pissa_A0", "pissa_B0"):
             continue
         entries.append(f"{k.replace('.base_layer.', '.')}:{tuple(v.shape)}")
     cfg = getattr(model, "config", None)
@@ -436,15 +436,31 @@ def config_differences(have: AdapterConfig, want: AdapterConfig) -> list[str]:
     return [f"{k}: {a[k]!r} vs {b[k]!r}" for k in a if k not in skip and a[k] != b.get(k)]
 
 
-def _expected_shapes(model: nn.Module, meta: dict, config: AdapterConfig) -> dict[str, tuple[int, ...]]:
-    """State-dict key -> shape the file must hold, computed without modifying ``model``."""
+def _file_rank(tensors: dict[str, torch.Tensor], name: str) -> int:
+    """The rank of GeoLoRA layer ``name`` in a file (its S), or ValueError if the file lacks it."""
+    key = f"{name}.lora_unit.S"
+    if key not in tensors or tensors[key].ndim != 1 or tensors[key].shape[0] < 1:
+        raise ValueError(
+            f"the adapter file lacks a valid {key!r} (the layer's singular values); first mismatching key: {key}"
+        )
+    return int(tensors[key].shape[0])
+
+
+def _expected_shapes(
+    model: nn.Module, meta: dict, config: AdapterConfig, tensors: dict[str, torch.Tensor] | None = None
+) -> dict[str, tuple[int, ...]]:
+    """State-dict key -> shape the file must hold, computed without modifying ``model``. GeoLoRA
+    layers take their rank from the file (training may have changed it)."""
     state = adapter_state(model)
-    if state is not None:
+    geo = isinstance(config, GeoLoRAConfig)
+    if state is not None and not geo:
         return {k: tuple(v.shape) for k, v in adapter_tensors(model).items()}
     modules = dict(model.named_modules())
     shapes: dict[str, tuple[int, ...]] = {}
     for name in meta["targets"]:
         module = modules.get(name)
+        if isinstance(module, AdapterLayer):
+            module = module.base_layer
         if module is None or not supported_layer(module):
             raise ValueError(
                 f"the adapter targets {name!r}, which this model "
@@ -452,6 +468,17 @@ def _expected_shapes(model: nn.Module, meta: dict, config: AdapterConfig) -> dic
                 f"first mismatching key: {name}.lora_factors.0"
             )
         m, n = matrix_view(module).shape
+        if geo:
+            k = _file_rank(tensors or {}, name)
+            if not 1 <= k <= min(m, n):
+                raise ValueError(
+                    f"the adapter file holds rank {k} for {name} ({m} x {n}); first mismatching key: "
+                    f"{name}.lora_unit.S"
+                )
+            shapes.update(
+                {f"{name}.lora_unit.U": (m, k), f"{name}.lora_unit.S": (k,), f"{name}.lora_unit.V": (n, k)}
+            )
+            continue
         r, L = config.r, config.depth
         dims = [(r, n)] + [(r, r)] * (L - 2) + [(m, r)]
         for i, s in enumerate(dims):
@@ -516,7 +543,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
                 "residual base, depth) or leave a config that does not describe the weights; load into "
                 "a fresh base model (the file's config is then used) or tlr.unadapt / tlr.merge first"
             )
-    expected = {**_expected_shapes(model, meta, config), **_expected_buffers(model, meta)}
+    expected = {**_expected_shapes(model, meta, config, tensors), **_expected_buffers(model, meta)}
     if meta.get("format") == "peft":
         from .peft_export import peft_unsupported
 
@@ -575,6 +602,9 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             exclude_modules=None,
         )
         adapt(model, config)
+    if isinstance(config, GeoLoRAConfig):
+        for name, layer in adapter_layers(model):
+            layer.lora_unit.resize(_file_rank(tensors, name))
     live = {
         **adapter_tensors(model),
         **{

@@ -188,6 +188,10 @@ class AdapterLayer(nn.Module):
         return matrix_view(self.base_layer).from_layout(T)
 
     # -- factors -------------------------------------------------------------------------------
+    def named_factors(self) -> list[tuple[str, nn.Parameter]]:
+        """(state-dict suffix, tensor) of every trainable factor, as an adapter file stores them."""
+        return [(f"lora_factors.{i}", p) for i, p in enumerate(self.lora_factors)]
+
     @property
     def lora_A(self) -> nn.Parameter:
         """The first factor W_1 (r, n)."""

@@ -27,7 +27,7 @@ from torch import nn
 from ..layer_types import matrix_view, parameter_holders, shared_weight_holders  # re-exported
 from ..sharded import is_sharded_module
 from ..targets import find_targets, name_matches, replace_module
-from .config import ALL_LINEAR, AdapterConfig, DeepLoRAConfig, LoRAConfig
+from .config import ALL_LINEAR, AdapterConfig, DeepLoRAConfig, GeoLoRAConfig, LoRAConfig
 from .layers import SUPPORTED, AdapterLayer, supported_layer, unsupported_reason, wrap_layer
 
 __all__ = [
@@ -195,8 +195,10 @@ def adapt(model: nn.Module, config: AdapterConfig) -> nn.Module:
     :class:`AdapterNotCalledWarning` naming the modules that hold the weight and are called).
     On the meta device the factors are created on meta too (shapes only; no values).
     """
-    if not isinstance(config, (LoRAConfig, DeepLoRAConfig)):
-        raise ValueError(f"config must be a LoRAConfig or DeepLoRAConfig, got {type(config).__name__}")
+    if not isinstance(config, (LoRAConfig, DeepLoRAConfig, GeoLoRAConfig)):
+        raise ValueError(
+            f"config must be a LoRAConfig, DeepLoRAConfig or GeoLoRAConfig, got {type(config).__name__}"
+        )
     if is_sharded_module(model):
         raise ValueError(
             "tlr.adapt must run before fully_shard (FSDP2): the adapter factors it adds would not be "
@@ -219,15 +221,20 @@ def adapt(model: nn.Module, config: AdapterConfig) -> nn.Module:
     for name in targets:
         module = model.get_submodule(name)
         try:
-            wrapper = wrap_layer(
-                module,
-                config.r,
-                config.depth,
-                config.scaling,
-                config.dropout,
-                name,
-                config.autocast_adapter_dtype,
-            )
+            if isinstance(config, GeoLoRAConfig):
+                from .geolora import wrap_geolora
+
+                wrapper = wrap_geolora(module, config, name)
+            else:
+                wrapper = wrap_layer(
+                    module,
+                    config.r,
+                    config.depth,
+                    config.scaling,
+                    config.dropout,
+                    name,
+                    config.autocast_adapter_dtype,
+                )
             holders = shared_weight_holders(model, module, index)
             if holders:
                 if pissa:
@@ -241,6 +248,8 @@ def adapt(model: nn.Module, config: AdapterConfig) -> nn.Module:
                 wrapper.check_pissa(name)
             if isinstance(config, LoRAConfig):
                 residuals[name] = wrapper.init_lora_factors(config.init)
+            elif isinstance(config, GeoLoRAConfig):
+                pass  # the unit is built with its init (U, V orthonormal, S = 0)
             elif not _is_meta(module):
                 wrapper.reset_narrow(config.init_scale)
             else:

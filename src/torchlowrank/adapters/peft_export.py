@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -31,7 +32,7 @@ from torch import nn
 
 from ..distributed import main_process_only
 from ..files import atomic_write_bytes, atomic_write_text
-from ..layer_types import matrix_view
+from ..layer_types import is_hf_conv1d, matrix_view
 from .io import warn_unsaved_norm_buffers
 from .layers import AdapterLayer, Conv1DAdapter, Conv2dAdapter, EmbeddingAdapter
 from .model import adapter_layers, adapter_state, check_adapters_in_place
@@ -97,8 +98,9 @@ def peft_modules_to_save_matches(
     return clashes, extras
 
 
-def peft_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], int, bool]:
-    """(PEFT-keyed tensors, exported rank, fan_in_fan_out) for an adapted model."""
+def peft_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, int], bool]:
+    """(PEFT-keyed tensors, exported rank of every adapted layer by name, fan_in_fan_out) for an
+    adapted model."""
     state = adapter_state(model)
     if state is None:
         raise ValueError("export_peft needs a model adapted with tlr.adapt(model, config)")
@@ -136,14 +138,14 @@ def peft_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], int, boo
             "first (model.to_empty(device=...) and load its weights)"
         )
     out: dict[str, torch.Tensor] = {}
-    ranks, fan_in_fan_out = set(), False
+    ranks, fan_in_fan_out = {}, False
     for name, layer in adapter_layers(model):
         B, A = layer.collapsed_pair()
         if layer.init == "pissa":
             B0, A0 = layer.pissa_B0 * layer.scaling, layer.pissa_A0
             B, A = torch.cat([B, -B0], dim=1), torch.cat([A, A0], dim=0)
         r = A.shape[0]
-        ranks.add(r)
+        ranks[name] = r
         key = PREFIX + name
         if isinstance(layer, EmbeddingAdapter):
             out[f"{key}.lora_embedding_A"] = A
@@ -153,7 +155,7 @@ def peft_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], int, boo
             w = layer.base_layer.weight
             A = A.reshape(r, *w.shape[1:])
             B = B.reshape(B.shape[0], r, 1, 1)
-        if isinstance(layer, Conv1DAdapter):
+        if isinstance(layer, Conv1DAdapter) or is_hf_conv1d(layer.base_layer):
             fan_in_fan_out = True
         out[f"{key}.lora_A.weight"] = A
         out[f"{key}.lora_B.weight"] = B
@@ -162,9 +164,19 @@ def peft_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], int, boo
     for name in list(state.modules_to_save) + extras:
         for k, v in model.get_submodule(name).state_dict().items():
             out[f"{PREFIX}{name}.{k}"] = v.detach()
-    if len(ranks) != 1:
-        raise ValueError(f"layers collapse to different ranks {sorted(ranks)}; PEFT export needs one rank")
-    return {k: v.detach().to("cpu").contiguous().clone() for k, v in out.items()}, ranks.pop(), fan_in_fan_out
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in out.items()}, ranks, fan_in_fan_out
+
+
+def rank_patterns(ranks: dict[str, int]) -> tuple[int, dict[str, int]]:
+    """(r, rank_pattern) for PEFT: r the most common rank, and every layer of another rank by its
+    regex-escaped full name, longer names first (PEFT takes the first pattern matching a name's end,
+    and a shorter name can be a dotted suffix of a longer one)."""
+    counts: dict[int, int] = {}
+    for k in ranks.values():
+        counts[k] = counts.get(k, 0) + 1
+    r = max(counts, key=lambda k: (counts[k], k))
+    others = sorted((n for n, k in ranks.items() if k != r), key=lambda n: (-len(n), n))
+    return r, {re.escape(n): ranks[n] for n in others}
 
 
 @main_process_only  # under DDP rank 0 writes, the other ranks wait for it
@@ -175,7 +187,9 @@ def export_peft(
 
     Load with ``peft.PeftModel.from_pretrained(base_model, path)`` on the *original* base model
     (or with ``tlr.load_adapter(base_model, path)``). Deep LoRA is collapsed to a rank-r LoRA pair
-    (exact up to float rounding). Raises ValueError, writing nothing, for layers PEFT cannot
+    (exact up to float rounding); a GeoLoRA adapter is written as plain LoRA at each layer's final
+    rank (A = diag(sqrt S) V^T, B = scaling U diag(sqrt S); layers of other ranks than the most
+    common one in ``rank_pattern`` / ``alpha_pattern``, PEFT scaling 1 everywhere). Raises ValueError, writing nothing, for layers PEFT cannot
     represent (Conv2d with dilation or non-zero padding modes) and for a modules_to_save entry that
     PEFT's suffix match would also apply to an adapted layer (DistilBERT's ``classifier`` and
     ``pre_classifier``). Warns (``NormBuffersNotSavedWarning``) when BatchNorm running statistics
@@ -186,7 +200,8 @@ def export_peft(
     state = adapter_state(model)
     if state is None:
         raise ValueError("export_peft needs a model adapted with tlr.adapt(model, config)")
-    tensors, r, fan_in_fan_out = peft_state_dict(model)
+    tensors, ranks, fan_in_fan_out = peft_state_dict(model)
+    r, pattern = rank_patterns(ranks)
     warn_unsaved_norm_buffers(
         model,
         "export_peft",
@@ -212,8 +227,8 @@ def export_peft(
         "fan_in_fan_out": fan_in_fan_out,
         "bias": "none",
         "init_lora_weights": True,
-        "rank_pattern": {},
-        "alpha_pattern": {},
+        "rank_pattern": pattern,
+        "alpha_pattern": dict(pattern),
         "layers_to_transform": None,
         "layers_pattern": None,
         "use_dora": False,

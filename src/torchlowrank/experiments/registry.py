@@ -42,6 +42,7 @@ EXPERIMENTS: dict[str, str] = {
     "dmf-invariance": "dmf_invariance",
     "dropout-lowrank": "dropout_lowrank",
     "geometric-ablation": "geometric_ablation",
+    "geolora-finetune": "geolora_finetune",
     "geometry-toy": "geometry_toy",
     "gradient-rank": "gradient_rank",
     "lowrank-lm": "lowrank_lm",

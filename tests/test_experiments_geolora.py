@@ -1,0 +1,27 @@
+"""geolora-finetune (quick): GeoLoRA vs peft's LoRA and AdaLoRA end to end, at one final budget."""
+
+from __future__ import annotations
+
+import pytest
+
+from torchlowrank.experiments.registry import get_experiment
+
+
+def test_geolora_finetune_quick_runs_end_to_end():
+    pytest.importorskip("peft")
+    result = get_experiment("geolora-finetune").run(quick=True)
+    m = result.metrics
+    budget = result.config["geolora_rank_budget_parameters"]
+    n_matrices = 24
+    assert budget == n_matrices * result.config["budget_rank"] * (384 + 384 + 1)
+    for arm in ("lora", "adalora", "geolora"):
+        assert 0.0 <= m[f"{arm}_accuracy_mean"] <= 1.0
+        assert m[f"{arm}_step_ms"] > 0
+        ranks = m[f"{arm}_ranks_seed0"]
+        assert len(ranks) == n_matrices
+    # every arm ends within the budget of budget_rank ranks per matrix on average
+    assert m["lora_total_rank"] == [n_matrices * result.config["budget_rank"]]
+    assert m["adalora_total_rank"][0] <= n_matrices * result.config["budget_rank"]
+    assert m["geolora_adapter_parameters"][0] <= budget
+    assert result.config["command"].startswith("torchlowrank reproduce geolora-finetune --quick")
+    assert len(result.tables) == 2 and len(result.tables[1].rows) == n_matrices
