@@ -21,6 +21,7 @@ SLOW_FILES = {
     "test_diagnostics_experiments.py",
     "test_docs.py",
     "test_experiments_ablation.py",
+    "test_experiments_geolora.py",
     "test_experiments_lm.py",
     "test_experiments_matrix.py",
     "test_experiments_optim.py",
