@@ -22,20 +22,13 @@ from torch.distributed.tensor import DTensor
 import torchlowrank as tlr
 from ddp import run_ddp
 from host_syncs import HostSyncCounter
+from sharded_state import whole, whole_state
 from torchlowrank.optim import GaLoreAdamW
 
 pytestmark = [pytest.mark.ddp, pytest.mark.filterwarnings("ignore:torch.distributed is disabled")]
 
 STEPS, BATCH, WORLD = 4, 8, 2
 TOL = dict(atol=1e-10, rtol=1e-10)
-
-
-def _full(t: torch.Tensor) -> torch.Tensor:
-    return (t.full_tensor() if isinstance(t, DTensor) else t).detach().clone()
-
-
-def _full_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: _full(v) for k, v in model.state_dict().items()}
 
 
 def _batches(shape: tuple[int, ...], classes: int, seed: int = 0):
@@ -132,7 +125,7 @@ def _layers_worker(rank, world, out):
         except ValueError as e:
             errors.append(str(e))
     torch.save(
-        {"logits": logits.detach(), "state": _full_state(model), "errors": errors}, out / f"layers{rank}.pt"
+        {"logits": logits.detach(), "state": whole_state(model), "errors": errors}, out / f"layers{rank}.pt"
     )
 
 
@@ -169,7 +162,7 @@ def _adapter_worker(rank, world, out):
     xs, ys = _adapter_data()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     _train(model, opt, _local(xs, rank, world), _local(ys, rank, world))
-    trained = _full_state(model)
+    trained = whole_state(model)
     try:
         tlr.merge(model)
         error = ""
@@ -249,11 +242,11 @@ def _galore_worker(rank, world, out):
         for k, v in opt.state[p].items()
     }
     orthos = {
-        name: _full(opt.state[p]["ortho"]) for name, p in model.named_parameters() if "ortho" in opt.state[p]
+        name: whole(opt.state[p]["ortho"]) for name, p in model.named_parameters() if "ortho" in opt.state[p]
     }
     torch.save(
         {
-            "state": _full_state(model),
+            "state": whole_state(model),
             "orthos": orthos,
             "layout": layout,
             "bytes": opt.state_bytes(),
@@ -341,7 +334,7 @@ def _dcp_worker(rank, world, out, ckpt_dir):
         opt = _galore_opt(model, kind)
         _load(model, opt, ckpt_dir / f"ckpt1_{kind}")
         _train(model, opt, xs[HALF:], ys[HALF:])
-        torch.save(_full_state(model), out / f"resumed_{kind}{rank}.pt")
+        torch.save(whole_state(model), out / f"resumed_{kind}{rank}.pt")
 
 
 def _one_process_checkpoints(ckpt_dir):
@@ -418,17 +411,17 @@ def _q3r_worker(rank, world, out):
     xs, ys = _layers_data()
     syncs = _q3r_train(model, opt, reg, _local(xs, rank, world), _local(ys, rank, world))
     blocks = reg.state_dict()["blocks"]
-    reg_state = {f"{b['name']}.{k}": _full(b[k]) for b in blocks for k in ("U", "V", "s")}
+    reg_state = {f"{b['name']}.{k}": whole(b[k]) for b in blocks for k in ("U", "V", "s")}
     reg_state.update({f"{b['name']}.eps": torch.tensor(b["eps"]) for b in blocks})
     # a resumed regularizer: from its own (row-sharded) state and from whole tensors (one process's)
-    whole = {**reg.state_dict(), "blocks": [{**b, "U": _full(b["U"])} for b in blocks]}
+    whole_reg = {**reg.state_dict(), "blocks": [{**b, "U": whole(b["U"])} for b in blocks]}
     resumed = []
-    for state in (reg.state_dict(), whole):
+    for state in (reg.state_dict(), whole_reg):
         again = tlr.Q3R(model, target_rank=2, lam=0.05, period=2, method="randomized", oversample=2, seed=3)
         again.load_state_dict(state)
         resumed.append(
             all(
-                torch.equal(_full(a["U"]), _full(b["U"]))
+                torch.equal(whole(a["U"]), whole(b["U"]))
                 for a, b in zip(again.state_dict()["blocks"], blocks)
             )
         )
@@ -443,7 +436,7 @@ def _q3r_worker(rank, world, out):
             errors.append("")
         except ValueError as e:
             errors.append(str(e))
-    coupled = _full_state(model)
+    coupled = whole_state(model)
     model = _q3r_model()  # decoupled: the weights' local rows are updated in place
     fully_shard(model)
     opt, reg = _q3r_setup(model, decoupled=True)
@@ -455,7 +448,7 @@ def _q3r_worker(rank, world, out):
             "errors": errors,
             "resumed": resumed,
             "syncs": syncs,
-            "decoupled": _full_state(model),
+            "decoupled": whole_state(model),
         },
         out / f"q3r{rank}.pt",
     )

@@ -8,6 +8,7 @@ from torch import nn
 
 import torchlowrank as tlr
 from ddp import run_ddp
+from sharded_state import unit_state, whole_state
 
 pytestmark = pytest.mark.ddp
 fsdp = pytest.importorskip("torch.distributed.fsdp")
@@ -65,24 +66,6 @@ def _shard(model, wrap):
     return model
 
 
-def _full(model):
-    from torch.distributed.tensor import DTensor
-
-    return {
-        k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone()
-        for k, v in model.state_dict().items()
-    }
-
-
-def _unit_state(opt):
-    """The units' moments (plain (r, r) tensors, replicated) by layer name."""
-    return {
-        g["unit"]: {k: v.clone() for k, v in opt.state[g["params"][0]].items() if torch.is_tensor(v)}
-        for g in opt.param_groups
-        if g["unit"] is not None
-    }
-
-
 def _train(model, opt, xs, ys):
     for x, y in zip(xs, ys):
         opt.zero_grad()
@@ -103,7 +86,9 @@ def _worker(rank, world, out):
             model = _shard(_model(), wrap)
             opt = OPTS[kind](model)
             _train(model, opt, *_local_batches(rank, world))
-            torch.save({"model": _full(model), "units": _unit_state(opt)}, out / f"{wrap}_{kind}{rank}.pt")
+            torch.save(
+                {"model": whole_state(model), "units": unit_state(opt)}, out / f"{wrap}_{kind}{rank}.pt"
+            )
     _conv_worker(rank, world, out)
     _host_sync_worker(rank, world, out)
     _refusals_worker(rank, world, out)
@@ -131,7 +116,7 @@ def _conv_worker(rank, world, out):
     model = _shard(_conv_model(), "whole")
     opt = tlr.optim.LowRankAdam(model)
     _train(model, opt, *_conv_data(rank, world))
-    torch.save(_full(model), out / f"conv{rank}.pt")
+    torch.save(whole_state(model), out / f"conv{rank}.pt")
 
 
 def _host_sync_worker(rank, world, out):
@@ -190,13 +175,13 @@ def _nonfinite_worker(rank, world, out):
         nn.functional.cross_entropy(model(x), y).backward()
         if rank == 1:
             model[2].U.grad.to_local()[0, 0] = float("nan")
-        before = _full(model)
+        before = whole_state(model)
         try:
             opt.step()
             outcome = f"skipped {int(opt.nonfinite_steps)}"
         except tlr.optim.NonFiniteStepError as e:
             outcome = str(e)
-        after = _full(model)
+        after = whole_state(model)
         results.append(f"{outcome} / unchanged {all(torch.equal(before[k], after[k]) for k in before)}")
     (out / f"nonfinite{rank}.txt").write_text("|".join(results))
 
@@ -232,7 +217,7 @@ def _checkpoint_resume(rank, world, out, name):
     xs, ys = _local_batches(rank, world, 2 * CKPT_STEPS)
     _train(model, opt, xs[CKPT_STEPS:], ys[CKPT_STEPS:])
     torch.save(
-        {"model": _full(model), "units": _unit_state(opt), "loaded_steps": steps},
+        {"model": whole_state(model), "units": unit_state(opt), "loaded_steps": steps},
         out / f"resumed_{name}_{world}_{rank}.pt",
     )
 
@@ -287,7 +272,7 @@ def test_sharded_geometric_steps_equal_one_process_on_the_global_batch(fsdp_out,
     for k, v in model.state_dict().items():
         assert torch.equal(got[0]["model"][k], got[1]["model"][k]), k
         torch.testing.assert_close(got[0]["model"][k], v, **TOL, msg=k)
-    ref = _unit_state(opt)
+    ref = unit_state(opt)
     for name, moments in ref.items():
         for key, v in moments.items():
             assert torch.equal(got[0]["units"][name][key], got[1]["units"][name][key]), (name, key)
@@ -334,7 +319,7 @@ def test_a_sharded_checkpoint_resumes_in_a_plain_process_as_an_uninterrupted_run
     got, got_opt = _resume_without_process_group(fsdp_out / "ckpt_2")
     for k, v in model.state_dict().items():
         torch.testing.assert_close(got.state_dict()[k], v, **TOL, msg=k)
-    ref, state = _unit_state(opt), _unit_state(got_opt)
+    ref, state = unit_state(opt), unit_state(got_opt)
     for name, moments in ref.items():
         for key, v in moments.items():
             torch.testing.assert_close(state[name][key], v, **TOL, msg=f"{name} {key}")
@@ -345,7 +330,7 @@ def test_distributed_checkpoint_resumes_on_another_world_size_as_an_uninterrupte
     fsdp_out, saved, resumed
 ):
     model, opt = _reference("adam", 2 * CKPT_STEPS)
-    ref = _unit_state(opt)
+    ref = unit_state(opt)
     for r in range(resumed):
         got = torch.load(fsdp_out / f"resumed_{saved}_{resumed}_{r}.pt", weights_only=True)
         assert got["loaded_steps"] == [CKPT_STEPS] * 3

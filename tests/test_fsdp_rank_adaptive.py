@@ -9,6 +9,7 @@ from torch import nn
 
 import torchlowrank as tlr
 from ddp import run_ddp
+from sharded_state import unit_state, whole_state
 
 pytestmark = pytest.mark.ddp
 fsdp = pytest.importorskip("torch.distributed.fsdp")
@@ -83,24 +84,6 @@ def _shard(model, wrap):
     return model
 
 
-def _full(model):
-    from torch.distributed.tensor import DTensor
-
-    return {
-        k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone()
-        for k, v in model.state_dict().items()
-    }
-
-
-def _unit_state(opt):
-    """The units' moments (plain tensors, replicated) by layer name."""
-    return {
-        g["unit"]: {k: v.clone() for k, v in opt.state[g["params"][0]].items() if torch.is_tensor(v)}
-        for g in opt.param_groups
-        if g["unit"] is not None
-    }
-
-
 def _other_state(opt, model):
     """AdamW / SGD state of the ordinary parameters, whole, by parameter name."""
     from torch.distributed.tensor import DTensor
@@ -165,8 +148,8 @@ def _adaptive_worker(rank, world, out, wrap, kind):
         same_opt &= sched.optimizer is opt
     torch.save(
         {
-            "model": _full(model),
-            "units": _unit_state(opt),
+            "model": whole_state(model),
+            "units": unit_state(opt),
             "others": _other_state(opt, model),
             "ranks": ranks,
             "pending": pending,
@@ -207,7 +190,7 @@ def _refusals_worker(rank, world, out):
 
     refused(lambda: tlr.optim.LowRankAdam(_shard(_model(), "per_layer"), tau=0.2))  # no reshard=True
     model, opt, (x, y) = pending_run()
-    before = _full(model)
+    before = whole_state(model)
     refused(lambda: _step(model, opt, x, y))  # the next step without the re-shard point
     refused(opt.state_dict)  # its moments are at the new ranks, the model's factors at the old
 
@@ -222,7 +205,7 @@ def _refusals_worker(rank, world, out):
         )
     )
     refused(lambda: tlr.optim.reshard_after_rank_change(model, opt, _model, lambda m: m))  # not sharded
-    unchanged = all(torch.equal(before[k], v) for k, v in _full(model).items() if k != "calls")
+    unchanged = all(torch.equal(before[k], v) for k, v in whole_state(model).items() if k != "calls")
     new = tlr.optim.reshard_after_rank_change(model, opt, _model, lambda m: _shard(m, "per_layer"))
     _step(new, opt, x, y)  # after the refusals, the re-shard point still works
     messages.append(f"unchanged {unchanged}")
@@ -272,7 +255,7 @@ def test_rank_changes_under_fsdp_equal_one_process_rank_adaptive_run(fsdp_out, w
     for k, v in model.state_dict().items():
         assert torch.equal(got[0]["model"][k], got[1]["model"][k]), k
         torch.testing.assert_close(got[0]["model"][k], v, **TOL, msg=k)
-    for name, moments in _unit_state(opt).items():
+    for name, moments in unit_state(opt).items():
         assert moments.keys() == got[0]["units"][name].keys()
         for key, v in moments.items():
             assert torch.equal(got[0]["units"][name][key], got[1]["units"][name][key]), (name, key)
@@ -305,7 +288,7 @@ def test_a_checkpoint_written_after_rank_changes_resumes_in_a_model_built_at_the
     assert _ranks(model) == got["ranks"][-1] != _ranks(_model())
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, got["model"][k], atol=0, rtol=0, msg=k)
-    for name, moments in _unit_state(opt).items():
+    for name, moments in unit_state(opt).items():
         for key, v in moments.items():
             torch.testing.assert_close(v, got["units"][name][key], atol=0, rtol=0, msg=f"{name} {key}")
 

@@ -58,6 +58,26 @@ def _check_bool(value: Any, what: str) -> None:
         raise ValueError(f"{what} must be True or False, got {value!r}")
 
 
+def _check_lora_fields(config, name: str, lora_alpha: float | None, lora_dropout: float | None) -> None:
+    """Fold PEFT's aliases (``lora_alpha``, ``lora_dropout``) into ``config`` and check r, alpha, dropout."""
+    if lora_alpha is not None:
+        if config.alpha is not None and config.alpha != lora_alpha:
+            raise ValueError(f"give alpha or its alias lora_alpha, not both ({config.alpha} vs {lora_alpha})")
+        config.alpha = lora_alpha
+    if lora_dropout is not None:
+        config.dropout = lora_dropout
+    _check_positive_int(config.r, f"{name}.r")
+    if config.alpha is not None and not (_is_number(config.alpha) and config.alpha > 0):
+        raise ValueError(
+            f"{name}.alpha must be a positive number (scaling = alpha / r; alpha = 0 would "
+            f"switch the adapter off) or None for alpha = r, got {config.alpha!r}"
+        )
+    if not _is_number(config.dropout) or not 0.0 <= config.dropout < 1.0:
+        raise ValueError(
+            f"{name}.dropout must be a probability in [0, 1) (0 = no dropout), got {config.dropout!r}"
+        )
+
+
 @dataclass
 class LoRAConfig:
     """LoRA (Hu et al. 2021): W = W0 + scaling * B A, scaling = alpha / r (or alpha / sqrt(r), rsLoRA).
@@ -90,24 +110,7 @@ class LoRAConfig:
     adapter_type = "lora"
 
     def __post_init__(self, lora_alpha: float | None, lora_dropout: float | None) -> None:
-        if lora_alpha is not None:
-            if self.alpha is not None and self.alpha != lora_alpha:
-                raise ValueError(
-                    f"give alpha or its alias lora_alpha, not both ({self.alpha} vs {lora_alpha})"
-                )
-            self.alpha = lora_alpha
-        if lora_dropout is not None:
-            self.dropout = lora_dropout
-        _check_positive_int(self.r, "LoRAConfig.r")
-        if self.alpha is not None and not (_is_number(self.alpha) and self.alpha > 0):
-            raise ValueError(
-                f"LoRAConfig.alpha must be a positive number (scaling = alpha / r; alpha = 0 would "
-                f"switch the adapter off) or None for alpha = r, got {self.alpha!r}"
-            )
-        if not _is_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
-            raise ValueError(
-                f"LoRAConfig.dropout must be a probability in [0, 1) (0 = no dropout), got {self.dropout!r}"
-            )
+        _check_lora_fields(self, "LoRAConfig", lora_alpha, lora_dropout)
         _check_bool(self.use_rslora, "LoRAConfig.use_rslora")
         _check_bool(self.autocast_adapter_dtype, "LoRAConfig.autocast_adapter_dtype")
         if self.init not in LORA_INITS:
@@ -228,21 +231,7 @@ class GeoLoRAConfig:
     adapter_type = "geolora"
 
     def __post_init__(self, lora_alpha: float | None, lora_dropout: float | None) -> None:
-        if lora_alpha is not None:
-            if self.alpha is not None and self.alpha != lora_alpha:
-                raise ValueError(
-                    f"give alpha or its alias lora_alpha, not both ({self.alpha} vs {lora_alpha})"
-                )
-            self.alpha = lora_alpha
-        if lora_dropout is not None:
-            self.dropout = lora_dropout
-        _check_positive_int(self.r, "GeoLoRAConfig.r")
-        if self.alpha is not None and not (_is_number(self.alpha) and self.alpha > 0):
-            raise ValueError(
-                f"GeoLoRAConfig.alpha must be a positive number (scaling = alpha / r) or None, got {self.alpha!r}"
-            )
-        if not _is_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"GeoLoRAConfig.dropout must be a probability in [0, 1), got {self.dropout!r}")
+        _check_lora_fields(self, "GeoLoRAConfig", lora_alpha, lora_dropout)
         _check_bool(self.autocast_adapter_dtype, "GeoLoRAConfig.autocast_adapter_dtype")
         if not _is_number(self.tau) or not 0.0 <= self.tau < 1.0:
             raise ValueError(
