@@ -92,3 +92,13 @@ def test_q3r_finetune_quick_runs_end_to_end():
     assert [s.label for s in loss.series] == ["full fine-tuning", "full fine-tuning + Q3R", "LoRA (peft)"]
     for curve in loss.series:  # one finite training loss per step
         assert len(curve.y) == cfg["steps"] and all(math.isfinite(v) for v in curve.y), curve.label
+
+
+def test_q3r_finetune_repeats_itself_and_leaves_the_global_generator_as_it_was():
+    """peft's LoRA init and MiniLM's dropout use the global generator: the run seeds it in a fork."""
+    pytest.importorskip("peft")
+    before = torch.get_rng_state()
+    first = get_experiment("q3r-finetune").run(quick=True, progress=False)
+    assert torch.equal(torch.get_rng_state(), before)
+    second = get_experiment("q3r-finetune").run(quick=True, progress=False)
+    assert first.metrics == second.metrics

@@ -170,8 +170,9 @@ class GaLoreAdamW(Optimizer):
         params: parameters or param-group dicts (a group may set its own ``rank``; ``rank=None``
             turns projection off for the group).
         lr, betas, eps, weight_decay: as the package's AdamW (eps default 1e-6 there and here).
-        rank: projection rank r. update_gap: steps between projector refreshes. scale: multiplies
-            the back-projected direction.
+        rank: projection rank r.
+        update_gap: steps between projector refreshes.
+        scale: multiplies the back-projected direction.
         refresh: ``"warm"`` (subspace iteration, ``power_iters`` iterations) or ``"svd"`` (exact).
 
     State per projected parameter: ``step``, ``exp_avg`` and ``exp_avg_sq`` of the projected shape
