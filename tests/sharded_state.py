@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
@@ -24,3 +26,12 @@ def unit_state(opt) -> dict[str, dict[str, torch.Tensor]]:
         for g in opt.param_groups
         if g["unit"] is not None
     }
+
+
+def refusal(call: Callable[[], object]) -> str:
+    """The ValueError message ``call()`` raises ('|' made '/', for '|'-joined files), or "accepted"."""
+    try:
+        call()
+    except ValueError as e:
+        return str(e).replace("|", "/")
+    return "accepted"

@@ -29,6 +29,7 @@ from ..data import load_rotten_tomatoes
 from ..models import load_minilm
 from ..reproducibility import environment_info, git_commit, one_thread
 from ..results import Plot, Result, Series, Table
+from .training import encode_texts, text_accuracy
 
 DESCRIPTION = (
     "MiniLM on Rotten Tomatoes: GeoLoRA (U S V^T, LowRankAdam, global rank budget) vs peft's "
@@ -95,11 +96,6 @@ class Task:
     y_te: torch.Tensor
 
 
-def _encode(tokenizer, texts: list[str], max_len: int) -> dict[str, torch.Tensor]:
-    enc = tokenizer(texts, padding="max_length", truncation=True, max_length=max_len, return_tensors="pt")
-    return {k: enc[k] for k in ("input_ids", "attention_mask")}
-
-
 def load_task(cfg: Config, seed: int) -> Task:
     tokenizer, base = load_minilm(num_labels=2, seed=seed)
     base.eval()
@@ -111,23 +107,11 @@ def load_task(cfg: Config, seed: int) -> Task:
         p.requires_grad_(False)
     return Task(
         base,
-        _encode(tokenizer, [data.train_texts[i] for i in tr], cfg.max_len),
+        encode_texts(tokenizer, [data.train_texts[i] for i in tr], cfg.max_len),
         data.train_labels[tr],
-        _encode(tokenizer, [data.test_texts[i] for i in te], cfg.max_len),
+        encode_texts(tokenizer, [data.test_texts[i] for i in te], cfg.max_len),
         data.test_labels[te],
     )
-
-
-@torch.no_grad()
-def accuracy(model: nn.Module, enc: dict, y: torch.Tensor, batch: int = 64) -> float:
-    was = model.training
-    model.eval()
-    correct = 0
-    for i in range(0, len(y), batch):
-        logits = model(**{k: v[i : i + batch] for k, v in enc.items()}).logits
-        correct += int((logits.argmax(-1) == y[i : i + batch]).sum())
-    model.train(was)
-    return correct / len(y)
 
 
 # ----------------------------------------------------------------------------------------- models
@@ -257,7 +241,7 @@ def train(arm: str, cfg: Config, task: Task, seed: int) -> Run:
     cost = {_short(n): c for n, c in _per_rank_cost(task.base).items()}
     extra = 0 if arm == "lora" else 1
     params = sum(k * (cost[n] + extra) for n, k in ranks.items())
-    return Run(arm, seed, accuracy(model, task.x_te, task.y_te), ranks, params, step_ms, losses)
+    return Run(arm, seed, text_accuracy(model, task.x_te, task.y_te), ranks, params, step_ms, losses)
 
 
 # ----------------------------------------------------------------------------------------- write
@@ -332,7 +316,7 @@ def geolora_finetune_study(cfg: Config) -> Result:
         for seed in cfg.seeds:
             task = load_task(cfg, seed)
             if seed == cfg.seeds[0]:
-                base_accuracy = accuracy(task.base, task.x_te, task.y_te)
+                base_accuracy = text_accuracy(task.base, task.x_te, task.y_te)
                 budget = budget_parameters(cfg, task.base)
             for arm in ARMS:
                 runs.append(train(arm, cfg, task, seed))

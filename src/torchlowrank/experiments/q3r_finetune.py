@@ -33,6 +33,7 @@ from ..models import load_minilm
 from ..regularizers import Q3R
 from ..reproducibility import environment_info, git_commit, one_thread
 from ..results import Plot, Result, Series, Table
+from .training import encode_texts, text_accuracy
 
 DESCRIPTION = (
     "MiniLM on Rotten Tomatoes: Q3R on the full fine-tuning update, exported as "
@@ -74,23 +75,6 @@ class Config:
             rank=4,
             command="torchlowrank reproduce q3r-finetune --quick",
         )
-
-
-def _encode(tokenizer, texts: list[str], max_len: int) -> dict[str, torch.Tensor]:
-    enc = tokenizer(texts, padding="max_length", truncation=True, max_length=max_len, return_tensors="pt")
-    return {k: enc[k] for k in ("input_ids", "attention_mask")}
-
-
-@torch.no_grad()
-def _accuracy(model: nn.Module, enc: dict, y: torch.Tensor, batch: int = 64) -> float:
-    was = model.training
-    model.eval()
-    correct = 0
-    for i in range(0, len(y), batch):
-        logits = model(**{k: v[i : i + batch] for k, v in enc.items()}).logits
-        correct += int((logits.argmax(-1) == y[i : i + batch]).sum())
-    model.train(was)
-    return correct / len(y)
 
 
 def _train(
@@ -206,8 +190,8 @@ def load_task(cfg: Config) -> Task:
     g = torch.Generator().manual_seed(cfg.seed)
     tr = torch.randperm(len(data.train_labels), generator=g)[: cfg.n_train].tolist()
     te = torch.randperm(len(data.test_labels), generator=g)[: cfg.n_test].tolist()
-    x_tr = _encode(tokenizer, [data.train_texts[i] for i in tr], cfg.max_len)
-    x_te = _encode(tokenizer, [data.test_texts[i] for i in te], cfg.max_len)
+    x_tr = encode_texts(tokenizer, [data.train_texts[i] for i in tr], cfg.max_len)
+    x_te = encode_texts(tokenizer, [data.test_texts[i] for i in te], cfg.max_len)
     for p in base.parameters():
         p.requires_grad_(False)
     return Task(base, x_tr, data.train_labels[tr], x_te, data.test_labels[te])
@@ -255,12 +239,12 @@ def finetune(task: Task, cfg: Config, label: str, reg_lam: float) -> Arm:
     )
     train_s = time.perf_counter() - t1
     tail = update_tail_energy(base, model, cfg.rank)
-    acc = _accuracy(model, task.x_te, task.y_te)
+    acc = text_accuracy(model, task.x_te, task.y_te)
     with tempfile.TemporaryDirectory() as tmp:
         adapted = adapter_from_update(base, model, cfg.rank)
-        acc_tlr = _accuracy(adapted, task.x_te, task.y_te)
+        acc_tlr = text_accuracy(adapted, task.x_te, task.y_te)
         served = served_by_peft(base, adapted, Path(tmp) / "adapter")
-        acc_peft = _accuracy(served, task.x_te, task.y_te)
+        acc_peft = text_accuracy(served, task.x_te, task.y_te)
     return Arm(label, acc, acc_peft, acc_tlr, tail, _bias_note(base, model), train_s, losses)
 
 
@@ -282,7 +266,7 @@ def train_lora(task: Task, cfg: Config) -> Arm:
         model, params, task.x_tr, task.y_tr, steps=cfg.steps, batch=cfg.batch, lr=cfg.lora_lr, seed=cfg.seed
     )
     train_s = time.perf_counter() - t1
-    acc = _accuracy(model, task.x_te, task.y_te)
+    acc = text_accuracy(model, task.x_te, task.y_te)
     return Arm(f"LoRA r={cfg.rank} (peft)", acc, acc, acc, None, None, train_s, losses)
 
 
@@ -339,7 +323,7 @@ def q3r_finetune_study(cfg: Config) -> Result:
     commit = git_commit()  # read at the start: the tree may move on during a long run
     with one_thread():
         task = load_task(cfg)
-        base_accuracy = _accuracy(task.base, task.x_te, task.y_te)
+        base_accuracy = text_accuracy(task.base, task.x_te, task.y_te)
         full = finetune(task, cfg, "full fine-tuning", 0.0)
         q3r = finetune(task, cfg, "full fine-tuning + Q3R", cfg.lam)
         lora = train_lora(task, cfg)

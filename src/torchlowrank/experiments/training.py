@@ -73,3 +73,22 @@ def fit_classifier(
                 bar.set_postfix(loss=f"{history['loss'][-1]:.3f}")
     bar.close()
     return history
+
+
+def encode_texts(tokenizer, texts: list[str], max_len: int) -> dict[str, torch.Tensor]:
+    """``input_ids`` and ``attention_mask`` (len(texts), max_len), padded / truncated to ``max_len``."""
+    enc = tokenizer(texts, padding="max_length", truncation=True, max_length=max_len, return_tensors="pt")
+    return {k: enc[k] for k in ("input_ids", "attention_mask")}
+
+
+@torch.no_grad()
+def text_accuracy(model: nn.Module, enc: dict, y: torch.Tensor, batch: int = 64) -> float:
+    """Accuracy of a Hugging Face sequence classifier on encoded texts (``encode_texts``), in eval mode."""
+    was = model.training
+    model.eval()
+    correct = 0
+    for i in range(0, len(y), batch):
+        logits = model(**{k: v[i : i + batch] for k, v in enc.items()}).logits
+        correct += int((logits.argmax(-1) == y[i : i + batch]).sum())
+    model.train(was)
+    return correct / len(y)
