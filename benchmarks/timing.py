@@ -1,4 +1,11 @@
-"""Timing helpers shared by the benchmarks: medians over repeats after warm-up, peak memory."""
+"""Timing helpers shared by the benchmarks: medians over repeats after warm-up, peak memory.
+
+Clock (:func:`clock`): on the CPU with one intra-op thread (the benchmarks' setting, see
+``reproducibility.one_thread``) the CPU time of the calling thread (``time.thread_time``), so that
+other processes sharing the cores do not inflate the numbers (a wall clock on a loaded 2-core
+machine varied by 2x between runs; thread CPU time by a few percent); with several threads, or
+around a CUDA synchronisation, the wall clock ``time.perf_counter``.
+"""
 
 from __future__ import annotations
 
@@ -14,17 +21,25 @@ def sync(device: torch.device | str | None = None) -> None:
         torch.cuda.synchronize()
 
 
+def clock(device: torch.device | str | None = None) -> Callable[[], float]:
+    """The timer of this module's measurements (module docstring): seconds, as a float."""
+    on_cpu = device is None or torch.device(device).type == "cpu"
+    if on_cpu and not torch.cuda.is_available() and torch.get_num_threads() == 1:
+        return time.thread_time
+    return time.perf_counter
+
+
 def median_time(fn: Callable[[], object], repeats: int = 20, warmup: int = 3, device=None) -> float:
-    """Median wall time of ``fn()`` in seconds over ``repeats`` runs, after ``warmup`` runs."""
+    """Median time of ``fn()`` in seconds (:func:`clock`) over ``repeats`` runs, after ``warmup`` runs."""
     for _ in range(warmup):
         fn()
     sync(device)
-    times = []
+    now, times = clock(device), []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = now()
         fn()
         sync(device)
-        times.append(time.perf_counter() - t0)
+        times.append(now() - t0)
     return statistics.median(times)
 
 
@@ -40,13 +55,13 @@ def interleaved_median_times(
         for _ in range(warmup):
             fn()
     sync(device)
-    times: dict[str, list[float]] = {name: [] for name in fns}
+    now, times = clock(device), {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            t0 = time.perf_counter()
+            t0 = now()
             fn()
             sync(device)
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(now() - t0)
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
@@ -88,7 +103,7 @@ def interleaved_step_times(
 
     On CUDA each call is timed by CUDA events (device time between two records, one
     synchronisation per round, so a host sync inside a step shows as the device idling); on the
-    CPU by ``time.perf_counter``. Lists, not medians: with ``augment_every`` or a Q3R period the
+    CPU by :func:`clock`. Lists, not medians: with ``augment_every`` or a Q3R period the
     mean is what a run pays, and the median shows only the cheap steps.
     """
     for fn in fns.values():
@@ -110,8 +125,9 @@ def interleaved_step_times(
             for name, (start, end) in events.items():
                 times[name].append(start.elapsed_time(end) / 1e3)
         else:
+            now = clock(device)
             for name, fn in fns.items():
-                t0 = time.perf_counter()
+                t0 = now()
                 fn()
-                times[name].append(time.perf_counter() - t0)
+                times[name].append(now() - t0)
     return times

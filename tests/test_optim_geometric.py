@@ -547,3 +547,21 @@ def test_subspace_truncation_equals_the_svd_truncation_on_a_training_step():
     best = Pf[:, :, :r] @ torch.diag_embed(df[:, :r]) @ Qhf[:, :r]
     torch.testing.assert_close((P @ torch.diag_embed(d) @ Q.mT).double(), best, rtol=0, atol=1e-5)
     torch.testing.assert_close(d.double(), df[:, :r], rtol=1e-5, atol=1e-6)
+
+
+def test_cpu_truncation_is_the_best_rank_r_approximation_even_without_a_spectral_gap():
+    """On a CPU the stepped core is truncated by its full SVD: exact even where a warm-started
+    subspace iteration converges slowly (a core of entries ~lr only, as after a GeoLoRA start at
+    S = 0, whose singular values have no gap at r)."""
+    from torchlowrank.optim.manifold_step import top_triplets
+
+    g = torch.Generator().manual_seed(1)
+    r = 8
+    S = 1e-3 * torch.randn(3, 2 * r, 2 * r, generator=g)
+    P, d, Q = top_triplets(S, r)
+    Pf, df, Qhf = torch.linalg.svd(S.double())
+    best = Pf[:, :, :r] @ torch.diag_embed(df[:, :r]) @ Qhf[:, :r]
+    torch.testing.assert_close(
+        (P @ torch.diag_embed(d) @ Q.mT).double(), best, rtol=0, atol=3e-8
+    )  # float32 rounding of 1e-3
+    torch.testing.assert_close(P.mT @ P, torch.eye(r).expand(3, r, r), rtol=0, atol=1e-5)

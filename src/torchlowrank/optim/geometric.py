@@ -72,7 +72,7 @@ from .manifold_step import (
     complement_basis_pair,
     galerkin_core,
     tail_ranks,
-    top_subspace,
+    top_triplets,
 )
 
 __all__ = [
@@ -533,7 +533,7 @@ class _GeometricOptimizer(Optimizer):
             ranks = tail_ranks(d, group["tau"], group["min_rank"], hi)
             ranks = torch.where(ok, ranks, torch.full_like(ranks, r))  # a skipped step keeps its rank
         else:
-            P, d, Q = top_subspace(S_hat, r)
+            P, d, Q = top_triplets(S_hat, r)
         return dict(
             groups=groups,
             layers=layers,

@@ -26,6 +26,7 @@ __all__ = [
     "complement_basis_pair",
     "galerkin_core",
     "top_subspace",
+    "top_triplets",
     "subspace_iterations",
     "tail_ranks",
 ]
@@ -69,29 +70,26 @@ def complement_basis(
     """
     eps = torch.finfo(A.dtype).eps
     K = A - U @ C
+    KtK = K.mT @ K if row_sum is None else row_sum(K.mT @ K)  # sharded: one all-reduce
     # Columns in order of decreasing norm (a pivoting decided on the device): a weak column that is
     # only a rounding-level copy of a stronger one must come after it, or the Gram-Schmidt order
-    # would drop both as dependent on each other.
-    if row_sum is None:
-        order = torch.argsort(K.pow(2).sum(-2), dim=-1, descending=True)  # (b, r)
-        K = torch.gather(K, -1, order[:, None, :].expand_as(K))
-        KtK = K.mT @ K
-    else:  # one all-reduce: the Gram matrix, whose diagonal gives the norms, permuted afterwards
-        KtK = row_sum(K.mT @ K)
-        order = torch.argsort(torch.diagonal(KtK, dim1=-2, dim2=-1), dim=-1, descending=True)
-        K = torch.gather(K, -1, order[:, None, :].expand_as(K))
-        KtK = KtK.gather(-1, order[:, None, :].expand_as(KtK)).gather(-2, order[:, :, None].expand_as(KtK))
+    # would drop both as dependent on each other. The permutation Pi is applied to the small
+    # matrices only: K Pi L^{-T} = K (Pi L^{-T}), so the tall K is never copied.
+    order = torch.argsort(torch.diagonal(KtK, dim1=-2, dim2=-1), dim=-1, descending=True)  # (b, r)
+    KtK = KtK.gather(-1, order[:, None, :].expand_as(KtK)).gather(-2, order[:, :, None].expand_as(KtK))
     trace = torch.diagonal(KtK, dim1=-2, dim2=-1).sum(-1)
-    Q1 = K @ _inverse_cholesky(KtK, _SHIFT * eps * trace + torch.finfo(A.dtype).tiny).mT
+    Linv_t = _inverse_cholesky(KtK, _SHIFT * eps * trace + torch.finfo(A.dtype).tiny).mT
+    Q1 = K @ torch.empty_like(Linv_t).scatter_(-2, order[:, :, None].expand_as(Linv_t), Linv_t)
     r = K.shape[-1]
-    if row_sum is None:
-        G1K = Q1.mT @ torch.cat([Q1, K], -1)  # [Q1^T Q1, Q1^T K] in one GEMM
+    if row_sum is None:  # separate GEMMs: on a CPU a concatenated operand costs more than a launch
+        QtQ, QtK = Q1.mT @ Q1, Q1.mT @ K
         F = U.mT @ Q1  # what of Q1 still lies in span(U): rounding of K, amplified by the solve
     else:  # the three products in one GEMM and one all-reduce
         G1KU = row_sum(Q1.mT @ torch.cat([Q1, K, U], -1))
-        G1K, F = G1KU[..., : 2 * r], G1KU[..., 2 * r :].mT
-    # second pass on Q1 - U F (Gram G1 - F^T F, from small matrices): orthonormal and orthogonal to U
-    G1 = G1K[..., :r] - F.mT @ F
+        QtQ, QtK, F = G1KU[..., :r], G1KU[..., r : 2 * r], G1KU[..., 2 * r :].mT
+    QtK = QtK.gather(-1, order[:, None, :].expand_as(QtK))  # K's columns in the pivoted order
+    # second pass on Q1 - U F (Gram QtQ - F^T F, from small matrices): orthonormal and orthogonal to U
+    G1 = QtQ - F.mT @ F
     # Rank detection: the pivots of the Gram's Cholesky are the norms^2 of what each direction adds
     # to the previous ones (~1 for a direction of K, ~0 for one below the shift or inside span(U)).
     # Those under 1/2 are dropped, and the kept ones orthonormalised without them: pivots of a
@@ -111,7 +109,7 @@ def complement_basis(
     # triangular in the pivoted order (direction j of U1 is orthogonal to the first j columns): the
     # entries below the diagonal are exact zeros holding rounding noise, which an element-wise Adam
     # would normalise into O(lr) steps (float32 and float64 then part ways), so they are set to zero.
-    R = torch.triu(T.mT @ G1K[..., r:])  # the columns of K in the pivoted order
+    R = torch.triu(T.mT @ QtK)  # the columns of K in the pivoted order
     R = torch.empty_like(R).scatter_(-1, order[:, None, :].expand_as(R), R)  # back to A's columns
     return Q1, T, F @ T, R, keep
 
@@ -195,6 +193,18 @@ def top_subspace(
     Pm, d, Qh = torch.linalg.svd(X.mT @ S @ Y)
     P, Q = sign_fixed(X @ Pm, Y @ Qh.mT)
     return P, d, Q
+
+
+def top_triplets(S: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-r singular triplets of the stepped cores S (b, p, q): P (b, p, r), d (b, r) descending,
+    Q (b, q, r), sign-fixed. On a CPU the batched LAPACK SVD of the whole (2r, 2r) core (exact, and
+    measured faster there than the iteration: ``benchmarks/bench_optim.py``); on an accelerator
+    :func:`top_subspace` (GEMMs and QRs instead of a slow per-matrix SVD solver)."""
+    if S.device.type != "cpu":
+        return top_subspace(S, r)
+    Pm, d, Qh = torch.linalg.svd(S)
+    P, Q = sign_fixed(Pm[..., :r], Qh.mT[..., :r])
+    return P, d[..., :r], Q
 
 
 def tail_ranks(d: torch.Tensor, tau: float, lo: int, hi: torch.Tensor | int) -> torch.Tensor:
