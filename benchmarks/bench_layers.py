@@ -3,7 +3,7 @@
 Measured: median time per forward+backward over interleaved repeats, the speedup of each
 factorized layer over the dense layer measured in the same rounds, the ideal FLOP ratio
 m n / (r (m + n)), and the fraction of the ideal speedup achieved. CPU: float32, 1024x1024, 512
-tokens, r in {16, 64, 256}. CUDA (when present): bf16 autocast on float32 parameters, timed with
+tokens, r in {16, 64, 256}, one thread. CUDA (when present): bf16 autocast on float32 parameters, timed with
 CUDA events, the same case plus the issue's shapes (4096x4096 and 11008x4096 (out x in), 8192
 tokens, r in {64, 256}) — GPU only, too slow on a CPU.
 Goals: LowRankLinear >= FactorizedLinear at every r; >= 50% of the ideal speedup for
@@ -21,7 +21,7 @@ from timing import interleaved_median_times, interleaved_step_times
 from torch import nn
 
 import torchlowrank as tlr
-from torchlowrank.reproducibility import environment_info
+from torchlowrank.reproducibility import environment_info, one_thread
 from torchlowrank.results import Plot, Result, Series, Table
 
 
@@ -111,7 +111,9 @@ def run(quick: bool = False) -> Result:
     tables, metrics, plots = [], {}, []
     precision = "bf16 autocast, float32 parameters, CUDA events" if device == "cuda" else "float32"
     for m, n, tokens, ranks in cases:
-        times = measure(m, n, tokens, ranks, repeats, device)
+        # one CPU thread: timed by the thread's CPU time (timing.clock), robust to other load
+        with one_thread() if device == "cpu" else contextlib.nullcontext():
+            times = measure(m, n, tokens, ranks, repeats, device)
         rows, case_metrics = rows_for(m, n, ranks, times)
         tables.append(
             Table(
@@ -165,7 +167,7 @@ def run(quick: bool = False) -> Result:
             "repeats": repeats,
             "device": device,
             "dtype": precision,
-            "threads": torch.get_num_threads(),
+            "threads": 1 if device == "cpu" else None,
         },
         metrics=metrics,
         tables=tables,

@@ -29,6 +29,13 @@ def clock(device: torch.device | str | None = None) -> Callable[[], float]:
     return time.perf_counter
 
 
+def rotated(fns: dict, i: int) -> list[tuple]:
+    """The (name, fn) pairs of round ``i`` of an interleaved measurement: the order shifted by i."""
+    items = list(fns.items())
+    k = i % len(items)
+    return items[k:] + items[:k]
+
+
 def median_time(fn: Callable[[], object], repeats: int = 20, warmup: int = 3, device=None) -> float:
     """Median time of ``fn()`` in seconds (:func:`clock`) over ``repeats`` runs, after ``warmup`` runs."""
     for _ in range(warmup):
@@ -49,15 +56,17 @@ def interleaved_median_times(
     """Median seconds of each ``fns[name]()``, measured in interleaved rounds (a, b, c, a, b, c, ...).
 
     Interleaving makes the ratios between candidates robust to load that drifts during the run
-    (other processes on a shared machine), which sequential blocks of repeats are not.
+    (other processes on a shared machine), which sequential blocks of repeats are not. The order
+    rotates from round to round (:func:`rotated`): a candidate timed right after a big one starts
+    with cold caches, and a fixed order would charge that to the same candidate every round.
     """
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     sync(device)
     now, times = clock(device), {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
+    for i in range(repeats):
+        for name, fn in rotated(fns, i):
             t0 = now()
             fn()
             sync(device)
@@ -112,7 +121,7 @@ def interleaved_step_times(
     cuda = device is not None and torch.device(device).type == "cuda"
     sync(device)
     times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
+    for i in range(repeats):
         if cuda:
             events = {}
             for name, fn in fns.items():
@@ -126,7 +135,7 @@ def interleaved_step_times(
                 times[name].append(start.elapsed_time(end) / 1e3)
         else:
             now = clock(device)
-            for name, fn in fns.items():
+            for name, fn in rotated(fns, i):
                 t0 = now()
                 fn()
                 times[name].append(now() - t0)
