@@ -16,8 +16,9 @@ one geometric unit. One step, from the gradients of one backward pass:
 
 How it runs (DESIGN §7): units of the same shape, rank and hyperparameters are stacked and stepped
 as one batch (``manifold_step``): the new directions by shifted Cholesky QR (GEMMs), the rank-r
-truncation by a subspace iteration on the 2r x 2r core warm-started from the kept basis plus an
-r x r SVD (the full 2r x 2r SVD only on rank-decision steps). A fixed-rank step reads no tensor
+truncation on a GPU by a subspace iteration on the 2r x 2r core warm-started from the kept basis plus
+an r x r SVD, on a CPU (and for small cores) by the batched SVD of the core
+(``manifold_step.top_triplets``). A fixed-rank step reads no tensor
 value on the host. Rank-adaptive steps (tau > 0) read the new ranks of all units once, every
 ``rank_every`` steps. Non-finite gradients do not raise by default: as ``torch.amp.GradScaler``
 does, the step is skipped on the device (factors, moments and other parameters keep their values)

@@ -3,8 +3,9 @@
 Every function takes a stack of ``b`` layers of one shape and returns stacks; none reads a tensor
 value into Python, so a step on a GPU queues its kernels without waiting for the device (DESIGN
 §7). The only dense decompositions are a batched Cholesky of r x r Gram matrices
-(``cholesky_ex``: no error check, no synchronisation) and, for the rank-r truncation, a batched
-SVD of the r x r Rayleigh-Ritz matrix after a warm-started subspace iteration on the 2r x 2r core.
+(``cholesky_ex``: no error check, no synchronisation) and, for the rank-r truncation, one batched
+SVD: of the r x r Rayleigh-Ritz matrix after a warm-started subspace iteration on the 2r x 2r core
+(GPU), or of the whole core where that is cheaper (CPU, small cores; :func:`top_triplets`).
 
 Shapes: U (b, m, r), V (b, n, r) orthonormal; s (b, r); A = G V (b, m, r), B = G^T U (b, n, r).
 """
@@ -197,10 +198,15 @@ def top_subspace(
 
 def top_triplets(S: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-r singular triplets of the stepped cores S (b, p, q): P (b, p, r), d (b, r) descending,
-    Q (b, q, r), sign-fixed. On a CPU the batched LAPACK SVD of the whole (2r, 2r) core (exact, and
-    measured faster there than the iteration: ``benchmarks/bench_optim.py``); on an accelerator
-    :func:`top_subspace` (GEMMs and QRs instead of a slow per-matrix SVD solver)."""
-    if S.device.type != "cpu":
+    Q (b, q, r), sign-fixed.
+
+    The batched SVD of the whole core where it is cheap: on a CPU (LAPACK; measured faster there
+    than the iteration, ``benchmarks/bench_optim.py``) and for cores of at most 32 x 32 on any
+    device (cuSOLVER's batched Jacobi SVD); otherwise :func:`top_subspace` (GEMMs and QRs instead
+    of a per-matrix SVD solver). Either way one small decomposition per batch. The SVD is exact
+    also where the warm start of the iteration is poor: a core without a gap at r, such as the
+    first steps of an adapter started at S = 0."""
+    if S.device.type != "cpu" and max(S.shape[-2:]) > 32:
         return top_subspace(S, r)
     Pm, d, Qh = torch.linalg.svd(S)
     P, Q = sign_fixed(Pm[..., :r], Qh.mT[..., :r])
