@@ -24,4 +24,4 @@ def test_geolora_finetune_quick_runs_end_to_end():
     assert m["adalora_total_rank"][0] <= n_matrices * result.config["budget_rank"]
     assert m["geolora_adapter_parameters"][0] <= budget
     assert result.config["command"].startswith("torchlowrank reproduce geolora-finetune --quick")
-    assert len(result.tables) == 2 and len(result.tables[1].rows) == n_matrices
+    assert len(result.tables) == 3 and len(result.tables[2].rows) == n_matrices
