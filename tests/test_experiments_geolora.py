@@ -19,6 +19,10 @@ def test_geolora_finetune_quick_runs_end_to_end():
         assert m[f"{arm}_step_ms"] > 0
         ranks = m[f"{arm}_ranks_seed0"]
         assert len(ranks) == n_matrices
+        # one lr per arm, picked from the same grid by validation accuracy on the first seed
+        grid = m[f"{arm}_grid_val_accuracy"]
+        assert sorted(grid) == sorted(result.config["lr_grid"])
+        assert grid[m[f"{arm}_lr"]] == max(grid.values())
     # every arm ends within the budget of budget_rank ranks per matrix on average
     assert m["lora_total_rank"] == [n_matrices * result.config["budget_rank"]]
     assert m["adalora_total_rank"][0] <= n_matrices * result.config["budget_rank"]
