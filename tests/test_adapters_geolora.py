@@ -233,8 +233,11 @@ def test_hf_geolora_save_load_merge_and_peft_export(name, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         tlr.export_peft(model, tmp_path / "peft")
-    with pytest.raises(ValueError, match="rank_pattern"):  # tlr reads single-rank PEFT folders only
-        tlr.load_adapter(copy.deepcopy(base), tmp_path / "peft")
+    # the PEFT folder loads back as LoRA adapters at the per-layer ranks of its rank_pattern
+    lora = tlr.load_adapter(copy.deepcopy(base), tmp_path / "peft")
+    assert isinstance(lora.tlr_adapter.config, tlr.LoRAConfig)
+    assert {n: layer.r for n, layer in tlr.adapters.adapter_layers(lora)} == ranks
+    torch.testing.assert_close(outputs(lora, inputs), out, rtol=0, atol=1e-10)
     served = served_by_peft(base, tmp_path / "peft")
     torch.testing.assert_close(outputs(served, inputs), out, rtol=0, atol=1e-10)
     merged = tlr.merge(copy.deepcopy(model))
