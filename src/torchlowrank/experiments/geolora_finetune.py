@@ -58,7 +58,7 @@ class Config:
     batch: int = 16
     budget_rank: int = 4  # final average rank per matrix, all arms
     init_rank: int = 8  # AdaLoRA init_r and GeoLoRA's initial r
-    lr_grid: tuple[float, ...] = (1e-3, 3e-3, 1e-2)  # the same grid for every arm
+    lr_grid: tuple[float, ...] = (1e-3, 3e-3, 1e-2, 3e-2)  # the same grid for every arm
     tau: float = 0.01
     adalora_tinit: int = 10
     adalora_tfinal: int = 30
