@@ -552,6 +552,26 @@ def test_rank_and_alpha_patterns_follow_peft_first_match_at_a_name_component():
     assert tlr.adapters.config_from_dict(cfg.to_dict()) == cfg
 
 
+def test_a_lora_with_rank_and_alpha_patterns_exports_to_peft_and_loads_back_with_the_same_outputs(tmp_path):
+    pytest.importorskip("peft")
+    base = hf_models.build("llama").double().eval()
+    x = hf_models.example_inputs("llama")
+    cfg = tlr.LoRAConfig(
+        r=2, alpha=4, rank_pattern={"q_proj": 3}, alpha_pattern={"v_proj": 8}, target_modules="all-linear"
+    )
+    model = tlr.adapt(copy.deepcopy(base), cfg)
+    hf_models.perturb_trainable(model)
+    model.eval()
+    assert model.model.layers[0].self_attn.q_proj.r == 3 and model.model.layers[0].self_attn.k_proj.r == 2
+    y = hf_models.outputs(model, x)
+    tlr.export_peft(model, tmp_path / "peft")
+    torch.testing.assert_close(
+        hf_models.outputs(hf_models.served_by_peft(base, tmp_path / "peft"), x), y, rtol=0, atol=1e-12
+    )
+    back = tlr.load_adapter(copy.deepcopy(base), tmp_path / "peft")
+    torch.testing.assert_close(hf_models.outputs(back, x), y, rtol=0, atol=1e-12)
+
+
 def test_peft_folders_with_what_a_plain_lora_cannot_represent_are_refused(tiny_llama, tmp_path):
     peft = pytest.importorskip("peft")
     pm = peft.get_peft_model(
