@@ -111,9 +111,52 @@ def test_lowrankadam_trains_only_adapter_and_modules_to_save():
     torch.testing.assert_close(u.U.T @ u.U, torch.eye(3, dtype=torch.float64), atol=1e-10, rtol=0)
 
 
+def _orthogonal_complement(X: torch.Tensor, k: int, g: torch.Generator) -> torch.Tensor:
+    """k orthonormal columns orthogonal to the orthonormal columns of X."""
+    Y = torch.randn(X.shape[0], k, generator=g, dtype=X.dtype)
+    return torch.linalg.qr(Y - X @ (X.T @ Y))[0]
+
+
+def _first_step_of_singular_values(make_optimizer, lr: float = 1e-3) -> torch.Tensor:
+    """S after one step minus S before, for an adapter at S = (1, 0.5) whose loss <G, Delta W> puts
+    a gradient of +-1e-3 on the singular values and entries of size ~1 on the basis directions."""
+    model = _mlp()
+    tlr.adapt(model, tlr.GeoLoRAConfig(r=2, tau=0.0, target_modules=["0"]))
+    unit = model[0].lora_unit
+    with torch.no_grad():
+        unit.S.copy_(torch.tensor([1.0, 0.5], dtype=torch.float64))
+    U, V = unit.U.detach(), unit.V.detach()
+    g = torch.Generator().manual_seed(3)
+    U_perp, V_perp = _orthogonal_complement(U, 2, g), _orthogonal_complement(V, 2, g)
+    small = U @ torch.diag(torch.tensor([1e-3, -1e-3], dtype=torch.float64)) @ V.T
+    big = U_perp @ torch.randn(2, 2, generator=g, dtype=torch.float64) @ V.T
+    big = big + U @ torch.randn(2, 2, generator=g, dtype=torch.float64) @ V_perp.T
+    G = small + big
+    opt = make_optimizer(model, lr)
+    before = unit.S.detach().clone()
+    (model[0].delta_matrix() * G).sum().backward()
+    opt.step()
+    return unit.S.detach() - before
+
+
+def test_geolora_optimizer_moves_each_singular_value_by_lr_however_small_its_share_of_the_gradient():
+    """Adam's first step moves every coordinate by lr whatever its gradient's size; geolora_optimizer
+    (elementwise second moment) does so for the singular values, as Adam does for LoRA's B. One
+    second moment per layer ("unit") divides them by the whole core's gradient and they hardly move."""
+    lr = 1e-3
+    step = _first_step_of_singular_values(tlr.geolora_optimizer, lr)
+    # dL/dS = (+1e-3, -1e-3): S_1 decreases and S_2 increases by lr, up to the second-order shift
+    # of the basis blocks' rotation (~(3 lr)^2 / s)
+    torch.testing.assert_close(step, torch.tensor([-lr, lr], dtype=torch.float64), atol=0.1 * lr, rtol=0)
+    unit_step = _first_step_of_singular_values(
+        lambda model, lr: tlr.geolora_optimizer(model, lr=lr, second_moment="unit"), lr
+    )
+    assert unit_step.abs().max() < 0.1 * lr  # only the second-order shift is left
+
+
 def test_rank_adaptive_training_then_save_load_merge(tmp_path):
     model = _mlp()
-    cfg = tlr.GeoLoRAConfig(r=3, lora_alpha=6, tau=0.3, target_modules=["0", "2"], modules_to_save=["4"])
+    cfg = tlr.GeoLoRAConfig(r=3, lora_alpha=6, tau=0.4, target_modules=["0", "2"], modules_to_save=["4"])
     base = copy.deepcopy(model)
     tlr.adapt(model, cfg)
     _train_mlp(model, steps=15)
@@ -190,8 +233,11 @@ def test_hf_geolora_save_load_merge_and_peft_export(name, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         tlr.export_peft(model, tmp_path / "peft")
-    with pytest.raises(ValueError, match="rank_pattern"):  # tlr reads single-rank PEFT folders only
-        tlr.load_adapter(copy.deepcopy(base), tmp_path / "peft")
+    # the PEFT folder loads back as LoRA adapters at the per-layer ranks of its rank_pattern
+    lora = tlr.load_adapter(copy.deepcopy(base), tmp_path / "peft")
+    assert isinstance(lora.tlr_adapter.config, tlr.LoRAConfig)
+    assert {n: layer.r for n, layer in tlr.adapters.adapter_layers(lora)} == ranks
+    torch.testing.assert_close(outputs(lora, inputs), out, rtol=0, atol=1e-10)
     served = served_by_peft(base, tmp_path / "peft")
     torch.testing.assert_close(outputs(served, inputs), out, rtol=0, atol=1e-10)
     merged = tlr.merge(copy.deepcopy(model))

@@ -494,8 +494,23 @@ def test_adapter_and_peft_files_get_the_usual_mode_under_umask_022(tmp_path):
         ),
         ("gpt2", dict(r=4, lora_alpha=16, use_rslora=True, target_modules=["c_attn", "c_fc", "wte"])),
         ("llama", dict(r=2, lora_alpha=4, target_modules="all-linear")),
+        (
+            "llama",
+            dict(
+                r=2,
+                lora_alpha=4,
+                target_modules="all-linear",
+                rank_pattern={"q_proj": 3, r"layers\.0\.mlp\.down_proj": 1},
+                alpha_pattern={"v_proj": 8},
+            ),
+        ),
     ],
-    ids=["vit-conv-saved-head", "gpt2-conv1d-embedding-rslora", "llama-all-linear"],
+    ids=[
+        "vit-conv-saved-head",
+        "gpt2-conv1d-embedding-rslora",
+        "llama-all-linear",
+        "llama-rank-alpha-patterns",
+    ],
 )
 def test_load_adapter_reads_a_folder_written_by_peft_and_matches_peft(tmp_path, name, peft_kwargs):
     peft = pytest.importorskip("peft")
@@ -516,9 +531,45 @@ def test_load_adapter_reads_a_folder_written_by_peft_and_matches_peft(tmp_path, 
     torch.testing.assert_close(hf_models.outputs(ours, x), y, rtol=0, atol=1e-5)
     assert (y - hf_models.outputs(base, x)).abs().max() > 1e-2
     assert ours.tlr_adapter.config.use_rslora == peft_kwargs.get("use_rslora", False)
+    if "rank_pattern" in peft_kwargs:  # per-layer ranks and alphas as peft made them
+        ranks = {n: layer.r for n, layer in tlr.adapters.adapter_layers(ours)}
+        assert {k for n, k in ranks.items() if n.endswith("q_proj")} == {3}
+        assert ranks["model.layers.0.mlp.down_proj"] == 1 and ranks["model.layers.1.mlp.down_proj"] == 2
     tlr.save_adapter(ours, tmp_path / "ours")  # ... and on to our own format
     again = tlr.load_adapter(copy.deepcopy(base), tmp_path / "ours")
-    torch.testing.assert_close(hf_models.outputs(again, x), y, rtol=0, atol=0)
+    torch.testing.assert_close(hf_models.outputs(again, x), hf_models.outputs(ours, x), rtol=0, atol=0)
+
+
+def test_rank_and_alpha_patterns_follow_peft_first_match_at_a_name_component():
+    cfg = tlr.LoRAConfig(
+        r=4, lora_alpha=8, rank_pattern={r"layer\.1\.query": 8, "query": 2}, alpha_pattern={"key": 2}
+    )
+    assert cfg.rank_of("encoder.layer.0.attention.query") == 2
+    assert cfg.rank_of("encoder.layer.1.query") == 8  # the first matching key wins
+    assert cfg.rank_of("encoder.layer.0.myquery") == 4  # matches whole dotted components only
+    assert cfg.scaling_of("encoder.layer.0.query") == 8 / 2  # alpha over the layer's own rank
+    assert cfg.scaling_of("encoder.layer.0.key") == 2 / 4
+    assert tlr.adapters.config_from_dict(cfg.to_dict()) == cfg
+
+
+def test_a_lora_with_rank_and_alpha_patterns_exports_to_peft_and_loads_back_with_the_same_outputs(tmp_path):
+    pytest.importorskip("peft")
+    base = hf_models.build("llama").double().eval()
+    x = hf_models.example_inputs("llama")
+    cfg = tlr.LoRAConfig(
+        r=2, alpha=4, rank_pattern={"q_proj": 3}, alpha_pattern={"v_proj": 8}, target_modules="all-linear"
+    )
+    model = tlr.adapt(copy.deepcopy(base), cfg)
+    hf_models.perturb_trainable(model)
+    model.eval()
+    assert model.model.layers[0].self_attn.q_proj.r == 3 and model.model.layers[0].self_attn.k_proj.r == 2
+    y = hf_models.outputs(model, x)
+    tlr.export_peft(model, tmp_path / "peft")
+    torch.testing.assert_close(
+        hf_models.outputs(hf_models.served_by_peft(base, tmp_path / "peft"), x), y, rtol=0, atol=1e-12
+    )
+    back = tlr.load_adapter(copy.deepcopy(base), tmp_path / "peft")
+    torch.testing.assert_close(hf_models.outputs(back, x), y, rtol=0, atol=1e-12)
 
 
 def test_peft_folders_with_what_a_plain_lora_cannot_represent_are_refused(tiny_llama, tmp_path):
@@ -547,6 +598,10 @@ def test_peft_folders_with_what_a_plain_lora_cannot_represent_are_refused(tiny_l
         (lambda: tlr.LoRAConfig(dropout=-0.1), r"\[0, 1\)"),
         (lambda: tlr.LoRAConfig(use_rslora="yes"), "True or False"),
         (lambda: tlr.LoRAConfig(init="svd"), "init must be one of"),
+        (lambda: tlr.LoRAConfig(rank_pattern={"q_proj": 0}), "positive int"),
+        (lambda: tlr.LoRAConfig(alpha_pattern={"q_proj": -1.0}), "positive number"),
+        (lambda: tlr.LoRAConfig(rank_pattern={"(": 2}), "not a regular expression"),
+        (lambda: tlr.LoRAConfig(rank_pattern=["q_proj"]), "must be a dict"),
         (lambda: tlr.DeepLoRAConfig(compress="yes"), "compress must be True or False"),
         (lambda: tlr.DeepLoRAConfig(compress=1), "compress must be True or False"),
         (lambda: tlr.DeepLoRAConfig(r=0), "positive int"),

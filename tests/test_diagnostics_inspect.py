@@ -192,6 +192,44 @@ def test_torchlowrank_adapter_folders_are_read_as_their_updates(tmp_path):
     torch.testing.assert_close(model(x), adapted, atol=1e-4, rtol=1e-4)
 
 
+def test_geolora_adapter_folders_are_read_as_their_updates_at_the_trained_ranks(tmp_path):
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 4)).double()
+    tlr.adapt(model, tlr.GeoLoRAConfig(r=3, lora_alpha=6, tau=0.3, target_modules=["0", "2"]))
+    with torch.no_grad():  # a non-zero update, one layer at another rank than it started with
+        model[0].lora_unit.S.copy_(torch.tensor([2.0, 1.0, 0.5], dtype=torch.float64))
+        model[2].lora_unit.set_factors(
+            model[2].lora_unit.U[:, :2],
+            torch.tensor([0.7, -0.3], dtype=torch.float64),
+            model[2].lora_unit.V[:, :2],
+        )
+    tlr.save_adapter(model, tmp_path / "geo")
+    deltas = load_weights(tmp_path / "geo")
+    assert set(deltas) == {"0", "2"}
+    for name in ("0", "2"):
+        torch.testing.assert_close(
+            deltas[name].double(), model.get_submodule(name).delta_matrix().detach(), atol=1e-6, rtol=0
+        )
+    assert torch.linalg.matrix_rank(deltas["2"]) == 2
+    # a LoRA adapter with per-layer ranks / alphas (rank_pattern) scales each layer by its own alpha / r
+    lora = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 4))
+    tlr.adapt(
+        lora,
+        tlr.LoRAConfig(
+            r=2, alpha=4, rank_pattern={"2": 3}, alpha_pattern={"2": 1.5}, target_modules=["0", "2"]
+        ),
+    )
+    randomize_trainable(lora)
+    tlr.save_adapter(lora, tmp_path / "lora")
+    deltas = load_weights(tmp_path / "lora")
+    for name in ("0", "2"):
+        torch.testing.assert_close(
+            deltas[name], lora.get_submodule(name).delta_matrix().detach(), atol=1e-6, rtol=0
+        )
+
+
 def test_sharded_hugging_face_folders_load_every_shard(tmp_path, tiny_llama):
     tiny_llama.save_pretrained(tmp_path, max_shard_size="100KB")
     assert (tmp_path / "model.safetensors.index.json").is_file()

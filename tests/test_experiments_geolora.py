@@ -19,9 +19,13 @@ def test_geolora_finetune_quick_runs_end_to_end():
         assert m[f"{arm}_step_ms"] > 0
         ranks = m[f"{arm}_ranks_seed0"]
         assert len(ranks) == n_matrices
+        # one lr per arm, picked from the same grid by validation accuracy on the first seed
+        grid = m[f"{arm}_grid_val_accuracy"]
+        assert sorted(grid) == sorted(result.config["lr_grid"])
+        assert grid[m[f"{arm}_lr"]] == max(grid.values())
     # every arm ends within the budget of budget_rank ranks per matrix on average
     assert m["lora_total_rank"] == [n_matrices * result.config["budget_rank"]]
     assert m["adalora_total_rank"][0] <= n_matrices * result.config["budget_rank"]
     assert m["geolora_adapter_parameters"][0] <= budget
     assert result.config["command"].startswith("torchlowrank reproduce geolora-finetune --quick")
-    assert len(result.tables) == 2 and len(result.tables[1].rows) == n_matrices
+    assert len(result.tables) == 3 and len(result.tables[2].rows) == n_matrices

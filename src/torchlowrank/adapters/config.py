@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,6 +59,32 @@ def _check_bool(value: Any, what: str) -> None:
         raise ValueError(f"{what} must be True or False, got {value!r}")
 
 
+def _check_pattern(value: Any, what: str, rank: bool) -> dict | None:
+    """A per-layer rank / alpha pattern: None (or empty) or {regex: positive int / number}."""
+    if not value:
+        return None
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise ValueError(f"{what} must be a dict {{layer name pattern: value}} or None, got {value!r}")
+    for k, v in value.items():
+        if rank:
+            _check_positive_int(v, f"{what}[{k!r}]")
+        elif not (_is_number(v) and v > 0):
+            raise ValueError(f"{what}[{k!r}] must be a positive number, got {v!r}")
+        try:
+            re.compile(k)
+        except re.error as e:
+            raise ValueError(f"{what} key {k!r} is not a regular expression ({e})") from e
+    return dict(value)
+
+
+def _pattern_value(pattern: dict | None, name: str, default: Any) -> Any:
+    """PEFT's rule: the value of the first key (in order) matching the end of ``name`` at a dot."""
+    for key, value in (pattern or {}).items():
+        if re.fullmatch(rf"(.*\.)?(?:{key})", name):
+            return value
+    return default
+
+
 def _check_lora_fields(config, name: str, lora_alpha: float | None, lora_dropout: float | None) -> None:
     """Fold PEFT's aliases (``lora_alpha``, ``lora_dropout``) into ``config`` and check r, alpha, dropout."""
     if lora_alpha is not None:
@@ -93,6 +120,11 @@ class LoRAConfig:
     ``"gaussian"`` (A ~ N(0, 1/r^2), B zero) or ``"pissa"`` (A, B from the top-r SVD of W0, and W0
     replaced by its residual). modules_to_save: modules trained in full and saved with the adapter.
     exclude_modules: names / suffixes / regex never adapted.
+    rank_pattern / alpha_pattern: per-layer r / alpha as in PEFT (``{pattern: value}``); a layer takes
+    the value of the first pattern that matches the end of its name (a regular expression matching
+    whole dotted components: ``"query"`` matches ``encoder.layer.0.attention.self.query``), else r /
+    alpha. A loaded PEFT folder with per-layer ranks (``tlr.export_peft`` of a GeoLoRA adapter)
+    keeps them here.
     """
 
     r: int = 8
@@ -104,6 +136,8 @@ class LoRAConfig:
     modules_to_save: list[str] | None = None
     exclude_modules: Targets = None
     autocast_adapter_dtype: bool = True
+    rank_pattern: dict[str, int] | None = None
+    alpha_pattern: dict[str, float] | None = None
     lora_alpha: dataclasses.InitVar[float | None] = None
     lora_dropout: dataclasses.InitVar[float | None] = None
 
@@ -111,6 +145,8 @@ class LoRAConfig:
 
     def __post_init__(self, lora_alpha: float | None, lora_dropout: float | None) -> None:
         _check_lora_fields(self, "LoRAConfig", lora_alpha, lora_dropout)
+        self.rank_pattern = _check_pattern(self.rank_pattern, "LoRAConfig.rank_pattern", rank=True)
+        self.alpha_pattern = _check_pattern(self.alpha_pattern, "LoRAConfig.alpha_pattern", rank=False)
         _check_bool(self.use_rslora, "LoRAConfig.use_rslora")
         _check_bool(self.autocast_adapter_dtype, "LoRAConfig.autocast_adapter_dtype")
         if self.init not in LORA_INITS:
@@ -126,6 +162,16 @@ class LoRAConfig:
         """The factor multiplying B A: alpha / r, or alpha / sqrt(r) with rsLoRA."""
         alpha = self.r if self.alpha is None else self.alpha
         return alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+    def rank_of(self, name: str) -> int:
+        """The rank of layer ``name``: its rank_pattern entry, else r."""
+        return _pattern_value(self.rank_pattern, name, self.r)
+
+    def scaling_of(self, name: str) -> float:
+        """The scaling of layer ``name``: its alpha (alpha_pattern, else alpha, else r) over its rank."""
+        r = self.rank_of(name)
+        alpha = _pattern_value(self.alpha_pattern, name, r if self.alpha is None else self.alpha)
+        return alpha / (math.sqrt(r) if self.use_rslora else r)
 
     def to_dict(self) -> dict[str, Any]:
         return {"adapter_type": self.adapter_type, **dataclasses.asdict(self)}

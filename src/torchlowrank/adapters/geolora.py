@@ -192,14 +192,28 @@ def _geolora_state(model: nn.Module):
 
 
 def geolora_optimizer(model: nn.Module, lr: float = 1e-3, **kwargs: Any):
-    """A :class:`LowRankAdam` on ``model`` with the config's tau, min_rank, max_rank and rank_every
-    (override any of them, or other LowRankAdam arguments, by keyword). The adapter units get the
-    geometric step, modules_to_save plain Adam; the frozen base is not touched."""
+    """A :class:`LowRankAdam` on ``model`` with the config's tau, min_rank, max_rank and rank_every and
+    ``second_moment="elementwise"`` (override any of them, or other LowRankAdam arguments, by
+    keyword). The adapter units get the geometric step, modules_to_save plain Adam; the frozen base
+    is not touched.
+
+    Why elementwise: with LowRankAdam's own default (one second moment per layer, ``"unit"``) every
+    entry of the 2r x 2r core is divided by the root mean square of the whole core gradient. An
+    adapter's core gradient sits mostly in the basis blocks (the new directions G V, G^T U), so the
+    Galerkin (S) entries got a small fraction of lr per step and ||Delta W|| stopped growing after
+    the first few steps (docs/reproductions/geolora-finetune.md). Elementwise, each singular value
+    moves by about lr per step, as each entry of LoRA's B does under Adam."""
     from ..optim import LowRankAdam
 
     state, _ = _geolora_state(model)
     cfg = state.config
-    options = dict(tau=cfg.tau, min_rank=cfg.min_rank, max_rank=cfg.max_rank, rank_every=cfg.rank_every)
+    options = dict(
+        tau=cfg.tau,
+        min_rank=cfg.min_rank,
+        max_rank=cfg.max_rank,
+        rank_every=cfg.rank_every,
+        second_moment="elementwise",
+    )
     options.update(kwargs)
     return LowRankAdam(model, lr=lr, **options)
 

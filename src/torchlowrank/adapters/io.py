@@ -329,8 +329,10 @@ def read_peft_adapter(folder: str | os.PathLike) -> tuple[dict, dict[str, torch.
     ``lora_A`` (r, in) / (r, in, kh, kw) -> ``lora_factors.0`` (r, in-flat); ``lora_B`` (out, r) /
     (out, r, 1, 1) -> ``lora_factors.1`` (out, r); ``lora_embedding_A`` (r, num) and
     ``lora_embedding_B`` (dim, r) likewise; other tensors are modules_to_save. Raises ValueError for
-    what a plain LoRA cannot represent (DoRA, bias training, rank/alpha patterns, PiSSA/OLoRA/LoftQ
-    inits that rewrite the base weights, per-layer ranks).
+    what a plain LoRA cannot represent (DoRA, bias training, PiSSA/OLoRA/LoftQ inits that rewrite the
+    base weights, layer replication, ...). Per-layer ranks and alphas (``rank_pattern`` /
+    ``alpha_pattern``, as ``tlr.export_peft`` writes for a GeoLoRA adapter) become the LoRAConfig's
+    patterns; every layer's tensors must hold the rank its pattern gives.
     """
     folder = Path(folder)
     cfg, raw, w_path = read_peft_folder(folder)
@@ -345,8 +347,6 @@ def read_peft_adapter(folder: str | os.PathLike) -> tuple[dict, dict[str, torch.
         "layer_replication": "layer_replication",
         "trainable_token_indices": "trainable_token_indices",
         "target_parameters": "target_parameters",
-        "rank_pattern": "rank_pattern",
-        "alpha_pattern": "alpha_pattern",
         "use_qalora": "QALoRA",
         "megatron_config": "megatron_config",
     }
@@ -382,7 +382,7 @@ def read_peft_adapter(folder: str | os.PathLike) -> tuple[dict, dict[str, torch.
             saved.append(module)
     if not factors:
         raise ValueError(f"{w_path} holds no lora_A / lora_B tensors")
-    ranks = set()
+    ranks: dict[str, int] = {}
     for name, pair in factors.items():
         if set(pair) != {"A", "B"}:
             raise ValueError(f"{w_path}: layer {name} lacks its lora_{'B' if 'A' in pair else 'A'} tensor")
@@ -391,28 +391,31 @@ def read_peft_adapter(folder: str | os.PathLike) -> tuple[dict, dict[str, torch.
             raise ValueError(
                 f"{w_path}: layer {name} has a lora_B kernel {tuple(B.shape)}; only 1x1 is supported"
             )
-        ranks.add(int(A.shape[0]))
+        ranks[name] = int(A.shape[0])
         tensors[f"{name}.lora_factors.0"] = A.reshape(A.shape[0], -1)
         tensors[f"{name}.lora_factors.1"] = B.reshape(B.shape[0], -1)
-    r = int(cfg.get("r", 8))
-    if ranks != {r}:
-        raise ValueError(
-            f"{w_path} holds LoRA ranks {sorted(ranks)} but its config says r={r}; per-layer ranks "
-            "are not supported"
-        )
     # saved modules are not adapted layers: a saved module inside an adapted one would be ambiguous
     saved = [m for m in saved if m not in factors]
     try:
         config = LoRAConfig(
-            r=r,
+            r=int(cfg.get("r", 8)),
             alpha=cfg.get("lora_alpha", 8),
             dropout=cfg.get("lora_dropout", 0.0) or 0.0,
             use_rslora=bool(cfg.get("use_rslora", False)),
             target_modules=sorted(factors),
             modules_to_save=saved or None,
+            rank_pattern=cfg.get("rank_pattern") or None,
+            alpha_pattern=cfg.get("alpha_pattern") or None,
         )
     except ValueError as e:
         raise ValueError(f"{cfg_path} holds values a LoRAConfig refuses ({e})") from e
+    wrong = {n: k for n, k in ranks.items() if k != config.rank_of(n)}
+    if wrong:
+        name = sorted(wrong)[0]
+        raise ValueError(
+            f"{w_path} holds rank {wrong[name]} for layer {name} but its config (r, rank_pattern) gives "
+            f"{config.rank_of(name)}; the folder is inconsistent"
+        )
     meta = {
         "format": "peft",
         "config": config.to_dict(),
@@ -479,7 +482,7 @@ def _expected_shapes(
                 {f"{name}.lora_unit.U": (m, k), f"{name}.lora_unit.S": (k,), f"{name}.lora_unit.V": (n, k)}
             )
             continue
-        r, L = config.r, config.depth
+        r, L = (config.rank_of(name) if isinstance(config, LoRAConfig) else config.r), config.depth
         dims = [(r, n)] + [(r, r)] * (L - 2) + [(m, r)]
         for i, s in enumerate(dims):
             shapes[f"{name}.lora_factors.{i}"] = tuple(s)

@@ -226,11 +226,12 @@ def adapt(model: nn.Module, config: AdapterConfig) -> nn.Module:
 
                 wrapper = wrap_geolora(module, config, name)
             else:
+                per_layer = isinstance(config, LoRAConfig)  # rank_pattern / alpha_pattern
                 wrapper = wrap_layer(
                     module,
-                    config.r,
+                    config.rank_of(name) if per_layer else config.r,
                     config.depth,
-                    config.scaling,
+                    config.scaling_of(name) if per_layer else config.scaling,
                     config.dropout,
                     name,
                     config.autocast_adapter_dtype,

@@ -183,8 +183,10 @@ def load_peft_adapter(
 
 def load_torchlowrank_adapter(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Per adapted module, Delta W = scaling * W_L ... W_1 (the layer's (out, in) matrix view, float32)
-    from a folder written by :func:`torchlowrank.save_adapter`. (A PiSSA adapter also replaced the base
-    weights by their residual; the spectrum shown is that of the adapter's factors' product.)"""
+    from a folder written by :func:`torchlowrank.save_adapter`; for a GeoLoRA adapter
+    Delta W = scaling * U diag(S) V^T at each layer's saved rank; LoRA's per-layer ranks and alphas
+    (rank_pattern / alpha_pattern) give each layer its own scaling. (A PiSSA adapter also replaced
+    the base weights by their residual; the spectrum shown is that of the adapter's factors' product.)"""
     from safetensors.torch import load
 
     folder = Path(folder)
@@ -201,25 +203,47 @@ def load_torchlowrank_adapter(folder: str | os.PathLike) -> dict[str, torch.Tens
     if wpath is None or not wpath.is_file():
         raise FileNotFoundError(f"{folder} has torchlowrank_adapter.json but no adapter tensor file")
     try:
-        from ..adapters.config import config_from_dict
+        from ..adapters.config import LoRAConfig, config_from_dict
 
         tensors = load(wpath.read_bytes())
-        scaling = float(config_from_dict(meta["config"]).scaling)
+        config = config_from_dict(meta["config"])
     except Exception as e:  # corrupted metadata or tensors
         raise _corrupted(wpath, "a torchlowrank adapter", e) from e
+
+    def scaling(name: str) -> float:
+        return float(config.scaling_of(name) if isinstance(config, LoRAConfig) else config.scaling)
+
     factors: dict[str, dict[int, torch.Tensor]] = {}
+    units: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
         m = re.fullmatch(r"(.+)\.lora_factors\.(\d+)", key)
         if m:
             factors.setdefault(m.group(1), {})[int(m.group(2))] = t.float()
-    if not factors:
-        raise ValueError(f"{folder}: no adapter factors (*.lora_factors.i) in {wpath.name}")
+        m = re.fullmatch(r"(.+)\.lora_unit\.([USV])", key)
+        if m:
+            units.setdefault(m.group(1), {})[m.group(2)] = t.float()
+    if not factors and not units:
+        raise ValueError(
+            f"{folder}: no adapter factors (*.lora_factors.i, or GeoLoRA's *.lora_unit.U / S / V) in {wpath.name}"
+        )
     deltas = {}
     for name, fs in factors.items():
         out = fs[0]
         for i in range(1, len(fs)):
             out = fs[i] @ out
-        deltas[name] = scaling * out
+        deltas[name] = scaling(name) * out
+    for name, usv in units.items():
+        if set(usv) != {"U", "S", "V"}:
+            raise ValueError(
+                f"{wpath}: GeoLoRA layer {name} lacks lora_unit.{sorted({'U', 'S', 'V'} - set(usv))[0]}"
+            )
+        U, S, V = usv["U"], usv["S"], usv["V"]
+        if not (U.ndim == V.ndim == 2 and S.ndim == 1 and U.shape[1] == V.shape[1] == S.shape[0]):
+            raise ValueError(
+                f"{wpath}: GeoLoRA layer {name} has inconsistent shapes U {tuple(U.shape)}, S {tuple(S.shape)}, "
+                f"V {tuple(V.shape)} (expected (out, k), (k,), (in, k))"
+            )
+        deltas[name] = scaling(name) * (U * S) @ V.T
     return deltas
 
 

@@ -10,8 +10,12 @@ classifier head is trained in full, three ways from the same start, same data or
   rank-adaptive (tau) under a global budget of ``budget_rank`` ranks per matrix on average
   (``rank_budget`` in parameters, enforced by ``tlr.rebalance_ranks``).
 The final budget is the same for all three: 24 * budget_rank ranks (AdaLoRA and GeoLoRA hold
-out + in + 1 parameters per rank, LoRA out + in). Reported per arm and seed: test accuracy, the
-final rank of every matrix, the adapter's parameters at the end, and the time per training step.
+out + in + 1 parameters per rank, LoRA out + in). Each arm's learning rate (one lr for everything
+the arm trains: adapter and classifier head) is picked the same way: every lr of ``lr_grid`` on the
+first seed, scored on a validation split (snippets of the training split not trained on), the best
+validation accuracy wins; the other seeds run at the pick. Reported per arm and seed: test
+accuracy at the pick, the final rank of every matrix, the adapter's parameters at the end, and the
+time per training step.
 """
 
 from __future__ import annotations
@@ -47,14 +51,14 @@ class Config:
     quick: bool = False
     seeds: tuple[int, ...] = (0, 1, 2)
     n_train: int = 512
+    n_val: int = 400  # from the training split, disjoint from the n_train snippets
     n_test: int = 400
     max_len: int = 32
     steps: int = 96
     batch: int = 16
     budget_rank: int = 4  # final average rank per matrix, all arms
     init_rank: int = 8  # AdaLoRA init_r and GeoLoRA's initial r
-    lr: float = 1e-3  # LoRA and AdaLoRA (AdamW)
-    geo_lr: float = 1e-3  # LowRankAdam
+    lr_grid: tuple[float, ...] = (1e-3, 3e-3, 1e-2, 3e-2)  # the same grid for every arm
     tau: float = 0.01
     adalora_tinit: int = 10
     adalora_tfinal: int = 30
@@ -69,6 +73,7 @@ class Config:
             quick=True,
             seeds=(seed,),
             n_train=32,
+            n_val=16,
             n_test=32,
             max_len=16,
             steps=6,
@@ -78,6 +83,7 @@ class Config:
             adalora_tinit=1,
             adalora_tfinal=2,
             adalora_delta_t=1,
+            lr_grid=(1e-3, 1e-2),
             command="torchlowrank reproduce geolora-finetune --quick",
         )
 
@@ -87,11 +93,13 @@ class Config:
 
 @dataclass
 class Task:
-    """The pretrained model (frozen) and the encoded training / test snippets of one seed."""
+    """The pretrained model (frozen) and the encoded training / validation / test snippets of one seed."""
 
     base: nn.Module
     x_tr: dict
     y_tr: torch.Tensor
+    x_va: dict
+    y_va: torch.Tensor
     x_te: dict
     y_te: torch.Tensor
 
@@ -101,7 +109,8 @@ def load_task(cfg: Config, seed: int) -> Task:
     base.eval()
     data = load_rotten_tomatoes(seed=seed)
     g = torch.Generator().manual_seed(seed)
-    tr = torch.randperm(len(data.train_labels), generator=g)[: cfg.n_train].tolist()
+    order = torch.randperm(len(data.train_labels), generator=g)
+    tr, va = order[: cfg.n_train].tolist(), order[cfg.n_train : cfg.n_train + cfg.n_val].tolist()
     te = torch.randperm(len(data.test_labels), generator=g)[: cfg.n_test].tolist()
     for p in base.parameters():
         p.requires_grad_(False)
@@ -109,6 +118,8 @@ def load_task(cfg: Config, seed: int) -> Task:
         base,
         encode_texts(tokenizer, [data.train_texts[i] for i in tr], cfg.max_len),
         data.train_labels[tr],
+        encode_texts(tokenizer, [data.train_texts[i] for i in va], cfg.max_len),
+        data.train_labels[va],
         encode_texts(tokenizer, [data.test_texts[i] for i in te], cfg.max_len),
         data.test_labels[te],
     )
@@ -200,23 +211,23 @@ def _short(name: str) -> str:
 class Run:
     arm: str
     seed: int
-    accuracy: float
+    lr: float
+    val_accuracy: float
+    accuracy: float  # test
     ranks: dict[str, int]
     adapter_parameters: int  # at the end: sum of rank * (out + in [+ 1])
     step_ms: float
     losses: list[float] = field(default_factory=list)
 
 
-def train(arm: str, cfg: Config, task: Task, seed: int) -> Run:
+def train(arm: str, cfg: Config, task: Task, seed: int, lr: float) -> Run:
     torch.manual_seed(seed)
     build = {"lora": lora_model, "adalora": adalora_model, "geolora": geolora_model}[arm]
     model = build(cfg, task.base)
-    if arm == "geolora":
-        opt = geolora_optimizer(model, lr=cfg.geo_lr)
+    if arm == "geolora":  # the library's GeoLoRA defaults; lr for the units and the head alike
+        opt = geolora_optimizer(model, lr=lr)
     else:
-        opt = torch.optim.AdamW(
-            [p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0
-        )
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(seed)
     model.train()
     losses, order, pos = [], torch.randperm(len(task.y_tr), generator=g), 0
@@ -241,7 +252,9 @@ def train(arm: str, cfg: Config, task: Task, seed: int) -> Run:
     cost = {_short(n): c for n, c in _per_rank_cost(task.base).items()}
     extra = 0 if arm == "lora" else 1
     params = sum(k * (cost[n] + extra) for n, k in ranks.items())
-    return Run(arm, seed, text_accuracy(model, task.x_te, task.y_te), ranks, params, step_ms, losses)
+    val = text_accuracy(model, task.x_va, task.y_va)
+    test = text_accuracy(model, task.x_te, task.y_te)
+    return Run(arm, seed, lr, val, test, ranks, params, step_ms, losses)
 
 
 # ----------------------------------------------------------------------------------------- write
@@ -254,11 +267,24 @@ LABELS = {
 }
 
 
-def metrics_of(runs: list[Run], base_accuracy: float) -> dict:
+def pick_lr(runs: list[Run]) -> float:
+    """The lr of the best validation accuracy (ties: the smaller lr)."""
+    best = max(r.val_accuracy for r in runs)
+    return min(r.lr for r in runs if r.val_accuracy == best)
+
+
+def metrics_of(runs: list[Run], grid: list[Run], base_accuracy: float) -> dict:
+    """``runs``: every seed at its arm's picked lr; ``grid``: the first seed at every lr."""
     metrics: dict = {"base_accuracy": base_accuracy}
     for arm in ARMS:
         mine = [r for r in runs if r.arm == arm]
         accs = [r.accuracy for r in mine]
+        metrics[f"{arm}_lr"] = mine[0].lr
+        metrics[f"{arm}_grid_val_accuracy"] = {r.lr: r.val_accuracy for r in grid if r.arm == arm}
+        metrics[f"{arm}_grid_last10_loss"] = {
+            r.lr: statistics.fmean(r.losses[-10:]) for r in grid if r.arm == arm
+        }
+        metrics[f"{arm}_val_accuracies"] = [r.val_accuracy for r in mine]
         metrics[f"{arm}_accuracy_mean"] = statistics.fmean(accs)
         metrics[f"{arm}_accuracy_std"] = statistics.stdev(accs) if len(accs) > 1 else 0.0
         metrics[f"{arm}_accuracies"] = accs
@@ -275,6 +301,7 @@ def config_of(cfg: Config, commit: str | None, budget: int) -> dict:
         "dataset": "rotten-tomatoes",
         "seeds": list(cfg.seeds),
         "n_train": cfg.n_train,
+        "n_val": cfg.n_val,
         "n_test": cfg.n_test,
         "max_len": cfg.max_len,
         "steps": cfg.steps,
@@ -283,8 +310,9 @@ def config_of(cfg: Config, commit: str | None, budget: int) -> dict:
         "budget_rank": cfg.budget_rank,
         "init_rank": cfg.init_rank,
         "geolora_rank_budget_parameters": budget,
-        "lr": cfg.lr,
-        "geo_lr": cfg.geo_lr,
+        "lr_grid": list(cfg.lr_grid),
+        "lr_selection": "best validation accuracy of the first seed (ties: smaller lr), one lr per arm",
+        "geolora_optimizer": "tlr.geolora_optimizer defaults (LowRankAdam, second_moment='elementwise')",
         "tau": cfg.tau,
         "adalora": {
             "tinit": cfg.adalora_tinit,
@@ -300,10 +328,13 @@ def config_of(cfg: Config, commit: str | None, budget: int) -> dict:
 
 def setting_notes(cfg: Config, metrics: dict) -> str:
     return (
-        f"MiniLM-L6 on Rotten Tomatoes ({cfg.n_train} training / {cfg.n_test} test snippets, max {cfg.max_len} "
+        f"MiniLM-L6 on Rotten Tomatoes ({cfg.n_train} training / {cfg.n_val} validation / {cfg.n_test} test "
+        f"snippets, max {cfg.max_len} "
         f"tokens, {cfg.steps} steps of batch {cfg.batch}, seeds {list(cfg.seeds)}); 24 attention matrices "
         f"adapted, classifier trained in full. Final budget {cfg.budget_rank} ranks per matrix on average "
         f"(AdaLoRA and GeoLoRA start at rank {cfg.init_rank}). Untrained head: {metrics['base_accuracy']:.3f}. "
+        f"Each arm's lr (adapter and head alike) picked from {list(cfg.lr_grid)} by validation accuracy on "
+        f"seed {cfg.seeds[0]}; the other seeds at the pick. "
         f"Step time: wall time of the training loop / steps, CPU. Command: {cfg.command}"
     )
 
@@ -311,19 +342,27 @@ def setting_notes(cfg: Config, metrics: dict) -> str:
 def geolora_finetune_study(cfg: Config) -> Result:
     t0 = time.perf_counter()
     commit = git_commit()
+    grid: list[Run] = []
     runs: list[Run] = []
+    picks: dict[str, float] = {}
     with one_thread():
         for seed in cfg.seeds:
             task = load_task(cfg, seed)
             if seed == cfg.seeds[0]:
                 base_accuracy = text_accuracy(task.base, task.x_te, task.y_te)
                 budget = budget_parameters(cfg, task.base)
-            for arm in ARMS:
-                runs.append(train(arm, cfg, task, seed))
-    metrics = metrics_of(runs, base_accuracy)
+                for arm in ARMS:
+                    mine = [train(arm, cfg, task, seed, lr) for lr in cfg.lr_grid]
+                    grid += mine
+                    picks[arm] = pick_lr(mine)
+                    runs += [r for r in mine if r.lr == picks[arm]]
+            else:
+                runs += [train(arm, cfg, task, seed, picks[arm]) for arm in ARMS]
+    metrics = metrics_of(runs, grid, base_accuracy)
     rows = [
         [
             LABELS[arm],
+            metrics[f"{arm}_lr"],
             round(metrics[f"{arm}_accuracy_mean"], 4),
             round(metrics[f"{arm}_accuracy_std"], 4),
             " / ".join(f"{a:.3f}" for a in metrics[f"{arm}_accuracies"]),
@@ -332,6 +371,12 @@ def geolora_finetune_study(cfg: Config) -> Result:
             round(metrics[f"{arm}_step_ms"], 1),
         ]
         for arm in ARMS
+    ]
+    grid_rows = [
+        [lr]
+        + [round(metrics[f"{arm}_grid_val_accuracy"][lr], 4) for arm in ARMS]
+        + [round(metrics[f"{arm}_grid_last10_loss"][lr], 4) for arm in ARMS]
+        for lr in cfg.lr_grid
     ]
     first = [r for r in runs if r.seed == cfg.seeds[0]]
     layers = list(first[0].ranks)
@@ -343,9 +388,11 @@ def geolora_finetune_study(cfg: Config) -> Result:
         metrics=metrics,
         tables=[
             Table(
-                "Accuracy, final total rank, adapter parameters and step time (per seed: a / b / c)",
+                "Test accuracy at each arm's picked lr, final total rank, adapter parameters and step time "
+                "(per seed: a / b / c)",
                 [
                     "adapter",
+                    "lr (picked)",
                     "accuracy (mean)",
                     "accuracy (std)",
                     "accuracy per seed",
@@ -356,6 +403,11 @@ def geolora_finetune_study(cfg: Config) -> Result:
                 rows,
             ),
             Table(
+                f"lr selection (seed {cfg.seeds[0]}): validation accuracy and mean training loss of the last 10 steps",
+                ["lr"] + [f"val acc, {LABELS[a]}" for a in ARMS] + [f"loss, {LABELS[a]}" for a in ARMS],
+                grid_rows,
+            ),
+            Table(
                 f"Final rank per matrix (seed {cfg.seeds[0]})",
                 ["matrix"] + [LABELS[r.arm] for r in first],
                 rank_rows,
@@ -364,7 +416,7 @@ def geolora_finetune_study(cfg: Config) -> Result:
         plots=[
             Plot(
                 "loss",
-                f"Training loss (seed {cfg.seeds[0]})",
+                f"Training loss (seed {cfg.seeds[0]}, each arm at its picked lr)",
                 "line",
                 [Series(LABELS[r.arm], list(range(1, len(r.losses) + 1)), r.losses) for r in first],
                 xlabel="step",
