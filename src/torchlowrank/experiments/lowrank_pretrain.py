@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -64,7 +65,7 @@ class Config:
     name: str = "lowrank-pretrain"
     quick: bool = False
     dataset: str = "fashion-mnist"  # or "mnist-5k"
-    n_train: int | None = 20000  # None: all of the data set's images (less the validation ones)
+    n_train: int | None = 40000  # None: all of the data set's images (less the validation ones)
     n_val: int = 2000  # held out of the training images, for the learning-rate search
     n_test: int | None = 5000
     data_seed: int = 0
@@ -74,7 +75,8 @@ class Config:
             "lenet5": {"epochs": 3, "batch": 128, "galore_gap": 50},
         }
     )
-    eval_every: int = 50  # steps between evaluations of the curves (and the last step)
+    eval_every: int = 100  # steps between evaluations of the curves (and the last step)
+    min_lr_ratio: float = 0.1  # cosine decay of every learning rate from 1 x to this at the last step
     methods: tuple[str, ...] = ("dense Adam", "factorized Adam", "LowRankAdam")  # "GaLore" optional
     fractions: list[float] = field(default_factory=lambda: [0.05, 0.2])  # parameter budgets p
     taus: list[float] = field(default_factory=lambda: [0.1])  # rank-adaptive LowRankAdam
@@ -242,27 +244,31 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 10
     return loss / len(x), accuracy(model, x, y)
 
 
-def train(model, opt, x, y, x_val, y_val, epochs: int, batch: int, seed: int, eval_every: int, bar) -> dict:
-    """Train; the curves at step 0, every ``eval_every`` steps and the last step: the mean training loss
-    since the previous evaluation, the validation loss and accuracy."""
+def train(model, opt, x, y, x_val, y_val, epochs: int, batch: int, seed: int, cfg: Config, bar) -> dict:
+    """Train (full batches only; the rate decays by a cosine to ``min_lr_ratio``); the curves at step 0,
+    every ``eval_every`` steps and the last step: the mean training loss since the previous evaluation,
+    the validation loss and accuracy."""
     g = torch.Generator().manual_seed(seed)
     val_loss, val_acc = evaluate(model, x_val, y_val)
     curve = {"step": [0], "train_loss": [float("nan")], "val_loss": [val_loss], "val_acc": [val_acc]}
-    steps_per_epoch = (len(x) + batch - 1) // batch
-    last, step, since = epochs * steps_per_epoch, 0, []
+    last, step, since = epochs * (len(x) // batch), 0, []
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * s / last))
+    )
     model.train()
     for _ in range(epochs):
         perm = torch.randperm(len(x), generator=g)
-        for i in range(0, len(x), batch):
+        for i in range(0, len(x) - batch + 1, batch):  # the last partial batch is dropped
             idx = perm[i : i + batch]
             opt.zero_grad(set_to_none=True)
             loss = F.cross_entropy(model(x[idx]), y[idx])
             loss.backward()
             opt.step()
+            sched.step()
             step += 1
             since.append(float(loss.detach()))
             bar.update(1)
-            if step % eval_every == 0 or step == last:
+            if step % cfg.eval_every == 0 or step == last:
                 val_loss, val_acc = evaluate(model, x_val, y_val)
                 curve["step"].append(step)
                 curve["train_loss"].append(statistics.fmean(since))
@@ -307,7 +313,7 @@ def run_one(
         acfg["epochs"],
         acfg["batch"],
         seed,
-        cfg.eval_every,
+        cfg,
         bar,
     )
     seconds = time.perf_counter() - t1
@@ -374,7 +380,7 @@ def train_all(cfg: Config, data: Split, progress: bool | None) -> tuple[list[Rec
     tuning, chosen, tried = [], [], {}
     per_search = 1 if cfg.fixed_lr else len(cfg.lr_start) + 1  # a guess: the search length is not known ahead
     for arch, acfg in cfg.archs.items():
-        steps = acfg["epochs"] * ((len(data.y_train) + acfg["batch"] - 1) // acfg["batch"])
+        steps = acfg["epochs"] * (len(data.y_train) // acfg["batch"])
         runs = len(arms(cfg)) * (per_search + len(cfg.seeds[arch]) - 1)
         bar = progress_bar(total=runs * steps, desc=f"{cfg.name} {arch}", enabled=progress)
         t, c, tr = train_arch(arch, cfg, data, bar)
@@ -563,7 +569,8 @@ def setting_notes(cfg: Config, data: Split, command: str) -> str:
         "shrink (max_rank = start); they reuse the rate chosen for fixed-rank LowRankAdam at that budget. "
         f"Learning rates {search}; 'lr at grid edge' marks a chosen rate that is the lowest or highest "
         f"tried (the ladder ended). Curves: evaluated every {cfg.eval_every} steps and at the last step; "
-        "'train loss' is the mean minibatch loss since the previous evaluation. "
+        "'train loss' is the mean minibatch loss since the previous evaluation. Every rate decays by a cosine "
+        f"to {cfg.min_lr_ratio:g} x at the last step; the last partial batch of each epoch is dropped. "
         f"Reproduce: `{command}`."
     )
 
@@ -579,6 +586,7 @@ def config_of(cfg: Config, data: Split, prov: dict) -> dict:
         "taus": cfg.taus,
         "seeds": {a: list(s) for a, s in cfg.seeds.items()},
         "eval_every": cfg.eval_every,
+        "min_lr_ratio": cfg.min_lr_ratio,
         "lr_ladder": list(cfg.lr_ladder),
         "lr_start": list(cfg.lr_start),
         "fixed_lr": cfg.fixed_lr,
