@@ -89,3 +89,15 @@ def test_dense_training_lowers_the_training_loss(searched):
     dense = [r for r in result.history["runs"] if r["method"] == "dense Adam"]
     assert all(r["curve"]["train_loss"][-1] < r["curve"]["train_loss"][1] for r in dense)
     assert torch.tensor([r["val_accuracy"] for r in dense]).min() > 0.3  # 10 classes: chance is 0.1
+
+
+def test_training_uses_full_batches_and_decays_the_rate_to_min_lr_ratio():
+    cfg = dataclasses.replace(P.Config.make(quick=True, seed=0), eval_every=2)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    x, y = torch.randn(40, 4), torch.randint(0, 3, (40,))
+    bar = P.progress_bar(total=4, enabled=False)
+    curve = P.train(model, opt, x, y, x[:8], y[:8], epochs=2, batch=16, seed=0, cfg=cfg, bar=bar)
+    assert curve["step"] == [0, 2, 4]  # 40 // 16 = 2 full batches per epoch; the 8 left over are dropped
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-2 * cfg.min_lr_ratio)
