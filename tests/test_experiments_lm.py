@@ -77,30 +77,87 @@ def test_quick_run_parameter_budgets(lm):
 
 
 def test_quick_run_records_learning_rates(lm):
-    assert lm.config["lr_grid"] and lm.config["fixed_lr"]
+    assert lm.config["lr_ladder"] and lm.config["fixed_lr"]
     for meth, p in lowrank_lm.arms(lowrank_lm.QUICK):
         key = lowrank_lm.arm_key(meth, p)
-        assert lm.config["chosen_lr"][key] == lm.metrics[f"lr_{key}"] == lowrank_lm.QUICK.fixed_lr[meth]
+        source = lowrank_lm.QUICK.shared_lr.get(meth, meth)  # the adaptive arm reuses LowRankAdam's rate
+        assert lm.config["chosen_lr"][key] == lm.metrics[f"lr_{key}"] == lowrank_lm.QUICK.fixed_lr[source]
+        assert lm.metrics[f"lr_at_edge_{key}"] == 0.0  # one fixed rate is no grid
 
 
-def test_learning_rate_is_tuned_on_validation_and_reused_for_other_seeds():
+def test_quick_run_records_curves_at_every_evaluation_step(lm):
+    for r in lm.history["runs"]:
+        assert r["step"] == lowrank_lm.eval_steps(lowrank_lm.QUICK), r["method"]
+        assert len(r["val"]) == len(r["train_loss"]) == len(r["seconds"]) == len(r["step"])
+        assert math.isnan(r["train_loss"][0])  # no training before step 0
+        assert all(math.isfinite(x) for x in r["train_loss"][1:])
+        assert r["train_loss"][-1] < r["train_loss"][1], r["method"]
+
+
+def test_next_lr_steps_outward_while_the_best_is_at_an_end():
+    ladder = (1e-4, 1e-3, 1e-2, 1e-1)
+    assert lowrank_lm.next_lr(ladder, {1e-3: 2.0, 1e-2: 3.0}) == 1e-4  # best lowest: one step down
+    assert lowrank_lm.next_lr(ladder, {1e-3: 3.0, 1e-2: 2.0}) == 1e-1  # best highest: one step up
+    assert lowrank_lm.next_lr(ladder, {1e-4: 3.0, 1e-3: 2.0, 1e-2: 2.5}) is None  # bracketed: done
+    assert lowrank_lm.next_lr(ladder, {1e-2: 3.0, 1e-1: 2.0}) is None  # the ladder ends: done
+    assert lowrank_lm.next_lr(ladder, {1e-3: math.inf, 1e-2: math.inf, 1e-1: 3.0}) is None  # diverged = worst
+
+
+def _searched(cfg):
+    return lowrank_lm.lm_study("lowrank-lm-tuning", cfg, quick=True, progress=False)
+
+
+def test_learning_rate_is_searched_on_validation_and_reused_for_other_seeds():
     cfg = dataclasses.replace(
         lowrank_lm.QUICK,
         fixed_lr={},
-        lr_grid=(1e-5, 3e-3),
-        fractions=(),
+        lr_ladder=(1e-5, 1e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1),
+        lr_start=(1e-4, 1e-3),
         steps=20,
         eval_every=10,
         seeds=(0, 1),
     )
-    result = lowrank_lm.lm_study("lowrank-lm-tuning", cfg, quick=True, progress=False)
-    tuning = result.history["tuning"]
-    assert [r["lr"] for r in tuning] == [1e-5, 3e-3]
-    best = min(tuning, key=lambda r: r["final_val"])
-    assert best["lr"] == 3e-3  # 1e-5 barely moves in 20 steps
-    assert "test" in best and all("test" not in r for r in tuning if r is not best)
-    assert [(r["seed"], r["lr"]) for r in result.history["runs"]] == [(0, 3e-3), (1, 3e-3)]
-    assert result.config["chosen_lr"] == {"dense_AdamW": 3e-3}
+    result = _searched(cfg)
+    rows = [dict(zip(result.tables[0].columns, r)) for r in result.tables[0].rows]
+    for method, p in lowrank_lm.arms(cfg):
+        tuning = [r for r in result.history["tuning"] if (r["method"], r["fraction"]) == (method, p)]
+        runs = [r for r in result.history["runs"] if (r["method"], r["fraction"]) == (method, p)]
+        row = next(r for r in rows if (r["method"], r["fraction"]) == (method, p))
+        chosen = runs[0]["lr"]
+        assert [(r["seed"], r["lr"]) for r in runs] == [(0, chosen), (1, chosen)]
+        assert all("test" in r for r in runs) and all("test" not in r for r in tuning if r["lr"] != chosen)
+        if method in cfg.shared_lr:  # no search of its own: the rate of the arm it shares with
+            assert not tuning
+            source = next(
+                r for r in result.history["runs"] if (r["method"], r["fraction"]) == ("LowRankAdam", p)
+            )
+            assert chosen == source["lr"]
+            continue
+        tried = sorted(r["lr"] for r in tuning)
+        i = cfg.lr_ladder.index(tried[0])
+        assert tried == list(cfg.lr_ladder[i : i + len(tried)])  # a contiguous stretch of the ladder
+        assert set(cfg.lr_start) <= set(tried) and chosen == min(tuning, key=lambda r: r["final_val"])["lr"]
+        assert row["lr at grid edge"] == (chosen in (tried[0], tried[-1]))
+        if row["lr at grid edge"]:  # only where the ladder ended
+            assert chosen in (cfg.lr_ladder[0], cfg.lr_ladder[-1])
+        assert row["lrs tried (seed 0)"] == " / ".join(f"{x:g}" for x in tried)
+
+
+def test_a_choice_at_the_end_of_the_ladder_is_flagged():
+    cfg = dataclasses.replace(
+        lowrank_lm.QUICK,
+        fixed_lr={},
+        lr_ladder=(1e-6, 1e-5),  # both far too small for 20 steps: the larger wins, at the ladder's end
+        lr_start=(1e-6, 1e-5),
+        fractions=(),
+        steps=20,
+        eval_every=10,
+        seeds=(0,),
+    )
+    result = _searched(cfg)
+    assert [r["lr"] for r in result.history["tuning"]] == [1e-6, 1e-5]
+    assert result.config["chosen_lr"] == {"dense_AdamW": 1e-5}
+    assert result.metrics["lr_at_edge_dense_AdamW"] == 1.0
 
 
 def test_quick_report_writes(lm, tmp_path):

@@ -16,11 +16,17 @@ the same sequence of training batches per seed:
 - ``GaLoreAdamW``: the dense model, projection rank = each layer's budget rank. Its parameters stay
   dense: its budget is optimizer state, a different kind of budget from the others.
 
-Each (method, budget) takes its learning rate from ``cfg.lr_grid``: the lowest final validation loss
-of seed ``seeds[0]``; the other seeds rerun at that rate. The test split is evaluated only on the
-chosen runs. Loss = cross-entropy per predicted byte in nats (nats per byte); the learning rate warms
-up linearly and decays by a cosine to ``min_lr_ratio``. Curves: the validation loss on a fixed set
-of windows against steps and against training seconds (evaluation excluded).
+Each (method, budget) takes its learning rate from one ladder of rates shared by every method
+(``cfg.lr_ladder``), searched the same way for every arm (``next_lr``): seed ``seeds[0]`` is trained at
+``cfg.lr_start``; while the lowest final validation loss sits at the lowest or highest rate tried, the
+next ladder rate beyond it is tried too. The chosen rate therefore has a worse neighbour on each side,
+unless the ladder ended (flagged "lr at grid edge"). The other seeds rerun at that rate. The
+rank-adaptive arm is the fixed-rank arm plus pruning: it reuses the fixed-rank arm's rate
+(``cfg.shared_lr``). The test split is evaluated only on the chosen runs. Loss = cross-entropy per
+predicted byte in nats (nats per byte); the learning rate warms up linearly and decays by a cosine to
+``min_lr_ratio``. Curves, recorded at every evaluation step: the validation loss on a fixed set of
+windows and the mean training loss since the previous evaluation, against steps and against training
+seconds (evaluation excluded).
 """
 
 from __future__ import annotations
@@ -54,9 +60,10 @@ DESCRIPTION = (
 
 @dataclass
 class LMConfig:
-    """The full run: 9 (method, budget) arms x (3 learning rates on seed 0 + 2 more seeds) = 45 runs of
-    250 steps; measured at about 28 CPU-minutes on the shared 2-core machine (one thread; 50 min of wall
-    time there at load 8). On a GPU the same config runs unchanged (``device="auto"``)."""
+    """The full run: 5 (method, budget) arms at 25 %; 4 searched over the lr ladder on seed 0 (3-5 rates
+    each), then 2 more seeds, plus the rank-adaptive arm at the fixed arm's rate on 3 seeds: about 25
+    runs of 400 steps, about 0.15-0.2 s a step on the shared 2-core machine (one thread). On a GPU the
+    same config runs unchanged (``device="auto"``)."""
 
     # model: a Llama, byte-level
     hidden: int = 96
@@ -66,7 +73,7 @@ class LMConfig:
     seq_len: int = 64
     # training
     batch: int = 32
-    steps: int = 250
+    steps: int = 400
     warmup: int = 20
     min_lr_ratio: float = 0.1
     eval_every: int = 25
@@ -74,11 +81,14 @@ class LMConfig:
     test_seqs: int = 512
     eval_batch: int = 64
     # budgets and methods
-    fractions: tuple[float, ...] = (0.25, 0.5)
+    fractions: tuple[float, ...] = (0.25,)
     tau: float = 0.1
     galore_gap: int = 50
-    lr_grid: tuple[float, ...] = (1e-3, 5e-3, 2.5e-2)  # the same grid for every method
-    fixed_lr: dict[str, float] = field(default_factory=dict)  # method -> lr: skips the grid (quick mode)
+    # learning rate: one ladder for every method; start at lr_start, step outward while the best is at an end
+    lr_ladder: tuple[float, ...] = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
+    lr_start: tuple[float, ...] = (3e-3, 1e-2)
+    shared_lr: dict[str, str] = field(default_factory=lambda: {"LowRankAdam adaptive": "LowRankAdam"})
+    fixed_lr: dict[str, float] = field(default_factory=dict)  # method -> lr: skips the search (quick mode)
     seeds: tuple[int, ...] = (0, 1, 2)
     device: str = "auto"  # "auto": cuda if available, else cpu
 
@@ -103,7 +113,6 @@ QUICK = LMConfig(
         "dense AdamW": 3e-3,
         "factorized AdamW": 1e-2,
         "LowRankAdam": 1e-2,
-        "LowRankAdam adaptive": 1e-2,
         "GaLoreAdamW": 1e-2,
     },
     seeds=(0,),
@@ -252,15 +261,18 @@ def train(
     device: torch.device,
     bar,
 ) -> dict:
-    """Train for cfg.steps steps; the validation curve (nats/byte) against steps and training seconds."""
+    """Train for cfg.steps steps; at every evaluation step the validation nats/byte, the mean training
+    loss since the previous evaluation and the training seconds so far."""
     scheds = [torch.optim.lr_scheduler.LambdaLR(o, functools.partial(lr_factor, cfg)) for o in opts]
     span = torch.arange(cfg.seq_len + 1, device=device)
-    curve = {"step": [0], "val": [nats_per_byte(model, val, cfg.eval_batch)], "seconds": [0.0]}
+    v0 = nats_per_byte(model, val, cfg.eval_batch)
+    curve = {"step": [0], "val": [v0], "train_loss": [math.nan], "seconds": [0.0]}
     model.train()
-    elapsed, t = 0.0, time.perf_counter()
+    elapsed, t, since_eval = 0.0, time.perf_counter(), []
     for step in range(1, cfg.steps + 1):
         xb = train_bytes[offsets[step - 1][:, None] + span].long()
         loss = lm_loss(model, xb)
+        since_eval.append(loss.detach())
         for o in opts:
             o.zero_grad(set_to_none=True)
         loss.backward()
@@ -283,7 +295,10 @@ def train(
             v = math.inf if diverged else nats_per_byte(model, val, cfg.eval_batch)
             curve["step"].append(step)
             curve["val"].append(v if math.isfinite(v) else math.inf)
+            mean_train = float(torch.stack(since_eval).mean())  # training loss since the last evaluation
+            curve["train_loss"].append(mean_train if math.isfinite(mean_train) else math.inf)
             curve["seconds"].append(elapsed)
+            since_eval = []
             if not math.isfinite(v):
                 bar.update(cfg.steps - step)
                 break
@@ -335,33 +350,60 @@ def arms(cfg: LMConfig) -> list[tuple[str, float]]:
     return [("dense AdamW", 1.0)] + [(m, p) for p in cfg.fractions for m in METHODS[1:]]
 
 
-def lr_candidates(cfg: LMConfig, method: str) -> list[float]:
-    return [cfg.fixed_lr[method]] if cfg.fixed_lr else list(cfg.lr_grid)
+def next_lr(ladder: tuple[float, ...], tried: dict[float, float]) -> float | None:
+    """The next rate of the search: one ladder step beyond the best rate tried so far (lowest final
+    validation loss) when it is the lowest or the highest rate tried; None when the best has a tried
+    rate on each side, or when the ladder ends there."""
+    best = min(tried, key=lambda lr: tried[lr])
+    i = ladder.index(best)
+    if best == min(tried) and i > 0 and ladder[i - 1] not in tried:
+        return ladder[i - 1]
+    if best == max(tried) and i + 1 < len(ladder) and ladder[i + 1] not in tried:
+        return ladder[i + 1]
+    return None
+
+
+def at_edge(tried: list[float], lr: float) -> bool:
+    """True when the chosen rate is the lowest or highest of several tried (the search hit the ladder's end)."""
+    return len(tried) > 1 and lr in (min(tried), max(tried))
+
+
+def search_lr(method: str, p: float, cfg: LMConfig, ctx: dict) -> tuple[list[dict], tuple[dict, nn.Module]]:
+    """Seed seeds[0] of one arm at lr_start, then outward along the ladder (``next_lr``) on validation."""
+    runs, lr = {}, None
+    queue = [cfg.fixed_lr[method]] if cfg.fixed_lr else list(cfg.lr_start)
+    while queue:
+        lr = queue.pop(0)
+        runs[lr] = run_arm(method, p, cfg.seeds[0], lr, cfg, ctx)
+        if not queue and not cfg.fixed_lr:
+            nxt = next_lr(cfg.lr_ladder, {k: r[0]["final_val"] for k, r in runs.items()})
+            queue = [] if nxt is None else [nxt]
+    best = min(runs.values(), key=lambda rm: rm[0]["final_val"])
+    return [r for r, _ in runs.values()], best
 
 
 def run_all(cfg: LMConfig, ctx: dict) -> tuple[list[dict], list[dict]]:
     """(tuning records of seeds[0], records of the chosen learning rates for every seed, test loss added)."""
     tuning, chosen = [], []
     for method, p in arms(cfg):
-        best = None
-        for lr in lr_candidates(cfg, method):  # tuned on the validation split, seed seeds[0]
-            rec, model = run_arm(method, p, cfg.seeds[0], lr, cfg, ctx)
-            tuning.append(rec)
-            if best is None or rec["final_val"] < best[0]["final_val"]:
-                best = (rec, model)
-        rec, model = best
-        rec["test"] = nats_per_byte(
-            model, ctx["test"], cfg.eval_batch
-        )  # only the chosen run sees the test split
+        source = cfg.shared_lr.get(method)
+        if source is None:  # searched on the validation split, seed seeds[0]
+            tried, (rec, model) = search_lr(method, p, cfg, ctx)
+            tuning += tried
+            rec["lrs_tried"] = sorted(r["lr"] for r in tried)
+        else:  # the rate of the arm it shares with, on every seed
+            src = next(r for r in chosen if (r["method"], r["fraction"]) == (source, p))
+            rec, model = run_arm(method, p, cfg.seeds[0], src["lr"], cfg, ctx)
+            rec["lrs_tried"] = src["lrs_tried"]
+        rec["test"] = nats_per_byte(model, ctx["test"], cfg.eval_batch)  # only chosen runs see the test split
         chosen.append(rec)
     for seed in cfg.seeds[1:]:
         for method, p in arms(cfg):
-            lr = next(
-                r["lr"]
-                for r in chosen
-                if (r["method"], r["fraction"], r["seed"]) == (method, p, cfg.seeds[0])
+            first = next(
+                r for r in chosen if (r["method"], r["fraction"], r["seed"]) == (method, p, cfg.seeds[0])
             )
-            rec, model = run_arm(method, p, seed, lr, cfg, ctx)
+            rec, model = run_arm(method, p, seed, first["lr"], cfg, ctx)
+            rec["lrs_tried"] = first["lrs_tried"]
             rec["test"] = nats_per_byte(model, ctx["test"], cfg.eval_batch)
             chosen.append(rec)
     return tuning, chosen
@@ -396,13 +438,15 @@ def summarize(cfg: LMConfig, chosen: list[dict], dense_targeted: int) -> tuple[l
         drop = statistics.fmean(r["val"][at] - r["val"][-1] for r in full) if full else math.nan
         lr = recs[0]["lr"]
         ranks = "-" if recs[0]["min_rank"] is None else f"{recs[0]['min_rank']}..{recs[0]['max_rank']}"
-        edge = len(lr_candidates(cfg, method)) > 1 and lr in (min(cfg.lr_grid), max(cfg.lr_grid))
+        tried = recs[0]["lrs_tried"]
+        edge = at_edge(tried, lr)
         rows.append(
             [
                 method,
                 p,
                 BUDGET_KIND.get(method, "parameters"),
                 lr,
+                " / ".join(f"{x:g}" for x in tried),
                 edge,
                 round(params),
                 round(targeted),
@@ -427,6 +471,7 @@ def summarize(cfg: LMConfig, chosen: list[dict], dense_targeted: int) -> tuple[l
                 f"kept_{key}": targeted / dense_targeted,
                 f"train_s_{key}": train_s,
                 f"lr_{key}": lr,
+                f"lr_at_edge_{key}": float(edge),
                 f"val_drop_last_fifth_{key}": drop,
             }
         )
@@ -500,6 +545,7 @@ COLUMNS = [
     "fraction",
     "budget kind",
     "lr",
+    "lrs tried (seed 0)",
     "lr at grid edge",
     "params (total)",
     "projection params",
@@ -518,9 +564,15 @@ COLUMNS = [
 
 def setting_notes(cfg: LMConfig, corpus, ranks_text: str, dense_targeted: int, device, command: str) -> str:
     """The setting, as run (no reading of the numbers: that is in docs/)."""
-    grid_text = (
-        "a fixed value per method (quick)" if cfg.fixed_lr else " / ".join(f"{lr:g}" for lr in cfg.lr_grid)
+    ladder = " / ".join(f"{lr:g}" for lr in cfg.lr_ladder)
+    start = " and ".join(f"{lr:g}" for lr in cfg.lr_start)
+    search = (
+        "a fixed value per method (quick)"
+        if cfg.fixed_lr
+        else f"the ladder {ladder}, starting at {start} and adding the next ladder rate beyond the best while "
+        "the best is the lowest or highest rate tried (the same search for every searched arm)"
     )
+    shared = "; ".join(f"{a} reuses the rate chosen for {b}" for a, b in cfg.shared_lr.items())
     return (
         f"Byte-level Llama ({cfg.layers} layers, hidden {cfg.hidden}, MLP {cfg.intermediate}, {cfg.heads} heads, "
         f"context {cfg.seq_len} bytes) trained from scratch for {cfg.steps} steps of {cfg.batch} windows on the "
@@ -529,18 +581,20 @@ def setting_notes(cfg: LMConfig, corpus, ranks_text: str, dense_targeted: int, d
         f"(rank floor(p m n / (m + n + 1)); ranks per budget: {ranks_text}); 'kept' = the projections' parameters at the end "
         f"over their {dense_targeted} dense parameters. GaLoreAdamW keeps the dense parameters: its budget is its "
         f"optimizer state (column 'optimizer state', numbers held). The rank-adaptive arm starts at the budget "
-        f"ranks with max_rank = those ranks and tau = {cfg.tau}. Learning rates: the best final validation loss of "
-        f"seed {cfg.seeds[0]} over {grid_text}; 'at grid "
-        f"edge' marks a choice at the end of the grid. Validation: {cfg.eval_seqs} fixed windows; test: "
+        f"ranks with max_rank = those ranks and tau = {cfg.tau}. Learning rates: the lowest final validation loss of "
+        f"seed {cfg.seeds[0]} over {search}; {shared or 'no arm shares a rate'}; 'lr at grid edge' marks a choice "
+        f"that is the lowest or highest rate tried (the ladder ended). Validation: {cfg.eval_seqs} fixed windows; test: "
         f"{cfg.test_seqs} windows of the test split, evaluated only on the chosen runs. 'drop, last fifth' = "
-        f"validation loss at step {last_fifth_step(cfg)} minus the final one. Training seconds were measured on {device.type} with torch on one CPU thread, comparable only within "
+        f"validation loss at step {last_fifth_step(cfg)} minus the final one (mean over seeds). Training seconds were measured on {device.type} with torch on one CPU thread, comparable only within "
         f"this run. Reproduce: `{command}`."
     )
 
 
 def train_study(cfg: LMConfig, corpus, device, name: str, progress: bool | None):
     """Every arm trained (lr tuned on the first seed); (bases, budget ranks, tuning runs, chosen runs)."""
-    n_runs = sum(len(lr_candidates(cfg, m)) + len(cfg.seeds) - 1 for m, _ in arms(cfg))
+    n_searched = sum(m not in cfg.shared_lr for m, _ in arms(cfg))
+    per_search = 1 if cfg.fixed_lr else len(cfg.lr_start) + 1  # a guess: the search length is not known ahead
+    n_runs = n_searched * per_search + len(arms(cfg)) * len(cfg.seeds) - n_searched
     with one_thread():
         bases = {s: build_model(cfg, s).to(device) for s in cfg.seeds}
         ranks = {p: budget_ranks(bases[cfg.seeds[0]], p) for p in cfg.fractions}
