@@ -44,6 +44,7 @@ from ..progress import progress_bar
 from ..reproducibility import environment_info, one_thread
 from ..results import Plot, Result, Series, Table
 from .geometry_toy import provenance
+from .training import Split
 
 DESCRIPTION = (
     "LowRankAdam vs factorized Adam, one factor at a time (second moment, basis step, S init, "
@@ -196,16 +197,6 @@ QUICK = AblationConfig(
 
 
 # ----- data -------------------------------------------------------------------------------------------
-@dataclass
-class Split:
-    x_train: torch.Tensor
-    y_train: torch.Tensor
-    x_val: torch.Tensor
-    y_val: torch.Tensor
-    x_test: torch.Tensor
-    y_test: torch.Tensor
-
-
 def load_split(setting: Setting, seed: int) -> Split:
     """Train / validation / test, flattened. The validation split is carved from the training set."""
     if setting.dataset == "digits":

@@ -46,7 +46,7 @@ from ..results import Plot, Result, Series, Table
 from ..targets import find_targets, replace_module
 from .geometry_toy import provenance
 from .lowrank_lm import at_edge, next_lr
-from .training import accuracy
+from .training import Split, accuracy
 
 DESCRIPTION = (
     "MLP / LeNet-5 from scratch at 5-20% of the parameters: dense, factorized Adam, "
@@ -128,18 +128,6 @@ class Config:
 
 
 # ----------------------------------------------------------------------------------------- data
-
-
-@dataclass
-class Split:
-    """Training / validation (held out of the training images) / test images, x (N, 1, 28, 28)."""
-
-    x_train: torch.Tensor
-    y_train: torch.Tensor
-    x_val: torch.Tensor
-    y_val: torch.Tensor
-    x_test: torch.Tensor
-    y_test: torch.Tensor
 
 
 def load_data(cfg: Config) -> Split:

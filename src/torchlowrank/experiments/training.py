@@ -3,12 +3,26 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..progress import progress_bar
+
+
+@dataclass
+class Split:
+    """Training / validation (held out of the training set, never the test set) / test tensors;
+    x: (N, ...) inputs, y: (N,) labels."""
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
 
 
 @torch.no_grad()
