@@ -115,9 +115,17 @@ class ALSResult:
 
 def as_entries(observed, mask=None, dtype: torch.dtype = torch.float64) -> Entries:
     """The observed entries of ``observed``: a dense (m, n) tensor / NumPy array with ``mask``
-    (bool; None: the non-NaN entries) or a sparse COO / CSR tensor (its stored entries; ``mask``
-    must be None). Sparse inputs are never densified. ValueError for a shape mismatch, an empty
+    (bool; None: the non-NaN entries), a sparse COO / CSR tensor (its stored entries; ``mask``
+    must be None) or an :class:`~torchlowrank.matrix.sparse.Entries` (returned as is, in ``dtype``). Sparse inputs are never densified. ValueError for a shape mismatch, an empty
     mask or NaN / Inf in an observed entry."""
+    if isinstance(observed, Entries):
+        if mask is not None:
+            raise ValueError("Entries define their own observed entries: pass mask=None")
+        if len(observed) == 0:
+            raise ValueError("the mask observes no entries; mark at least one observed entry True")
+        if observed.values.dtype == dtype:
+            return observed
+        return Entries(observed.rows, observed.cols, observed.values.to(dtype), observed.shape)
     observed, mask = as_tensor(observed), as_tensor(mask)
     if not isinstance(observed, torch.Tensor) or observed.ndim != 2:
         raise ValueError("observed must be a 2-D torch tensor or NumPy array (m, n)")

@@ -48,7 +48,6 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from dataclasses import dataclass
 
 import torch
 
@@ -59,6 +58,8 @@ from .factorization import DeepFactorization, as_positive_int
 from .inputs import as_tensor
 from .polish import RankPolish
 from .problems import Completion, relative_error
+from .ridge_select import refit_ridge_als, select_ridge_als
+from .sparse import Entries
 from .steps import suggest_lr, suggest_rank
 from .trainer import FAILURE_STATUSES, History, train_gd
 
@@ -74,26 +75,66 @@ __all__ = [
 NORMALIZED_TOP = 10.0  # top singular value of the (rescaled) residual the network is trained on
 
 
-@dataclass
 class CompletionResult:
-    """matrix: the completed (m, n) matrix (float64, the data's units and orientation); history:
-    the run's :class:`History` (RMSEs in the data's units, recovery error against ``truth``);
-    model: the trained network — of the *normalised* residual, and of the transpose when
-    ``transposed``; problem: the normalised :class:`Completion`; rank: r_hat used (None for the
-    uncompressed network); lr: the step used (on the normalised problem); mean_model: the fitted
-    :class:`MeanModel`; unit: the residual's scale (matrix = mean + unit * network);
-    transposed: whether the work ran on M^T."""
+    """The result of :func:`complete`.
 
-    matrix: torch.Tensor
-    history: History
-    model: torch.nn.Module
-    problem: Completion
-    rank: int | None
-    lr: float
-    mean_model: MeanModel | None = None
-    unit: float = 1.0
-    transposed: bool = False
-    ridge_result: object | None = None  # the ALSResult when the ridge polish was selected
+    matrix: the completed (m, n) matrix (float64, the data's units and orientation), formed on
+    first access when the result is not a dense network fit (O(m n) memory: for large matrices use
+    :meth:`predict`, which never forms it); history: the run's :class:`History` (RMSEs in the
+    data's units, recovery error against ``truth``; ``selected`` says which candidate this is);
+    model: the trained network — of the *normalised* residual, and of the transpose when
+    ``transposed`` (None on the sparse route); problem: the normalised :class:`Completion` (None
+    on the sparse route); rank: r_hat used (None for the uncompressed network); lr: the step used
+    (on the normalised problem); mean_model: the fitted :class:`MeanModel`; unit: the residual's
+    scale (matrix = mean + unit * network for the network); transposed: whether the network ran
+    on M^T; ridge_result: the :class:`~torchlowrank.matrix.ridge_select.ScaledALS` when ridge ALS
+    was selected (its factors ``ridge_result.result.U`` (m, k), ``V`` (n, k))."""
+
+    def __init__(
+        self,
+        matrix: torch.Tensor | None,
+        history: History,
+        model: torch.nn.Module | None,
+        problem: Completion | None,
+        rank: int | None,
+        lr: float,
+        mean_model: MeanModel | None = None,
+        unit: float = 1.0,
+        transposed: bool = False,
+        ridge_result: object | None = None,
+    ):
+        self._matrix = matrix
+        self._predict = None
+        self._dense = None
+        self.history, self.model, self.problem, self.rank, self.lr = history, model, problem, rank, lr
+        self.mean_model, self.unit, self.transposed, self.ridge_result = (
+            mean_model,
+            unit,
+            transposed,
+            ridge_result,
+        )
+
+    def set_predictor(self, predict, dense) -> None:
+        """Replace the result by ``predict(rows, cols) -> (N,)`` and ``dense() -> (m, n)`` (called
+        on first access of :attr:`matrix`)."""
+        self._predict, self._dense, self._matrix = predict, dense, None
+
+    @property
+    def matrix(self) -> torch.Tensor:
+        if self._matrix is None:
+            if self._dense is None:
+                raise ValueError("this result holds no matrix")
+            self._matrix = self._dense()
+        return self._matrix
+
+    def predict(self, rows, cols) -> torch.Tensor:
+        """The completed entries at ``(rows, cols)`` (1-D integer tensors / arrays, the caller's
+        orientation), float64, without forming the matrix (unless it is already formed)."""
+        rows, cols = torch.as_tensor(rows).long(), torch.as_tensor(cols).long()
+        if self._predict is not None and self._matrix is None:
+            return self._predict(rows, cols)
+        M = self.matrix
+        return M[rows.to(M.device), cols.to(M.device)]
 
     @property
     def status(self) -> str:
@@ -450,57 +491,101 @@ def _complete_once(
     return CompletionResult(matrix, hist, model, problem, rank, lr, mean, unit, transposed)
 
 
-def _ridge_polish_candidate(
-    first: CompletionResult, observed, train_mask, val, seed: int, deadline: float | None
-):
-    """(rank, held-out RMSE, reg, ALSResult) of the best ridge ALS with biases on ``val``: ranks from the
-    one the early-stopped network learnt (its end-to-end singular values above 1e-3 of the
-    largest: the directions that left the initialisation), doubled up to the network's width
-    r_hat (at most ``min(m, n) // 2``) while the held-out RMSE improves; the ridge of each chosen
-    on ``val`` by :func:`~torchlowrank.matrix.als`'s path. Early stopping halts the network when
-    the next direction starts fitting noise, but a ridge keeps more directions useful, so the
-    learnt rank is where the search starts, not where it ends. None when there is no time left."""
-    from .als import als
+SMALL_PROBLEM = 50_000  # observed entries up to which ridge ALS is chosen on 3 held-out splits, not 1
 
+
+def _more_splits(E: Entries, fraction: float, seed: int, n: int = 2) -> list:
+    """Two more seeded held-out splits ``(fit entries, (rows, cols, values))`` of the observed
+    entries ``E`` for choosing the ridge ALS's rank and scaling on small problems (at most
+    :data:`SMALL_PROBLEM` entries; none above: there one split of 10% is steady and fits cost)."""
+    if len(E) > SMALL_PROBLEM:
+        return []
+    out = []
+    for k in range(1, n + 1):
+        pick = holdout_split(E.rows, E.cols, fraction, seed + 7919 * k, E.shape)
+        if int(pick.sum()) >= 10:
+            out.append((E.subset(~pick), (E.rows[pick], E.cols[pick], E.values[pick])))
+    return out
+
+
+def _learnt_rank(first: CompletionResult) -> int | None:
+    """The rank the network learnt: its end-to-end singular values above 1e-3 of the largest (the
+    directions that left the initialisation); None for the uncompressed network or a zero one."""
+    if first.rank is None:
+        return None
     with torch.no_grad():
         X, Bt = first.model.factor_pair()
         s = torch.linalg.svdvals(torch.linalg.qr(X)[1] @ torch.linalg.qr(Bt)[1].T)
     if not float(s[0]) > 0:
         return None
-    cap = max(1, min(observed.shape) // 2)
-    if first.rank is not None:
-        cap = min(cap, first.rank)
-    r = max(1, min(int((s > 1e-3 * s[0]).sum()), cap))
-    ranks = []
-    while r < cap:
-        ranks.append(r)
-        r *= 2
-    ranks.append(cap)
-    vr, vc, vv = val
-    best, worse = None, 0
-    for r in ranks:
-        left = None if deadline is None else deadline - time.perf_counter()
-        if left is not None and left <= 0:
-            break
-        res = als(
-            observed,
-            train_mask,
-            r,
-            validation=val,
-            time_limit=None if left is None else 0.25 * left,
-            seed=seed,
-            warn=False,
+    return max(1, int((s > 1e-3 * s[0]).sum()))
+
+
+def _select_ridge(
+    first: CompletionResult,
+    ridge: tuple,
+    E_all: Entries,
+    n_val: int,
+    net_rmse: float,
+    mm_rmse: float,
+    seed: int,
+    deadline: float | None,
+    caught: list,
+) -> None:
+    """Make ``first`` the ridge ALS candidate ``ridge = (held-out RMSE, ScaledALS)``, refitted on all
+    entries ``E_all`` when its validated fit was a converged ridge optimum (a refit of an
+    unconverged one drifts further from the state that was scored)."""
+    h1 = first.history
+    als_rmse, chosen = ridge
+    left = None if deadline is None else max(deadline - time.perf_counter(), 0.0)
+    if chosen.result.status == "converged":  # a ridge optimum: refit on all entries, warm from it
+        fitted = refit_ridge_als(chosen, E_all, seed=seed, time_limit=left)
+        res = fitted.result
+        refit_note = f"ridge ALS on all {len(E_all)} observed entries ({res.n_iters} sweeps)"
+    else:  # stopped before its optimum (implicitly early-stopped): the held-out score is of this very state
+        fitted, res = chosen, chosen.result
+        refit_note = (
+            f"none: the ridge ALS stopped before its optimum ({res.message}); its held-out score is of "
+            f"that state, so it is kept as fitted without the {n_val} held-out entries"
         )
-        if res.status == "mean_model" or not res.reg_path:
-            continue
-        err = float((res.predict(vr, vc).double() - vv).square().mean().sqrt())
-        if best is None or err < best[1]:
-            best, worse = (r, err, res.reg, res), 0
-        else:
-            worse += 1
-            if worse >= 2:
-                break
-    return best
+    how = f"rank {chosen.rank}, ridge reg={res.reg:g}" + (
+        ", on entries divided by per-column / per-row scales" if chosen.scaled else ""
+    )
+    h1.selected = "ridge_polish"
+    h1.status, h1.reason = (
+        ("converged", "ridge_polish")
+        if res.status == "converged" or fitted is chosen
+        else ("not_converged", res.reason)
+    )
+    h1.polish_info = (
+        f"ridge ALS with biases ({how}; rank, ridge and scaling chosen on the held-out entries); "
+        f"refit: {refit_note} ({res.message})"
+    )
+    h1.refit = refit_note
+    h1.message = (
+        f"{'converged' if h1.status == 'converged' else 'not converged'}: ridge ALS ({how}) beat the "
+        f"network on the {n_val} held-out entries (RMSE {als_rmse:.4g} vs {net_rmse:.4g}; mean model "
+        f"{mm_rmse:.4g}); refit: {refit_note}"
+    )
+    for w in caught:
+        if not issubclass(w.category, RuntimeWarning):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if h1.status != "converged":
+        h1.message += f"; {res.message}"
+        warnings.warn(h1.message, RuntimeWarning, stacklevel=3)
+    first.set_predictor(fitted.predict, fitted.dense)
+    m, n = E_all.shape
+    if chosen.scaled:  # the biases are in scaled units: the mean model of the data itself, for reference
+        first.mean_model = fit_mean_model(E_all.rows, E_all.cols, E_all.values, (m, n))
+    else:
+        first.mean_model = MeanModel(
+            res.mu,
+            res.row_bias.double(),
+            res.col_bias.double(),
+            E_all.row_counts.double(),
+            E_all.col_counts.double(),
+        )
+    first.ridge_result = fitted
 
 
 def _not_converged_hint(hist: History, validated: bool) -> str:
@@ -717,23 +802,39 @@ def complete(
         )
     failed = h1.status in ("stalled_at_init", "diverged")
     exact = h1.reason in ("tol", "target_error")
-    ridge = None  # the ridge polish: ALS from the network's rank up, rank and ridge chosen on the same held-out entries
-    if ridge_polish and h1.status == "early_stopped":  # the held-out error rose: noise, not a short budget
-        ridge = _ridge_polish_candidate(first, observed, train_mask, (vr, vc, vv), seed, dl)
-    als_rmse = math.inf if ridge is None else ridge[1]
+    if exact and not failed:  # fitted to tol (exact data) and validated: keep it
+        h1.selected = "network"
+        h1.refit = "none: the network fitted its entries to tol and predicts the held-out ones"
+        for w in caught:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        return first
+    E_all = Entries(rows, cols, all_vals, tuple(mask.shape))
+    ridge = None  # ridge ALS, rank / ridge / scaling chosen on the same held-out entries
+    if ridge_polish:
+        ridge = select_ridge_als(
+            E_all.subset(~pick),
+            (vr, vc, vv),
+            suggested_rank=_learnt_rank(first),
+            seed=seed,
+            deadline=dl,
+            more_splits=_more_splits(E_all, holdout, seed),
+        )
+    als_rmse = math.inf if ridge is None else ridge[0]
     h1.ridge_polish_rmse = None if ridge is None else als_rmse
-    if failed or not min(net_rmse, als_rmse) < mm_rmse:
-        # the network did not beat the mean model on held-out entries: the mean model, refitted on all entries
+    if failed:
+        net_rmse = math.inf
+    if not min(net_rmse, als_rmse) < mm_rmse:
+        # neither beat the mean model on held-out entries: the mean model, refitted on all entries
         mean_all = fit_mean_model(rows, cols, all_vals, tuple(mask.shape), center=center, reg=mm_reg)
         h1.selected = "mean_model"
         if not failed:
             h1.status, h1.reason = MEAN_MODEL_STATUS, "validation"
             h1.message = (
                 f"the low-rank network did not beat the mean model (row / column biases) on the "
-                f"{n_val} held-out entries (RMSE {net_rmse:.4g} vs {mm_rmse:.4g}): returned the mean "
-                "model, refitted on all entries. The data may hold no low-rank structure beyond the "
-                "means at this sampling; more observed entries, a smaller rank or a larger weight_decay "
-                "may help; more iterations will not."
+                f"{n_val} held-out entries (RMSE {net_rmse:.4g}, ridge ALS {als_rmse:.4g}, vs "
+                f"{mm_rmse:.4g}): returned the mean model, refitted on all entries. The data may hold no "
+                "low-rank structure beyond the means at this sampling; more observed entries, a smaller "
+                "rank or a larger weight_decay may help; more iterations will not."
             )
         else:
             h1.message += " The result is the mean model (row / column biases), refitted on all entries."
@@ -742,64 +843,11 @@ def complete(
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         if not failed:
             warnings.warn(h1.message, RuntimeWarning, stacklevel=2)
-        first.matrix = mean_all.dense()
+        first.set_predictor(mean_all.predict, mean_all.dense)
         first.mean_model = mean_all
         return first
-    if exact:  # fitted to tol (exact data) and validated: keep it
-        h1.selected = "network"
-        h1.refit = "none: the network fitted its entries to tol and predicts the held-out ones"
-        for w in caught:
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-        return first
-    if als_rmse < net_rmse:  # the ridge polish won on the held-out entries: refit it on all entries
-        from .als import als
-
-        r_net, reg = ridge[0], ridge[2]
-        left = None if dl is None else max(dl - time.perf_counter(), 0.0)
-        if (
-            ridge[3].status == "converged"
-        ):  # a ridge optimum: refit on all entries, warm from the validated one
-            res = als(observed, mask, r_net, reg=reg, time_limit=left, seed=seed, warn=False, init=ridge[3])
-            refit_note = f"ridge ALS on all {rows.numel()} observed entries ({res.n_iters} sweeps)"
-        else:  # stopped before its optimum (implicitly early-stopped): the held-out score is of this very state
-            res = ridge[3]
-            refit_note = (
-                f"none: the ridge ALS stopped before its optimum ({res.message}); its held-out score is of "
-                f"that state, so it is kept as fitted without the {n_val} held-out entries"
-            )
-        h1.selected = "ridge_polish"
-        h1.status, h1.reason = (
-            ("converged", "ridge_polish")
-            if res.status == "converged" or res is ridge[3]
-            else ("not_converged", res.reason)
-        )
-        h1.polish_info = (
-            f"ridge polish: ALS with biases at rank {r_net} (searched up from the rank the network "
-            f"learnt), ridge reg={reg:g}, both chosen on the held-out entries; refit: {refit_note} "
-            f"({res.message})"
-        )
-        h1.refit = refit_note
-        h1.message = (
-            f"{'converged' if h1.status == 'converged' else 'not converged'}: the ridge polish (ALS at "
-            f"rank {r_net}, searched up from the network's) beat the early-stopped network on the {n_val} "
-            "held-out entries "
-            f"(RMSE {als_rmse:.4g} vs {net_rmse:.4g}; mean model {mm_rmse:.4g}); refit: {refit_note}"
-        )
-        for w in caught:
-            if not issubclass(w.category, RuntimeWarning):
-                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-        if h1.status != "converged":
-            h1.message += f"; {res.message}"
-            warnings.warn(h1.message, RuntimeWarning, stacklevel=2)
-        first.matrix = res.matrix.to(torch.float64)
-        first.mean_model = MeanModel(
-            res.mu,
-            res.row_bias.double(),
-            res.col_bias.double(),
-            torch.bincount(rows, minlength=mask.shape[0]).double(),
-            torch.bincount(cols, minlength=mask.shape[1]).double(),
-        )
-        first.ridge_result = res
+    if als_rmse < net_rmse:  # the ridge ALS won on the held-out entries: refit it on all entries
+        _select_ridge(first, ridge, E_all, n_val, net_rmse, mm_rmse, seed, dl, caught)
         return first
     h1.selected = "network"
     # refit on all entries for the number of iterations that was best on the held-out entries
