@@ -491,6 +491,87 @@ def _complete_once(
     return CompletionResult(matrix, hist, model, problem, rank, lr, mean, unit, transposed)
 
 
+DENSE_CELLS = 1 << 26  # m n above which complete() takes the sparse route by default (64 M cells)
+
+
+def _shape_of(observed) -> tuple[int, int] | None:
+    """The (m, n) of an input without densifying it (None when it is not a 2-D matrix)."""
+    shape = getattr(observed, "shape", None)
+    if shape is None or len(shape) != 2:
+        return None
+    return int(shape[0]), int(shape[1])
+
+
+def _complete_sparse(
+    observed,
+    mask,
+    *,
+    rank: int | None,
+    holdout: float,
+    validation: tuple | None,
+    time_limit: float | None,
+    seed: int,
+    center: str,
+    test: tuple | None,
+) -> CompletionResult:
+    """The sparse route of :func:`complete`: the mean model and ridge ALS
+    (:func:`~torchlowrank.matrix.ridge_select.select_ridge_als`: rank, ridge and scaling chosen on
+    the held-out entries), on the observed entries only; no network, no (m, n) array."""
+    from .als import _as_val, as_entries
+
+    start = time.perf_counter()
+    dl = None if time_limit is None else start + time_limit
+    if rank is not None:
+        rank = as_positive_int(rank, "rank")
+    if center not in ("biases", "mean", "none"):
+        raise ValueError(f"center must be 'biases', 'mean' or 'none', got {center!r}")
+    E = as_entries(observed, mask)
+    m, n = E.shape
+    if validation is not None:
+        E_fit, val = E, _as_val(validation, E.device, torch.float64)
+    else:
+        if holdout == 0:
+            raise ValueError(
+                "the sparse route chooses the rank and the ridge on held-out entries: keep holdout > 0 "
+                "or pass validation=(rows, cols, values)"
+            )
+        pick = holdout_split(E.rows, E.cols, holdout, seed, (m, n))
+        if int(pick.sum()) < 10:
+            raise ValueError(
+                f"only {int(pick.sum())} entries could be held out of {len(E)}: too few observed entries "
+                "for the sparse route; pass sparse=False (the network) or more entries"
+            )
+        E_fit, val = E.subset(~pick), (E.rows[pick], E.cols[pick], E.values[pick])
+    n_val = int(val[0].numel())
+    _, mm_reg, mm_rmse = best_mean_model(E_fit.rows, E_fit.cols, E_fit.values, (m, n), val, center)
+    ridge = select_ridge_als(E_fit, val, suggested_rank=rank, seed=seed, deadline=dl)
+    hist = History()
+    hist.mean_model_rmse, hist.ridge_polish_rmse = mm_rmse, None if ridge is None else ridge[0]
+    first = CompletionResult(None, hist, None, None, None, 0.0)
+    if ridge is None or not ridge[0] < mm_rmse:
+        mean_all = fit_mean_model(E.rows, E.cols, E.values, (m, n), center=center, reg=mm_reg)
+        hist.selected, hist.status, hist.reason = "mean_model", MEAN_MODEL_STATUS, "validation"
+        hist.message = (
+            f"ridge ALS did not beat the mean model (row / column biases) on the {n_val} held-out entries "
+            f"(RMSE {math.inf if ridge is None else ridge[0]:.4g} vs {mm_rmse:.4g}): returned the mean "
+            "model, refitted on all entries. More observed entries or a time_limit that leaves room for "
+            "the rank search may help."
+        )
+        warnings.warn(hist.message, RuntimeWarning, stacklevel=3)
+        first.set_predictor(mean_all.predict, mean_all.dense)
+        first.mean_model = mean_all
+    else:
+        _select_ridge(first, ridge, E, n_val, math.inf, mm_rmse, seed, dl, [])
+        first.rank = first.ridge_result.rank
+    hist.n_iters = 0 if first.ridge_result is None else first.ridge_result.result.n_iters
+    hist.train_time = time.perf_counter() - start
+    if test is not None:
+        tr, tc, tv = _as_val(test, E.device, torch.float64)
+        hist.test_rmse.append(float((first.predict(tr, tc) - tv).square().mean().sqrt()))
+    return first
+
+
+BLEND_WEIGHTS = (0.25, 0.5, 0.75)  # network weights tried for a blend of network and ridge ALS
 SMALL_PROBLEM = 50_000  # observed entries up to which ridge ALS is chosen on 3 held-out splits, not 1
 
 
@@ -563,9 +644,13 @@ def _select_ridge(
     )
     h1.refit = refit_note
     h1.message = (
-        f"{'converged' if h1.status == 'converged' else 'not converged'}: ridge ALS ({how}) beat the "
-        f"network on the {n_val} held-out entries (RMSE {als_rmse:.4g} vs {net_rmse:.4g}; mean model "
-        f"{mm_rmse:.4g}); refit: {refit_note}"
+        f"{'converged' if h1.status == 'converged' else 'not converged'}: ridge ALS ({how}) "
+        + (
+            f"beat the network on the {n_val} held-out entries (RMSE {als_rmse:.4g} vs {net_rmse:.4g}; "
+            if math.isfinite(net_rmse)
+            else f"was chosen on the {n_val} held-out entries (RMSE {als_rmse:.4g}; "
+        )
+        + f"mean model {mm_rmse:.4g}); refit: {refit_note}"
     )
     for w in caught:
         if not issubclass(w.category, RuntimeWarning):
@@ -645,6 +730,7 @@ def complete(
     adaptive: bool = True,
     polish: bool | None = None,
     ridge_polish: bool = True,
+    sparse: bool | None = None,
 ) -> CompletionResult:
     """Complete ``observed`` (m, n) from the entries where ``mask`` (m, n, bool) is True.
 
@@ -741,6 +827,21 @@ def complete(
     )
     if not (isinstance(holdout, (int, float)) and 0 <= holdout <= 0.5):
         raise ValueError(f"holdout must be a fraction in [0, 0.5] of the observed entries, got {holdout!r}")
+    if sparse is None:
+        shape = _shape_of(observed)
+        sparse = shape is not None and shape[0] * shape[1] > DENSE_CELLS
+    if sparse:
+        return _complete_sparse(
+            observed,
+            mask,
+            rank=rank,
+            holdout=holdout,
+            validation=validation,
+            time_limit=time_limit,
+            seed=seed,
+            center=center,
+            test=test,
+        )
     if validation is not None or holdout == 0:
         return _complete_once(
             observed,
@@ -846,9 +947,48 @@ def complete(
         first.set_predictor(mean_all.predict, mean_all.dense)
         first.mean_model = mean_all
         return first
-    if als_rmse < net_rmse:  # the ridge ALS won on the held-out entries: refit it on all entries
+    blend = None  # (held-out RMSE, weight of the network) of a weighted mean of network and ridge ALS
+    if ridge is not None and math.isfinite(net_rmse):
+        p_net, p_als = first.predict(vr, vc), ridge[1].predict(vr, vc)
+        for wgt in BLEND_WEIGHTS:
+            e = float((wgt * p_net + (1 - wgt) * p_als - vv).square().mean().sqrt())
+            if e < min(net_rmse, als_rmse, math.inf if blend is None else blend[0]):
+                blend = (e, wgt)
+    h1.blend_rmse, h1.blend_weight = (None, None) if blend is None else blend
+    if (
+        als_rmse < net_rmse and blend is None
+    ):  # the ridge ALS won on the held-out entries: refit it on all entries
         _select_ridge(first, ridge, E_all, n_val, net_rmse, mm_rmse, seed, dl, caught)
         return first
+
+    def finish(res: CompletionResult) -> CompletionResult:
+        """The network ``res`` as the result, or its blend with the ridge ALS refitted on all entries."""
+        if blend is None:
+            return res
+        h, (e, wgt) = res.history, blend
+        chosen = ridge[1]
+        left = None if dl is None else max(dl - time.perf_counter(), 0.0)
+        if chosen.result.status == "converged" and (left is None or left > 0):
+            fitted = refit_ridge_als(chosen, E_all, seed=seed, time_limit=left)
+        else:
+            fitted = chosen
+        M_net = res.matrix
+        h.selected = "blend"
+        h.polish_info = (
+            f"blend: {wgt:g} x network + {1 - wgt:g} x ridge ALS (rank {chosen.rank}, reg {fitted.result.reg:g}"
+            f"{', scaled' if chosen.scaled else ''}), the weight chosen on the {n_val} held-out entries "
+            f"(RMSE {e:.4g}; network {net_rmse:.4g}, ridge ALS {als_rmse:.4g}, mean model {mm_rmse:.4g})"
+        )
+        h.message += "; " + h.polish_info
+        res.ridge_result = fitted
+        res.set_predictor(
+            lambda r, c: (
+                wgt * M_net[r.to(M_net.device), c.to(M_net.device)] + (1 - wgt) * fitted.predict(r, c)
+            ),
+            lambda: wgt * M_net + (1 - wgt) * fitted.dense(),
+        )
+        return res
+
     h1.selected = "network"
     # refit on all entries for the number of iterations that was best on the held-out entries
     early = h1.status == "early_stopped" or (
@@ -865,7 +1005,7 @@ def complete(
         )
         for w in caught:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-        return first
+        return finish(first)
     with warnings.catch_warnings(record=True) as caught2:
         warnings.simplefilter("always")
         second = _complete_once(
@@ -897,4 +1037,4 @@ def complete(
         if issubclass(w.category, RuntimeWarning) and w in caught:
             continue  # the first fit's warnings: the refit's status replaces its status
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    return second
+    return finish(second)

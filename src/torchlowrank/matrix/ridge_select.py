@@ -26,7 +26,8 @@ from .sparse import Entries
 
 __all__ = ["RANK_GRID", "SCALE_SPREAD", "ScaledALS", "entry_scales", "select_ridge_als", "scaled_entries"]
 
-RANK_GRID = (1, 2, 3, 5, 10, 20)  # the ranks tried (those <= min(m, n)), with the one a caller suggests
+RANK_GRID = (1, 2, 3, 5, 8, 12, 16, 24, 32, 48, 64)  # ranks tried (those <= min(m, n), and min(m, n) itself)
+EXACT = 1e-6  # a held-out RMSE below this fraction of the held-out values' spread ends the rank search
 SCALE_SPREAD = 10.0  # scaled candidates are tried when the 90th / 10th percentile of the scales exceeds this
 
 
@@ -125,8 +126,9 @@ def select_ridge_als(
     more_splits: list[tuple[Entries, tuple]] = (),
 ) -> tuple[float, ScaledALS] | None:
     """The best ridge ALS with biases on ``E_fit`` by its RMSE on ``val = (rows, cols, values)``
-    (data units): ranks :data:`RANK_GRID` plus ``suggested_rank`` (at most ``max_rank`` and
-    min(m, n)), in ascending order until two in a row did not improve; unscaled, then scaled by
+    (data units): ranks :data:`RANK_GRID`, ``suggested_rank`` and the cap (all at most ``max_rank``
+    and min(m, n)), in ascending order until two in a row did not improve or one fits the held-out
+    entries to :data:`EXACT` of their spread (exact low-rank data); unscaled, then scaled by
     :func:`entry_scales` when the scales spread; the ridge of each chosen on the held-out entries
     by :func:`~torchlowrank.matrix.als`. ``more_splits``: further (fit entries, held-out entries)
     splits of the same data; a (rank, scaling) is then scored by its mean held-out RMSE over all
@@ -136,10 +138,10 @@ def select_ridge_als(
     nothing beat the mean model or no time was left."""
     m, n = E_fit.shape
     cap = min(m, n) if max_rank is None else max(1, min(m, n, max_rank))
-    ranks = sorted(
-        {r for r in RANK_GRID if r <= cap} | ({min(suggested_rank, cap)} if suggested_rank else set())
-    )
+    ranks = {r for r in RANK_GRID if r <= cap} | ({min(suggested_rank, cap)} if suggested_rank else set())
+    ranks = sorted(ranks | ({cap} if cap < RANK_GRID[-1] else set()))
     splits = [(E_fit, val)] + list(more_splits)
+    scale = float((val[2].to(torch.float64) - val[2].to(torch.float64).mean()).square().mean().sqrt())
     scalings: list = [None]
     sc = entry_scales(E_fit)
     if sc is not None:
@@ -179,6 +181,8 @@ def select_ridge_als(
             score = sum(scores) / len(scores)
             if best is None or score < best[0]:
                 best = (score, scores[0], first)
+            if score <= EXACT * scale:  # fitted to rounding: exact low-rank data, larger ranks add nothing
+                return best[1], best[2]
             if score < own:
                 own, worse = score, 0
             else:
