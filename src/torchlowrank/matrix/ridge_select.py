@@ -26,7 +26,21 @@ from .sparse import Entries
 
 __all__ = ["RANK_GRID", "SCALE_SPREAD", "ScaledALS", "entry_scales", "select_ridge_als", "scaled_entries"]
 
-RANK_GRID = (1, 2, 3, 5, 8, 12, 16, 24, 32, 48, 64)  # ranks tried (those <= min(m, n), and min(m, n) itself)
+RANK_GRID = (
+    1,
+    2,
+    3,
+    5,
+    8,
+    10,
+    12,
+    16,
+    20,
+    24,
+    32,
+    48,
+    64,
+)  # ranks tried (those <= min(m, n), and min(m, n) itself)
 EXACT = 1e-6  # a held-out RMSE below this fraction of the held-out values' spread ends the rank search
 SCALE_SPREAD = 10.0  # scaled candidates are tried when the 90th / 10th percentile of the scales exceeds this
 
