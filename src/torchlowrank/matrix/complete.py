@@ -735,8 +735,18 @@ def complete(
     """Complete ``observed`` (m, n) from the entries where ``mask`` (m, n, bool) is True.
 
     observed: dense tensor / NumPy array (entries off the mask are ignored, NaN allowed; with
-    ``mask=None`` the non-NaN entries are the observed ones) or a sparse COO / CSR tensor (its
-    stored entries are the observed ones; ``mask`` must be None).
+    ``mask=None`` the non-NaN entries are the observed ones), a sparse COO / CSR tensor or a
+    SciPy sparse matrix (its stored entries are the observed ones; ``mask`` must be None).
+
+    Sparse route (``sparse=True``, or by default when m n > :data:`DENSE_CELLS` = 2^26): no network
+    and no (m, n) array — the mean model and the ridge ALS above, on the observed entries only
+    (memory O(|Omega| + (m + n) k^2)); ``rank`` is then one more rank to try, ``holdout`` must be
+    > 0 (or ``validation`` given), and the network's arguments (depth, lr, ...) are not used;
+    ``result.model`` / ``problem`` are None. On every route ``result.predict(rows, cols)`` gives
+    completed entries without forming the matrix (for ridge ALS and mean-model results);
+    ``result.matrix`` forms the (m, n) matrix on first access — do not touch it for a huge matrix;
+    ``result.ridge_result`` holds the factors (``.result.U`` (m, k), ``.result.V`` (n, k), biases,
+    and the column / row scales).
 
     Held-out validation (the default, ``holdout=0.1``, when no ``validation`` is given): a seeded
     (``seed``) random 10% of the observed entries (never the last one of a row or column, see
@@ -745,14 +755,19 @@ def complete(
     initial plateau; the best parameters are kept) and the exact polish on; the mean model
     (``mu + b_i + c_j``, its bias ridge chosen on the same entries) is fitted beside it. Then:
 
-    - on noisy data (the network early-stopped: its held-out error rose) the ridge polish
-      (``ridge_polish=True``) fits ridge ALS with biases from the rank the network learnt (its
-      singular values above 1e-3 of the largest) doubling up to r_hat, rank and ridge chosen on
-      the same held-out entries (the noisy counterpart of the exact polish: depth finds the
-      directions, a ridge finishes; see :func:`_ridge_polish_candidate`);
-    - the best of network, ridge polish and mean model on the held-out entries is kept
-      (``history.selected``); the ridge polish is refitted on all entries at its ridge
-      (status "converged", reason "ridge_polish");
+    - unless the network fitted its entries to ``tol`` (exact data), ridge ALS with biases
+      (``ridge_polish=True``; :func:`~torchlowrank.matrix.ridge_select.select_ridge_als`) is fitted
+      to the same entries at ranks 1, 2, 3, 5, 8, 10, 12, 16, 20, 24, 32, 48, 64 (those <=
+      min(m, n), plus min(m, n) and the rank the network learnt), ascending until two ranks in a
+      row did not improve, each with its ridge chosen on the held-out entries — and, when the
+      columns (or rows) differ in scale (90th / 10th percentile of their spreads >= 10, a raw
+      table), again on the entries divided by the per-column spreads (multiplied back after).
+      Up to 50,000 observed entries the rank and scaling are scored on the mean held-out RMSE of
+      three seeded splits (one split's RMSE is dominated by a few large entries there);
+    - the best of network, ridge ALS, their blend ``w net + (1 - w) ALS`` (w in 0.25, 0.5, 0.75)
+      and the mean model on the held-out entries is kept (``history.selected`` "network",
+      "ridge_polish", "blend" or "mean_model"); the ridge ALS is refitted on all entries at its
+      rank, ridge and scaling (status "converged", reason "ridge_polish");
     - if neither beats the mean model on the held-out entries, the result is the mean
       model refitted on all entries, ``status == "mean_model"``, with a RuntimeWarning;
     - if the network fitted its entries to ``tol`` (exact low-rank data: converged by the polish
@@ -796,6 +811,8 @@ def complete(
 
         res = tlr.matrix.complete(M_obs, mask)          # ratings, any units
         res.matrix, res.status, res.history.message
+        res = tlr.matrix.complete(S)                    # S: torch / SciPy sparse (m, n), huge
+        res.predict(rows, cols)
     """
     start = time.perf_counter()
     dl = None if time_limit is None else start + time_limit
