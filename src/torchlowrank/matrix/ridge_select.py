@@ -138,6 +138,7 @@ def select_ridge_als(
     deadline: float | None = None,
     dtype: torch.dtype = torch.float64,
     more_splits: list[tuple[Entries, tuple]] = (),
+    tol: float = 1e-7,
 ) -> tuple[float, ScaledALS] | None:
     """The best ridge ALS with biases on ``E_fit`` by its RMSE on ``val = (rows, cols, values)``
     (data units): ranks :data:`RANK_GRID`, ``suggested_rank`` and the cap (all at most ``max_rank``
@@ -147,7 +148,9 @@ def select_ridge_als(
     by :func:`~torchlowrank.matrix.als`. ``more_splits``: further (fit entries, held-out entries)
     splits of the same data; a (rank, scaling) is then scored by its mean held-out RMSE over all
     splits (a steadier choice where a few large entries dominate one split's RMSE), and the fit
-    returned is the one on ``E_fit``. Each fit gets a quarter of the time left to ``deadline`` (a
+    returned is the one on ``E_fit``. ``tol``: each candidate's own stopping tolerance after its
+    ridge is chosen (:func:`~torchlowrank.matrix.als`'s; the refit on all entries converges
+    further). Each fit gets a quarter of the time left to ``deadline`` (a
     ``time.perf_counter()`` value). Returns (RMSE on ``val``, :class:`ScaledALS`) or None when
     nothing beat the mean model or no time was left."""
     m, n = E_fit.shape
@@ -180,6 +183,7 @@ def select_ridge_als(
                     seed=seed,
                     warn=False,
                     dtype=dtype,
+                    tol=tol,
                 )
                 if res.status == "mean_model" or not res.reg_path:
                     scores = None
