@@ -78,14 +78,15 @@ def test_a_tall_matrix_recovers_exactly_like_its_transpose():
 def test_a_run_that_cannot_leave_the_init_in_its_budget_warns_stalled_at_init():
     M, mask = _data()
     with pytest.warns(RuntimeWarning, match="stalled at init"):
-        res = complete(M, mask, rank=2, max_iters=20)  # the adaptive step escapes in ~100 iterations
+        # the adaptive step escapes in ~100 iterations; ridge_polish=False: the network alone
+        res = complete(M, mask, rank=2, max_iters=20, ridge_polish=False)
     assert res.status == "stalled_at_init" and not res.ok and res.history.escaped_at is None
 
 
 def test_a_run_stopped_while_still_improving_warns_not_converged():
     M, mask = _data()
     with pytest.warns(RuntimeWarning, match="not converged"):
-        res = complete(M, mask, rank=2, init_scale=1e-2, max_iters=1500, tol=1e-14)
+        res = complete(M, mask, rank=2, init_scale=1e-2, max_iters=1500, tol=1e-14, ridge_polish=False)
     assert res.status == "not_converged" and res.history.escaped_at is not None
 
 

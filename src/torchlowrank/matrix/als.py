@@ -115,9 +115,32 @@ class ALSResult:
 
 def as_entries(observed, mask=None, dtype: torch.dtype = torch.float64) -> Entries:
     """The observed entries of ``observed``: a dense (m, n) tensor / NumPy array with ``mask``
-    (bool; None: the non-NaN entries) or a sparse COO / CSR tensor (its stored entries; ``mask``
-    must be None). Sparse inputs are never densified. ValueError for a shape mismatch, an empty
+    (bool; None: the non-NaN entries), a sparse COO / CSR tensor (its stored entries; ``mask``
+    must be None), a scipy.sparse matrix / array (its stored entries) or an
+    :class:`~torchlowrank.matrix.sparse.Entries` (returned as is, in ``dtype``). Sparse inputs are never densified. ValueError for a shape mismatch, an empty
     mask or NaN / Inf in an observed entry."""
+    if isinstance(observed, Entries):
+        if mask is not None:
+            raise ValueError("Entries define their own observed entries: pass mask=None")
+        if len(observed) == 0:
+            raise ValueError("the mask observes no entries; mark at least one observed entry True")
+        if observed.values.dtype == dtype:
+            return observed
+        return Entries(observed.rows, observed.cols, observed.values.to(dtype), observed.shape)
+    if hasattr(observed, "tocoo") and not isinstance(observed, torch.Tensor):  # a scipy.sparse matrix / array
+        if mask is not None:
+            raise ValueError(
+                "a sparse observed matrix defines its own mask (its stored entries): pass mask=None"
+            )
+        coo = observed.tocoo()
+        coo.sum_duplicates()
+        rows, cols = torch.from_numpy(coo.row.astype("int64")), torch.from_numpy(coo.col.astype("int64"))
+        vals = torch.from_numpy(coo.data).to(dtype)
+        if rows.numel() == 0:
+            raise ValueError("the sparse matrix stores no entries; store at least one observed entry")
+        if not bool(torch.isfinite(vals).all()):
+            raise ValueError("observed entries contain NaN/Inf; drop them from the sparse matrix")
+        return Entries(rows, cols, vals, tuple(int(x) for x in coo.shape))
     observed, mask = as_tensor(observed), as_tensor(mask)
     if not isinstance(observed, torch.Tensor) or observed.ndim != 2:
         raise ValueError("observed must be a 2-D torch tensor or NumPy array (m, n)")
@@ -283,7 +306,9 @@ def als(
     reg: the relative ridge (``lam = reg * s_1``), or "auto" (default): chosen on ``validation =
     (rows, cols, values)`` or, without one, on a seeded ``holdout`` fraction of the observed
     entries (then refitted on all of them), over :data:`REG_GRID` from large to small with warm
-    starts (the path stops once the held-out RMSE rose twice past its best). A result not better
+    starts (the path stops once the held-out RMSE rose twice past its best; when it fell by a
+    quarter at each of two steps in a row, as on exactly low-rank data, the smallest ridge is tried
+    at once and kept if it is better). A result not better
     than the mean model on the held-out entries is replaced by the mean model (status
     "mean_model", RuntimeWarning).
 
@@ -346,7 +371,7 @@ def als(
     mm_rmse = None
     if auto and val is not None:
         sel_deadline = None if deadline is None else t_start + 0.7 * time_limit
-        rises = 0
+        rises, jumped = 0, False
         for rg in regs:
             if sel_deadline is not None and time.perf_counter() > sel_deadline and path:
                 break
@@ -365,6 +390,23 @@ def als(
                 rises += 1
                 if rises >= 2:
                     break
+            vs = [p["val_rmse"] for p in path]
+            if not jumped and rg > regs[-1] and len(vs) >= 3 and vs[-1] <= 0.75 * vs[-2] <= 0.5625 * vs[-3]:
+                # the held-out error falls with the ridge itself (exact low-rank data): try the
+                # smallest ridge at once; kept if it is better, else the path goes on from here
+                jumped, saved, rj = True, fit.state(), regs[-1]
+                brj = REG_TO_BIAS * rj if bias_reg is None else bias_reg
+                why, sweeps = fit.run(
+                    rj * s1, brj, min(max_iters, 100), max(tol, 1e-4), sel_deadline, val=val, val_tol=1e-4
+                )
+                vj = fit.val_rmse(val)
+                path.append(
+                    {"reg": rj, "lam": rj * s1, "val_rmse": vj, "sweeps": sweeps, "converged": why == "tol"}
+                )
+                if vj < best[0]:
+                    best = (vj, rj, fit.state(), brj)
+                    break
+                fit.load(saved)
         _, mm_reg, mm_rmse = best_mean_model(
             E_fit.rows,
             E_fit.cols,

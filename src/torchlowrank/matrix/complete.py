@@ -48,7 +48,6 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from dataclasses import dataclass
 
 import torch
 
@@ -59,6 +58,8 @@ from .factorization import DeepFactorization, as_positive_int
 from .inputs import as_tensor
 from .polish import RankPolish
 from .problems import Completion, relative_error
+from .ridge_select import refit_ridge_als, select_ridge_als
+from .sparse import Entries
 from .steps import suggest_lr, suggest_rank
 from .trainer import FAILURE_STATUSES, History, train_gd
 
@@ -74,26 +75,66 @@ __all__ = [
 NORMALIZED_TOP = 10.0  # top singular value of the (rescaled) residual the network is trained on
 
 
-@dataclass
 class CompletionResult:
-    """matrix: the completed (m, n) matrix (float64, the data's units and orientation); history:
-    the run's :class:`History` (RMSEs in the data's units, recovery error against ``truth``);
-    model: the trained network — of the *normalised* residual, and of the transpose when
-    ``transposed``; problem: the normalised :class:`Completion`; rank: r_hat used (None for the
-    uncompressed network); lr: the step used (on the normalised problem); mean_model: the fitted
-    :class:`MeanModel`; unit: the residual's scale (matrix = mean + unit * network);
-    transposed: whether the work ran on M^T."""
+    """The result of :func:`complete`.
 
-    matrix: torch.Tensor
-    history: History
-    model: torch.nn.Module
-    problem: Completion
-    rank: int | None
-    lr: float
-    mean_model: MeanModel | None = None
-    unit: float = 1.0
-    transposed: bool = False
-    ridge_result: object | None = None  # the ALSResult when the ridge polish was selected
+    matrix: the completed (m, n) matrix (float64, the data's units and orientation), formed on
+    first access when the result is not a dense network fit (O(m n) memory: for large matrices use
+    :meth:`predict`, which never forms it); history: the run's :class:`History` (RMSEs in the
+    data's units, recovery error against ``truth``; ``selected`` says which candidate this is);
+    model: the trained network — of the *normalised* residual, and of the transpose when
+    ``transposed`` (None on the sparse route); problem: the normalised :class:`Completion` (None
+    on the sparse route); rank: r_hat used (None for the uncompressed network); lr: the step used
+    (on the normalised problem); mean_model: the fitted :class:`MeanModel`; unit: the residual's
+    scale (matrix = mean + unit * network for the network); transposed: whether the network ran
+    on M^T; ridge_result: the :class:`~torchlowrank.matrix.ridge_select.ScaledALS` when ridge ALS
+    was selected (its factors ``ridge_result.result.U`` (m, k), ``V`` (n, k))."""
+
+    def __init__(
+        self,
+        matrix: torch.Tensor | None,
+        history: History,
+        model: torch.nn.Module | None,
+        problem: Completion | None,
+        rank: int | None,
+        lr: float,
+        mean_model: MeanModel | None = None,
+        unit: float = 1.0,
+        transposed: bool = False,
+        ridge_result: object | None = None,
+    ):
+        self._matrix = matrix
+        self._predict = None
+        self._dense = None
+        self.history, self.model, self.problem, self.rank, self.lr = history, model, problem, rank, lr
+        self.mean_model, self.unit, self.transposed, self.ridge_result = (
+            mean_model,
+            unit,
+            transposed,
+            ridge_result,
+        )
+
+    def set_predictor(self, predict, dense) -> None:
+        """Replace the result by ``predict(rows, cols) -> (N,)`` and ``dense() -> (m, n)`` (called
+        on first access of :attr:`matrix`)."""
+        self._predict, self._dense, self._matrix = predict, dense, None
+
+    @property
+    def matrix(self) -> torch.Tensor:
+        if self._matrix is None:
+            if self._dense is None:
+                raise ValueError("this result holds no matrix")
+            self._matrix = self._dense()
+        return self._matrix
+
+    def predict(self, rows, cols) -> torch.Tensor:
+        """The completed entries at ``(rows, cols)`` (1-D integer tensors / arrays, the caller's
+        orientation), float64, without forming the matrix (unless it is already formed)."""
+        rows, cols = torch.as_tensor(rows).long(), torch.as_tensor(cols).long()
+        if self._predict is not None and self._matrix is None:
+            return self._predict(rows, cols)
+        M = self.matrix
+        return M[rows.to(M.device), cols.to(M.device)]
 
     @property
     def status(self) -> str:
@@ -450,57 +491,187 @@ def _complete_once(
     return CompletionResult(matrix, hist, model, problem, rank, lr, mean, unit, transposed)
 
 
-def _ridge_polish_candidate(
-    first: CompletionResult, observed, train_mask, val, seed: int, deadline: float | None
-):
-    """(rank, held-out RMSE, reg, ALSResult) of the best ridge ALS with biases on ``val``: ranks from the
-    one the early-stopped network learnt (its end-to-end singular values above 1e-3 of the
-    largest: the directions that left the initialisation), doubled up to the network's width
-    r_hat (at most ``min(m, n) // 2``) while the held-out RMSE improves; the ridge of each chosen
-    on ``val`` by :func:`~torchlowrank.matrix.als`'s path. Early stopping halts the network when
-    the next direction starts fitting noise, but a ridge keeps more directions useful, so the
-    learnt rank is where the search starts, not where it ends. None when there is no time left."""
-    from .als import als
+DENSE_CELLS = 1 << 26  # m n above which complete() takes the sparse route by default (64 M cells)
 
+
+def _shape_of(observed) -> tuple[int, int] | None:
+    """The (m, n) of an input without densifying it (None when it is not a 2-D matrix)."""
+    shape = getattr(observed, "shape", None)
+    if shape is None or len(shape) != 2:
+        return None
+    return int(shape[0]), int(shape[1])
+
+
+def _complete_sparse(
+    observed,
+    mask,
+    *,
+    rank: int | None,
+    holdout: float,
+    validation: tuple | None,
+    time_limit: float | None,
+    seed: int,
+    center: str,
+    test: tuple | None,
+) -> CompletionResult:
+    """The sparse route of :func:`complete`: the mean model and ridge ALS
+    (:func:`~torchlowrank.matrix.ridge_select.select_ridge_als`: rank, ridge and scaling chosen on
+    the held-out entries), on the observed entries only; no network, no (m, n) array."""
+    from .als import _as_val, as_entries
+
+    start = time.perf_counter()
+    dl = None if time_limit is None else start + time_limit
+    if rank is not None:
+        rank = as_positive_int(rank, "rank")
+    if center not in ("biases", "mean", "none"):
+        raise ValueError(f"center must be 'biases', 'mean' or 'none', got {center!r}")
+    E = as_entries(observed, mask)
+    m, n = E.shape
+    if validation is not None:
+        E_fit, val = E, _as_val(validation, E.device, torch.float64)
+    else:
+        if holdout == 0:
+            raise ValueError(
+                "the sparse route chooses the rank and the ridge on held-out entries: keep holdout > 0 "
+                "or pass validation=(rows, cols, values)"
+            )
+        pick = holdout_split(E.rows, E.cols, holdout, seed, (m, n))
+        if int(pick.sum()) < 10:
+            raise ValueError(
+                f"only {int(pick.sum())} entries could be held out of {len(E)}: too few observed entries "
+                "for the sparse route; pass sparse=False (the network) or more entries"
+            )
+        E_fit, val = E.subset(~pick), (E.rows[pick], E.cols[pick], E.values[pick])
+    n_val = int(val[0].numel())
+    _, mm_reg, mm_rmse = best_mean_model(E_fit.rows, E_fit.cols, E_fit.values, (m, n), val, center)
+    # candidates stop at a relative change of 1e-4 (the winner's refit on all entries goes on to 1e-7)
+    ridge = select_ridge_als(E_fit, val, suggested_rank=rank, seed=seed, deadline=dl, tol=1e-4)
+    hist = History()
+    hist.mean_model_rmse, hist.ridge_polish_rmse = mm_rmse, None if ridge is None else ridge[0]
+    first = CompletionResult(None, hist, None, None, None, 0.0)
+    if ridge is None or not ridge[0] < mm_rmse:
+        mean_all = fit_mean_model(E.rows, E.cols, E.values, (m, n), center=center, reg=mm_reg)
+        hist.selected, hist.status, hist.reason = "mean_model", MEAN_MODEL_STATUS, "validation"
+        hist.message = (
+            f"ridge ALS did not beat the mean model (row / column biases) on the {n_val} held-out entries "
+            f"(RMSE {math.inf if ridge is None else ridge[0]:.4g} vs {mm_rmse:.4g}): returned the mean "
+            "model, refitted on all entries. More observed entries or a time_limit that leaves room for "
+            "the rank search may help."
+        )
+        warnings.warn(hist.message, RuntimeWarning, stacklevel=3)
+        first.set_predictor(mean_all.predict, mean_all.dense)
+        first.mean_model = mean_all
+    else:
+        _select_ridge(first, ridge, E, n_val, math.inf, mm_rmse, seed, dl, [])
+        first.rank = first.ridge_result.rank
+    hist.n_iters = 0 if first.ridge_result is None else first.ridge_result.result.n_iters
+    hist.train_time = time.perf_counter() - start
+    if test is not None:
+        tr, tc, tv = _as_val(test, E.device, torch.float64)
+        hist.test_rmse.append(float((first.predict(tr, tc) - tv).square().mean().sqrt()))
+    return first
+
+
+BLEND_WEIGHTS = (0.25, 0.5, 0.75)  # network weights tried for a blend of network and ridge ALS
+SMALL_PROBLEM = 50_000  # observed entries up to which ridge ALS is chosen on 3 held-out splits, not 1
+
+
+def _more_splits(E: Entries, fraction: float, seed: int, n: int = 2) -> list:
+    """Two more seeded held-out splits ``(fit entries, (rows, cols, values))`` of the observed
+    entries ``E`` for choosing the ridge ALS's rank and scaling on small problems (at most
+    :data:`SMALL_PROBLEM` entries; none above: there one split of 10% is steady and fits cost)."""
+    if len(E) > SMALL_PROBLEM:
+        return []
+    out = []
+    for k in range(1, n + 1):
+        pick = holdout_split(E.rows, E.cols, fraction, seed + 7919 * k, E.shape)
+        if int(pick.sum()) >= 10:
+            out.append((E.subset(~pick), (E.rows[pick], E.cols[pick], E.values[pick])))
+    return out
+
+
+def _learnt_rank(first: CompletionResult) -> int | None:
+    """The rank the network learnt: its end-to-end singular values above 1e-3 of the largest (the
+    directions that left the initialisation); None for the uncompressed network or a zero one."""
+    if first.rank is None:
+        return None
     with torch.no_grad():
         X, Bt = first.model.factor_pair()
         s = torch.linalg.svdvals(torch.linalg.qr(X)[1] @ torch.linalg.qr(Bt)[1].T)
     if not float(s[0]) > 0:
         return None
-    cap = max(1, min(observed.shape) // 2)
-    if first.rank is not None:
-        cap = min(cap, first.rank)
-    r = max(1, min(int((s > 1e-3 * s[0]).sum()), cap))
-    ranks = []
-    while r < cap:
-        ranks.append(r)
-        r *= 2
-    ranks.append(cap)
-    vr, vc, vv = val
-    best, worse = None, 0
-    for r in ranks:
-        left = None if deadline is None else deadline - time.perf_counter()
-        if left is not None and left <= 0:
-            break
-        res = als(
-            observed,
-            train_mask,
-            r,
-            validation=val,
-            time_limit=None if left is None else 0.25 * left,
-            seed=seed,
-            warn=False,
+    return max(1, int((s > 1e-3 * s[0]).sum()))
+
+
+def _select_ridge(
+    first: CompletionResult,
+    ridge: tuple,
+    E_all: Entries,
+    n_val: int,
+    net_rmse: float,
+    mm_rmse: float,
+    seed: int,
+    deadline: float | None,
+    caught: list,
+) -> None:
+    """Make ``first`` the ridge ALS candidate ``ridge = (held-out RMSE, ScaledALS)``, refitted on all
+    entries ``E_all`` when its validated fit was a converged ridge optimum (a refit of an
+    unconverged one drifts further from the state that was scored)."""
+    h1 = first.history
+    als_rmse, chosen = ridge
+    left = None if deadline is None else max(deadline - time.perf_counter(), 0.0)
+    if chosen.result.status == "converged":  # a ridge optimum: refit on all entries, warm from it
+        fitted = refit_ridge_als(chosen, E_all, seed=seed, time_limit=left)
+        res = fitted.result
+        refit_note = f"ridge ALS on all {len(E_all)} observed entries ({res.n_iters} sweeps)"
+    else:  # stopped before its optimum (implicitly early-stopped): the held-out score is of this very state
+        fitted, res = chosen, chosen.result
+        refit_note = (
+            f"none: the ridge ALS stopped before its optimum ({res.message}); its held-out score is of "
+            f"that state, so it is kept as fitted without the {n_val} held-out entries"
         )
-        if res.status == "mean_model" or not res.reg_path:
-            continue
-        err = float((res.predict(vr, vc).double() - vv).square().mean().sqrt())
-        if best is None or err < best[1]:
-            best, worse = (r, err, res.reg, res), 0
-        else:
-            worse += 1
-            if worse >= 2:
-                break
-    return best
+    how = f"rank {chosen.rank}, ridge reg={res.reg:g}" + (
+        ", on entries divided by per-column / per-row scales" if chosen.scaled else ""
+    )
+    h1.selected = "ridge_polish"
+    h1.status, h1.reason = (
+        ("converged", "ridge_polish")
+        if res.status == "converged" or fitted is chosen
+        else ("not_converged", res.reason)
+    )
+    h1.polish_info = (
+        f"ridge ALS with biases ({how}; rank, ridge and scaling chosen on the held-out entries); "
+        f"refit: {refit_note} ({res.message})"
+    )
+    h1.refit = refit_note
+    h1.message = (
+        f"{'converged' if h1.status == 'converged' else 'not converged'}: ridge ALS ({how}) "
+        + (
+            f"beat the network on the {n_val} held-out entries (RMSE {als_rmse:.4g} vs {net_rmse:.4g}; "
+            if math.isfinite(net_rmse)
+            else f"was chosen on the {n_val} held-out entries (RMSE {als_rmse:.4g}; "
+        )
+        + f"mean model {mm_rmse:.4g}); refit: {refit_note}"
+    )
+    for w in caught:
+        if not issubclass(w.category, RuntimeWarning):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if h1.status != "converged":
+        h1.message += f"; {res.message}"
+        warnings.warn(h1.message, RuntimeWarning, stacklevel=3)
+    first.set_predictor(fitted.predict, fitted.dense)
+    m, n = E_all.shape
+    if chosen.scaled:  # the biases are in scaled units: the mean model of the data itself, for reference
+        first.mean_model = fit_mean_model(E_all.rows, E_all.cols, E_all.values, (m, n))
+    else:
+        first.mean_model = MeanModel(
+            res.mu,
+            res.row_bias.double(),
+            res.col_bias.double(),
+            E_all.row_counts.double(),
+            E_all.col_counts.double(),
+        )
+    first.ridge_result = fitted
 
 
 def _not_converged_hint(hist: History, validated: bool) -> str:
@@ -560,12 +731,23 @@ def complete(
     adaptive: bool = True,
     polish: bool | None = None,
     ridge_polish: bool = True,
+    sparse: bool | None = None,
 ) -> CompletionResult:
     """Complete ``observed`` (m, n) from the entries where ``mask`` (m, n, bool) is True.
 
     observed: dense tensor / NumPy array (entries off the mask are ignored, NaN allowed; with
-    ``mask=None`` the non-NaN entries are the observed ones) or a sparse COO / CSR tensor (its
-    stored entries are the observed ones; ``mask`` must be None).
+    ``mask=None`` the non-NaN entries are the observed ones), a sparse COO / CSR tensor or a
+    SciPy sparse matrix (its stored entries are the observed ones; ``mask`` must be None).
+
+    Sparse route (``sparse=True``, or by default when m n > :data:`DENSE_CELLS` = 2^26): no network
+    and no (m, n) array — the mean model and the ridge ALS above, on the observed entries only
+    (memory O(|Omega| + (m + n) k^2)); ``rank`` is then one more rank to try, ``holdout`` must be
+    > 0 (or ``validation`` given), and the network's arguments (depth, lr, ...) are not used;
+    ``result.model`` / ``problem`` are None. On every route ``result.predict(rows, cols)`` gives
+    completed entries without forming the matrix (for ridge ALS and mean-model results);
+    ``result.matrix`` forms the (m, n) matrix on first access — do not touch it for a huge matrix;
+    ``result.ridge_result`` holds the factors (``.result.U`` (m, k), ``.result.V`` (n, k), biases,
+    and the column / row scales).
 
     Held-out validation (the default, ``holdout=0.1``, when no ``validation`` is given): a seeded
     (``seed``) random 10% of the observed entries (never the last one of a row or column, see
@@ -574,14 +756,19 @@ def complete(
     initial plateau; the best parameters are kept) and the exact polish on; the mean model
     (``mu + b_i + c_j``, its bias ridge chosen on the same entries) is fitted beside it. Then:
 
-    - on noisy data (the network early-stopped: its held-out error rose) the ridge polish
-      (``ridge_polish=True``) fits ridge ALS with biases from the rank the network learnt (its
-      singular values above 1e-3 of the largest) doubling up to r_hat, rank and ridge chosen on
-      the same held-out entries (the noisy counterpart of the exact polish: depth finds the
-      directions, a ridge finishes; see :func:`_ridge_polish_candidate`);
-    - the best of network, ridge polish and mean model on the held-out entries is kept
-      (``history.selected``); the ridge polish is refitted on all entries at its ridge
-      (status "converged", reason "ridge_polish");
+    - unless the network fitted its entries to ``tol`` (exact data), ridge ALS with biases
+      (``ridge_polish=True``; :func:`~torchlowrank.matrix.ridge_select.select_ridge_als`) is fitted
+      to the same entries at ranks 1, 2, 3, 5, 8, 10, 12, 16, 20, 24, 32, 48, 64 (those <=
+      min(m, n), plus min(m, n) and the rank the network learnt), ascending until two ranks in a
+      row did not improve, each with its ridge chosen on the held-out entries — and, when the
+      columns (or rows) differ in scale (90th / 10th percentile of their spreads >= 10, a raw
+      table), again on the entries divided by the per-column spreads (multiplied back after).
+      Up to 50,000 observed entries the rank and scaling are scored on the mean held-out RMSE of
+      three seeded splits (one split's RMSE is dominated by a few large entries there);
+    - the best of network, ridge ALS, their blend ``w net + (1 - w) ALS`` (w in 0.25, 0.5, 0.75)
+      and the mean model on the held-out entries is kept (``history.selected`` "network",
+      "ridge_polish", "blend" or "mean_model"); the ridge ALS is refitted on all entries at its
+      rank, ridge and scaling (status "converged", reason "ridge_polish");
     - if neither beats the mean model on the held-out entries, the result is the mean
       model refitted on all entries, ``status == "mean_model"``, with a RuntimeWarning;
     - if the network fitted its entries to ``tol`` (exact low-rank data: converged by the polish
@@ -625,6 +812,8 @@ def complete(
 
         res = tlr.matrix.complete(M_obs, mask)          # ratings, any units
         res.matrix, res.status, res.history.message
+        res = tlr.matrix.complete(S)                    # S: torch / SciPy sparse (m, n), huge
+        res.predict(rows, cols)
     """
     start = time.perf_counter()
     dl = None if time_limit is None else start + time_limit
@@ -656,6 +845,21 @@ def complete(
     )
     if not (isinstance(holdout, (int, float)) and 0 <= holdout <= 0.5):
         raise ValueError(f"holdout must be a fraction in [0, 0.5] of the observed entries, got {holdout!r}")
+    if sparse is None:
+        shape = _shape_of(observed)
+        sparse = shape is not None and shape[0] * shape[1] > DENSE_CELLS
+    if sparse:
+        return _complete_sparse(
+            observed,
+            mask,
+            rank=rank,
+            holdout=holdout,
+            validation=validation,
+            time_limit=time_limit,
+            seed=seed,
+            center=center,
+            test=test,
+        )
     if validation is not None or holdout == 0:
         return _complete_once(
             observed,
@@ -717,23 +921,39 @@ def complete(
         )
     failed = h1.status in ("stalled_at_init", "diverged")
     exact = h1.reason in ("tol", "target_error")
-    ridge = None  # the ridge polish: ALS from the network's rank up, rank and ridge chosen on the same held-out entries
-    if ridge_polish and h1.status == "early_stopped":  # the held-out error rose: noise, not a short budget
-        ridge = _ridge_polish_candidate(first, observed, train_mask, (vr, vc, vv), seed, dl)
-    als_rmse = math.inf if ridge is None else ridge[1]
+    if exact and not failed:  # fitted to tol (exact data) and validated: keep it
+        h1.selected = "network"
+        h1.refit = "none: the network fitted its entries to tol and predicts the held-out ones"
+        for w in caught:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        return first
+    E_all = Entries(rows, cols, all_vals, tuple(mask.shape))
+    ridge = None  # ridge ALS, rank / ridge / scaling chosen on the same held-out entries
+    if ridge_polish:
+        ridge = select_ridge_als(
+            E_all.subset(~pick),
+            (vr, vc, vv),
+            suggested_rank=_learnt_rank(first),
+            seed=seed,
+            deadline=dl,
+            more_splits=_more_splits(E_all, holdout, seed),
+        )
+    als_rmse = math.inf if ridge is None else ridge[0]
     h1.ridge_polish_rmse = None if ridge is None else als_rmse
-    if failed or not min(net_rmse, als_rmse) < mm_rmse:
-        # the network did not beat the mean model on held-out entries: the mean model, refitted on all entries
+    if failed:
+        net_rmse = math.inf
+    if not min(net_rmse, als_rmse) < mm_rmse:
+        # neither beat the mean model on held-out entries: the mean model, refitted on all entries
         mean_all = fit_mean_model(rows, cols, all_vals, tuple(mask.shape), center=center, reg=mm_reg)
         h1.selected = "mean_model"
         if not failed:
             h1.status, h1.reason = MEAN_MODEL_STATUS, "validation"
             h1.message = (
                 f"the low-rank network did not beat the mean model (row / column biases) on the "
-                f"{n_val} held-out entries (RMSE {net_rmse:.4g} vs {mm_rmse:.4g}): returned the mean "
-                "model, refitted on all entries. The data may hold no low-rank structure beyond the "
-                "means at this sampling; more observed entries, a smaller rank or a larger weight_decay "
-                "may help; more iterations will not."
+                f"{n_val} held-out entries (RMSE {net_rmse:.4g}, ridge ALS {als_rmse:.4g}, vs "
+                f"{mm_rmse:.4g}): returned the mean model, refitted on all entries. The data may hold no "
+                "low-rank structure beyond the means at this sampling; more observed entries, a smaller "
+                "rank or a larger weight_decay may help; more iterations will not."
             )
         else:
             h1.message += " The result is the mean model (row / column biases), refitted on all entries."
@@ -742,65 +962,51 @@ def complete(
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         if not failed:
             warnings.warn(h1.message, RuntimeWarning, stacklevel=2)
-        first.matrix = mean_all.dense()
+        first.set_predictor(mean_all.predict, mean_all.dense)
         first.mean_model = mean_all
         return first
-    if exact:  # fitted to tol (exact data) and validated: keep it
-        h1.selected = "network"
-        h1.refit = "none: the network fitted its entries to tol and predicts the held-out ones"
-        for w in caught:
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    blend = None  # (held-out RMSE, weight of the network) of a weighted mean of network and ridge ALS
+    if ridge is not None and math.isfinite(net_rmse):
+        p_net, p_als = first.predict(vr, vc), ridge[1].predict(vr, vc)
+        for wgt in BLEND_WEIGHTS:
+            e = float((wgt * p_net + (1 - wgt) * p_als - vv).square().mean().sqrt())
+            if e < min(net_rmse, als_rmse, math.inf if blend is None else blend[0]):
+                blend = (e, wgt)
+    h1.blend_rmse, h1.blend_weight = (None, None) if blend is None else blend
+    if (
+        als_rmse < net_rmse and blend is None
+    ):  # the ridge ALS won on the held-out entries: refit it on all entries
+        _select_ridge(first, ridge, E_all, n_val, net_rmse, mm_rmse, seed, dl, caught)
         return first
-    if als_rmse < net_rmse:  # the ridge polish won on the held-out entries: refit it on all entries
-        from .als import als
 
-        r_net, reg = ridge[0], ridge[2]
+    def finish(res: CompletionResult) -> CompletionResult:
+        """The network ``res`` as the result, or its blend with the ridge ALS refitted on all entries."""
+        if blend is None:
+            return res
+        h, (e, wgt) = res.history, blend
+        chosen = ridge[1]
         left = None if dl is None else max(dl - time.perf_counter(), 0.0)
-        if (
-            ridge[3].status == "converged"
-        ):  # a ridge optimum: refit on all entries, warm from the validated one
-            res = als(observed, mask, r_net, reg=reg, time_limit=left, seed=seed, warn=False, init=ridge[3])
-            refit_note = f"ridge ALS on all {rows.numel()} observed entries ({res.n_iters} sweeps)"
-        else:  # stopped before its optimum (implicitly early-stopped): the held-out score is of this very state
-            res = ridge[3]
-            refit_note = (
-                f"none: the ridge ALS stopped before its optimum ({res.message}); its held-out score is of "
-                f"that state, so it is kept as fitted without the {n_val} held-out entries"
-            )
-        h1.selected = "ridge_polish"
-        h1.status, h1.reason = (
-            ("converged", "ridge_polish")
-            if res.status == "converged" or res is ridge[3]
-            else ("not_converged", res.reason)
+        if chosen.result.status == "converged" and (left is None or left > 0):
+            fitted = refit_ridge_als(chosen, E_all, seed=seed, time_limit=left)
+        else:
+            fitted = chosen
+        M_net = res.matrix
+        h.selected = "blend"
+        h.polish_info = (
+            f"blend: {wgt:g} x network + {1 - wgt:g} x ridge ALS (rank {chosen.rank}, reg {fitted.result.reg:g}"
+            f"{', scaled' if chosen.scaled else ''}), the weight chosen on the {n_val} held-out entries "
+            f"(RMSE {e:.4g}; network {net_rmse:.4g}, ridge ALS {als_rmse:.4g}, mean model {mm_rmse:.4g})"
         )
-        h1.polish_info = (
-            f"ridge polish: ALS with biases at rank {r_net} (searched up from the rank the network "
-            f"learnt), ridge reg={reg:g}, both chosen on the held-out entries; refit: {refit_note} "
-            f"({res.message})"
+        h.message += "; " + h.polish_info
+        res.ridge_result = fitted
+        res.set_predictor(
+            lambda r, c: (
+                wgt * M_net[r.to(M_net.device), c.to(M_net.device)] + (1 - wgt) * fitted.predict(r, c)
+            ),
+            lambda: wgt * M_net + (1 - wgt) * fitted.dense(),
         )
-        h1.refit = refit_note
-        h1.message = (
-            f"{'converged' if h1.status == 'converged' else 'not converged'}: the ridge polish (ALS at "
-            f"rank {r_net}, searched up from the network's) beat the early-stopped network on the {n_val} "
-            "held-out entries "
-            f"(RMSE {als_rmse:.4g} vs {net_rmse:.4g}; mean model {mm_rmse:.4g}); refit: {refit_note}"
-        )
-        for w in caught:
-            if not issubclass(w.category, RuntimeWarning):
-                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-        if h1.status != "converged":
-            h1.message += f"; {res.message}"
-            warnings.warn(h1.message, RuntimeWarning, stacklevel=2)
-        first.matrix = res.matrix.to(torch.float64)
-        first.mean_model = MeanModel(
-            res.mu,
-            res.row_bias.double(),
-            res.col_bias.double(),
-            torch.bincount(rows, minlength=mask.shape[0]).double(),
-            torch.bincount(cols, minlength=mask.shape[1]).double(),
-        )
-        first.ridge_result = res
-        return first
+        return res
+
     h1.selected = "network"
     # refit on all entries for the number of iterations that was best on the held-out entries
     early = h1.status == "early_stopped" or (
@@ -817,7 +1023,7 @@ def complete(
         )
         for w in caught:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-        return first
+        return finish(first)
     with warnings.catch_warnings(record=True) as caught2:
         warnings.simplefilter("always")
         second = _complete_once(
@@ -849,4 +1055,4 @@ def complete(
         if issubclass(w.category, RuntimeWarning) and w in caught:
             continue  # the first fit's warnings: the refit's status replaces its status
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    return second
+    return finish(second)

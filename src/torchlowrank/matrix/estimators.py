@@ -58,7 +58,9 @@ class _Completer:
 
 class DeepMatrixCompleter(_Completer):
     """:func:`~torchlowrank.matrix.complete` as an estimator (its arguments; ``result_`` is the
-    :class:`~torchlowrank.matrix.CompletionResult`)."""
+    :class:`~torchlowrank.matrix.CompletionResult`). ``predict`` never forms the matrix when the
+    result is ridge ALS or the mean model (always so on the sparse route, ``sparse=True`` or
+    m n > 2^26); ``completed_`` does (O(m n))."""
 
     def __init__(
         self,
@@ -73,8 +75,10 @@ class DeepMatrixCompleter(_Completer):
         init_scale: float = 1e-3,
         patience: int | None = None,
         seed: int = 0,
+        sparse: bool | None = None,
     ):
         self.depth, self.rank, self.holdout, self.max_iters, self.tol = depth, rank, holdout, max_iters, tol
+        self.sparse = sparse
         self.time_limit, self.weight_decay, self.init_scale, self.patience, self.seed = (
             time_limit,
             weight_decay,
@@ -100,6 +104,7 @@ class DeepMatrixCompleter(_Completer):
             patience=self.patience,
             seed=self.seed,
             validation=validation,
+            sparse=self.sparse,
         )
         self.result_ = res
         self.status_ = res.status
@@ -109,8 +114,7 @@ class DeepMatrixCompleter(_Completer):
 
     def predict(self, rows, cols) -> torch.Tensor:
         self._check_fitted()
-        M = self.result_.matrix
-        return M[torch.as_tensor(rows, device=M.device).long(), torch.as_tensor(cols, device=M.device).long()]
+        return self.result_.predict(rows, cols)
 
     @property
     def completed_(self) -> torch.Tensor:

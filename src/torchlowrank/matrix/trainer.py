@@ -62,8 +62,9 @@ class History:
     attempts did; final_lr: the step at the end (it changes with ``adaptive=True``).
     holdout_rmse / mean_model_rmse: the network's best and the mean model's RMSE on the entries
     :func:`complete` held out (None when it held none out), ridge_polish_rmse that of the ridge
-    polish; selected: "network" | "ridge_polish" | "mean_model"; refit: what was fitted after
-    the selection on them.
+    polish; selected: "network" | "ridge_polish" | "blend" | "mean_model"; refit: what was fitted
+    after the selection on them; blend_rmse / blend_weight: the held-out RMSE and network weight of
+    the best blend of network and ridge ALS (None when no blend beat both).
     """
 
     iterations: list[int] = field(default_factory=list)
@@ -87,6 +88,8 @@ class History:
     refit: str = ""
     ridge_polish_rmse: float | None = None
     selected: str = ""
+    blend_rmse: float | None = None
+    blend_weight: float | None = None
 
     def time_to(self, error: float) -> float | None:
         """Training time at the first record with recovery error <= ``error`` (None if never)."""

@@ -1,0 +1,207 @@
+"""Sparse completion at scale (issue 21): ``complete()`` against a plain sparse ALS written here
+(SciPy CSR products and NumPy batched Cholesky solves; the true rank given, ridge 1e-10 x s_1, no
+biases, no selection), on exactly low-rank matrices ``U V^T`` (Gaussian factors, float64, entries
+observed uniformly at random, seed 0).
+
+Measured, per problem, in the same run:
+
+- plain ALS: time until the relative error on a fixed sample of 200,000 entries of the whole
+  matrix (observed or not) is <= 1e-4 (evaluated after every sweep, outside the clock);
+- ``complete(S)`` with its defaults (the network below 2^26 cells, the sparse route above) and
+  ``complete(S, sparse=True)`` (mean model + ridge ALS with rank / ridge chosen on held-out entries):
+  the wall time of the whole call (setup, selection and refit included) and the error it reached on
+  the same sample — "time to 1e-4" is that wall time when the error is <= 1e-4;
+- the 100,000 x 50,000 matrix with 5 M observed entries at rank 20 (full run only; ``complete(S,
+  time_limit=900)``): wall time, the error reached and
+  the peak resident memory of a fresh process (``resource.getrusage(RUSAGE_SELF).ru_maxrss``) that
+  builds the sparse input and runs ``complete()`` on it.
+
+One CPU thread (``torchlowrank.reproducibility.one_thread``), a shared machine: single runs, not
+medians (each is minutes long); the ratio column is against the plain ALS of the same run.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+
+SAMPLE = 200_000
+
+
+def _problem(m: int, n: int, r: int, n_obs: int, seed: int = 0):
+    g = np.random.default_rng(seed)
+    U = g.standard_normal((m, r))
+    V = g.standard_normal((n, r))
+    idx = np.unique(g.integers(0, m * n, size=n_obs))
+    rows, cols = idx // n, idx % n
+    vals = np.einsum("ij,ij->i", U[rows], V[cols])
+    sr, sc = g.integers(0, m, size=SAMPLE), g.integers(0, n, size=SAMPLE)
+    sv = np.einsum("ij,ij->i", U[sr], V[sc])
+    return rows, cols, vals, (sr, sc, sv)
+
+
+def _rel(pred: np.ndarray, sv: np.ndarray) -> float:
+    return float(np.linalg.norm(pred - sv) / np.linalg.norm(sv))
+
+
+def plain_sparse_als(m, n, rows, cols, vals, r, sample, target=1e-4, max_sweeps=500, seed=1):
+    """Plain ALS: min sum_Omega (U_i . V_j - M_ij)^2 + lam (||U||^2 + ||V||^2), lam = 1e-10 s_1,
+    from a random start; per half-sweep the r x r Gram matrices of all rows at once as a CSR
+    product with the (n, r^2) outer products, then batched Cholesky solves. Returns (seconds to
+    ``target`` on the sample or None, sweeps, final sample error)."""
+    import scipy.sparse as sp
+
+    A = sp.csr_matrix((vals, (rows, cols)), shape=(m, n))
+    At = A.T.tocsr()
+    P = A.copy()
+    P.data[:] = 1.0
+    Pt = P.T.tocsr()
+    g = np.random.default_rng(seed)
+    scale = np.sqrt(np.abs(vals).mean() / r)
+    V = g.standard_normal((n, r)) * scale
+    lam = 1e-10 * float(sp.linalg.svds(A, k=1, return_singular_vectors=False)[0])
+    sr, sc, sv = sample
+    spent, t_hit, err = 0.0, None, float("nan")
+
+    def solve(Pm, Am, F):
+        FF = (F[:, :, None] * F[:, None, :]).reshape(F.shape[0], r * r)
+        G = np.asarray(Pm @ FF).reshape(-1, r, r) + lam * np.eye(r)
+        h = np.asarray(Am @ F)
+        L = np.linalg.cholesky(G)
+        y = np.linalg.solve(L, h[:, :, None])
+        return np.linalg.solve(np.transpose(L, (0, 2, 1)), y)[:, :, 0]
+
+    sweep = 0
+    while sweep < max_sweeps:
+        sweep += 1
+        t0 = time.perf_counter()
+        U = solve(P, A, V)
+        V = solve(Pt, At, U)
+        spent += time.perf_counter() - t0
+        err = _rel(np.einsum("ij,ij->i", U[sr], V[sc]), sv)
+        if err <= target:
+            t_hit = spent
+            break
+    return t_hit, sweep, err
+
+
+LARGE_TIME_LIMIT = 900.0  # seconds for complete() on the 100k x 50k case
+
+
+def _complete_case(m, n, r, n_obs, sparse, time_limit=None):
+    """complete() on the problem, in this process: (seconds, sample error, status, selected, rank)."""
+    import warnings
+
+    from torchlowrank.matrix import complete
+
+    rows, cols, vals, (sr, sc, sv) = _problem(m, n, r, n_obs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        S = torch.sparse_coo_tensor(
+            torch.from_numpy(np.stack([rows, cols])), torch.from_numpy(vals), (m, n)
+        ).coalesce()
+        t0 = time.perf_counter()
+        res = complete(S, sparse=sparse, time_limit=time_limit)
+        wall = time.perf_counter() - t0
+    pred = res.predict(torch.from_numpy(sr), torch.from_numpy(sc)).numpy()
+    return wall, _rel(pred, sv), res.status, res.history.selected, res.rank
+
+
+def _child(spec: str) -> None:
+    """Entry point of the fresh process for the large case: prints one JSON line."""
+    import resource
+
+    from torchlowrank.reproducibility import one_thread
+
+    m, n, r, n_obs = (int(x) for x in spec.split(","))
+    with one_thread():
+        wall, err, status, selected, rank = _complete_case(m, n, r, n_obs, None, LARGE_TIME_LIMIT)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # KiB -> GiB
+    print(
+        json.dumps(
+            {"wall": wall, "err": err, "status": status, "selected": selected, "rank": rank, "peak_gib": peak}
+        )
+    )
+
+
+def run(quick: bool = False):
+    from torchlowrank.reproducibility import one_thread
+
+    with one_thread():
+        return _run(quick)
+
+
+def _run(quick: bool):
+    from torchlowrank.reproducibility import environment_info
+    from torchlowrank.results import Result, Table
+
+    t_start = time.perf_counter()
+    exact = [(2000, 1500, 10, 150_000)] + ([] if quick else [(5000, 5000, 20, 500_000)])
+    rows_out, metrics = [], {}
+    for m, n, r, n_obs in exact:
+        rows, cols, vals, sample = _problem(m, n, r, n_obs)
+        t_plain, sweeps, e_plain = plain_sparse_als(m, n, rows, cols, vals, r, sample)
+        name = f"{m} x {n}, rank {r}, {n_obs / (m * n):.0%} observed"
+        rows_out.append([name, f"plain sparse ALS (true rank, {sweeps} sweeps)", t_plain, e_plain, "-", 1.0])
+        for sparse, label in ((None, "complete() defaults"), (True, "complete(sparse=True)")):
+            wall, err, status, selected, rank = _complete_case(m, n, r, n_obs, sparse)
+            hit = wall if err <= 1e-4 else None
+            ratio = None if hit is None or t_plain is None else hit / t_plain
+            rows_out.append([name, label, hit, err, f"{status}, {selected}, rank {rank}", ratio])
+            metrics[f"time_to_1e-4[{name}][{label}]"] = hit
+            metrics[f"ratio[{name}][{label}]"] = ratio
+    if not quick:
+        spec = "100000,50000,20,5000000"
+        out = subprocess.run(
+            [sys.executable, __file__, "--child", spec], capture_output=True, text=True, check=True
+        )
+        d = json.loads(out.stdout.strip().splitlines()[-1])
+        rows_out.append(
+            [
+                "100,000 x 50,000, rank 20, 5 M observed",
+                f"complete(time_limit={LARGE_TIME_LIMIT:g}) (sparse route; peak RSS {d['peak_gib']:.2f} GiB)",
+                d["wall"],
+                d["err"],
+                f"{d['status']}, {d['selected']}, rank {d['rank']}",
+                None,
+            ]
+        )
+        metrics["large_wall_s"], metrics["large_peak_gib"], metrics["large_err"] = (
+            d["wall"],
+            d["peak_gib"],
+            d["err"],
+        )
+    table = Table(
+        "Exactly low-rank completion: time to relative error 1e-4 (s; None: not reached), error reached, ratio to plain sparse ALS",
+        ["problem", "method", "time (s)", "relative error (sample)", "status", "ratio"],
+        rows_out,
+    )
+    return Result(
+        "matrix_sparse",
+        {"quick": quick},
+        [0],
+        metrics,
+        {},
+        [table],
+        [],
+        "Command: `PYTHONPATH=src python benchmarks/run.py` (this module: bench_matrix_sparse). "
+        "Single runs on one thread of a shared 2-core machine.",
+        time.perf_counter() - t_start,
+        environment_info(),
+    )
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--child":
+        _child(sys.argv[2])
+    else:
+        res = run(quick="--quick" in sys.argv)
+        for t in res.tables:
+            print(t.title)
+            for row in t.rows:
+                print(row)
