@@ -9,6 +9,7 @@ around a CUDA synchronisation, the wall clock ``time.perf_counter``.
 
 from __future__ import annotations
 
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -29,11 +30,14 @@ def clock(device: torch.device | str | None = None) -> Callable[[], float]:
     return time.perf_counter
 
 
-def rotated(fns: dict, i: int) -> list[tuple]:
-    """The (name, fn) pairs of round ``i`` of an interleaved measurement: the order shifted by i."""
+def round_order(fns: dict, i: int) -> list[tuple]:
+    """The (name, fn) pairs of round ``i`` of an interleaved measurement, in an order drawn for that
+    round (seeded by i): each candidate follows each other one equally often on average. A fixed or
+    rotated order keeps the same neighbours, and a candidate timed right after a big one starts with
+    cold caches every round."""
     items = list(fns.items())
-    k = i % len(items)
-    return items[k:] + items[:k]
+    random.Random(i).shuffle(items)
+    return items
 
 
 def median_time(fn: Callable[[], object], repeats: int = 20, warmup: int = 3, device=None) -> float:
@@ -57,8 +61,8 @@ def interleaved_median_times(
 
     Interleaving makes the ratios between candidates robust to load that drifts during the run
     (other processes on a shared machine), which sequential blocks of repeats are not. The order
-    rotates from round to round (:func:`rotated`): a candidate timed right after a big one starts
-    with cold caches, and a fixed order would charge that to the same candidate every round.
+    is drawn anew each round (:func:`round_order`): a candidate timed right after a big one starts
+    with cold caches, and a fixed (or rotated) order would charge that to the same candidate.
     """
     for fn in fns.values():
         for _ in range(warmup):
@@ -66,7 +70,7 @@ def interleaved_median_times(
     sync(device)
     now, times = clock(device), {name: [] for name in fns}
     for i in range(repeats):
-        for name, fn in rotated(fns, i):
+        for name, fn in round_order(fns, i):
             t0 = now()
             fn()
             sync(device)
@@ -135,7 +139,7 @@ def interleaved_step_times(
                 times[name].append(start.elapsed_time(end) / 1e3)
         else:
             now = clock(device)
-            for name, fn in rotated(fns, i):
+            for name, fn in round_order(fns, i):
                 t0 = now()
                 fn()
                 times[name].append(now() - t0)

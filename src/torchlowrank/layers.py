@@ -165,9 +165,14 @@ class LowRankLinear(LowRankFactors):
         self.reset_parameters()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # S scales the smaller factor (r * min(in, out) multiplies, not tokens * r), and both right
-        # operands stay contiguous: x @ (in, r), h @ (out, r)^T, so every weight gradient comes out of
-        # its GEMM in the parameter's own layout (no transposed gradient to re-lay in AccumulateGrad)
+        # S scales the smallest of the three operands it could: the (tokens, r) activations (small
+        # batches) or the smaller factor (r * min(in, out) multiplies, not tokens * r). Both right
+        # operands stay contiguous:
+        # x @ (in, r), h @ (out, r)^T, so every weight gradient comes out of its GEMM in the
+        # parameter's own layout (no transposed gradient to re-lay in AccumulateGrad).
+        tokens = x.numel() // self.in_features
+        if tokens <= min(self.in_features, self.out_features):
+            return F.linear((x @ self.V) * self.S, self.U, self.bias)
         if self.in_features <= self.out_features:
             return F.linear(x @ (self.V * self.S), self.U, self.bias)
         return F.linear(x @ self.V, self.U * self.S, self.bias)
