@@ -170,6 +170,7 @@ def _worker(rank: int, world: int, init_file: str, out: str, cfg: dict) -> None:
                     }
                 )
             )
+        dist.barrier()  # no process tears gloo down while another still has work queued (an abort)
     finally:
         dist.destroy_process_group()
 
