@@ -42,6 +42,16 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def one_thread():
+    """torch on one intra-op thread for the test, restored after: small problems on a shared
+    machine, where extra threads only contend."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def linear_with(W: torch.Tensor) -> torch.nn.Linear:
     """A bias-free nn.Linear whose weight is W (out, in), in W's dtype."""
     lin = torch.nn.Linear(W.shape[1], W.shape[0], bias=False, dtype=W.dtype)

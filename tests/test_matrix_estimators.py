@@ -23,13 +23,7 @@ from torchlowrank.matrix import (
 )
 from torchlowrank.matrix.sparse import Entries, entry_dots, ridge_rows, row_grams, sparse_top_svd
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small problems on a shared machine: extra threads only contend
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _diabetes(hidden=0.2, seed=0):

@@ -13,13 +13,7 @@ from torchlowrank.matrix.complete import DENSE_CELLS
 from torchlowrank.matrix.ridge_select import ScaledALS, entry_scales, scaled_entries, select_ridge_als
 from torchlowrank.matrix.sparse import Entries
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small problems on a shared machine: extra threads only contend
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _exact_entries(m, n, r, n_obs, seed=0):

@@ -372,9 +372,9 @@ def als(
     if auto and val is not None:
         sel_deadline = None if deadline is None else t_start + 0.7 * time_limit
         rises, jumped = 0, False
-        for rg in regs:
-            if sel_deadline is not None and time.perf_counter() > sel_deadline and path:
-                break
+
+        def fit_at(rg: float) -> tuple[float, float]:
+            """Fit at ridge rg (warm from the current state), log it on the path: (held-out RMSE, bias ridge)."""
             breg = REG_TO_BIAS * rg if bias_reg is None else bias_reg
             # selection: train and held-out RMSE both settled to 1e-4 (exact data keeps improving the held-out one)
             why, sweeps = fit.run(
@@ -384,6 +384,12 @@ def als(
             path.append(
                 {"reg": rg, "lam": rg * s1, "val_rmse": v, "sweeps": sweeps, "converged": why == "tol"}
             )
+            return v, breg
+
+        for rg in regs:
+            if sel_deadline is not None and time.perf_counter() > sel_deadline and path:
+                break
+            v, breg = fit_at(rg)
             if v < best[0]:
                 best, rises = (v, rg, fit.state(), breg), 0
             elif v > 1.001 * best[0]:
@@ -395,14 +401,7 @@ def als(
                 # the held-out error falls with the ridge itself (exact low-rank data): try the
                 # smallest ridge at once; kept if it is better, else the path goes on from here
                 jumped, saved, rj = True, fit.state(), regs[-1]
-                brj = REG_TO_BIAS * rj if bias_reg is None else bias_reg
-                why, sweeps = fit.run(
-                    rj * s1, brj, min(max_iters, 100), max(tol, 1e-4), sel_deadline, val=val, val_tol=1e-4
-                )
-                vj = fit.val_rmse(val)
-                path.append(
-                    {"reg": rj, "lam": rj * s1, "val_rmse": vj, "sweeps": sweeps, "converged": why == "tol"}
-                )
+                vj, brj = fit_at(rj)
                 if vj < best[0]:
                     best = (vj, rj, fit.state(), brj)
                     break
