@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from torchlowrank.experiments.registry import get_experiment
 
 
 def test_geolora_finetune_quick_runs_end_to_end():
     pytest.importorskip("peft")
+    before = torch.get_rng_state()
     result = get_experiment("geolora-finetune").run(quick=True)
+    assert torch.equal(torch.get_rng_state(), before)  # the caller's random state is left alone
     m = result.metrics
     budget = result.config["geolora_rank_budget_parameters"]
     n_matrices = 24

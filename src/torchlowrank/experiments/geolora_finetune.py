@@ -430,4 +430,7 @@ def geolora_finetune_study(cfg: Config) -> Result:
 
 
 def run(quick: bool = False, seed: int = 0, progress: bool | None = None) -> Result:
-    return geolora_finetune_study(Config.make(quick, seed))
+    # each arm seeds the global generator (peft's adapter init, MiniLM's dropout draw from it): inside
+    # a fork, so that the caller's random state is left as it was (as q3r-finetune does)
+    with torch.random.fork_rng(devices=[]):
+        return geolora_finetune_study(Config.make(quick, seed))
