@@ -66,12 +66,14 @@ def test_complete_with_default_arguments_recovers_a_mean_shifted_matrix_and_stop
 
 def test_a_tall_matrix_recovers_exactly_like_its_transpose():
     M, mask = _data(shape=(60, 24), r=2, frac=0.6, seed=7, well_conditioned=True)
-    tall = _quiet_complete(M, mask, rank=3, init_scale=1e-2, truth=M, max_iters=30_000, target_error=1e-6)
-    wide = _quiet_complete(
-        M.T, mask.T, rank=3, init_scale=1e-2, truth=M.T, max_iters=30_000, target_error=1e-6
-    )
+    net = dict(rank=3, init_scale=1e-2, max_iters=30_000, target_error=1e-6, ridge_polish=False)
+    tall = _quiet_complete(M, mask, truth=M, **net)  # the network alone: it runs on the wide side
+    wide = _quiet_complete(M.T, mask.T, truth=M.T, **net)
     assert tall.transposed and not wide.transposed
     assert relative_error(tall.matrix, M) <= 1e-6 and relative_error(wide.matrix, M.T) <= 1e-6
+    torch.testing.assert_close(tall.matrix, wide.matrix.T, rtol=0, atol=1e-6 * float(M.abs().max()))
+    tall, wide = _quiet_complete(M, mask), _quiet_complete(M.T, mask.T)  # the defaults: exact ALS
+    assert tall.history.selected == wide.history.selected == "ridge_polish"
     torch.testing.assert_close(tall.matrix, wide.matrix.T, rtol=0, atol=1e-6 * float(M.abs().max()))
 
 

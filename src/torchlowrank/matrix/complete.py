@@ -52,8 +52,10 @@ import warnings
 import torch
 
 from ..linalg import truncated_svd
+from .als import _as_val, as_entries
 from .centering import MeanModel, best_mean_model, fit_mean_model, holdout_split
 from .compressed import CompressedFactorization, check_rank
+from .exact_screen import fit_if_exactly_low_rank
 from .factorization import DeepFactorization, as_positive_int
 from .inputs import as_tensor
 from .polish import RankPolish
@@ -280,6 +282,28 @@ def default_rank(problem: Completion) -> int:
     return max(1, min(cap, max(16, 2 * suggest_rank(problem))))
 
 
+def _checked_network_args(depth, width, rank, compressed, center, truth, lr, shape) -> tuple:
+    """(depth, width, rank) as ints after the checks of the network's arguments (ValueError that
+    says what to change); checked before any fit, so a bad argument fails on every route."""
+    depth = as_positive_int(depth, "depth")
+    if width is not None:
+        width = as_positive_int(width, "width")
+    if rank is not None:
+        rank = as_positive_int(rank, "rank (r_hat)")
+        if not compressed:
+            raise ValueError(
+                "rank is the compressed network's r_hat and is not used with compressed=False: "
+                "set width= for the uncompressed network's width, or drop compressed=False"
+            )
+    if center not in ("biases", "mean", "none"):
+        raise ValueError(f"center must be 'biases', 'mean' or 'none', got {center!r}")
+    if truth is not None and tuple(truth.shape) != tuple(shape):
+        raise ValueError(f"truth has shape {tuple(truth.shape)}, expected {tuple(shape)}")
+    if lr is not None and not (lr > 0 and math.isfinite(lr)):
+        raise ValueError(f"lr must be a positive finite number, got {lr!r}")
+    return depth, width, rank
+
+
 def _complete_once(
     observed,
     mask,
@@ -326,22 +350,9 @@ def _complete_once(
             f"mask has shape {tuple(mask.shape)} but observed has shape {tuple(observed.shape)}; "
             "pass a boolean mask of the same shape as the matrix"
         )
-    depth = as_positive_int(depth, "depth")
-    if width is not None:
-        width = as_positive_int(width, "width")
-    if rank is not None:
-        rank = as_positive_int(rank, "rank (r_hat)")
-        if not compressed:
-            raise ValueError(
-                "rank is the compressed network's r_hat and is not used with compressed=False: "
-                "set width= for the uncompressed network's width, or drop compressed=False"
-            )
-    if center not in ("biases", "mean", "none"):
-        raise ValueError(f"center must be 'biases', 'mean' or 'none', got {center!r}")
-    if truth is not None and tuple(truth.shape) != tuple(observed.shape):
-        raise ValueError(f"truth has shape {tuple(truth.shape)}, expected {tuple(observed.shape)}")
-    if lr is not None and not (lr > 0 and math.isfinite(lr)):
-        raise ValueError(f"lr must be a positive finite number, got {lr!r}")
+    depth, width, rank = _checked_network_args(
+        depth, width, rank, compressed, center, truth, lr, observed.shape
+    )
     dev = observed.device
     m0, n0 = observed.shape
     transposed = m0 > n0
@@ -517,8 +528,6 @@ def _complete_sparse(
     """The sparse route of :func:`complete`: the mean model and ridge ALS
     (:func:`~torchlowrank.matrix.ridge_select.select_ridge_als`: rank, ridge and scaling chosen on
     the held-out entries), on the observed entries only; no network, no (m, n) array."""
-    from .als import _as_val, as_entries
-
     start = time.perf_counter()
     dl = None if time_limit is None else start + time_limit
     if rank is not None:
@@ -544,6 +553,9 @@ def _complete_sparse(
         E_fit, val = E.subset(~pick), (E.rows[pick], E.cols[pick], E.values[pick])
     n_val = int(val[0].numel())
     _, mm_reg, mm_rmse = best_mean_model(E_fit.rows, E_fit.cols, E_fit.values, (m, n), val, center)
+    exact = _exact_low_rank(E, E_fit, val, mm_rmse, seed, dl, start, test)
+    if exact is not None:
+        return exact
     # candidates stop at a relative change of 1e-4 (the winner's refit on all entries goes on to 1e-7)
     ridge = select_ridge_als(E_fit, val, suggested_rank=rank, seed=seed, deadline=dl, tol=1e-4)
     hist = History()
@@ -563,13 +575,45 @@ def _complete_sparse(
         first.mean_model = mean_all
     else:
         _select_ridge(first, ridge, E, n_val, math.inf, mm_rmse, seed, dl, [])
+    return _finish_als(first, start, test, E.device)
+
+
+def _finish_als(first: CompletionResult, start: float, test: tuple | None, device) -> CompletionResult:
+    """The bookkeeping of a result that is ridge ALS or the mean model (no network)."""
+    hist = first.history
+    if first.ridge_result is not None:
         first.rank = first.ridge_result.rank
     hist.n_iters = 0 if first.ridge_result is None else first.ridge_result.result.n_iters
     hist.train_time = time.perf_counter() - start
     if test is not None:
-        tr, tc, tv = _as_val(test, E.device, torch.float64)
+        tr, tc, tv = _as_val(test, device, torch.float64)
         hist.test_rmse.append(float((first.predict(tr, tc) - tv).square().mean().sqrt()))
     return first
+
+
+def _exact_low_rank(
+    E_all: Entries,
+    E_fit: Entries,
+    val: tuple,
+    mm_rmse: float,
+    seed: int,
+    deadline: float | None,
+    start: float,
+    test: tuple | None,
+) -> CompletionResult | None:
+    """The result of :func:`~torchlowrank.matrix.exact_screen.fit_if_exactly_low_rank` on ``E_fit``
+    (given at most half of the time left), or None when the data is not exactly low rank."""
+    screen_deadline = None if deadline is None else (time.perf_counter() + deadline) / 2
+    exact = fit_if_exactly_low_rank(E_fit, val, seed=seed, deadline=screen_deadline)
+    if exact is None:
+        return None
+    hist = History()
+    hist.mean_model_rmse, hist.ridge_polish_rmse = mm_rmse, exact[0]
+    first = CompletionResult(None, hist, None, None, None, 0.0)
+    _select_ridge(first, exact, E_all, int(val[0].numel()), math.inf, mm_rmse, seed, deadline, [])
+    hist.polish_info = f"{exact[1].result.message}; {hist.polish_info}"
+    hist.message += f" ({exact[1].result.message})"
+    return _finish_als(first, start, test, E_all.device)
 
 
 BLEND_WEIGHTS = (0.25, 0.5, 0.75)  # network weights tried for a blend of network and ridge ALS
@@ -751,7 +795,14 @@ def complete(
 
     Held-out validation (the default, ``holdout=0.1``, when no ``validation`` is given): a seeded
     (``seed``) random 10% of the observed entries (never the last one of a row or column, see
-    :func:`holdout_split`) is held out. The network is trained on the rest with early stopping on
+    :func:`holdout_split`) is held out. First the exact screen
+    (:func:`~torchlowrank.matrix.exact_screen.fit_if_exactly_low_rank`, with ``ridge_polish=True``,
+    on every route): plain ALS at the ranks where the spectrum of the centred observations drops
+    most; if one fits the held-out entries to 1e-6 of their spread (exactly low-rank data), it is
+    refitted on all entries and returned (``history.selected == "ridge_polish"``, "exactly low
+    rank" in the message, no network: ``model`` / ``problem`` are None) — a few sweeps where the
+    network takes minutes; on noisy data it gives up after a few sweeps and the run goes on as
+    below. ``ridge_polish=False`` trains the network alone. The network is trained on the rest with early stopping on
     the held-out entries (``patience`` evaluations, default 10, counted after the escape from the
     initial plateau; the best parameters are kept) and the exact polish on; the mean model
     (``mu + b_i + c_j``, its bias ridge chosen on the same entries) is fitted beside it. Then:
@@ -888,6 +939,25 @@ def complete(
     train_mask[vr, vc] = False
     if polish is None:
         polish = compressed and tol > 0
+    _checked_network_args(depth, width, rank, compressed, center, truth, lr, observed.shape)
+    empty_rows = int((torch.bincount(rows, minlength=mask.shape[0]) == 0).sum())
+    empty_cols = int((torch.bincount(cols, minlength=mask.shape[1]) == 0).sum())
+    if empty_rows or empty_cols:
+        warnings.warn(
+            f"{empty_rows} rows and {empty_cols} columns have no observed entry: they are predicted by "
+            "the mean model (global mean plus the other side's bias), not by the low-rank part",
+            UserWarning,
+            stacklevel=2,
+        )
+    tr_rows, tr_cols = rows[~pick], cols[~pick]
+    tr_vals = observed[tr_rows, tr_cols].to(torch.float64)
+    mm, mm_reg, mm_rmse = best_mean_model(tr_rows, tr_cols, tr_vals, tuple(mask.shape), (vr, vc, vv), center)
+    all_vals = observed[rows, cols].to(torch.float64)
+    E_all = Entries(rows, cols, all_vals, tuple(mask.shape))
+    if ridge_polish:  # exactly low-rank data: a plain ALS at the rank its spectrum shows recovers it fast
+        exact = _exact_low_rank(E_all, E_all.subset(~pick), (vr, vc, vv), mm_rmse, seed, dl, start, test)
+        if exact is not None:
+            return exact
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         first = _complete_once(
@@ -902,23 +972,10 @@ def complete(
             **kw,
         )
     h1 = first.history
-    tr_rows, tr_cols = rows[~pick], cols[~pick]
-    tr_vals = observed[tr_rows, tr_cols].to(torch.float64)
-    mm, mm_reg, mm_rmse = best_mean_model(tr_rows, tr_cols, tr_vals, tuple(mask.shape), (vr, vc, vv), center)
     net_rmse = min(h1.val_rmse) if h1.val_rmse else math.inf
     if not math.isfinite(net_rmse):
         net_rmse = math.inf
     h1.holdout_rmse, h1.mean_model_rmse = net_rmse, mm_rmse
-    all_vals = observed[rows, cols].to(torch.float64)
-    empty_rows = int((torch.bincount(rows, minlength=mask.shape[0]) == 0).sum())
-    empty_cols = int((torch.bincount(cols, minlength=mask.shape[1]) == 0).sum())
-    if empty_rows or empty_cols:
-        warnings.warn(
-            f"{empty_rows} rows and {empty_cols} columns have no observed entry: they are predicted by "
-            "the mean model (global mean plus the other side's bias), not by the low-rank part",
-            UserWarning,
-            stacklevel=2,
-        )
     failed = h1.status in ("stalled_at_init", "diverged")
     exact = h1.reason in ("tol", "target_error")
     if exact and not failed:  # fitted to tol (exact data) and validated: keep it
@@ -927,7 +984,6 @@ def complete(
         for w in caught:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         return first
-    E_all = Entries(rows, cols, all_vals, tuple(mask.shape))
     ridge = None  # ridge ALS, rank / ridge / scaling chosen on the same held-out entries
     if ridge_polish:
         ridge = select_ridge_als(

@@ -41,6 +41,8 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from .bold_driver import BoldDriver
+
 __all__ = ["History", "GDConfig", "train_gd", "final_status", "SUCCESS_STATUSES", "FAILURE_STATUSES"]
 
 SUCCESS_STATUSES = ("converged", "early_stopped")
@@ -175,6 +177,19 @@ class GDConfig:
             raise ValueError(f"time_limit must be >= 0 seconds or None, got {self.time_limit!r}")
 
 
+def stationary(checks: list[tuple[int, float]], span: int, escaped_at: int, ftol: float) -> bool:
+    """The loss at the checks ``(iteration, loss)`` fell by at most ``ftol`` (relative) over the last
+    ``span`` checks, and by no more than over the ``span`` checks before, all after the escape (a
+    saddle between two learned directions looks flat too, but there the decrease accelerates as
+    the next direction grows)."""
+    j = len(checks) - 1 - span
+    i0 = j - span
+    if i0 < 0 or checks[i0][0] < escaped_at:
+        return False
+    d1, d0 = checks[j][1] - checks[-1][1], checks[i0][1] - checks[j][1]
+    return d1 <= ftol * checks[j][1] and d1 <= d0
+
+
 def final_status(reason: str | None, escaped: bool) -> str:
     """The status a stop ``reason`` means (module docstring)."""
     if reason == "blowup":
@@ -277,29 +292,17 @@ def train_gd(model, problem, lr: float, *, config: GDConfig | None = None, **opt
     unit = float(problem.unit)
     params = list(model.factor_parameters())
     scales = model.lr_scales()
-    eta = float(lr)
     has_state = problem.trained_state() is not None
-    accepted = (
-        None  # adaptive: (objective, grads, params copy, problem state, loss) at the last accepted point
-    )
-    n_rejected = 0
-    last_trial_finite = True
+    zero_loss = max(problem.zero_loss(), 1e-300)
+    driver = BoldDriver(params, scales, problem, lr, grow, zero_loss) if adaptive else None
+    eta = float(lr)
     wd_prev = weight_decay if not decay_from_escape else 0.0
     hist = History()
-
-    def objective(
-        loss, wd
-    ) -> float:  # what adaptive GD descends: loss + wd / 2 * sum ||p||^2 (trained factors)
-        out = float(loss)
-        if wd:
-            out += 0.5 * wd * sum(float(p.square().sum()) for p, sc in zip(params, scales) if sc)
-        return out
 
     best_val, best_state, since_best = math.inf, None, 0
     best_extra = [None]
     train_time = 0.0
     loss0 = None
-    zero_loss = max(problem.zero_loss(), 1e-300)
     checks: list[tuple[int, float]] = []  # (iteration, loss) at every check, for the stationarity test
 
     def record(t: int, loss: torch.Tensor) -> str | None:
@@ -342,40 +345,20 @@ def train_gd(model, problem, lr: float, *, config: GDConfig | None = None, **opt
             loss, grads = model.loss_and_grads(problem)
             wd = weight_decay if (not decay_from_escape or hist.escaped_at is not None) else 0.0
             if wd != wd_prev:  # the objective changed (weight decay switched on): a new reference point
-                accepted, wd_prev = None, wd
-            if adaptive:
-                lt = objective(loss, wd)
-                # the last step raised the loss (beyond its rounding error, ~eps * ||residual|| * ||target||): undo it
-                if accepted is not None and not (
-                    lt <= accepted[0] + 1e-13 * math.sqrt(max(accepted[0], 0.0) * zero_loss)
-                ):
-                    last_trial_finite = math.isfinite(lt)
-                    for p, q in zip(params, accepted[2]):
-                        p.copy_(q)
-                    if accepted[3] is not None:
-                        problem.load_trained_state(accepted[3])
-                    loss, grads = (
-                        accepted[4],
-                        accepted[1],
-                    )  # the accepted point's loss (without the decay term)
-                    eta *= 0.5
-                    n_rejected += 1
-                else:
-                    if accepted is not None:
-                        eta *= grow
-                    accepted = (
-                        lt,
-                        grads,
-                        [p.detach().clone() for p in params],
-                        problem.trained_state() if has_state else None,
-                        loss,
-                    )
+                wd_prev = wd
+                if driver is not None:
+                    driver.forget()
+            if driver is not None:
+                loss, grads = driver.judge(loss, grads, wd)
+                eta = driver.eta
             train_time += time.perf_counter() - t0
             checked = t % check_every == 0 or t == max_iters
             if checked:
                 lv = float(loss)
-                if adaptive and eta < 1e-10 * lr:
-                    if last_trial_finite:  # no step decreases the loss: a (numerically) stationary point
+                if driver is not None and driver.exhausted:
+                    if (
+                        driver.last_trial_finite
+                    ):  # no step decreases the loss: a (numerically) stationary point
                         reason = "stationary"
                         rel_now = math.sqrt(max(lv, 0.0) / zero_loss)
                         hist.message = (
@@ -436,25 +419,12 @@ def train_gd(model, problem, lr: float, *, config: GDConfig | None = None, **opt
                             hist.polish_info = (
                                 f"{msg}; rejected: the trainer's loss {lp:.3g} > {tol * tol * zero_loss:.3g}"
                             )
-                            if adaptive:  # the restored point is the reference again
-                                accepted = (
-                                    objective(loss, wd),
-                                    grads,
-                                    [p.detach().clone() for p in params],
-                                    problem.trained_state() if has_state else None,
-                                    loss,
-                                )
+                            if driver is not None:  # the restored point is the reference again
+                                driver.remember(loss, grads, wd)
                     train_time += time.perf_counter() - t1
                 elif hist.escaped_at is not None and ftol > 0 and t - hist.escaped_at >= window:
-                    j = len(checks) - 1 - window // check_every
-                    i0 = j - window // check_every
-                    # stationary: the loss fell by <= ftol over the last window, and by no more than
-                    # over the window before (a saddle between two learned directions looks flat too,
-                    # but there the decrease accelerates as the next direction grows)
-                    if i0 >= 0 and checks[i0][0] >= hist.escaped_at:
-                        d1, d0 = checks[j][1] - lv, checks[i0][1] - checks[j][1]
-                        if d1 <= ftol * checks[j][1] and d1 <= d0:
-                            reason = "stationary"
+                    if stationary(checks, window // check_every, hist.escaped_at, ftol):
+                        reason = "stationary"
             if t % eval_every == 0 or t == max_iters or reason is not None:
                 stop = record(t, loss)
                 if stop is not None and reason is None:

@@ -1,0 +1,136 @@
+"""A fast path for exactly low-rank data, tried by :func:`~torchlowrank.matrix.complete` before
+anything else.
+
+On exactly low-rank data the full machinery (a network; a rank search with a ridge path per rank)
+costs many times what a plain ALS at the true rank with a negligible ridge needs to recover the
+matrix. The rank shows as the largest drop in the spectrum of the centred observations
+``P_Omega(M - mean model)`` (their top singular values are those of the low-rank part plus the
+sampling's noise, which is flat across the tail). So:
+
+1. the top :data:`SPECTRUM_RANKS` singular values and vectors of the centred observations
+   (:func:`~torchlowrank.matrix.sparse.sparse_top_svd`, a few CSR products);
+2. candidate ranks: the (at most :data:`MAX_CANDIDATES`) largest ratios ``s_k / s_{k+1}`` that are
+   at least :data:`MIN_GAP`, largest first;
+3. for each, ALS with biases from the spectral start (``U_k sqrt(s_k / p)``, p the sampling rate)
+   at the ridge ``reg = 1e-10`` (relative to ``s_1``), sweeping until the held-out RMSE is at most
+   :data:`~torchlowrank.matrix.ridge_select.EXACT` of the held-out values' spread — exactly
+   low-rank data, recovered — or until it has not halved over the last :data:`PATIENCE` sweeps:
+   not exact data (noise is what keeps the held-out error up), give up.
+
+On noisy data the screen costs one randomized SVD and a few sweeps per candidate, then the
+caller goes on as if it had not run.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+from .als import ALSResult, _Fit
+from .centering import fit_mean_model
+from .ridge_select import EXACT, ScaledALS
+from .sparse import Entries, sparse_top_svd
+
+__all__ = ["MAX_CANDIDATES", "MIN_GAP", "PATIENCE", "SPECTRUM_RANKS", "fit_if_exactly_low_rank"]
+
+SPECTRUM_RANKS = 64  # singular values computed; the candidate ranks are below this
+MIN_GAP = 1.1  # s_k / s_{k+1} at least this for k to be a candidate rank
+MAX_CANDIDATES = 3
+PATIENCE = 5  # sweeps over which the held-out RMSE must at least halve
+MAX_SWEEPS = 500
+SCREEN_REG = 1e-10  # the relative ridge of the screen's ALS: none, in effect
+
+
+def candidate_ranks(S: torch.Tensor, max_rank: int) -> list[int]:
+    """Ranks k <= ``max_rank`` at the largest drops ``S[k-1] / S[k]`` >= :data:`MIN_GAP` of the
+    decreasing singular values ``S`` (K,), largest drop first, at most :data:`MAX_CANDIDATES`."""
+    K = min(int(S.numel()) - 1, max_rank)
+    if K < 1 or not float(S[K]) > 0:
+        return []
+    ratios = S[:K] / S[1 : K + 1]
+    order = torch.argsort(ratios, descending=True)[:MAX_CANDIDATES]
+    return [int(i) + 1 for i in order if float(ratios[i]) >= MIN_GAP]
+
+
+@torch.no_grad()
+def fit_if_exactly_low_rank(
+    E_fit: Entries,
+    val: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    *,
+    max_rank: int | None = None,
+    seed: int = 0,
+    deadline: float | None = None,
+    dtype: torch.dtype = torch.float64,
+) -> tuple[float, ScaledALS] | None:
+    """ALS at a rank read off the spectrum of ``E_fit``'s centred entries, kept when it fits the
+    held-out entries ``val = (rows, cols, values)`` to :data:`~torchlowrank.matrix.ridge_select.EXACT`
+    of their spread (module docstring). Returns (held-out RMSE, :class:`ScaledALS` fitted on ``E_fit``
+    with status "converged") or None: not exactly low rank at any candidate rank, or the ``deadline``
+    (a ``time.perf_counter()`` value) came first."""
+    m, n = E_fit.shape
+    vr, vc, vv = val
+    vv = vv.to(dtype)
+    spread = float((vv - vv.mean()).square().mean().sqrt())
+    cap = min(m, n) - 1 if max_rank is None else min(max_rank, min(m, n) - 1)
+    if cap < 1 or not spread > 0:
+        return None
+    values = E_fit.values.to(dtype)
+    mu = float(values.double().mean())
+    mm = fit_mean_model(E_fit.rows, E_fit.cols, values.double(), (m, n), reg=1.0)
+    b0, c0 = mm.row.to(dtype), mm.col.to(dtype)
+    resid = values - mu - b0[E_fit.rows] - c0[E_fit.cols]
+    K = min(SPECTRUM_RANKS, cap) + 1
+    g = torch.Generator().manual_seed(seed)
+    Us, S, Vs = sparse_top_svd(E_fit, resid, K, generator=g, dtype=dtype)
+    if not float(S[0]) > 0:
+        return None
+    lam = SCREEN_REG * float(S[0])
+    bias_reg = 0.0
+    p = len(E_fit) / (m * n)
+    E = Entries(E_fit.rows, E_fit.cols, values, (m, n))
+    for k in candidate_ranks(S, cap):
+        sq = (S[:k] / p).sqrt()
+        fit = _Fit(E, mu, Us[:, :k] * sq, Vs[:, :k] * sq, b0.clone(), c0.clone())
+        curve: list[float] = []
+        last = 0.0
+        for sweep in range(1, MAX_SWEEPS + 1):
+            if deadline is not None and time.perf_counter() + last > deadline:
+                return None
+            t0 = time.perf_counter()
+            fit.half(lam, bias_reg, True)
+            fit.half(lam, bias_reg, False)
+            v = fit.val_rmse((vr, vc, vv))
+            last = time.perf_counter() - t0
+            curve.append(v)
+            if not math.isfinite(v):
+                break
+            if v <= EXACT * spread:
+                res = ALSResult(
+                    fit.U,
+                    fit.V,
+                    mu,
+                    fit.b,
+                    fit.c,
+                    "converged",
+                    sweep,
+                    lam,
+                    SCREEN_REG,
+                    bias_reg,
+                    "tol",
+                    val_rmse=curve,
+                    reg_path=[
+                        {"reg": SCREEN_REG, "lam": lam, "val_rmse": v, "sweeps": sweep, "converged": True}
+                    ],
+                    holdout_rmse=v,
+                    message=(
+                        f"exactly low rank: rank {k} (the largest drops of the spectrum of the centred "
+                        f"observations) fitted the held-out entries to {v / spread:.1e} of their spread "
+                        f"in {sweep} ALS sweeps"
+                    ),
+                )
+                return v, ScaledALS(res)
+            if len(curve) > PATIENCE and not v <= 0.5 * curve[-1 - PATIENCE]:
+                break  # not falling geometrically: noise (or the wrong rank) holds the error up
+    return None

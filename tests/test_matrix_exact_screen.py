@@ -1,0 +1,75 @@
+"""The exact screen of complete(): plain ALS at the rank the spectrum shows, kept only when it fits
+held-out entries to rounding; and the blocked sparse products the ALS sweeps run on."""
+
+import importlib
+
+import numpy as np
+import pytest
+import torch
+
+from torchlowrank.matrix.centering import holdout_split
+from torchlowrank.matrix.exact_screen import MIN_GAP, candidate_ranks, fit_if_exactly_low_rank
+from torchlowrank.matrix.problems import low_rank_target, random_mask
+from torchlowrank.matrix.sparse import PRODUCT_BLOCK, Entries, row_grams
+
+
+def _entries(M: torch.Tensor, mask: torch.Tensor, seed: int = 0):
+    rows, cols = mask.nonzero(as_tuple=True)
+    E = Entries(rows, cols, M[rows, cols], tuple(M.shape))
+    pick = holdout_split(rows, cols, 0.1, seed, tuple(M.shape))
+    return E.subset(~pick), (rows[pick], cols[pick], M[rows[pick], cols[pick]])
+
+
+def test_candidate_ranks_are_the_largest_drops_of_the_spectrum_largest_first():
+    S = torch.tensor([10.0, 9.0, 3.0, 2.9, 2.8, 1.0, 0.99], dtype=torch.float64)
+    assert candidate_ranks(S, max_rank=6) == [2, 5, 1]  # drops 3.0, 2.8, 1.11
+    assert candidate_ranks(S, max_rank=1) == [1]
+    flat = torch.linspace(2.0, 1.9, 20, dtype=torch.float64)
+    assert candidate_ranks(flat, max_rank=19) == []  # no drop >= MIN_GAP: no candidate
+    assert MIN_GAP > 1
+
+
+def test_exact_screen_recovers_exactly_low_rank_data_at_its_rank_with_an_offset():
+    g = torch.Generator().manual_seed(0)
+    M = 5.0 + low_rank_target((300, 200), 6, generator=g)
+    E_fit, val = _entries(M, random_mask((300, 200), 0.3, generator=g))
+    rmse, fit = fit_if_exactly_low_rank(E_fit, val)
+    assert fit.rank == 6 and fit.result.status == "converged"
+    assert rmse <= 1e-6 * float(val[2].std())
+    err = torch.linalg.matrix_norm(fit.dense() - M) / torch.linalg.matrix_norm(M)
+    assert float(err) < 1e-6  # the whole matrix, not only the held-out entries
+
+
+def test_exact_screen_gives_up_on_noisy_data_after_a_few_sweeps(monkeypatch):
+    g = torch.Generator().manual_seed(1)
+    M = low_rank_target((300, 200), 6, generator=g)
+    M = M + 0.01 * M.std() * torch.randn(M.shape, generator=g, dtype=M.dtype)
+    E_fit, val = _entries(M, random_mask((300, 200), 0.3, generator=g))
+    halves = []
+    als_module = importlib.import_module("torchlowrank.matrix.als")  # the module, not the function
+    real_half = als_module._Fit.half
+    monkeypatch.setattr(als_module._Fit, "half", lambda self, *a: halves.append(1) or real_half(self, *a))
+    assert fit_if_exactly_low_rank(E_fit, val) is None
+    assert 0 < len(halves) <= 2 * 3 * 40  # at most 3 candidate ranks, a few dozen sweeps each at most
+
+
+def test_exact_screen_finds_nothing_on_a_real_table():
+    from sklearn.datasets import load_diabetes
+
+    X = torch.from_numpy(load_diabetes().data)
+    mask = torch.from_numpy(np.random.default_rng(0).random(X.shape) >= 0.2)
+    assert fit_if_exactly_low_rank(*_entries(X, mask)) is None
+
+
+@pytest.mark.parametrize("q", [4, 20])  # 20: 210 triangle columns, more than one product block
+def test_row_grams_equal_their_dense_definition_below_and_above_the_product_block(q):
+    g = torch.Generator().manual_seed(2)
+    m, n = 40, 30
+    mask = random_mask((m, n), 0.4, generator=g)
+    rows, cols = mask.nonzero(as_tuple=True)
+    E = Entries(rows, cols, torch.randn(rows.numel(), generator=g, dtype=torch.float64), (m, n))
+    F = torch.randn(n, q, generator=g, dtype=torch.float64)
+    W = mask.to(torch.float64)
+    G, _ = row_grams(E, F)
+    torch.testing.assert_close(G, torch.einsum("ij,jk,jl->ikl", W, F, F), rtol=1e-12, atol=1e-12)
+    assert (q * (q + 1) // 2 > PRODUCT_BLOCK) == (q == 20)
