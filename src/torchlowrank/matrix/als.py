@@ -244,6 +244,14 @@ class _Fit:
             prev, prev_v = rmse, v if v is not None else prev_v
         return "max_iters", max_sweeps
 
+    def result(
+        self, status: str, n_iters: int, lam: float, reg: float, bias_reg: float, reason: str, **fields
+    ) -> ALSResult:
+        """This state as an :class:`ALSResult` (``fields``: its other fields by name)."""
+        return ALSResult(
+            self.U, self.V, self.mu, self.b, self.c, status, n_iters, lam, reg, bias_reg, reason, **fields
+        )
+
     def val_rmse(self, val) -> float:
         r, c, v = val
         return float((self.predict(r, c) + self.mu - v).square().mean().sqrt())
@@ -453,23 +461,18 @@ def als(
     rec = {"train": [], "val": []}
     why, sweeps = fit.run(chosen * s1, chosen_breg, max_iters, tol, deadline, val_rec, rec)
     status = "converged" if why == "tol" else "not_converged"
-    res = ALSResult(
-        fit.U,
-        fit.V,
-        mu,
-        fit.b,
-        fit.c,
+    res = fit.result(
         status,
         sweeps,
         chosen * s1,
         chosen,
         chosen_breg,
         why,
-        rec["train"],
-        rec["val"],
-        path,
-        None if not path else best[0],
-        mm_rmse,
+        train_rmse=rec["train"],
+        val_rmse=rec["val"],
+        reg_path=path,
+        holdout_rmse=None if not path else best[0],
+        mean_model_rmse=mm_rmse,
     )
     res.wall_time = time.perf_counter() - t_start
     last = rec["train"][-1] if rec["train"] else float("nan")

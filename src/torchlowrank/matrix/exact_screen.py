@@ -28,7 +28,7 @@ import time
 
 import torch
 
-from .als import ALSResult, _Fit
+from .als import _Fit
 from .centering import fit_mean_model
 from .ridge_select import EXACT, ScaledALS
 from .sparse import Entries, sparse_top_svd
@@ -107,12 +107,7 @@ def fit_if_exactly_low_rank(
             if not math.isfinite(v):
                 break
             if v <= EXACT * spread:
-                res = ALSResult(
-                    fit.U,
-                    fit.V,
-                    mu,
-                    fit.b,
-                    fit.c,
+                res = fit.result(
                     "converged",
                     sweep,
                     lam,
