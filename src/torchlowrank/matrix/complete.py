@@ -60,7 +60,7 @@ from .factorization import DeepFactorization, as_positive_int
 from .inputs import as_tensor
 from .polish import RankPolish
 from .problems import Completion, relative_error
-from .ridge_select import refit_ridge_als, select_ridge_als
+from .ridge_select import EXACT, refit_ridge_als, select_ridge_als
 from .sparse import Entries
 from .steps import suggest_lr, suggest_rank
 from .trainer import FAILURE_STATUSES, History, train_gd
@@ -524,6 +524,7 @@ def _complete_sparse(
     seed: int,
     center: str,
     test: tuple | None,
+    tol: float = 1e-9,
 ) -> CompletionResult:
     """The sparse route of :func:`complete`: the mean model and ridge ALS
     (:func:`~torchlowrank.matrix.ridge_select.select_ridge_als`: rank, ridge and scaling chosen on
@@ -553,7 +554,7 @@ def _complete_sparse(
         E_fit, val = E.subset(~pick), (E.rows[pick], E.cols[pick], E.values[pick])
     n_val = int(val[0].numel())
     _, mm_reg, mm_rmse = best_mean_model(E_fit.rows, E_fit.cols, E_fit.values, (m, n), val, center)
-    exact = _exact_low_rank(E, E_fit, val, mm_rmse, seed, dl, start, test)
+    exact = _exact_low_rank(E, E_fit, val, mm_rmse, seed, dl, start, test, tol)
     if exact is not None:
         return exact
     # candidates stop at a relative change of 1e-4 (the winner's refit on all entries goes on to 1e-7)
@@ -600,17 +601,23 @@ def _exact_low_rank(
     deadline: float | None,
     start: float,
     test: tuple | None,
+    tol: float,
 ) -> CompletionResult | None:
     """The result of :func:`~torchlowrank.matrix.exact_screen.fit_if_exactly_low_rank` on ``E_fit``
-    (given at most half of the time left), or None when the data is not exactly low rank."""
+    (given at most half of the time left), refitted on all entries to the relative train residual
+    ``tol``, or None when the data is not exactly low rank (to ``max(tol, EXACT)`` of the held-out
+    entries' spread: a looser ``tol`` accepts a looser fit, and stops sooner)."""
     screen_deadline = None if deadline is None else (time.perf_counter() + deadline) / 2
-    exact = fit_if_exactly_low_rank(E_fit, val, seed=seed, deadline=screen_deadline)
+    exact = fit_if_exactly_low_rank(E_fit, val, seed=seed, deadline=screen_deadline, tol=max(tol, EXACT))
     if exact is None:
         return None
     hist = History()
     hist.mean_model_rmse, hist.ridge_polish_rmse = mm_rmse, exact[0]
     first = CompletionResult(None, hist, None, None, None, 0.0)
-    _select_ridge(first, exact, E_all, int(val[0].numel()), math.inf, mm_rmse, seed, deadline, [])
+    # als()'s tol: a relative change of the train RMSE, or the RMSE at 1e-2 tol of the data's scale
+    _select_ridge(
+        first, exact, E_all, int(val[0].numel()), math.inf, mm_rmse, seed, deadline, [], refit_tol=100 * tol
+    )
     hist.polish_info = f"{exact[1].result.message}; {hist.polish_info}"
     hist.message += f" ({exact[1].result.message})"
     return _finish_als(first, start, test, E_all.device)
@@ -657,15 +664,17 @@ def _select_ridge(
     seed: int,
     deadline: float | None,
     caught: list,
+    refit_tol: float = 1e-7,
 ) -> None:
     """Make ``first`` the ridge ALS candidate ``ridge = (held-out RMSE, ScaledALS)``, refitted on all
-    entries ``E_all`` when its validated fit was a converged ridge optimum (a refit of an
-    unconverged one drifts further from the state that was scored)."""
+    entries ``E_all`` (to :func:`~torchlowrank.matrix.als`'s ``tol=refit_tol``) when its validated
+    fit was a converged ridge optimum (a refit of an unconverged one drifts further from the state
+    that was scored)."""
     h1 = first.history
     als_rmse, chosen = ridge
     left = None if deadline is None else max(deadline - time.perf_counter(), 0.0)
     if chosen.result.status == "converged":  # a ridge optimum: refit on all entries, warm from it
-        fitted = refit_ridge_als(chosen, E_all, seed=seed, time_limit=left)
+        fitted = refit_ridge_als(chosen, E_all, seed=seed, time_limit=left, tol=refit_tol)
         res = fitted.result
         refit_note = f"ridge ALS on all {len(E_all)} observed entries ({res.n_iters} sweeps)"
     else:  # stopped before its optimum (implicitly early-stopped): the held-out score is of this very state
@@ -910,6 +919,7 @@ def complete(
             seed=seed,
             center=center,
             test=test,
+            tol=tol,
         )
     if validation is not None or holdout == 0:
         return _complete_once(
@@ -955,7 +965,7 @@ def complete(
     all_vals = observed[rows, cols].to(torch.float64)
     E_all = Entries(rows, cols, all_vals, tuple(mask.shape))
     if ridge_polish:  # exactly low-rank data: a plain ALS at the rank its spectrum shows recovers it fast
-        exact = _exact_low_rank(E_all, E_all.subset(~pick), (vr, vc, vv), mm_rmse, seed, dl, start, test)
+        exact = _exact_low_rank(E_all, E_all.subset(~pick), (vr, vc, vv), mm_rmse, seed, dl, start, test, tol)
         if exact is not None:
             return exact
     with warnings.catch_warnings(record=True) as caught:

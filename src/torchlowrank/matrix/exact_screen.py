@@ -63,10 +63,11 @@ def fit_if_exactly_low_rank(
     seed: int = 0,
     deadline: float | None = None,
     dtype: torch.dtype = torch.float64,
+    tol: float = EXACT,
 ) -> tuple[float, ScaledALS] | None:
     """ALS at a rank read off the spectrum of ``E_fit``'s centred entries, kept when it fits the
-    held-out entries ``val = (rows, cols, values)`` to :data:`~torchlowrank.matrix.ridge_select.EXACT`
-    of their spread (module docstring). Returns (held-out RMSE, :class:`ScaledALS` fitted on ``E_fit``
+    held-out entries ``val = (rows, cols, values)`` to ``tol`` (default
+    :data:`~torchlowrank.matrix.ridge_select.EXACT`) of their spread (module docstring). Returns (held-out RMSE, :class:`ScaledALS` fitted on ``E_fit``
     with status "converged") or None: not exactly low rank at any candidate rank, or the ``deadline``
     (a ``time.perf_counter()`` value) came first."""
     m, n = E_fit.shape
@@ -106,7 +107,7 @@ def fit_if_exactly_low_rank(
             curve.append(v)
             if not math.isfinite(v):
                 break
-            if v <= EXACT * spread:
+            if v <= tol * spread:
                 res = fit.result(
                     "converged",
                     sweep,

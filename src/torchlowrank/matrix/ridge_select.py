@@ -211,10 +211,10 @@ def select_ridge_als(
 
 
 def refit_ridge_als(
-    chosen: ScaledALS, E_all: Entries, *, seed: int = 0, time_limit: float | None = None
+    chosen: ScaledALS, E_all: Entries, *, seed: int = 0, time_limit: float | None = None, tol: float = 1e-7
 ) -> ScaledALS:
     """``chosen`` refitted on all entries ``E_all`` at its rank, ridge and scales, warm-started
-    from its factors (:func:`~torchlowrank.matrix.als` with ``init``)."""
+    from its factors (:func:`~torchlowrank.matrix.als` with ``init``, stopping at its ``tol``)."""
     scales = None if chosen.row_scale is None else (chosen.row_scale, chosen.col_scale)
     res = chosen.result
     out = als(
@@ -228,5 +228,6 @@ def refit_ridge_als(
         warn=False,
         init=res,
         dtype=res.U.dtype,
+        tol=tol,
     )
     return ScaledALS(out, chosen.row_scale, chosen.col_scale)
