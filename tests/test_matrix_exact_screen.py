@@ -73,3 +73,17 @@ def test_row_grams_equal_their_dense_definition_below_and_above_the_product_bloc
     G, _ = row_grams(E, F)
     torch.testing.assert_close(G, torch.einsum("ij,jk,jl->ikl", W, F, F), rtol=1e-12, atol=1e-12)
     assert (q * (q + 1) // 2 > PRODUCT_BLOCK) == (q == 20)
+
+
+def test_a_looser_tol_stops_the_exact_screen_sooner_at_that_accuracy():
+    from torchlowrank.matrix import complete
+
+    g = torch.Generator().manual_seed(3)
+    M = low_rank_target((200, 150), 4, generator=g)
+    mask = random_mask((200, 150), 0.3, generator=g)
+    tight, loose = complete(M, mask), complete(M, mask, tol=1e-4)
+    for res, bound in ((tight, 1e-8), (loose, 1e-3)):
+        assert res.status == "converged" and "exactly low rank" in res.history.message
+        err = torch.linalg.matrix_norm(res.matrix - M) / torch.linalg.matrix_norm(M)
+        assert float(err) < bound
+    assert tight.ridge_result.result.n_iters > loose.ridge_result.result.n_iters  # refit sweeps
