@@ -807,9 +807,10 @@ def complete(
     :func:`holdout_split`) is held out. First the exact screen
     (:func:`~torchlowrank.matrix.exact_screen.fit_if_exactly_low_rank`, with ``ridge_polish=True``,
     on every route): plain ALS at the ranks where the spectrum of the centred observations drops
-    most; if one fits the held-out entries to 1e-6 of their spread (exactly low-rank data), it is
-    refitted on all entries and returned (``history.selected == "ridge_polish"``, "exactly low
-    rank" in the message, no network: ``model`` / ``problem`` are None) — a few sweeps where the
+    most; if one fits the held-out entries to max(``tol``, 1e-6) of their spread (exactly low-rank
+    data), it is refitted on all entries to the relative train residual ``tol`` and returned
+    (``history.selected == "ridge_polish"``, "exactly low rank" in the message, no network:
+    ``model`` / ``problem`` are None) — a few sweeps where the
     network takes minutes; on noisy data it gives up after a few sweeps and the run goes on as
     below. ``ridge_polish=False`` trains the network alone. The network is trained on the rest with early stopping on
     the held-out entries (``patience`` evaluations, default 10, counted after the escape from the
