@@ -114,7 +114,8 @@ def row_grams(
     """For every row i of the pattern of ``E`` (of its transpose with ``transpose=True``):
     ``G_i = sum_{j in Omega_i} F_j F_j^T`` (q x q) and, with ``target`` (N,) given at the entries,
     ``h_i = sum_{j in Omega_i} target_ij F_j``. Both are sparse products, ``P_Omega(1) @ (F (x) F)``
-    (the upper triangle of each outer product only) and ``P_Omega(target) @ F``: O(N q^2) work, O(m q^2 + n q^2) memory, no (N, q^2) temporary."""
+    (the upper triangle of each outer product only) and ``P_Omega(target) @ F``: O(N q^2) work,
+    O(m q^2 + n q^2) memory, no (N, q^2) temporary."""
     q = F.shape[1]
     iu, ju = torch.triu_indices(q, q, device=F.device)
     FF = F[:, iu] * F[:, ju]  # (n, q (q + 1) / 2): G is symmetric, so its upper triangle is enough
