@@ -179,3 +179,35 @@ def test_a_diverged_run_is_recorded_not_raised():
         assert r["val"][-1] == math.inf and len(r["val"]) == len(r["step"]) == len(r["seconds"]), r["method"]
     lowrank = [r for r in result.history["runs"] if r["method"].startswith("LowRankAdam")]
     assert lowrank and all(r["step"][-1] < cfg.steps for r in lowrank)  # the refused-step (ValueError) path
+
+
+def test_a_subset_of_methods_runs_only_those_arms():
+    cfg = dataclasses.replace(
+        lowrank_lm.QUICK,
+        methods=("factorized AdamW", "LowRankAdam"),
+        fractions=(0.25, 0.5),
+        steps=20,
+        eval_every=10,
+    )
+    assert lowrank_lm.arms(cfg) == [(m, p) for p in (0.25, 0.5) for m in ("factorized AdamW", "LowRankAdam")]
+    result = lowrank_lm.lm_study("lowrank-lm-subset", cfg, quick=True, progress=False)
+    assert [(r["method"], r["fraction"]) for r in result.history["runs"]] == lowrank_lm.arms(cfg)
+    assert result.config["methods"] == ["factorized AdamW", "LowRankAdam"]
+    assert set(result.config["chosen_lr"]) == {
+        "factorized_AdamW_p25",
+        "LowRankAdam_p25",
+        "factorized_AdamW_p50",
+        "LowRankAdam_p50",
+    }
+    assert lowrank_lm.arms(lowrank_lm.LMConfig()) == lowrank_lm.arms(  # the default: every method
+        dataclasses.replace(lowrank_lm.LMConfig(), methods=lowrank_lm.METHODS)
+    ) and len(lowrank_lm.arms(lowrank_lm.LMConfig())) == len(lowrank_lm.METHODS)
+
+
+def test_an_unknown_or_orphaned_method_is_refused():
+    with pytest.raises(ValueError, match="unknown method"):
+        dataclasses.replace(lowrank_lm.QUICK, methods=("dense AdamW", "SGD"))
+    with pytest.raises(ValueError, match="shared_lr"):  # the adaptive arm reuses LowRankAdam's rate
+        dataclasses.replace(lowrank_lm.QUICK, methods=("LowRankAdam adaptive",))
+    with pytest.raises(ValueError, match="no method"):
+        dataclasses.replace(lowrank_lm.QUICK, methods=())

@@ -57,6 +57,8 @@ DESCRIPTION = (
     "weights: dense / factorized AdamW, LowRankAdam fixed and rank-adaptive, GaLoreAdamW"
 )
 
+METHODS = ("dense AdamW", "factorized AdamW", "LowRankAdam", "LowRankAdam adaptive", "GaLoreAdamW")
+
 
 @dataclass
 class LMConfig:
@@ -82,6 +84,7 @@ class LMConfig:
     eval_batch: int = 64
     # budgets and methods
     fractions: tuple[float, ...] = (0.25,)
+    methods: tuple[str, ...] = METHODS  # the methods run (a subset of METHODS; run in METHODS order)
     tau: float = 0.1
     galore_gap: int = 50
     # learning rate: one ladder for every method; start at lr_start, step outward while the best is at an end
@@ -91,6 +94,20 @@ class LMConfig:
     fixed_lr: dict[str, float] = field(default_factory=dict)  # method -> lr: skips the search (quick mode)
     seeds: tuple[int, ...] = (0, 1, 2)
     device: str = "auto"  # "auto": cuda if available, else cpu
+
+    def __post_init__(self) -> None:
+        self.methods = tuple(self.methods)
+        if not self.methods:
+            raise ValueError(f"no method to run; choose from {METHODS}")
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            raise ValueError(f"unknown method(s) {unknown}; known: {METHODS}")
+        missing = [m for m in self.methods if self.shared_lr.get(m, m) not in self.methods]
+        if missing:
+            raise ValueError(
+                f"{missing} take their learning rate from {[self.shared_lr[m] for m in missing]} "
+                "(shared_lr), which must be run too"
+            )
 
 
 QUICK = LMConfig(
@@ -118,7 +135,6 @@ QUICK = LMConfig(
     seeds=(0,),
 )
 
-METHODS = ("dense AdamW", "factorized AdamW", "LowRankAdam", "LowRankAdam adaptive", "GaLoreAdamW")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 BUDGET_KIND = {"dense AdamW": "none (dense)", "GaLoreAdamW": "optimizer state (projection rank)"}
 
@@ -347,7 +363,8 @@ def run_arm(
 # ----- the study ---------------------------------------------------------------------------------
 def arms(cfg: LMConfig) -> list[tuple[str, float]]:
     """(method, budget fraction) pairs; the dense model has fraction 1."""
-    return [("dense AdamW", 1.0)] + [(m, p) for p in cfg.fractions for m in METHODS[1:]]
+    dense = [("dense AdamW", 1.0)] if "dense AdamW" in cfg.methods else []
+    return dense + [(m, p) for p in cfg.fractions for m in METHODS[1:] if m in cfg.methods]
 
 
 def next_lr(ladder: tuple[float, ...], tried: dict[float, float]) -> float | None:
