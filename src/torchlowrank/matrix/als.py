@@ -263,16 +263,25 @@ class _Fit:
         self.U, self.V, self.b, self.c = (x.clone() for x in st)
 
 
-def _init(E: Entries, rank: int, mu: float, seed: int, dtype):
-    """Mean model (bias ridge 1) plus the top-``rank`` SVD of its residual / p, balanced, with a
-    small seeded perturbation; and s_1 of the residual (for lam)."""
-    m, n = E.shape
+def spectral_start(E: Entries, k: int, mu: float, generator: torch.Generator, dtype):
+    """The mean model (bias ridge 1) of the entries and the top-``k`` SVD of its residual:
+    ``(b (m,), c (n,), Us (m, k), S (k,), Vs (n, k))``; ``Us * sqrt(S / p)``, ``Vs * sqrt(S / p)``
+    (p the sampling rate) are balanced factors of the residual's rank-k part, the spectral start of
+    ALS."""
     mm = fit_mean_model(E.rows, E.cols, E.values.to(torch.float64), E.shape, reg=1.0)
     b, c = mm.row.to(dtype), mm.col.to(dtype)
     r = (E.values - mu - b[E.rows] - c[E.cols]).to(dtype)
+    Us, S, Vs = sparse_top_svd(E, r, k, generator=generator, dtype=dtype)
+    return b, c, Us, S, Vs
+
+
+def _init(E: Entries, rank: int, mu: float, seed: int, dtype):
+    """:func:`spectral_start` at ``rank`` with a small seeded perturbation; and s_1 of the residual
+    (for lam)."""
+    m, n = E.shape
     g = torch.Generator().manual_seed(seed)
+    b, c, Us, S, Vs = spectral_start(E, rank, mu, g, dtype)
     p = len(E) / (m * n)
-    Us, S, Vs = sparse_top_svd(E, r, rank, generator=g, dtype=dtype)
     s1 = float(S[0]) if S.numel() else 0.0
     sq = (S / p).clamp_min(0).sqrt()
     noise = 1e-3 * float(sq.mean()) if sq.numel() else 0.0

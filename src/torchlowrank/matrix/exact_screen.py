@@ -28,10 +28,9 @@ import time
 
 import torch
 
-from .als import _Fit
-from .centering import fit_mean_model
+from .als import _Fit, spectral_start
 from .ridge_select import EXACT, ScaledALS
-from .sparse import Entries, sparse_top_svd
+from .sparse import Entries
 
 __all__ = ["MAX_CANDIDATES", "MIN_GAP", "PATIENCE", "SPECTRUM_RANKS", "fit_if_exactly_low_rank"]
 
@@ -79,12 +78,8 @@ def fit_if_exactly_low_rank(
         return None
     values = E_fit.values.to(dtype)
     mu = float(values.double().mean())
-    mm = fit_mean_model(E_fit.rows, E_fit.cols, values.double(), (m, n), reg=1.0)
-    b0, c0 = mm.row.to(dtype), mm.col.to(dtype)
-    resid = values - mu - b0[E_fit.rows] - c0[E_fit.cols]
     K = min(SPECTRUM_RANKS, cap) + 1
-    g = torch.Generator().manual_seed(seed)
-    Us, S, Vs = sparse_top_svd(E_fit, resid, K, generator=g, dtype=dtype)
+    b0, c0, Us, S, Vs = spectral_start(E_fit, K, mu, torch.Generator().manual_seed(seed), dtype)
     if not float(S[0]) > 0:
         return None
     lam = SCREEN_REG * float(S[0])
