@@ -22,6 +22,8 @@ seeds, batches and initialisation; those baselines reproduce bit for bit from th
 6. ``split-hi-factorized``: parts 1-2 made both methods worse; LowRankAdam trains its other parameters
    at its own rate (2e-2), factorized AdamW at 3e-3. The same knob the other way, for factorized
    AdamW: its other parameters at 1e-2, its factors searched.
+7. ``split-hi-LowRankAdam``: the same for LowRankAdam (other parameters at 1e-2, factors searched):
+   its factors' rate no longer tied to its other parameters' rate.
 
 ``seeds-<part>`` reruns a searched part's arm on seeds 1 and 2 at the rate it chose on seed 0 (for the
 parts that matter, chosen by hand after reading the seed-0 results: see docs/lowrank-lm.md).
@@ -30,7 +32,7 @@ Every searched part searches the rate at the searched optimizer on seed 0 by the
 run's ``fine`` step: the ladder ``FINE_LADDER`` (1, 2, 3, 5 per decade), starting at a centre rate and
 its two neighbours, stepping outward (``next_lr``) while the best is at an end; validation split only.
 The centre is the rate the long run's fine search chose for that method (parts 1, 2) or the rate the
-base configuration chose (parts 4, 5; part 6: the default's). Each part is its own study, ``lowrank-lm-ablation-<part>``,
+base configuration chose (parts 4, 5; parts 6, 7: the default's). Each part is its own study, ``lowrank-lm-ablation-<part>``,
 written as soon as it ends.
 
     PYTHONPATH=src python scripts/lowrank_lm_ablation.py [part ...]   (default: every part, in order)
@@ -67,8 +69,9 @@ VARIANTS = {  # part -> (method, optimizer keyword arguments)
 }
 # parts 1-2 lowered the other parameters' rate and both methods got worse: LowRankAdam trains them at
 # its own high rate (2e-2) by default, factorized AdamW at its 3e-3. The same knob the other way, for
-# factorized AdamW: its other parameters at 1e-2, its factors searched (part 6)
-SPLIT_HI = {"split-hi-factorized": (FA, 1e-2)}
+# factorized AdamW: its other parameters at 1e-2, its factors searched (part 6); and the same for
+# LowRankAdam (part 7: its factors' rate decoupled from its other parameters' 1e-2)
+SPLIT_HI = {"split-hi-factorized": (FA, 1e-2), "split-hi-LowRankAdam": (LRA, 1e-2)}
 PARTS = ["split-LowRankAdam", "split-factorized", "split-seeds", *VARIANTS, *SPLIT_HI]
 
 
