@@ -24,6 +24,8 @@ seeds, batches and initialisation; those baselines reproduce bit for bit from th
    AdamW: its other parameters at 1e-2, its factors searched.
 7. ``split-hi-LowRankAdam``: the same for LowRankAdam (other parameters at 1e-2, factors searched):
    its factors' rate no longer tied to its other parameters' rate.
+8. ``betas-LowRankAdam``: LowRankAdam with the betas (0.9, 0.95) that part 5 gave factorized AdamW (the
+   same knob for both), on the default LowRankAdam by the rule of part 4.
 
 ``seeds-<part>`` reruns a searched part's arm on seeds 1 and 2 at the rate it chose on seed 0 (for the
 parts that matter, chosen by hand after reading the seed-0 results: see docs/lowrank-lm.md).
@@ -32,8 +34,8 @@ Every searched part searches the rate at the searched optimizer on seed 0 by the
 run's ``fine`` step: the ladder ``FINE_LADDER`` (1, 2, 3, 5 per decade), starting at a centre rate and
 its two neighbours, stepping outward (``next_lr``) while the best is at an end; validation split only.
 The centre is the rate the long run's fine search chose for that method (parts 1, 2) or the rate the
-base configuration chose (parts 4, 5; parts 6, 7: the default's). Each part is its own study, ``lowrank-lm-ablation-<part>``,
-written as soon as it ends.
+base configuration chose (parts 4, 5, 8; parts 6, 7: the default's). Each part is its own study,
+``lowrank-lm-ablation-<part>``, written as soon as it ends.
 
     PYTHONPATH=src python scripts/lowrank_lm_ablation.py [part ...]   (default: every part, in order)
 """
@@ -66,6 +68,7 @@ VARIANTS = {  # part -> (method, optimizer keyword arguments)
     "bratio10": (LRA, {"basis_lr_ratio": 10.0}),
     "elementwise": (LRA, {"second_moment": "elementwise"}),
     "betas": (FA, {"betas": (0.9, 0.95)}),
+    "betas-LowRankAdam": (LRA, {"betas": (0.9, 0.95)}),  # part 8: the same betas for LowRankAdam
 }
 # parts 1-2 lowered the other parameters' rate and both methods got worse: LowRankAdam trains them at
 # its own high rate (2e-2) by default, factorized AdamW at its 3e-3. The same knob the other way, for
