@@ -211,3 +211,120 @@ def test_an_unknown_or_orphaned_method_is_refused():
         dataclasses.replace(lowrank_lm.QUICK, methods=("LowRankAdam adaptive",))
     with pytest.raises(ValueError, match="no method"):
         dataclasses.replace(lowrank_lm.QUICK, methods=())
+
+
+# ----- ablation knobs (issue 19): the other parameters' own AdamW, the optimizer's extra arguments ---------
+def _arm(method, cfg, lr=1e-2, seed=0):
+    base = lowrank_lm.build_model(cfg, seed)
+    ranks = lowrank_lm.budget_ranks(base, 0.25)
+    model, opts = lowrank_lm.make_arm(method, base, ranks, lr, cfg)
+    return model, opts, ranks
+
+
+def _ids(opt):
+    return [id(p) for g in opt.param_groups for p in g["params"]]
+
+
+@pytest.mark.parametrize("method", lowrank_lm.SPLIT_METHODS)
+def test_split_arm_trains_the_other_parameters_with_their_own_adamw(method):
+    import torch
+
+    from torchlowrank.layers import LowRankLinear
+    from torchlowrank.optim import LowRankAdam
+
+    other = {"LowRankAdam": 3e-3, "factorized AdamW": 1e-3}[method]
+    cfg = dataclasses.replace(lowrank_lm.QUICK, other_lr={method: other})
+    model, (main, rest), ranks = _arm(method, cfg, lr=2e-2)
+    assert type(rest) is torch.optim.AdamW
+    assert [(g["lr"], g["weight_decay"]) for g in rest.param_groups] == [(other, 0.0)]
+    assert all(g["lr"] == 2e-2 for g in main.param_groups)  # the searched rate: projections only
+    projections = {id(p) for n in ranks for p in model.get_submodule(n).parameters()}
+    named = dict(model.named_parameters())
+    outside = {id(p) for n, p in named.items() if not any(f".{t}." in n for t in lowrank_lm.TARGETS)}
+    assert outside and projections and not outside & projections
+    assert set(_ids(rest)) == outside and len(_ids(rest)) == len(outside)  # embeddings, norms, head
+    assert set(_ids(main)) == projections and len(_ids(main)) == len(projections)
+    assert len(projections) + len(outside) == len(named)  # the two cover the model, no overlap
+    if method == "LowRankAdam":
+        assert type(main) is LowRankAdam
+        lowrank = [m for m in model.modules() if isinstance(m, LowRankLinear)]
+        assert len(lowrank) == len(ranks)
+        assert {id(p) for m in lowrank for p in (m.U, m.S, m.V)} == projections
+        assert all(g["unit"] is not None for g in main.param_groups)  # no plain group left in it
+    else:
+        assert type(main) is torch.optim.AdamW
+
+
+def test_without_ablation_knobs_one_optimizer_trains_everything():
+    for method in lowrank_lm.SPLIT_METHODS:
+        model, opts, _ = _arm(method, lowrank_lm.QUICK)
+        assert len(opts) == 1 and set(_ids(opts[0])) == {id(p) for p in model.parameters()}
+        assert all(g["lr"] == 1e-2 for g in opts[0].param_groups)
+
+
+def _curve(method, cfg, lr):
+    import torch
+
+    from torchlowrank.progress import progress_bar
+
+    corpus = load_rotten_tomatoes_bytes()
+    base = lowrank_lm.build_model(cfg, 0)
+    ctx = {
+        "bases": {0: base},
+        "ranks": {0.25: lowrank_lm.budget_ranks(base, 0.25)},
+        "device": torch.device("cpu"),
+        "train": corpus.train,
+        "offsets": {0: lowrank_lm.train_offsets(len(corpus.train), cfg, 0)},
+        "val": lowrank_lm.windows(corpus.val, cfg.seq_len, cfg.eval_seqs),
+        "bar": progress_bar(total=1, enabled=False),
+    }
+    return lowrank_lm.run_arm(method, 0.25, 0, lr, cfg, ctx)[0]["val"]
+
+
+@pytest.mark.parametrize("method", lowrank_lm.SPLIT_METHODS)
+def test_split_at_the_arms_own_rate_is_the_registered_arm(method):
+    # the others' AdamW at the searched rate is the registered arm (same Adam update); at a 10x
+    # smaller rate it is not: the split changes nothing but the other parameters' rate
+    cfg = dataclasses.replace(lowrank_lm.QUICK, steps=20, eval_every=10)
+    plain = _curve(method, cfg, 1e-2)
+    same = _curve(method, dataclasses.replace(cfg, other_lr={method: 1e-2}), 1e-2)
+    slower = _curve(method, dataclasses.replace(cfg, other_lr={method: 1e-3}), 1e-2)
+    assert same == pytest.approx(plain, rel=1e-5, abs=1e-5)
+    assert abs(slower[-1] - plain[-1]) > 1e-3
+
+
+def test_optimizer_kwargs_reach_the_searched_optimizer_only():
+    cfg = dataclasses.replace(
+        lowrank_lm.QUICK,
+        other_lr={"LowRankAdam": 3e-3},
+        optimizer_kwargs={"LowRankAdam": {"basis_lr_ratio": 10.0, "second_moment": "elementwise"}},
+    )
+    _, (main, rest), _ = _arm("LowRankAdam", cfg)
+    assert all((g["basis_lr_ratio"], g["second_moment"]) == (10.0, "elementwise") for g in main.param_groups)
+    assert rest.param_groups[0]["betas"] == (0.9, 0.999)
+    cfg = dataclasses.replace(lowrank_lm.QUICK, optimizer_kwargs={"factorized AdamW": {"betas": (0.9, 0.95)}})
+    _, (opt,), _ = _arm("factorized AdamW", cfg)
+    assert opt.param_groups[0]["betas"] == (0.9, 0.95)
+    _, (opt,), _ = _arm("factorized AdamW", lowrank_lm.QUICK)
+    assert opt.param_groups[0]["betas"] == (0.9, 0.999)  # the registered arm: AdamW's default
+
+
+def test_ablation_knobs_for_an_unsupported_method_are_refused():
+    with pytest.raises(ValueError, match="other_lr"):
+        dataclasses.replace(lowrank_lm.QUICK, other_lr={"GaLoreAdamW": 1e-3})
+    with pytest.raises(ValueError, match="optimizer_kwargs"):
+        dataclasses.replace(lowrank_lm.QUICK, optimizer_kwargs={"LowRankAdam adaptive": {"tau": 0.5}})
+
+
+def test_ablation_knobs_are_stated_in_the_notes_only_when_set():
+    corpus = load_rotten_tomatoes_bytes()
+    cfg = dataclasses.replace(
+        lowrank_lm.QUICK,
+        other_lr={"LowRankAdam": 3e-3},
+        optimizer_kwargs={"factorized AdamW": {"betas": (0.9, 0.95)}},
+    )
+    notes = lowrank_lm.setting_notes(cfg, corpus, "", 1, type("D", (), {"type": "cpu"}), "cmd")
+    assert "own AdamW (weight decay 0) at lr 0.003" in notes and "betas=(0.9, 0.95)" in notes
+    assert "{" not in notes and "}" not in notes
+    plain = lowrank_lm.setting_notes(lowrank_lm.QUICK, corpus, "", 1, type("D", (), {"type": "cpu"}), "cmd")
+    assert "own AdamW" not in plain and "optimizer arguments" not in plain

@@ -58,6 +58,8 @@ DESCRIPTION = (
 )
 
 METHODS = ("dense AdamW", "factorized AdamW", "LowRankAdam", "LowRankAdam adaptive", "GaLoreAdamW")
+SPLIT_METHODS = ("factorized AdamW", "LowRankAdam")  # the methods LMConfig.other_lr can apply to
+KWARGS_METHODS = ("dense AdamW", "factorized AdamW", "LowRankAdam")  # ... and LMConfig.optimizer_kwargs
 
 
 @dataclass
@@ -94,6 +96,13 @@ class LMConfig:
     fixed_lr: dict[str, float] = field(default_factory=dict)  # method -> lr: skips the search (quick mode)
     seeds: tuple[int, ...] = (0, 1, 2)
     device: str = "auto"  # "auto": cuda if available, else cpu
+    # ablation knobs (issue 19; empty = every arm as registered). other_lr: method -> a fixed rate for the
+    # parameters outside the targeted projections (embeddings, norms, head), trained by their own AdamW
+    # (weight decay 0); the searched rate then applies to the projections' factors only.
+    other_lr: dict[str, float] = field(default_factory=dict)
+    # method -> extra keyword arguments of the optimizer at the searched rate (e.g. LowRankAdam's
+    # basis_lr_ratio / second_moment, AdamW's betas); not passed to the others' AdamW of other_lr
+    optimizer_kwargs: dict[str, dict] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.methods = tuple(self.methods)
@@ -102,6 +111,14 @@ class LMConfig:
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
             raise ValueError(f"unknown method(s) {unknown}; known: {METHODS}")
+        bad = [m for m in self.other_lr if m not in SPLIT_METHODS] + [
+            m for m in self.optimizer_kwargs if m not in KWARGS_METHODS
+        ]
+        if bad:
+            raise ValueError(
+                f"other_lr / optimizer_kwargs name {bad}; other_lr applies to {SPLIT_METHODS}, "
+                f"optimizer_kwargs to {KWARGS_METHODS}"
+            )
         missing = [m for m in self.methods if self.shared_lr.get(m, m) not in self.methods]
         if missing:
             raise ValueError(
@@ -190,17 +207,45 @@ def factorized(base: nn.Module, ranks: dict[str, int], parametrization: str) -> 
     return model
 
 
+def split_projections(model: nn.Module, ranks: dict[str, int]) -> tuple[list[nn.Module], list[nn.Parameter]]:
+    """(the targeted projection modules, every other parameter of ``model``)."""
+    mods = dict(model.named_modules())
+    projections = [mods[n] for n in ranks]
+    targeted = {id(p) for m in projections for p in m.parameters()}
+    return projections, [p for p in model.parameters() if id(p) not in targeted]
+
+
 def make_arm(method: str, base: nn.Module, ranks: dict[str, int], lr: float, cfg: LMConfig):
-    """(model, optimizers) of one method at the budget ``ranks``, from a copy of ``base``."""
+    """(model, optimizers) of one method at the budget ``ranks``, from a copy of ``base``.
+
+    With ``cfg.other_lr[method]`` set, the optimizer at ``lr`` gets the projections only and a second
+    AdamW (weight decay 0) trains the other parameters at that fixed rate; ``cfg.optimizer_kwargs[method]``
+    goes to the optimizer at ``lr``."""
+    kwargs = cfg.optimizer_kwargs.get(method, {})
+    other = cfg.other_lr.get(method)
     if method == "dense AdamW":
         model = copy.deepcopy(base)
-        return model, [torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)]
+        return model, [torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, **kwargs)]
     if method == "factorized AdamW":
         model = factorized(base, ranks, "AB")
-        return model, [torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)]
+        if other is None:
+            return model, [torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, **kwargs)]
+        projections, rest = split_projections(model, ranks)
+        factors = [p for m in projections for p in m.parameters()]
+        return model, [
+            torch.optim.AdamW(factors, lr=lr, weight_decay=0.0, **kwargs),
+            torch.optim.AdamW(rest, lr=other, weight_decay=0.0),
+        ]
     if method == "LowRankAdam":
         model = factorized(base, ranks, "USV")
-        return model, [LowRankAdam(model, lr=lr, nonfinite="raise")]
+        if other is None:
+            return model, [LowRankAdam(model, lr=lr, nonfinite="raise", **kwargs)]
+        projections, rest = split_projections(model, ranks)
+        # LowRankAdam first: a step it refuses (non-finite) raises before the others move
+        return model, [
+            LowRankAdam(projections, lr=lr, nonfinite="raise", **kwargs),
+            torch.optim.AdamW(rest, lr=other, weight_decay=0.0),
+        ]
     if method == "LowRankAdam adaptive":
         # one optimizer per rank class, so that each layer's max_rank is its own budget rank
         model = factorized(base, ranks, "USV")
@@ -590,6 +635,16 @@ def setting_notes(cfg: LMConfig, corpus, ranks_text: str, dense_targeted: int, d
         "the best is the lowest or highest rate tried (the same search for every searched arm)"
     )
     shared = "; ".join(f"{a} reuses the rate chosen for {b}" for a, b in cfg.shared_lr.items())
+    ablation = "".join(
+        [
+            f" {m}: the searched rate trains the projections only; the other parameters (embeddings, norms, head) have their own AdamW (weight decay 0) at lr {lr:g}."
+            for m, lr in cfg.other_lr.items()
+        ]
+        + [
+            f" {m}: optimizer arguments " + ", ".join(f"{k}={v!r}" for k, v in kw.items()) + "."
+            for m, kw in cfg.optimizer_kwargs.items()
+        ]
+    )
     return (
         f"Byte-level Llama ({cfg.layers} layers, hidden {cfg.hidden}, MLP {cfg.intermediate}, {cfg.heads} heads, "
         f"context {cfg.seq_len} bytes) trained from scratch for {cfg.steps} steps of {cfg.batch} windows on the "
@@ -600,7 +655,7 @@ def setting_notes(cfg: LMConfig, corpus, ranks_text: str, dense_targeted: int, d
         f"optimizer state (column 'optimizer state', numbers held). The rank-adaptive arm starts at the budget "
         f"ranks with max_rank = those ranks and tau = {cfg.tau}. Learning rates: the lowest final validation loss of "
         f"seed {cfg.seeds[0]} over {search}; {shared or 'no arm shares a rate'}; 'lr at grid edge' marks a choice "
-        f"that is the lowest or highest rate tried (the ladder ended). Validation: {cfg.eval_seqs} fixed windows; test: "
+        f"that is the lowest or highest rate tried (the ladder ended).{ablation} Validation: {cfg.eval_seqs} fixed windows; test: "
         f"{cfg.test_seqs} windows of the test split, evaluated only on the chosen runs. 'drop, last fifth' = "
         f"validation loss at step {last_fifth_step(cfg)} minus the final one (mean over seeds). Training seconds were measured on {device.type} with torch on one CPU thread, comparable only within "
         f"this run. Reproduce: `{command}`."
