@@ -156,6 +156,20 @@ def test_sparse_grams_products_and_solves_equal_their_dense_float64_definitions(
     torch.testing.assert_close(S, torch.linalg.svdvals(R)[:3], rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("n_entries", [50, 2000])  # gathered in chunks / from the formed product
+def test_entry_dots_equals_the_dense_product_at_the_entries_on_both_of_its_paths(n_entries):
+    g = torch.Generator().manual_seed(3)
+    A = torch.randn(300, 5, dtype=torch.float64, generator=g)
+    B = torch.randn(200, 5, dtype=torch.float64, generator=g)
+    rows, cols = (
+        torch.randint(0, 300, (n_entries,), generator=g),
+        torch.randint(0, 200, (n_entries,), generator=g),
+    )
+    torch.testing.assert_close(
+        entry_dots(A, B, rows, cols, chunk=7), (A @ B.T)[rows, cols], rtol=1e-12, atol=1e-12
+    )
+
+
 @pytest.mark.slow
 def test_als_on_a_sparse_matrix_far_too_large_to_densify_recovers_it():
     # 200,000 x 100,000 (dense: 160 GB): only the 60,000 observed entries and (m + n) x r factors are stored

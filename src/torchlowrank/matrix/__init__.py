@@ -5,13 +5,13 @@
 (``Completion``, ``Sensing``, ``Factorization``; loss ``c/2 ||residual||^2`` with ``reduction``
 "mean" (default) or "sum"), the gradient-descent trainer ``train_gd`` and ``complete`` (one call,
 scale / offset invariant, held-out validation by default), the baselines ``als`` (sparse ridge ALS
-with biases) and ``soft_impute``, and the scikit-learn-style estimators ``DeepMatrixCompleter``,
+with biases) and ``soft_impute`` (factored iterates, sparse inputs), and the scikit-learn-style estimators ``DeepMatrixCompleter``,
 ``ALSCompleter``, ``SoftImputeCompleter`` and ``MeanModel`` (``fit(X, mask)``, ``predict(rows,
 cols)``, ``completed_``).
 """
 
 from .als import ALSResult, als
-from .baselines import soft_impute, soft_impute_path, svt
+from .baselines import SoftImputeFit, soft_impute, soft_impute_fit, soft_impute_path, svt
 from .centering import MeanModel, fit_mean_model
 from .complete import MEAN_MODEL_STATUS, CompletionResult, complete, default_rank
 from .compressed import CompressedFactorization
@@ -37,6 +37,8 @@ __all__ = [
     "FAILURE_STATUSES",
     "soft_impute",
     "soft_impute_path",
+    "soft_impute_fit",
+    "SoftImputeFit",
     "svt",
     "als",
     "ALSResult",

@@ -10,7 +10,7 @@
 - :class:`ALSCompleter`: :func:`~torchlowrank.matrix.als` (ridge ALS with biases, sparse; ridge
   chosen on held-out entries by default);
 - :class:`SoftImputeCompleter`: soft-impute (lam chosen on held-out entries by a warm-started
-  path by default; dense SVDs);
+  path by default; factored iterates, sparse inputs of any size);
 - :class:`~torchlowrank.matrix.MeanModel`: ``mu + b_i + c_j``, the peer every other one must beat.
 
 Constructor arguments are stored as given (``get_params`` / ``set_params``); fitted results end
@@ -179,8 +179,9 @@ class ALSCompleter(_Completer):
 class SoftImputeCompleter(_Completer):
     """Soft-impute as an estimator: ``lam=None`` (default) chooses lam on held-out entries
     (:func:`~torchlowrank.matrix.soft_impute_path`), a number runs
-    :func:`~torchlowrank.matrix.soft_impute` at it. Dense (m, n) SVDs: for matrices up to a few
-    thousand rows and columns."""
+    :func:`~torchlowrank.matrix.soft_impute` at it. ``result_`` is the factored
+    :class:`~torchlowrank.matrix.SoftImputeFit` (memory O(|Omega| + (m + n) k): ``fit`` and
+    ``predict`` take sparse inputs of any size; ``completed_`` forms the (m, n) matrix)."""
 
     def __init__(
         self,
@@ -198,18 +199,12 @@ class SoftImputeCompleter(_Completer):
 
     def fit(self, X, mask=None, validation: tuple | None = None) -> SoftImputeCompleter:
         from .als import as_entries
-        from .baselines import soft_impute, soft_impute_path
+        from .baselines import fit_soft_impute_path, soft_impute_fit
 
         E = as_entries(X, mask)
-        M = torch.zeros(E.shape, dtype=torch.float64, device=E.device)
-        W = torch.zeros(E.shape, dtype=torch.bool, device=E.device)
-        M[E.rows, E.cols] = E.values
-        W[E.rows, E.cols] = True
-        info: dict = {}
         if self.lam is None:
-            Z, lam, path = soft_impute_path(
-                M,
-                W,
+            fit, lam, path, unconverged = fit_soft_impute_path(
+                E,
                 validation,
                 max_rank=self.max_rank,
                 max_iters=self.max_iters,
@@ -219,31 +214,30 @@ class SoftImputeCompleter(_Completer):
                 seed=self.seed,
             )
             self.history_ = {"path": path}
-            self.status_ = "converged" if all(p["converged"] for p in path) else "not_converged"
+            self.status_ = "not_converged" if unconverged else "converged"
             self.n_iter_ = sum(p["n_iters"] for p in path)
         else:
-            Z = soft_impute(
-                M,
-                W,
+            fit, info = soft_impute_fit(
+                E,
                 self.lam,
                 max_rank=self.max_rank,
                 max_iters=self.max_iters,
                 tol=self.tol,
                 time_limit=self.time_limit,
-                info=info,
+                seed=self.seed,
             )
             lam = self.lam
             self.history_ = dict(info)
             self.status_, self.n_iter_ = info["status"], info["n_iters"]
-        self.result_ = Z
+        self.result_ = fit
         self.lam_ = lam
         return self
 
     def predict(self, rows, cols) -> torch.Tensor:
         self._check_fitted()
-        return self.result_[torch.as_tensor(rows).long(), torch.as_tensor(cols).long()]
+        return self.result_.predict(rows, cols)
 
     @property
     def completed_(self) -> torch.Tensor:
         self._check_fitted()
-        return self.result_
+        return self.result_.matrix

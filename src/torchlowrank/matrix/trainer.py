@@ -42,6 +42,8 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from .bold_driver import BoldDriver
+from .early_stopping import EarlyStopping
+from .polish_handoff import attempt_polish
 
 __all__ = ["History", "GDConfig", "train_gd", "final_status", "SUCCESS_STATUSES", "FAILURE_STATUSES"]
 
@@ -292,21 +294,18 @@ def train_gd(model, problem, lr: float, *, config: GDConfig | None = None, **opt
     unit = float(problem.unit)
     params = list(model.factor_parameters())
     scales = model.lr_scales()
-    has_state = problem.trained_state() is not None
     zero_loss = max(problem.zero_loss(), 1e-300)
     driver = BoldDriver(params, scales, problem, lr, grow, zero_loss) if adaptive else None
     eta = float(lr)
     wd_prev = weight_decay if not decay_from_escape else 0.0
     hist = History()
 
-    best_val, best_state, since_best = math.inf, None, 0
-    best_extra = [None]
+    early = EarlyStopping(params, problem, patience)
     train_time = 0.0
     loss0 = None
     checks: list[tuple[int, float]] = []  # (iteration, loss) at every check, for the stationarity test
 
     def record(t: int, loss: torch.Tensor) -> str | None:
-        nonlocal best_val, best_state, since_best
         hist.iterations.append(t)
         hist.train_loss.append(float(loss))
         hist.wall_time.append(train_time)
@@ -321,14 +320,9 @@ def train_gd(model, problem, lr: float, *, config: GDConfig | None = None, **opt
         if validation is not None:
             v = _rmse(model, validation, unit, problem)
             hist.val_rmse.append(v)
-            if v < best_val:
-                best_val, since_best, hist.best_iteration = v, 0, t
-                best_state = [p.detach().clone() for p in params]
-                best_extra[0] = problem.trained_state()  # terms fitted beside the network (biases), or None
-            elif hist.escaped_at is not None:  # patience counts only after the escape from the plateau
-                since_best += 1
-                if patience is not None and since_best >= patience:
-                    stop = "patience"
+            if early.update(t, v, hist.escaped_at is not None):
+                stop = "patience"
+            hist.best_iteration = early.best_iteration
         if callback is not None:
             callback(t, model)
         return stop
@@ -386,41 +380,22 @@ def train_gd(model, problem, lr: float, *, config: GDConfig | None = None, **opt
                     break
                 if hist.escaped_at is None and lv <= (1 - escape) * loss0:
                     hist.escaped_at = t
-                    since_best = 0
+                    early.escaped()
                 checks.append((t, lv))
                 if tol > 0 and lv <= tol * tol * zero_loss:
                     reason = "tol"
                 elif polish is not None and hist.escaped_at is not None and tol > 0:
                     t1 = time.perf_counter()
-                    saved = [p.detach().clone() for p in params]
-                    saved_state = problem.trained_state() if has_state else None
-                    if time_limit is not None and hasattr(
-                        polish, "deadline"
-                    ):  # the polish keeps the time limit too
-                        polish.deadline = wall0 + time_limit
-                    msg = polish(t, model, problem, tol * tol * zero_loss)
-                    if getattr(polish, "attempts", None):
-                        hist.polish_info = (
-                            f"polish attempts (iteration, rank, relative residual): {polish.attempts}"
-                        )
-                    if msg:
-                        loss, grads = model.loss_and_grads(problem)  # the trainer's own check of the polish
-                        lp = float(loss)
-                        if math.isfinite(lp) and lp <= tol * tol * zero_loss:
-                            reason, lv = "tol", lp
-                            hist.polished_at = t
-                            hist.polish_info = msg
-                        else:
-                            for p, q in zip(params, saved):
-                                p.copy_(q)
-                            if saved_state is not None:
-                                problem.load_trained_state(saved_state)
-                            loss, grads = model.loss_and_grads(problem)
-                            hist.polish_info = (
-                                f"{msg}; rejected: the trainer's loss {lp:.3g} > {tol * tol * zero_loss:.3g}"
-                            )
-                            if driver is not None:  # the restored point is the reference again
-                                driver.remember(loss, grads, wd)
+                    deadline = None if time_limit is None else wall0 + time_limit
+                    out = attempt_polish(polish, t, model, problem, tol * tol * zero_loss, deadline)
+                    if out.info is not None:
+                        hist.polish_info = out.info
+                    if out.loss is not None:  # the parameters were touched: continue from where it left them
+                        loss, grads = out.loss, out.grads
+                        if out.accepted:
+                            reason, hist.polished_at = "tol", t
+                        elif driver is not None:  # the restored point is the reference again
+                            driver.remember(loss, grads, wd)
                     train_time += time.perf_counter() - t1
                 elif hist.escaped_at is not None and ftol > 0 and t - hist.escaped_at >= window:
                     if stationary(checks, window // check_every, hist.escaped_at, ftol):
@@ -450,11 +425,8 @@ def train_gd(model, problem, lr: float, *, config: GDConfig | None = None, **opt
     finally:
         if bar is not None:
             bar.close()
-    if reason == "patience" and best_state is not None:
-        for p, b in zip(params, best_state):
-            p.copy_(b)
-        if best_extra[0] is not None:
-            problem.load_trained_state(best_extra[0])
+    if reason == "patience":
+        early.restore()
     status = final_status(reason, hist.escaped_at is not None)
     hist.status, hist.reason = status, reason
     hist.n_iters = t
