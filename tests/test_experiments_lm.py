@@ -328,3 +328,12 @@ def test_ablation_knobs_are_stated_in_the_notes_only_when_set():
     assert "{" not in notes and "}" not in notes
     plain = lowrank_lm.setting_notes(lowrank_lm.QUICK, corpus, "", 1, type("D", (), {"type": "cpu"}), "cmd")
     assert "own AdamW" not in plain and "optimizer arguments" not in plain
+
+
+def test_the_per_tensor_arm_trains_every_parameter_of_the_ab_model_with_one_per_tensor_adamw():
+    from torchlowrank.experiments.per_tensor_adam import PerTensorAdamW
+
+    assert lowrank_lm.PER_TENSOR not in lowrank_lm.LMConfig().methods  # not in the registered run
+    model, opts, _ = _arm(lowrank_lm.PER_TENSOR, lowrank_lm.QUICK)
+    assert len(opts) == 1 and type(opts[0]) is PerTensorAdamW
+    assert set(_ids(opts[0])) == {id(p) for p in model.parameters()}

@@ -51,6 +51,7 @@ from ..reproducibility import environment_info, one_thread
 from ..results import Plot, Result, Series, Table
 from ..targets import find_targets
 from .geometry_toy import provenance
+from .per_tensor_adam import PerTensorAdamW
 
 DESCRIPTION = (
     "byte-level Llama pre-training on Rotten Tomatoes at 25/50% of the projection "
@@ -58,6 +59,9 @@ DESCRIPTION = (
 )
 
 METHODS = ("dense AdamW", "factorized AdamW", "LowRankAdam", "LowRankAdam adaptive", "GaLoreAdamW")
+# not in the registered run: the ablation's arm with one second moment per tensor on the A B^T factors
+PER_TENSOR = "factorized AdamW, per-tensor second moment"
+ALL_METHODS = METHODS + (PER_TENSOR,)
 SPLIT_METHODS = ("factorized AdamW", "LowRankAdam")  # the methods LMConfig.other_lr can apply to
 KWARGS_METHODS = ("dense AdamW", "factorized AdamW", "LowRankAdam")  # ... and LMConfig.optimizer_kwargs
 
@@ -108,9 +112,9 @@ class LMConfig:
         self.methods = tuple(self.methods)
         if not self.methods:
             raise ValueError(f"no method to run; choose from {METHODS}")
-        unknown = [m for m in self.methods if m not in METHODS]
+        unknown = [m for m in self.methods if m not in ALL_METHODS]
         if unknown:
-            raise ValueError(f"unknown method(s) {unknown}; known: {METHODS}")
+            raise ValueError(f"unknown method(s) {unknown}; known: {ALL_METHODS}")
         bad = [m for m in self.other_lr if m not in SPLIT_METHODS] + [
             m for m in self.optimizer_kwargs if m not in KWARGS_METHODS
         ]
@@ -257,6 +261,9 @@ def make_arm(method: str, base: nn.Module, ranks: dict[str, int], lr: float, cfg
             items = [mods[n] for n, r in ranks.items() if r == k] + (rest if i == 0 else [])
             opts.append(LowRankAdam(items, lr=lr, tau=cfg.tau, max_rank=k, nonfinite="raise"))
         return model, opts
+    if method == PER_TENSOR:
+        model = factorized(base, ranks, "AB")
+        return model, [PerTensorAdamW(model.parameters(), lr=lr, weight_decay=0.0)]
     if method == "GaLoreAdamW":
         model = copy.deepcopy(base)
         mods = dict(model.named_modules())
@@ -264,7 +271,7 @@ def make_arm(method: str, base: nn.Module, ranks: dict[str, int], lr: float, cfg
         seen = {id(g["params"][0]) for g in groups}
         groups.append({"params": [p for p in model.parameters() if id(p) not in seen], "rank": None})
         return model, [GaLoreAdamW(groups, lr=lr, update_gap=cfg.galore_gap)]
-    raise ValueError(f"unknown method {method!r}; known: {METHODS}")
+    raise ValueError(f"unknown method {method!r}; known: {ALL_METHODS}")
 
 
 # ----- train / evaluate --------------------------------------------------------------------------
@@ -409,7 +416,7 @@ def run_arm(
 def arms(cfg: LMConfig) -> list[tuple[str, float]]:
     """(method, budget fraction) pairs; the dense model has fraction 1."""
     dense = [("dense AdamW", 1.0)] if "dense AdamW" in cfg.methods else []
-    return dense + [(m, p) for p in cfg.fractions for m in METHODS[1:] if m in cfg.methods]
+    return dense + [(m, p) for p in cfg.fractions for m in ALL_METHODS[1:] if m in cfg.methods]
 
 
 def next_lr(ladder: tuple[float, ...], tried: dict[float, float]) -> float | None:
