@@ -70,6 +70,7 @@ class Arm:
     weight_decay: float = 0.0  # decoupled, on S only
     augment_every: int = 1
     warmup: bool = False
+    betas: tuple[float, float] = (0.9, 0.999)  # Adam's, for every kind
 
 
 ARMS: tuple[Arm, ...] = (
@@ -263,10 +264,11 @@ def build(setting: Setting, arm: Arm, n_in: int, seed: int) -> nn.Sequential:
 
 def make_optimizer(model: nn.Module, arm: Arm, lr: float) -> torch.optim.Optimizer:
     if arm.kind != "lowrank":
-        return torch.optim.Adam(model.parameters(), lr=lr)
+        return torch.optim.Adam(model.parameters(), lr=lr, betas=arm.betas)
     opt = LowRankAdam(
         model,
         lr=lr,
+        betas=arm.betas,
         second_moment=arm.second_moment,
         basis_lr_ratio=arm.basis_lr_ratio,
         weight_decay=arm.weight_decay,
