@@ -301,7 +301,7 @@ def test_optimizer_kwargs_reach_the_searched_optimizer_only():
     )
     _, (main, rest), _ = _arm("LowRankAdam", cfg)
     assert all((g["basis_lr_ratio"], g["second_moment"]) == (10.0, "elementwise") for g in main.param_groups)
-    assert rest.param_groups[0]["betas"] == (0.9, 0.999)
+    assert rest.param_groups[0]["betas"] == main.defaults["betas"]  # what the unsplit arm gives them
     cfg = dataclasses.replace(lowrank_lm.QUICK, optimizer_kwargs={"factorized AdamW": {"betas": (0.9, 0.95)}})
     _, (opt,), _ = _arm("factorized AdamW", cfg)
     assert opt.param_groups[0]["betas"] == (0.9, 0.95)

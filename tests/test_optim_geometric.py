@@ -277,8 +277,8 @@ def test_other_parameters_get_the_ordinary_sgd_and_adamw_updates():
             lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01),
         ),
         (
-            lambda m: LowRankAdam(m, lr=1e-2, weight_decay=0.1),
-            lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1),
+            lambda m: LowRankAdam(m, lr=1e-2, weight_decay=0.1),  # its default betas: (0.9, 0.95)
+            lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, betas=(0.9, 0.95)),
         ),
     ):
         a, b = _make_model(0), _make_model(0)

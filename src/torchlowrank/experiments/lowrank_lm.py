@@ -105,7 +105,8 @@ class LMConfig:
     # (weight decay 0); the searched rate then applies to the projections' factors only.
     other_lr: dict[str, float] = field(default_factory=dict)
     # method -> extra keyword arguments of the optimizer at the searched rate (e.g. LowRankAdam's
-    # basis_lr_ratio / second_moment, AdamW's betas); not passed to the others' AdamW of other_lr
+    # basis_lr_ratio / second_moment, AdamW's betas); the others' AdamW of other_lr takes only the betas
+    # the main optimizer ends up with (as the unsplit arm trains them), nothing else
     optimizer_kwargs: dict[str, dict] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -223,8 +224,9 @@ def make_arm(method: str, base: nn.Module, ranks: dict[str, int], lr: float, cfg
     """(model, optimizers) of one method at the budget ``ranks``, from a copy of ``base``.
 
     With ``cfg.other_lr[method]`` set, the optimizer at ``lr`` gets the projections only and a second
-    AdamW (weight decay 0) trains the other parameters at that fixed rate; ``cfg.optimizer_kwargs[method]``
-    goes to the optimizer at ``lr``."""
+    AdamW (weight decay 0, the first optimizer's betas) trains the other parameters at that fixed rate,
+    so the split changes nothing but their rate; ``cfg.optimizer_kwargs[method]`` goes to the optimizer
+    at ``lr``."""
     kwargs = cfg.optimizer_kwargs.get(method, {})
     other = cfg.other_lr.get(method)
     if method == "dense AdamW":
@@ -236,9 +238,10 @@ def make_arm(method: str, base: nn.Module, ranks: dict[str, int], lr: float, cfg
             return model, [torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, **kwargs)]
         projections, rest = split_projections(model, ranks)
         factors = [p for m in projections for p in m.parameters()]
+        main = torch.optim.AdamW(factors, lr=lr, weight_decay=0.0, **kwargs)
         return model, [
-            torch.optim.AdamW(factors, lr=lr, weight_decay=0.0, **kwargs),
-            torch.optim.AdamW(rest, lr=other, weight_decay=0.0),
+            main,
+            torch.optim.AdamW(rest, lr=other, weight_decay=0.0, betas=main.defaults["betas"]),
         ]
     if method == "LowRankAdam":
         model = factorized(base, ranks, "USV")
@@ -246,9 +249,10 @@ def make_arm(method: str, base: nn.Module, ranks: dict[str, int], lr: float, cfg
             return model, [LowRankAdam(model, lr=lr, nonfinite="raise", **kwargs)]
         projections, rest = split_projections(model, ranks)
         # LowRankAdam first: a step it refuses (non-finite) raises before the others move
+        main = LowRankAdam(projections, lr=lr, nonfinite="raise", **kwargs)
         return model, [
-            LowRankAdam(projections, lr=lr, nonfinite="raise", **kwargs),
-            torch.optim.AdamW(rest, lr=other, weight_decay=0.0),
+            main,
+            torch.optim.AdamW(rest, lr=other, weight_decay=0.0, betas=main.defaults["betas"]),
         ]
     if method == "LowRankAdam adaptive":
         # one optimizer per rank class, so that each layer's max_rank is its own budget rank
