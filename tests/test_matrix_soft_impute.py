@@ -85,3 +85,15 @@ def test_a_dense_warm_start_is_truncated_to_max_rank_and_continues_the_iteration
     warm = soft_impute(M, mask, 1.0, max_rank=5, max_iters=5000, tol=1e-12, init=half)
     assert int((torch.linalg.svdvals(half) > 1e-9).sum()) <= 5
     torch.testing.assert_close(warm, cold, rtol=1e-7, atol=1e-9)
+
+
+def test_bad_arguments_are_refused_with_what_to_pass():
+    M, mask = _noisy_low_rank()
+    with pytest.raises(ValueError, match="lam must be >= 0"):
+        soft_impute(M, mask, -1.0)
+    with pytest.raises(ValueError, match="max_rank must be a positive int"):
+        soft_impute(M, mask, 1.0, max_rank=0)
+    with pytest.raises(ValueError, match="time_limit must be >= 0"):
+        soft_impute_path(M, mask, time_limit=-1.0)
+    with pytest.raises(ValueError, match="mask has shape"):
+        soft_impute(M, mask[:5], 1.0)

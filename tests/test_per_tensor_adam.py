@@ -35,3 +35,13 @@ def test_its_step_is_adamw_with_the_tensors_mean_square_gradient():
         v = 0.9 * v + 0.1 * grad.square().mean()
         ref = ref - 0.05 * (m / (1 - 0.8**t)) / ((v / (1 - 0.9**t)).sqrt() + 1e-8)
     torch.testing.assert_close(p.detach(), ref, rtol=1e-12, atol=1e-12)
+
+
+def test_bad_hyperparameters_are_refused():
+    import pytest
+
+    p = torch.nn.Parameter(torch.zeros(2))
+    with pytest.raises(ValueError, match="lr must be > 0"):
+        PerTensorAdamW([p], lr=0.0)
+    with pytest.raises(ValueError, match="betas must be in"):
+        PerTensorAdamW([p], betas=(0.9, 1.0))
