@@ -54,11 +54,27 @@ def _rel(pred: np.ndarray, sv: np.ndarray) -> float:
     return float(np.linalg.norm(pred - sv) / np.linalg.norm(sv))
 
 
-def plain_sparse_als(m, n, rows, cols, vals, r, sample, target=1e-4, max_sweeps=500, seed=1):
+def plain_sparse_als(
+    m,
+    n,
+    rows,
+    cols,
+    vals,
+    r,
+    sample,
+    target=1e-4,
+    max_sweeps=500,
+    seed=1,
+    spectral=False,
+    max_seconds=None,
+    log=None,
+):
     """Plain ALS: min sum_Omega (U_i . V_j - M_ij)^2 + lam (||U||^2 + ||V||^2), lam = 1e-10 s_1,
-    from a random start; per half-sweep the r x r Gram matrices of all rows at once as a CSR
-    product with the (n, r^2) outer products, then batched Cholesky solves. Returns (seconds to
-    ``target`` on the sample or None, sweeps, final sample error)."""
+    from a random start (``spectral``: from the top-r SVD of the observations, ``V_s sqrt(s / p)``,
+    its time counted); per half-sweep the r x r Gram matrices of all rows at once as a CSR
+    product with the (n, r^2) outer products, then batched Cholesky solves. Stops at ``target`` on
+    the sample, ``max_sweeps`` or ``max_seconds``; ``log(sweep, seconds, error)`` after each sweep.
+    Returns (seconds to ``target`` on the sample or None, sweeps, final sample error)."""
     import scipy.sparse as sp
 
     A = sp.csr_matrix((vals, (rows, cols)), shape=(m, n))
@@ -67,9 +83,14 @@ def plain_sparse_als(m, n, rows, cols, vals, r, sample, target=1e-4, max_sweeps=
     P.data[:] = 1.0
     Pt = P.T.tocsr()
     g = np.random.default_rng(seed)
-    scale = np.sqrt(np.abs(vals).mean() / r)
-    V = g.standard_normal((n, r)) * scale
-    lam = 1e-10 * float(sp.linalg.svds(A, k=1, return_singular_vectors=False)[0])
+    now = clock()
+    t0 = now()
+    if spectral:
+        _, s, Vt = sp.linalg.svds(A, k=r, random_state=seed)
+        V = Vt.T * np.sqrt(s / (len(vals) / (m * n)))
+    else:
+        V = g.standard_normal((n, r)) * np.sqrt(np.abs(vals).mean() / r)
+    lam = 1e-10 * float(sp.linalg.svds(A, k=1, return_singular_vectors=False, random_state=seed)[0])
     sr, sc, sv = sample
     spent, t_hit, err = 0.0, None, float("nan")
 
@@ -81,15 +102,17 @@ def plain_sparse_als(m, n, rows, cols, vals, r, sample, target=1e-4, max_sweeps=
         y = np.linalg.solve(L, h[:, :, None])
         return np.linalg.solve(np.transpose(L, (0, 2, 1)), y)[:, :, 0]
 
+    spent = now() - t0 if spectral else 0.0
     sweep = 0
-    now = clock()
-    while sweep < max_sweeps:
+    while sweep < max_sweeps and (max_seconds is None or spent < max_seconds):
         sweep += 1
         t0 = now()
         U = solve(P, A, V)
         V = solve(Pt, At, U)
         spent += now() - t0
         err = _rel(np.einsum("ij,ij->i", U[sr], V[sc]), sv)
+        if log is not None:
+            log(sweep, spent, err)
         if err <= target:
             t_hit = spent
             break
@@ -119,15 +142,17 @@ def _complete_case(m, n, r, n_obs, sparse, time_limit=None, **options):
     return wall, _rel(pred, sv), res.status, res.history.selected, res.rank
 
 
-def _child(spec: str) -> None:
-    """Entry point of the fresh process for the large case: prints one JSON line."""
+def _child(spec: str, options: str = "{}") -> None:
+    """Entry point of the fresh process for the large case (``options``: complete()'s keyword
+    arguments as JSON, e.g. ``{"rank": 20}``): prints one JSON line."""
     import resource
 
     from torchlowrank.reproducibility import one_thread
 
     m, n, r, n_obs = (int(x) for x in spec.split(","))
+    kw = {"time_limit": LARGE_TIME_LIMIT, **json.loads(options)}
     with one_thread():
-        wall, err, status, selected, rank = _complete_case(m, n, r, n_obs, None, LARGE_TIME_LIMIT)
+        wall, err, status, selected, rank = _complete_case(m, n, r, n_obs, None, kw.pop("time_limit"), **kw)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # KiB -> GiB
     print(
         json.dumps(
@@ -208,8 +233,8 @@ def _run(quick: bool):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "--child":
-        _child(sys.argv[2])
+    if len(sys.argv) in (3, 4) and sys.argv[1] == "--child":
+        _child(*sys.argv[2:])
     else:
         res = run(quick="--quick" in sys.argv)
         for t in res.tables:

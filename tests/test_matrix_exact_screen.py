@@ -7,8 +7,17 @@ import numpy as np
 import pytest
 import torch
 
+from torchlowrank.matrix.als import spectral_start
 from torchlowrank.matrix.centering import holdout_split
-from torchlowrank.matrix.exact_screen import MIN_GAP, candidate_ranks, fit_if_exactly_low_rank
+from torchlowrank.matrix.exact_screen import (
+    CHECK_MIN,
+    MIN_GAP,
+    PATIENCE,
+    _on_course,
+    candidate_ranks,
+    check_entries,
+    fit_if_exactly_low_rank,
+)
 from torchlowrank.matrix.problems import low_rank_target, random_mask
 from torchlowrank.matrix.sparse import PRODUCT_BLOCK, Entries, row_grams
 
@@ -51,6 +60,53 @@ def test_exact_screen_gives_up_on_noisy_data_after_a_few_sweeps(monkeypatch):
     monkeypatch.setattr(als_module._Fit, "half", lambda self, *a: halves.append(1) or real_half(self, *a))
     assert fit_if_exactly_low_rank(E_fit, val) is None
     assert 0 < len(halves) <= 2 * 3 * 40  # at most 3 candidate ranks, a few dozen sweeps each at most
+
+
+def test_a_given_rank_is_tried_first_where_the_spectrum_hides_it():
+    g = torch.Generator().manual_seed(0)
+    M = low_rank_target((400, 400), 10, generator=g)
+    E_fit, val = _entries(M, random_mask((400, 400), 0.10, generator=g))  # 2x the degrees of freedom
+    S = spectral_start(
+        E_fit, 65, float(E_fit.values.mean()), torch.Generator().manual_seed(0), torch.float64
+    )[3]
+    assert 10 not in candidate_ranks(S, 64)  # the sampling noise hides the drop at the true rank
+    assert fit_if_exactly_low_rank(E_fit, val) is None
+    rmse, fit = fit_if_exactly_low_rank(E_fit, val, rank=10)
+    assert fit.rank == 10 and rmse <= 1e-6 * float(val[2].std())
+    assert float(torch.linalg.matrix_norm(fit.dense() - M) / torch.linalg.matrix_norm(M)) < 1e-6
+
+
+def test_the_screen_goes_on_while_the_held_out_error_would_reach_its_target_in_time():
+    steady = [0.9**k for k in range(PATIENCE + 1)]  # 10 % a sweep: 1e-6 is 131 sweeps away
+    assert _on_course(steady, 1e-6, sweeps_left=200)
+    assert not _on_course(steady, 1e-6, sweeps_left=100)
+    assert not _on_course([1.0] * (PATIENCE + 1), 1e-6, sweeps_left=10_000)  # stalled: noise
+    assert not _on_course([1.0 + 0.01 * k for k in range(PATIENCE + 1)], 1e-6, sweeps_left=10_000)
+
+
+def test_complete_passes_its_rank_to_the_exact_screen():
+    from torchlowrank.matrix import complete
+
+    g = torch.Generator().manual_seed(0)
+    M = low_rank_target((400, 400), 10, generator=g)
+    mask = random_mask((400, 400), 0.11, generator=g)
+    res = complete(torch.where(mask, M, torch.nan), rank=10, sparse=True)
+    assert res.history.selected == "ridge_polish" and res.rank == 10
+    assert "exactly low rank: rank 10" in res.history.message
+    assert float(torch.linalg.matrix_norm(res.matrix - M) / torch.linalg.matrix_norm(M)) < 1e-6
+
+
+def test_the_screen_checks_its_fit_on_a_seeded_one_percent_of_the_held_out_entries():
+    held = torch.zeros(500_000, dtype=torch.bool)
+    held[::10] = True  # a 10 % hold-out
+    check = check_entries(held, seed=3)
+    assert int(check.sum()) == 5000 and not bool((check & ~held).any())
+    assert torch.equal(check, check_entries(held, seed=3)) and not torch.equal(
+        check, check_entries(held, seed=4)
+    )
+    few = torch.zeros(5000, dtype=torch.bool)
+    few[:700] = True
+    assert torch.equal(check_entries(few), few) and CHECK_MIN > 700  # fewer than CHECK_MIN: all of them
 
 
 def test_exact_screen_finds_nothing_on_a_real_table():

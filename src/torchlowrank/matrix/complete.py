@@ -55,7 +55,7 @@ from ..linalg import truncated_svd
 from .als import _as_val, as_entries
 from .centering import MeanModel, best_mean_model, fit_mean_model, holdout_split
 from .compressed import CompressedFactorization, check_rank
-from .exact_screen import fit_if_exactly_low_rank
+from .exact_screen import check_entries, fit_if_exactly_low_rank
 from .factorization import DeepFactorization, as_positive_int
 from .inputs import as_tensor
 from .polish import RankPolish
@@ -554,7 +554,9 @@ def _complete_sparse(
         E_fit, val = E.subset(~pick), (E.rows[pick], E.cols[pick], E.values[pick])
     n_val = int(val[0].numel())
     _, mm_reg, mm_rmse = best_mean_model(E_fit.rows, E_fit.cols, E_fit.values, (m, n), val, center)
-    exact = _exact_low_rank(E, E_fit, val, mm_rmse, seed, dl, start, test, tol)
+    exact = _exact_low_rank(
+        E, E_fit, val, mm_rmse, seed, dl, start, test, tol, rank, None if validation is not None else pick
+    )
     if exact is not None:
         return exact
     # candidates stop at a relative change of 1e-4 (the winner's refit on all entries goes on to 1e-7)
@@ -602,13 +604,23 @@ def _exact_low_rank(
     start: float,
     test: tuple | None,
     tol: float,
+    rank: int | None = None,
+    held: torch.Tensor | None = None,
 ) -> CompletionResult | None:
     """The result of :func:`~torchlowrank.matrix.exact_screen.fit_if_exactly_low_rank` on ``E_fit``
-    (given at most half of the time left), refitted on all entries to the relative train residual
-    ``tol``, or None when the data is not exactly low rank (to ``max(tol, EXACT)`` of the held-out
-    entries' spread: a looser ``tol`` accepts a looser fit, and stops sooner)."""
+    (``rank`` tried first; given at most half of the time left), refitted on all entries to the
+    relative train residual ``tol``, or None when the data is not exactly low rank (to ``max(tol,
+    EXACT)`` of the held-out entries' spread: a looser ``tol`` accepts a looser fit, and stops
+    sooner). ``held`` (N,) bool, the held-out entries of ``E_all`` when ``val`` is made of them:
+    the screen then fits on all entries but its smaller check set
+    (:func:`~torchlowrank.matrix.exact_screen.check_entries`)."""
+    if held is not None:
+        check = check_entries(held, seed)
+        E_fit, val = E_all.subset(~check), (E_all.rows[check], E_all.cols[check], E_all.values[check])
     screen_deadline = None if deadline is None else (time.perf_counter() + deadline) / 2
-    exact = fit_if_exactly_low_rank(E_fit, val, seed=seed, deadline=screen_deadline, tol=max(tol, EXACT))
+    exact = fit_if_exactly_low_rank(
+        E_fit, val, seed=seed, deadline=screen_deadline, tol=max(tol, EXACT), rank=rank
+    )
     if exact is None:
         return None
     hist = History()
@@ -806,13 +818,14 @@ def complete(
     (``seed``) random 10% of the observed entries (never the last one of a row or column, see
     :func:`holdout_split`) is held out. First the exact screen
     (:func:`~torchlowrank.matrix.exact_screen.fit_if_exactly_low_rank`, with ``ridge_polish=True``,
-    on every route): plain ALS at the ranks where the spectrum of the centred observations drops
-    most; if one fits the held-out entries to max(``tol``, 1e-6) of their spread (exactly low-rank
+    on every route): plain ALS at ``rank`` when it is given (the rank you expect), then at the
+    ranks where the spectrum of the centred observations drops most; if one fits the held-out entries to max(``tol``, 1e-6) of their spread (exactly low-rank
     data), it is refitted on all entries to the relative train residual ``tol`` and returned
     (``history.selected == "ridge_polish"``, "exactly low rank" in the message, no network:
     ``model`` / ``problem`` are None) — a few sweeps where the
-    network takes minutes; on noisy data it gives up after a few sweeps and the run goes on as
-    below. ``ridge_polish=False`` trains the network alone. The network is trained on the rest with early stopping on
+    network takes minutes; on noisy data it gives up after a few sweeps (once the held-out error,
+    at its recent rate of fall, would not reach that level within 500 sweeps) and the run goes on
+    as below. ``ridge_polish=False`` trains the network alone. The network is trained on the rest with early stopping on
     the held-out entries (``patience`` evaluations, default 10, counted after the escape from the
     initial plateau; the best parameters are kept) and the exact polish on; the mean model
     (``mu + b_i + c_j``, its bias ridge chosen on the same entries) is fitted beside it. Then:
@@ -966,7 +979,9 @@ def complete(
     all_vals = observed[rows, cols].to(torch.float64)
     E_all = Entries(rows, cols, all_vals, tuple(mask.shape))
     if ridge_polish:  # exactly low-rank data: a plain ALS at the rank its spectrum shows recovers it fast
-        exact = _exact_low_rank(E_all, E_all.subset(~pick), (vr, vc, vv), mm_rmse, seed, dl, start, test, tol)
+        exact = _exact_low_rank(
+            E_all, E_all.subset(~pick), (vr, vc, vv), mm_rmse, seed, dl, start, test, tol, rank, pick
+        )
         if exact is not None:
             return exact
     with warnings.catch_warnings(record=True) as caught:
