@@ -263,15 +263,16 @@ class _Fit:
         self.U, self.V, self.b, self.c = (x.clone() for x in st)
 
 
-def spectral_start(E: Entries, k: int, mu: float, generator: torch.Generator, dtype):
-    """The mean model (bias ridge 1) of the entries and the top-``k`` SVD of its residual:
+def spectral_start(E: Entries, k: int, mu: float, generator: torch.Generator, dtype, power_iters: int = 4):
+    """The mean model (bias ridge 1) of the entries and the top-``k`` SVD of its residual
+    (:func:`~torchlowrank.matrix.sparse.sparse_top_svd` with ``power_iters``):
     ``(b (m,), c (n,), Us (m, k), S (k,), Vs (n, k))``; ``Us * sqrt(S / p)``, ``Vs * sqrt(S / p)``
     (p the sampling rate) are balanced factors of the residual's rank-k part, the spectral start of
     ALS."""
     mm = fit_mean_model(E.rows, E.cols, E.values.to(torch.float64), E.shape, reg=1.0)
     b, c = mm.row.to(dtype), mm.col.to(dtype)
     r = (E.values - mu - b[E.rows] - c[E.cols]).to(dtype)
-    Us, S, Vs = sparse_top_svd(E, r, k, generator=generator, dtype=dtype)
+    Us, S, Vs = sparse_top_svd(E, r, k, generator=generator, dtype=dtype, power_iters=power_iters)
     return b, c, Us, S, Vs
 
 
