@@ -161,14 +161,14 @@ def _child(spec: str, options: str = "{}") -> None:
     )
 
 
-def run(quick: bool = False):
+def run(quick: bool = False, large: bool = True):
     from torchlowrank.reproducibility import one_thread
 
     with one_thread():
-        return _run(quick)
+        return _run(quick, large)
 
 
-def _run(quick: bool):
+def _run(quick: bool, large: bool = True):
     from torchlowrank.reproducibility import environment_info
     from torchlowrank.results import Result, Table
 
@@ -191,7 +191,7 @@ def _run(quick: bool):
             rows_out.append([name, label, hit, err, f"{status}, {selected}, rank {rank}", ratio])
             metrics[f"time_to_1e-4[{name}][{label}]"] = hit
             metrics[f"ratio[{name}][{label}]"] = ratio
-    if not quick:
+    if large and not quick:
         spec = "100000,50000,20,5000000"
         for key, options, label in (
             ("large", "{}", f"complete(time_limit={LARGE_TIME_LIMIT:g})"),
@@ -243,7 +243,7 @@ if __name__ == "__main__":
     if len(sys.argv) in (3, 4) and sys.argv[1] == "--child":
         _child(*sys.argv[2:])
     else:
-        res = run(quick="--quick" in sys.argv)
+        res = run(quick="--quick" in sys.argv, large="--no-large" not in sys.argv)
         for t in res.tables:
             print(t.title)
             for row in t.rows:
