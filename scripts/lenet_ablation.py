@@ -89,6 +89,10 @@ def seq(xs) -> str:
     return " / ".join(f"{x:+.3f}" for x in xs)
 
 
+def mean(xs) -> float | None:
+    return statistics.fmean(xs) if xs else None  # None: the other arm has not run yet
+
+
 def tables(chosen, tuning, tried, done):
     rows = []
     for p in CONFIG.fractions:
@@ -108,9 +112,9 @@ def tables(chosen, tuning, tried, done):
                     statistics.stdev(accs),
                     " / ".join(f"{a:.4f}" for a in accs),
                     seq(vs_base),
-                    statistics.fmean(vs_base),
+                    mean(vs_base),
                     seq(vs_default),
-                    statistics.fmean(vs_default),
+                    mean(vs_default),
                     statistics.fmean(r.seconds for r in rs),
                 ]
             )
