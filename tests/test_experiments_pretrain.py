@@ -101,3 +101,44 @@ def test_training_uses_full_batches_and_decays_the_rate_to_min_lr_ratio():
     curve = P.train(model, opt, x, y, x[:8], y[:8], epochs=2, batch=16, seed=0, cfg=cfg, bar=bar)
     assert curve["step"] == [0, 2, 4]  # 40 // 16 = 2 full batches per epoch; the 8 left over are dropped
     assert opt.param_groups[0]["lr"] == pytest.approx(1e-2 * cfg.min_lr_ratio)
+
+
+def test_registered_run_has_no_variants_and_the_same_arms():
+    """The ``variants`` extension point (for ablations) leaves the registered full run's arms as they were."""
+    cfg = P.Config.make(quick=False, seed=0)
+    assert cfg.variants == {}
+    assert cfg.methods == ("dense Adam", "factorized Adam", "LowRankAdam")
+    assert P.arms(cfg) == [
+        ("dense Adam", 1.0),
+        ("factorized Adam", 0.05),
+        ("LowRankAdam", 0.05),
+        ("factorized Adam", 0.2),
+        ("LowRankAdam", 0.2),
+        ("LowRankAdam tau=0.1", "adaptive"),
+    ]
+
+
+def test_a_variant_builds_its_base_arm_with_its_optimizer_and_kwargs():
+    from torchlowrank.experiments.per_tensor_adam import PerTensorAdamW
+    from torchlowrank.optim import LowRankAdam
+
+    cfg = dataclasses.replace(
+        P.Config.make(quick=False, seed=0),
+        methods=("factorized Adam", "LowRankAdam", "per-tensor", "elementwise"),
+        taus=[],
+        variants={
+            "per-tensor": ("factorized Adam", PerTensorAdamW, {}),
+            "elementwise": ("LowRankAdam", None, {"second_moment": "elementwise", "basis_lr_ratio": 10.0}),
+        },
+    )
+    base = P.build("lenet5", (), 0)
+    _, adam = P.make_run("factorized Adam", 0.2, base, "lenet5", 1e-3, cfg)
+    model, per_tensor = P.make_run("per-tensor", 0.2, base, "lenet5", 1e-3, cfg)
+    assert type(adam) is torch.optim.Adam and type(per_tensor) is PerTensorAdamW
+    assert sorted(p.shape for g in per_tensor.param_groups for p in g["params"]) == sorted(
+        p.shape for p in model.parameters()
+    )
+    _, lra = P.make_run("elementwise", 0.2, base, "lenet5", 1e-2, cfg)
+    assert isinstance(lra, LowRankAdam)
+    assert lra.defaults["second_moment"] == "elementwise" and lra.defaults["basis_lr_ratio"] == 10.0
+    lra.remove_hooks()

@@ -84,6 +84,9 @@ class Config:
     lr_ladder: tuple[float, ...] = LADDER
     lr_start: tuple[float, ...] = (3e-3, 1e-2)
     fixed_lr: dict = field(default_factory=dict)  # method -> lr: no search (quick mode)
+    # extra arms for ablations, named in ``methods``: label -> (base method "factorized Adam" or
+    # "LowRankAdam", optimizer class or None for the base's, optimizer kwargs); empty in the registered run
+    variants: dict = field(default_factory=dict)
 
     @classmethod
     def make(cls, quick: bool, seed: int) -> Config:
@@ -200,15 +203,16 @@ def make_run(method: str, budget, base: nn.Module, arch: str, lr: float, cfg: Co
     if method == "dense Adam":
         m = copy.deepcopy(base)
         return m, torch.optim.AdamW(m.parameters(), lr=lr, weight_decay=0.0)
+    method, opt_cls, kwargs = cfg.variants.get(method, (method, None, {}))
     if method == "factorized Adam":
         m = factorize_ab(copy.deepcopy(base), budget, TARGETS[arch])
-        return m, torch.optim.Adam(m.parameters(), lr=lr)
+        return m, (opt_cls or torch.optim.Adam)(m.parameters(), lr=lr, **kwargs)
     if method == "GaLore":
         m = copy.deepcopy(base)
         return m, galore(m, arch, budget, lr, cfg)
     if method == "LowRankAdam":
         m = to_lowrank(copy.deepcopy(base), arch, budget)
-        return m, LowRankAdam(m, lr=lr)
+        return m, (opt_cls or LowRankAdam)(m, lr=lr, **kwargs)
     if method.startswith("LowRankAdam tau="):
         m = to_lowrank(copy.deepcopy(base), arch, max(cfg.fractions))
         start = max(mod.rank for _, mod in find_targets(m, TARGETS[arch]))
