@@ -23,7 +23,7 @@ The spectrum comes from :data:`POWER_ITERS` = 12 power iterations, not the 4 tha
 spectral start uses: where the sampling noise flattens the spectrum the start is what decides
 whether ALS converges, and 4 iterations leave the subspace far from converged (on the 100,000 x
 50,000 case the top-20 directions held 0.31 of the true column space's energy after 4, 0.62 after
-12, 0.63 for an exact Lanczos SVD; ALS from the first rose after 20 sweeps, from the second it
+12, 0.63 for an exact Lanczos SVD; ALS from the first rose after 18 sweeps, from the second it
 converged). Only the screen pays for it (a few seconds there; it is one SVD per call).
 
 The fit uses all observed entries but a check set (:func:`check_entries`: 1 % of them, at least
@@ -35,7 +35,7 @@ On noisy data the screen costs one randomized SVD and a few sweeps per candidate
 caller goes on as if it had not run. Where the observations are barely enough (1.7x the degrees
 of freedom: 5 M entries of a rank-20 100,000 x 50,000 matrix) the sampling noise hides the drop
 in the spectrum, so only a rank given by the caller is tried, and ALS converges slowly but
-steadily (the held-out error falls 5-25 % a sweep): the rate rule keeps it going, where a fixed
+steadily (the held-out error fell 3-20 % a sweep there): the rate rule keeps it going, where a fixed
 "halve every few sweeps" rule gave up on data it would have recovered.
 """
 
@@ -134,7 +134,8 @@ def fit_if_exactly_low_rank(
     values = E_fit.values.to(dtype)
     mu = float(values.double().mean())
     given = [rank] if rank is not None and 1 <= rank <= cap else []
-    K = max([min(SPECTRUM_RANKS, cap)] + given) + 1
+    top = min(SPECTRUM_RANKS, cap)  # the spectrum the candidate ranks are read from
+    K = max([top] + given) + 1
     b0, c0, Us, S, Vs = spectral_start(
         E_fit, K, mu, torch.Generator().manual_seed(seed), dtype, power_iters=POWER_ITERS
     )
@@ -144,7 +145,7 @@ def fit_if_exactly_low_rank(
     bias_reg = 0.0
     p = len(E_fit) / (m * n)
     E = Entries(E_fit.rows, E_fit.cols, values, (m, n))
-    for k in given + [k for k in candidate_ranks(S[: min(SPECTRUM_RANKS, cap) + 1], cap) if k not in given]:
+    for k in given + [k for k in candidate_ranks(S[: top + 1], cap) if k not in given]:
         sq = (S[:k] / p).sqrt()
         fit = _Fit(E, mu, Us[:, :k] * sq, Vs[:, :k] * sq, b0.clone(), c0.clone())
         curve: list[float] = []
