@@ -1,10 +1,9 @@
 """The exact screen of complete(): plain ALS at the rank the spectrum shows, kept only when it fits
-held-out entries to rounding; and the blocked sparse products the ALS sweeps run on."""
+held-out entries to rounding."""
 
 import importlib
 
 import numpy as np
-import pytest
 import torch
 
 from torchlowrank.matrix.als import spectral_start
@@ -19,7 +18,7 @@ from torchlowrank.matrix.exact_screen import (
     fit_if_exactly_low_rank,
 )
 from torchlowrank.matrix.problems import low_rank_target, random_mask
-from torchlowrank.matrix.sparse import PRODUCT_BLOCK, Entries, row_grams
+from torchlowrank.matrix.sparse import Entries
 
 
 def _entries(M: torch.Tensor, mask: torch.Tensor, seed: int = 0):
@@ -115,20 +114,6 @@ def test_exact_screen_finds_nothing_on_a_real_table():
     X = torch.from_numpy(load_diabetes().data)
     mask = torch.from_numpy(np.random.default_rng(0).random(X.shape) >= 0.2)
     assert fit_if_exactly_low_rank(*_entries(X, mask)) is None
-
-
-@pytest.mark.parametrize("q", [4, 20])  # 20: 210 triangle columns, more than one product block
-def test_row_grams_equal_their_dense_definition_below_and_above_the_product_block(q):
-    g = torch.Generator().manual_seed(2)
-    m, n = 40, 30
-    mask = random_mask((m, n), 0.4, generator=g)
-    rows, cols = mask.nonzero(as_tuple=True)
-    E = Entries(rows, cols, torch.randn(rows.numel(), generator=g, dtype=torch.float64), (m, n))
-    F = torch.randn(n, q, generator=g, dtype=torch.float64)
-    W = mask.to(torch.float64)
-    G, _ = row_grams(E, F)
-    torch.testing.assert_close(G, torch.einsum("ij,jk,jl->ikl", W, F, F), rtol=1e-12, atol=1e-12)
-    assert (q * (q + 1) // 2 > PRODUCT_BLOCK) == (q == 20)
 
 
 def test_a_looser_tol_stops_the_exact_screen_sooner_at_that_accuracy():

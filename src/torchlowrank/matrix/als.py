@@ -7,8 +7,9 @@ factorization baseline for matrix completion, on the observed entries only,
 ``mu`` the mean of the observed entries (fixed). Each half-sweep solves exactly, for every row at
 once, ``(U_i, b_i)`` from ``(G_i + diag(lam, .., lam, bias_reg)) x_i = h_i`` with the (k+1) x (k+1)
 Gram matrix ``G_i = sum_{j in Omega_i} f_j f_j^T``, ``f_j = (V_j, 1)``, formed by index arithmetic
-on the observed entries (:func:`~torchlowrank.matrix.sparse.row_grams`): a sweep costs
-O(|Omega| k^2 + (m + n) k^3) time and O(|Omega| + (m + n) k^2) memory, never O(m n).
+on the observed entries, a block of rows at a time
+(:func:`~torchlowrank.matrix.sparse.ridge_solve_rows`): a sweep costs O(|Omega| k^2 + (m + n) k^3)
+time and O(|Omega| + (m + n) k^2 / 2) memory, never O(m n).
 
 ``lam = reg * s_1`` with ``s_1`` the top singular value of the centred observations
 ``P_Omega(M - mean model)``: ``reg`` is relative, so ALS is invariant to the data's scale
@@ -35,7 +36,7 @@ import torch
 
 from .centering import best_mean_model, fit_mean_model, holdout_split
 from .inputs import as_tensor
-from .sparse import Entries, entry_dots, ridge_rows, row_grams, sparse_top_svd
+from .sparse import Entries, entry_dots, ridge_solve_rows, sparse_top_svd
 
 __all__ = ["ALSResult", "als", "REG_GRID", "REG_TO_BIAS", "as_entries"]
 
@@ -179,6 +180,7 @@ class _Fit:
     def __init__(self, E: Entries, mu: float, U, V, b, c):
         self.E, self.mu, self.U, self.V, self.b, self.c = E, mu, U, V, b, c
         self.y = E.values - mu
+        self._workspace: dict = {}  # ridge_solve_rows' buffers, reused sweep after sweep
 
     def predict(self, rows, cols):
         return entry_dots(self.U, self.V, rows, cols) + self.b[rows] + self.c[cols]
@@ -189,19 +191,22 @@ class _Fit:
         dt, dev = self.U.dtype, self.U.device
         diag = torch.full((k + 1,), lam, dtype=dt, device=dev)
         diag[k] = bias_reg
+        other = self.V if rows_side else self.U
+        F = torch.cat([other, torch.ones(other.shape[0], 1, dtype=dt, device=dev)], 1)
+        x, sse = ridge_solve_rows(
+            E,
+            F,
+            self.y,
+            diag,
+            offset=self.c if rows_side else self.b,
+            transpose=not rows_side,
+            workspace=self._workspace,
+        )
         if rows_side:
-            F = torch.cat([self.V, torch.ones(self.V.shape[0], 1, dtype=dt, device=dev)], 1)
-            G, h = row_grams(E, F, self.y - self.c[E.cols])
-            x = ridge_rows(G, h, diag)
             self.U, self.b = x[:, :k].contiguous(), x[:, k].contiguous()
         else:
-            F = torch.cat([self.U, torch.ones(self.U.shape[0], 1, dtype=dt, device=dev)], 1)
-            G, h = row_grams(E, F, self.y - self.b[E.rows], transpose=True)
-            x = ridge_rows(G, h, diag)
             self.V, self.c = x[:, :k].contiguous(), x[:, k].contiguous()
-            t = self.y - self.b[E.rows]
-            # the train SSE from the normal equations, O(N + n q^2): ||t||^2 - 2 x.h + x^T G x
-            self._sse = float(t.dot(t) - 2 * (x * h).sum() + torch.einsum("ni,nij,nj->", x, G, x))
+            self._sse = float(sse)  # the train SSE after the sweep: one host sync per sweep
 
     def train_rmse(self, scale: float) -> float:
         """From the last half-sweep's normal equations; recomputed from the entries when that

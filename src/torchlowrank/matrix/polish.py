@@ -131,26 +131,26 @@ def als_with_biases_entries(
 ):
     """:func:`als_with_biases` on the observed entries only: ``E`` an
     :class:`~torchlowrank.matrix.sparse.Entries` of the pattern, ``y`` (N,) the targets at its
-    entries. The same least squares, solved row by row from Gram matrices formed as CSR products
-    (O(|Omega| k^2 + (m + n) k^3) per sweep, no (m, n) array); the same stopping rules. Returns
+    entries. The same least squares, solved row by row by
+    :func:`~torchlowrank.matrix.sparse.ridge_solve_rows` (O(|Omega| k^2 + (m + n) k^3) per sweep, no
+    (m, n) array); the same stopping rules. Returns
     (U, V, b, c, sse, sweeps)."""
-    from .sparse import entry_dots, ridge_rows, row_grams
+    from .sparse import entry_dots, ridge_solve_rows
 
     k = U.shape[1]
     dev, dt = y.device, y.dtype
     m, n = E.shape
     diag = torch.full((k + 1,), lam, dtype=dt, device=dev)
     diag[k] = bias_reg
-    jitter = 1e-13
+    ws: dict = {}
     sse, prev = math.inf, math.inf
     it, last = 0, 0.0
 
-    def solve(G, h, d):
-        A = G.clone()
-        A.diagonal(dim1=1, dim2=2).add_(
-            jitter * (A.diagonal(dim1=1, dim2=2) + d).amax(1, keepdim=True).clamp_min(1e-300)
-        )
-        return ridge_rows(A, h, d)
+    def solve(F, target, offset=None, transpose=False):
+        d = diag if F.shape[1] == k + 1 else diag[:k]
+        return ridge_solve_rows(
+            E, F, target, d, offset=offset, transpose=transpose, jitter=1e-13, workspace=ws
+        )[0]
 
     for it in range(1, max_sweeps + 1):
         if deadline is not None and time.perf_counter() + last > deadline:
@@ -158,20 +158,14 @@ def als_with_biases_entries(
             break
         t0 = time.perf_counter()
         if fit_biases:
-            F = torch.cat([V, torch.ones(n, 1, dtype=dt, device=dev)], 1)
-            G, h = row_grams(E, F, y - c[E.cols])
-            x = solve(G, h, diag)
+            x = solve(torch.cat([V, torch.ones(n, 1, dtype=dt, device=dev)], 1), y, offset=c)
             U, b = x[:, :k], x[:, k].contiguous()
-            F = torch.cat([U, torch.ones(m, 1, dtype=dt, device=dev)], 1)
-            G, h = row_grams(E, F, y - b[E.rows], transpose=True)
-            x = solve(G, h, diag)
+            x = solve(torch.cat([U, torch.ones(m, 1, dtype=dt, device=dev)], 1), y, offset=b, transpose=True)
             V, c = x[:, :k], x[:, k].contiguous()
         else:
             t = y - b[E.rows] - c[E.cols]
-            G, h = row_grams(E, V, t)
-            U = solve(G, h, diag[:k])
-            G, h = row_grams(E, U, t, transpose=True)
-            V = solve(G, h, diag[:k])
+            U = solve(V, t)
+            V = solve(U, t, transpose=True)
         U, V = U.contiguous(), V.contiguous()
         r = entry_dots(U, V, E.rows, E.cols) + b[E.rows] + c[E.cols] - y
         sse = float(r.dot(r))
