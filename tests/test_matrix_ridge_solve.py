@@ -43,7 +43,9 @@ def _dense_solve(E, F, t, diag, transpose):
 @pytest.mark.parametrize("blocks", ["one", "many"])
 def test_ridge_solve_rows_equals_the_dense_ridge_solve_of_every_row(transpose, blocks, monkeypatch):
     if blocks == "many":  # a few rows a block: padding, several widths, rows spread over blocks
-        monkeypatch.setattr(sparse, "GRAM_BLOCK_CELLS", 5 * 25)
+        monkeypatch.setattr(sparse, "BLOCK_ROWS", 8)
+        monkeypatch.setattr(sparse, "BLOCK_SLOTS", 60)
+        monkeypatch.setattr(sparse, "GRAM_BLOCK_CELLS", 5 * 25)  # solved 5 rows at a time
         monkeypatch.setattr(sparse, "SLOT_BLOCK_CELLS", 40 * 5)
     E, g = _pattern()
     m, n = E.shape

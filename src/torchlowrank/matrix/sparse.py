@@ -84,7 +84,8 @@ class Entries:
         into blocks of at most ``max_rows`` rows and ``max_slots`` = rows x the block's largest
         count: each block lists its rows' entries padded to that count (:class:`PaddedBlock`),
         so that a block's Gram matrices are one batched GEMM. Sorting keeps the padding small
-        (1 % on a uniform random pattern). Computed once per size (one host sync) and cached."""
+        (1 % on a uniform random pattern). The slot indices are int32 where they fit. Computed
+        once per size (one host sync) and cached: ~8 bytes a slot, both sides together."""
         key = (int(max_rows), int(max_slots), bool(transpose))
         cache = self.__dict__.setdefault("_padded", {})
         if key in cache:
@@ -106,6 +107,7 @@ class Entries:
                 self.shape[1],
             )
         N, m = len(self), counts.numel()
+        index_dtype = torch.int32 if max(N, n) < 2**31 - 1 else torch.int64
         by_count = torch.argsort(counts, stable=True)
         sorted_counts = counts[by_count]
         host = sorted_counts.tolist()
@@ -121,8 +123,8 @@ class Entries:
             slot = torch.arange(width, device=self.device).expand(e - s, width)
             valid = slot < sorted_counts[s:e, None]
             at = (crow[rows][:, None] + slot).clamp_max(max(N - 1, 0))  # CSR positions (valid slots)
-            ent = torch.where(valid, order[at], N).reshape(-1)
-            idx = torch.where(valid, other[at], n).reshape(-1)
+            ent = torch.where(valid, order[at], N).reshape(-1).to(index_dtype)
+            idx = torch.where(valid, other[at], n).reshape(-1).to(index_dtype)
             blocks.append(PaddedBlock(rows, width, ent, idx))
             s = e
         cache[key] = blocks
@@ -178,8 +180,10 @@ def entry_dots(
     return out
 
 
-GRAM_BLOCK_CELLS = 1 << 20  # rows x q^2 per block of ridge_solve_rows (8 MiB in float64)
-SLOT_BLOCK_CELLS = 1 << 21  # rows x width x q per block: its gathered factor rows (16 MiB in float64)
+BLOCK_ROWS = 1 << 12  # rows per cached padded block (at most)
+BLOCK_SLOTS = 1 << 16  # rows x width per cached padded block (at most)
+GRAM_BLOCK_CELLS = 1 << 20  # rows x q^2 per solve of ridge_solve_rows (8 MiB in float64)
+SLOT_BLOCK_CELLS = 1 << 21  # rows x width x q per solve: the gathered factor rows (16 MiB in float64)
 
 
 def _padded(v: torch.Tensor, pad: int = 1) -> torch.Tensor:
@@ -232,8 +236,14 @@ def ridge_solve_rows(
     m = E.shape[1] if transpose else E.shape[0]
     x = torch.empty(m, q, dtype=dt, device=dev)
     sse = torch.zeros((), dtype=dt, device=dev)
-    blocks = E.padded_blocks(max(1, GRAM_BLOCK_CELLS // (q * q)), max(1, SLOT_BLOCK_CELLS // q), transpose)
     diag = diag.to(dt)
+    chunks = []  # the cached blocks (the same for every q), cut to this q's memory bounds
+    for blk in E.padded_blocks(BLOCK_ROWS, BLOCK_SLOTS, transpose):
+        w, B = blk.width, blk.rows.numel()
+        step = max(1, min(GRAM_BLOCK_CELLS // (q * q), SLOT_BLOCK_CELLS // max(q * w, 1)))
+        for a in range(0, B, step):
+            b = min(a + step, B)
+            chunks.append(PaddedBlock(blk.rows[a:b], w, blk.ent[a * w : b * w], blk.idx[a * w : b * w]))
     infos = []
 
     def system(blk: PaddedBlock):
@@ -252,7 +262,7 @@ def ridge_solve_rows(
         d += added
         return A, h, t, added
 
-    for blk in blocks:
+    for blk in chunks:
         A, h, t, added = system(blk)
         L, info = torch.linalg.cholesky_ex(A)
         xb = torch.cholesky_solve(h.unsqueeze(-1), L).squeeze(-1)
@@ -261,7 +271,7 @@ def ridge_solve_rows(
         infos.append(info)
     if infos and bool(torch.cat(infos).any()):  # the one host sync: rows not positive definite
         sse.zero_()
-        for blk, info in zip(blocks, infos):
+        for blk, info in zip(chunks, infos):
             A, h, t, added = system(blk)
             bad = info != 0
             xb = x[blk.rows]
