@@ -128,3 +128,17 @@ def test_a_looser_tol_stops_the_exact_screen_sooner_at_that_accuracy():
         err = torch.linalg.matrix_norm(res.matrix - M) / torch.linalg.matrix_norm(M)
         assert float(err) < bound
     assert tight.ridge_result.result.n_iters > loose.ridge_result.result.n_iters  # refit sweeps
+
+
+def test_the_sparse_route_screens_the_rank_its_search_found_when_the_spectrum_shows_none(monkeypatch):
+    from torchlowrank.matrix import complete, exact_screen
+
+    monkeypatch.setattr(exact_screen, "candidate_ranks", lambda S, max_rank: [])  # a flat spectrum
+    g = torch.Generator().manual_seed(5)
+    M = low_rank_target((300, 200), 3, generator=g)
+    mask = random_mask((300, 200), 0.3, generator=g)
+    rows, cols = mask.nonzero(as_tuple=True)
+    S = torch.sparse_coo_tensor(torch.stack([rows, cols]), M[rows, cols], tuple(M.shape)).coalesce()
+    res = complete(S, sparse=True)
+    assert res.status == "converged" and "rank 3 (the rank search's choice)" in res.history.message
+    assert float(torch.linalg.matrix_norm(res.matrix - M) / torch.linalg.matrix_norm(M)) < 1e-8

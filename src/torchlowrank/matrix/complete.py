@@ -554,13 +554,33 @@ def _complete_sparse(
         E_fit, val = E.subset(~pick), (E.rows[pick], E.cols[pick], E.values[pick])
     n_val = int(val[0].numel())
     _, mm_reg, mm_rmse = best_mean_model(E_fit.rows, E_fit.cols, E_fit.values, (m, n), val, center)
-    exact = _exact_low_rank(
-        E, E_fit, val, mm_rmse, seed, dl, start, test, tol, rank, None if validation is not None else pick
-    )
+    held = None if validation is not None else pick
+    exact = _exact_low_rank(E, E_fit, val, mm_rmse, seed, dl, start, test, tol, rank, held)
     if exact is not None:
         return exact
     # candidates stop at a relative change of 1e-4 (the winner's refit on all entries goes on to 1e-7)
     ridge = select_ridge_als(E_fit, val, suggested_rank=rank, seed=seed, deadline=dl, tol=1e-4)
+    if ridge is not None and ridge[1].rank != rank and not ridge[1].scaled:
+        # near the information limit the sampling noise flattens the spectrum, and only the rank
+        # search finds the rank: screen that rank for exactness too (on noisy data it gives up in
+        # a few sweeps)
+        exact = _exact_low_rank(
+            E,
+            E_fit,
+            val,
+            mm_rmse,
+            seed,
+            dl,
+            start,
+            test,
+            tol,
+            ridge[1].rank,
+            held,
+            rank_source="the rank search's choice",
+            spectrum_ranks=False,
+        )
+        if exact is not None:
+            return exact
     hist = History()
     hist.mean_model_rmse, hist.ridge_polish_rmse = mm_rmse, None if ridge is None else ridge[0]
     first = CompletionResult(None, hist, None, None, None, 0.0)
@@ -606,9 +626,11 @@ def _exact_low_rank(
     tol: float,
     rank: int | None = None,
     held: torch.Tensor | None = None,
+    **screen,
 ) -> CompletionResult | None:
     """The result of :func:`~torchlowrank.matrix.exact_screen.fit_if_exactly_low_rank` on ``E_fit``
-    (``rank`` tried first; given at most half of the time left), refitted on all entries to the
+    (``rank`` tried first; given at most half of the time left; ``screen``: its other keyword
+    arguments), refitted on all entries to the
     relative train residual ``tol``, or None when the data is not exactly low rank (to ``max(tol,
     EXACT)`` of the held-out entries' spread: a looser ``tol`` accepts a looser fit, and stops
     sooner). ``held`` (N,) bool, the held-out entries of ``E_all`` when ``val`` is made of them:
@@ -619,7 +641,7 @@ def _exact_low_rank(
         E_fit, val = E_all.subset(~check), (E_all.rows[check], E_all.cols[check], E_all.values[check])
     screen_deadline = None if deadline is None else (time.perf_counter() + deadline) / 2
     exact = fit_if_exactly_low_rank(
-        E_fit, val, seed=seed, deadline=screen_deadline, tol=max(tol, EXACT), rank=rank
+        E_fit, val, seed=seed, deadline=screen_deadline, tol=max(tol, EXACT), rank=rank, **screen
     )
     if exact is None:
         return None

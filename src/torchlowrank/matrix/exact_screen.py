@@ -117,9 +117,12 @@ def fit_if_exactly_low_rank(
     dtype: torch.dtype = torch.float64,
     tol: float = EXACT,
     rank: int | None = None,
+    rank_source: str = "the rank passed",
+    spectrum_ranks: bool = True,
 ) -> tuple[float, ScaledALS] | None:
-    """ALS at ``rank`` (the caller's expected rank, if given) and at the ranks read off the spectrum
-    of ``E_fit``'s centred entries, kept when it fits the held-out entries ``val = (rows, cols,
+    """ALS at ``rank`` (the caller's expected rank, if given; ``rank_source`` says where it came
+    from, for the message) and, with ``spectrum_ranks``, at the ranks read off the spectrum of
+    ``E_fit``'s centred entries, kept when it fits the held-out entries ``val = (rows, cols,
     values)`` to ``tol`` (default :data:`~torchlowrank.matrix.ridge_select.EXACT`) of their spread
     (module docstring). Returns (held-out RMSE, :class:`ScaledALS` fitted on ``E_fit`` with status
     "converged") or None: not exactly low rank at any candidate rank, or the ``deadline`` (a
@@ -134,7 +137,9 @@ def fit_if_exactly_low_rank(
     values = E_fit.values.to(dtype)
     mu = float(values.double().mean())
     given = [rank] if rank is not None and 1 <= rank <= cap else []
-    top = min(SPECTRUM_RANKS, cap)  # the spectrum the candidate ranks are read from
+    top = min(SPECTRUM_RANKS, cap) if spectrum_ranks else 0  # the spectrum the candidate ranks are read from
+    if not given and not top:
+        return None
     K = max([top] + given) + 1
     b0, c0, Us, S, Vs = spectral_start(
         E_fit, K, mu, torch.Generator().manual_seed(seed), dtype, power_iters=POWER_ITERS
@@ -145,7 +150,8 @@ def fit_if_exactly_low_rank(
     bias_reg = 0.0
     p = len(E_fit) / (m * n)
     E = Entries(E_fit.rows, E_fit.cols, values, (m, n))
-    for k in given + [k for k in candidate_ranks(S[: top + 1], cap) if k not in given]:
+    spectral = [k for k in candidate_ranks(S[: top + 1], cap) if k not in given] if top else []
+    for k in given + spectral:
         sq = (S[:k] / p).sqrt()
         fit = _Fit(E, mu, Us[:, :k] * sq, Vs[:, :k] * sq, b0.clone(), c0.clone())
         curve: list[float] = []
@@ -175,9 +181,13 @@ def fit_if_exactly_low_rank(
                     ],
                     holdout_rmse=v,
                     message=(
-                        f"exactly low rank: rank {k} (the largest drops of the spectrum of the centred "
-                        f"observations) fitted the held-out entries to {v / spread:.1e} of their spread "
-                        f"in {sweep} ALS sweeps"
+                        f"exactly low rank: rank {k} ("
+                        + (
+                            rank_source
+                            if k in given
+                            else "a large drop of the spectrum of the centred observations"
+                        )
+                        + f") fitted the held-out entries to {v / spread:.1e} of their spread in {sweep} ALS sweeps"
                     ),
                 )
                 return v, ScaledALS(res)
