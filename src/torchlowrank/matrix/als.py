@@ -9,7 +9,7 @@ once, ``(U_i, b_i)`` from ``(G_i + diag(lam, .., lam, bias_reg)) x_i = h_i`` wit
 Gram matrix ``G_i = sum_{j in Omega_i} f_j f_j^T``, ``f_j = (V_j, 1)``, formed by index arithmetic
 on the observed entries, a block of rows at a time
 (:func:`~torchlowrank.matrix.sparse.ridge_solve_rows`): a sweep costs O(|Omega| k^2 + (m + n) k^3)
-time and O(|Omega| + (m + n) k^2 / 2) memory, never O(m n).
+time and O(|Omega| + (m + n) k) memory, never O(m n).
 
 ``lam = reg * s_1`` with ``s_1`` the top singular value of the centred observations
 ``P_Omega(M - mean model)``: ``reg`` is relative, so ALS is invariant to the data's scale
@@ -174,11 +174,6 @@ def as_entries(observed, mask=None, dtype: torch.dtype = torch.float64) -> Entri
     return Entries(rows, cols, vals, tuple(observed.shape))
 
 
-EXTRAPOLATION_GROWTH = 1.5  # of the extrapolation step after a sweep that it improved
-EXTRAPOLATION_SHRINK = 4.0  # ... after one it did not
-EXTRAPOLATION_MAX = 20.0
-
-
 class _Fit:
     """The ALS state on a set of entries: factors, biases; sweeps with a deadline."""
 
@@ -186,41 +181,6 @@ class _Fit:
         self.E, self.mu, self.U, self.V, self.b, self.c = E, mu, U, V, b, c
         self.y = E.values - mu
         self._workspace: dict = {}  # ridge_solve_rows' buffers, reused sweep after sweep
-        self._prev = None  # extrapolated_sweep's (V, c) before the last sweep, and its train RMSE
-        self._step = 1.0
-
-    def sweep(self, lam: float, bias_reg: float) -> None:
-        self.half(lam, bias_reg, True)
-        self.half(lam, bias_reg, False)
-
-    def extrapolated_sweep(self, lam: float, bias_reg: float, scale: float) -> tuple[int, float]:
-        """A sweep from the column side pushed along its last change, ``(V, c) + s ((V, c) -
-        (V, c)_prev)``, kept when the train RMSE falls below the last sweep's; else a plain sweep
-        from ``(V, c)`` (two sweeps' work). The step s grows by :data:`EXTRAPOLATION_GROWTH` after
-        a kept sweep and shrinks by :data:`EXTRAPOLATION_SHRINK` after a rejected one: the line
-        search of CP-ALS (Bro) in its simplest form. Its fixed points are those of plain sweeps;
-        on exactly low-rank completion near the information limit (20,000 x 10,000, rank 20, 1.7x
-        the degrees of freedom) it reached 1e-6 in 39 sweeps against 88. Returns (sweeps done,
-        train RMSE)."""
-        V1, c1 = self.V, self.c
-        if self._prev is None:
-            self.sweep(lam, bias_reg)
-            rmse = self.train_rmse(scale)
-            self._prev = (V1, c1, rmse)
-            return 1, rmse
-        Vp, cp, last = self._prev
-        s = self._step
-        self.V, self.c = V1 + s * (V1 - Vp), c1 + s * (c1 - cp)
-        self.sweep(lam, bias_reg)
-        rmse = self.train_rmse(scale)
-        if rmse < last:
-            self._prev, self._step = (V1, c1, rmse), min(s * EXTRAPOLATION_GROWTH, EXTRAPOLATION_MAX)
-            return 1, rmse
-        self.V, self.c = V1, c1
-        self.sweep(lam, bias_reg)
-        rmse = self.train_rmse(scale)
-        self._prev, self._step = (V1, c1, rmse), s / EXTRAPOLATION_SHRINK
-        return 2, rmse
 
     def predict(self, rows, cols):
         return entry_dots(self.U, self.V, rows, cols) + self.b[rows] + self.c[cols]
@@ -257,27 +217,20 @@ class _Fit:
             rmse = float((self.predict(E.rows, E.cols) - self.y).square().mean().sqrt())
         return rmse
 
-    def run(
-        self, lam, bias_reg, max_sweeps, tol, deadline, val=None, record=None, val_tol=None, extrapolate=False
-    ):
+    def run(self, lam, bias_reg, max_sweeps, tol, deadline, val=None, record=None, val_tol=None):
         """Sweeps until the train RMSE's relative change <= tol (or RMSE <= 1e-2 tol * scale) —
         and, with ``val_tol``, the validation RMSE's relative change <= val_tol too —, max_sweeps,
-        or the deadline (a sweep is not started when the last one would end past it); with
-        ``extrapolate``, :meth:`extrapolated_sweep` s (the change is then per step of one or two
-        sweeps). Returns (reason, sweeps)."""
+        or the deadline (a sweep is not started when the last one would end past it).
+        Returns (reason, sweeps)."""
         scale = max(float(self.y.square().mean().sqrt()), 1e-300)
         prev, prev_v, last = math.inf, math.inf, 0.0
-        sweeps = steps = 0
-        while sweeps < max_sweeps:
+        for it in range(1, max_sweeps + 1):
             if deadline is not None and time.perf_counter() + last > deadline:
-                return "time_limit", sweeps
+                return "time_limit", it - 1
             t0 = time.perf_counter()
-            if extrapolate:
-                done, rmse = self.extrapolated_sweep(lam, bias_reg, scale)
-            else:
-                self.sweep(lam, bias_reg)
-                done, rmse = 1, self.train_rmse(scale)  # one host sync per sweep
-            sweeps, steps = sweeps + done, steps + 1
+            self.half(lam, bias_reg, True)
+            self.half(lam, bias_reg, False)
+            rmse = self.train_rmse(scale)  # one host sync per sweep
             v = (
                 self.val_rmse(val)
                 if val is not None and (record is not None or val_tol is not None)
@@ -289,14 +242,12 @@ class _Fit:
                 if v is not None:
                     record["val"].append(v)
             if not math.isfinite(rmse):
-                return "diverged", sweeps
+                return "diverged", it
             val_still = val_tol is not None and v is not None and not abs(prev_v - v) <= val_tol * prev_v
-            if (
-                (steps > 1 and abs(prev - rmse) <= tol * prev) or rmse <= 1e-2 * tol * scale
-            ) and not val_still:
-                return "tol", sweeps
+            if ((it > 1 and abs(prev - rmse) <= tol * prev) or rmse <= 1e-2 * tol * scale) and not val_still:
+                return "tol", it
             prev, prev_v = rmse, v if v is not None else prev_v
-        return "max_iters", sweeps
+        return "max_iters", max_sweeps
 
     def result(
         self, status: str, n_iters: int, lam: float, reg: float, bias_reg: float, reason: str, **fields
@@ -315,7 +266,6 @@ class _Fit:
 
     def load(self, st):
         self.U, self.V, self.b, self.c = (x.clone() for x in st)
-        self._prev, self._step = None, 1.0
 
 
 def spectral_start(E: Entries, k: int, mu: float, generator: torch.Generator, dtype, power_iters: int = 4):
@@ -371,7 +321,6 @@ def als(
     dtype: torch.dtype = torch.float64,
     warn: bool = True,
     init: ALSResult | None = None,
-    extrapolate: bool = False,
 ) -> ALSResult:
     """Ridge ALS with row / column biases at rank ``rank`` on the observed entries (module
     docstring). observed: (m, n) dense with ``mask`` (None: the non-NaN entries) or a sparse COO /
@@ -391,10 +340,7 @@ def als(
     sweeps: a sweep that would end past the limit is not started) ("not_converged", RuntimeWarning
     unless ``warn=False``). ``init``: an ALSResult of the same shape and rank to start from (its
     factors, biases and ridge scale ``s_1``: a refit of a validated solution on more entries, as
-    the ridge polish of :func:`complete` does). ``extrapolate``: the final fit's sweeps
-    extrapolate along their last change, kept only where they lower the train error (about half
-    the sweeps on exactly low-rank data; the ridge path is unchanged). ValueError for a bad rank /
-    reg / input.
+    the ridge polish of :func:`complete` does). ValueError for a bad rank / reg / input.
     """
     t_start = time.perf_counter()
     try:
@@ -528,9 +474,7 @@ def als(
         chosen_breg = REG_TO_BIAS * chosen if bias_reg is None else bias_reg
         val_rec = val
     rec = {"train": [], "val": []}
-    why, sweeps = fit.run(
-        chosen * s1, chosen_breg, max_iters, tol, deadline, val_rec, rec, extrapolate=extrapolate
-    )
+    why, sweeps = fit.run(chosen * s1, chosen_breg, max_iters, tol, deadline, val_rec, rec)
     status = "converged" if why == "tol" else "not_converged"
     res = fit.result(
         status,

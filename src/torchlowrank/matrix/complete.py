@@ -650,17 +650,7 @@ def _exact_low_rank(
     first = CompletionResult(None, hist, None, None, None, 0.0)
     # als()'s tol: a relative change of the train RMSE, or the RMSE at 1e-2 tol of the data's scale
     _select_ridge(
-        first,
-        exact,
-        E_all,
-        int(val[0].numel()),
-        math.inf,
-        mm_rmse,
-        seed,
-        deadline,
-        [],
-        refit_tol=100 * tol,
-        extrapolate=True,
+        first, exact, E_all, int(val[0].numel()), math.inf, mm_rmse, seed, deadline, [], refit_tol=100 * tol
     )
     hist.polish_info = f"{exact[1].result.message}; {hist.polish_info}"
     hist.message += f" ({exact[1].result.message})"
@@ -709,20 +699,16 @@ def _select_ridge(
     deadline: float | None,
     caught: list,
     refit_tol: float = 1e-7,
-    extrapolate: bool = False,
 ) -> None:
     """Make ``first`` the ridge ALS candidate ``ridge = (held-out RMSE, ScaledALS)``, refitted on all
-    entries ``E_all`` (to :func:`~torchlowrank.matrix.als`'s ``tol=refit_tol``, with
-    ``extrapolate``) when its validated
+    entries ``E_all`` (to :func:`~torchlowrank.matrix.als`'s ``tol=refit_tol``) when its validated
     fit was a converged ridge optimum (a refit of an unconverged one drifts further from the state
     that was scored)."""
     h1 = first.history
     als_rmse, chosen = ridge
     left = None if deadline is None else max(deadline - time.perf_counter(), 0.0)
     if chosen.result.status == "converged":  # a ridge optimum: refit on all entries, warm from it
-        fitted = refit_ridge_als(
-            chosen, E_all, seed=seed, time_limit=left, tol=refit_tol, extrapolate=extrapolate
-        )
+        fitted = refit_ridge_als(chosen, E_all, seed=seed, time_limit=left, tol=refit_tol)
         res = fitted.result
         refit_note = f"ridge ALS on all {len(E_all)} observed entries ({res.n_iters} sweeps)"
     else:  # stopped before its optimum (implicitly early-stopped): the held-out score is of this very state

@@ -155,12 +155,13 @@ def fit_if_exactly_low_rank(
         sq = (S[:k] / p).sqrt()
         fit = _Fit(E, mu, Us[:, :k] * sq, Vs[:, :k] * sq, b0.clone(), c0.clone())
         curve: list[float] = []
-        last, sweep = 0.0, 0
-        while sweep < MAX_SWEEPS:
+        last = 0.0
+        for sweep in range(1, MAX_SWEEPS + 1):
             if deadline is not None and time.perf_counter() + last > deadline:
                 return None
             t0 = time.perf_counter()
-            sweep += fit.extrapolated_sweep(lam, bias_reg, spread)[0]
+            fit.half(lam, bias_reg, True)
+            fit.half(lam, bias_reg, False)
             v = fit.val_rmse((vr, vc, vv))
             last = time.perf_counter() - t0
             curve.append(v)

@@ -211,17 +211,10 @@ def select_ridge_als(
 
 
 def refit_ridge_als(
-    chosen: ScaledALS,
-    E_all: Entries,
-    *,
-    seed: int = 0,
-    time_limit: float | None = None,
-    tol: float = 1e-7,
-    extrapolate: bool = False,
+    chosen: ScaledALS, E_all: Entries, *, seed: int = 0, time_limit: float | None = None, tol: float = 1e-7
 ) -> ScaledALS:
     """``chosen`` refitted on all entries ``E_all`` at its rank, ridge and scales, warm-started
-    from its factors (:func:`~torchlowrank.matrix.als` with ``init``, stopping at its ``tol``, with
-    ``extrapolate``)."""
+    from its factors (:func:`~torchlowrank.matrix.als` with ``init``, stopping at its ``tol``)."""
     scales = None if chosen.row_scale is None else (chosen.row_scale, chosen.col_scale)
     res = chosen.result
     out = als(
@@ -236,6 +229,5 @@ def refit_ridge_als(
         init=res,
         dtype=res.U.dtype,
         tol=tol,
-        extrapolate=extrapolate,
     )
     return ScaledALS(out, chosen.row_scale, chosen.col_scale)
