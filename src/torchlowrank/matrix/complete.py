@@ -559,11 +559,14 @@ def _complete_sparse(
     if exact is not None:
         return exact
     # candidates stop at a relative change of 1e-4 (the winner's refit on all entries goes on to 1e-7)
-    ridge = select_ridge_als(E_fit, val, suggested_rank=rank, seed=seed, deadline=dl, tol=1e-4)
+    # a rank that fits the held-out entries to NEAR_EXACT of their spread ends the search: near
+    # the information limit the sampling noise flattens the spectrum, and only the search finds
+    # the rank of exactly low-rank data; that rank is then screened for exactness too (on noisy
+    # data the screen gives up in a few sweeps)
+    ridge = select_ridge_als(
+        E_fit, val, suggested_rank=rank, seed=seed, deadline=dl, tol=1e-4, stop_at=NEAR_EXACT
+    )
     if ridge is not None and ridge[1].rank != rank and not ridge[1].scaled:
-        # near the information limit the sampling noise flattens the spectrum, and only the rank
-        # search finds the rank: screen that rank for exactness too (on noisy data it gives up in
-        # a few sweeps)
         exact = _exact_low_rank(
             E,
             E_fit,
@@ -657,6 +660,7 @@ def _exact_low_rank(
     return _finish_als(first, start, test, E_all.device)
 
 
+NEAR_EXACT = 1e-2  # of the held-out values' spread: the sparse route's rank search stops there
 BLEND_WEIGHTS = (0.25, 0.5, 0.75)  # network weights tried for a blend of network and ridge ALS
 SMALL_PROBLEM = 50_000  # observed entries up to which ridge ALS is chosen on 3 held-out splits, not 1
 

@@ -139,11 +139,12 @@ def select_ridge_als(
     dtype: torch.dtype = torch.float64,
     more_splits: list[tuple[Entries, tuple]] = (),
     tol: float = 1e-7,
+    stop_at: float = EXACT,
 ) -> tuple[float, ScaledALS] | None:
     """The best ridge ALS with biases on ``E_fit`` by its RMSE on ``val = (rows, cols, values)``
     (data units): ranks :data:`RANK_GRID`, ``suggested_rank`` and the cap (all at most ``max_rank``
     and min(m, n)), in ascending order until two in a row did not improve or one fits the held-out
-    entries to :data:`EXACT` of their spread (exact low-rank data); unscaled, then scaled by
+    entries to ``stop_at`` (default :data:`EXACT`) of their spread (exact low-rank data); unscaled, then scaled by
     :func:`entry_scales` when the scales spread; the ridge of each chosen on the held-out entries
     by :func:`~torchlowrank.matrix.als`. ``more_splits``: further (fit entries, held-out entries)
     splits of the same data; a (rank, scaling) is then scored by its mean held-out RMSE over all
@@ -199,7 +200,7 @@ def select_ridge_als(
             score = sum(scores) / len(scores)
             if best is None or score < best[0]:
                 best = (score, scores[0], first)
-            if score <= EXACT * scale:  # fitted to rounding: exact low-rank data, larger ranks add nothing
+            if score <= stop_at * scale:  # fitted to rounding: exact low-rank data, larger ranks add nothing
                 return best[1], best[2]
             if score < own:
                 own, worse = score, 0
