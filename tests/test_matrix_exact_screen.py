@@ -142,3 +142,25 @@ def test_the_sparse_route_screens_the_rank_its_search_found_when_the_spectrum_sh
     res = complete(S, sparse=True)
     assert res.status == "converged" and "rank 3 (the rank search's choice)" in res.history.message
     assert float(torch.linalg.matrix_norm(res.matrix - M) / torch.linalg.matrix_norm(M)) < 1e-8
+
+
+def test_the_rank_search_stops_at_the_first_rank_that_fits_to_stop_at(monkeypatch):
+    from torchlowrank.matrix import ridge_select
+
+    g = torch.Generator().manual_seed(6)
+    M = low_rank_target((300, 200), 3, generator=g)
+    M = M + 1e-3 * M.std() * torch.randn(M.shape, generator=g, dtype=M.dtype)  # nearly exact
+    E_fit, val = _entries(M, random_mask((300, 200), 0.3, generator=g))
+    tried = []
+    real_als = ridge_select.als
+
+    def spy(*args, **kwargs):
+        tried.append(args[2])  # the rank
+        return real_als(*args, **kwargs)
+
+    monkeypatch.setattr(ridge_select, "als", spy)
+    rmse, fit = ridge_select.select_ridge_als(E_fit, val, stop_at=1e-2, tol=1e-4)
+    assert fit.rank == 3 and tried == [1, 2, 3]
+    tried.clear()
+    ridge_select.select_ridge_als(E_fit, val, tol=1e-4)  # the default: fitting the noise is not exact
+    assert tried[:3] == [1, 2, 3] and len(tried) > 3
