@@ -13,30 +13,22 @@ from __future__ import annotations
 import torch
 from timing import clock
 
-from torchlowrank.experiments.real_completion import Config, _dense, make_case
+from torchlowrank.experiments.real_completion import Config, make_case
 from torchlowrank.matrix.centering import holdout_split
 from torchlowrank.matrix.exact_screen import check_entries, fit_if_exactly_low_rank
 from torchlowrank.matrix.sparse import Entries
 from torchlowrank.reproducibility import one_thread
 
-CASES = (
-    "diabetes standardized",
-    "diabetes raw",
-    "breast cancer standardized",
-    "breast cancer raw",
-    "flower.jpg grey",
-    "MovieLens random",
-    "MovieLens temporal",
-)
-SEEDS = (0, 1, 2)
 HOLDOUT = 0.1  # complete()'s default
 
 
 def screen(name: str, seed: int):
-    M, W = _dense(make_case(name, Config(), seed))
-    rows, cols = W.nonzero(as_tuple=True)
-    E = Entries(rows, cols, M[rows, cols].to(torch.float64), tuple(M.shape))
-    check = check_entries(holdout_split(rows, cols, HOLDOUT, seed, tuple(M.shape)), seed)
+    case = make_case(name, Config(), seed)  # the reproduction's split of this case
+    r, c, v = case.train
+    order = torch.argsort(r * case.shape[1] + c)  # row-major, the order complete() reads a mask in
+    rows, cols = r[order], c[order]
+    E = Entries(rows, cols, v[order].to(torch.float64), case.shape)
+    check = check_entries(holdout_split(rows, cols, HOLDOUT, seed, case.shape), seed)
     val = (rows[check], cols[check], E.values[check])
     now = clock()
     t0 = now()
@@ -46,8 +38,9 @@ def screen(name: str, seed: int):
 
 if __name__ == "__main__":
     with one_thread():
-        for name in CASES:
-            for seed in SEEDS:
+        cfg = Config()  # the reproduction's cases and seeds
+        for name in cfg.cases:
+            for seed in cfg.seeds:
                 out, seconds = screen(name, seed)
                 found = "None" if out is None else f"rank {out[1].rank}, held-out RMSE {out[0]:.3g}"
                 print(f"{name} | seed {seed} | {found} | {seconds:.2f} s", flush=True)
