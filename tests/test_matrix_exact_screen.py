@@ -164,3 +164,15 @@ def test_the_rank_search_stops_at_the_first_rank_that_fits_to_stop_at(monkeypatc
     tried.clear()
     ridge_select.select_ridge_als(E_fit, val, tol=1e-4)  # the default: fitting the noise is not exact
     assert tried[:3] == [1, 2, 3] and len(tried) > 3
+
+
+def test_the_dense_route_screens_a_nearly_exact_searched_rank_when_the_spectrum_shows_none(monkeypatch):
+    from torchlowrank.matrix import complete, exact_screen
+
+    monkeypatch.setattr(exact_screen, "candidate_ranks", lambda S, max_rank: [])  # a flat spectrum
+    g = torch.Generator().manual_seed(5)
+    M = low_rank_target((300, 200), 3, generator=g)
+    mask = random_mask((300, 200), 0.3, generator=g)
+    res = complete(M, mask, max_iters=50, polish=False)  # a network far from exact: the ridge search decides
+    assert res.status == "converged" and "rank 3 (the rank search's choice)" in res.history.message
+    assert float(torch.linalg.matrix_norm(res.matrix - M) / torch.linalg.matrix_norm(M)) < 1e-8
