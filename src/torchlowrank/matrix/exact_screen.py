@@ -34,7 +34,9 @@ converges — and a fit to 1e-6 on a thousand entries it never saw is proof enou
 On noisy data the screen costs one randomized SVD and a few sweeps per candidate, then the
 caller goes on as if it had not run. Where the observations are barely enough (1.7x the degrees
 of freedom: 5 M entries of a rank-20 100,000 x 50,000 matrix) the sampling noise hides the drop
-in the spectrum, so only a rank given by the caller is tried, and ALS converges slowly but
+in the spectrum, so only a rank given by the caller is tried (or, after the ridge ALS rank search,
+the rank it chose when that fitted the held-out entries to 1e-2 of their spread:
+``complete()`` calls the screen again with ``spectrum_ranks=False``), and ALS converges slowly but
 steadily (the held-out error fell 3-20 % a sweep there): the rate rule keeps it going, where a fixed
 "halve every few sweeps" rule gave up on data it would have recovered.
 """
