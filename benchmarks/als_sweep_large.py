@@ -4,7 +4,7 @@ matrices one batched GEMM of gathered, zero-padded factor rows) against the swee
 before 53b60a2 (whole-problem Gram matrices as one CSR product with the upper triangle of the
 outer products, kept here as the baseline), in the same process.
 
-    PYTHONPATH=src python benchmarks/bench_als_sweep.py 100000,50000,20,5000000
+    PYTHONPATH=src python benchmarks/als_sweep_large.py 100000,50000,20,5000000
 
 Per sweep: wall seconds, user and kernel CPU seconds and minor page faults (``getrusage``), the
 median over SWEEPS sweeps after one warm-up sweep (which builds the block index). One thread.
