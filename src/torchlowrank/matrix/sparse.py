@@ -215,10 +215,10 @@ def ridge_solve_rows(
     A block of rows at a time (:meth:`Entries.padded_blocks`): the block's factor rows are
     gathered into a zero-padded (B, width, q) array X, and ``G = X^T X``, ``h = X^T t`` are two
     batched GEMMs, then a batched Cholesky solve. Against the Gram matrices as one CSR product
-    with the (n, q (q + 1) / 2) outer products of F, this is 3x faster on the CPU (5 M entries,
-    q = 21: 0.48 s vs 1.6 s a half-sweep) and no temporary scales with N or m q^2, so the
+    with the (n, q (q + 1) / 2) outer products of F, they cost a third on the CPU (5 M entries,
+    q = 21: 0.48 s vs 1.6 s a half-sweep), and no temporary scales with N or m q^2, so the
     allocator reuses its blocks (fresh pages for whole-problem temporaries cost more kernel time
-    than the arithmetic there). ``workspace`` (a dict the caller keeps between calls with the same
+    than the arithmetic there; a whole sweep: 2.0 s vs 10.7 s, benchmarks/als_sweep_large.py). ``workspace`` (a dict the caller keeps between calls with the same
     ``y``) keeps ``y`` padded. A diagonal entry of a row's system that is exactly zero (no
     observations and no ridge on that coordinate) is set to 1, so that coordinate of x is 0; a
     row whose system is still not positive definite is solved by least squares (one host sync
