@@ -560,11 +560,11 @@ def _complete_sparse(
         return exact
     # candidates stop at a relative change of 1e-4 (the winner's refit on all entries goes on to 1e-7)
     # a rank that fits the held-out entries to NEAR_EXACT of their spread ends the search (and is
-    # screened for exactness: _exact_at_searched_rank)
+    # screened for exactness: _exact_low_rank's searched)
     ridge = select_ridge_als(
         E_fit, val, suggested_rank=rank, seed=seed, deadline=dl, tol=1e-4, stop_at=NEAR_EXACT
     )
-    exact = _exact_at_searched_rank(ridge, rank, E, E_fit, val, mm_rmse, seed, dl, start, test, tol, held)
+    exact = _exact_low_rank(E, E_fit, val, mm_rmse, seed, dl, start, test, tol, rank, held, ridge)
     if exact is not None:
         return exact
     hist = History()
@@ -600,6 +600,9 @@ def _finish_als(first: CompletionResult, start: float, test: tuple | None, devic
     return first
 
 
+NEAR_EXACT = 1e-2  # of the held-out values' spread: the sparse route's rank search stops there
+
+
 def _exact_low_rank(
     E_all: Entries,
     E_fit: Entries,
@@ -612,16 +615,30 @@ def _exact_low_rank(
     tol: float,
     rank: int | None = None,
     held: torch.Tensor | None = None,
-    **screen,
+    searched: tuple | None = None,
 ) -> CompletionResult | None:
     """The result of :func:`~torchlowrank.matrix.exact_screen.fit_if_exactly_low_rank` on ``E_fit``
-    (``rank`` tried first; given at most half of the time left; ``screen``: its other keyword
-    arguments), refitted on all entries to the
+    (``rank`` tried first; given at most half of the time left), refitted on all entries to the
     relative train residual ``tol``, or None when the data is not exactly low rank (to ``max(tol,
     EXACT)`` of the held-out entries' spread: a looser ``tol`` accepts a looser fit, and stops
     sooner). ``held`` (N,) bool, the held-out entries of ``E_all`` when ``val`` is made of them:
     the screen then fits on all entries but its smaller check set
-    (:func:`~torchlowrank.matrix.exact_screen.check_entries`)."""
+    (:func:`~torchlowrank.matrix.exact_screen.check_entries`).
+
+    ``searched``: the ridge ALS rank search's ``(held-out RMSE, ScaledALS)``; then only its rank
+    is screened, and only when that fit predicted ``val`` to :data:`NEAR_EXACT` of their spread
+    (unscaled, and not ``rank``, which the first screen tried). Near the information limit the
+    sampling noise flattens the spectrum the screen reads its ranks from, and only the search
+    finds the rank of exactly low-rank data (the 100,000 x 50,000 case of docs/matrix.md); noisy
+    data never comes this close, so it costs them nothing."""
+    screen: dict = {}
+    if searched is not None:
+        vv = val[2].to(torch.float64)
+        spread = float((vv - vv.mean()).square().mean().sqrt())
+        fit = searched[1]
+        if fit.rank == rank or fit.scaled or not searched[0] <= NEAR_EXACT * spread:
+            return None
+        rank, screen = fit.rank, {"rank_source": "the rank search's choice", "spectrum_ranks": False}
     if held is not None:
         check = check_entries(held, seed)
         E_fit, val = E_all.subset(~check), (E_all.rows[check], E_all.cols[check], E_all.values[check])
@@ -641,50 +658,6 @@ def _exact_low_rank(
     hist.polish_info = f"{exact[1].result.message}; {hist.polish_info}"
     hist.message += f" ({exact[1].result.message})"
     return _finish_als(first, start, test, E_all.device)
-
-
-NEAR_EXACT = 1e-2  # of the held-out values' spread: the sparse route's rank search stops there
-
-
-def _exact_at_searched_rank(
-    ridge: tuple | None,
-    rank: int | None,
-    E_all: Entries,
-    E_fit: Entries,
-    val: tuple,
-    mm_rmse: float,
-    seed: int,
-    deadline: float | None,
-    start: float,
-    test: tuple | None,
-    tol: float,
-    held: torch.Tensor | None,
-) -> CompletionResult | None:
-    """:func:`_exact_low_rank` at the rank the ridge ALS search chose, ``ridge = (held-out RMSE,
-    ScaledALS)``, when that fit the held-out entries ``val`` to :data:`NEAR_EXACT` of their spread
-    (unscaled, and not the rank the caller gave, which the screen tried first); else None. Near
-    the information limit the sampling noise flattens the spectrum the screen reads its ranks
-    from, and only the search finds the rank of exactly low-rank data (the 100,000 x 50,000 case
-    of docs/matrix.md); noisy data never comes this close, so it costs them nothing."""
-    vv = val[2].to(torch.float64)
-    spread = float((vv - vv.mean()).square().mean().sqrt())
-    if ridge is None or ridge[1].rank == rank or ridge[1].scaled or not ridge[0] <= NEAR_EXACT * spread:
-        return None
-    return _exact_low_rank(
-        E_all,
-        E_fit,
-        val,
-        mm_rmse,
-        seed,
-        deadline,
-        start,
-        test,
-        tol,
-        ridge[1].rank,
-        held,
-        rank_source="the rank search's choice",
-        spectrum_ranks=False,
-    )
 
 
 BLEND_WEIGHTS = (0.25, 0.5, 0.75)  # network weights tried for a blend of network and ridge ALS
@@ -1072,8 +1045,8 @@ def complete(
             deadline=dl,
             more_splits=_more_splits(E_all, holdout, seed),
         )
-        exact = _exact_at_searched_rank(
-            ridge, rank, E_all, E_all.subset(~pick), (vr, vc, vv), mm_rmse, seed, dl, start, test, tol, pick
+        exact = _exact_low_rank(
+            E_all, E_all.subset(~pick), (vr, vc, vv), mm_rmse, seed, dl, start, test, tol, rank, pick, ridge
         )
         if exact is not None:
             return exact
