@@ -81,8 +81,10 @@ def test_a_singular_row_falls_back_to_least_squares():
     E, g = _pattern()
     F = torch.randn(E.shape[1], 3, generator=g, dtype=torch.float64)
     F[:, 2] = F[:, 1]  # every Gram matrix is singular; no ridge
-    x, _ = ridge_solve_rows(E, F, E.values, torch.zeros(3, dtype=torch.float64))
+    x, sse = ridge_solve_rows(E, F, E.values, torch.zeros(3, dtype=torch.float64))
     assert torch.isfinite(x).all()
+    resid = E.values - (F[E.cols] * x[E.rows]).sum(1)
+    torch.testing.assert_close(sse, resid.square().sum(), rtol=1e-8, atol=1e-10)
     for i in (1, 5, 20):
         sel = E.rows == i
         Fi, yi = F[E.cols[sel]], E.values[sel]

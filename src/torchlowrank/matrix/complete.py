@@ -1003,10 +1003,9 @@ def complete(
     mm, mm_reg, mm_rmse = best_mean_model(tr_rows, tr_cols, tr_vals, tuple(mask.shape), (vr, vc, vv), center)
     all_vals = observed[rows, cols].to(torch.float64)
     E_all = Entries(rows, cols, all_vals, tuple(mask.shape))
+    E_fit = E_all.subset(~pick) if ridge_polish else None  # the ridge ALS candidates' entries
     if ridge_polish:  # exactly low-rank data: a plain ALS at the rank its spectrum shows recovers it fast
-        exact = _exact_low_rank(
-            E_all, E_all.subset(~pick), (vr, vc, vv), mm_rmse, seed, dl, start, test, tol, rank, pick
-        )
+        exact = _exact_low_rank(E_all, E_fit, (vr, vc, vv), mm_rmse, seed, dl, start, test, tol, rank, pick)
         if exact is not None:
             return exact
     with warnings.catch_warnings(record=True) as caught:
@@ -1038,7 +1037,7 @@ def complete(
     ridge = None  # ridge ALS, rank / ridge / scaling chosen on the same held-out entries
     if ridge_polish:
         ridge = select_ridge_als(
-            E_all.subset(~pick),
+            E_fit,
             (vr, vc, vv),
             suggested_rank=_learnt_rank(first),
             seed=seed,
@@ -1046,7 +1045,7 @@ def complete(
             more_splits=_more_splits(E_all, holdout, seed),
         )
         exact = _exact_low_rank(
-            E_all, E_all.subset(~pick), (vr, vc, vv), mm_rmse, seed, dl, start, test, tol, rank, pick, ridge
+            E_all, E_fit, (vr, vc, vv), mm_rmse, seed, dl, start, test, tol, rank, pick, ridge
         )
         if exact is not None:
             return exact

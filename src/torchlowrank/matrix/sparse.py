@@ -186,9 +186,9 @@ GRAM_BLOCK_CELLS = 1 << 20  # rows x q^2 per solve of ridge_solve_rows (8 MiB in
 SLOT_BLOCK_CELLS = 1 << 21  # rows x width x q per solve: the gathered factor rows (16 MiB in float64)
 
 
-def _padded(v: torch.Tensor, pad: int = 1) -> torch.Tensor:
-    """``v`` with ``pad`` zero rows appended: what a pad slot of a :class:`PaddedBlock` reads."""
-    return torch.cat([v, v.new_zeros((pad,) + tuple(v.shape[1:]))])
+def _padded(v: torch.Tensor) -> torch.Tensor:
+    """``v`` with a zero row appended: what a pad slot of a :class:`PaddedBlock` reads."""
+    return torch.cat([v, v.new_zeros((1,) + tuple(v.shape[1:]))])
 
 
 def ridge_solve_rows(
@@ -235,7 +235,6 @@ def ridge_solve_rows(
     off_pad = None if offset is None else _padded(offset.to(dt))
     m = E.shape[1] if transpose else E.shape[0]
     x = torch.empty(m, q, dtype=dt, device=dev)
-    sse = torch.zeros((), dtype=dt, device=dev)
     diag = diag.to(dt)
     chunks = []  # the cached blocks (the same for every q), cut to this q's memory bounds
     for blk in E.padded_blocks(BLOCK_ROWS, BLOCK_SLOTS, transpose):
@@ -244,7 +243,6 @@ def ridge_solve_rows(
         for a in range(0, B, step):
             b = min(a + step, B)
             chunks.append(PaddedBlock(blk.rows[a:b], w, blk.ent[a * w : b * w], blk.idx[a * w : b * w]))
-    infos = []
 
     def system(blk: PaddedBlock):
         B = blk.rows.numel()
@@ -262,27 +260,32 @@ def ridge_solve_rows(
         d += added
         return A, h, t, added
 
+    def residual(t, xb, h, added):  # the block's sum of squared residuals, from its normal equations
+        return t.dot(t) - (xb * h).sum() - (xb * xb * added).sum()
+
+    infos, sses = [], []
     for blk in chunks:
         A, h, t, added = system(blk)
         L, info = torch.linalg.cholesky_ex(A)
         xb = torch.cholesky_solve(h.unsqueeze(-1), L).squeeze(-1)
         x[blk.rows] = xb
-        sse += t.dot(t) - (xb * h).sum() - (xb * xb * added).sum()
+        sses.append(residual(t, xb, h, added))
         infos.append(info)
     if infos and bool(torch.cat(infos).any()):  # the one host sync: rows not positive definite
-        sse.zero_()
-        for blk, info in zip(chunks, infos):
-            A, h, t, added = system(blk)
+        for i, (blk, info) in enumerate(zip(chunks, infos)):
             bad = info != 0
+            if not bool(bad.any()):
+                continue
+            A, h, t, added = system(blk)
+            Ab = A[bad]
+            Ab.diagonal(dim1=1, dim2=2).add_(
+                1e-12 * Ab.diagonal(dim1=1, dim2=2).abs().amax(1, keepdim=True).clamp_min(1e-300)
+            )
             xb = x[blk.rows]
-            if bool(bad.any()):
-                Ab = A[bad]
-                Ab.diagonal(dim1=1, dim2=2).add_(
-                    1e-12 * Ab.diagonal(dim1=1, dim2=2).abs().amax(1, keepdim=True).clamp_min(1e-300)
-                )
-                xb[bad] = torch.linalg.lstsq(Ab, h[bad].unsqueeze(-1)).solution.squeeze(-1)
-                x[blk.rows] = xb
-            sse += t.dot(t) - (xb * h).sum() - (xb * xb * added).sum()
+            xb[bad] = torch.linalg.lstsq(Ab, h[bad].unsqueeze(-1)).solution.squeeze(-1)
+            x[blk.rows] = xb
+            sses[i] = residual(t, xb, h, added)
+    sse = torch.stack(sses).sum() if sses else torch.zeros((), dtype=dt, device=dev)
     return x, sse
 
 
